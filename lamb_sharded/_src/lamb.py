@@ -1,0 +1,431 @@
+"""LAMB with its state sharded across a mesh and its per-layer norms all-reduced once.
+
+`scale_by_lamb` is the whole LAMB direction (Adam moments, decoupled weight
+decay, per-layer trust ratio) as one `optax.GradientTransformation`; `lamb`
+chains it with `optax.scale_by_learning_rate`, exactly as `optax.lamb` chains
+its four pieces.
+
+Why one transformation instead of optax's four: on a mesh, every per-layer norm
+optax computes is its own cross-device reduction (two per leaf), while here the
+moments, the direction and the local partial sums of ||w||^2 and ||u||^2 of
+every leaf are computed in one `shard_map`ped pass and the partial sums of the
+whole pytree travel in a single `psum`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lamb_sharded._src import sharding as sharding_lib
+
+PyTree = Any
+MaskOrFn = Optional[Union[Any, Callable[[PyTree], Any]]]
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+_NO_PARAMS_MSG = (
+    'lamb_sharded: you are using a transformation that requires the current value of '
+    'parameters, but you are not passing `params` when calling `update`.')
+
+
+class ScaleByLambState(NamedTuple):
+  """State of `scale_by_lamb`.
+
+  Attributes:
+    count: number of updates applied so far (int32 scalar, replicated).
+    mu: first moments, a pytree like the params, sharded like them.
+    nu: second moments, a pytree like the params, sharded like them.
+  """
+  count: jax.Array
+  mu: PyTree
+  nu: PyTree
+
+
+def _is_python_zero(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+
+
+def _flags(tree_or_fn: MaskOrFn, params: PyTree, what: str, default: bool) -> list[bool]:
+  """One Python bool per params leaf from a mask pytree (or prefix) or callable."""
+  n = len(jax.tree_util.tree_leaves(params))
+  if tree_or_fn is None:
+    return [default] * n
+  tree = tree_or_fn(params) if callable(tree_or_fn) else tree_or_fn
+  values = sharding_lib.broadcast_prefix(tree, params, what)
+  out = []
+  for path, v in zip(sharding_lib.leaf_paths(params), values):
+    try:
+      out.append(bool(v))
+    except jax.errors.ConcretizationTypeError:
+      raise ValueError(f'{what}{path}: mask leaves must be Python bools, not traced '
+                       f'values') from None
+  return out
+
+
+def _acc_dtype(leaves) -> jnp.dtype:
+  """Dtype of the partial sums: float64 if any leaf is 64-bit, else float32."""
+  wide = any(jnp.dtype(x.dtype) in (jnp.float64, jnp.complex128) for x in leaves)
+  return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  """Low-precision floats are computed in float32; others in their own dtype."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return dtype
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _sumsq(x: jax.Array, acc: jnp.dtype) -> jax.Array:
+  if jnp.iscomplexobj(x):
+    return jnp.sum(jnp.square(x.real.astype(acc)) + jnp.square(x.imag.astype(acc)))
+  return jnp.sum(jnp.square(x.astype(acc)))
+
+
+def _zeros_like_leaf(leaf: Any, dtype, mesh, spec: P) -> jax.Array:
+  """Zeros shaped like `leaf`, placed like it (or as `spec` on `mesh` says)."""
+  dtype = leaf.dtype if dtype is None else dtype
+  if mesh is not None:
+    if isinstance(mesh, Mesh):
+      return jnp.zeros(leaf.shape, dtype, device=NamedSharding(mesh, spec))
+    return jnp.zeros(leaf.shape, dtype, out_sharding=NamedSharding(mesh, spec))
+  sharding = getattr(leaf, 'sharding', None)
+  if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+    return jnp.zeros(leaf.shape, dtype, device=sharding)
+  if isinstance(leaf, jax.ShapeDtypeStruct) and sharding is not None:
+    return jnp.zeros(leaf.shape, dtype, device=sharding)
+  return jnp.zeros(leaf.shape, dtype)
+
+
+def _as_spec(x: jax.Array, mesh, spec: P) -> jax.Array:
+  """Reshards an input to `spec` where `shard_map` will not do it by itself.
+
+  `shard_map` reshards inputs over auto-sharded mesh axes itself, but over
+  explicit axes it insists that the inputs' types already match `in_specs`.
+  """
+  if not any(t == AxisType.Explicit for t in mesh.axis_types):
+    return x
+  current = jax.typeof(x).sharding
+  if not current.mesh.empty and sharding_lib.same_spec(current.spec, spec, x.ndim):
+    return x
+  return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+
+
+class _Static(NamedTuple):
+  """Trace-time configuration of one update: per-leaf flags and global switches."""
+  decay: tuple[bool, ...]
+  adapt: tuple[bool, ...]
+  replicated_axes: tuple[tuple[str, ...], ...]
+  axis_names: tuple[str, ...]
+  bias_correction: bool
+  clip_grad_norm: bool
+  clip_trust_ratio: bool
+
+
+def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
+  """The per-device LAMB step on local blocks; the only collective is `psum`.
+
+  Reads g, m, v, p once; writes m, v and the direction; the per-leaf partial
+  sums of ||p||^2 and ||u||^2 are stacked into one vector and all-reduced once
+  (plus one more scalar all-reduce when global grad-norm clipping is on).
+  """
+  acc = _acc_dtype(ps)
+
+  def hp(name, dtype):
+    """A hyperparameter: Python numbers stay weakly typed, arrays are cast."""
+    value = s[name]
+    return value if isinstance(value, (int, float)) else value.astype(dtype)
+
+  def psum(x):
+    return jax.lax.psum(x, static.axis_names) if static.axis_names else x
+
+  def owned(x, axes):
+    """Counts `x` only on the first replica along the axes a leaf is not split over."""
+    if not axes or not static.axis_names:
+      return x
+    first = functools.reduce(jnp.logical_and, [jax.lax.axis_index(a) == 0 for a in axes])
+    return jnp.where(first, x, jnp.zeros_like(x))
+
+  if static.clip_grad_norm:
+    g_sq = sum(owned(_sumsq(g, acc), r) for g, r in zip(gs, static.replicated_axes))
+    g_norm = jnp.sqrt(psum(g_sq))
+    max_norm = hp('max_grad_norm', acc)
+    grad_scale = jnp.where(g_norm > max_norm, max_norm / g_norm, jnp.ones_like(g_norm))
+
+  new_ms, new_vs, dirs, partials = [], [], [], []
+  for i, (g, m, v, p) in enumerate(zip(gs, ms, vs, ps)):
+    cdt = _compute_dtype(p.dtype)
+    real = jnp.finfo(cdt).dtype  # real counterpart of a complex dtype
+    g = g.astype(cdt)
+    if static.clip_grad_norm:
+      g = g * grad_scale.astype(real)
+    b1, b2 = hp('b1', real), hp('b2', real)
+    m_new = b1 * m.astype(cdt) + (1 - b1) * g
+    g_abs_sq = (g.conj() * g).real if jnp.iscomplexobj(g) else g * g
+    v_new = b2 * v.real.astype(real) + (1 - b2) * g_abs_sq
+    if static.bias_correction:
+      m_hat = m_new / hp('bc1', real)
+      v_hat = v_new / hp('bc2', real)
+    else:
+      m_hat, v_hat = m_new, v_new
+    u = m_hat / (jnp.sqrt(v_hat + hp('eps_root', real)) + hp('eps', real))
+    if static.decay[i]:
+      u = u + hp('weight_decay', real) * p.astype(cdt)
+    new_ms.append(m_new.astype(m.dtype))
+    new_vs.append(v_new.astype(v.dtype))
+    dirs.append(u)
+    if static.adapt[i]:
+      r = static.replicated_axes[i]
+      partials.append(owned(_sumsq(p, acc), r))
+      partials.append(owned(_sumsq(u, acc), r))
+
+  outs = []
+  totals = psum(jnp.stack(partials)) if partials else None
+  k = 0
+  for i, (g, u) in enumerate(zip(gs, dirs)):
+    if not static.adapt[i]:
+      outs.append(u.astype(g.dtype))
+      continue
+    p_norm, u_norm = jnp.sqrt(totals[k]), jnp.sqrt(totals[k + 1])
+    k += 2
+    ratio = p_norm / u_norm
+    if static.clip_trust_ratio:
+      ratio = jnp.clip(ratio, hp('min_trust_ratio', acc), hp('max_trust_ratio', acc))
+    ratio = jnp.where((p_norm == 0) | (u_norm == 0), jnp.ones_like(ratio), ratio)
+    real = jnp.finfo(u.dtype).dtype
+    outs.append((u * ratio.astype(real)).astype(g.dtype))
+  return outs, new_ms, new_vs
+
+
+def scale_by_lamb(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    eps_root: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    *,
+    mesh: Optional[Mesh] = None,
+    param_specs: Optional[PyTree] = None,
+    exclude_from_layer_adaptation: MaskOrFn = None,
+    min_trust_ratio: Optional[float] = None,
+    max_trust_ratio: Optional[float] = None,
+    max_grad_norm: Optional[float] = None,
+    bias_correction: bool = True,
+    mu_dtype: Optional[jnp.dtype] = None,
+    nu_dtype: Optional[jnp.dtype] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Rescales updates by the LAMB direction, with state sharded on a mesh.
+
+  For every leaf (layer) x with gradient g, at step t (You et al., Algorithm 2)::
+
+    m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) |g|^2
+    u = m^ / (sqrt(v^ + eps_root) + eps) + weight_decay * x     (x only where `mask`)
+    output = ||x|| / ||u|| * u        (ratio 1 where either norm is 0)
+
+  with m^ = m / (1 - b1^t), v^ = v / (1 - b2^t). This equals
+  `chain(scale_by_adam, add_decayed_weights, scale_by_trust_ratio)` of optax.
+
+  On a mesh the function runs under `shard_map`: each device updates its own
+  blocks of m, v and computes partial sums of ||x||^2 and ||u||^2; the partial
+  sums of all leaves are all-reduced together in one `psum`. A leaf replicated
+  over some mesh axes contributes only from index 0 of those axes, so it is
+  never counted twice.
+
+  Args:
+    b1: decay rate of the first moment.
+    b2: decay rate of the second moment.
+    eps: added to the denominator outside the square root.
+    eps_root: added to the denominator inside the square root.
+    weight_decay: decoupled weight decay rate, a scalar or a schedule of the step.
+    mask: pytree (or prefix, or callable of the params returning one) of bools:
+      True where weight decay applies. The trust ratio applies to every leaf.
+    mesh: the `jax.sharding.Mesh` to run on. Optional: see `param_specs`.
+    param_specs: pytree (or prefix) of `PartitionSpec` for the params. When
+      omitted, the shardings JAX exposes on explicitly sharded params
+      (`jax.set_mesh` with `AxisType.Explicit`) are used; with neither, the
+      update runs as plain JAX on whatever devices the arrays live on.
+    exclude_from_layer_adaptation: pytree/prefix/callable of bools: True where
+      the trust ratio is fixed at 1 (TF Addons' `exclude_from_layer_adaptation`).
+    min_trust_ratio: with `max_trust_ratio`, clamp the trust ratio to
+      [min, max] (DeepSpeed's `min_coeff`/`max_coeff`). Either may be None.
+    max_grad_norm: if set, scale all gradients by min(1, max_grad_norm /
+      ||g||_global) before the moments (apex FusedLAMB's `max_grad_norm`).
+    bias_correction: if False, m^ = m and v^ = v (apex `bias_correction=False`).
+    mu_dtype: dtype to store the first moment in (default: the params' dtype).
+    nu_dtype: dtype to store the second moment in (default: the params' dtype).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` with state `ScaleByLambState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> tx = optax.chain(scale_by_lamb(), optax.scale(-0.1))
+    >>> params = {'w': jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones(3)}, state, params)
+    >>> print(updates['w'])
+    [-0.1 -0.1 -0.1]
+
+  References:
+    You et al., `Large Batch Optimization for Deep Learning: Training BERT in 76
+    minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
+  """
+  clip_trust_ratio = min_trust_ratio is not None or max_trust_ratio is not None
+
+  def init_fn(params):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if leaves:
+      layout = sharding_lib.resolve_layout(params, mesh, param_specs)
+      lmesh, specs = layout.mesh, layout.specs
+    else:  # e.g. optax.tree.map_params' placeholders
+      lmesh, specs = None, ()
+
+    def zeros(dtype):
+      return jax.tree_util.tree_unflatten(
+          treedef, [_zeros_like_leaf(x, dtype, lmesh, sp) for x, sp in zip(leaves, specs)])
+
+    return ScaleByLambState(count=jnp.zeros([], jnp.int32), mu=zeros(mu_dtype), nu=zeros(nu_dtype))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(_NO_PARAMS_MSG)
+    sharding_lib.check_same_structure(params, updates, 'params', 'updates')
+    sharding_lib.check_same_structure(params, state.mu, 'params', 'state.mu')
+    sharding_lib.check_same_structure(params, state.nu, 'params', 'state.nu')
+    layout = sharding_lib.resolve_layout(params, mesh, param_specs)
+
+    count_inc = optax.safe_increment(state.count)
+    s = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
+    if bias_correction:
+      s['bc1'] = 1 - jnp.asarray(b1) ** count_inc
+      s['bc2'] = 1 - jnp.asarray(b2) ** count_inc
+    has_decay = not _is_python_zero(weight_decay)
+    if has_decay:
+      s['weight_decay'] = weight_decay(state.count) if callable(weight_decay) else weight_decay
+    if clip_trust_ratio:
+      s['min_trust_ratio'] = 0.0 if min_trust_ratio is None else min_trust_ratio
+      s['max_trust_ratio'] = float('inf') if max_trust_ratio is None else max_trust_ratio
+    if max_grad_norm is not None:
+      s['max_grad_norm'] = max_grad_norm
+    # Python numbers are baked into the trace; arrays (schedules, inject_hyperparams)
+    # enter the shard_map as replicated inputs.
+    consts = {k: v for k, v in s.items() if isinstance(v, (int, float))}
+    arrays = {k: jnp.asarray(v) for k, v in s.items() if k not in consts}
+
+    decay = _flags(mask, params, 'mask', True) if has_decay else None
+    n = len(layout.specs)
+    static = _Static(
+        decay=tuple(decay) if decay else (False,) * n,
+        adapt=tuple(not e for e in _flags(exclude_from_layer_adaptation, params,
+                                          'exclude_from_layer_adaptation', False)),
+        replicated_axes=layout.replicated_axes,
+        axis_names=layout.axis_names,
+        bias_correction=bias_correction,
+        clip_grad_norm=max_grad_norm is not None,
+        clip_trust_ratio=clip_trust_ratio,
+    )
+    treedef = jax.tree_util.tree_structure(params)
+    flat = [jax.tree_util.tree_leaves(t) for t in (updates, state.mu, state.nu, params)]
+    def local(arrays, *leaves):
+      return _local_update(static, {**consts, **arrays}, *leaves)
+    if layout.mesh is not None:
+      specs = list(layout.specs)
+      flat = [[_as_spec(x, layout.mesh, sp) for x, sp in zip(leaves, specs)] for leaves in flat]
+      local = jax.shard_map(
+          local, mesh=layout.mesh,
+          in_specs=(P(), specs, specs, specs, specs),
+          out_specs=(specs, specs, specs),
+          check_vma=False)
+    outs, mus, nus = local(arrays, *flat)
+    unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
+    return unflat(outs), ScaleByLambState(count=count_inc, mu=unflat(mus), nu=unflat(nus))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def lamb(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    eps_root: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    *,
+    mesh: Optional[Mesh] = None,
+    param_specs: Optional[PyTree] = None,
+    exclude_from_layer_adaptation: MaskOrFn = None,
+    min_trust_ratio: Optional[float] = None,
+    max_trust_ratio: Optional[float] = None,
+    max_grad_norm: Optional[float] = None,
+    bias_correction: bool = True,
+    mu_dtype: Optional[jnp.dtype] = None,
+    nu_dtype: Optional[jnp.dtype] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """The LAMB optimizer, sharded: a drop-in for `optax.lamb`.
+
+  The first seven arguments mean exactly what they mean for `optax.lamb`, with
+  the same defaults; everything after `*` is opt-in and its default keeps
+  optax's behaviour. See `scale_by_lamb` for the maths and the options.
+
+  Args:
+    learning_rate: a scalar or an optax schedule of the step.
+    b1: decay rate of the first moment.
+    b2: decay rate of the second moment.
+    eps: added to the denominator outside the square root.
+    eps_root: added to the denominator inside the square root.
+    weight_decay: decoupled weight decay, a scalar or a schedule.
+    mask: where weight decay applies (pytree/prefix/callable of bools).
+    mesh: optional `jax.sharding.Mesh` (see `scale_by_lamb`).
+    param_specs: optional pytree of `PartitionSpec` for the params.
+    exclude_from_layer_adaptation: where the trust ratio is fixed at 1.
+    min_trust_ratio: lower clamp of the trust ratio.
+    max_trust_ratio: upper clamp of the trust ratio.
+    max_grad_norm: global gradient-norm clipping before the moments.
+    bias_correction: Adam's bias correction on (default) or off.
+    mu_dtype: storage dtype of the first moment.
+    nu_dtype: storage dtype of the second moment.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`; its state is
+    `(ScaleByLambState, <learning-rate state>)`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import lamb_sharded
+    >>> def f(x): return jnp.sum(x ** 2)
+    >>> solver = lamb_sharded.lamb(learning_rate=0.003)
+    >>> params = jnp.array([1., 2., 3.])
+    >>> opt_state = solver.init(params)
+    >>> for _ in range(5):
+    ...   grad = jax.grad(f)(params)
+    ...   updates, opt_state = solver.update(grad, opt_state, params)
+    ...   params = optax.apply_updates(params, updates)
+    ...   print('Objective function: {:.2E}'.format(f(params)))
+    Objective function: 1.39E+01
+    Objective function: 1.38E+01
+    Objective function: 1.38E+01
+    Objective function: 1.37E+01
+    Objective function: 1.36E+01
+
+  References:
+    You et al., `Large Batch Optimization for Deep Learning: Training BERT in 76
+    minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
+  """
+  return optax.chain(
+      scale_by_lamb(
+          b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask,
+          mesh=mesh, param_specs=param_specs,
+          exclude_from_layer_adaptation=exclude_from_layer_adaptation,
+          min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio,
+          max_grad_norm=max_grad_norm, bias_correction=bias_correction,
+          mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+      optax.scale_by_learning_rate(learning_rate),
+  )
