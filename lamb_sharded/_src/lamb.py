@@ -87,6 +87,22 @@ def _sumsq(x: jax.Array, acc: jnp.dtype) -> jax.Array:
   return jnp.sum(jnp.square(x.astype(acc)))
 
 
+def _sumsq_pair(x: jax.Array, y: jax.Array, acc: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+  """(sum |x|^2, sum |y|^2) in one variadic reduction: one loop reading x and y.
+
+  Two separate `jnp.sum`s would make XLA materialise `y` (the LAMB direction)
+  to feed both the reduction and the update; a single variadic reduce lets it
+  recompute `y` from its inputs inside the loop instead.
+  """
+  def sq(a):
+    if jnp.iscomplexobj(a):
+      return jnp.square(a.real.astype(acc)) + jnp.square(a.imag.astype(acc))
+    return jnp.square(a.astype(acc))
+  zero = jnp.zeros((), acc)
+  return jax.lax.reduce((sq(x), sq(y)), (zero, zero),
+                        lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(x.ndim)))
+
+
 def _zeros_like_leaf(leaf: Any, dtype, mesh, spec: P) -> jax.Array:
   """Zeros shaped like `leaf`, placed like it (or as `spec` on `mesh` says)."""
   dtype = leaf.dtype if dtype is None else dtype
@@ -130,15 +146,23 @@ class _Static(NamedTuple):
 def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
   """The per-device LAMB step on local blocks; the only collective is `psum`.
 
-  Reads g, m, v, p once; writes m, v and the direction; the per-leaf partial
-  sums of ||p||^2 and ||u||^2 are stacked into one vector and all-reduced once
-  (plus one more scalar all-reduce when global grad-norm clipping is on).
+  Two passes over memory per leaf, the minimum: the trust ratio needs the norm
+  of the whole direction before any element of the update can be written.
+
+    pass 1: read g, m, v (writing m, v) and p; reduce ||p||^2 and ||u||^2
+            (u recomputed in the reduction loop, never written to memory);
+    (one psum of the stacked partial sums of every leaf)
+    pass 2: read m, v, p and write the update -- which XLA fuses with the
+            caller's `apply_updates`, so it writes p directly.
+
+  XLA:CPU has no multi-output loop fusion, so there m and v are written by
+  separate loops that each read g (see the README for the traffic count).
   """
   acc = _acc_dtype(ps)
 
-  def hp(name, dtype):
+  def hp(name, dtype, scalars=s):
     """A hyperparameter: Python numbers stay weakly typed, arrays are cast."""
-    value = s[name]
+    value = scalars[name]
     return value if isinstance(value, (int, float)) else value.astype(dtype)
 
   def psum(x):
@@ -151,13 +175,25 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
     first = functools.reduce(jnp.logical_and, [jax.lax.axis_index(a) == 0 for a in axes])
     return jnp.where(first, x, jnp.zeros_like(x))
 
+  def direction(i, m_new, v_new, p, scalars):
+    """u = m^ / (sqrt(v^ + eps_root) + eps) [+ weight_decay * p], in m_new's dtype."""
+    real = jnp.finfo(m_new.dtype).dtype
+    if static.bias_correction:
+      m_new = m_new * hp('inv_bc1', real, scalars)
+      v_new = v_new * hp('inv_bc2', real, scalars)
+    u = m_new / (jnp.sqrt(v_new + hp('eps_root', real, scalars)) + hp('eps', real, scalars))
+    if static.decay[i]:
+      u = u + hp('weight_decay', real, scalars) * p.astype(m_new.dtype)
+    return u
+
   if static.clip_grad_norm:
     g_sq = sum(owned(_sumsq(g, acc), r) for g, r in zip(gs, static.replicated_axes))
     g_norm = jnp.sqrt(psum(g_sq))
     max_norm = hp('max_grad_norm', acc)
     grad_scale = jnp.where(g_norm > max_norm, max_norm / g_norm, jnp.ones_like(g_norm))
 
-  new_ms, new_vs, dirs, partials = [], [], [], []
+  # Pass 1: moments, and the partial sums of ||p||^2 and ||u||^2.
+  new_ms, new_vs, fresh, partials = [], [], [], []
   for i, (g, m, v, p) in enumerate(zip(gs, ms, vs, ps)):
     cdt = _compute_dtype(p.dtype)
     real = jnp.finfo(cdt).dtype  # real counterpart of a complex dtype
@@ -168,26 +204,25 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
     m_new = b1 * m.astype(cdt) + (1 - b1) * g
     g_abs_sq = (g.conj() * g).real if jnp.iscomplexobj(g) else g * g
     v_new = b2 * v.real.astype(real) + (1 - b2) * g_abs_sq
-    if static.bias_correction:
-      m_hat = m_new / hp('bc1', real)
-      v_hat = v_new / hp('bc2', real)
-    else:
-      m_hat, v_hat = m_new, v_new
-    u = m_hat / (jnp.sqrt(v_hat + hp('eps_root', real)) + hp('eps', real))
-    if static.decay[i]:
-      u = u + hp('weight_decay', real) * p.astype(cdt)
     new_ms.append(m_new.astype(m.dtype))
     new_vs.append(v_new.astype(v.dtype))
-    dirs.append(u)
+    fresh.append((m_new, v_new))
     if static.adapt[i]:
+      p_sq, u_sq = _sumsq_pair(p, direction(i, m_new, v_new, p, s), acc)
       r = static.replicated_axes[i]
-      partials.append(owned(_sumsq(p, acc), r))
-      partials.append(owned(_sumsq(u, acc), r))
+      partials.append(owned(p_sq, r))
+      partials.append(owned(u_sq, r))
 
-  outs = []
   totals = psum(jnp.stack(partials)) if partials else None
-  k = 0
-  for i, (g, u) in enumerate(zip(gs, dirs)):
+
+  # Pass 2: the update. The barrier gives pass 2 its own copy of the scalars, so
+  # XLA cannot merge its direction with pass 1's and materialise u in between.
+  s2 = dict(s)
+  arrays = {k: v for k, v in s.items() if not isinstance(v, (int, float))}
+  s2.update(jax.lax.optimization_barrier(arrays))
+  outs, k = [], 0
+  for i, (g, p, (m_new, v_new)) in enumerate(zip(gs, ps, fresh)):
+    u = direction(i, m_new, v_new, p, s2)
     if not static.adapt[i]:
       outs.append(u.astype(g.dtype))
       continue
@@ -304,8 +339,8 @@ def scale_by_lamb(
     count_inc = optax.safe_increment(state.count)
     s = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
     if bias_correction:
-      s['bc1'] = 1 - jnp.asarray(b1) ** count_inc
-      s['bc2'] = 1 - jnp.asarray(b2) ** count_inc
+      s['inv_bc1'] = 1 / (1 - jnp.asarray(b1) ** count_inc)
+      s['inv_bc2'] = 1 / (1 - jnp.asarray(b2) ** count_inc)
     has_decay = not _is_python_zero(weight_decay)
     if has_decay:
       s['weight_decay'] = weight_decay(state.count) if callable(weight_decay) else weight_decay
