@@ -1,4 +1,4 @@
-"""Test setup shared by every test: 8 simulated CPU devices, set before JAX loads."""
+"""Test setup shared by every test and doctest: 8 simulated CPU devices, set before JAX loads."""
 
 import os
 
