@@ -268,7 +268,7 @@ def named_shardings(mesh: Mesh, param_specs: PyTree, params: PyTree) -> PyTree:
     >>> mesh = jax.make_mesh((1,), ('data',))
     >>> params = {'w': jnp.zeros((4, 2))}
     >>> named_shardings(mesh, {'w': P('data')}, params)['w'].spec
-    PartitionSpec('data',)
+    P('data',)
   """
   specs = broadcast_prefix(param_specs, params, 'param_specs', is_leaf=_is_spec_leaf)
   treedef = jax.tree_util.tree_structure(params)

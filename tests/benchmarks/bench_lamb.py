@@ -1,0 +1,437 @@
+"""Benchmark: one LAMB "update + apply" step, lamb_sharded.lamb vs optax.lamb.
+
+What is measured
+----------------
+For a transformer-shaped pytree of float32 params (about 100M parameters with
+`--size 100m`, about 25M with `--size 25m`) this times the jitted step
+
+    (params, state) = step(params, state, grads)
+
+(`tx.update` then `optax.apply_updates`, params and state donated, grads a
+fixed random pytree) with weight_decay=0.01 and a warmup+cosine learning-rate
+schedule, for two cases:
+
+  * "1 device": no mesh, every array on `jax.devices()[0]`;
+  * "8-device mesh": 8 simulated CPU devices as an (8,) or (4, 2) mesh
+    (`--mesh`); every large matrix is split over all 8 devices, vectors are
+    replicated. lamb_sharded gets `mesh=` and `param_specs=` (its update runs
+    under `shard_map` with one psum); optax.lamb gets the same inputs, placed
+    with the same `NamedSharding`s, and is partitioned by XLA. Both steps are
+    compiled with the same output shardings.
+
+Each measurement compiles the step, runs 2 warm-up steps, then `--reps`
+repetitions of `--steps` steps each (timed with `jax.block_until_ready`); the
+median seconds per step is reported. lamb_sharded and optax runs are
+interleaved (A B A B ...) so machine noise hits both alike.
+
+The machine's memory bandwidth is measured in the same run with a numpy
+STREAM-style copy (`np.copyto` of ~400 MB float32 arrays, 2 * nbytes / t) and a
+triad (a = b + s * c, 3 * nbytes / t, for information). Each step is credited
+with 28 bytes per parameter (read g, m, v, p; write m, v, p) and that rate is
+shown as a fraction of the copy bandwidth. Note that numpy's copy is
+single-threaded while XLA may use every core, so the fraction can exceed 100%.
+
+The script also prints the number of all-reduce ops (and of fusions) in the
+compiled HLO of each step, and a Markdown table for the README.
+
+How to run
+----------
+    python tests/benchmarks/bench_lamb.py                  # 100M params
+    python tests/benchmarks/bench_lamb.py --size 25m --reps 3
+    python tests/benchmarks/bench_lamb.py --mesh 8 --json /tmp/bench.json
+
+XLA_FLAGS is extended with --xla_force_host_platform_device_count=8 before jax
+is imported, so the mesh exists on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+N_DEVICES = 8
+
+
+def _force_host_devices(n: int) -> None:
+  """Asks XLA for `n` CPU devices, keeping any other flags in XLA_FLAGS."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  flags.append(f'--xla_force_host_platform_device_count={n}')
+  os.environ['XLA_FLAGS'] = ' '.join(flags)
+
+
+_force_host_devices(N_DEVICES)  # must run before jax is imported
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+try:
+  import lamb_sharded
+except ImportError:  # run from a checkout without PYTHONPATH / an install
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
+  import lamb_sharded
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+# Model shapes: BERT-base-like for 100m, a smaller sibling for 25m.
+SIZES = {
+    '100m': dict(vocab=30522, max_len=512, d_model=768, layers=12),
+    '25m': dict(vocab=10000, max_len=512, d_model=512, layers=6),
+}
+MESHES = {'8': ((8,), ('model',)), '4x2': ((4, 2), ('data', 'model'))}
+DEFAULT_MESH = '4x2'
+BYTES_PER_PARAM = 28  # read g, m, v, p; write m, v, p (float32)
+WEIGHT_DECAY = 0.01
+WARMUP_STEPS, DECAY_STEPS = 1_000, 100_000
+STREAM_BYTES = 400 * 2**20
+TARGETS = {'ratio_1_device': 1.0, 'ratio_mesh': 0.6, 'copy_bw_fraction': 0.5}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def param_shapes(vocab: int, max_len: int, d_model: int, layers: int) -> dict:
+  """Nested dict of leaf shapes of a transformer encoder (no attention biases)."""
+  d, h = d_model, 4 * d_model
+  layer = {
+      'attn': {'q': (d, d), 'k': (d, d), 'v': (d, d), 'out': (d, d)},
+      'ln1': {'scale': (d,), 'bias': (d,)},
+      'mlp': {'w_in': (d, h), 'b_in': (h,), 'w_out': (h, d), 'b_out': (d,)},
+      'ln2': {'scale': (d,), 'bias': (d,)},
+  }
+  return {
+      'embed': {'token': (vocab, d), 'position': (max_len, d)},
+      'layers': [layer for _ in range(layers)],
+      'final_ln': {'scale': (d,), 'bias': (d,)},
+  }
+
+
+def _is_shape(x: Any) -> bool:
+  return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def count_params(shapes: dict) -> tuple[int, int]:
+  """(number of parameters, number of leaves)."""
+  leaves = jax.tree.leaves(shapes, is_leaf=_is_shape)
+  return sum(int(np.prod(s)) for s in leaves), len(leaves)
+
+
+def spec_for(shape: tuple[int, ...], axis_names: tuple[str, ...], axis_sizes: tuple[int, ...]) -> P:
+  """A PartitionSpec splitting a matrix over every mesh axis; vectors replicated.
+
+  On a 2-axis mesh a matrix is split (axis0, axis1) over its two dimensions when
+  both divide, else all axes go on one dimension that the device count divides.
+  """
+  if len(shape) < 2:
+    return P()
+  n = int(np.prod(axis_sizes))
+  if len(axis_names) == 2 and shape[0] % axis_sizes[0] == 0 and shape[1] % axis_sizes[1] == 0:
+    return P(axis_names[0], axis_names[1])
+  all_axes = axis_names[0] if len(axis_names) == 1 else tuple(axis_names)
+  if shape[1] % n == 0:
+    return P(None, all_axes)
+  if shape[0] % n == 0:
+    return P(all_axes, None)
+  return P()
+
+
+def random_tree(shapes: dict, seed: int, shardings: Any, scale: float = 0.02) -> Any:
+  """Random float32 arrays of `shapes`, created directly with `shardings`."""
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
+
+  def make(key):
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten(
+        [scale * jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, leaves)])
+
+  return jax.jit(make, out_shardings=shardings)(jax.random.key(seed))
+
+
+# ----------------------------------------------------------------------------- bandwidth
+
+
+def _median_seconds(fn: Callable[[], None], reps: int) -> float:
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def memory_bandwidth(nbytes: int = STREAM_BYTES, reps: int = 7) -> dict:
+  """STREAM-style copy and triad bandwidths (bytes/s) with numpy."""
+  n = nbytes // 4
+  src = np.ones(n, np.float32)
+  dst = np.zeros(n, np.float32)
+  np.copyto(dst, src)  # fault in the pages
+  t_copy = _median_seconds(lambda: np.copyto(dst, src), reps)
+  c = np.full(n, 2.0, np.float32)
+
+  def triad():  # a = b + s * c, without a temporary
+    np.multiply(c, np.float32(3.0), out=dst)
+    np.add(dst, src, out=dst)
+
+  triad()
+  t_triad = _median_seconds(triad, reps)
+  del src, dst, c
+  return {'copy': 2 * nbytes / t_copy, 'triad': 3 * nbytes / t_triad,
+          'array_bytes': nbytes, 'copy_s': t_copy, 'triad_s': t_triad}
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def learning_rate() -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=1e-3, warmup_steps=WARMUP_STEPS,
+      decay_steps=DECAY_STEPS, end_value=1e-5)
+
+
+def make_step(tx: optax.GradientTransformation) -> Callable:
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def place_state(state: Any, param_shardings: Any, other: Any) -> Any:
+  """Puts every params-shaped subtree (the moments) like the params, the rest on `other`."""
+  pdef = jax.tree.structure(param_shardings)
+
+  def is_params_like(x):
+    return jax.tree.structure(x) == pdef
+
+  def put(x):
+    return jax.device_put(x, param_shardings if is_params_like(x) else other)
+
+  return jax.tree.map(put, state, is_leaf=is_params_like)
+
+
+def delete_tree(tree: Any) -> None:
+  for x in jax.tree.leaves(tree):
+    if isinstance(x, jax.Array) and not x.is_deleted():
+      x.delete()
+
+
+class Runner:
+  """One optimizer's compiled step and its live (donated) params and state."""
+
+  def __init__(self, name, tx, shapes, grads, param_shardings, other_sharding, mesh_out):
+    self.name = name
+    self.grads = grads
+    self.params = random_tree(shapes, 0, param_shardings)
+    self.state = place_state(tx.init(self.params), param_shardings, other_sharding)
+    jitted = jax.jit(
+        make_step(tx), donate_argnums=(0, 1),
+        out_shardings=((param_shardings, jax.tree.map(lambda x: x.sharding, self.state))
+                       if mesh_out else None))
+    t0 = time.perf_counter()
+    self.compiled = jitted.lower(self.params, self.state, grads).compile()
+    self.compile_s = time.perf_counter() - t0
+    hlo = self.compiled.as_text()
+    self.all_reduces = hlo.count('all-reduce(') + hlo.count('all-reduce-start(')
+    self.fusions = count_entry_fusions(hlo)
+    self.times: list[float] = []
+
+  def run(self, steps: int) -> float:
+    """Runs `steps` steps; returns seconds per step."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      self.params, self.state = self.compiled(self.params, self.state, self.grads)
+    jax.block_until_ready((self.params, self.state))
+    return (time.perf_counter() - t0) / steps
+
+  def free(self) -> None:
+    delete_tree((self.params, self.state))
+    self.params = self.state = self.compiled = None
+
+
+def count_entry_fusions(hlo: str) -> int:
+  """Fusion instructions in the compiled HLO: roughly the kernels one step runs."""
+  return hlo.count(' fusion(')
+
+
+class Case(NamedTuple):
+  name: str
+  mesh: Any  # None for one device
+  specs: Any  # pytree of PartitionSpec, or None
+
+
+def measure_case(case: Case, shapes: dict, steps: int, reps: int) -> dict:
+  """Times lamb_sharded.lamb and optax.lamb on one case, interleaved."""
+  if case.mesh is None:
+    param_sh = other_sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  else:
+    param_sh = lamb_sharded.named_shardings(case.mesh, case.specs, shapes_as_structs(shapes))
+    other_sh = NamedSharding(case.mesh, P())
+  grads = random_tree(shapes, 1, param_sh, scale=1e-3)
+  sharded_tx = lamb_sharded.lamb(learning_rate(), weight_decay=WEIGHT_DECAY,
+                                 mesh=case.mesh, param_specs=case.specs)
+  optax_tx = optax.lamb(learning_rate(), weight_decay=WEIGHT_DECAY)
+  runners = []
+  try:
+    for name, tx in (('lamb_sharded', sharded_tx), ('optax', optax_tx)):
+      runners.append(Runner(name, tx, shapes, grads, param_sh, other_sh, case.mesh is not None))
+      print(f'  {name:>12}: compiled in {runners[-1].compile_s:.1f}s')
+    for r in runners:  # warm-up
+      r.run(2)
+    for _ in range(reps):
+      for r in runners:  # A B A B ...
+        r.times.append(r.run(steps))
+    return {r.name: {'median_s': statistics.median(r.times), 'times_s': r.times,
+                     'compile_s': r.compile_s, 'all_reduces': r.all_reduces,
+                     'fusions': r.fusions} for r in runners}
+  finally:
+    for r in runners:
+      r.free()
+    delete_tree(grads)
+    gc.collect()
+
+
+def shapes_as_structs(shapes: dict) -> Any:
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes, is_leaf=_is_shape)
+
+
+def make_mesh(kind: str, axis_type: AxisType) -> jax.sharding.Mesh:
+  sizes, names = MESHES[kind]
+  return jax.make_mesh(sizes, names, axis_types=(axis_type,) * len(names))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarize(results: dict, n_params: int, copy_bw: float) -> dict:
+  """Adds ratio and bandwidth figures to each case's results."""
+  out = {}
+  for case, r in results.items():
+    row = {'ratio': r['lamb_sharded']['median_s'] / r['optax']['median_s']}
+    for name in ('lamb_sharded', 'optax'):
+      bw = BYTES_PER_PARAM * n_params / r[name]['median_s']
+      r[name]['bytes_per_s'] = bw
+      r[name]['copy_bw_fraction'] = bw / copy_bw
+    out[case] = {**r, **row}
+  return out
+
+
+def markdown_table(summary: dict) -> str:
+  lines = ['| case | optax.lamb ms/step | lamb_sharded ms/step | ratio (lamb_sharded/optax) '
+           '| lamb_sharded % of copy BW | optax % of copy BW |',
+           '|---|---:|---:|---:|---:|---:|']
+  for case, r in summary.items():
+    s, o = r['lamb_sharded'], r['optax']
+    lines.append(f"| {case} | {1e3 * o['median_s']:.1f} | {1e3 * s['median_s']:.1f} | "
+                 f"{r['ratio']:.2f} | {100 * s['copy_bw_fraction']:.0f}% | "
+                 f"{100 * o['copy_bw_fraction']:.0f}% |")
+  return '\n'.join(lines)
+
+
+def print_details(summary: dict) -> None:
+  for case, r in summary.items():
+    print(f'{case}:')
+    for name in ('lamb_sharded', 'optax'):
+      x = r[name]
+      reps = ' '.join(f'{1e3 * t:.1f}' for t in x['times_s'])
+      print(f"  {name:>12}: median {1e3 * x['median_s']:.1f} ms/step (reps: {reps}), "
+            f"{x['bytes_per_s'] / 1e9:.2f} GB/s = {100 * x['copy_bw_fraction']:.0f}% of copy BW, "
+            f"all-reduces {x['all_reduces']}, fusions {x['fusions']}, "
+            f"compile {x['compile_s']:.1f}s")
+
+
+def print_targets(summary: dict, one: str, mesh: str) -> None:
+  print('\nTargets (for orientation):')
+  checks = [
+      (f'ratio on 1 device <= {TARGETS["ratio_1_device"]}', summary[one]['ratio'],
+       summary[one]['ratio'] <= TARGETS['ratio_1_device']),
+      (f'ratio on the mesh <= {TARGETS["ratio_mesh"]}', summary[mesh]['ratio'],
+       summary[mesh]['ratio'] <= TARGETS['ratio_mesh']),
+  ]
+  for case in (one, mesh):
+    frac = summary[case]['lamb_sharded']['copy_bw_fraction']
+    checks.append((f'lamb_sharded ({case}) >= {100 * TARGETS["copy_bw_fraction"]:.0f}% of copy BW',
+                   frac, frac >= TARGETS['copy_bw_fraction']))
+  for text, value, ok in checks:
+    print(f"  {'met ' if ok else 'MISS'}  {text}: {value:.2f}")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--size', choices=sorted(SIZES), default='100m')
+  p.add_argument('--reps', type=int, default=7, help='timed repetitions (median reported)')
+  p.add_argument('--steps', type=int, default=5, help='steps per repetition')
+  p.add_argument('--mesh', choices=sorted(MESHES), default=DEFAULT_MESH)
+  p.add_argument('--axis-type', choices=('explicit', 'auto'), default='explicit',
+                 help='mesh axis type (jax.make_mesh defaults to explicit)')
+  p.add_argument('--json', metavar='PATH', help='also write all figures here')
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  t_start = time.perf_counter()
+  assert jax.device_count() == N_DEVICES, jax.devices()
+  shapes = param_shapes(**SIZES[args.size])
+  n_params, n_leaves = count_params(shapes)
+  print(f'jax {jax.__version__}, optax {optax.__version__}, {jax.device_count()} '
+        f'{jax.devices()[0].platform} devices, {os.cpu_count()} CPU cores ({platform.machine()})')
+  print(f'model {args.size} {SIZES[args.size]}: {n_params:,} params in {n_leaves} leaves')
+
+  bw = memory_bandwidth()
+  print(f"memory bandwidth (numpy, {bw['array_bytes'] / 2**20:.0f} MiB arrays): "
+        f"copy {bw['copy'] / 1e9:.2f} GB/s, triad {bw['triad'] / 1e9:.2f} GB/s")
+
+  axis_type = AxisType.Explicit if args.axis_type == 'explicit' else AxisType.Auto
+  mesh = make_mesh(args.mesh, axis_type)
+  specs = jax.tree.map(lambda s: spec_for(s, mesh.axis_names, tuple(mesh.axis_sizes)),
+                       shapes, is_leaf=_is_shape)
+  one, on_mesh = '1 device', f'{N_DEVICES}-device mesh ({args.mesh})'
+  print(f'mesh {dict(mesh.shape)} ({args.axis_type} axes); specs: token embedding '
+        f"{specs['embed']['token']}, mlp w_in {specs['layers'][0]['mlp']['w_in']}, "
+        f"vectors {specs['final_ln']['scale']}")
+  print(f'timing {args.reps} reps x {args.steps} steps after 2 warm-up steps')
+
+  results = {}
+  for case in (Case(one, None, None), Case(on_mesh, mesh, specs)):
+    print(f'{case.name}:')
+    results[case.name] = measure_case(case, shapes, args.steps, args.reps)
+
+  summary = summarize(results, n_params, bw['copy'])
+  print()
+  print_details(summary)
+  print(f'\nlamb step, {args.size} ({n_params / 1e6:.1f}M float32 params, '
+        f'{BYTES_PER_PARAM} B/param/step), copy BW {bw["copy"] / 1e9:.2f} GB/s:\n')
+  print(markdown_table(summary))
+  print('\nall-reduce ops in the compiled step: ' + ', '.join(
+      f"{case} {name} {summary[case][name]['all_reduces']}"
+      for case in summary for name in ('lamb_sharded', 'optax')))
+  print_targets(summary, one, on_mesh)
+  wall = time.perf_counter() - t_start
+  print(f'\nwall time {wall:.0f}s')
+
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'size': args.size, 'model': SIZES[args.size], 'params': n_params,
+                 'leaves': n_leaves, 'mesh': args.mesh, 'axis_type': args.axis_type,
+                 'reps': args.reps, 'steps': args.steps, 'bandwidth': bw,
+                 'bytes_per_param': BYTES_PER_PARAM, 'cases': summary,
+                 'targets': TARGETS, 'wall_s': wall}, f, indent=2)
+    print(f'wrote {args.json}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
