@@ -87,27 +87,29 @@ def _sumsq(x: jax.Array, acc: jnp.dtype) -> jax.Array:
   return jnp.sum(jnp.square(x.astype(acc)))
 
 
-_REDUCTION_ROWS = 8
+_ROWS = 8
 
 
-def _sumsq_pair(x: jax.Array, y: jax.Array, acc: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-  """(sum |x|^2, sum |y|^2) in one variadic reduction: one loop reading x and y.
+def _sumsq_rows(x: jax.Array, y: jax.Array, acc: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+  """Partial sums of |x|^2 and |y|^2 as two vectors of `_ROWS` entries each.
 
-  Two separate `jnp.sum`s would make XLA materialise `y` (the LAMB direction)
-  to feed both the reduction and the update; a single variadic reduce lets it
-  recompute `y` from its inputs inside the loop instead. The leaf is viewed as
-  a few rows (a free reshape) and reduced row-wise first, which lets XLA:CPU
-  split the loop over its threads; a reduction to one scalar runs on one.
+  One variadic reduction, one loop reading x and y: two separate `jnp.sum`s
+  would make XLA materialise `y` (the LAMB direction) to feed both the
+  reduction and the update, while here it is recomputed inside the loop. The
+  leaf is viewed as `_ROWS` rows (a free reshape) reduced row by row, which
+  lets XLA:CPU split the loop over its threads (a reduction to one scalar runs
+  on one); the caller sums the rows of every leaf together in one fusion.
+  Small or indivisible leaves are reduced whole into the first entry.
   """
   def sq(a):
     if jnp.iscomplexobj(a):
       return jnp.square(a.real.astype(acc)) + jnp.square(a.imag.astype(acc))
     return jnp.square(a.astype(acc))
-  rows = next((r for r in (_REDUCTION_ROWS, 4, 2) if x.size % r == 0 and x.size >= 1024 * r), 1)
+  rows = _ROWS if x.size % _ROWS == 0 and x.size >= 1024 * _ROWS else 1
   zero = jnp.zeros((), acc)
   per_row = jax.lax.reduce((sq(x).reshape(rows, -1), sq(y).reshape(rows, -1)), (zero, zero),
                            lambda a, b: (a[0] + b[0], a[1] + b[1]), (1,))
-  return jnp.sum(per_row[0]), jnp.sum(per_row[1])
+  return tuple(jnp.pad(r, (0, _ROWS - rows)) for r in per_row)
 
 
 def _zeros_like_leaf(leaf: Any, dtype, mesh, spec: P) -> jax.Array:
@@ -182,6 +184,14 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
     first = functools.reduce(jnp.logical_and, [jax.lax.axis_index(a) == 0 for a in axes])
     return jnp.where(first, x, jnp.zeros_like(x))
 
+  def owned_mask(axes_per_leaf):
+    """1.0 where this device holds the counted replica of a leaf's block, else 0.0."""
+    if not static.axis_names:
+      return jnp.ones((len(axes_per_leaf),), acc)
+    groups = sorted(set(axes_per_leaf))
+    flags = [owned(jnp.ones((), acc), axes) for axes in groups]
+    return jnp.stack([flags[groups.index(axes)] for axes in axes_per_leaf])
+
   def direction(i, m_new, v_new, p, scalars):
     """u = m^ / (sqrt(v^ + eps_root) + eps) [+ weight_decay * p], in m_new's dtype."""
     real = jnp.finfo(m_new.dtype).dtype
@@ -200,7 +210,7 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
     grad_scale = jnp.where(g_norm > max_norm, max_norm / g_norm, jnp.ones_like(g_norm))
 
   # Pass 1: moments, and the partial sums of ||p||^2 and ||u||^2.
-  new_ms, new_vs, fresh, partials = [], [], [], []
+  new_ms, new_vs, fresh, rows_p, rows_u = [], [], [], [], []
   for i, (g, m, v, p) in enumerate(zip(gs, ms, vs, ps)):
     cdt = _compute_dtype(p.dtype)
     real = jnp.finfo(cdt).dtype  # real counterpart of a complex dtype
@@ -215,12 +225,21 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
     new_vs.append(v_new.astype(v.dtype))
     fresh.append((m_new, v_new))
     if static.adapt[i]:
-      p_sq, u_sq = _sumsq_pair(p, direction(i, m_new, v_new, p, s), acc)
-      r = static.replicated_axes[i]
-      partials.append(owned(p_sq, r))
-      partials.append(owned(u_sq, r))
+      row_p, row_u = _sumsq_rows(p, direction(i, m_new, v_new, p, s), acc)
+      rows_p.append(row_p)
+      rows_u.append(row_u)
 
-  totals = psum(jnp.stack(partials)) if partials else None
+  # The trust ratios of all leaves at once: one (2, L) psum, vector arithmetic.
+  ratios = None
+  if rows_p:
+    adapted = [a for a, keep in zip(static.replicated_axes, static.adapt) if keep]
+    sums = jnp.stack([jnp.stack(rows_p), jnp.stack(rows_u)]).sum(-1) * owned_mask(adapted)
+    totals = psum(sums)
+    p_norm, u_norm = jnp.sqrt(totals[0]), jnp.sqrt(totals[1])
+    ratios = p_norm / u_norm
+    if static.clip_trust_ratio:
+      ratios = jnp.clip(ratios, hp('min_trust_ratio', acc), hp('max_trust_ratio', acc))
+    ratios = jnp.where((p_norm == 0) | (u_norm == 0), jnp.ones_like(ratios), ratios)
 
   # Pass 2: the update. The barrier gives pass 2 its own copy of the scalars, so
   # XLA cannot merge its direction with pass 1's and materialise u in between.
@@ -230,17 +249,10 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
   outs, k = [], 0
   for i, (g, p, (m_new, v_new)) in enumerate(zip(gs, ps, fresh)):
     u = direction(i, m_new, v_new, p, s2)
-    if not static.adapt[i]:
-      outs.append(u.astype(g.dtype))
-      continue
-    p_norm, u_norm = jnp.sqrt(totals[k]), jnp.sqrt(totals[k + 1])
-    k += 2
-    ratio = p_norm / u_norm
-    if static.clip_trust_ratio:
-      ratio = jnp.clip(ratio, hp('min_trust_ratio', acc), hp('max_trust_ratio', acc))
-    ratio = jnp.where((p_norm == 0) | (u_norm == 0), jnp.ones_like(ratio), ratio)
-    real = jnp.finfo(u.dtype).dtype
-    outs.append((u * ratio.astype(real)).astype(g.dtype))
+    if static.adapt[i]:
+      u = u * ratios[k].astype(jnp.finfo(u.dtype).dtype)
+      k += 1
+    outs.append(u.astype(g.dtype))
   return outs, new_ms, new_vs
 
 
