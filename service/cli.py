@@ -7,9 +7,12 @@ example the number of simulated CPU devices) before JAX initialises.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional, Sequence
+
+from service import config as config_lib
 
 
 def _set_cpu_devices(n: int) -> None:
@@ -26,6 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='lamb-sharded', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
 
+  serve = sub.add_parser('serve', help='run the optimizer server')
+  config_lib.add_flags(serve)
+  serve.add_argument('--log-level', default='INFO', help='logging level (default INFO)')
+
+  worker = sub.add_parser('worker', help='train a model through a server')
+  worker.add_argument('--server', required=True, help='host:port of the server')
+  worker.add_argument('--worker-index', type=int, required=True, help='this worker\'s index')
+  worker.add_argument('--num-workers', type=int, default=1, help='how many workers train')
+  worker.add_argument('--steps', type=int, required=True, help='train until this step')
+  worker.add_argument('--batch-size', type=int, default=64, help='examples per push')
+  worker.add_argument('--model', default='regression', help='model to train (regression)')
+  worker.add_argument('--seed', type=int, default=0, help='seed of the model and data')
+  worker.add_argument('--init', action='store_true',
+                      help='initialise the model if the server has none')
+  worker.add_argument('--timeout', type=float, default=60.0, help='deadline per call (s)')
+  worker.add_argument('--log-level', default='INFO', help='logging level (default INFO)')
+
   demo = sub.add_parser('demo', help='train a small model with sharded LAMB on simulated devices')
   demo.add_argument('--devices', type=int, default=8, help='simulated CPU devices (default 8)')
   demo.add_argument('--steps', type=int, default=200, help='training steps (default 200)')
@@ -35,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
+  if args.command in ('serve', 'worker'):
+    logging.basicConfig(level=args.log_level.upper(),
+                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  if args.command == 'serve':
+    config = config_lib.from_args(args)
+    if config.devices:  # on a CPU-only host, simulate that many devices
+      _set_cpu_devices(config.devices)
+    from service import server  # pylint: disable=import-outside-toplevel
+    return server.serve_forever(config)
+  if args.command == 'worker':
+    from service import worker  # pylint: disable=import-outside-toplevel
+    return worker.run(args.server, args.worker_index, args.num_workers, args.steps,
+                      args.batch_size, model=args.model, seed=args.seed, init=args.init,
+                      timeout=args.timeout)
   if args.command == 'demo':
     _set_cpu_devices(args.devices)
     from service import demo  # pylint: disable=import-outside-toplevel

@@ -1,0 +1,238 @@
+"""The worker's client library: pytrees in, pytrees out, over lamb_sharded.v1.
+
+    client = OptimizerClient('127.0.0.1:50051')
+    client.initialize(params)                      # once, from one worker
+    pulled = client.pull(like=params)              # Pulled(model_id, step, params)
+    result = client.push(pulled.step, grads, num_examples=128, worker_id='w0')
+    if not result.applied:
+      client.wait_for_step(result.accepted_step + 1)
+
+Every call has a deadline. Unary calls are retried on UNAVAILABLE by gRPC's own
+retry policy (the channel's service config); pushes and pulls stream more than
+gRPC buffers for transparent retries, so they are retried here, with
+exponential backoff -- safely, since every push carries an idempotency key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+import uuid
+from typing import Any, Callable, Optional, TypeVar
+
+import grpc
+import jax
+import numpy as np
+from google.protobuf import duration_pb2
+
+from service import wire
+from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
+
+T = TypeVar('T')
+_SERVICE = 'lamb_sharded.v1.OptimizerService'
+_SERVICE_CONFIG = {
+    'methodConfig': [{
+        'name': [{'service': _SERVICE}],
+        'retryPolicy': {
+            'maxAttempts': 5,
+            'initialBackoff': '0.2s',
+            'maxBackoff': '5s',
+            'backoffMultiplier': 2,
+            'retryableStatusCodes': ['UNAVAILABLE'],
+        },
+    }],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  initialized: bool
+  model_id: str
+  leaves: tuple[wire.LeafSpec, ...]
+  step: int
+  num_workers: int
+  quorum: int
+  staleness_bound: int
+  synchronous: bool
+  learning_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Pulled:
+  model_id: str
+  step: int
+  params: Any  # a pytree like `like`, or a dict path -> np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class PushResult:
+  accepted_step: int
+  applied: bool
+  current_step: int
+  duplicate: bool
+
+
+def _flatten(tree) -> list[tuple[str, np.ndarray]]:
+  if isinstance(tree, dict) and all(isinstance(k, str) and k.startswith('[') for k in tree):
+    return [(k, np.asarray(v)) for k, v in tree.items()]  # already path -> array
+  return [(jax.tree_util.keystr(p), np.asarray(x))
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+class OptimizerClient:
+  """A connection to one optimizer server."""
+
+  def __init__(self, target: str, *, timeout: float = 60.0, retries: int = 5,
+               chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
+               channel: Optional[grpc.Channel] = None):
+    """Args:
+      target: 'host:port' of the server.
+      timeout: deadline of each call in seconds (WaitForStep takes its own).
+      retries: attempts for pushes and pulls on UNAVAILABLE.
+      chunk_bytes: data bytes per chunk (at most 3 MiB).
+      channel: an existing channel (e.g. a secure one); else an insecure one.
+    """
+    self._channel = channel or grpc.insecure_channel(target, options=[
+        ('grpc.service_config', json.dumps(_SERVICE_CONFIG)),
+        ('grpc.enable_retries', 1),
+        ('grpc.max_receive_message_length', wire.MAX_MESSAGE_BYTES + (64 << 10)),
+    ])
+    self._stub = pb_grpc.OptimizerServiceStub(self._channel)
+    self.timeout = timeout
+    self.retries = retries
+    self.chunk_bytes = wire.clamp_chunk_bytes(chunk_bytes)
+
+  def close(self) -> None:
+    self._channel.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def _retrying(self, fn: Callable[[], T]) -> T:
+    delay = 0.2
+    for attempt in range(self.retries):
+      try:
+        return fn()
+      except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries - 1:
+          raise
+        time.sleep(delay * (1 + random.random()))
+        delay = min(delay * 2, 5.0)
+    raise AssertionError('unreachable')
+
+  def describe(self, *, wait_for_ready: bool = False,
+               timeout: Optional[float] = None) -> ModelInfo:
+    """The model and the server's settings; `wait_for_ready` waits for the server to be up."""
+    r = self._stub.DescribeModel(pb.DescribeModelRequest(), timeout=timeout or self.timeout,
+                                 wait_for_ready=wait_for_ready)
+    return ModelInfo(
+        r.initialized, r.model_id,
+        tuple(wire.LeafSpec.from_proto(s, 'leaves') for s in r.leaves), r.step, r.num_workers,
+        r.quorum, r.staleness_bound, r.step_mode == pb.STEP_MODE_SYNCHRONOUS,
+        r.hyperparameters.learning_rate)
+
+  def initialize(self, params) -> str:
+    """Uploads the initial parameters (float32); returns the model_id."""
+    leaves = [(p, np.asarray(x, np.float32)) for p, x in _flatten(params)]
+
+    def requests():
+      yield pb.InitializeModelRequest(header=pb.InitializeModelHeader(
+          leaves=[wire.LeafSpec(p, x.shape, x.dtype).to_proto() for p, x in leaves]))
+      for msg in wire.chunk_stream(leaves, self.chunk_bytes):
+        if isinstance(msg, wire.tensor_pb2.TensorChunk):
+          yield pb.InitializeModelRequest(chunk=msg)
+        else:
+          yield pb.InitializeModelRequest(commit=msg)
+    return self._stub.InitializeModel(requests(), timeout=self.timeout).model_id
+
+  def push(self, step: int, grads, num_examples: int, worker_id: str, *,
+           model_id: str = '', push_id: Optional[str] = None,
+           wire_dtype=None) -> PushResult:
+    """Pushes the gradients computed at `step`; retried safely on UNAVAILABLE.
+
+    Args:
+      step: the step of the parameters the gradients were computed from.
+      grads: a pytree with the parameters' structure (or a dict path -> array).
+      num_examples: the examples averaged into `grads` (its weight).
+      worker_id: this worker's stable id.
+      model_id: the model_id the parameters came from ('' skips the check).
+      push_id: idempotency key (default: a fresh UUID, reused by the retries).
+      wire_dtype: send in this dtype (np.float32, ml_dtypes.bfloat16, np.float16).
+    """
+    push_id = push_id or uuid.uuid4().hex
+    leaves = [(p, x if wire_dtype is None else x.astype(wire_dtype))
+              for p, x in _flatten(grads)]
+    leaves = [(p, x.astype(np.float32) if x.dtype not in wire._FROM_NUMPY else x)
+              for p, x in leaves]
+    header = pb.PushGradientsHeader(
+        worker_id=worker_id, step=step, num_examples=num_examples, push_id=push_id,
+        model_id=model_id, leaves=[wire.LeafSpec(p, x.shape, x.dtype).to_proto()
+                                   for p, x in leaves])
+
+    def requests():
+      yield pb.PushGradientsRequest(header=header)
+      for msg in wire.chunk_stream(leaves, self.chunk_bytes):
+        if isinstance(msg, wire.tensor_pb2.TensorChunk):
+          yield pb.PushGradientsRequest(chunk=msg)
+        else:
+          yield pb.PushGradientsRequest(commit=msg)
+
+    r = self._retrying(lambda: self._stub.PushGradients(requests(), timeout=self.timeout))
+    return PushResult(r.accepted_step, r.applied, r.current_step, r.duplicate)
+
+  def pull(self, *, like=None, dtype=None, if_newer_than: Optional[int] = None,
+           model_id: str = '') -> Optional[Pulled]:
+    """The current parameters; None if `if_newer_than` is given and they are not newer.
+
+    Args:
+      like: a pytree to unflatten into (its leaf paths must be the model's).
+      dtype: receive in this dtype (default: the parameters' own).
+      if_newer_than: only send if the server's step is newer than this.
+      model_id: the model_id of the caller's copy, for `if_newer_than`.
+    """
+    request = pb.PullParametersRequest(
+        dtype=wire.wire_dtype(dtype) if dtype is not None else 0,
+        if_model_id=model_id, max_chunk_bytes=self.chunk_bytes)
+    if if_newer_than is not None:
+      request.if_newer_than_step = if_newer_than
+    return self._retrying(lambda: self._pull_once(request, like))
+
+  def _pull_once(self, request, like) -> Optional[Pulled]:
+    stream = self._stub.PullParameters(request, timeout=self.timeout)
+    first = next(stream)
+    header = first.header
+    if header.not_modified:
+      return None
+    specs = wire.specs_from_proto(header.leaves, 'pull header')
+    receiver = wire.ChunkReceiver(specs, 'PullParameters')
+    commit = None
+    for msg in stream:
+      if msg.WhichOneof('kind') == 'chunk':
+        receiver.add(msg.chunk)
+      elif msg.WhichOneof('kind') == 'commit':
+        commit = msg.commit
+    arrays = receiver.finish(commit)
+    by_path = {s.path: a for s, a in zip(specs, arrays)}
+    if like is None:
+      return Pulled(header.model_id, header.step, by_path)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    paths = [jax.tree_util.keystr(p) for p, _ in flat]
+    if set(paths) != set(by_path):
+      raise ValueError(f'the server\'s leaves {sorted(by_path)} are not those of `like` '
+                       f'{sorted(paths)}')
+    return Pulled(header.model_id, header.step,
+                  jax.tree_util.tree_unflatten(treedef, [by_path[p] for p in paths]))
+
+  def wait_for_step(self, step: int, timeout: float = 300.0) -> tuple[int, bool]:
+    """Blocks (server side, no polling) until the server's step is >= `step`."""
+    request = pb.WaitForStepRequest(step=step)
+    request.timeout.CopyFrom(duration_pb2.Duration(seconds=int(timeout),
+                                                   nanos=int((timeout % 1) * 1e9)))
+    r = self._stub.WaitForStep(request, timeout=timeout + 10)
+    return r.current_step, r.reached

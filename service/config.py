@@ -1,0 +1,132 @@
+"""The server's configuration: one dataclass, every field a CLI flag and a YAML key.
+
+Precedence: the dataclass defaults, then the YAML file given with `--config`,
+then the flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import yaml
+
+STEP_MODES = ('sync', 'async')
+SCHEDULES = ('constant', 'warmup_cosine')
+NONFINITE_POLICIES = ('reject', 'skip_step')
+
+
+@dataclasses.dataclass
+class ServerConfig:
+  """Settings of `lamb-sharded serve` (each field is the flag --field-name)."""
+  # Network.
+  host: str = '0.0.0.0'
+  port: int = 50051  # 0: an ephemeral port, printed on start
+  grpc_threads: int = 32
+  # Where checkpoints go (used by the checkpointing feature).
+  checkpoint_dir: Optional[str] = None
+  # A .npz file of initial parameters (keys: leaf paths); else InitializeModel.
+  init_params: Optional[str] = None
+  # The mesh: 0 for every local device.
+  devices: int = 0
+  # Step semantics.
+  num_workers: int = 1
+  step_mode: str = 'sync'
+  quorum: int = 0  # sync: pushes that make a step after straggler_timeout_s (0: num_workers)
+  straggler_timeout_s: float = 0.0  # 0: wait for every worker
+  staleness_bound: int = 0  # async: accept gradients of steps >= current - bound
+  max_inflight_pushes: int = 0  # pushes buffered at once (0: num_workers); bounds memory
+  admission_timeout_s: float = 30.0  # how long a push waits for a buffer slot
+  nonfinite: str = 'reject'  # NaN/Inf in a push: reject it, or skip the step
+  # LAMB.
+  learning_rate: float = 1e-3
+  schedule: str = 'constant'
+  warmup_steps: int = 0
+  decay_steps: int = 10000
+  end_learning_rate: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-6
+  eps_root: float = 0.0
+  weight_decay: float = 0.0
+  max_grad_norm: float = 0.0  # 0: no global gradient clipping
+
+  def validate(self) -> 'ServerConfig':
+    def need(cond, msg):
+      if not cond:
+        raise ValueError(f'invalid configuration: {msg}')
+    need(0 <= self.port < 65536, f'port {self.port} is not in [0, 65535]')
+    need(self.num_workers >= 1, f'num_workers must be >= 1, got {self.num_workers}')
+    need(self.step_mode in STEP_MODES, f'step_mode must be one of {STEP_MODES}')
+    need(0 <= self.quorum <= self.num_workers,
+         f'quorum must be in [0, num_workers={self.num_workers}], got {self.quorum}')
+    need(self.straggler_timeout_s >= 0, 'straggler_timeout_s must be >= 0')
+    need(self.staleness_bound >= 0, 'staleness_bound must be >= 0')
+    need(self.max_inflight_pushes >= 0, 'max_inflight_pushes must be >= 0')
+    need(self.nonfinite in NONFINITE_POLICIES, f'nonfinite must be one of {NONFINITE_POLICIES}')
+    need(self.schedule in SCHEDULES, f'schedule must be one of {SCHEDULES}')
+    need(self.devices >= 0, 'devices must be >= 0')
+    need(self.learning_rate >= 0, 'learning_rate must be >= 0')
+    return self
+
+  @property
+  def effective_quorum(self) -> int:
+    return 1 if self.step_mode == 'async' else (self.quorum or self.num_workers)
+
+  @property
+  def effective_max_inflight(self) -> int:
+    return self.max_inflight_pushes or self.num_workers
+
+
+def _flag(name: str) -> str:
+  return '--' + name.replace('_', '-')
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  """Adds --config and one flag per ServerConfig field (defaults suppressed)."""
+  parser.add_argument('--config', help='YAML file of settings (keys: the flag names, '
+                      'with - or _); flags given on the command line win')
+  for f in dataclasses.fields(ServerConfig):
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
+                                  help=f'(default: {f.default})')
+    if 'int' in kind:
+      kwargs['type'] = int
+    elif 'float' in kind:
+      kwargs['type'] = float
+    choices = {'step_mode': STEP_MODES, 'schedule': SCHEDULES, 'nonfinite': NONFINITE_POLICIES}
+    if f.name in choices:
+      kwargs['choices'] = choices[f.name]
+    parser.add_argument(_flag(f.name), **kwargs)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+  with open(path, encoding='utf-8') as fh:
+    data = yaml.safe_load(fh) or {}
+  if not isinstance(data, dict):
+    raise ValueError(f'{path}: expected a mapping of settings, got {type(data).__name__}')
+  names = {f.name for f in dataclasses.fields(ServerConfig)}
+  out = {}
+  for key, value in data.items():
+    name = str(key).replace('-', '_')
+    if name not in names:
+      raise ValueError(f'{path}: unknown setting {key!r}')
+    out[name] = value
+  return out
+
+
+def from_args(args: argparse.Namespace) -> ServerConfig:
+  """The config from --config (if any) overridden by the explicit flags."""
+  values: dict[str, Any] = {}
+  if getattr(args, 'config', None):
+    values.update(load_yaml(args.config))
+  names = {f.name for f in dataclasses.fields(ServerConfig)}
+  values.update({k: v for k, v in vars(args).items() if k in names})
+  return ServerConfig(**values).validate()
+
+
+def parse(argv: Sequence[str]) -> ServerConfig:
+  parser = argparse.ArgumentParser()
+  add_flags(parser)
+  return from_args(parser.parse_args(argv))

@@ -1,0 +1,368 @@
+"""The step engine: the model on the mesh, gradient accumulation, and LAMB steps.
+
+Knows nothing of gRPC. The servicer hands it validated host buffers; the engine
+accumulates each committed push into one float32 buffer sharded like the
+params (example-weighted), applies `lamb_sharded.lamb` when a step is complete,
+and serves consistent snapshots of the params.
+
+Data path: header -> `begin_push` (admission, checks) -> the caller streams the
+bytes into host buffers -> `commit_push` (accumulate on the mesh, maybe apply).
+
+Multi-host later: `_to_mesh` builds each global array with
+`jax.make_array_from_callback`, which asks only for the blocks this process's
+devices hold, so a process that ingests only its own slices plugs in there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+import uuid
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import lamb_sharded
+from service.config import ServerConfig
+from service.errors import (Aborted, AlreadyExists, FailedPrecondition, InvalidArgument,
+                            ResourceExhausted)
+from service.wire import LeafSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXIS = 'x'
+PARAM_DTYPES = (np.dtype(np.float32),)
+
+
+def partition_spec(shape: Sequence[int], axis_size: int) -> P:
+  """The one sharding rule: split the largest dimension the mesh size divides."""
+  best = None
+  for dim, size in enumerate(shape):
+    if size % axis_size == 0 and size >= axis_size and (best is None or size > shape[best]):
+      best = dim
+  if best is None or axis_size == 1:
+    return P()
+  return P(*([None] * best + [MESH_AXIS]))
+
+
+def make_schedule(config: ServerConfig) -> tuple[optax.Schedule, str]:
+  """The learning-rate schedule and a human-readable description of it."""
+  if config.schedule == 'constant':
+    return optax.constant_schedule(config.learning_rate), f'constant({config.learning_rate})'
+  sched = optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, config.warmup_steps, max(config.decay_steps, 1),
+      config.end_learning_rate)
+  return sched, (f'warmup_cosine_decay(peak={config.learning_rate}, warmup={config.warmup_steps}, '
+                 f'decay={config.decay_steps}, end={config.end_learning_rate})')
+
+
+def make_optimizer(config: ServerConfig, mesh, specs) -> optax.GradientTransformation:
+  schedule, _ = make_schedule(config)
+  return lamb_sharded.lamb(
+      schedule, b1=config.b1, b2=config.b2, eps=config.eps, eps_root=config.eps_root,
+      weight_decay=config.weight_decay, mesh=mesh, param_specs=specs,
+      max_grad_norm=config.max_grad_norm or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Description:
+  initialized: bool
+  model_id: str
+  leaves: tuple[LeafSpec, ...]
+  step: int
+  learning_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PushResult:
+  accepted_step: int
+  applied: bool
+  current_step: int
+  duplicate: bool = False
+
+
+@dataclasses.dataclass
+class PushTicket:
+  """An admitted push: its header, and its slot in the bounded set of buffers."""
+  worker_id: str
+  push_id: str
+  step: int
+  num_examples: int
+  wire_specs: tuple[LeafSpec, ...]
+  nonfinite_leaf: Optional[str] = None  # set when the stream carried NaN/Inf
+  _released: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+  model_id: str
+  step: int
+  specs: tuple[LeafSpec, ...]
+  arrays: tuple[jax.Array, ...]
+
+
+class _Model:
+  """Everything that exists once the model is initialised."""
+
+  def __init__(self, config: ServerConfig, mesh, specs: Sequence[LeafSpec],
+               host_params: Sequence[np.ndarray]):
+    self.specs = tuple(specs)
+    self.paths = {s.path: i for i, s in enumerate(specs)}
+    self.pspecs = [partition_spec(s.shape, mesh.devices.size) for s in specs]
+    self.shardings = [NamedSharding(mesh, p) for p in self.pspecs]
+    self.tx = make_optimizer(config, mesh, self.pspecs)
+    self.params = [_to_mesh(x, sh) for x, sh in zip(host_params, self.shardings)]
+    self.opt_state = jax.jit(self.tx.init)(self.params)
+    self.acc = self._zeros()
+    self.weight = 0  # examples accumulated into acc
+
+    def accumulate(acc, grads, weight):
+      return [a + weight * g.astype(jnp.float32) for a, g in zip(acc, grads)]
+    self.accumulate = jax.jit(accumulate, donate_argnums=0)
+
+    def apply(params, opt_state, acc, inv_weight):
+      grads = [(a * inv_weight).astype(p.dtype) for a, p in zip(acc, params)]
+      updates, opt_state = self.tx.update(grads, opt_state, params)
+      new_acc = [jnp.zeros_like(a) for a in acc]
+      return optax.apply_updates(params, updates), opt_state, new_acc
+    # Params are not donated: pulls in flight keep reading the previous step's arrays.
+    self.apply = jax.jit(apply, donate_argnums=(1, 2))
+
+  def _zeros(self):
+    return [jnp.zeros(s.shape, jnp.float32, device=sh) for s, sh in zip(self.specs, self.shardings)]
+
+
+def _to_mesh(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from a host buffer, each device taking only its block."""
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+class Engine:
+  """The optimizer's state machine. Thread-safe; every public method may block briefly."""
+
+  def __init__(self, config: ServerConfig, devices: Optional[Sequence[jax.Device]] = None):
+    self.config = config
+    devices = list(devices if devices is not None else jax.local_devices())
+    if config.devices:
+      if config.devices > len(devices):
+        raise ValueError(f'devices={config.devices} but only {len(devices)} are available')
+      devices = devices[:config.devices]
+    self.mesh = jax.sharding.Mesh(np.array(devices), (MESH_AXIS,), axis_types=(AxisType.Auto,))
+    self._schedule, self.schedule_description = make_schedule(config)
+    self._cond = threading.Condition()
+    self._model: Optional[_Model] = None
+    self._model_id = ''
+    self._step = 0
+    self._contributors: dict[str, PushTicket] = {}
+    self._first_push_at: Optional[float] = None
+    self._poisoned_by: Optional[str] = None
+    self._done: dict[tuple[str, str], tuple[int, PushResult]] = {}
+    self._slots = threading.BoundedSemaphore(config.effective_max_inflight)
+    self._closed = False
+    self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
+    self._watchdog = threading.Thread(target=self._straggler_loop, name='straggler', daemon=True)
+    self._watchdog.start()
+
+  # ------------------------------------------------------------------ queries
+
+  def describe(self) -> Description:
+    with self._cond:
+      model, step, mid = self._model, self._step, self._model_id
+    return Description(model is not None, mid, model.specs if model else (), step,
+                       float(self._schedule(step)))
+
+  def snapshot(self) -> Snapshot:
+    with self._cond:
+      self._require_model()
+      m = self._model
+      return Snapshot(self._model_id, self._step, m.specs, tuple(m.params))
+
+  def wait_for_step(self, step: int, timeout: Optional[float]) -> tuple[int, bool, str]:
+    """Blocks until the model exists and its step is >= `step`, or `timeout` passes."""
+    if step < 0:
+      raise InvalidArgument(f'step must be >= 0, got {step}')
+    with self._cond:
+      self._cond.wait_for(
+          lambda: self._closed or (self._model is not None and self._step >= step), timeout)
+      reached = self._model is not None and self._step >= step
+      return self._step, reached, self._model_id
+
+  # ------------------------------------------------------------------ model
+
+  def initialize(self, specs: Sequence[LeafSpec], host_params: Sequence[np.ndarray]) -> str:
+    """Creates the model from host buffers (one per spec); ALREADY_EXISTS if it exists."""
+    for s in specs:
+      if s.dtype not in PARAM_DTYPES:
+        raise InvalidArgument(f'leaf {s.path}: parameters must be float32, got {s.dtype.name}')
+    with self._cond:
+      if self._model is not None:
+        raise AlreadyExists(f'the model is already initialised (model_id {self._model_id}, '
+                            f'step {self._step})')
+      self._model = _Model(self.config, self.mesh, specs, host_params)
+      self._model_id = uuid.uuid4().hex
+      self._step = 0
+      log.info('model initialised: %d leaves, %d parameters, model_id %s', len(specs),
+               sum(math.prod(s.shape) for s in specs), self._model_id)
+      self._cond.notify_all()
+      return self._model_id
+
+  def _require_model(self) -> _Model:
+    if self._model is None:
+      raise FailedPrecondition('the model is not initialised: call InitializeModel first '
+                               '(or start the server with --init-params)')
+    return self._model
+
+  # ------------------------------------------------------------------ pushes
+
+  def begin_push(self, worker_id: str, push_id: str, step: int, num_examples: int,
+                 model_id: str, wire_specs: Sequence[LeafSpec], timeout: float
+                 ) -> PushTicket | PushResult:
+    """Checks a push's header and admits it; a PushResult means a duplicate (answer it)."""
+    if not worker_id:
+      raise InvalidArgument('header.worker_id is empty')
+    if step < 0:
+      raise InvalidArgument(f'header.step must be >= 0, got {step}')
+    if num_examples <= 0:
+      raise InvalidArgument(f'header.num_examples must be > 0, got {num_examples}')
+    with self._cond:
+      model = self._require_model()
+      if model_id and model_id != self._model_id:
+        raise FailedPrecondition(f'header.model_id {model_id} is not the server\'s model '
+                                 f'{self._model_id}: pull the parameters again')
+      done = self._done.get((worker_id, push_id)) if push_id else None
+      if done is not None:
+        return dataclasses.replace(done[1], current_step=self._step, duplicate=True)
+      self._check_leaves(model, wire_specs)
+      self._check_step(worker_id, step)
+    if not self._slots.acquire(timeout=timeout):
+      raise ResourceExhausted(f'{self.config.effective_max_inflight} pushes are already in '
+                              f'flight; retry later')
+    return PushTicket(worker_id, push_id, step, num_examples, tuple(wire_specs))
+
+  def release(self, ticket: PushTicket) -> None:
+    """Frees the ticket's slot (call exactly once, whatever happened to the push)."""
+    if not ticket._released:
+      ticket._released = True
+      self._slots.release()
+
+  def _check_leaves(self, model: _Model, wire_specs: Sequence[LeafSpec]) -> None:
+    got = {s.path: s for s in wire_specs}
+    for want in model.specs:
+      if want.path not in got:
+        raise InvalidArgument(f'header.leaves: leaf {want.path} is missing')
+    for i, s in enumerate(wire_specs):
+      j = model.paths.get(s.path)
+      if j is None:
+        raise InvalidArgument(f'header.leaves: unknown leaf {s.path}')
+      if j != i:
+        raise InvalidArgument(f'header.leaves: leaf {s.path} is at position {i}, expected {j} '
+                              f'(the parameters\' order)')
+      if s.shape != model.specs[j].shape:
+        raise InvalidArgument(f'header.leaves: leaf {s.path} has shape {list(s.shape)}, '
+                              f'expected {list(model.specs[j].shape)}')
+
+  def _check_step(self, worker_id: str, step: int) -> None:
+    current = self._step
+    if step > current:
+      raise FailedPrecondition(f'header.step {step} is ahead of the server\'s current step '
+                               f'{current}')
+    if self.config.step_mode == 'sync':
+      if step < current:
+        raise Aborted(f'step {step} was already applied; the current step is {current}: pull '
+                      f'the parameters and push gradients for step {current}')
+      if worker_id in self._contributors:
+        raise AlreadyExists(f'worker {worker_id} already pushed for step {current} (with '
+                            f'push_id {self._contributors[worker_id].push_id!r})')
+    elif current - step > self.config.staleness_bound:
+      raise Aborted(f'gradients of step {step} are too stale: the current step is {current} and '
+                    f'the staleness bound is {self.config.staleness_bound}')
+
+  def check_finite(self, ticket: PushTicket, spec: LeafSpec, buffer: np.ndarray) -> None:
+    """Called as each leaf of a push completes: NaN/Inf rejects the push or marks it."""
+    if math.isfinite(float(buffer.sum(dtype=np.float64))):
+      return
+    if self.config.nonfinite == 'reject':
+      raise InvalidArgument(f'leaf {spec.path} of worker {ticket.worker_id}\'s push for step '
+                            f'{ticket.step} contains NaN or Inf')
+    ticket.nonfinite_leaf = ticket.nonfinite_leaf or spec.path
+
+  def commit_push(self, ticket: PushTicket, buffers: Sequence[np.ndarray]) -> PushResult:
+    """Adds a complete, checked push to the step; applies the step when it is complete."""
+    with self._cond:
+      model = self._require_model()
+      if ticket.push_id and (ticket.worker_id, ticket.push_id) in self._done:
+        done = self._done[(ticket.worker_id, ticket.push_id)][1]
+        return dataclasses.replace(done, current_step=self._step, duplicate=True)
+      self._check_step(ticket.worker_id, ticket.step)  # the step may have moved meanwhile
+      if ticket.nonfinite_leaf is not None:
+        self._poisoned_by = self._poisoned_by or (
+            f'leaf {ticket.nonfinite_leaf} of worker {ticket.worker_id}')
+      grads = [_to_mesh(b, sh) for b, sh in zip(buffers, model.shardings)]
+      model.acc = model.accumulate(model.acc, grads, jnp.float32(ticket.num_examples))
+      model.weight += ticket.num_examples
+      self._contributors[ticket.worker_id] = ticket
+      self.stats['pushes_accepted'] += 1
+      if self._first_push_at is None:
+        self._first_push_at = time.monotonic()
+      accepted = self._step
+      applied = False
+      if self.config.step_mode == 'async' or len(self._contributors) >= self.config.num_workers:
+        self._apply_locked()
+        applied = True
+      result = PushResult(accepted, applied, self._step)
+      if ticket.push_id:
+        self._done[(ticket.worker_id, ticket.push_id)] = (accepted, result)
+      return result
+
+  def _apply_locked(self) -> None:
+    model = self._model
+    if self._poisoned_by is not None:
+      log.warning('step %d skipped: NaN/Inf in %s', self._step, self._poisoned_by)
+      model.acc = model._zeros()
+      self.stats['steps_skipped'] += 1
+    else:
+      model.params, model.opt_state, model.acc = model.apply(
+          model.params, model.opt_state, model.acc, jnp.float32(1.0 / model.weight))
+      self.stats['steps_applied'] += 1
+    model.weight = 0
+    self._step += 1
+    self._contributors.clear()
+    self._first_push_at = None
+    self._poisoned_by = None
+    horizon = self._step - self.config.staleness_bound - 2
+    self._done = {k: v for k, v in self._done.items() if v[0] >= horizon}
+    self._cond.notify_all()
+
+  def _straggler_loop(self) -> None:
+    """Applies a sync step once the straggler timeout passed with a quorum of pushes."""
+    cfg = self.config
+    if cfg.step_mode != 'sync' or cfg.straggler_timeout_s <= 0:
+      return
+    with self._cond:
+      while not self._closed:
+        if self._first_push_at is None:
+          self._cond.wait(1.0)
+          continue
+        due = self._first_push_at + cfg.straggler_timeout_s
+        now = time.monotonic()
+        if now < due:
+          self._cond.wait(due - now)
+        elif len(self._contributors) >= cfg.effective_quorum:
+          log.warning('step %d applied with %d of %d workers after the %.1fs straggler timeout',
+                      self._step, len(self._contributors), cfg.num_workers,
+                      cfg.straggler_timeout_s)
+          self._apply_locked()
+        else:
+          self._cond.wait(1.0)
+
+  def close(self) -> None:
+    with self._cond:
+      self._closed = True
+      self._cond.notify_all()

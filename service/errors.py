@@ -1,0 +1,48 @@
+"""Errors of the service's core, each carrying its canonical gRPC status code name.
+
+The core (wire, engine) raises these; only the servicer maps them to gRPC, so
+the core knows nothing of gRPC. Messages name the leaf or field at fault.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+  """Base class; `code` is the name of a canonical gRPC status code."""
+  code = 'INTERNAL'
+
+
+class InvalidArgument(ServiceError):
+  code = 'INVALID_ARGUMENT'
+
+
+class FailedPrecondition(ServiceError):
+  code = 'FAILED_PRECONDITION'
+
+
+class AlreadyExists(ServiceError):
+  code = 'ALREADY_EXISTS'
+
+
+class Aborted(ServiceError):
+  code = 'ABORTED'
+
+
+class OutOfRange(ServiceError):
+  code = 'OUT_OF_RANGE'
+
+
+class ResourceExhausted(ServiceError):
+  code = 'RESOURCE_EXHAUSTED'
+
+
+class DataLoss(ServiceError):
+  code = 'DATA_LOSS'
+
+
+class Unavailable(ServiceError):
+  code = 'UNAVAILABLE'
+
+
+class DeadlineExceeded(ServiceError):
+  code = 'DEADLINE_EXCEEDED'

@@ -1,0 +1,231 @@
+"""The gRPC server: a thin servicer over the step engine, plus health and reflection.
+
+The servicer only parses streams, translates wire messages to engine calls and
+engine errors to gRPC status codes; the engine holds all the state.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import signal
+import threading
+from typing import Iterator, Optional
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service import wire
+from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
+from service.config import ServerConfig
+from service.engine import Engine, PushResult
+from service.errors import AlreadyExists, InvalidArgument, ServiceError
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name['OptimizerService'].full_name
+# Chunks carry at most 3 MiB of data; the envelope adds a few bytes.
+MAX_RECEIVE_BYTES = wire.MAX_MESSAGE_BYTES + (64 << 10)
+
+
+def _abort(context: grpc.ServicerContext, err: ServiceError):
+  context.abort(getattr(grpc.StatusCode, err.code), str(err))
+
+
+def _read_stream(requests: Iterator, what: str):
+  """Splits a header/chunks/commit stream: returns (header, chunk iterator, commit holder)."""
+  try:
+    first = next(requests)
+  except StopIteration:
+    raise InvalidArgument(f'{what}: empty stream (expected a header first)') from None
+  if first.WhichOneof('kind') != 'header':
+    raise InvalidArgument(f'{what}: the first message must be a header, got '
+                          f'{first.WhichOneof("kind") or "an empty message"}')
+  commit: list = []
+
+  def chunks():
+    for msg in requests:
+      kind = msg.WhichOneof('kind')
+      if commit:
+        raise InvalidArgument(f'{what}: a message ({kind}) after the commit')
+      if kind == 'chunk':
+        yield msg.chunk
+      elif kind == 'commit':
+        commit.append(msg.commit)
+      else:
+        raise InvalidArgument(f'{what}: unexpected message kind {kind or "(empty)"} after the '
+                              f'header')
+  return first.header, chunks(), commit
+
+
+class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
+  """lamb_sharded.v1.OptimizerService over an Engine."""
+
+  def __init__(self, engine: Engine):
+    self._engine = engine
+
+  def DescribeModel(self, request, context):
+    d = self._engine.describe()
+    cfg = self._engine.config
+    return pb.DescribeModelResponse(
+        initialized=d.initialized, model_id=d.model_id,
+        leaves=[s.to_proto() for s in d.leaves], step=d.step,
+        step_mode=(pb.STEP_MODE_SYNCHRONOUS if cfg.step_mode == 'sync'
+                   else pb.STEP_MODE_ASYNCHRONOUS),
+        num_workers=cfg.num_workers, quorum=cfg.effective_quorum,
+        staleness_bound=cfg.staleness_bound,
+        hyperparameters=pb.LambHyperparameters(
+            learning_rate_schedule=self._engine.schedule_description,
+            learning_rate=d.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+            eps_root=cfg.eps_root, weight_decay=cfg.weight_decay))
+
+  def InitializeModel(self, request_iterator, context):
+    try:
+      d = self._engine.describe()
+      if d.initialized:  # refuse before reading the stream (the engine checks again)
+        raise AlreadyExists(f'the model is already initialised (model_id {d.model_id}, '
+                            f'step {d.step})')
+      header, chunks, commit = _read_stream(request_iterator, 'InitializeModel')
+      specs = wire.specs_from_proto(header.leaves, 'header.leaves')
+      if not specs:
+        raise InvalidArgument('header.leaves is empty')
+      receiver = wire.ChunkReceiver(specs, 'InitializeModel')
+      for chunk in chunks:
+        receiver.add(chunk)
+      buffers = receiver.finish(commit[0] if commit else None)
+      for spec, buf in zip(specs, buffers):
+        if not np.isfinite(buf.sum(dtype=np.float64)):
+          raise InvalidArgument(f'leaf {spec.path} of the initial parameters contains NaN or Inf')
+      model_id = self._engine.initialize(specs, buffers)
+      return pb.InitializeModelResponse(model_id=model_id, step=0)
+    except ServiceError as e:
+      _abort(context, e)
+
+  def PushGradients(self, request_iterator, context):
+    ticket = None
+    try:
+      header, chunks, commit = _read_stream(request_iterator, 'PushGradients')
+      specs = wire.specs_from_proto(header.leaves, 'header.leaves')
+      admitted = self._engine.begin_push(
+          header.worker_id, header.push_id, header.step, header.num_examples, header.model_id,
+          specs, timeout=self._engine.config.admission_timeout_s)
+      if isinstance(admitted, PushResult):  # a retry of an accepted push
+        return self._push_response(admitted)
+      ticket = admitted
+      receiver = wire.ChunkReceiver(
+          specs, f'push of worker {header.worker_id} for step {header.step}',
+          on_leaf_complete=lambda spec, buf: self._engine.check_finite(ticket, spec, buf))
+      for chunk in chunks:
+        receiver.add(chunk)
+      buffers = receiver.finish(commit[0] if commit else None)
+      return self._push_response(self._engine.commit_push(ticket, buffers))
+    except ServiceError as e:
+      _abort(context, e)
+    finally:
+      if ticket is not None:
+        self._engine.release(ticket)
+
+  @staticmethod
+  def _push_response(r: PushResult) -> pb.PushGradientsResponse:
+    return pb.PushGradientsResponse(accepted_step=r.accepted_step, applied=r.applied,
+                                    current_step=r.current_step, duplicate=r.duplicate)
+
+  def PullParameters(self, request, context):
+    try:
+      snap = self._engine.snapshot()
+      if (request.HasField('if_newer_than_step') and request.if_model_id == snap.model_id
+          and snap.step <= request.if_newer_than_step):
+        yield pb.PullParametersResponse(header=pb.PullParametersHeader(
+            model_id=snap.model_id, step=snap.step, not_modified=True))
+        return
+      out_dtype = (None if request.dtype == 0
+                   else wire.numpy_dtype(request.dtype, 'request.dtype'))
+      specs = [wire.LeafSpec(s.path, s.shape, out_dtype or s.dtype) for s in snap.specs]
+      yield pb.PullParametersResponse(header=pb.PullParametersHeader(
+          model_id=snap.model_id, step=snap.step, leaves=[s.to_proto() for s in specs]))
+      arrays = ((s.path, np.asarray(a).astype(s.dtype, copy=False))
+                for s, a in zip(specs, snap.arrays))
+      for msg in wire.chunk_stream(arrays, wire.clamp_chunk_bytes(request.max_chunk_bytes)):
+        if isinstance(msg, wire.tensor_pb2.TensorChunk):
+          yield pb.PullParametersResponse(chunk=msg)
+        else:
+          yield pb.PullParametersResponse(commit=msg)
+    except ServiceError as e:
+      _abort(context, e)
+
+  def WaitForStep(self, request, context):
+    try:
+      timeout = context.time_remaining()
+      if request.HasField('timeout') and request.timeout.ToTimedelta().total_seconds() > 0:
+        t = request.timeout.ToTimedelta().total_seconds()
+        timeout = t if timeout is None else min(t, timeout)
+      current, reached, model_id = self._engine.wait_for_step(request.step, timeout)
+      return pb.WaitForStepResponse(current_step=current, reached=reached, model_id=model_id)
+    except ServiceError as e:
+      _abort(context, e)
+
+
+class RunningServer:
+  """A started server: its port, its engine; `stop()` shuts it down."""
+
+  def __init__(self, server: grpc.Server, engine: Engine, port: int,
+               health_servicer: health.HealthServicer):
+    self.server, self.engine, self.port = server, engine, port
+    self._health = health_servicer
+
+  def stop(self, grace: Optional[float] = None) -> None:
+    self._health.enter_graceful_shutdown()
+    self.server.stop(grace).wait()
+    self.engine.close()
+
+  def wait(self) -> None:
+    self.server.wait_for_termination()
+
+
+def start(config: ServerConfig, engine: Optional[Engine] = None) -> RunningServer:
+  """Starts the server on config.host:config.port (0: ephemeral) and returns at once."""
+  engine = engine or Engine(config)
+  if config.init_params:
+    with np.load(config.init_params) as data:
+      names = list(data.files)
+      arrays = [np.asarray(data[k], np.float32) for k in names]
+    specs = [wire.LeafSpec(k, a.shape, a.dtype) for k, a in zip(names, arrays)]
+    engine.initialize(specs, arrays)
+  server = grpc.server(
+      concurrent.futures.ThreadPoolExecutor(max_workers=config.grpc_threads),
+      options=[('grpc.max_receive_message_length', MAX_RECEIVE_BYTES),
+               ('grpc.max_send_message_length', MAX_RECEIVE_BYTES)])
+  pb_grpc.add_OptimizerServiceServicer_to_server(OptimizerServicer(engine), server)
+  health_servicer = health.HealthServicer()
+  health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+  for name in ('', SERVICE_NAME):
+    health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+  reflection.enable_server_reflection(
+      (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+  port = server.add_insecure_port(f'{config.host}:{config.port}')
+  if port == 0:
+    raise RuntimeError(f'could not bind {config.host}:{config.port}')
+  server.start()
+  log.info('serving %s on %s:%d, mesh of %d devices', SERVICE_NAME, config.host, port,
+           engine.mesh.devices.size)
+  return RunningServer(server, engine, port, health_servicer)
+
+
+def serve_forever(config: ServerConfig) -> int:
+  """Runs until SIGTERM/SIGINT; prints the bound port first (for callers using port 0)."""
+  running = start(config)
+  print(f'lamb-sharded serving on {config.host}:{running.port}', flush=True)
+  stopped = threading.Event()
+
+  def on_signal(signum, frame):
+    del frame
+    log.info('signal %d: shutting down', signum)
+    stopped.set()
+  signal.signal(signal.SIGTERM, on_signal)
+  signal.signal(signal.SIGINT, on_signal)
+  stopped.wait()
+  running.stop(grace=5.0)
+  return 0

@@ -1,0 +1,210 @@
+"""Tensors on the wire: dtypes, chunking, and a validating receiver of chunk streams.
+
+Pure NumPy and the generated messages; no gRPC calls, no JAX. The layout of a
+stream (header specs, chunks in order, a commit with a CRC-32) is documented in
+proto/lamb_sharded/v1/tensor.proto.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Iterable, Iterator, Optional, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from service._gen.lamb_sharded.v1 import tensor_pb2
+from service.errors import InvalidArgument, DataLoss
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_BYTES = 4096
+MAX_CHUNK_BYTES = 3 << 20
+MAX_MESSAGE_BYTES = 4 << 20
+
+_TO_NUMPY = {
+    tensor_pb2.DTYPE_FLOAT32: np.dtype(np.float32),
+    tensor_pb2.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    tensor_pb2.DTYPE_FLOAT16: np.dtype(np.float16),
+}
+_FROM_NUMPY = {v: k for k, v in _TO_NUMPY.items()}
+
+
+def numpy_dtype(dtype: int, what: str) -> np.dtype:
+  """The NumPy dtype of a wire `Dtype`; InvalidArgument naming `what` if none."""
+  try:
+    return _TO_NUMPY[dtype]
+  except KeyError:
+    raise InvalidArgument(f'{what}: unsupported dtype {dtype} '
+                          f'(expected DTYPE_FLOAT32, DTYPE_BFLOAT16 or DTYPE_FLOAT16)') from None
+
+
+def wire_dtype(dtype) -> int:
+  """The wire `Dtype` of a NumPy dtype (float32, bfloat16, float16)."""
+  try:
+    return _FROM_NUMPY[np.dtype(dtype)]
+  except KeyError:
+    raise ValueError(f'dtype {np.dtype(dtype)} cannot travel on the wire '
+                     f'(float32, bfloat16 and float16 can)') from None
+
+
+def clamp_chunk_bytes(requested: int) -> int:
+  return DEFAULT_CHUNK_BYTES if requested <= 0 else min(max(requested, MIN_CHUNK_BYTES),
+                                                        MAX_CHUNK_BYTES)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+  """One leaf: its path, shape and dtype (NumPy)."""
+  path: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+  def to_proto(self) -> tensor_pb2.TensorSpec:
+    return tensor_pb2.TensorSpec(path=self.path, shape=list(self.shape),
+                                 dtype=wire_dtype(self.dtype))
+
+  @staticmethod
+  def from_proto(spec: tensor_pb2.TensorSpec, what: str) -> 'LeafSpec':
+    if not spec.path:
+      raise InvalidArgument(f'{what}: a leaf has an empty path')
+    if any(d < 0 for d in spec.shape):
+      raise InvalidArgument(f'{what}: leaf {spec.path} has a negative dimension '
+                            f'{list(spec.shape)}')
+    dtype = numpy_dtype(spec.dtype, f'{what}: leaf {spec.path}')
+    n = 1
+    for d in spec.shape:
+      n *= d
+      if n * dtype.itemsize > 1 << 40:
+        raise InvalidArgument(f'{what}: leaf {spec.path} declares shape {list(spec.shape)}, '
+                              f'over 1 TiB')
+    return LeafSpec(spec.path, tuple(int(d) for d in spec.shape), dtype)
+
+
+def specs_from_proto(specs: Sequence[tensor_pb2.TensorSpec], what: str) -> list[LeafSpec]:
+  out, seen = [], set()
+  for s in specs:
+    leaf = LeafSpec.from_proto(s, what)
+    if leaf.path in seen:
+      raise InvalidArgument(f'{what}: leaf {leaf.path} appears twice')
+    seen.add(leaf.path)
+    out.append(leaf)
+  return out
+
+
+def chunk_stream(arrays: Iterable[tuple[str, np.ndarray]],
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES
+                 ) -> Iterator[tensor_pb2.TensorChunk | tensor_pb2.StreamCommit]:
+  """Splits arrays into TensorChunks (in order), then yields the StreamCommit.
+
+  Args:
+    arrays: (path, array) pairs, in the order of the stream's header; each
+      array already in its wire dtype.
+    chunk_bytes: the most data bytes per chunk.
+  """
+  seq, total, crc = 0, 0, 0
+  for path, array in arrays:
+    raw = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    for off in range(0, len(raw), chunk_bytes):
+      data = raw[off:off + chunk_bytes].tobytes()
+      crc = zlib.crc32(data, crc)
+      total += len(data)
+      yield tensor_pb2.TensorChunk(path=path, offset=off, data=data, sequence=seq)
+      seq += 1
+  yield tensor_pb2.StreamCommit(chunk_count=seq, total_bytes=total, crc32=crc)
+
+
+class ChunkReceiver:
+  """Checks a stream of chunks against its header and writes them into buffers.
+
+  Each leaf's bytes land in a preallocated array of its wire dtype. Every
+  violation of the stream's rules raises InvalidArgument (DataLoss for a
+  checksum mismatch) naming the leaf or field; `finish` checks the commit.
+  """
+
+  def __init__(self, specs: Sequence[LeafSpec], what: str,
+               on_leaf_complete=None):
+    self._specs = list(specs)
+    self._what = what
+    self._buffers = [np.empty(s.shape, s.dtype) for s in self._specs]
+    self._views = [b.reshape(-1).view(np.uint8) for b in self._buffers]
+    self._leaf = 0
+    self._offset = 0
+    self._seq = 0
+    self._total = 0
+    self._crc = 0
+    self._on_leaf_complete = on_leaf_complete
+    self._skip_empty()
+
+  @property
+  def buffers(self) -> list[np.ndarray]:
+    return self._buffers
+
+  def _skip_empty(self) -> None:
+    while self._leaf < len(self._specs) and self._specs[self._leaf].nbytes == 0:
+      self._complete_leaf()
+
+  def _complete_leaf(self) -> None:
+    if self._on_leaf_complete is not None:
+      self._on_leaf_complete(self._specs[self._leaf], self._buffers[self._leaf])
+    self._leaf += 1
+    self._offset = 0
+
+  def add(self, chunk: tensor_pb2.TensorChunk) -> None:
+    w = self._what
+    if chunk.sequence != self._seq:
+      kind = 'duplicated' if chunk.sequence < self._seq else 'out of order'
+      raise InvalidArgument(f'{w}: chunk of leaf {chunk.path} has sequence {chunk.sequence}, '
+                            f'expected {self._seq} ({kind})')
+    if self._leaf >= len(self._specs):
+      raise InvalidArgument(f'{w}: chunk {chunk.sequence} of leaf {chunk.path} after all '
+                            f'leaves were complete')
+    spec = self._specs[self._leaf]
+    if chunk.path != spec.path:
+      known = any(s.path == chunk.path for s in self._specs)
+      raise InvalidArgument(
+          f'{w}: chunk {chunk.sequence} is for leaf {chunk.path}'
+          f'{"" if known else " (not a leaf of the header)"}, expected leaf {spec.path} '
+          f'at offset {self._offset}')
+    if chunk.offset != self._offset:
+      raise InvalidArgument(f'{w}: chunk {chunk.sequence} of leaf {spec.path} has offset '
+                            f'{chunk.offset}, expected {self._offset}')
+    n = len(chunk.data)
+    if n == 0:
+      raise InvalidArgument(f'{w}: chunk {chunk.sequence} of leaf {spec.path} is empty')
+    if n > MAX_CHUNK_BYTES:
+      raise InvalidArgument(f'{w}: chunk {chunk.sequence} of leaf {spec.path} has {n} bytes, '
+                            f'over {MAX_CHUNK_BYTES}')
+    if self._offset + n > spec.nbytes:
+      raise InvalidArgument(
+          f'{w}: leaf {spec.path} ({spec.dtype.name}{list(spec.shape)}) has {spec.nbytes} bytes, '
+          f'but chunk {chunk.sequence} ends at byte {self._offset + n}')
+    self._views[self._leaf][self._offset:self._offset + n] = np.frombuffer(chunk.data, np.uint8)
+    self._crc = zlib.crc32(chunk.data, self._crc)
+    self._total += n
+    self._offset += n
+    self._seq += 1
+    if self._offset == spec.nbytes:
+      self._complete_leaf()
+      self._skip_empty()
+
+  def finish(self, commit: Optional[tensor_pb2.StreamCommit]) -> list[np.ndarray]:
+    """Checks the commit; returns the buffers, one per leaf, in header order."""
+    w = self._what
+    if commit is None:
+      raise InvalidArgument(f'{w}: the stream ended without a commit')
+    if self._leaf < len(self._specs):
+      spec = self._specs[self._leaf]
+      raise InvalidArgument(f'{w}: leaf {spec.path} is incomplete: got {self._offset} of '
+                            f'{spec.nbytes} bytes before the commit')
+    if commit.chunk_count != self._seq or commit.total_bytes != self._total:
+      raise InvalidArgument(f'{w}: commit says {commit.chunk_count} chunks and '
+                            f'{commit.total_bytes} bytes, received {self._seq} and {self._total}')
+    if commit.crc32 != self._crc:
+      raise DataLoss(f'{w}: CRC-32 mismatch: commit says {commit.crc32:#010x}, '
+                     f'received data has {self._crc:#010x}')
+    return self._buffers
