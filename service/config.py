@@ -36,7 +36,10 @@ class ServerConfig:
   quorum: int = 0  # sync: pushes that make a step after straggler_timeout_s (0: num_workers)
   straggler_timeout_s: float = 0.0  # 0: wait for every worker
   staleness_bound: int = 0  # async: accept gradients of steps >= current - bound
-  max_inflight_pushes: int = 0  # pushes buffered at once (0: num_workers); bounds memory
+  # Pushes being received at once, each into its own staging buffer (the model's size in
+  # the wire dtype): the bound on the server's memory beyond params, moments and the
+  # accumulator. Further pushes wait up to admission_timeout_s for a slot.
+  max_inflight_pushes: int = 2
   admission_timeout_s: float = 30.0  # how long a push waits for a buffer slot
   nonfinite: str = 'reject'  # NaN/Inf in a push: reject it, or skip the step
   # LAMB.
@@ -63,7 +66,7 @@ class ServerConfig:
          f'quorum must be in [0, num_workers={self.num_workers}], got {self.quorum}')
     need(self.straggler_timeout_s >= 0, 'straggler_timeout_s must be >= 0')
     need(self.staleness_bound >= 0, 'staleness_bound must be >= 0')
-    need(self.max_inflight_pushes >= 0, 'max_inflight_pushes must be >= 0')
+    need(self.max_inflight_pushes >= 1, 'max_inflight_pushes must be >= 1')
     need(self.nonfinite in NONFINITE_POLICIES, f'nonfinite must be one of {NONFINITE_POLICIES}')
     need(self.schedule in SCHEDULES, f'schedule must be one of {SCHEDULES}')
     need(self.devices >= 0, 'devices must be >= 0')
@@ -74,9 +77,6 @@ class ServerConfig:
   def effective_quorum(self) -> int:
     return 1 if self.step_mode == 'async' else (self.quorum or self.num_workers)
 
-  @property
-  def effective_max_inflight(self) -> int:
-    return self.max_inflight_pushes or self.num_workers
 
 
 def _flag(name: str) -> str:

@@ -164,7 +164,7 @@ class Engine:
     self._first_push_at: Optional[float] = None
     self._poisoned_by: Optional[str] = None
     self._done: dict[tuple[str, str], tuple[int, PushResult]] = {}
-    self._slots = threading.BoundedSemaphore(config.effective_max_inflight)
+    self._slots = threading.BoundedSemaphore(config.max_inflight_pushes)
     self._closed = False
     self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
     self._watchdog = threading.Thread(target=self._straggler_loop, name='straggler', daemon=True)
@@ -242,7 +242,7 @@ class Engine:
       self._check_leaves(model, wire_specs)
       self._check_step(worker_id, step)
     if not self._slots.acquire(timeout=timeout):
-      raise ResourceExhausted(f'{self.config.effective_max_inflight} pushes are already in '
+      raise ResourceExhausted(f'{self.config.max_inflight_pushes} pushes are already in '
                               f'flight; retry later')
     return PushTicket(worker_id, push_id, step, num_examples, tuple(wire_specs))
 
