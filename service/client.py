@@ -166,10 +166,8 @@ class OptimizerClient:
       wire_dtype: send in this dtype (np.float32, ml_dtypes.bfloat16, np.float16).
     """
     push_id = push_id or uuid.uuid4().hex
-    leaves = [(p, x if wire_dtype is None else x.astype(wire_dtype))
+    leaves = [(p, wire.as_wire_array(x if wire_dtype is None else x.astype(wire_dtype)))
               for p, x in _flatten(grads)]
-    leaves = [(p, x.astype(np.float32) if x.dtype not in wire._FROM_NUMPY else x)
-              for p, x in leaves]
     header = pb.PushGradientsHeader(
         worker_id=worker_id, step=step, num_examples=num_examples, push_id=push_id,
         model_id=model_id, leaves=[wire.LeafSpec(p, x.shape, x.dtype).to_proto()

@@ -165,6 +165,7 @@ class Engine:
     self._poisoned_by: Optional[str] = None
     self._done: dict[tuple[str, str], tuple[int, PushResult]] = {}
     self._slots = threading.BoundedSemaphore(config.max_inflight_pushes)
+    self._in_flight = 0
     self._closed = False
     self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
     self._watchdog = threading.Thread(target=self._straggler_loop, name='straggler', daemon=True)
@@ -244,13 +245,23 @@ class Engine:
     if not self._slots.acquire(timeout=timeout):
       raise ResourceExhausted(f'{self.config.max_inflight_pushes} pushes are already in '
                               f'flight; retry later')
+    with self._cond:
+      self._in_flight += 1
     return PushTicket(worker_id, push_id, step, num_examples, tuple(wire_specs))
 
   def release(self, ticket: PushTicket) -> None:
     """Frees the ticket's slot (call exactly once, whatever happened to the push)."""
     if not ticket._released:
       ticket._released = True
+      with self._cond:
+        self._in_flight -= 1
       self._slots.release()
+
+  @property
+  def pushes_in_flight(self) -> int:
+    """Pushes admitted and not yet committed or dropped (each holds a staging buffer)."""
+    with self._cond:
+      return self._in_flight
 
   def _check_leaves(self, model: _Model, wire_specs: Sequence[LeafSpec]) -> None:
     got = {s.path: s for s in wire_specs}

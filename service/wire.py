@@ -48,6 +48,12 @@ def wire_dtype(dtype) -> int:
                      f'(float32, bfloat16 and float16 can)') from None
 
 
+def as_wire_array(x) -> np.ndarray:
+  """`x` as a NumPy array in a wire dtype (other dtypes become float32)."""
+  x = np.asarray(x)
+  return x if x.dtype in _FROM_NUMPY else x.astype(np.float32)
+
+
 def clamp_chunk_bytes(requested: int) -> int:
   return DEFAULT_CHUNK_BYTES if requested <= 0 else min(max(requested, MIN_CHUNK_BYTES),
                                                         MAX_CHUNK_BYTES)
