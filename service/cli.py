@@ -46,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
   worker.add_argument('--timeout', type=float, default=60.0, help='deadline per call (s)')
   worker.add_argument('--log-level', default='INFO', help='logging level (default INFO)')
 
+  export = sub.add_parser('export', help='write the parameters of a checkpoint to a .npz file')
+  export.add_argument('--checkpoint-dir', required=True, help='the server\'s checkpoint directory')
+  export.add_argument('--step', type=int, default=None, help='which step (default: the newest)')
+  export.add_argument('--out', required=True, help='the .npz file to write (keys: leaf paths)')
+
+  ckpt = sub.add_parser('checkpoint', help='save a checkpoint now, or list them (via a server)')
+  ckpt.add_argument('action', choices=('save', 'list'))
+  ckpt.add_argument('--server', required=True, help='host:port of the server')
+  ckpt.add_argument('--wait', action='store_true', help='save: return once written')
+
   demo = sub.add_parser('demo', help='train a small model with sharded LAMB on simulated devices')
   demo.add_argument('--devices', type=int, default=8, help='simulated CPU devices (default 8)')
   demo.add_argument('--steps', type=int, default=200, help='training steps (default 200)')
@@ -69,6 +79,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return worker.run(args.server, args.worker_index, args.num_workers, args.steps,
                       args.batch_size, model=args.model, seed=args.seed, init=args.init,
                       timeout=args.timeout)
+  if args.command == 'export':
+    from service.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+    step, params = Checkpointer(args.checkpoint_dir).load_params(args.step)
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    np.savez(args.out, **params)
+    print(f'wrote {len(params)} leaves of step {step} to {args.out}')
+    return 0
+  if args.command == 'checkpoint':
+    from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
+    with OptimizerClient(args.server) as client:
+      if args.action == 'save':
+        step, path = client.save_checkpoint(wait=args.wait)
+        print(f'checkpoint of step {step}: {path}')
+      else:
+        for c in client.list_checkpoints():
+          print(f'{c.step:>8}  {"complete" if c.complete else "writing "}  '
+                f'{c.size_bytes / 2**20:10.1f} MiB  {c.path}')
+    return 0
   if args.command == 'demo':
     _set_cpu_devices(args.devices)
     from service import demo  # pylint: disable=import-outside-toplevel

@@ -227,6 +227,16 @@ class OptimizerClient:
     return Pulled(header.model_id, header.step,
                   jax.tree_util.tree_unflatten(treedef, [by_path[p] for p in paths]))
 
+  def save_checkpoint(self, wait: bool = False) -> tuple[int, str]:
+    """Asks the server to checkpoint its current step now; returns (step, path)."""
+    r = self._stub.SaveCheckpoint(pb.SaveCheckpointRequest(wait=wait), timeout=self.timeout)
+    return r.step, r.path
+
+  def list_checkpoints(self) -> list:
+    """The server's checkpoints (CheckpointInfo messages), in ascending step order."""
+    return list(self._stub.ListCheckpoints(pb.ListCheckpointsRequest(),
+                                           timeout=self.timeout).checkpoints)
+
   def wait_for_step(self, step: int, timeout: float = 300.0) -> tuple[int, bool]:
     """Blocks (server side, no polling) until the server's step is >= `step`."""
     request = pb.WaitForStepRequest(step=step)

@@ -24,8 +24,13 @@ class ServerConfig:
   host: str = '0.0.0.0'
   port: int = 50051  # 0: an ephemeral port, printed on start
   grpc_threads: int = 32
-  # Where checkpoints go (used by the checkpointing feature).
+  # Checkpoints (Orbax): where, how often (by steps and/or seconds), how many to keep.
   checkpoint_dir: Optional[str] = None
+  checkpoint_every_steps: int = 100  # 0: not by steps
+  checkpoint_every_seconds: float = 600.0  # 0: not by time
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  shutdown_grace_s: float = 30.0  # on SIGTERM: how long pushes in flight may finish
   # A .npz file of initial parameters (keys: leaf paths); else InitializeModel.
   init_params: Optional[str] = None
   # The mesh: 0 for every local device.
@@ -71,12 +76,24 @@ class ServerConfig:
     need(self.schedule in SCHEDULES, f'schedule must be one of {SCHEDULES}')
     need(self.devices >= 0, 'devices must be >= 0')
     need(self.learning_rate >= 0, 'learning_rate must be >= 0')
+    need(self.keep_checkpoints >= 1, 'keep_checkpoints must be >= 1')
+    need(self.checkpoint_every_steps >= 0 and self.checkpoint_every_seconds >= 0,
+         'checkpoint_every_steps and checkpoint_every_seconds must be >= 0')
     return self
 
   @property
   def effective_quorum(self) -> int:
     return 1 if self.step_mode == 'async' else (self.quorum or self.num_workers)
 
+
+
+def _boolean(text: str) -> bool:
+  value = text.strip().lower()
+  if value in ('1', 'true', 'yes', 'on'):
+    return True
+  if value in ('0', 'false', 'no', 'off'):
+    return False
+  raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
 
 
 def _flag(name: str) -> str:
@@ -91,7 +108,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
                                   help=f'(default: {f.default})')
-    if 'int' in kind:
+    if 'bool' in kind:
+      kwargs['type'] = _boolean
+    elif 'int' in kind:
       kwargs['type'] = int
     elif 'float' in kind:
       kwargs['type'] = float

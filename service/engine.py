@@ -30,9 +30,10 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import lamb_sharded
+from service.checkpoint import Checkpointer, CheckpointInfo, IncompatibleCheckpoint
 from service.config import ServerConfig
 from service.errors import (Aborted, AlreadyExists, FailedPrecondition, InvalidArgument,
-                            ResourceExhausted)
+                            ResourceExhausted, Unavailable)
 from service.wire import LeafSpec
 
 log = logging.getLogger(__name__)
@@ -109,17 +110,17 @@ class Snapshot:
 
 
 class _Model:
-  """Everything that exists once the model is initialised."""
+  """Everything that exists once the model is initialised: its state on the mesh."""
 
-  def __init__(self, config: ServerConfig, mesh, specs: Sequence[LeafSpec],
-               host_params: Sequence[np.ndarray]):
+  def __init__(self, config: ServerConfig, mesh, specs: Sequence[LeafSpec]):
     self.specs = tuple(specs)
     self.paths = {s.path: i for i, s in enumerate(specs)}
     self.pspecs = [partition_spec(s.shape, mesh.devices.size) for s in specs]
     self.shardings = [NamedSharding(mesh, p) for p in self.pspecs]
+    self.replicated = NamedSharding(mesh, P())
     self.tx = make_optimizer(config, mesh, self.pspecs)
-    self.params = [_to_mesh(x, sh) for x, sh in zip(host_params, self.shardings)]
-    self.opt_state = jax.jit(self.tx.init)(self.params)
+    self.params: list[jax.Array] = []
+    self.opt_state = None
     self.acc = self._zeros()
     self.weight = 0  # examples accumulated into acc
 
@@ -135,8 +136,38 @@ class _Model:
     # Params are not donated: pulls in flight keep reading the previous step's arrays.
     self.apply = jax.jit(apply, donate_argnums=(1, 2))
 
+  @classmethod
+  def from_host(cls, config, mesh, specs, host_params) -> '_Model':
+    model = cls(config, mesh, specs)
+    model.params = [_to_mesh(x, sh) for x, sh in zip(host_params, model.shardings)]
+    model.opt_state = jax.jit(model.tx.init)(model.params)
+    return model
+
+  def abstract_state(self) -> dict:
+    """The checkpointed state as ShapeDtypeStructs with this mesh's shardings."""
+    params = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+              for s, sh in zip(self.specs, self.shardings)]
+    shapes = jax.eval_shape(self.tx.init, params)
+    opt_state = optax.tree.map_params(
+        self.tx, lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes,
+        self.shardings,
+        transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                            sharding=self.replicated))
+    return {'params': params, 'opt_state': opt_state}
+
+  def state(self) -> dict:
+    return {'params': self.params, 'opt_state': self.opt_state}
+
   def _zeros(self):
     return [jnp.zeros(s.shape, jnp.float32, device=sh) for s, sh in zip(self.specs, self.shardings)]
+
+
+def specs_to_meta(specs: Sequence[LeafSpec]) -> list[dict]:
+  return [{'path': s.path, 'shape': list(s.shape), 'dtype': s.dtype.name} for s in specs]
+
+
+def specs_from_meta(leaves: list[dict]) -> list[LeafSpec]:
+  return [LeafSpec(x['path'], tuple(x['shape']), np.dtype(x['dtype'])) for x in leaves]
 
 
 def _to_mesh(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -147,8 +178,11 @@ def _to_mesh(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
 class Engine:
   """The optimizer's state machine. Thread-safe; every public method may block briefly."""
 
-  def __init__(self, config: ServerConfig, devices: Optional[Sequence[jax.Device]] = None):
+  def __init__(self, config: ServerConfig, devices: Optional[Sequence[jax.Device]] = None,
+               checkpointer: Optional[Checkpointer] = None):
     self.config = config
+    self._checkpointer = checkpointer
+    self._draining = False
     devices = list(devices if devices is not None else jax.local_devices())
     if config.devices:
       if config.devices > len(devices):
@@ -206,9 +240,10 @@ class Engine:
       if self._model is not None:
         raise AlreadyExists(f'the model is already initialised (model_id {self._model_id}, '
                             f'step {self._step})')
-      self._model = _Model(self.config, self.mesh, specs, host_params)
+      self._model = _Model.from_host(self.config, self.mesh, specs, host_params)
       self._model_id = uuid.uuid4().hex
       self._step = 0
+      self._save_locked(force=True)  # the initial params are state too
       log.info('model initialised: %d leaves, %d parameters, model_id %s', len(specs),
                sum(math.prod(s.shape) for s in specs), self._model_id)
       self._cond.notify_all()
@@ -233,6 +268,8 @@ class Engine:
     if num_examples <= 0:
       raise InvalidArgument(f'header.num_examples must be > 0, got {num_examples}')
     with self._cond:
+      if self._draining:
+        raise Unavailable('the server is shutting down; retry against its successor')
       model = self._require_model()
       if model_id and model_id != self._model_id:
         raise FailedPrecondition(f'header.model_id {model_id} is not the server\'s model '
@@ -255,6 +292,7 @@ class Engine:
       ticket._released = True
       with self._cond:
         self._in_flight -= 1
+        self._cond.notify_all()
       self._slots.release()
 
   @property
@@ -349,6 +387,7 @@ class Engine:
     self._poisoned_by = None
     horizon = self._step - self.config.staleness_bound - 2
     self._done = {k: v for k, v in self._done.items() if v[0] >= horizon}
+    self._save_locked(force=False)
     self._cond.notify_all()
 
   def _straggler_loop(self) -> None:
@@ -373,7 +412,96 @@ class Engine:
         else:
           self._cond.wait(1.0)
 
+  # ------------------------------------------------------------------ checkpoints
+
+  def _meta(self) -> dict:
+    cfg = self.config
+    return {'leaves': specs_to_meta(self._model.specs),
+            'hyperparameters': {k: getattr(cfg, k) for k in (
+                'learning_rate', 'schedule', 'warmup_steps', 'decay_steps', 'end_learning_rate',
+                'b1', 'b2', 'eps', 'eps_root', 'weight_decay', 'max_grad_norm')}}
+
+  def _save_locked(self, force: bool) -> bool:
+    if self._checkpointer is None or self._model is None:
+      return False
+    t0 = time.monotonic()
+    saved = self._checkpointer.save(self._step, self._model.state(), self._meta(), force=force)
+    if saved:
+      self.stats['checkpoint_blocking_s'] = time.monotonic() - t0
+      log.info('checkpoint of step %d started (step loop blocked %.3fs)', self._step,
+               time.monotonic() - t0)
+    return saved
+
+  def restore(self) -> bool:
+    """Restores the newest readable checkpoint onto this mesh; False if there is none."""
+    if self._checkpointer is None:
+      return False
+
+    def target_for(meta):
+      specs = specs_from_meta(meta['leaves'])
+      return _Model(self.config, self.mesh, specs).abstract_state()
+
+    found = self._checkpointer.restore_latest(target_for)
+    if found is None:
+      return False
+    step, state, meta = found
+    with self._cond:
+      model = _Model(self.config, self.mesh, specs_from_meta(meta['leaves']))
+      model.params, model.opt_state = list(state['params']), state['opt_state']
+      self._model, self._step, self._model_id = model, step, uuid.uuid4().hex
+      self._cond.notify_all()
+    log.info('restored step %d from %s (%d leaves), model_id %s', step,
+             self._checkpointer.path(step), len(model.specs), self._model_id)
+    return True
+
+  def check_same_model(self, specs: Sequence[LeafSpec]) -> None:
+    """Raises IncompatibleCheckpoint if `specs` are not the restored model's leaves."""
+    have = {s.path: s for s in self._model.specs}
+    for s in specs:
+      if s.path not in have:
+        raise IncompatibleCheckpoint(f'the checkpoint has no leaf {s.path}')
+      if have[s.path].shape != s.shape:
+        raise IncompatibleCheckpoint(f'leaf {s.path} has shape {list(have[s.path].shape)} in '
+                                     f'the checkpoint, {list(s.shape)} here')
+    extra = set(have) - {s.path for s in specs}
+    if extra:
+      raise IncompatibleCheckpoint(f'the checkpoint has leaf {sorted(extra)[0]} that is not here')
+
+  def save_now(self, wait: bool) -> tuple[int, str]:
+    """Checkpoints the current step now (unless it is already saved)."""
+    if self._checkpointer is None:
+      raise FailedPrecondition('the server has no --checkpoint-dir')
+    with self._cond:
+      self._require_model()
+      self._save_locked(force=True)
+      step = self._step
+    if wait:
+      self._checkpointer.wait()
+    return step, self._checkpointer.path(step)
+
+  def list_checkpoints(self) -> list[CheckpointInfo]:
+    if self._checkpointer is None:
+      raise FailedPrecondition('the server has no --checkpoint-dir')
+    return self._checkpointer.list()
+
+  def shutdown(self, grace: float) -> None:
+    """Stops admitting pushes, lets those in flight finish (up to `grace` s), saves, waits."""
+    with self._cond:
+      self._draining = True
+      self._cond.wait_for(lambda: self._in_flight == 0, grace)
+      if self._in_flight:
+        log.warning('%d pushes still in flight after %.1fs; not waiting for them',
+                    self._in_flight, grace)
+      saved = self._save_locked(force=True)
+    if self._checkpointer is not None:
+      self._checkpointer.wait()
+      if saved or self._model is not None:
+        log.info('final checkpoint of step %d written', self._step)
+    self.close()
+
   def close(self) -> None:
     with self._cond:
       self._closed = True
       self._cond.notify_all()
+    if self._checkpointer is not None:
+      self._checkpointer.close()

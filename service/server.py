@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from service import wire
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
+from service.checkpoint import Checkpointer
 from service.config import ServerConfig
 from service.engine import Engine, PushResult
 from service.errors import AlreadyExists, InvalidArgument, ServiceError
@@ -156,6 +157,22 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
     except ServiceError as e:
       _abort(context, e)
 
+  def SaveCheckpoint(self, request, context):
+    try:
+      step, path = self._engine.save_now(wait=request.wait)
+      return pb.SaveCheckpointResponse(step=step, path=path)
+    except ServiceError as e:
+      _abort(context, e)
+
+  def ListCheckpoints(self, request, context):
+    try:
+      return pb.ListCheckpointsResponse(checkpoints=[
+          pb.CheckpointInfo(step=c.step, path=c.path, complete=c.complete,
+                            size_bytes=c.size_bytes)
+          for c in self._engine.list_checkpoints()])
+    except ServiceError as e:
+      _abort(context, e)
+
   def WaitForStep(self, request, context):
     try:
       timeout = context.time_remaining()
@@ -177,9 +194,10 @@ class RunningServer:
     self._health = health_servicer
 
   def stop(self, grace: Optional[float] = None) -> None:
+    """Graceful: not serving any more, pushes in flight finish, final checkpoint, stop."""
     self._health.enter_graceful_shutdown()
+    self.engine.shutdown(self.engine.config.shutdown_grace_s if grace is None else grace)
     self.server.stop(grace).wait()
-    self.engine.close()
 
   def wait(self) -> None:
     self.server.wait_for_termination()
@@ -187,13 +205,22 @@ class RunningServer:
 
 def start(config: ServerConfig, engine: Optional[Engine] = None) -> RunningServer:
   """Starts the server on config.host:config.port (0: ephemeral) and returns at once."""
-  engine = engine or Engine(config)
+  if engine is None:
+    checkpointer = None
+    if config.checkpoint_dir:
+      checkpointer = Checkpointer(
+          config.checkpoint_dir, every_steps=config.checkpoint_every_steps,
+          every_seconds=config.checkpoint_every_seconds, keep=config.keep_checkpoints,
+          asynchronous=config.async_checkpoints)
+    engine = Engine(config, checkpointer=checkpointer)
+  restored = engine.restore()
   if config.init_params:
-    with np.load(config.init_params) as data:
-      names = list(data.files)
-      arrays = [np.asarray(data[k], np.float32) for k in names]
-    specs = [wire.LeafSpec(k, a.shape, a.dtype) for k, a in zip(names, arrays)]
-    engine.initialize(specs, arrays)
+    specs, arrays = load_params_file(config.init_params)
+    if restored:  # resume: the checkpoint wins, if it is of the same model
+      engine.check_same_model(specs)
+      log.info('resuming from the checkpoint; --init-params %s not used', config.init_params)
+    else:
+      engine.initialize(specs, arrays)
   server = grpc.server(
       concurrent.futures.ThreadPoolExecutor(max_workers=config.grpc_threads),
       options=[('grpc.max_receive_message_length', MAX_RECEIVE_BYTES),
@@ -214,6 +241,14 @@ def start(config: ServerConfig, engine: Optional[Engine] = None) -> RunningServe
   return RunningServer(server, engine, port, health_servicer)
 
 
+def load_params_file(path: str) -> tuple[list[wire.LeafSpec], list[np.ndarray]]:
+  """Leaves of a .npz file (keys: leaf paths, in the file's order) as float32."""
+  with np.load(path) as data:
+    names = list(data.files)
+    arrays = [np.asarray(data[k], np.float32) for k in names]
+  return [wire.LeafSpec(k, a.shape, a.dtype) for k, a in zip(names, arrays)], arrays
+
+
 def serve_forever(config: ServerConfig) -> int:
   """Runs until SIGTERM/SIGINT; prints the bound port first (for callers using port 0)."""
   running = start(config)
@@ -227,5 +262,5 @@ def serve_forever(config: ServerConfig) -> int:
   signal.signal(signal.SIGTERM, on_signal)
   signal.signal(signal.SIGINT, on_signal)
   stopped.wait()
-  running.stop(grace=5.0)
+  running.stop()
   return 0

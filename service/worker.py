@@ -9,6 +9,7 @@ its step was applied meanwhile (a straggler) is dropped; the worker pulls again.
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import grpc
 import jax
@@ -28,38 +29,72 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
   m = MODELS[model](seed=seed)
   worker_id = f'worker-{worker_index}'
   grad_fn = m.grad_fn()
-  with OptimizerClient(server, timeout=timeout) as client:
-    info = client.describe(wait_for_ready=True, timeout=connect_timeout)
-    if not info.initialized:
-      if init:
-        try:
-          client.initialize(m.init(seed))
-          log.info('%s initialised the model', worker_id)
-        except grpc.RpcError as e:
-          if e.code() != grpc.StatusCode.ALREADY_EXISTS:
-            raise
-      client.wait_for_step(0, timeout=connect_timeout)
-    template = m.init(seed)
-    while True:
-      pulled = client.pull(like=template)
-      if pulled.step >= steps:
-        break
-      x, y = m.batch(pulled.step, worker_index, batch_size)
-      loss, grads = grad_fn(pulled.params, x, y)
+  template = m.init(seed)
+
+  def ensure_model():
+    """Waits for the server to have a model; with --init, gives it one if it has none."""
+    if client.describe(wait_for_ready=True, timeout=connect_timeout).initialized:
+      return
+    if init:
       try:
+        client.initialize(template)
+        log.info('%s initialised the model', worker_id)
+      except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.ALREADY_EXISTS:
+          raise
+    client.wait_for_step(0, timeout=connect_timeout)
+
+  with OptimizerClient(server, timeout=timeout) as client:
+    while True:
+      step = None
+      try:
+        ensure_model()
+        pulled = client.pull(like=template)
+        step = pulled.step
+        if pulled.step >= steps:
+          break
+        x, y = m.batch(pulled.step, worker_index, batch_size)
+        loss, grads = grad_fn(pulled.params, x, y)
         r = client.push(pulled.step, jax_to_numpy(grads), batch_size, worker_id,
                         model_id=pulled.model_id)
+        log.info('%s step %d loss %.5f', worker_id, pulled.step, float(loss))
+        if not r.applied:
+          client.wait_for_step(r.accepted_step + 1, timeout=timeout)
       except grpc.RpcError as e:
-        if e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.ALREADY_EXISTS):
-          log.info('%s: push for step %d refused (%s); pulling again', worker_id, pulled.step,
-                   e.details())
-          client.wait_for_step(pulled.step + 1, timeout=timeout)
-          continue
-        raise
-      log.info('%s step %d loss %.5f', worker_id, pulled.step, float(loss))
-      if not r.applied:
-        client.wait_for_step(r.accepted_step + 1, timeout=timeout)
+        _recover(client, e, worker_id, step, connect_timeout)
   return 0
+
+
+_RECOVERABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.ABORTED, grpc.StatusCode.ALREADY_EXISTS)
+
+
+def _recover(client: OptimizerClient, error: grpc.RpcError, worker_id: str,
+             step: Optional[int], connect_timeout: float) -> None:
+  """What a worker does about a refused or failed call before it pulls again.
+
+  ABORTED: the step moved on without this push (a straggler). ALREADY_EXISTS:
+  this worker's push for the step is already in: wait for the step to complete.
+  FAILED_PRECONDITION: the server restarted from a checkpoint (another model_id,
+  another step) or has no model (the loop then waits for one, or with --init,
+  gives it the initial params again: with no checkpoint to restore, the run
+  starts over from the same deterministic start). UNAVAILABLE: the server is
+  down or restarting: wait (gRPC's wait_for_ready, no polling) until it is back. In
+  every case the worker then pulls the server's current step and computes that
+  step's gradients again -- data is deterministic by step, so nothing is lost.
+  """
+  code = error.code()
+  log.info('%s: %s (%s); pulling again', worker_id, code.name, error.details())
+  if code not in _RECOVERABLE:
+    raise error
+  try:
+    if code == grpc.StatusCode.UNAVAILABLE:
+      client.describe(wait_for_ready=True, timeout=connect_timeout)
+    elif code == grpc.StatusCode.ALREADY_EXISTS and step is not None:
+      client.wait_for_step(step + 1, timeout=connect_timeout)
+  except grpc.RpcError as again:  # the server went away again meanwhile: start over
+    if again.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+      raise
 
 
 def jax_to_numpy(tree):

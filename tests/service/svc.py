@@ -97,3 +97,55 @@ def start_server_process(*flags, env=None):
     proc.kill()
     raise RuntimeError(f'server did not start: {line!r} {proc.stderr.read()}')
   return proc, int(m.group(1))
+
+
+def flags(d: dict) -> list[str]:
+  """{'learning_rate': 0.1} -> ['--learning-rate', '0.1']."""
+  return [x for k, v in d.items() for x in (f'--{k.replace("_", "-")}', str(v))]
+
+
+def local_reference(steps: int, batch: dict, lamb_flags: dict, seed: int = 0):
+  """What `lamb-sharded worker`s training Regression through a server must end with.
+
+  lamb_sharded on one device, fed the example-weighted mean of the gradients
+  each worker computes on its deterministic batch of every step.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from service.config import ServerConfig  # pylint: disable=import-outside-toplevel
+  from service.engine import make_optimizer  # pylint: disable=import-outside-toplevel
+  from service.models import Regression  # pylint: disable=import-outside-toplevel
+  model = Regression(seed=seed)
+  tx = make_optimizer(ServerConfig(**lamb_flags), None, None)
+  params = jax.tree.map(np.asarray, model.init(seed))
+  state = tx.init(params)
+  grad_fn = model.grad_fn()
+  total = sum(batch.values())
+  for step in range(steps):
+    acc = None
+    for w, n in batch.items():
+      x, y = model.batch(step, w, n)
+      _, g = grad_fn(params, x, y)
+      g = jax.tree.map(lambda v, n=n: n * v, g)
+      acc = g if acc is None else jax.tree.map(lambda a, b: a + b, acc, g)
+    mean = jax.tree.map(lambda a: a * np.float32(1 / total), acc)
+    updates, state = tx.update(mean, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def free_port() -> int:
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def start_workers(port: int, batch: dict, steps: int, extra=()):
+  """One `lamb-sharded worker` process per entry of batch {index: batch size}."""
+  return [subprocess.Popen(
+      [sys.executable, '-m', 'service.cli', 'worker', '--server', f'127.0.0.1:{port}',
+       '--worker-index', str(w), '--num-workers', str(len(batch)), '--steps', str(steps),
+       '--batch-size', str(n), '--log-level', 'WARNING', *extra] + (['--init'] if w == 0 else []),
+      cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT},
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for w, n in batch.items()]

@@ -6,13 +6,10 @@ import sys
 
 import jax
 import numpy as np
-import optax
 
 from service.client import OptimizerClient
-from service.config import ServerConfig
-from service.engine import make_optimizer
 from service.models import Regression
-from svc import ROOT, start_server_process
+from svc import ROOT, flags, local_reference, start_server_process
 
 STEPS = 20
 BATCH = {0: 16, 1: 32, 2: 48}  # unequal, so the mean must be example-weighted
@@ -20,34 +17,9 @@ LAMB_FLAGS = dict(learning_rate=0.02, schedule='warmup_cosine', warmup_steps=4, 
                   weight_decay=0.01)
 
 
-def _flags(d):
-  return [x for k, v in d.items() for x in (f'--{k.replace("_", "-")}', str(v))]
-
-
-def _local_reference():
-  """lamb_sharded on one device, fed the example-weighted mean of the workers' gradients."""
-  model = Regression(seed=0)
-  tx = make_optimizer(ServerConfig(**LAMB_FLAGS), None, None)
-  params = jax.tree.map(np.asarray, model.init(0))
-  state = tx.init(params)
-  grad_fn = model.grad_fn()
-  for step in range(STEPS):
-    acc = None
-    for w, n in BATCH.items():
-      x, y = model.batch(step, w, n)
-      _, g = grad_fn(params, x, y)
-      acc = jax.tree.map(lambda a, b, n=n: n * b if a is None else a + n * b,
-                         acc if acc is not None else jax.tree.map(lambda _: None, g), g,
-                         is_leaf=lambda v: v is None)
-    mean = jax.tree.map(lambda a: a * np.float32(1 / sum(BATCH.values())), acc)
-    updates, state = tx.update(mean, state, params)
-    params = optax.apply_updates(params, updates)
-  return params
-
-
 def test_three_worker_processes_train_like_local_lamb():
   server, port = start_server_process('--devices', '8', '--num-workers', '3',
-                                      *_flags(LAMB_FLAGS))
+                                      *flags(LAMB_FLAGS))
   workers = []
   try:
     for w, n in BATCH.items():
@@ -63,7 +35,7 @@ def test_three_worker_processes_train_like_local_lamb():
     with OptimizerClient(f'127.0.0.1:{port}') as client:
       pulled = client.pull(like=Regression(seed=0).init(0))
     assert pulled.step == STEPS
-    want = _local_reference()
+    want = local_reference(STEPS, BATCH, LAMB_FLAGS)
     for (path, got), w in zip(jax.tree_util.tree_flatten_with_path(pulled.params)[0],
                               jax.tree.leaves(want)):
       scale = float(np.max(np.abs(w)))

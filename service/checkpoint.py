@@ -1,0 +1,169 @@
+"""Checkpoints of the server's state with Orbax: atomic, asynchronous, keep the last K.
+
+A thin layer over `orbax.checkpoint.CheckpointManager`. Each checkpoint is one
+step directory holding two items: `state` (the params and the LAMB state, as
+sharded arrays, restored straight onto whatever mesh the restoring server has)
+and `meta` (JSON: the step, the model's leaves, the hyperparameters). Orbax
+writes a step into a temporary directory and renames it when complete, so a
+crash at any moment -- in the middle of an asynchronous save too -- never
+leaves a directory that is then restored as if it were complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+class IncompatibleCheckpoint(ValueError):
+  """A checkpoint that does not fit the model it would be restored into."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+  step: int
+  path: str
+  complete: bool
+  size_bytes: int
+
+
+def _dir_size(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    for f in files:
+      try:
+        total += os.path.getsize(os.path.join(root, f))
+      except OSError:
+        pass
+  return total
+
+
+class Checkpointer:
+  """Saves and restores {'params', 'opt_state'} + JSON metadata, by step."""
+
+  def __init__(self, directory: str, *, every_steps: int = 0, every_seconds: float = 0.0,
+               keep: int = 3, asynchronous: bool = True):
+    """Args:
+      directory: where the step directories go (created if missing).
+      every_steps: save when step % every_steps == 0 (0: not by steps).
+      every_seconds: save when this long has passed since the last save (0: not by time).
+      keep: how many checkpoints to keep (the newest).
+      asynchronous: write in the background (the step loop is blocked only for
+        the copy of the arrays to host memory).
+    """
+    self.directory = os.path.abspath(directory)
+    policies = []
+    if every_steps > 0:
+      policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(every_steps))
+    if every_seconds > 0:
+      policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
+          minimum_interval_secs=every_seconds))
+    # With no policy, only forced saves (save now, final save on shutdown) happen.
+    policy = ocp.checkpoint_managers.AnySavePolicy(policies) if policies else \
+        ocp.checkpoint_managers.SpecificStepsPolicy(())
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_decision_policy=policy,
+            enable_async_checkpointing=asynchronous, create=True,
+            cleanup_tmp_directories=True))
+
+  def steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    """Saves `step` if the policy says so (always with `force`, unless it exists)."""
+    if step in self._manager.all_steps():
+      return False
+    meta = {'format': FORMAT, 'step': step, **meta}
+    return self._manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave(meta)), force=force)
+
+  def is_saving(self) -> bool:
+    return self._manager.is_saving_in_progress()
+
+  def wait(self) -> None:
+    """Blocks until the asynchronous save in progress (if any) is on disk."""
+    self._manager.wait_until_finished()
+
+  def read_meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def restore_latest(self, target_for: Callable[[dict], Any]
+                     ) -> Optional[tuple[int, Any, dict]]:
+    """Restores the newest readable checkpoint: (step, state, meta), or None if none.
+
+    Args:
+      target_for: meta -> the abstract target (`jax.ShapeDtypeStruct`s with the
+        shardings to restore onto). It raises IncompatibleCheckpoint when the
+        checkpoint does not fit; that error propagates (nothing is loaded).
+
+    A checkpoint that cannot be read (truncated, corrupted) is skipped with a
+    warning in the log, falling back to the previous one.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        meta = self.read_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning('checkpoint %d in %s is unreadable (%s: %s); falling back to the previous '
+                    'one', step, self.directory, type(e).__name__, e)
+        continue
+      target = target_for(meta)
+      try:
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning('checkpoint %d in %s is unreadable (%s: %s); falling back to the previous '
+                    'one', step, self.directory, type(e).__name__, e)
+        continue
+      return step, restored.state, meta
+    return None
+
+  def load_params(self, step: Optional[int] = None) -> tuple[int, dict[str, np.ndarray]]:
+    """The parameters of a checkpoint (default: the newest) as host arrays by leaf path."""
+    steps = self.steps()
+    if not steps:
+      raise FileNotFoundError(f'no complete checkpoint in {self.directory}')
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f'no complete checkpoint of step {step} in {self.directory} '
+                              f'(there are: {steps})')
+    meta = self.read_meta(step)
+    tree = self._manager.item_metadata(step)['state'].tree
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
+    state = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    return step, {leaf['path']: np.asarray(a)
+                  for leaf, a in zip(meta['leaves'], state['params'])}
+
+  def list(self) -> list[CheckpointInfo]:
+    """The complete checkpoints, and step directories still being written."""
+    complete = set(self._manager.all_steps())
+    out = []
+    for name in sorted(os.listdir(self.directory)):
+      head = name.split('.', 1)[0]
+      if not head.isdigit():
+        continue
+      path = os.path.join(self.directory, name)
+      step = int(head)
+      out.append(CheckpointInfo(step, path, step in complete and name == head, _dir_size(path)))
+    return sorted(out, key=lambda c: (c.step, not c.complete))
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def close(self) -> None:
+    self._manager.close()
