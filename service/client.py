@@ -141,14 +141,11 @@ class OptimizerClient:
     """Uploads the initial parameters (float32); returns the model_id."""
     leaves = [(p, np.asarray(x, np.float32)) for p, x in _flatten(params)]
 
+    header = pb.InitializeModelHeader(
+        leaves=[wire.LeafSpec(p, x.shape, x.dtype).to_proto() for p, x in leaves])
     def requests():
-      yield pb.InitializeModelRequest(header=pb.InitializeModelHeader(
-          leaves=[wire.LeafSpec(p, x.shape, x.dtype).to_proto() for p, x in leaves]))
-      for msg in wire.chunk_stream(leaves, self.chunk_bytes):
-        if isinstance(msg, wire.tensor_pb2.TensorChunk):
-          yield pb.InitializeModelRequest(chunk=msg)
-        else:
-          yield pb.InitializeModelRequest(commit=msg)
+      yield pb.InitializeModelRequest(header=header)
+      yield from wire.chunk_messages(pb.InitializeModelRequest, leaves, self.chunk_bytes)
     return self._stub.InitializeModel(requests(), timeout=self.timeout).model_id
 
   def push(self, step: int, grads, num_examples: int, worker_id: str, *,
@@ -175,11 +172,7 @@ class OptimizerClient:
 
     def requests():
       yield pb.PushGradientsRequest(header=header)
-      for msg in wire.chunk_stream(leaves, self.chunk_bytes):
-        if isinstance(msg, wire.tensor_pb2.TensorChunk):
-          yield pb.PushGradientsRequest(chunk=msg)
-        else:
-          yield pb.PushGradientsRequest(commit=msg)
+      yield from wire.chunk_messages(pb.PushGradientsRequest, leaves, self.chunk_bytes)
 
     r = self._retrying(lambda: self._stub.PushGradients(requests(), timeout=self.timeout))
     return PushResult(r.accepted_step, r.applied, r.current_step, r.duplicate)

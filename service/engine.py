@@ -126,21 +126,27 @@ class _Model:
 
     def accumulate(acc, grads, weight):
       return [a + weight * g.astype(jnp.float32) for a, g in zip(acc, grads)]
-    self.accumulate = jax.jit(accumulate, donate_argnums=0)
 
     def apply(params, opt_state, acc, inv_weight):
       grads = [(a * inv_weight).astype(p.dtype) for a, p in zip(acc, params)]
       updates, opt_state = self.tx.update(grads, opt_state, params)
-      new_acc = [jnp.zeros_like(a) for a in acc]
-      return optax.apply_updates(params, updates), opt_state, new_acc
+      fresh = [jax.lax.with_sharding_constraint(jnp.zeros_like(a), sh)
+               for a, sh in zip(acc, self.shardings)]
+      return optax.apply_updates(params, updates), opt_state, fresh
     # Params are not donated: pulls in flight keep reading the previous step's arrays.
+    # The fresh accumulator is pinned to the mesh shardings: a bare `zeros_like`
+    # comes back replicated on every device.
     self.apply = jax.jit(apply, donate_argnums=(1, 2))
+    self.accumulate = jax.jit(accumulate, donate_argnums=0)
 
   @classmethod
   def from_host(cls, config, mesh, specs, host_params) -> '_Model':
     model = cls(config, mesh, specs)
     model.params = [_to_mesh(x, sh) for x, sh in zip(host_params, model.shardings)]
-    model.opt_state = jax.jit(model.tx.init)(model.params)
+    # Step counters on the mesh too (replicated), so every step sees the same shardings.
+    model.opt_state = optax.tree.map_params(
+        model.tx, lambda x: x, jax.jit(model.tx.init)(model.params),
+        transform_non_params=lambda x: jax.device_put(x, model.replicated))
     return model
 
   def abstract_state(self) -> dict:
@@ -346,6 +352,9 @@ class Engine:
     """Adds a complete, checked push to the step; applies the step when it is complete."""
     with self._cond:
       model = self._require_model()
+    # The copy onto the mesh happens outside the lock: other pushes and pulls go on.
+    grads = [_to_mesh(b, sh) for b, sh in zip(buffers, model.shardings)]
+    with self._cond:
       if ticket.push_id and (ticket.worker_id, ticket.push_id) in self._done:
         done = self._done[(ticket.worker_id, ticket.push_id)][1]
         return dataclasses.replace(done, current_step=self._step, duplicate=True)
@@ -353,7 +362,6 @@ class Engine:
       if ticket.nonfinite_leaf is not None:
         self._poisoned_by = self._poisoned_by or (
             f'leaf {ticket.nonfinite_leaf} of worker {ticket.worker_id}')
-      grads = [_to_mesh(b, sh) for b, sh in zip(buffers, model.shardings)]
       model.acc = model.accumulate(model.acc, grads, jnp.float32(ticket.num_examples))
       model.weight += ticket.num_examples
       self._contributors[ticket.worker_id] = ticket

@@ -149,11 +149,8 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
           model_id=snap.model_id, step=snap.step, leaves=[s.to_proto() for s in specs]))
       arrays = ((s.path, np.asarray(a).astype(s.dtype, copy=False))
                 for s, a in zip(specs, snap.arrays))
-      for msg in wire.chunk_stream(arrays, wire.clamp_chunk_bytes(request.max_chunk_bytes)):
-        if isinstance(msg, wire.tensor_pb2.TensorChunk):
-          yield pb.PullParametersResponse(chunk=msg)
-        else:
-          yield pb.PullParametersResponse(commit=msg)
+      yield from wire.chunk_messages(pb.PullParametersResponse, arrays,
+                                     wire.clamp_chunk_bytes(request.max_chunk_bytes))
     except ServiceError as e:
       _abort(context, e)
 

@@ -8,6 +8,8 @@ proto/lamb_sharded/v1/tensor.proto.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import zlib
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -66,9 +68,9 @@ class LeafSpec:
   shape: tuple[int, ...]
   dtype: np.dtype
 
-  @property
+  @functools.cached_property
   def nbytes(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+    return math.prod(self.shape) * self.dtype.itemsize
 
   def to_proto(self) -> tensor_pb2.TensorSpec:
     return tensor_pb2.TensorSpec(path=self.path, shape=list(self.shape),
@@ -103,9 +105,13 @@ def specs_from_proto(specs: Sequence[tensor_pb2.TensorSpec], what: str) -> list[
 
 
 def chunk_stream(arrays: Iterable[tuple[str, np.ndarray]],
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES
-                 ) -> Iterator[tensor_pb2.TensorChunk | tensor_pb2.StreamCommit]:
-  """Splits arrays into TensorChunks (in order), then yields the StreamCommit.
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 ) -> Iterator[tuple[str, int, bytes, int] | tensor_pb2.StreamCommit]:
+  """Splits arrays into chunks (in order), then yields the StreamCommit.
+
+  Chunks come as (path, offset, data, sequence) tuples rather than messages,
+  so that the caller fills its request's `chunk` field in place: building a
+  TensorChunk and then assigning it into a request would copy the data again.
 
   Args:
     arrays: (path, array) pairs, in the order of the stream's header; each
@@ -119,9 +125,24 @@ def chunk_stream(arrays: Iterable[tuple[str, np.ndarray]],
       data = raw[off:off + chunk_bytes].tobytes()
       crc = zlib.crc32(data, crc)
       total += len(data)
-      yield tensor_pb2.TensorChunk(path=path, offset=off, data=data, sequence=seq)
+      yield path, off, data, seq
       seq += 1
   yield tensor_pb2.StreamCommit(chunk_count=seq, total_bytes=total, crc32=crc)
+
+
+def chunk_messages(message_type, arrays, chunk_bytes: int):
+  """The chunk messages, then the commit message, of a stream of `message_type`.
+
+  `message_type` is a request or response with `chunk` and `commit` fields.
+  """
+  for item in chunk_stream(arrays, chunk_bytes):
+    req = message_type()
+    if isinstance(item, tensor_pb2.StreamCommit):
+      req.commit.CopyFrom(item)
+    else:
+      c = req.chunk
+      c.path, c.offset, c.data, c.sequence = item
+    yield req
 
 
 class ChunkReceiver:
@@ -179,22 +200,24 @@ class ChunkReceiver:
     if chunk.offset != self._offset:
       raise InvalidArgument(f'{w}: chunk {chunk.sequence} of leaf {spec.path} has offset '
                             f'{chunk.offset}, expected {self._offset}')
-    n = len(chunk.data)
+    data = chunk.data  # each read of a bytes field makes a new copy: read it once
+    n = len(data)
     if n == 0:
       raise InvalidArgument(f'{w}: chunk {chunk.sequence} of leaf {spec.path} is empty')
     if n > MAX_CHUNK_BYTES:
       raise InvalidArgument(f'{w}: chunk {chunk.sequence} of leaf {spec.path} has {n} bytes, '
                             f'over {MAX_CHUNK_BYTES}')
-    if self._offset + n > spec.nbytes:
+    end = self._offset + n
+    if end > spec.nbytes:
       raise InvalidArgument(
           f'{w}: leaf {spec.path} ({spec.dtype.name}{list(spec.shape)}) has {spec.nbytes} bytes, '
-          f'but chunk {chunk.sequence} ends at byte {self._offset + n}')
-    self._views[self._leaf][self._offset:self._offset + n] = np.frombuffer(chunk.data, np.uint8)
-    self._crc = zlib.crc32(chunk.data, self._crc)
+          f'but chunk {chunk.sequence} ends at byte {end}')
+    self._views[self._leaf][self._offset:end] = np.frombuffer(data, np.uint8)
+    self._crc = zlib.crc32(data, self._crc)
     self._total += n
-    self._offset += n
+    self._offset = end
     self._seq += 1
-    if self._offset == spec.nbytes:
+    if end == spec.nbytes:
       self._complete_leaf()
       self._skip_empty()
 

@@ -116,9 +116,17 @@ def _zeros_like_leaf(leaf: Any, dtype, mesh, spec: P) -> jax.Array:
   """Zeros shaped like `leaf`, placed like it (or as `spec` on `mesh` says)."""
   dtype = leaf.dtype if dtype is None else dtype
   if mesh is not None:
-    if isinstance(mesh, Mesh):
-      return jnp.zeros(leaf.shape, dtype, device=NamedSharding(mesh, spec))
-    return jnp.zeros(leaf.shape, dtype, out_sharding=NamedSharding(mesh, spec))
+    sharding = NamedSharding(mesh, spec)
+    if not isinstance(mesh, Mesh):  # explicit-sharding mode (an AbstractMesh)
+      return jnp.zeros(leaf.shape, dtype, out_sharding=sharding)
+    if not isinstance(leaf, jax.core.Tracer):
+      return jnp.zeros(leaf.shape, dtype, device=sharding)
+    # Under `jit`, `device=` is not a placement: constrain (auto axes) or
+    # reshard (explicit axes) instead.
+    zeros = jnp.zeros(leaf.shape, dtype)
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+      return jax.lax.with_sharding_constraint(zeros, sharding)
+    return jax.sharding.reshard(zeros, sharding)
   sharding = getattr(leaf, 'sharding', None)
   if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
     return jnp.zeros(leaf.shape, dtype, device=sharding)

@@ -97,6 +97,21 @@ def test_state_and_updates_keep_the_params_sharding(mesh, sharded):
   assert {s.data.shape for s in qkv.addressable_shards} == {(64 // 4, 3 * 64 // 2)}
 
 
+@pytest.mark.parametrize('axis_type', [AxisType.Explicit, AxisType.Auto])
+def test_jitted_init_places_moments_like_the_params(axis_type):
+  mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(axis_type,) * 2)
+  params = transformer_params(layers=1)
+  specs = transformer_specs(params)
+  on_mesh = jax.device_put(params, lamb_sharded.named_shardings(mesh, specs, params))
+  tx = lamb_sharded.lamb(1e-3, mesh=mesh, param_specs=specs)
+  with jax.set_mesh(mesh):  # JAX's rule for explicit axes under jit
+    state = jax.jit(tx.init)(on_mesh)
+  want = lamb_sharded.named_shardings(mesh, specs, params)
+  for x, w in zip(jax.tree.leaves(state[0].mu) + jax.tree.leaves(state[0].nu),
+                  jax.tree.leaves(want) * 2):
+    assert x.sharding.is_equivalent_to(w, x.ndim), (x.sharding, w)
+
+
 def test_init_places_moments_for_abstract_params(mesh, sharded):
   params, specs, _ = sharded
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
