@@ -34,17 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
   serve.add_argument('--log-level', default='INFO', help='logging level (default INFO)')
 
   worker = sub.add_parser('worker', help='train a model through a server')
-  worker.add_argument('--server', required=True, help='host:port of the server')
+  worker.add_argument('--server', required=True,
+                      help='host:port of the server (-: read it from the first line of stdin)')
   worker.add_argument('--worker-index', type=int, required=True, help='this worker\'s index')
   worker.add_argument('--num-workers', type=int, default=1, help='how many workers train')
   worker.add_argument('--steps', type=int, required=True, help='train until this step')
   worker.add_argument('--batch-size', type=int, default=64, help='examples per push')
-  worker.add_argument('--model', default='regression', help='model to train (regression)')
+  worker.add_argument('--model', default='regression', choices=('regression', 'digits'),
+                      help='model to train (default regression)')
   worker.add_argument('--seed', type=int, default=0, help='seed of the model and data')
   worker.add_argument('--init', action='store_true',
                       help='initialise the model if the server has none')
   worker.add_argument('--timeout', type=float, default=60.0, help='deadline per call (s)')
   worker.add_argument('--log-level', default='INFO', help='logging level (default INFO)')
+  worker.add_argument('--progress', action='store_true',
+                      help='print JSON progress lines on stdout (ready, each push, done)')
+  worker.add_argument('--lifeline', action='store_true',
+                      help='exit when stdin closes (stdin is a pipe from a supervisor)')
 
   export = sub.add_parser('export', help='write the parameters of a checkpoint to a .npz file')
   export.add_argument('--checkpoint-dir', required=True, help='the server\'s checkpoint directory')
@@ -56,10 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
   ckpt.add_argument('--server', required=True, help='host:port of the server')
   ckpt.add_argument('--wait', action='store_true', help='save: return once written')
 
-  demo = sub.add_parser('demo', help='train a small model with sharded LAMB on simulated devices')
-  demo.add_argument('--devices', type=int, default=8, help='simulated CPU devices (default 8)')
-  demo.add_argument('--steps', type=int, default=200, help='training steps (default 200)')
-  demo.add_argument('--seed', type=int, default=0, help='random seed')
+  demo = sub.add_parser(
+      'demo', help='train an MLP on handwritten digits through a local optimizer server '
+      'and worker processes, end to end')
+  demo.add_argument('--workers', type=int, default=4, help='worker processes (default 4)')
+  demo.add_argument('--devices', type=int, default=8,
+                    help='simulated CPU devices of the server\'s mesh (default 8)')
+  demo.add_argument('--steps', type=int, default=200, help='train until this step (default 200)')
+  demo.add_argument('--batch-size', type=int, default=256,
+                    help='global batch per step, split evenly over the workers (default 256)')
+  demo.add_argument('--port', type=int, default=0,
+                    help='server port on 127.0.0.1 (default 0: a free one)')
+  demo.add_argument('--out', default='runs/demo',
+                    help='output directory: summary.json, loss.png, checkpoints/, logs/ '
+                    '(default runs/demo)')
+  demo.add_argument('--resume', action='store_true',
+                    help='continue from the newest checkpoint in OUT/checkpoints instead of '
+                    'starting over')
+  demo.add_argument('--seed', type=int, default=0, help='seed of the init and the batches')
   return parser
 
 
@@ -78,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from service import worker  # pylint: disable=import-outside-toplevel
     return worker.run(args.server, args.worker_index, args.num_workers, args.steps,
                       args.batch_size, model=args.model, seed=args.seed, init=args.init,
-                      timeout=args.timeout)
+                      timeout=args.timeout, progress=args.progress, lifeline=args.lifeline)
   if args.command == 'export':
     from service.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
     step, params = Checkpointer(args.checkpoint_dir).load_params(args.step)
@@ -97,10 +117,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           print(f'{c.step:>8}  {"complete" if c.complete else "writing "}  '
                 f'{c.size_bytes / 2**20:10.1f} MiB  {c.path}')
     return 0
-  if args.command == 'demo':
-    _set_cpu_devices(args.devices)
+  if args.command == 'demo':  # the server process simulates the devices, not this one
     from service import demo  # pylint: disable=import-outside-toplevel
-    return demo.run(steps=args.steps, seed=args.seed)
+    return demo.run(workers=args.workers, devices=args.devices, steps=args.steps,
+                    batch_size=args.batch_size, port=args.port, out=args.out,
+                    resume=args.resume, seed=args.seed)
   raise AssertionError(args.command)
 
 

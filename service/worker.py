@@ -4,11 +4,30 @@ Synchronous: each step, the worker pulls the parameters of the server's current
 step, pushes the gradients of its own batch for that step, and (unless its push
 completed the step) waits for the step to be applied. A push refused because
 its step was applied meanwhile (a straggler) is dropped; the worker pulls again.
+
+Models whose `batch` shards a global batch (`shards_global_batch`, e.g. digits)
+get this worker's slice of each step's global batch of `batch_size *
+num_workers` examples; the others (regression) get `batch_size` examples of
+their own. With `progress=True` (`--progress`), the worker prints one JSON
+object per line on stdout, flushed: `{"event": "ready", ...}` once its data is
+loaded and its gradient compiled, `{"event": "push", "step", "loss",
+"examples", "applied", ...}` after each accepted push, `{"event": "done", ...}`
+at the end -- what `lamb-sharded demo` reads for its progress bar and loss curve.
+`server='-'` (`--server -`) reads host:port from the first line of stdin, after
+the data is loaded and the gradient compiled: a supervisor can start its
+workers while the server it starts on an ephemeral port is still coming up.
+`lifeline=True` (`--lifeline`): stdin is a pipe from the supervisor, and the
+worker exits as soon as it closes -- when the supervisor dies, even by SIGKILL.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
+import threading
+import time
 from typing import Optional
 
 import grpc
@@ -23,13 +42,35 @@ log = logging.getLogger(__name__)
 
 def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size: int,
         model: str = 'regression', seed: int = 0, init: bool = False,
-        timeout: float = 60.0, connect_timeout: float = 60.0) -> int:
+        timeout: float = 60.0, connect_timeout: float = 60.0, progress: bool = False,
+        lifeline: bool = False) -> int:
   """Trains until the server's step reaches `steps`; returns an exit code."""
-  del num_workers  # data is per worker index; the server knows how many push
   m = MODELS[model](seed=seed)
   worker_id = f'worker-{worker_index}'
   grad_fn = m.grad_fn()
   template = m.init(seed)
+  shards_global_batch = getattr(m, 'shards_global_batch', False)
+
+  def batch(step: int):
+    if shards_global_batch:  # this worker's slice of the step's global batch
+      return m.batch(step, worker_index, batch_size, num_workers)
+    return m.batch(step, worker_index, batch_size)  # its own examples
+
+  def report(event: str, **fields):
+    if progress:
+      print(json.dumps({'event': event, 'worker': worker_index, 'pid': os.getpid(),
+                        'time': time.time(), **fields}), flush=True)
+
+  if progress:  # load the data and compile before saying ready
+    jax.block_until_ready(grad_fn(template, *batch(0)))
+  if server == '-':  # for a supervisor that learns the server's address after starting us
+    server = sys.stdin.readline().strip()
+    if not server:
+      raise SystemExit('--server -: expected host:port on the first line of stdin')
+  if lifeline:
+    threading.Thread(target=_exit_at_stdin_eof, args=(worker_id,), name='lifeline',
+                     daemon=True).start()
+  report('ready', server=server)
 
   def ensure_model():
     """Waits for the server to have a model; with --init, gives it one if it has none."""
@@ -53,15 +94,18 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
         step = pulled.step
         if pulled.step >= steps:
           break
-        x, y = m.batch(pulled.step, worker_index, batch_size)
+        x, y = batch(pulled.step)
         loss, grads = grad_fn(pulled.params, x, y)
         r = client.push(pulled.step, jax_to_numpy(grads), batch_size, worker_id,
                         model_id=pulled.model_id)
         log.info('%s step %d loss %.5f', worker_id, pulled.step, float(loss))
+        report('push', step=pulled.step, loss=float(loss), examples=batch_size,
+               applied=r.applied)
         if not r.applied:
           client.wait_for_step(r.accepted_step + 1, timeout=timeout)
       except grpc.RpcError as e:
         _recover(client, e, worker_id, step, connect_timeout)
+  report('done', step=step)
   return 0
 
 
@@ -95,6 +139,14 @@ def _recover(client: OptimizerClient, error: grpc.RpcError, worker_id: str,
   except grpc.RpcError as again:  # the server went away again meanwhile: start over
     if again.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
       raise
+
+
+def _exit_at_stdin_eof(worker_id: str) -> None:
+  """The lifeline: stdin is a pipe from the supervisor; its end means the supervisor is gone."""
+  while sys.stdin.read(4096):
+    pass
+  log.warning('%s: stdin closed (the supervisor is gone): exiting', worker_id)
+  os._exit(3)  # pylint: disable=protected-access
 
 
 def jax_to_numpy(tree):

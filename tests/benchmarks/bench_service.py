@@ -1,0 +1,567 @@
+"""Benchmark: the optimizer service's synchronous step over real gRPC, vs raw gRPC streaming.
+
+What is measured
+----------------
+A transformer-shaped model (a flat dict of float32 leaves keyed by paths like
+"['layer0']['mlp']['w_in']"; about 109M parameters with `--size 100m`, BERT-base
+shaped with a 30522x768 token embedding, about 10.6M with `--size 10m`) is
+served by the real server, started as a separate process:
+
+    python -m service.cli serve --host 127.0.0.1 --port 0 --devices 8 \\
+        --num-workers W --log-level WARNING
+
+(one fresh server per worker count W, in 1 and 4; its port is read from its
+first stdout line). One client uploads the parameters with
+`OptimizerClient.initialize`, then each timed step is:
+
+  1. W workers push one gradient each for the current step, concurrently: W
+     threads of this process, each with its own OptimizerClient (its own
+     channel). Threads share the GIL, and on a small machine they share the
+     cores with the server; the client cost is reported separately (client
+     CPU s/step). All workers push the same read-only gradient arrays.
+  2. The server applies the LAMB update when the W-th push commits; that
+     push's RPC returns after the update was *dispatched* (JAX dispatches
+     asynchronously, so the computation may still be running).
+  3. One client pulls the new parameters (float32) twice: the first pull
+     waits for the update to finish; the second one is a pull of ready
+     parameters.
+
+Two warm-up steps precede `--reps` timed steps (the server compiles its
+jitted accumulate and apply at step 0 and again at step 1, when their inputs
+come back from the first update with other shardings); medians are reported.
+Columns:
+
+  * push s: from the first push's start until every push's last message
+    (the commit) was handed to gRPC *and* every push but the step-completing
+    one returned. It includes the server's receive, CRC, NaN check and the
+    commit (copy into the mesh + accumulate) of the W-1 non-completing pushes.
+    The time each message is handed over is taken by wrapping the client's
+    stub (the request iterator's exhaustion; gRPC asks for the next message
+    only after the previous one was accepted by the transport).
+  * apply s: from the end of `push s` until the new parameters are ready:
+    the rest of the completing push's RPC (its last bytes in flight, its
+    commit: copy into the mesh + accumulate, and the dispatch of the LAMB
+    update) plus the first pull's extra time over the second pull (the
+    wait for the update's computation). The details give the commit-only
+    tail of the non-completing pushes (W > 1) and the RPC part alone.
+  * pull s: the second PullParameters of all parameters (float32), i.e.
+    reading and streaming ready parameters.
+  * ingestion MB/s: W x gradient bytes / push s (MB = 1e6 bytes).
+  * raw gRPC MB/s: the baseline, measured in the same run, interleaved with
+    the service steps: a bare grpcio client-streaming server (this script
+    with `--raw-server`, a separate process; identity (de)serializers; it
+    only counts the bytes) receives W concurrent streams, each of one
+    worker's gradient bytes in messages of service.wire.DEFAULT_CHUNK_BYTES
+    (1 MiB, cut per leaf as the service's client does), with the service's
+    message size limits. Rate: W x gradient bytes / (first start .. last
+    return). The raw client copies each chunk out of the array (`tobytes`),
+    as the service's client does; it has no protobuf, CRC or retry buffer.
+  * ingestion / raw: the service's rate as a fraction of the baseline.
+  * peak RSS GB: VmHWM of the server process (/proc/<pid>/status) at the end
+    of its run (initialisation included; VmHWM right after InitializeModel
+    is in the details).
+  * RSS / (state + overhead): peak RSS / (16 B x params + fixed overhead),
+    16 B = float32 params, two moments and the accumulation buffer. The
+    fixed overhead is the VmHWM of a server run through the same procedure
+    (W = 1) with a tiny model of the same leaf structure (d_model 8, a few
+    thousand params). Beyond the state, the server holds per-push host
+    staging buffers (one model-sized buffer per push in flight, at most
+    --max-inflight-pushes, default 2), each push's copy on the mesh, and the
+    new params while the old ones are still referenced.
+
+Targets (for orientation): ingestion / raw >= 0.8; RSS / (state + overhead) <= 1.3.
+
+How to run
+----------
+    python tests/benchmarks/bench_service.py                  # 100M params, 5 reps
+    python tests/benchmarks/bench_service.py --size 10m --reps 3
+    python tests/benchmarks/bench_service.py --json /tmp/bench_service.json
+    python tests/benchmarks/bench_service.py --server-arg=--max-inflight-pushes=4
+
+`--raw-server` runs only the baseline's sink (used by the script itself).
+Every process the script starts is stopped (SIGTERM, then SIGKILL) when the
+script exits, fails, or gets SIGINT, SIGTERM or SIGHUP (not on SIGKILL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import re
+import resource
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Iterator, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:  # run from a checkout without PYTHONPATH
+  sys.path.insert(0, ROOT)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import grpc
+import numpy as np
+
+from service import wire
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+SIZES = {
+    '100m': dict(vocab=30522, max_len=512, d_model=768, layers=12),
+    '10m': dict(vocab=10000, max_len=512, d_model=256, layers=10),
+}
+WORKER_COUNTS = (1, 4)
+STATE_BYTES_PER_PARAM = 16  # float32 params, 2 moments, 1 accumulation buffer
+CHUNK_BYTES = wire.DEFAULT_CHUNK_BYTES
+# The service's limits (service.server.MAX_RECEIVE_BYTES, OptimizerClient's channel).
+MAX_MESSAGE = wire.MAX_MESSAGE_BYTES + (64 << 10)
+GRPC_THREADS = 32  # the server's default thread pool
+CALL_TIMEOUT_S = 600.0
+START_TIMEOUT_S = 180.0
+WARMUP_STEPS = 2  # the server compiles its step functions at steps 0 and 1
+RAW_METHOD = '/bench.RawSink/Push'
+TARGETS = {'ingestion_vs_raw': 0.8, 'rss_ratio': 1.3}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def leaf_shapes(vocab: int, max_len: int, d_model: int, layers: int) -> dict[str, tuple]:
+  """Path -> shape of a transformer encoder's leaves (keystr-style paths)."""
+  d, h = d_model, 4 * d_model
+  shapes = {"['embed']['token']": (vocab, d), "['embed']['position']": (max_len, d)}
+  for i in range(layers):
+    layer = {"['attn']['q']": (d, d), "['attn']['k']": (d, d), "['attn']['v']": (d, d),
+             "['attn']['out']": (d, d), "['ln1']['scale']": (d,), "['ln1']['bias']": (d,),
+             "['mlp']['w_in']": (d, h), "['mlp']['b_in']": (h,), "['mlp']['w_out']": (h, d),
+             "['mlp']['b_out']": (d,), "['ln2']['scale']": (d,), "['ln2']['bias']": (d,)}
+    shapes.update({f"['layer{i}']{k}": s for k, s in layer.items()})
+  shapes["['final_ln']['scale']"] = (d,)
+  shapes["['final_ln']['bias']"] = (d,)
+  return shapes
+
+
+def tiny_shapes(layers: int) -> dict[str, tuple]:
+  """The same leaf structure with d_model 8: the runtime's fixed overhead."""
+  return leaf_shapes(vocab=16, max_len=8, d_model=8, layers=layers)
+
+
+def random_tree(shapes: dict[str, tuple], seed: int, scale: float) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {p: scale * rng.standard_normal(s, dtype=np.float32) for p, s in shapes.items()}
+
+
+def tree_bytes(tree: dict[str, np.ndarray]) -> int:
+  return sum(a.nbytes for a in tree.values())
+
+
+def tree_params(tree: dict[str, np.ndarray]) -> int:
+  return sum(a.size for a in tree.values())
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def proc_status_bytes(pid: int, key: str) -> int:
+  """A kB field of /proc/<pid>/status (VmHWM, VmRSS), in bytes."""
+  with open(f'/proc/{pid}/status', encoding='ascii') as f:
+    for line in f:
+      if line.startswith(key + ':'):
+        return int(line.split()[1]) * 1024
+  raise KeyError(key)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+  """utime + stime of a process (all its threads)."""
+  with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+    fields = f.read().rsplit(')', 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def self_cpu_seconds() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+  """SIGTERM, then SIGKILL if it is still alive after 20 s."""
+  if proc.poll() is None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+      proc.wait(20)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+
+
+@contextlib.contextmanager
+def child_process(argv: Sequence[str], what: str) -> Iterator[tuple[subprocess.Popen, int]]:
+  """Starts `argv`, reads 'serving on HOST:PORT' from its first stdout line; stops it at exit."""
+  with tempfile.TemporaryFile(mode='w+') as err:
+    proc = subprocess.Popen(list(argv), cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                            env={**os.environ, 'PYTHONPATH': ROOT})
+    try:
+      ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+      line = proc.stdout.readline() if ready else ''
+      m = re.search(r'serving on [^:\s]+:(\d+)', line)
+      if not m:
+        stop_process(proc)
+        err.seek(0)
+        raise RuntimeError(f'{what} did not start: {line!r}\n{err.read()[-4000:]}')
+      yield proc, int(m.group(1))
+    finally:
+      stop_process(proc)
+
+
+def service_argv(workers: int, extra: Sequence[str]) -> list[str]:
+  return [sys.executable, '-m', 'service.cli', 'serve', '--host', '127.0.0.1', '--port', '0',
+          '--devices', '8', '--num-workers', str(workers), '--log-level', 'WARNING', *extra]
+
+
+# ----------------------------------------------------------------------------- raw baseline
+
+
+def serve_raw() -> int:
+  """The baseline's sink: a client-streaming method that counts the bytes it receives."""
+
+  def push(request_iterator, context):
+    del context
+    count = total = 0
+    for msg in request_iterator:
+      count += 1
+      total += len(msg)
+    return f'{count} {total}'.encode()
+
+  handler = grpc.method_handlers_generic_handler(
+      'bench.RawSink', {'Push': grpc.stream_unary_rpc_method_handler(push)})
+  server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=GRPC_THREADS),
+                       options=[('grpc.max_receive_message_length', MAX_MESSAGE),
+                                ('grpc.max_send_message_length', MAX_MESSAGE)])
+  server.add_generic_rpc_handlers((handler,))
+  port = server.add_insecure_port('127.0.0.1:0')
+  server.start()
+  print(f'raw sink serving on 127.0.0.1:{port}', flush=True)
+  stopped = threading.Event()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: stopped.set())
+  stopped.wait()
+  server.stop(0).wait()
+  return 0
+
+
+def raw_chunks(tree: dict[str, np.ndarray]) -> Iterator[bytes]:
+  """Each leaf's bytes in CHUNK_BYTES pieces, as the service's client cuts them."""
+  for a in tree.values():
+    raw = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    for off in range(0, len(raw), CHUNK_BYTES):
+      yield raw[off:off + CHUNK_BYTES].tobytes()
+
+
+class RawClients:
+  """W channels to the raw sink; `round()` streams one gradient on each, concurrently."""
+
+  def __init__(self, port: int, workers: int, pool: concurrent.futures.ThreadPoolExecutor):
+    self.channels = [grpc.insecure_channel(f'127.0.0.1:{port}', options=[
+        ('grpc.max_receive_message_length', MAX_MESSAGE)]) for _ in range(workers)]
+    self.calls = [ch.stream_unary(RAW_METHOD) for ch in self.channels]
+    self.pool = pool
+
+  def round(self, grads: dict[str, np.ndarray]) -> float:
+    """Seconds from the first stream's start until every stream returned."""
+    expected = tree_bytes(grads)
+
+    def one(call):
+      t = time.perf_counter()
+      count, total = map(int, call(raw_chunks(grads), timeout=CALL_TIMEOUT_S).split())
+      if total != expected:
+        raise RuntimeError(f'raw sink counted {total} bytes in {count} messages, sent {expected}')
+      return t, time.perf_counter()
+
+    spans = [f.result() for f in [self.pool.submit(one, c) for c in self.calls]]
+    return max(e for _, e in spans) - min(s for s, _ in spans)
+
+  def close(self) -> None:
+    for ch in self.channels:
+      ch.close()
+
+
+# ----------------------------------------------------------------------------- service steps
+
+
+class _TimedStub:
+  """Wraps an OptimizerServiceStub: records when a push's request stream was exhausted."""
+
+  def __init__(self, stub):
+    self._stub = stub
+    self.sent_at: Optional[float] = None
+
+  def PushGradients(self, requests, **kwargs):  # pylint: disable=invalid-name
+    def timed():
+      yield from requests
+      self.sent_at = time.perf_counter()
+    self.sent_at = None
+    return self._stub.PushGradients(timed(), **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._stub, name)
+
+
+@dataclasses.dataclass
+class StepTiming:
+  push_s: float
+  apply_s: float
+  pull_s: float
+  apply_rpc_s: float  # the completing push's return - the end of push_s
+  first_pull_s: float  # the pull that waits for the update
+  commit_tails_s: list[float]  # return - last message sent, of the non-completing pushes
+  server_cpu_s: float
+  client_cpu_s: float
+
+
+def make_clients(port: int, workers: int) -> list:
+  from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
+  clients = []
+  for _ in range(workers):
+    c = OptimizerClient(f'127.0.0.1:{port}', timeout=CALL_TIMEOUT_S)
+    c._stub = _TimedStub(c._stub)  # pylint: disable=protected-access
+    clients.append(c)
+  return clients
+
+
+def sync_step(clients: list, pool: concurrent.futures.ThreadPoolExecutor, step: int,
+              model_id: str, grads: dict[str, np.ndarray], server_pid: int) -> StepTiming:
+  """One synchronous step: all workers push concurrently, then clients[0] pulls twice."""
+  cpu0, self0 = proc_cpu_seconds(server_pid), self_cpu_seconds()
+
+  def push(i: int):
+    c = clients[i]
+    t = time.perf_counter()
+    r = c.push(step, grads, num_examples=1, worker_id=f'worker-{i}', model_id=model_id)
+    done = time.perf_counter()
+    return t, c._stub.sent_at, done, r  # pylint: disable=protected-access
+
+  spans = [f.result() for f in [pool.submit(push, i) for i in range(len(clients))]]
+  completing = [i for i, (*_, r) in enumerate(spans) if r.applied]
+  if len(completing) != 1 or any(r.accepted_step != step for *_, r in spans):
+    raise RuntimeError(f'step {step}: expected exactly one push to apply the step, got '
+                       f'{[r for *_, r in spans]}')
+  c = completing[0]
+  t0 = min(s[0] for s in spans)
+  others = [s for i, s in enumerate(spans) if i != c]
+  ingest_end = max([s[1] for s in spans] + [s[2] for s in others])
+  first_pull_s, pull_s = timed_pull(clients[0], step + 1), timed_pull(clients[0], step + 1)
+  apply_rpc_s = max(0.0, spans[c][2] - ingest_end)  # < 0 when another push returned later
+  return StepTiming(push_s=ingest_end - t0, apply_s=apply_rpc_s + max(0.0, first_pull_s - pull_s),
+                    pull_s=pull_s, apply_rpc_s=apply_rpc_s, first_pull_s=first_pull_s,
+                    commit_tails_s=[s[2] - s[1] for s in others],
+                    server_cpu_s=proc_cpu_seconds(server_pid) - cpu0,
+                    client_cpu_s=self_cpu_seconds() - self0)
+
+
+def timed_pull(client, want_step: int) -> float:
+  t = time.perf_counter()
+  pulled = client.pull()
+  dt = time.perf_counter() - t
+  if pulled.step != want_step:
+    raise RuntimeError(f'pulled step {pulled.step}, expected {want_step}')
+  return dt
+
+
+def run_server(workers: int, params: dict, grads: dict, reps: int, extra_flags: Sequence[str],
+               raw: Optional[RawClients] = None, log: Callable[[str], None] = print) -> dict:
+  """A fresh server with `workers` workers: init, warm-up, `reps` timed steps (+ raw rounds)."""
+  with contextlib.ExitStack() as stack:
+    proc, port = stack.enter_context(
+        child_process(service_argv(workers, extra_flags), f'server (W={workers})'))
+    pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(workers))
+    clients = make_clients(port, workers)
+    for c in clients:
+      stack.callback(c.close)
+    t = time.perf_counter()
+    model_id = clients[0].initialize(params)
+    init_s = time.perf_counter() - t
+    hwm_init = proc_status_bytes(proc.pid, 'VmHWM')
+    t = time.perf_counter()
+    for step in range(WARMUP_STEPS):
+      sync_step(clients, pool, step, model_id, grads, proc.pid)
+    warmup_s = time.perf_counter() - t
+    if raw is not None:
+      raw.round(grads)  # warm-up
+    steps, raw_s = [], []
+    for rep in range(reps):  # service step, raw round, service step, ...
+      steps.append(sync_step(clients, pool, WARMUP_STEPS + rep, model_id, grads, proc.pid))
+      if raw is not None:
+        raw_s.append(raw.round(grads))
+      s = steps[-1]
+      log(f'    rep {rep}: push {s.push_s:.3f}s apply {s.apply_s:.3f}s pull {s.pull_s:.3f}s'
+          + (f', raw {raw_s[-1]:.3f}s' if raw_s else ''))
+    return {'workers': workers, 'pid': proc.pid, 'init_s': init_s, 'warmup_s': warmup_s,
+            'vmhwm_after_init': hwm_init, 'vmhwm': proc_status_bytes(proc.pid, 'VmHWM'),
+            'vmrss_end': proc_status_bytes(proc.pid, 'VmRSS'),
+            'steps': [dataclasses.asdict(s) for s in steps], 'raw_s': raw_s}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarize(run: dict, grad_bytes: int, state_bytes: int, overhead: int) -> dict:
+  w = run['workers']
+  med = lambda key: statistics.median(s[key] for s in run['steps'])  # noqa: E731
+  tails = [t for s in run['steps'] for t in s['commit_tails_s']]
+  push_s = med('push_s')
+  ingest = w * grad_bytes / push_s
+  raw = w * grad_bytes / statistics.median(run['raw_s'])
+  return {'workers': w, 'push_s': push_s, 'apply_s': med('apply_s'), 'pull_s': med('pull_s'),
+          'ingestion_Bps': ingest, 'raw_Bps': raw, 'ingestion_vs_raw': ingest / raw,
+          'peak_rss': run['vmhwm'], 'rss_ratio': run['vmhwm'] / (state_bytes + overhead),
+          'commit_tail_s': statistics.median(tails) if tails else None,
+          'apply_rpc_s': med('apply_rpc_s'), 'first_pull_s': med('first_pull_s'),
+          'server_cpu_s': med('server_cpu_s'), 'client_cpu_s': med('client_cpu_s'),
+          'vmhwm_after_init': run['vmhwm_after_init'], 'vmrss_end': run['vmrss_end'],
+          'init_s': run['init_s'], 'warmup_s': run['warmup_s']}
+
+
+def markdown_table(rows: list[dict]) -> str:
+  lines = ['| workers | push s | apply s | pull s | ingestion MB/s | raw gRPC MB/s | '
+           'ingestion / raw | peak RSS GB | RSS / (state + overhead) |',
+           '|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(f"| {r['workers']} | {r['push_s']:.2f} | {r['apply_s']:.2f} | "
+                 f"{r['pull_s']:.2f} | {r['ingestion_Bps'] / 1e6:.0f} | "
+                 f"{r['raw_Bps'] / 1e6:.0f} | {r['ingestion_vs_raw']:.2f} | "
+                 f"{r['peak_rss'] / 1e9:.2f} | {r['rss_ratio']:.2f} |")
+  return '\n'.join(lines)
+
+
+def print_details(rows: list[dict], state_bytes: int, overhead: int) -> None:
+  print(f'state 16 B/param = {state_bytes / 1e9:.3f} GB; fixed overhead (tiny model VmHWM) '
+        f'{overhead / 1e9:.3f} GB')
+  for r in rows:
+    tail = (f"{r['commit_tail_s']:.3f}s" if r['commit_tail_s'] is not None
+            else 'n/a (one worker)')
+    print(f"  W={r['workers']}: apply = RPC part {r['apply_rpc_s']:.3f}s + wait in the first "
+          f"pull (first pull {r['first_pull_s']:.3f}s - second {r['pull_s']:.3f}s); commit-only "
+          f"tail of non-completing pushes {tail};\n       "
+          f"server CPU {r['server_cpu_s']:.2f}s/step, client (this process) CPU "
+          f"{r['client_cpu_s']:.2f}s/step; VmHWM after init {r['vmhwm_after_init'] / 1e9:.2f} GB, "
+          f"VmRSS at end {r['vmrss_end'] / 1e9:.2f} GB; initialize {r['init_s']:.1f}s, "
+          f"warm-up steps {r['warmup_s']:.1f}s")
+
+
+def print_targets(rows: list[dict]) -> None:
+  print('\nTargets (for orientation):')
+  for r in rows:
+    for key, text, ok in (
+        ('ingestion_vs_raw', f'ingestion / raw >= {TARGETS["ingestion_vs_raw"]}',
+         r['ingestion_vs_raw'] >= TARGETS['ingestion_vs_raw']),
+        ('rss_ratio', f'RSS / (state + overhead) <= {TARGETS["rss_ratio"]}',
+         r['rss_ratio'] <= TARGETS['rss_ratio'])):
+      print(f"  {'met ' if ok else 'MISS'}  W={r['workers']} {text}: {r[key]:.2f}")
+
+
+def machine_facts() -> str:
+  cpu = 'unknown CPU'
+  with contextlib.suppress(OSError), open('/proc/cpuinfo', encoding='ascii') as f:
+    cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
+  mem = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  import google.protobuf  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  return (f'{os.cpu_count()} CPU cores ({cpu}, {platform.machine()}), {mem / 2**30:.0f} GiB RAM; '
+          f'python {platform.python_version()}, grpcio {grpc.__version__}, protobuf '
+          f'{google.protobuf.__version__}, jax {jax.__version__}')
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--size', choices=sorted(SIZES), default='100m')
+  p.add_argument('--reps', type=int, default=5, help='timed steps per worker count (median)')
+  p.add_argument('--workers', type=int, nargs='+', default=list(WORKER_COUNTS),
+                 help='worker counts to measure (default 1 4)')
+  p.add_argument('--server-arg', action='append', default=[], metavar='FLAG',
+                 help='extra flag for the server, e.g. --server-arg=--max-inflight-pushes=4')
+  p.add_argument('--json', metavar='PATH', help='also write all figures here')
+  p.add_argument('--raw-server', action='store_true', help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def _exit_on_signal(signum, frame) -> None:
+  del frame
+  raise SystemExit(f'signal {signum}')  # unwinds the finally blocks that stop the children
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.raw_server:
+    return serve_raw()
+  for sig in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, _exit_on_signal)
+  t_start = time.perf_counter()
+  print('command: python tests/benchmarks/bench_service.py ' + ' '.join(sys.argv[1:]))
+  print(f'machine: {machine_facts()}')
+  shapes = leaf_shapes(**SIZES[args.size])
+  params = random_tree(shapes, 0, 0.02)
+  grads = random_tree(shapes, 1, 1e-3)
+  n_params, grad_bytes = tree_params(params), tree_bytes(grads)
+  largest = max(shapes, key=lambda p: np.prod(shapes[p]))
+  print(f'model {args.size} {SIZES[args.size]}: {n_params:,} float32 params in {len(shapes)} '
+        f'leaves ({grad_bytes / 1e6:.0f} MB; largest {largest} {shapes[largest]}, '
+        f'{np.prod(shapes[largest]) * 4 / 2**20:.1f} MiB)')
+  print('server: python ' + ' '.join(service_argv(0, args.server_arg)[1:]).replace(
+      '--num-workers 0', '--num-workers W'))
+  print(f'workers are threads of this process; {args.reps} timed steps after {WARMUP_STEPS} '
+        f'warm-up step(s); chunks of {CHUNK_BYTES} B')
+
+  tiny = random_tree(tiny_shapes(SIZES[args.size]['layers']), 2, 0.02)
+  print(f'fixed overhead: tiny model, {tree_params(tiny):,} params, W=1')
+  overhead_run = run_server(1, tiny, {k: 1e-3 * v for k, v in tiny.items()}, args.reps,
+                            args.server_arg, log=lambda _: None)
+  overhead = overhead_run['vmhwm']
+
+  state_bytes = STATE_BYTES_PER_PARAM * n_params
+  runs = []
+  raw_argv = [sys.executable, os.path.abspath(__file__), '--raw-server']
+  with child_process(raw_argv, 'raw gRPC sink') as (_, raw_port):
+    for w in args.workers:
+      print(f'W={w}:')
+      with concurrent.futures.ThreadPoolExecutor(w) as pool:
+        raw = RawClients(raw_port, w, pool)
+        try:
+          runs.append(run_server(w, params, grads, args.reps, args.server_arg, raw=raw))
+        finally:
+          raw.close()
+  rows = [summarize(r, grad_bytes, state_bytes, overhead) for r in runs]
+
+  print()
+  print_details(rows, state_bytes, overhead)
+  print(f'\noptimizer service, synchronous step, {args.size} ({n_params / 1e6:.1f}M float32 '
+        f'params, {grad_bytes / 1e6:.0f} MB per push), {os.cpu_count()} CPU cores, server on a '
+        f'simulated 8-device CPU mesh, median of {args.reps}:\n')
+  print(markdown_table(rows))
+  print_targets(rows)
+  wall = time.perf_counter() - t_start
+  print(f'\nwall time {wall:.0f}s')
+  if args.json:
+    with open(args.json, 'w', encoding='utf-8') as f:
+      json.dump({'size': args.size, 'model': SIZES[args.size], 'params': n_params,
+                 'leaves': len(shapes), 'grad_bytes': grad_bytes, 'reps': args.reps,
+                 'server_args': args.server_arg, 'state_bytes': state_bytes,
+                 'overhead_bytes': overhead, 'overhead_run': overhead_run, 'runs': runs,
+                 'rows': rows, 'targets': TARGETS, 'wall_s': wall}, f, indent=2)
+    print(f'wrote {args.json}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

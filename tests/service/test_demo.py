@@ -1,0 +1,107 @@
+"""`lamb-sharded demo` end to end: the real CLI, a real server and real worker processes."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import psutil
+
+from service import demo
+from service.client import OptimizerClient
+from svc import ROOT
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def _demo(out, *flags, stderr=None):
+  return subprocess.Popen(
+      [sys.executable, '-m', 'service.cli', 'demo', '--out', str(out), *flags],
+      cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT}, stdout=subprocess.PIPE,
+      stderr=stderr, text=True)
+
+
+def _started(line: str):
+  """(port, server pid, worker pids) from the demo's first line."""
+  m = re.search(r'server 127\.0\.0\.1:(\d+) \(pid (\d+)\), \d+ workers \(pids ([\d ]+)\)', line)
+  assert m, line
+  return int(m.group(1)), int(m.group(2)), [int(p) for p in m.group(3).split()]
+
+
+def _assert_gone(pids):
+  for pid in pids:
+    alive = psutil.pid_exists(pid)
+    if alive:  # the pid may have been reused: only a process of ours counts
+      try:
+        alive = 'service.cli' in ' '.join(psutil.Process(pid).cmdline())
+      except psutil.Error:
+        alive = False
+    assert not alive, f'process {pid} outlived the demo'
+
+
+def test_short_demo_trains_and_leaves_nothing_behind(tmp_path):
+  out = tmp_path / 'demo'
+  with open(tmp_path / 'stderr.txt', 'w', encoding='utf-8') as err:
+    proc = _demo(out, '--workers', '2', '--steps', '30', '--batch-size', '256', stderr=err)
+    stdout, _ = proc.communicate(timeout=240)
+  stderr = (tmp_path / 'stderr.txt').read_text()
+  assert proc.returncode == 0, stdout + stderr
+  _, server_pid, worker_pids = _started(stdout.splitlines()[0])
+  assert 'test accuracy' in stdout and 'training' in stderr  # the table; the progress bar
+
+  summary = json.loads((out / 'summary.json').read_text())
+  for key in ('accuracy', 'steps', 'wall_seconds', 'workers', 'devices', 'final_loss'):
+    assert key in summary, key
+  assert summary['steps'] == 30
+  assert summary['workers'] == 2 and summary['devices'] == 8
+  assert 0.5 < summary['accuracy'] <= 1.0  # 30 steps: well above chance (0.1)
+  assert summary['final_loss'] < 0.5 * summary['first_loss']
+  assert [s for s, _ in summary['loss_curve']] == list(range(30))
+  assert summary['worker_restarts'] == 0 and summary['server_exit_code'] == 0
+  assert summary['pids'] == {'server': server_pid, 'workers': worker_pids}
+  assert (out / 'loss.png').read_bytes()[:8] == PNG_MAGIC
+  assert (out / 'server.yaml').exists()
+  _assert_gone([server_pid, *worker_pids])
+
+
+def test_a_killed_worker_is_restarted_and_the_run_finishes(tmp_path):
+  """The straggler policy: steps go on with quorum workers-1; the dead worker is restarted."""
+  out = tmp_path / 'demo'
+  steps = 45
+  with open(tmp_path / 'stderr.txt', 'w', encoding='utf-8') as err:
+    proc = _demo(out, '--workers', '3', '--steps', str(steps), '--batch-size', '255',
+                 stderr=err)
+    try:
+      port, server_pid, worker_pids = _started(proc.stdout.readline())
+      with OptimizerClient(f'127.0.0.1:{port}') as client:
+        assert client.wait_for_step(8, timeout=120)[1]
+      os.kill(worker_pids[-1], signal.SIGKILL)
+      stdout, _ = proc.communicate(timeout=240)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  stderr = (tmp_path / 'stderr.txt').read_text()
+  assert proc.returncode == 0, stdout + stderr
+  assert f'worker 2 (pid {worker_pids[-1]}) exited with signal SIGKILL' in stdout
+  summary = json.loads((out / 'summary.json').read_text())
+  assert summary['steps'] == steps
+  assert summary['worker_restarts'] == 1
+  restart = summary['restarts'][0]
+  assert restart['worker'] == 2 and restart['pid'] == worker_pids[-1]
+  assert summary['pids']['workers'] == worker_pids + [restart['replacement_pid']]
+  assert summary['final_loss'] < 0.5 * summary['first_loss']
+  _assert_gone([server_pid, *summary['pids']['workers']])
+
+
+def test_resume_without_checkpoint_support_says_so(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(demo, '_checkpoint_restore_supported', lambda: False)
+  assert demo.run(resume=True, out=str(tmp_path / 'demo')) == 1
+  assert '--resume needs the checkpointing feature' in capsys.readouterr().err
+  assert not (tmp_path / 'demo').exists()  # nothing started, nothing written
+
+
+def test_bad_batch_size_is_refused_before_anything_starts(tmp_path, capsys):
+  assert demo.run(workers=3, batch_size=256, out=str(tmp_path / 'demo')) == 1
+  assert 'not a multiple of --workers 3' in capsys.readouterr().err
