@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
   worker.add_argument('--init', action='store_true',
                       help='initialise the model if the server has none')
   worker.add_argument('--timeout', type=float, default=60.0, help='deadline per call (s)')
+  worker.add_argument('--connect-timeout', type=float, default=600.0,
+                      help='how long to wait for the server to come (back) up (s)')
   worker.add_argument('--log-level', default='INFO', help='logging level (default INFO)')
   worker.add_argument('--progress', action='store_true',
                       help='print JSON progress lines on stdout (ready, each push, done)')
@@ -95,10 +98,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from service import server  # pylint: disable=import-outside-toplevel
     return server.serve_forever(config)
   if args.command == 'worker':
+    # SIGTERM (a pod being deleted; PID 1 in a container has no default action) ends
+    # the worker like Ctrl-C: nothing of its state needs saving, the server holds it all.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     from service import worker  # pylint: disable=import-outside-toplevel
-    return worker.run(args.server, args.worker_index, args.num_workers, args.steps,
-                      args.batch_size, model=args.model, seed=args.seed, init=args.init,
-                      timeout=args.timeout, progress=args.progress, lifeline=args.lifeline)
+    try:
+      return worker.run(args.server, args.worker_index, args.num_workers, args.steps,
+                        args.batch_size, model=args.model, seed=args.seed, init=args.init,
+                        timeout=args.timeout, connect_timeout=args.connect_timeout,
+                        progress=args.progress, lifeline=args.lifeline)
+    except KeyboardInterrupt:
+      return 128 + signal.SIGTERM
   if args.command == 'export':
     from service.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
     step, params = Checkpointer(args.checkpoint_dir).load_params(args.step)

@@ -14,11 +14,32 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def mlp_init(sizes: Sequence[int], seed: int, scale: Callable[[int], float]) -> dict:
+  """{'layer<i>': {'w', 'b'}} float32 params; w ~ N(0, 1) * scale(fan_in), b = 0."""
+  rng = np.random.default_rng(seed)
+  params = {}
+  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    params[f'layer{i}'] = {'w': (rng.normal(size=(a, b)) * scale(a)).astype(np.float32),
+                           'b': np.zeros((b,), np.float32)}
+  return params
+
+
+def mlp_forward(params, x, activation):
+  """Dense layers with `activation` between them (none after the last)."""
+  h = x
+  n = len(params)
+  for i in range(n):
+    h = h @ params[f'layer{i}']['w'] + params[f'layer{i}']['b']
+    if i < n - 1:
+      h = activation(h)
+  return h
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,22 +49,11 @@ class Regression:
   seed: int = 0
 
   def init(self, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    params = {}
-    for i, (a, b) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
-      params[f'layer{i}'] = {'w': (rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32),
-                             'b': np.zeros((b,), np.float32)}
-    return params
+    return mlp_init(self.sizes, seed, lambda fan_in: 1 / np.sqrt(fan_in))
 
   @staticmethod
   def forward(params, x):
-    h = x
-    n = len(params)
-    for i in range(n):
-      h = h @ params[f'layer{i}']['w'] + params[f'layer{i}']['b']
-      if i < n - 1:
-        h = jnp.tanh(h)
-    return h
+    return mlp_forward(params, x, jnp.tanh)
 
   def loss(self, params, x, y):
     return jnp.mean((self.forward(params, x) - y) ** 2)
@@ -99,23 +109,12 @@ class Digits:
     return digits_split(self.test_fraction, self.split_seed)
 
   def init(self, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    params = {}
-    for i, (a, b) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
-      params[f'layer{i}'] = {'w': (rng.normal(size=(a, b)) * np.sqrt(2.0 / a)).astype(np.float32),
-                             'b': np.zeros((b,), np.float32)}
-    return params
+    return mlp_init(self.sizes, seed, lambda fan_in: np.sqrt(2.0 / fan_in))
 
   @staticmethod
   def forward(params, x):
     """The logits."""
-    h = x
-    n = len(params)
-    for i in range(n):
-      h = h @ params[f'layer{i}']['w'] + params[f'layer{i}']['b']
-      if i < n - 1:
-        h = jax.nn.relu(h)
-    return h
+    return mlp_forward(params, x, jax.nn.relu)
 
   def loss(self, params, x, y):
     """Mean softmax cross-entropy."""
