@@ -195,6 +195,12 @@ def test_push_before_the_model_exists():
     with pytest.raises(grpc.RpcError) as e:
       client.pull()
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    bad = dict(PARAMS, **{"['b']": np.array([1, np.nan, 1, 1, 1], np.float32)})
+    with pytest.raises(grpc.RpcError) as e:
+      client.initialize(bad)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "leaf ['b'] of the initial parameters contains NaN" in e.value.details()
+    assert not client.describe().initialized
 
 
 def test_nan_can_skip_the_step_instead():
