@@ -38,8 +38,7 @@ records the restarts and every PID that ran.
 Resume: the server restores the newest checkpoint in --checkpoint-dir by itself
 when it starts, so `--resume` only means: do not wipe OUT/checkpoints and do not
 initialise the model. Without `--resume` the checkpoints of an earlier run are
-deleted first. If the server cannot restore checkpoints (the feature missing),
-`--resume` fails with a message saying so.
+deleted first. With no checkpoint there, `--resume` fails before starting anything.
 
 Clean exit: the children run in their own sessions (process groups), so a
 Ctrl-C reaches only this process, which then stops them in order (workers,
@@ -102,13 +101,9 @@ class _Interrupted(BaseException):
   """SIGTERM or SIGHUP, turned into an exception so that `finally` stops the children."""
 
 
-def _checkpoint_restore_supported() -> bool:
-  """Whether `lamb-sharded serve --checkpoint-dir` restores the newest checkpoint on start."""
-  try:
-    from service import engine  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return False
-  return callable(getattr(engine.Engine, 'restore', None))
+def _has_checkpoint(directory: str) -> bool:
+  """Whether `directory` holds a complete checkpoint (Orbax names those by the step alone)."""
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
 
 
 def _child_env(simulated_devices: bool = True) -> dict[str, str]:
@@ -460,10 +455,8 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
   if batch_size % workers:
     raise DemoError(f'--batch-size {batch_size} is not a multiple of --workers {workers}')
   checkpoint_dir = os.path.join(out, 'checkpoints')
-  if resume and not _checkpoint_restore_supported():
-    raise DemoError('--resume needs the checkpointing feature (a server that restores the '
-                    'newest checkpoint of --checkpoint-dir on start), which this version of '
-                    'lamb-sharded does not have yet')
+  if resume and not _has_checkpoint(checkpoint_dir):
+    raise DemoError(f'--resume: no checkpoint to resume from in {checkpoint_dir}')
   os.makedirs(state.logs, exist_ok=True)
   if not resume:  # else the server would restore the previous run's newest checkpoint
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -484,7 +477,8 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
   for w in range(workers):
     state.start_worker(w)
   state.wait_for_server()
-  state.tell_workers_the_address()
+  if not resume:  # on resume, only once the restored step is known (below)
+    state.tell_workers_the_address()
   phases = {'server_start': time.monotonic() - t0}
   print(f'lamb-sharded demo: server {state.address} (pid {state.pids["server"]}), '
         f'{len(state.workers)} workers (pids {" ".join(map(str, state.pids["workers"]))}), '
@@ -507,6 +501,8 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
       raise DemoError(f'the new server already has a model (step {info.step}): is another '
                       f'run using {checkpoint_dir}?')
     start_step = info.step if resume else 0
+    if resume:  # the workers could not start before: the restored step is the start
+      state.tell_workers_the_address()
     state.server_step = start_step
     state.wait_until_ready()
     phases['workers_ready'] = time.monotonic() - t0 - phases['server_start']

@@ -65,6 +65,17 @@ def test_short_demo_trains_and_leaves_nothing_behind(tmp_path):
   assert (out / 'server.yaml').exists()
   _assert_gone([server_pid, *worker_pids])
 
+  # --resume continues from the final checkpoint the server wrote when it was stopped.
+  with open(tmp_path / 'stderr2.txt', 'w', encoding='utf-8') as err:
+    proc = _demo(out, '--workers', '2', '--steps', '40', '--batch-size', '256', '--resume',
+                 stderr=err)
+    stdout, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, stdout + (tmp_path / 'stderr2.txt').read_text()
+  resumed = json.loads((out / 'summary.json').read_text())
+  assert resumed['resumed'] and resumed['start_step'] == 30 and resumed['steps'] == 40
+  _, server_pid, worker_pids = _started(stdout.splitlines()[0])
+  _assert_gone([server_pid, *worker_pids])
+
 
 def test_a_killed_worker_is_restarted_and_the_run_finishes(tmp_path):
   """The straggler policy: steps go on with quorum workers-1; the dead worker is restarted."""
@@ -95,10 +106,9 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(tmp_path):
   _assert_gone([server_pid, *summary['pids']['workers']])
 
 
-def test_resume_without_checkpoint_support_says_so(tmp_path, monkeypatch, capsys):
-  monkeypatch.setattr(demo, '_checkpoint_restore_supported', lambda: False)
+def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
   assert demo.run(resume=True, out=str(tmp_path / 'demo')) == 1
-  assert '--resume needs the checkpointing feature' in capsys.readouterr().err
+  assert '--resume: no checkpoint to resume from' in capsys.readouterr().err
   assert not (tmp_path / 'demo').exists()  # nothing started, nothing written
 
 
