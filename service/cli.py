@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
   worker.add_argument('--connect-timeout', type=float, default=600.0,
                       help='how long to wait for the server to come (back) up (s)')
   worker.add_argument('--log-level', default='INFO', help='logging level (default INFO)')
+  worker.add_argument('--token-file', help='file of the bearer token (its first token)')
+  worker.add_argument('--token-env', help='environment variable holding the bearer token')
+  worker.add_argument('--tls-ca', help='PEM file of the CA to verify the server with (TLS)')
   worker.add_argument('--progress', action='store_true',
                       help='print JSON progress lines on stdout (ready, each push, done)')
   worker.add_argument('--lifeline', action='store_true',
@@ -86,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _client_security(args) -> dict:
+  """OptimizerClient's token/TLS arguments from --token-file, --token-env, --tls-ca."""
+  from service import security  # pylint: disable=import-outside-toplevel
+  options = {}
+  if args.token_file or args.token_env:
+    options['token'] = security.load_tokens(args.token_file, args.token_env)[0]
+  if args.tls_ca:
+    options['root_certificates'] = args.tls_ca
+  return options
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   if args.command in ('serve', 'worker'):
@@ -106,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       return worker.run(args.server, args.worker_index, args.num_workers, args.steps,
                         args.batch_size, model=args.model, seed=args.seed, init=args.init,
                         timeout=args.timeout, connect_timeout=args.connect_timeout,
-                        progress=args.progress, lifeline=args.lifeline)
+                        progress=args.progress, lifeline=args.lifeline,
+                        client_options=_client_security(args))
     except KeyboardInterrupt:
       return 128 + signal.SIGTERM
   if args.command == 'export':

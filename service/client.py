@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from google.protobuf import duration_pb2
 
-from service import wire
+from service import security, wire
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 
@@ -87,20 +87,50 @@ class OptimizerClient:
 
   def __init__(self, target: str, *, timeout: float = 60.0, retries: int = 5,
                chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
-               channel: Optional[grpc.Channel] = None):
+               channel: Optional[grpc.Channel] = None,
+               token: Optional[str] = None,
+               root_certificates: Optional[security.PemSource] = None,
+               client_cert: Optional[security.PemSource] = None,
+               client_key: Optional[security.PemSource] = None,
+               server_name_override: Optional[str] = None,
+               tls: Optional[bool] = None):
     """Args:
       target: 'host:port' of the server.
       timeout: deadline of each call in seconds (WaitForStep takes its own).
       retries: attempts for pushes and pulls on UNAVAILABLE.
       chunk_bytes: data bytes per chunk (at most 3 MiB).
-      channel: an existing channel (e.g. a secure one); else an insecure one.
+      channel: an existing channel (e.g. a secure one); else one made from the options below.
+      token: a bearer token, sent as `authorization: Bearer <token>` on every call (also
+        over `channel`).
+      root_certificates: the CA(s) to verify the server with (PEM bytes, or a file path);
+        None with TLS: the system's roots.
+      client_cert, client_key: this client's certificate chain and key, for mutual TLS.
+      server_name_override: the name to verify the server's certificate against (tests).
+      tls: use TLS; None: if any of the certificate options is given.
     """
-    self._channel = channel or grpc.insecure_channel(target, options=[
+    if tls is None:
+      tls = any(x is not None for x in (root_certificates, client_cert, client_key,
+                                        server_name_override))
+    if (client_cert is None) != (client_key is None):
+      raise ValueError('client_cert and client_key go together')
+    options = [
         ('grpc.service_config', json.dumps(_SERVICE_CONFIG)),
         ('grpc.enable_retries', 1),
         ('grpc.max_receive_message_length', wire.MAX_MESSAGE_BYTES + (64 << 10)),
-    ])
-    self._stub = pb_grpc.OptimizerServiceStub(self._channel)
+    ]
+    if channel is None and tls:
+      if server_name_override:
+        options.append(('grpc.ssl_target_name_override', server_name_override))
+      credentials = grpc.ssl_channel_credentials(
+          root_certificates=security.pem(root_certificates),
+          private_key=security.pem(client_key), certificate_chain=security.pem(client_cert))
+      channel = grpc.secure_channel(target, credentials, options=options)
+    self._channel = channel or grpc.insecure_channel(target, options=options)
+    calls = self._channel
+    if token is not None:
+      calls = grpc.intercept_channel(self._channel,
+                                     security.BearerTokenClientInterceptor(token))
+    self._stub = pb_grpc.OptimizerServiceStub(calls)
     self.timeout = timeout
     self.retries = retries
     self.chunk_bytes = wire.clamp_chunk_bytes(chunk_bytes)

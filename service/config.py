@@ -24,6 +24,16 @@ class ServerConfig:
   host: str = '0.0.0.0'
   port: int = 50051  # 0: an ephemeral port, printed on start
   grpc_threads: int = 32
+  # Security. Bearer tokens (one per line; blank lines and #comments ignored) from a file
+  # and/or an environment variable; none: no authentication (a warning at start).
+  auth_token_file: Optional[str] = None
+  auth_token_env: Optional[str] = None
+  # TLS: the server's PEM certificate (chain) and key; with a client CA, mutual TLS.
+  tls_cert: Optional[str] = None
+  tls_key: Optional[str] = None
+  tls_client_ca: Optional[str] = None
+  # With TLS: a plaintext port serving only grpc.health.v1.Health (probes); 0: ephemeral.
+  health_port: int = 8081
   # Checkpoints (Orbax): where, how often (by steps and/or seconds), how many to keep.
   checkpoint_dir: Optional[str] = None
   checkpoint_every_steps: int = 100  # 0: not by steps
@@ -65,6 +75,12 @@ class ServerConfig:
       if not cond:
         raise ValueError(f'invalid configuration: {msg}')
     need(0 <= self.port < 65536, f'port {self.port} is not in [0, 65535]')
+    need(bool(self.tls_cert) == bool(self.tls_key), 'tls_cert and tls_key go together')
+    need(not self.tls_client_ca or bool(self.tls_cert),
+         'tls_client_ca (mutual TLS) needs tls_cert and tls_key')
+    need(0 <= self.health_port < 65536, f'health_port {self.health_port} is not in [0, 65535]')
+    need(not self.tls_cert or self.health_port == 0 or self.health_port != self.port,
+         f'health_port and port are both {self.port}')
     need(self.num_workers >= 1, f'num_workers must be >= 1, got {self.num_workers}')
     need(self.step_mode in STEP_MODES, f'step_mode must be one of {STEP_MODES}')
     need(0 <= self.quorum <= self.num_workers,

@@ -17,7 +17,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import wire
+from service import security, wire
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service.checkpoint import Checkpointer
@@ -180,18 +180,29 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
 
 
 class RunningServer:
-  """A started server: its port, its engine; `stop()` shuts it down."""
+  """A started server: its port, its engine; `stop()` shuts it down.
+
+  With TLS, `health_port` is the plaintext port serving only grpc.health.v1.Health
+  (None without TLS: the health service is then on `port`).
+  """
 
   def __init__(self, server: grpc.Server, engine: Engine, port: int,
-               health_servicer: health.HealthServicer):
+               health_servicer: health.HealthServicer,
+               health_server: Optional[grpc.Server] = None,
+               health_port: Optional[int] = None):
     self.server, self.engine, self.port = server, engine, port
     self._health = health_servicer
+    self.health_server, self.health_port = health_server, health_port
 
   def stop(self, grace: Optional[float] = None) -> None:
     """Graceful: not serving any more, pushes in flight finish, final checkpoint, stop."""
     self._health.enter_graceful_shutdown()
-    self.engine.shutdown(self.engine.config.shutdown_grace_s if grace is None else grace)
-    self.server.stop(grace).wait()
+    try:
+      self.engine.shutdown(self.engine.config.shutdown_grace_s if grace is None else grace)
+      self.server.stop(grace).wait()
+    finally:
+      if self.health_server is not None:
+        self.health_server.stop(grace).wait()
 
   def wait(self) -> None:
     self.server.wait_for_termination()
@@ -199,6 +210,17 @@ class RunningServer:
 
 def start(config: ServerConfig, engine: Optional[Engine] = None) -> RunningServer:
   """Starts the server on config.host:config.port (0: ephemeral) and returns at once."""
+  # Security settings first: a misconfigured secret fails before any state is touched.
+  tokens = security.load_tokens(config.auth_token_file, config.auth_token_env)
+  tls = bool(config.tls_cert)
+  credentials = (security.server_credentials(config.tls_cert, config.tls_key,
+                                             config.tls_client_ca) if tls else None)
+  if not tokens:
+    log.warning('no authentication configured (--auth-token-file/--auth-token-env): any '
+                'client that can reach the port can push gradients and pull parameters')
+  elif not tls:
+    log.warning('bearer tokens without TLS (--tls-cert/--tls-key): tokens cross the network '
+                'in the clear')
   if engine is None:
     checkpointer = None
     if config.checkpoint_dir:
@@ -217,6 +239,7 @@ def start(config: ServerConfig, engine: Optional[Engine] = None) -> RunningServe
       engine.initialize(specs, arrays)
   server = grpc.server(
       concurrent.futures.ThreadPoolExecutor(max_workers=config.grpc_threads),
+      interceptors=[security.BearerAuthInterceptor(tokens)] if tokens else None,
       options=[('grpc.max_receive_message_length', MAX_RECEIVE_BYTES),
                ('grpc.max_send_message_length', MAX_RECEIVE_BYTES)])
   pb_grpc.add_OptimizerServiceServicer_to_server(OptimizerServicer(engine), server)
@@ -226,13 +249,26 @@ def start(config: ServerConfig, engine: Optional[Engine] = None) -> RunningServe
     health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
   reflection.enable_server_reflection(
       (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-  port = server.add_insecure_port(f'{config.host}:{config.port}')
+  address = f'{config.host}:{config.port}'
+  port = (server.add_secure_port(address, credentials) if tls
+          else server.add_insecure_port(address))
   if port == 0:
-    raise RuntimeError(f'could not bind {config.host}:{config.port}')
+    raise RuntimeError(f'could not bind {address}')
+  health_server, health_port = None, None
+  if tls:  # probes (e.g. Kubernetes' gRPC probes) speak neither TLS nor tokens
+    health_server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    health_port = health_server.add_insecure_port(f'{config.host}:{config.health_port}')
+    if health_port == 0:
+      raise RuntimeError(f'could not bind the health port {config.host}:{config.health_port}')
   server.start()
-  log.info('serving %s on %s:%d, mesh of %d devices', SERVICE_NAME, config.host, port,
-           engine.mesh.devices.size)
-  return RunningServer(server, engine, port, health_servicer)
+  if health_server is not None:
+    health_server.start()
+    log.info('health service (plaintext) on %s:%d', config.host, health_port)
+  log.info('serving %s on %s:%d (%s%s), mesh of %d devices', SERVICE_NAME, config.host, port,
+           ('mutual TLS' if config.tls_client_ca else 'TLS') if tls else 'plaintext',
+           ', bearer tokens' if tokens else '', engine.mesh.devices.size)
+  return RunningServer(server, engine, port, health_servicer, health_server, health_port)
 
 
 def load_params_file(path: str) -> tuple[list[wire.LeafSpec], list[np.ndarray]]:
@@ -246,7 +282,9 @@ def load_params_file(path: str) -> tuple[list[wire.LeafSpec], list[np.ndarray]]:
 def serve_forever(config: ServerConfig) -> int:
   """Runs until SIGTERM/SIGINT; prints the bound port first (for callers using port 0)."""
   running = start(config)
-  print(f'lamb-sharded serving on {config.host}:{running.port}', flush=True)
+  health = ('' if running.health_port is None
+            else f' (health: plaintext port {running.health_port})')
+  print(f'lamb-sharded serving on {config.host}:{running.port}{health}', flush=True)
   stopped = threading.Event()
 
   def on_signal(signum, frame):

@@ -43,8 +43,11 @@ log = logging.getLogger(__name__)
 def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size: int,
         model: str = 'regression', seed: int = 0, init: bool = False,
         timeout: float = 60.0, connect_timeout: float = 60.0, progress: bool = False,
-        lifeline: bool = False) -> int:
-  """Trains until the server's step reaches `steps`; returns an exit code."""
+        lifeline: bool = False, client_options: Optional[dict] = None) -> int:
+  """Trains until the server's step reaches `steps`; returns an exit code.
+
+  `client_options`: more OptimizerClient arguments (token, root_certificates, ...).
+  """
   m = MODELS[model](seed=seed)
   worker_id = f'worker-{worker_index}'
   grad_fn = m.grad_fn()
@@ -85,7 +88,7 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
           raise
     client.wait_for_step(0, timeout=connect_timeout)
 
-  with OptimizerClient(server, timeout=timeout) as client:
+  with OptimizerClient(server, timeout=timeout, **(client_options or {})) as client:
     while True:
       step = None
       try:
