@@ -103,6 +103,47 @@ class ServerConfig:
 
 
 
+# One line of --help per setting (the comments above say more).
+HELP = {
+    'host': 'address to listen on',
+    'port': 'gRPC port (0: an ephemeral port, printed on start)',
+    'grpc_threads': 'threads serving RPCs',
+    'auth_token_file': 'file of bearer tokens, one per line (# comments); enables auth',
+    'auth_token_env': 'environment variable holding bearer tokens; enables auth',
+    'tls_cert': 'PEM certificate (chain) of the server; enables TLS',
+    'tls_key': 'PEM private key of the server',
+    'tls_client_ca': 'PEM CA that client certificates must chain to (mutual TLS)',
+    'health_port': 'with TLS: plaintext port serving only the health service (0: ephemeral)',
+    'checkpoint_dir': 'directory of Orbax checkpoints; the newest is restored on start',
+    'checkpoint_every_steps': 'save every this many steps (0: not by steps)',
+    'checkpoint_every_seconds': 'save when this long passed since the last save (0: not by time)',
+    'keep_checkpoints': 'how many checkpoints to keep',
+    'async_checkpoints': 'write checkpoints in the background (true/false)',
+    'shutdown_grace_s': 'on SIGTERM: how long pushes in flight may finish before the final save',
+    'init_params': '.npz of initial parameters (keys: leaf paths), unless a checkpoint exists',
+    'devices': 'devices of the mesh (0: every local device; on a CPU host: simulated)',
+    'num_workers': 'workers pushing each synchronous step',
+    'step_mode': 'sync: one step per num_workers pushes; async: one step per push',
+    'quorum': 'sync: pushes enough to apply a step after the straggler timeout (0: all)',
+    'straggler_timeout_s': 'sync: seconds after a step\'s first push to apply with a quorum (0: never)',
+    'staleness_bound': 'async: accept gradients computed at most this many steps ago',
+    'max_inflight_pushes': 'pushes received at once (each holds a model-sized buffer)',
+    'admission_timeout_s': 'how long a push waits for a slot before RESOURCE_EXHAUSTED',
+    'nonfinite': 'NaN/Inf in a push: reject the push, or skip the step',
+    'learning_rate': 'learning rate (the peak, with warmup_cosine)',
+    'schedule': 'learning-rate schedule',
+    'warmup_steps': 'warmup_cosine: linear warmup steps',
+    'decay_steps': 'warmup_cosine: total steps of the schedule',
+    'end_learning_rate': 'warmup_cosine: final learning rate',
+    'b1': 'LAMB: decay of the first moment',
+    'b2': 'LAMB: decay of the second moment',
+    'eps': 'LAMB: added outside the square root',
+    'eps_root': 'LAMB: added inside the square root',
+    'weight_decay': 'LAMB: decoupled weight decay',
+    'max_grad_norm': 'global gradient-norm clipping before the moments (0: off)',
+}
+
+
 def _boolean(text: str) -> bool:
   value = text.strip().lower()
   if value in ('1', 'true', 'yes', 'on'):
@@ -123,7 +164,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   for f in dataclasses.fields(ServerConfig):
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
-                                  help=f'(default: {f.default})')
+                                  help=f'{HELP[f.name]} (default: {f.default})')
     if 'bool' in kind:
       kwargs['type'] = _boolean
     elif 'int' in kind:
