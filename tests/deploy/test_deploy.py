@@ -37,7 +37,8 @@ from service import config as config_lib
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / 'deploy'
 DOCKERFILE = DEPLOY / 'Dockerfile'
-TARGETS = ('base', 'overlays/cpu', 'overlays/gpu', 'overlays/tpu', 'overlays/dev')
+TARGETS = ('base', 'overlays/cpu', 'overlays/gpu', 'overlays/tpu', 'overlays/dev',
+           'overlays/tls')
 # The oldest Kubernetes the manifests support (native gRPC probes are GA since 1.27,
 # podFailurePolicy is on by default since 1.26), kubectl's own, and the newest schemas known.
 K8S_VERSIONS = ('1.29', '1.32', kubernetes_validate.latest_version())
@@ -191,8 +192,10 @@ def test_renders_with_kubectl_kustomize(target):
   if not KUBECTL:
     pytest.skip(NO_KUBECTL.format(f'the rendering of deploy/{target}'))
   kinds = sorted(o['kind'] for o in _render(target))
-  assert kinds == ['ConfigMap', 'Job', 'PodDisruptionBudget', 'Service', 'Service',
-                   'StatefulSet'], kinds
+  expected = ['ConfigMap', 'Job', 'PodDisruptionBudget', 'Service', 'Service', 'StatefulSet']
+  if target == DEV_SECRET_TARGET:
+    expected = sorted(expected + ['Secret'])
+  assert kinds == expected, kinds
 
 
 @pytest.mark.parametrize('version', K8S_VERSIONS)
@@ -238,10 +241,18 @@ def test_grpc_port_agrees_everywhere(dep, tmp_path):
   _, config = server_config(dep, tmp_path)
   ports = {p['name']: p['containerPort'] for p in dep.server['ports']}
   assert ports['grpc'] == config.port
+  # With TLS the kubelet's gRPC probes (plaintext) go to the plaintext health port.
+  probe_port = config.health_port if config.tls_cert else config.port
+  if config.tls_cert:
+    assert config.health_port not in (0, config.port)
+    assert ports.get('health') == config.health_port, \
+        f'no containerPort "health" = health_port {config.health_port}'
+  else:
+    assert 'health' not in ports, 'a health port is declared but TLS is off (nothing serves it)'
   for probe in ('startupProbe', 'readinessProbe', 'livenessProbe'):
     assert probe in dep.server, f'the server has no {probe}'
-    assert dep.server[probe].get('grpc', {}).get('port') == config.port, \
-        f'{probe} is not a native gRPC probe on the server port {config.port}'
+    assert dep.server[probe].get('grpc', {}).get('port') == probe_port, \
+        f'{probe} is not a native gRPC probe on port {probe_port}'
   for svc in (dep.service, dep.headless):
     grpc_port = next(p for p in svc['spec']['ports'] if p['name'] == 'grpc')
     assert grpc_port['targetPort'] in ('grpc', config.port), svc['metadata']['name']
@@ -466,3 +477,132 @@ def test_dockerfile_fits_the_project():
   for src in re.findall(r'^COPY\s+(?!--from)(.+)\s+\S+$', text, re.M):
     for path in src.split():
       assert (ROOT / path).exists(), f'COPY {path}: not in the repository'
+
+
+# ------------------------------------------------------------------------------------------
+# Authentication: the bearer tokens from the Secret lamb-sharded-auth.
+
+AUTH_SECRET = 'lamb-sharded-auth'
+AUTH_KEY = 'tokens'
+# The one target that generates its Secret (a throwaway, well-known dev token).
+DEV_SECRET_TARGET = 'overlays/dev'
+DEV_MARKER = 'dev-only'
+
+
+def secret_env(container: dict) -> dict[str, tuple[str, str]]:
+  """Env var -> (Secret name, key), for the variables set from a secretKeyRef."""
+  refs = {}
+  for e in container.get('env', []):
+    ref = e.get('valueFrom', {}).get('secretKeyRef')
+    if ref:
+      assert not ref.get('optional'), f'{container["name"]}: {e["name"]} is optional'
+      refs[e['name']] = (ref['name'], ref['key'])
+  return refs
+
+
+def auth_secret_ref(dep: Deployment, name: str) -> tuple[str, str]:
+  """(name, key) as the target refers to lamb-sharded-auth (generated: with a hash suffix)."""
+  secrets = [o for o in dep.objects if o['kind'] == 'Secret']
+  if dep.target == DEV_SECRET_TARGET and KUBECTL:
+    secret = one(secrets, 'Secret')
+    assert secret['metadata']['name'].startswith(AUTH_SECRET + '-')
+    return secret['metadata']['name'], AUTH_KEY
+  assert not secrets, f'deploy/{dep.target} renders a Secret'
+  return AUTH_SECRET, AUTH_KEY
+
+
+def test_server_reads_its_tokens_from_the_auth_secret(dep, tmp_path):
+  _, config = server_config(dep, tmp_path)
+  assert config.auth_token_env, 'the server has no auth_token_env: no authentication'
+  refs = secret_env(dep.server)
+  assert config.auth_token_env in refs, \
+      f'auth_token_env {config.auth_token_env} is not set from a Secret in the server container'
+  assert refs[config.auth_token_env] == auth_secret_ref(dep, AUTH_SECRET)
+  assert config.auth_token_env not in container_env(dep.server), 'a token given as a value'
+
+
+def test_workers_send_a_token_from_the_same_secret_key(dep, tmp_path):
+  _, config = server_config(dep, tmp_path)
+  args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
+  assert args.token_env and not args.token_file, 'the workers are given no --token-env'
+  refs = secret_env(dep.worker)
+  assert args.token_env in refs, \
+      f'--token-env {args.token_env} is not set from a Secret in the worker container'
+  assert refs[args.token_env] == secret_env(dep.server)[config.auth_token_env], \
+      'the workers and the server read different Secret keys'
+
+
+def test_no_secret_with_real_data_is_committed():
+  """No Secret manifest under deploy/; secretGenerators only in dev, clearly marked."""
+  for path in DEPLOY.rglob('*.y*ml'):
+    for doc in yaml.safe_load_all(path.read_text()):
+      if not isinstance(doc, dict):
+        continue
+      assert doc.get('kind') != 'Secret', f'{path.relative_to(ROOT)} commits a Secret'
+      generators = doc.get('secretGenerator', [])
+      if not generators:
+        continue
+      assert path.parent == DEPLOY / DEV_SECRET_TARGET, \
+          f'{path.relative_to(ROOT)}: a secretGenerator outside the dev overlay'
+      for gen in generators:
+        assert not gen.get('files') and not gen.get('envs'), 'dev secret from a file'
+        for literal in gen.get('literals', []):
+          assert DEV_MARKER in literal.partition('=')[2], \
+              f'dev secret literal not marked {DEV_MARKER!r}: {literal.partition("=")[0]}'
+  for target in TARGETS:
+    if KUBECTL or target == 'base':
+      for obj in objects_of(target):
+        if obj['kind'] == 'Secret':
+          assert target == DEV_SECRET_TARGET, f'deploy/{target} renders a Secret'
+
+
+# ------------------------------------------------------------------------------------------
+# TLS (deploy/components/tls, in deploy/overlays/tls).
+
+TLS_SECRET = 'lamb-sharded-tls'
+
+
+def secret_volume_paths(workload: dict, container: dict, secret: str) -> set[str]:
+  """The file paths at which `container` sees the keys of Secret `secret`."""
+  volumes = {v['name']: v for v in workload['spec']['template']['spec'].get('volumes', [])}
+  paths = set()
+  for m in container.get('volumeMounts', []):
+    vol = volumes.get(m['name'], {}).get('secret')  # claims are not pod volumes
+    if not vol or vol['secretName'] != secret:
+      continue
+    assert m.get('readOnly'), f'{container["name"]}: {m["mountPath"]} is writable'
+    items = vol.get('items') or []
+    assert items, f'{container["name"]}: Secret {secret} mounted without items'
+    paths |= {m['mountPath'].rstrip('/') + '/' + i['path'] for i in items}
+  return paths
+
+
+def test_tls_overlay_serves_tls_and_probes_the_health_port(tmp_path):
+  dep = Deployment('overlays/tls')
+  _, config = server_config(dep, tmp_path)
+  assert config.tls_cert and config.tls_key
+  server_paths = secret_volume_paths(dep.sts, dep.server, TLS_SECRET)
+  for path in (config.tls_cert, config.tls_key, config.tls_client_ca):
+    if path:
+      assert path in server_paths, f'{path} is not a file of the Secret {TLS_SECRET}'
+  ports = {p['name']: p['containerPort'] for p in dep.server['ports']}
+  assert ports['health'] == config.health_port != config.port
+  for probe in ('startupProbe', 'readinessProbe', 'livenessProbe'):
+    assert dep.server[probe]['grpc']['port'] in (config.health_port, 'health')
+  args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
+  assert args.tls_ca in secret_volume_paths(dep.job, dep.worker, TLS_SECRET), \
+      f'--tls-ca {args.tls_ca} is not a file of the Secret {TLS_SECRET}'
+  worker_paths = secret_volume_paths(dep.job, dep.worker, TLS_SECRET)
+  assert not any(p.endswith('tls.key') for p in worker_paths), 'the workers get the server key'
+  for svc in (dep.service, dep.headless):
+    grpc_port = next(p for p in svc['spec']['ports'] if p['name'] == 'grpc')
+    assert grpc_port.get('appProtocol') != 'kubernetes.io/h2c', 'TLS is not h2c'
+
+
+@pytest.mark.parametrize('target', [t for t in TARGETS if t != 'overlays/tls'])
+def test_no_tls_where_none_is_configured(target, tmp_path):
+  dep = Deployment(target)
+  _, config = server_config(dep, tmp_path)
+  assert not config.tls_cert
+  args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
+  assert not args.tls_ca
