@@ -47,8 +47,8 @@ def push_messages(leaves, *, worker_id='w0', step=0, num_examples=1, push_id='',
                   model_id='', specs=None, chunk_bytes=1 << 20, commit=True, mutate=None):
   """The messages of a PushGradients stream for [(path, array)], optionally mutated.
 
-  `mutate(chunks)` may edit the list of TensorChunk messages before the commit
-  is computed from it... or after, if it returns (chunks, keep_commit_of_original).
+  The commit is always the one of the unmutated chunks; `mutate(chunks)` returns
+  the chunks to send instead (reordered, duplicated, corrupted...).
   """
   header = pb.PushGradientsHeader(
       worker_id=worker_id, step=step, num_examples=num_examples, push_id=push_id,

@@ -7,7 +7,6 @@ import grpc
 import numpy as np
 import pytest
 
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import tensor_pb2
 from svc import params_of, push_messages, running_server, spec, stub
 

@@ -4,7 +4,6 @@ import threading
 import time
 
 import grpc
-import jax
 import ml_dtypes
 import numpy as np
 import optax
