@@ -40,10 +40,14 @@ class ScaleByLambState(NamedTuple):
     count: number of updates applied so far (int32 scalar, replicated).
     mu: first moments, a pytree like the params, sharded like them.
     nu: second moments, a pytree like the params, sharded like them.
+    trust_ratio: with `record_trust_ratio=True`, the trust ratio each leaf got
+      in the last update (float32, one entry per leaf in the params' flattening
+      order, 1 where layer adaptation is off; replicated); else None (no leaf).
   """
   count: jax.Array
   mu: PyTree
   nu: PyTree
+  trust_ratio: Optional[jax.Array] = None
 
 
 def _is_python_zero(x: Any) -> bool:
@@ -135,6 +139,21 @@ def _zeros_like_leaf(leaf: Any, dtype, mesh, spec: P) -> jax.Array:
   return jnp.zeros(leaf.shape, dtype)
 
 
+def _replicated_ones(n: int, mesh, like: Any) -> jax.Array:
+  """A float32 vector of ones, replicated on `mesh` (placed as `_zeros_like_leaf` does)."""
+  if mesh is None:
+    return jnp.ones((n,), jnp.float32)
+  sharding = NamedSharding(mesh, P())
+  if not isinstance(mesh, Mesh):
+    return jnp.ones((n,), jnp.float32, out_sharding=sharding)
+  if not isinstance(like, jax.core.Tracer):
+    return jnp.ones((n,), jnp.float32, device=sharding)
+  ones = jnp.ones((n,), jnp.float32)
+  if all(t == AxisType.Auto for t in mesh.axis_types):
+    return jax.lax.with_sharding_constraint(ones, sharding)
+  return jax.sharding.reshard(ones, sharding)
+
+
 def _as_spec(x: jax.Array, mesh, spec: P) -> jax.Array:
   """Reshards an input to `spec` where `shard_map` will not do it by itself.
 
@@ -158,6 +177,7 @@ class _Static(NamedTuple):
   bias_correction: bool
   clip_grad_norm: bool
   clip_trust_ratio: bool
+  record_trust_ratio: bool
 
 
 def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
@@ -249,6 +269,15 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
       ratios = jnp.clip(ratios, hp('min_trust_ratio', acc), hp('max_trust_ratio', acc))
     ratios = jnp.where((p_norm == 0) | (u_norm == 0), jnp.ones_like(ratios), ratios)
 
+  recorded = None
+  if static.record_trust_ratio:  # every leaf's ratio, 1 where adaptation is off
+    one, k = jnp.ones((), jnp.float32), 0
+    entries = []
+    for adapt in static.adapt:
+      entries.append(ratios[k].astype(jnp.float32) if adapt else one)
+      k += adapt
+    recorded = jnp.stack(entries) if entries else jnp.zeros((0,), jnp.float32)
+
   # Pass 2: the update. The barrier gives pass 2 its own copy of the scalars, so
   # XLA cannot merge its direction with pass 1's and materialise u in between.
   s2 = dict(s)
@@ -261,7 +290,7 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
       u = u * ratios[k].astype(jnp.finfo(u.dtype).dtype)
       k += 1
     outs.append(u.astype(g.dtype))
-  return outs, new_ms, new_vs
+  return outs, new_ms, new_vs, recorded
 
 
 def scale_by_lamb(
@@ -281,6 +310,7 @@ def scale_by_lamb(
     bias_correction: bool = True,
     mu_dtype: Optional[jnp.dtype] = None,
     nu_dtype: Optional[jnp.dtype] = None,
+    record_trust_ratio: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by the LAMB direction, with state sharded on a mesh.
 
@@ -321,6 +351,9 @@ def scale_by_lamb(
     bias_correction: if False, m^ = m and v^ = v (apex `bias_correction=False`).
     mu_dtype: dtype to store the first moment in (default: the params' dtype).
     nu_dtype: dtype to store the second moment in (default: the params' dtype).
+    record_trust_ratio: keep each leaf's trust ratio of the last update in
+      `ScaleByLambState.trust_ratio` (for monitoring; it costs a vector of one
+      float per leaf and no extra pass over memory).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with state `ScaleByLambState`.
@@ -352,7 +385,10 @@ def scale_by_lamb(
       return jax.tree_util.tree_unflatten(
           treedef, [_zeros_like_leaf(x, dtype, lmesh, sp) for x, sp in zip(leaves, specs)])
 
-    return ScaleByLambState(count=jnp.zeros([], jnp.int32), mu=zeros(mu_dtype), nu=zeros(nu_dtype))
+    ratio = (_replicated_ones(len(leaves), lmesh, leaves[0] if leaves else None)
+             if record_trust_ratio else None)
+    return ScaleByLambState(count=jnp.zeros([], jnp.int32), mu=zeros(mu_dtype), nu=zeros(nu_dtype),
+                            trust_ratio=ratio)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -392,6 +428,7 @@ def scale_by_lamb(
         bias_correction=bias_correction,
         clip_grad_norm=max_grad_norm is not None,
         clip_trust_ratio=clip_trust_ratio,
+        record_trust_ratio=record_trust_ratio,
     )
     treedef = jax.tree_util.tree_structure(params)
     flat = [jax.tree_util.tree_leaves(t) for t in (updates, state.mu, state.nu, params)]
@@ -403,11 +440,12 @@ def scale_by_lamb(
       local = jax.shard_map(
           local, mesh=layout.mesh,
           in_specs=(P(), specs, specs, specs, specs),
-          out_specs=(specs, specs, specs),
+          out_specs=(specs, specs, specs, P() if record_trust_ratio else None),
           check_vma=False)
-    outs, mus, nus = local(arrays, *flat)
+    outs, mus, nus, ratio = local(arrays, *flat)
     unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
-    return unflat(outs), ScaleByLambState(count=count_inc, mu=unflat(mus), nu=unflat(nus))
+    return unflat(outs), ScaleByLambState(count=count_inc, mu=unflat(mus), nu=unflat(nus),
+                                          trust_ratio=ratio)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -430,6 +468,7 @@ def lamb(
     bias_correction: bool = True,
     mu_dtype: Optional[jnp.dtype] = None,
     nu_dtype: Optional[jnp.dtype] = None,
+    record_trust_ratio: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """The LAMB optimizer, sharded: a drop-in for `optax.lamb`.
 
@@ -454,6 +493,8 @@ def lamb(
     bias_correction: Adam's bias correction on (default) or off.
     mu_dtype: storage dtype of the first moment.
     nu_dtype: storage dtype of the second moment.
+    record_trust_ratio: keep the last update's per-leaf trust ratios in the
+      state (`ScaleByLambState.trust_ratio`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; its state is
@@ -488,6 +529,6 @@ def lamb(
           exclude_from_layer_adaptation=exclude_from_layer_adaptation,
           min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio,
           max_grad_norm=max_grad_norm, bias_correction=bias_correction,
-          mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+          mu_dtype=mu_dtype, nu_dtype=nu_dtype, record_trust_ratio=record_trust_ratio),
       optax.scale_by_learning_rate(learning_rate),
   )

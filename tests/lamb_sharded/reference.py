@@ -15,7 +15,7 @@ import numpy as np
 
 def lamb_reference(params, grads_per_step, *, lr, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0,
                    weight_decay=0.0, decay=None, adapt=None, min_ratio=None, max_ratio=None,
-                   max_grad_norm=None, bias_correction=True):
+                   max_grad_norm=None, bias_correction=True, ratios=None):
   """Runs LAMB on a dict of NumPy arrays; returns the params after every step.
 
   Args:
@@ -24,6 +24,7 @@ def lamb_reference(params, grads_per_step, *, lr, b1=0.9, b2=0.999, eps=1e-6, ep
     lr: callable step -> learning rate (step counts from 0).
     decay: dict name -> bool, where weight decay applies (default all).
     adapt: dict name -> bool, where the trust ratio applies (default all).
+    ratios: a list to append, for every step, a dict name -> the trust ratio used.
     Others: as in the paper / the implementations named in the module docstring.
 
   Returns:
@@ -39,7 +40,7 @@ def lamb_reference(params, grads_per_step, *, lr, b1=0.9, b2=0.999, eps=1e-6, ep
       norm = np.sqrt(sum(np.sum(val ** 2) for val in g.values()))
       if norm > max_grad_norm:
         g = {k: val * (max_grad_norm / norm) for k, val in g.items()}
-    new_x = {}
+    new_x, used = {}, {}
     for k in x:
       m[k] = b1 * m[k] + (1 - b1) * g[k]
       v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
@@ -57,7 +58,10 @@ def lamb_reference(params, grads_per_step, *, lr, b1=0.9, b2=0.999, eps=1e-6, ep
             ratio = max(ratio, min_ratio)
           if max_ratio is not None:
             ratio = min(ratio, max_ratio)
+      used[k] = ratio
       new_x[k] = x[k] - lr(t - 1) * ratio * u
+    if ratios is not None:
+      ratios.append(used)
     x = new_x
     history.append(dict(x))
   return history

@@ -205,3 +205,44 @@ def test_moment_dtype_bfloat16():
   # bf16 storage really differs from f32 storage.
   f32, _ = _run(lamb_sharded.lamb(1e-2), params, grads)
   assert max(float(jnp.max(jnp.abs(f32[k] - got[k]))) for k in x) > 1e-6
+
+
+@pytest.mark.parametrize('mesh_name', list(_MESHES))
+def test_recorded_trust_ratios_match_paper_reference(mesh_name):
+  """`record_trust_ratio=True` keeps each leaf's ratio of the last step, in flattening order."""
+  params = _params()
+  grads = _grads(params, 3, seed=5)
+  adapt = {'emb': True, 'w': False, 'b': True, 'odd': True, 'odd2': True, 'scalar': True,
+           'zeros': True}
+  shape, names = _MESHES[mesh_name]
+  extra, p0 = {}, params
+  if shape is not None:
+    mesh = jax.make_mesh(shape, names)
+    extra = dict(mesh=mesh, param_specs=_specs(mesh_name))
+    p0 = jax.device_put(params, lamb_sharded.named_shardings(mesh, extra['param_specs'], params))
+  tx = lamb_sharded.lamb(1e-2, weight_decay=0.01, record_trust_ratio=True,
+                         exclude_from_layer_adaptation={k: not v for k, v in adapt.items()},
+                         **extra)
+  assert jax.tree.leaves(tx.init(p0)[0].trust_ratio) and bool(
+      jnp.all(tx.init(p0)[0].trust_ratio == 1))
+  got_params, state = _run(tx, p0, grads)
+  ratios = []
+  want = lamb_reference({k: np.asarray(v) for k, v in params.items()},
+                        [{k: np.asarray(v) for k, v in g.items()} for g in grads],
+                        lr=lambda t: 1e-2, weight_decay=0.01, adapt=adapt, ratios=ratios)[-1]
+  names_in_order = [jax.tree_util.keystr(p)[2:-2] for p, _ in
+                    jax.tree_util.tree_flatten_with_path(params)[0]]
+  recorded = np.asarray(state[0].trust_ratio)
+  assert recorded.dtype == np.float32 and recorded.shape == (len(params),)
+  np.testing.assert_allclose(recorded, [ratios[-1][k] for k in names_in_order], rtol=1e-5)
+  assert recorded[names_in_order.index('w')] == 1.0  # adaptation off
+  assert len(set(np.round(recorded, 4))) > 3  # real, distinct ratios
+  for k in want:  # recording changes nothing else
+    np.testing.assert_allclose(np.asarray(got_params[k]), want[k], rtol=5e-5, atol=5e-6)
+
+
+def test_trust_ratio_is_not_in_the_state_by_default():
+  params = _params()
+  state = lamb_sharded.lamb(1e-2).init(params)
+  assert state[0].trust_ratio is None
+  assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(optax.lamb(1e-2).init(params)))
