@@ -7,7 +7,6 @@ example the number of simulated CPU devices) before JAX initialises.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -32,7 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
 
   serve = sub.add_parser('serve', help='run the optimizer server')
   config_lib.add_flags(serve)
-  serve.add_argument('--log-level', default='INFO', help='logging level (default INFO)')
 
   worker = sub.add_parser('worker', help='train a model through a server')
   worker.add_argument('--server', required=True,
@@ -50,9 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
   worker.add_argument('--connect-timeout', type=float, default=600.0,
                       help='how long to wait for the server to come (back) up (s)')
   worker.add_argument('--log-level', default='INFO', help='logging level (default INFO)')
+  worker.add_argument('--log-format', default='text', choices=config_lib.LOG_FORMATS,
+                      help='log lines as text, or one JSON object a line (default text)')
   worker.add_argument('--token-file', help='file of the bearer token (its first token)')
   worker.add_argument('--token-env', help='environment variable holding the bearer token')
   worker.add_argument('--tls-ca', help='PEM file of the CA to verify the server with (TLS)')
+  worker.add_argument('--tls-cert', help='PEM certificate (chain) of this worker, for mutual '
+                      'TLS (with --tls-key)')
+  worker.add_argument('--tls-key', help='PEM private key of this worker, for mutual TLS')
   worker.add_argument('--progress', action='store_true',
                       help='print JSON progress lines on stdout (ready, each push, done)')
   worker.add_argument('--lifeline', action='store_true',
@@ -90,23 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _client_security(args) -> dict:
-  """OptimizerClient's token/TLS arguments from --token-file, --token-env, --tls-ca."""
+  """OptimizerClient's token/TLS arguments from --token-*, --tls-ca, --tls-cert, --tls-key."""
   from service import security  # pylint: disable=import-outside-toplevel
   options = {}
   if args.token_file or args.token_env:
     options['token'] = security.load_tokens(args.token_file, args.token_env)[0]
   if args.tls_ca:
     options['root_certificates'] = args.tls_ca
+  if bool(args.tls_cert) != bool(args.tls_key):
+    raise SystemExit('lamb-sharded worker: --tls-cert and --tls-key go together')
+  if args.tls_cert:
+    options['client_cert'], options['client_key'] = args.tls_cert, args.tls_key
   return options
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
-  if args.command in ('serve', 'worker'):
-    logging.basicConfig(level=args.log_level.upper(),
-                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  from service import logs  # pylint: disable=import-outside-toplevel
+  if args.command == 'worker':
+    logs.setup(args.log_level, args.log_format)
   if args.command == 'serve':
     config = config_lib.from_args(args)
+    logs.setup(config.log_level, config.log_format)
     if config.devices:  # on a CPU-only host, simulate that many devices
       _set_cpu_devices(config.devices)
     from service import server  # pylint: disable=import-outside-toplevel

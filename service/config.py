@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from typing import Any, Optional, Sequence
 
 import yaml
@@ -15,6 +16,10 @@ import yaml
 STEP_MODES = ('sync', 'async')
 SCHEDULES = ('constant', 'warmup_cosine')
 NONFINITE_POLICIES = ('reject', 'skip_step')
+LOG_FORMATS = ('text', 'json')
+LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
+WORKER_ID = re.compile(r'[!-~](?:[ -~]{0,126}[!-~])?')
+WORKER_ID_RULE = '1 to 128 printable ASCII characters, not starting or ending with a space'
 
 
 @dataclasses.dataclass
@@ -24,6 +29,23 @@ class ServerConfig:
   host: str = '0.0.0.0'
   port: int = 50051  # 0: an ephemeral port, printed on start
   grpc_threads: int = 32
+  # Prometheus metrics over HTTP on host:metrics_port (0: ephemeral; -1: off).
+  metrics_port: int = 9090
+  # Logs on stderr: level, and 'text' or 'json' (one object a line).
+  log_level: str = 'INFO'
+  log_format: str = 'text'
+  # Limits, so that no client can exhaust the server. RPCs beyond max_concurrent_rpcs get
+  # RESOURCE_EXHAUSTED; a push or initialisation stream with no message for
+  # stream_idle_timeout_s, or any stream open longer than max_stream_seconds, is cut off
+  # (a push's partial data is discarded). keepalive_s: how often the server pings an idle
+  # connection to find dead peers (0: never).
+  max_concurrent_rpcs: int = 256
+  max_streams_per_connection: int = 64
+  stream_idle_timeout_s: float = 30.0
+  max_stream_seconds: float = 900.0
+  keepalive_s: float = 60.0
+  # Worker ids allowed to push, comma-separated (none: any well-formed id).
+  allowed_workers: Optional[str] = None
   # Security. Bearer tokens (one per line; blank lines and #comments ignored) from a file
   # and/or an environment variable; none: no authentication (a warning at start).
   auth_token_file: Optional[str] = None
@@ -55,6 +77,7 @@ class ServerConfig:
   # the wire dtype): the bound on the server's memory beyond params, moments and the
   # accumulator. Further pushes wait up to admission_timeout_s for a slot.
   max_inflight_pushes: int = 2
+  max_inflight_bytes: int = 0  # and at most this many bytes of them (0: no byte bound)
   admission_timeout_s: float = 30.0  # how long a push waits for a buffer slot
   nonfinite: str = 'reject'  # NaN/Inf in a push: reject it, or skip the step
   # LAMB.
@@ -88,6 +111,21 @@ class ServerConfig:
     need(self.straggler_timeout_s >= 0, 'straggler_timeout_s must be >= 0')
     need(self.staleness_bound >= 0, 'staleness_bound must be >= 0')
     need(self.max_inflight_pushes >= 1, 'max_inflight_pushes must be >= 1')
+    need(self.max_inflight_bytes >= 0, 'max_inflight_bytes must be >= 0')
+    need(-1 <= self.metrics_port < 65536, f'metrics_port {self.metrics_port} is not in '
+         f'[-1, 65535]')
+    need(self.metrics_port <= 0 or self.metrics_port not in (self.port, self.health_port),
+         f'metrics_port {self.metrics_port} is also the gRPC or health port')
+    need(self.log_format in LOG_FORMATS, f'log_format must be one of {LOG_FORMATS}')
+    need(self.log_level.upper() in LOG_LEVELS, f'log_level must be one of {LOG_LEVELS}')
+    need(self.max_concurrent_rpcs >= 1, 'max_concurrent_rpcs must be >= 1')
+    need(self.max_streams_per_connection >= 1, 'max_streams_per_connection must be >= 1')
+    need(self.stream_idle_timeout_s > 0, 'stream_idle_timeout_s must be > 0')
+    need(self.max_stream_seconds > 0, 'max_stream_seconds must be > 0')
+    need(self.keepalive_s >= 0, 'keepalive_s must be >= 0')
+    for w in self.worker_allowlist or ():
+      need(WORKER_ID.fullmatch(w) is not None, f'allowed_workers: {w!r} is not a valid '
+           f'worker id ({WORKER_ID_RULE})')
     need(self.nonfinite in NONFINITE_POLICIES, f'nonfinite must be one of {NONFINITE_POLICIES}')
     need(self.schedule in SCHEDULES, f'schedule must be one of {SCHEDULES}')
     need(self.devices >= 0, 'devices must be >= 0')
@@ -96,6 +134,12 @@ class ServerConfig:
     need(self.checkpoint_every_steps >= 0 and self.checkpoint_every_seconds >= 0,
          'checkpoint_every_steps and checkpoint_every_seconds must be >= 0')
     return self
+
+  @property
+  def worker_allowlist(self) -> Optional[frozenset[str]]:
+    if self.allowed_workers is None:
+      return None
+    return frozenset(w.strip() for w in str(self.allowed_workers).split(',') if w.strip())
 
   @property
   def effective_quorum(self) -> int:
@@ -108,6 +152,15 @@ HELP = {
     'host': 'address to listen on',
     'port': 'gRPC port (0: an ephemeral port, printed on start)',
     'grpc_threads': 'threads serving RPCs',
+    'metrics_port': 'HTTP port of the Prometheus metrics (0: ephemeral, -1: off)',
+    'log_level': 'logging level',
+    'log_format': 'log lines as text, or as one JSON object a line',
+    'max_concurrent_rpcs': 'RPCs served at once; more get RESOURCE_EXHAUSTED',
+    'max_streams_per_connection': 'concurrent streams one client connection may open',
+    'stream_idle_timeout_s': 'cut off a push/initialisation stream silent this long',
+    'max_stream_seconds': 'cut off any stream open this long',
+    'keepalive_s': 'ping idle connections this often to find dead peers (0: never)',
+    'allowed_workers': 'comma-separated worker ids allowed to push (default: any)',
     'auth_token_file': 'file of bearer tokens, one per line (# comments); enables auth',
     'auth_token_env': 'environment variable holding bearer tokens; enables auth',
     'tls_cert': 'PEM certificate (chain) of the server; enables TLS',
@@ -128,6 +181,7 @@ HELP = {
     'straggler_timeout_s': 'sync: seconds after a step\'s first push to apply with a quorum (0: never)',
     'staleness_bound': 'async: accept gradients computed at most this many steps ago',
     'max_inflight_pushes': 'pushes received at once (each holds a model-sized buffer)',
+    'max_inflight_bytes': 'bytes of pushes received at once (0: bounded by count only)',
     'admission_timeout_s': 'how long a push waits for a slot before RESOURCE_EXHAUSTED',
     'nonfinite': 'NaN/Inf in a push: reject the push, or skip the step',
     'learning_rate': 'learning rate (the peak, with warmup_cosine)',
@@ -171,7 +225,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
       kwargs['type'] = int
     elif 'float' in kind:
       kwargs['type'] = float
-    choices = {'step_mode': STEP_MODES, 'schedule': SCHEDULES, 'nonfinite': NONFINITE_POLICIES}
+    choices = {'step_mode': STEP_MODES, 'schedule': SCHEDULES, 'nonfinite': NONFINITE_POLICIES,
+               'log_format': LOG_FORMATS}
     if f.name in choices:
       kwargs['choices'] = choices[f.name]
     parser.add_argument(_flag(f.name), **kwargs)

@@ -90,6 +90,7 @@ def server_config(steps: int) -> dict[str, Any]:
       'checkpoint_every_steps': 100,
       'keep_checkpoints': 2,
       'shutdown_grace_s': 10.0,
+      'metrics_port': 0,  # Prometheus metrics on a free port (named on the server's first line)
   }
 
 

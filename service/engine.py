@@ -18,10 +18,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import queue
 import threading
 import time
 import uuid
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +32,10 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import lamb_sharded
 from service.checkpoint import Checkpointer, CheckpointInfo, IncompatibleCheckpoint
-from service.config import ServerConfig
+from service.config import WORKER_ID, WORKER_ID_RULE, ServerConfig
 from service.errors import (Aborted, AlreadyExists, FailedPrecondition, InvalidArgument,
-                            ResourceExhausted, Unavailable)
+                            PermissionDenied, ResourceExhausted, Unavailable)
+from service.logs import fields
 from service.wire import LeafSpec
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,20 @@ def make_optimizer(config: ServerConfig, mesh, specs) -> optax.GradientTransform
   return lamb_sharded.lamb(
       schedule, b1=config.b1, b2=config.b2, eps=config.eps, eps_root=config.eps_root,
       weight_decay=config.weight_decay, mesh=mesh, param_specs=specs,
-      max_grad_norm=config.max_grad_norm or None)
+      max_grad_norm=config.max_grad_norm or None, record_trust_ratio=True)
+
+
+class EngineObserver:
+  """What the engine reports as it goes (the server's metrics implement it); no-ops here."""
+
+  def step_applied(self, step: int, seconds: float) -> None:
+    """Step `step`'s update was computed, `seconds` after it was dispatched."""
+
+  def checkpoint_started(self, step: int, blocking_seconds: float) -> None:
+    """A save of `step` began; it held the step loop for `blocking_seconds`."""
+
+  def checkpoint_saved(self, step: int, seconds: float) -> None:
+    """The save of `step` is on disk, `seconds` after it began."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +117,7 @@ class PushTicket:
   step: int
   num_examples: int
   wire_specs: tuple[LeafSpec, ...]
+  nbytes: int = 0  # of the push in its wire dtypes
   nonfinite_leaf: Optional[str] = None  # set when the stream carried NaN/Inf
   _released: bool = False
 
@@ -128,6 +144,7 @@ class _Model:
     self.opt_state = None
     self.acc = self._zeros()
     self.weight = 0  # examples accumulated into acc
+    self.trust_ratios: Optional[jax.Array] = None  # of the last step applied here
 
     def accumulate(acc, grads, weight):
       return [a + weight * g.astype(jnp.float32) for a, g in zip(acc, grads)]
@@ -137,7 +154,10 @@ class _Model:
       updates, opt_state = self.tx.update(grads, opt_state, params)
       fresh = [jax.lax.with_sharding_constraint(jnp.zeros_like(a), sh)
                for a, sh in zip(acc, self.shardings)]
-      return optax.apply_updates(params, updates), opt_state, fresh
+      # The trust ratios once more, as an output of their own: opt_state is donated to
+      # the next step, this copy stays readable (metrics) and marks the step computed.
+      ratios = opt_state[0].trust_ratio
+      return optax.apply_updates(params, updates), opt_state, fresh, ratios
     # Params are not donated: pulls in flight keep reading the previous step's arrays.
     # The fresh accumulator is pinned to the mesh shardings: a bare `zeros_like`
     # comes back replicated on every device.
@@ -190,8 +210,10 @@ class Engine:
   """The optimizer's state machine. Thread-safe; every public method may block briefly."""
 
   def __init__(self, config: ServerConfig, devices: Optional[Sequence[jax.Device]] = None,
-               checkpointer: Optional[Checkpointer] = None):
+               checkpointer: Optional[Checkpointer] = None,
+               observer: Optional[EngineObserver] = None):
     self.config = config
+    self.observer = observer or EngineObserver()
     self._checkpointer = checkpointer
     self._draining = False
     devices = list(devices if devices is not None else jax.local_devices())
@@ -209,12 +231,19 @@ class Engine:
     self._first_push_at: Optional[float] = None
     self._poisoned_by: Optional[str] = None
     self._done: dict[tuple[str, str], tuple[int, PushResult]] = {}
-    self._slots = threading.BoundedSemaphore(config.max_inflight_pushes)
     self._in_flight = 0
+    self._in_flight_bytes = 0
+    self._waiting = 0  # callers blocked in wait_for_step
+    self._allowed = config.worker_allowlist
     self._closed = False
     self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
     self._watchdog = threading.Thread(target=self._straggler_loop, name='straggler', daemon=True)
     self._watchdog.start()
+    # Times each update from its dispatch until it is computed, off the step loop.
+    self._applied: queue.SimpleQueue = queue.SimpleQueue()
+    self._apply_timer = threading.Thread(target=self._time_applies, name='apply-timer',
+                                         daemon=True)
+    self._apply_timer.start()
 
   # ------------------------------------------------------------------ queries
 
@@ -230,15 +259,36 @@ class Engine:
       m = self._model
       return Snapshot(self._model_id, self._step, m.specs, tuple(m.params))
 
-  def wait_for_step(self, step: int, timeout: Optional[float]) -> tuple[int, bool, str]:
-    """Blocks until the model exists and its step is >= `step`, or `timeout` passes."""
+  def trust_ratios(self) -> Optional[np.ndarray]:
+    """The per-leaf trust ratios of the last step applied since start (None: none yet)."""
+    with self._cond:
+      ratios = self._model.trust_ratios if self._model is not None else None
+    return None if ratios is None else np.asarray(ratios)
+
+  def wait_for_step(self, step: int, timeout: Optional[float],
+                    gone: Optional[Callable[[], bool]] = None) -> tuple[int, bool, str]:
+    """Blocks until the model exists and its step is >= `step`, or `timeout` passes.
+
+    `gone`: returns True once the caller no longer waits (its RPC ended); the
+    caller then calls `wake()`, so that a cancelled long poll ends at once.
+    """
     if step < 0:
       raise InvalidArgument(f'step must be >= 0, got {step}')
     with self._cond:
-      self._cond.wait_for(
-          lambda: self._closed or (self._model is not None and self._step >= step), timeout)
+      self._waiting += 1
+      try:
+        self._cond.wait_for(
+            lambda: self._closed or (gone is not None and gone()) or (
+                self._model is not None and self._step >= step), timeout)
+      finally:
+        self._waiting -= 1
       reached = self._model is not None and self._step >= step
       return self._step, reached, self._model_id
+
+  def wake(self) -> None:
+    """Wakes every waiter to re-check its condition."""
+    with self._cond:
+      self._cond.notify_all()
 
   # ------------------------------------------------------------------ model
 
@@ -258,14 +308,16 @@ class Engine:
       self._step = 0
       self._save_locked(force=True)  # the initial params are state too
       log.info('model initialised: %d leaves, %d parameters, model_id %s', len(specs),
-               sum(math.prod(s.shape) for s in specs), self._model_id)
+               sum(math.prod(s.shape) for s in specs), self._model_id,
+               extra=fields(step=0, model_id=self._model_id))
       self._cond.notify_all()
       return self._model_id
 
   def _require_model(self) -> _Model:
     if self._model is None:
       raise FailedPrecondition('the model is not initialised: call InitializeModel first '
-                               '(or start the server with --init-params)')
+                               '(or start the server with --init-params)',
+                               reason='not_initialized')
     return self._model
 
   # ------------------------------------------------------------------ pushes
@@ -276,28 +328,57 @@ class Engine:
     """Checks a push's header and admits it; a PushResult means a duplicate (answer it)."""
     if not worker_id:
       raise InvalidArgument('header.worker_id is empty')
+    if not WORKER_ID.fullmatch(worker_id):
+      raise InvalidArgument(f'header.worker_id {worker_id[:140]!r} is not a valid worker id '
+                            f'({WORKER_ID_RULE})')
+    if self._allowed is not None and worker_id not in self._allowed:
+      raise PermissionDenied(f'worker {worker_id} is not one of the allowed workers '
+                             f'(allowed_workers)', reason='unknown_worker')
+    if len(push_id) > 128:
+      raise InvalidArgument(f'header.push_id has {len(push_id)} characters, over 128')
     if step < 0:
       raise InvalidArgument(f'header.step must be >= 0, got {step}')
     if num_examples <= 0:
       raise InvalidArgument(f'header.num_examples must be > 0, got {num_examples}')
     with self._cond:
       if self._draining:
-        raise Unavailable('the server is shutting down; retry against its successor')
+        raise Unavailable('the server is shutting down; retry against its successor',
+                          reason='shutting_down')
       model = self._require_model()
       if model_id and model_id != self._model_id:
         raise FailedPrecondition(f'header.model_id {model_id} is not the server\'s model '
-                                 f'{self._model_id}: pull the parameters again')
+                                 f'{self._model_id}: pull the parameters again',
+                                 reason='wrong_model')
       done = self._done.get((worker_id, push_id)) if push_id else None
       if done is not None:
         return dataclasses.replace(done[1], current_step=self._step, duplicate=True)
       self._check_leaves(model, wire_specs)
       self._check_step(worker_id, step)
-    if not self._slots.acquire(timeout=timeout):
-      raise ResourceExhausted(f'{self.config.max_inflight_pushes} pushes are already in '
-                              f'flight; retry later')
-    with self._cond:
-      self._in_flight += 1
-    return PushTicket(worker_id, push_id, step, num_examples, tuple(wire_specs))
+      nbytes = sum(s.nbytes for s in wire_specs)
+      self._admit_locked(nbytes, timeout)
+    return PushTicket(worker_id, push_id, step, num_examples, tuple(wire_specs), nbytes)
+
+  def _admit_locked(self, nbytes: int, timeout: float) -> None:
+    """Waits for room for a push of `nbytes`: a slot of max_inflight_pushes and bytes."""
+    cfg = self.config
+    max_bytes = cfg.max_inflight_bytes
+    if max_bytes and nbytes > max_bytes:
+      raise ResourceExhausted(f'the push has {nbytes} bytes, over max_inflight_bytes '
+                              f'{max_bytes}', reason='too_large')
+
+    def room():
+      return self._draining or (self._in_flight < cfg.max_inflight_pushes and (
+          not max_bytes or self._in_flight_bytes + nbytes <= max_bytes))
+    if not self._cond.wait_for(room, timeout):
+      raise ResourceExhausted(
+          f'{self._in_flight} pushes ({self._in_flight_bytes} bytes) are already in flight '
+          f'(max_inflight_pushes {cfg.max_inflight_pushes}, max_inflight_bytes '
+          f'{max_bytes or "unbounded"}); retry later', reason='busy')
+    if self._draining:
+      raise Unavailable('the server is shutting down; retry against its successor',
+                        reason='shutting_down')
+    self._in_flight += 1
+    self._in_flight_bytes += nbytes
 
   def release(self, ticket: PushTicket) -> None:
     """Frees the ticket's slot (call exactly once, whatever happened to the push)."""
@@ -305,14 +386,26 @@ class Engine:
       ticket._released = True
       with self._cond:
         self._in_flight -= 1
+        self._in_flight_bytes -= ticket.nbytes
         self._cond.notify_all()
-      self._slots.release()
 
   @property
   def pushes_in_flight(self) -> int:
     """Pushes admitted and not yet committed or dropped (each holds a staging buffer)."""
     with self._cond:
       return self._in_flight
+
+  @property
+  def waiting(self) -> int:
+    """Callers blocked in `wait_for_step` (long polls)."""
+    with self._cond:
+      return self._waiting
+
+  @property
+  def inflight_bytes(self) -> int:
+    """Bytes (in their wire dtypes) of the pushes in flight."""
+    with self._cond:
+      return self._in_flight_bytes
 
   def _check_leaves(self, model: _Model, wire_specs: Sequence[LeafSpec]) -> None:
     got = {s.path: s for s in wire_specs}
@@ -334,17 +427,19 @@ class Engine:
     current = self._step
     if step > current:
       raise FailedPrecondition(f'header.step {step} is ahead of the server\'s current step '
-                               f'{current}')
+                               f'{current}', reason='future_step')
     if self.config.step_mode == 'sync':
       if step < current:
         raise Aborted(f'step {step} was already applied; the current step is {current}: pull '
-                      f'the parameters and push gradients for step {current}')
+                      f'the parameters and push gradients for step {current}',
+                      reason='stale_step')
       if worker_id in self._contributors:
         raise AlreadyExists(f'worker {worker_id} already pushed for step {current} (with '
-                            f'push_id {self._contributors[worker_id].push_id!r})')
+                            f'push_id {self._contributors[worker_id].push_id!r})',
+                            reason='worker_already_pushed')
     elif current - step > self.config.staleness_bound:
       raise Aborted(f'gradients of step {step} are too stale: the current step is {current} and '
-                    f'the staleness bound is {self.config.staleness_bound}')
+                    f'the staleness bound is {self.config.staleness_bound}', reason='stale_step')
 
   def check_finite(self, ticket: PushTicket, spec: LeafSpec, buffer: np.ndarray) -> None:
     """Called as each leaf of a push completes: NaN/Inf rejects the push or marks it."""
@@ -352,7 +447,8 @@ class Engine:
       return
     if self.config.nonfinite == 'reject':
       raise InvalidArgument(f'leaf {spec.path} of worker {ticket.worker_id}\'s push for step '
-                            f'{ticket.step} contains NaN or Inf')
+                            f'{ticket.step} contains NaN or Inf', reason='nonfinite',
+                            leaf=spec.path)
     ticket.nonfinite_leaf = ticket.nonfinite_leaf or spec.path
 
   def commit_push(self, ticket: PushTicket, buffers: Sequence[np.ndarray]) -> PushResult:
@@ -388,12 +484,15 @@ class Engine:
   def _apply_locked(self) -> None:
     model = self._model
     if self._poisoned_by is not None:
-      log.warning('step %d skipped: NaN/Inf in %s', self._step, self._poisoned_by)
+      log.warning('step %d skipped: NaN/Inf in %s', self._step, self._poisoned_by,
+                  extra=fields(step=self._step, reason='nonfinite'))
       model.acc = model._zeros()
       self.stats['steps_skipped'] += 1
     else:
-      model.params, model.opt_state, model.acc = model.apply(
+      t0 = time.monotonic()
+      model.params, model.opt_state, model.acc, model.trust_ratios = model.apply(
           model.params, model.opt_state, model.acc, jnp.float32(1.0 / model.weight))
+      self._applied.put((self._step, t0, model.trust_ratios))
       self.stats['steps_applied'] += 1
     model.weight = 0
     self._step += 1
@@ -422,10 +521,22 @@ class Engine:
         elif len(self._contributors) >= cfg.effective_quorum:
           log.warning('step %d applied with %d of %d workers after the %.1fs straggler timeout',
                       self._step, len(self._contributors), cfg.num_workers,
-                      cfg.straggler_timeout_s)
+                      cfg.straggler_timeout_s, extra=fields(step=self._step, reason='straggler'))
           self._apply_locked()
         else:
           self._cond.wait(1.0)
+
+  def _time_applies(self) -> None:
+    while True:
+      item = self._applied.get()
+      if item is None:
+        return
+      step, t0, marker = item
+      try:
+        marker.block_until_ready()
+      except Exception:  # pylint: disable=broad-except
+        continue  # never computed (e.g. the process is exiting)
+      self.observer.step_applied(step, time.monotonic() - t0)
 
   # ------------------------------------------------------------------ checkpoints
 
@@ -442,10 +553,23 @@ class Engine:
     t0 = time.monotonic()
     saved = self._checkpointer.save(self._step, self._model.state(), self._meta(), force=force)
     if saved:
-      self.stats['checkpoint_blocking_s'] = time.monotonic() - t0
-      log.info('checkpoint of step %d started (step loop blocked %.3fs)', self._step,
-               time.monotonic() - t0)
+      blocked = time.monotonic() - t0
+      self.stats['checkpoint_blocking_s'] = blocked
+      log.info('checkpoint of step %d started (step loop blocked %.3fs)', self._step, blocked,
+               extra=fields(step=self._step, seconds=round(blocked, 4)))
+      self.observer.checkpoint_started(self._step, blocked)
+      threading.Thread(target=self._await_save, args=(self._step, t0), daemon=True,
+                       name=f'checkpoint-{self._step}').start()
     return saved
+
+  def _await_save(self, step: int, t0: float) -> None:
+    """Reports the save of `step` once it is on disk (asynchronous saves finish later)."""
+    try:
+      while self._checkpointer.is_saving():
+        time.sleep(0.02)
+    except Exception:  # pylint: disable=broad-except
+      return  # the checkpointer was closed meanwhile
+    self.observer.checkpoint_saved(step, time.monotonic() - t0)
 
   def restore(self) -> bool:
     """Restores the newest readable checkpoint onto this mesh; False if there is none."""
@@ -518,5 +642,6 @@ class Engine:
     with self._cond:
       self._closed = True
       self._cond.notify_all()
+    self._applied.put(None)
     if self._checkpointer is not None:
       self._checkpointer.close()

@@ -6,10 +6,22 @@ the core knows nothing of gRPC. Messages name the leaf or field at fault.
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class ServiceError(Exception):
-  """Base class; `code` is the name of a canonical gRPC status code."""
+  """Base class; `code` is the name of a canonical gRPC status code.
+
+  `reason` is a short machine-readable cause (a metrics label, a log field;
+  default: the code in lower case) and `leaf` the leaf at fault, if any.
+  """
   code = 'INTERNAL'
+
+  def __init__(self, message: str, *, reason: Optional[str] = None,
+               leaf: Optional[str] = None):
+    super().__init__(message)
+    self.reason = reason or self.code.lower()
+    self.leaf = leaf
 
 
 class InvalidArgument(ServiceError):
@@ -46,3 +58,7 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
   code = 'DEADLINE_EXCEEDED'
+
+
+class PermissionDenied(ServiceError):
+  code = 'PERMISSION_DENIED'

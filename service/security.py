@@ -16,9 +16,11 @@ import collections
 import hmac
 import logging
 import os
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import grpc
+
+from service import logs
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +110,18 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
   """Refuses calls without `authorization: Bearer <one of tokens>` (except public methods)."""
 
   def __init__(self, tokens: Sequence[str],
-               public_prefixes: Sequence[str] = PUBLIC_METHOD_PREFIXES):
+               public_prefixes: Sequence[str] = PUBLIC_METHOD_PREFIXES,
+               on_refused: Optional[Callable[[str], None]] = None):
+    """Args:
+      tokens: the accepted bearer tokens.
+      public_prefixes: method-name prefixes served without a token (health checks).
+      on_refused: called with the method's name for every call refused (metrics).
+    """
     if not tokens:
       raise ValueError('BearerAuthInterceptor needs at least one token')
     self._tokens = tuple(t.encode('utf-8') for t in tokens)
     self._public = tuple(public_prefixes)
+    self._on_refused = on_refused
 
   def intercept_service(self, continuation, handler_call_details):
     method = handler_call_details.method or ''
@@ -129,7 +138,10 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
     if handler is None:
       return None  # UNIMPLEMENTED, as without auth
     log.warning('refused %s: %s', method,
-                'no bearer token' if value is None else 'invalid bearer token')
+                'no bearer token' if value is None else 'invalid bearer token',
+                extra=logs.fields(rpc=method, code='UNAUTHENTICATED'))
+    if self._on_refused is not None:
+      self._on_refused(method)
     return _refusal(handler, 'missing or invalid bearer token'
                     if value is not None else 'missing bearer token (authorization metadata)')
 

@@ -1,16 +1,21 @@
 """The gRPC server: a thin servicer over the step engine, plus health and reflection.
 
 The servicer only parses streams, translates wire messages to engine calls and
-engine errors to gRPC status codes; the engine holds all the state.
+engine errors to gRPC status codes; the engine holds all the state. Around it:
+bearer-token auth, TLS, limits on RPCs, streams and silent clients, and
+Prometheus metrics on their own HTTP port.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
+import queue
 import signal
 import threading
-from typing import Iterator, Optional
+import time
+from typing import Callable, Iterator, Optional
 
 import grpc
 import numpy as np
@@ -18,28 +23,198 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import security, wire
+from service.logs import fields
+from service.metrics import Metrics
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service.checkpoint import Checkpointer
 from service.config import ServerConfig
 from service.engine import Engine, PushResult
-from service.errors import AlreadyExists, InvalidArgument, ServiceError
+from service.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name['OptimizerService'].full_name
 # Chunks carry at most 3 MiB of data; the envelope adds a few bytes.
 MAX_RECEIVE_BYTES = wire.MAX_MESSAGE_BYTES + (64 << 10)
+MAX_METADATA_BYTES = 16 << 10  # bigger request metadata: RESOURCE_EXHAUSTED from gRPC
+_END = object()
 
 
 def _abort(context: grpc.ServicerContext, err: ServiceError):
   context.abort(getattr(grpc.StatusCode, err.code), str(err))
 
 
+class _StreamReader:
+  """Reads a client stream on a thread of its own, so that a silent client can be cut off.
+
+  gRPC's synchronous server gives a handler a blocking iterator with no timeout:
+  a client that stalls half-way through a push would hold its buffer slot until
+  its own deadline, if it set one. Read through this, the handler gives up after
+  `idle_s` without a message, or once `deadline` (time.monotonic) passes, with
+  DEADLINE_EXCEEDED and a message saying why. At most two messages wait in
+  between (backpressure). When the handler is done, gRPC ends the call, which
+  ends the reading thread's iterator as well.
+  """
+
+  def __init__(self, requests: Iterator, what: str, idle_s: float, deadline: float):
+    self.what = what  # named in the messages; the caller refines it once it knows more
+    self._idle_s, self._deadline = idle_s, deadline
+    self._queue: queue.Queue = queue.Queue(maxsize=2)
+    self._stopped = threading.Event()
+    threading.Thread(target=self._pump, args=(requests,), name='stream-reader',
+                     daemon=True).start()
+
+  def _pump(self, requests: Iterator) -> None:
+    try:
+      for message in requests:
+        if not self._put(message):
+          return
+      self._put(_END)
+    except Exception as e:  # pylint: disable=broad-except  # the client cancelled
+      self._put(e)
+
+  def _put(self, item) -> bool:
+    while not self._stopped.is_set():
+      try:
+        self._queue.put(item, timeout=0.25)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    wait = min(self._idle_s, self._deadline - time.monotonic())
+    try:
+      item = self._queue.get(timeout=max(wait, 0.0))
+    except queue.Empty:
+      self.close()
+      if time.monotonic() >= self._deadline:
+        raise DeadlineExceeded(f'{self.what}: the stream was open too long '
+                               f'(max_stream_seconds); cut off, its data discarded',
+                               reason='stream_too_long') from None
+      raise DeadlineExceeded(f'{self.what}: no message for {self._idle_s:g}s '
+                             f'(stream_idle_timeout_s); cut off, its data discarded',
+                             reason='idle') from None
+    if item is _END:
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self) -> None:
+    self._stopped.set()
+
+
+class _PullWatch:
+  """Cancels server-streaming pulls whose client stopped reading, or that run too long.
+
+  A pull's handler blocks inside gRPC while the client does not read (flow
+  control); only another thread can end it. Each pull registers here and
+  reports progress per message; a watchdog cancels those without progress for
+  `idle_s` or open longer than `max_s` (the client sees CANCELLED).
+  """
+
+  def __init__(self, idle_s: float, max_s: float, on_cut: Callable[[str, float], None]):
+    self._idle_s, self._max_s, self._on_cut = idle_s, max_s, on_cut
+    self._lock = threading.Lock()
+    self._pulls: dict[int, list] = {}
+    self._ids = itertools.count()
+    self._stopped = threading.Event()
+    threading.Thread(target=self._loop, name='pull-watch', daemon=True).start()
+
+  def register(self, context) -> int:
+    now = time.monotonic()
+    with self._lock:
+      key = next(self._ids)
+      self._pulls[key] = [context, now, now]
+    return key
+
+  def progress(self, key: int) -> None:
+    with self._lock:
+      if key in self._pulls:
+        self._pulls[key][2] = time.monotonic()
+
+  def unregister(self, key: int) -> None:
+    with self._lock:
+      self._pulls.pop(key, None)
+
+  def _loop(self) -> None:
+    period = min(1.0, self._idle_s / 4)
+    while not self._stopped.wait(period):
+      now = time.monotonic()
+      with self._lock:
+        late = [(k, v) for k, v in self._pulls.items()
+                if now - v[2] > self._idle_s or now - v[1] > self._max_s]
+        for k, _ in late:
+          del self._pulls[k]
+      for _, (context, started, last) in late:
+        reason = 'idle' if now - last > self._idle_s else 'stream_too_long'
+        self._on_cut(reason, now - started)
+        context.cancel()
+
+  def close(self) -> None:
+    self._stopped.set()
+
+
+class _Unparsable:
+  """What a request that is not a valid protobuf message deserialises to (see `_lenient`)."""
+
+  def __init__(self, message_type: str, size: int, error: Exception):
+    self.description = (f'a message of {size} bytes that does not parse as {message_type} '
+                        f'({type(error).__name__})')
+
+
+def _lenient(message_class):
+  """A request deserializer that turns bytes that do not parse into an `_Unparsable`.
+
+  gRPC answers a deserializer's exception with INTERNAL; this way the handler
+  answers INVALID_ARGUMENT, naming the message, as for any other bad input.
+  """
+  def deserialize(data: bytes):
+    try:
+      return message_class.FromString(data)
+    except Exception as e:  # pylint: disable=broad-except  # DecodeError, RuntimeWarning...
+      return _Unparsable(message_class.DESCRIPTOR.name, len(data), e)
+  return deserialize
+
+
+def _parsed(request, what: str):
+  """`request`, or InvalidArgument if it did not parse."""
+  if isinstance(request, _Unparsable):
+    raise InvalidArgument(f'{what}: {request.description}', reason='unparsable')
+  return request
+
+
+def add_servicer(servicer: pb_grpc.OptimizerServiceServicer, server: grpc.Server) -> None:
+  """Registers `servicer` as the generated `add_OptimizerServiceServicer_to_server` does,
+  but with `_lenient` request deserializers."""
+  service = pb.DESCRIPTOR.services_by_name['OptimizerService']
+  factories = {
+      (False, False): grpc.unary_unary_rpc_method_handler,
+      (True, False): grpc.stream_unary_rpc_method_handler,
+      (False, True): grpc.unary_stream_rpc_method_handler,
+      (True, True): grpc.stream_stream_rpc_method_handler,
+  }
+  handlers = {}
+  for method in service.methods:
+    request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+    factory = factories[(method.client_streaming, method.server_streaming)]
+    handlers[method.name] = factory(getattr(servicer, method.name),
+                                    request_deserializer=_lenient(request),
+                                    response_serializer=response.SerializeToString)
+  server.add_generic_rpc_handlers(
+      (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+  server.add_registered_method_handlers(service.full_name, handlers)
+
+
 def _read_stream(requests: Iterator, what: str):
   """Splits a header/chunks/commit stream: returns (header, chunk iterator, commit holder)."""
   try:
-    first = next(requests)
+    first = _parsed(next(requests), f'{what}: message 1')
   except StopIteration:
     raise InvalidArgument(f'{what}: empty stream (expected a header first)') from None
   if first.WhichOneof('kind') != 'header':
@@ -48,8 +223,8 @@ def _read_stream(requests: Iterator, what: str):
   commit: list = []
 
   def chunks():
-    for msg in requests:
-      kind = msg.WhichOneof('kind')
+    for i, msg in enumerate(requests, start=2):
+      kind = _parsed(msg, f'{what}: message {i}').WhichOneof('kind')
       if commit:
         raise InvalidArgument(f'{what}: a message ({kind}) after the commit')
       if kind == 'chunk':
@@ -65,10 +240,28 @@ def _read_stream(requests: Iterator, what: str):
 class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
   """lamb_sharded.v1.OptimizerService over an Engine."""
 
-  def __init__(self, engine: Engine):
+  def __init__(self, engine: Engine, metrics: Optional[Metrics] = None):
     self._engine = engine
+    self._metrics = metrics or Metrics()
+    cfg = engine.config
+    self._idle_s, self._max_s = cfg.stream_idle_timeout_s, cfg.max_stream_seconds
+    self._pulls = _PullWatch(self._idle_s, self._max_s, self._pull_cut_off)
+
+  def close(self) -> None:
+    self._pulls.close()
+
+  def _reader(self, request_iterator, what: str) -> _StreamReader:
+    return _StreamReader(request_iterator, what, self._idle_s, time.monotonic() + self._max_s)
+
+  def _pull_cut_off(self, reason: str, seconds: float) -> None:
+    self._metrics.streams_cut_off.labels('PullParameters', reason).inc()
+    log.warning('pull cut off after %.1fs: %s', seconds,
+                'the client stopped reading' if reason == 'idle' else 'open too long',
+                extra=fields(rpc='PullParameters', reason=reason))
 
   def DescribeModel(self, request, context):
+    if isinstance(request, _Unparsable):
+      _abort(context, InvalidArgument(f'DescribeModel: {request.description}'))
     d = self._engine.describe()
     cfg = self._engine.config
     return pb.DescribeModelResponse(
@@ -89,42 +282,82 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       if d.initialized:  # refuse before reading the stream (the engine checks again)
         raise AlreadyExists(f'the model is already initialised (model_id {d.model_id}, '
                             f'step {d.step})')
-      header, chunks, commit = _read_stream(request_iterator, 'InitializeModel')
+      reader = self._reader(request_iterator, 'InitializeModel')
+      header, chunks, commit = _read_stream(reader, 'InitializeModel')
       specs = wire.specs_from_proto(header.leaves, 'header.leaves')
       if not specs:
         raise InvalidArgument('header.leaves is empty')
       receiver = wire.ChunkReceiver(specs, 'InitializeModel')
-      for chunk in chunks:
-        receiver.add(chunk)
+      try:
+        for chunk in chunks:
+          receiver.add(chunk)
+      finally:
+        self._metrics.received_bytes.labels('InitializeModel').inc(receiver.total_bytes)
       buffers = receiver.finish(commit[0] if commit else None)
       model_id = self._engine.initialize(specs, buffers)
       return pb.InitializeModelResponse(model_id=model_id, step=0)
     except ServiceError as e:
+      if e.reason in ('idle', 'stream_too_long'):
+        self._metrics.streams_cut_off.labels('InitializeModel', e.reason).inc()
+      log.warning('InitializeModel refused: %s', e,
+                  extra=fields(rpc='InitializeModel', code=e.code, reason=e.reason, leaf=e.leaf))
       _abort(context, e)
 
   def PushGradients(self, request_iterator, context):
-    ticket = None
+    t0 = time.monotonic()
+    ticket, header, receiver = None, None, None
+    reader = self._reader(request_iterator, 'PushGradients')
     try:
-      header, chunks, commit = _read_stream(request_iterator, 'PushGradients')
+      header, chunks, commit = _read_stream(reader, 'PushGradients')
+      what = f'push of worker {header.worker_id} for step {header.step}'
+      reader.what = what
       specs = wire.specs_from_proto(header.leaves, 'header.leaves')
       admitted = self._engine.begin_push(
           header.worker_id, header.push_id, header.step, header.num_examples, header.model_id,
           specs, timeout=self._engine.config.admission_timeout_s)
       if isinstance(admitted, PushResult):  # a retry of an accepted push
+        self._metrics.pushes_duplicate.inc()
         return self._push_response(admitted)
       ticket = admitted
       receiver = wire.ChunkReceiver(
-          specs, f'push of worker {header.worker_id} for step {header.step}',
+          specs, what,
           on_leaf_complete=lambda spec, buf: self._engine.check_finite(ticket, spec, buf))
       for chunk in chunks:
         receiver.add(chunk)
       buffers = receiver.finish(commit[0] if commit else None)
-      return self._push_response(self._engine.commit_push(ticket, buffers))
+      result = self._engine.commit_push(ticket, buffers)
+      if result.duplicate:
+        self._metrics.pushes_duplicate.inc()
+      self._metrics.push_seconds.observe(time.monotonic() - t0)
+      log.debug('push accepted (step %s)', 'applied' if result.applied else 'pending',
+                extra=fields(step=header.step, worker=header.worker_id,
+                             push_id=header.push_id or None))
+      return self._push_response(result)
     except ServiceError as e:
+      self._push_refused(e, header)
       _abort(context, e)
+    except grpc.RpcError:  # the client went away mid-stream
+      self._push_refused(None, header)
+      raise
     finally:
+      reader.close()
+      if receiver is not None:
+        self._metrics.received_bytes.labels('PushGradients').inc(receiver.total_bytes)
       if ticket is not None:
         self._engine.release(ticket)
+
+  def _push_refused(self, e: Optional[ServiceError], header) -> None:
+    """Counts and logs a push that was not accepted (e None: cancelled by the client)."""
+    reason = e.reason if e is not None else 'cancelled'
+    self._metrics.pushes_rejected.labels(reason).inc()
+    if reason in ('idle', 'stream_too_long'):
+      self._metrics.streams_cut_off.labels('PushGradients', reason).inc()
+    worker = header.worker_id if header is not None else None
+    step = header.step if header is not None else None
+    log.log(logging.INFO if e is None else logging.WARNING, 'push refused: %s',
+            e if e is not None else 'the client cancelled it; its data was discarded',
+            extra=fields(step=step, worker=worker or None, leaf=getattr(e, 'leaf', None),
+                         reason=reason, code=e.code if e is not None else 'CANCELLED'))
 
   @staticmethod
   def _push_response(r: PushResult) -> pb.PushGradientsResponse:
@@ -132,7 +365,10 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
                                     current_step=r.current_step, duplicate=r.duplicate)
 
   def PullParameters(self, request, context):
+    t0 = time.monotonic()
+    watch = self._pulls.register(context)
     try:
+      request = _parsed(request, 'PullParameters')
       snap = self._engine.snapshot()
       if (request.HasField('if_newer_than_step') and request.if_model_id == snap.model_id
           and snap.step <= request.if_newer_than_step):
@@ -144,15 +380,25 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       specs = [wire.LeafSpec(s.path, s.shape, out_dtype or s.dtype) for s in snap.specs]
       yield pb.PullParametersResponse(header=pb.PullParametersHeader(
           model_id=snap.model_id, step=snap.step, leaves=[s.to_proto() for s in specs]))
-      arrays = ((s.path, np.asarray(a).astype(s.dtype, copy=False))
-                for s, a in zip(specs, snap.arrays))
-      yield from wire.chunk_messages(pb.PullParametersResponse, arrays,
-                                     wire.clamp_chunk_bytes(request.max_chunk_bytes))
+      sent = self._metrics.sent_bytes.labels('PullParameters')
+
+      def arrays():
+        for s, a in zip(specs, snap.arrays):
+          sent.inc(s.nbytes)
+          yield s.path, np.asarray(a).astype(s.dtype, copy=False)
+      for message in wire.chunk_messages(pb.PullParametersResponse, arrays(),
+                                         wire.clamp_chunk_bytes(request.max_chunk_bytes)):
+        yield message
+        self._pulls.progress(watch)
+      self._metrics.pull_seconds.observe(time.monotonic() - t0)
     except ServiceError as e:
       _abort(context, e)
+    finally:
+      self._pulls.unregister(watch)
 
   def SaveCheckpoint(self, request, context):
     try:
+      request = _parsed(request, 'SaveCheckpoint')
       step, path = self._engine.save_now(wait=request.wait)
       return pb.SaveCheckpointResponse(step=step, path=path)
     except ServiceError as e:
@@ -160,6 +406,7 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
 
   def ListCheckpoints(self, request, context):
     try:
+      _parsed(request, 'ListCheckpoints')
       return pb.ListCheckpointsResponse(checkpoints=[
           pb.CheckpointInfo(step=c.step, path=c.path, complete=c.complete,
                             size_bytes=c.size_bytes)
@@ -169,11 +416,13 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
 
   def WaitForStep(self, request, context):
     try:
-      timeout = context.time_remaining()
+      request = _parsed(request, 'WaitForStep')
+      timeout = min(context.time_remaining() or self._max_s, self._max_s)
       if request.HasField('timeout') and request.timeout.ToTimedelta().total_seconds() > 0:
-        t = request.timeout.ToTimedelta().total_seconds()
-        timeout = t if timeout is None else min(t, timeout)
-      current, reached, model_id = self._engine.wait_for_step(request.step, timeout)
+        timeout = min(request.timeout.ToTimedelta().total_seconds(), timeout)
+      context.add_callback(self._engine.wake)  # a cancelled long poll ends at once
+      current, reached, model_id = self._engine.wait_for_step(
+          request.step, timeout, gone=lambda: not context.is_active())
       return pb.WaitForStepResponse(current_step=current, reached=reached, model_id=model_id)
     except ServiceError as e:
       _abort(context, e)
@@ -187,11 +436,14 @@ class RunningServer:
   """
 
   def __init__(self, server: grpc.Server, engine: Engine, port: int,
-               health_servicer: health.HealthServicer,
+               health_servicer: health.HealthServicer, servicer: OptimizerServicer,
+               metrics: Metrics, metrics_port: Optional[int] = None,
                health_server: Optional[grpc.Server] = None,
                health_port: Optional[int] = None):
     self.server, self.engine, self.port = server, engine, port
     self._health = health_servicer
+    self._servicer = servicer
+    self.metrics, self.metrics_port = metrics, metrics_port
     self.health_server, self.health_port = health_server, health_port
 
   def stop(self, grace: Optional[float] = None) -> None:
@@ -201,6 +453,8 @@ class RunningServer:
       self.engine.shutdown(self.engine.config.shutdown_grace_s if grace is None else grace)
       self.server.stop(grace).wait()
     finally:
+      self._servicer.close()
+      self.metrics.close()
       if self.health_server is not None:
         self.health_server.stop(grace).wait()
 
@@ -221,6 +475,7 @@ def start(config: ServerConfig, engine: Optional[Engine] = None) -> RunningServe
   elif not tls:
     log.warning('bearer tokens without TLS (--tls-cert/--tls-key): tokens cross the network '
                 'in the clear')
+  metrics = Metrics()
   if engine is None:
     checkpointer = None
     if config.checkpoint_dir:
@@ -228,7 +483,10 @@ def start(config: ServerConfig, engine: Optional[Engine] = None) -> RunningServe
           config.checkpoint_dir, every_steps=config.checkpoint_every_steps,
           every_seconds=config.checkpoint_every_seconds, keep=config.keep_checkpoints,
           asynchronous=config.async_checkpoints)
-    engine = Engine(config, checkpointer=checkpointer)
+    engine = Engine(config, checkpointer=checkpointer, observer=metrics)
+  else:
+    engine.observer = metrics
+  metrics.watch(engine)
   restored = engine.restore()
   if config.init_params:
     specs, arrays = load_params_file(config.init_params)
@@ -237,12 +495,21 @@ def start(config: ServerConfig, engine: Optional[Engine] = None) -> RunningServe
       log.info('resuming from the checkpoint; --init-params %s not used', config.init_params)
     else:
       engine.initialize(specs, arrays)
+  options = [('grpc.max_receive_message_length', MAX_RECEIVE_BYTES),
+             ('grpc.max_send_message_length', MAX_RECEIVE_BYTES),
+             ('grpc.max_metadata_size', MAX_METADATA_BYTES),
+             ('grpc.max_concurrent_streams', config.max_streams_per_connection)]
+  if config.keepalive_s > 0:
+    options += [('grpc.keepalive_time_ms', int(config.keepalive_s * 1000)),
+                ('grpc.keepalive_timeout_ms', 20_000)]
+  auth = security.BearerAuthInterceptor(
+      tokens, on_refused=lambda method: metrics.rpcs_unauthenticated.inc()) if tokens else None
   server = grpc.server(
       concurrent.futures.ThreadPoolExecutor(max_workers=config.grpc_threads),
-      interceptors=[security.BearerAuthInterceptor(tokens)] if tokens else None,
-      options=[('grpc.max_receive_message_length', MAX_RECEIVE_BYTES),
-               ('grpc.max_send_message_length', MAX_RECEIVE_BYTES)])
-  pb_grpc.add_OptimizerServiceServicer_to_server(OptimizerServicer(engine), server)
+      interceptors=[auth] if auth else None, options=options,
+      maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+  servicer = OptimizerServicer(engine, metrics)
+  add_servicer(servicer, server)
   health_servicer = health.HealthServicer()
   health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
   for name in ('', SERVICE_NAME):
@@ -261,6 +528,10 @@ def start(config: ServerConfig, engine: Optional[Engine] = None) -> RunningServe
     health_port = health_server.add_insecure_port(f'{config.host}:{config.health_port}')
     if health_port == 0:
       raise RuntimeError(f'could not bind the health port {config.host}:{config.health_port}')
+  metrics_port = None
+  if config.metrics_port >= 0:
+    metrics_port = metrics.serve(config.host, config.metrics_port)
+    log.info('Prometheus metrics on http://%s:%d/metrics', config.host, metrics_port)
   server.start()
   if health_server is not None:
     health_server.start()
@@ -268,7 +539,8 @@ def start(config: ServerConfig, engine: Optional[Engine] = None) -> RunningServe
   log.info('serving %s on %s:%d (%s%s), mesh of %d devices', SERVICE_NAME, config.host, port,
            ('mutual TLS' if config.tls_client_ca else 'TLS') if tls else 'plaintext',
            ', bearer tokens' if tokens else '', engine.mesh.devices.size)
-  return RunningServer(server, engine, port, health_servicer, health_server, health_port)
+  return RunningServer(server, engine, port, health_servicer, servicer, metrics, metrics_port,
+                       health_server, health_port)
 
 
 def load_params_file(path: str) -> tuple[list[wire.LeafSpec], list[np.ndarray]]:
@@ -282,9 +554,13 @@ def load_params_file(path: str) -> tuple[list[wire.LeafSpec], list[np.ndarray]]:
 def serve_forever(config: ServerConfig) -> int:
   """Runs until SIGTERM/SIGINT; prints the bound port first (for callers using port 0)."""
   running = start(config)
-  health = ('' if running.health_port is None
-            else f' (health: plaintext port {running.health_port})')
-  print(f'lamb-sharded serving on {config.host}:{running.port}{health}', flush=True)
+  extra = []
+  if running.health_port is not None:
+    extra.append(f'health: plaintext port {running.health_port}')
+  if running.metrics_port is not None:
+    extra.append(f'metrics: port {running.metrics_port}')
+  detail = f' ({", ".join(extra)})' if extra else ''
+  print(f'lamb-sharded serving on {config.host}:{running.port}{detail}', flush=True)
   stopped = threading.Event()
 
   def on_signal(signum, frame):

@@ -171,6 +171,11 @@ class ChunkReceiver:
   def buffers(self) -> list[np.ndarray]:
     return self._buffers
 
+  @property
+  def total_bytes(self) -> int:
+    """Data bytes received so far."""
+    return self._total
+
   def _skip_empty(self) -> None:
     while self._leaf < len(self._specs) and self._specs[self._leaf].nbytes == 0:
       self._complete_leaf()

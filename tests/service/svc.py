@@ -24,8 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @contextlib.contextmanager
 def running_server(**overrides):
-  """An in-process server on an ephemeral port of 127.0.0.1, with a client."""
-  config = ServerConfig(host='127.0.0.1', port=0, **overrides).validate()
+  """An in-process server on an ephemeral port of 127.0.0.1, with a client.
+
+  Its metrics are on an ephemeral port too (`running.metrics_port`) unless overridden.
+  """
+  config = ServerConfig(host='127.0.0.1', port=0, **{'metrics_port': 0, **overrides}).validate()
   running = server_lib.start(config)
   client = OptimizerClient(f'127.0.0.1:{running.port}', timeout=30)
   try:
@@ -88,7 +91,7 @@ def start_server_process(*flags, env=None):
   """`lamb-sharded serve --port 0` as a real process; returns (process, port)."""
   proc = subprocess.Popen(
       [sys.executable, '-m', 'service.cli', 'serve', '--host', '127.0.0.1', '--port', '0',
-       '--log-level', 'WARNING', *flags],
+       '--metrics-port', '0', '--log-level', 'WARNING', *flags],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env={**os.environ, **(env or {}), 'PYTHONPATH': ROOT})
   line = proc.stdout.readline()

@@ -101,7 +101,8 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
   np.savez(other, **{"['w']": np.zeros((4, 4), np.float32), "['b']": np.zeros(8, np.float32)})
   proc = subprocess.run(
       [sys.executable, '-m', 'service.cli', 'serve', '--host', '127.0.0.1', '--port', '0',
-       '--devices', '1', '--checkpoint-dir', str(ckpt), '--init-params', str(other)],
+       '--devices', '1', '--metrics-port', '-1', '--checkpoint-dir', str(ckpt),
+       '--init-params', str(other)],
       env={**os.environ, 'PYTHONPATH': ROOT}, cwd=ROOT, capture_output=True, text=True,
       timeout=60)
   assert proc.returncode != 0

@@ -35,7 +35,7 @@ G = {k: np.full(v.shape, 0.25, np.float32) for k, v in P0.items()}
 @contextlib.contextmanager
 def server(**overrides):
   config = ServerConfig(host='127.0.0.1', port=0, devices=1, learning_rate=0.1,
-                        **overrides).validate()
+                        **{'metrics_port': 0, **overrides}).validate()
   running = server_lib.start(config)
   try:
     yield running
@@ -287,13 +287,14 @@ def test_mutual_tls_and_tokens(pki, tmp_path):
       assert client.describe().step == 0
 
 
-def test_worker_cli_with_tls_and_a_token(pki, tmp_path):
-  with _tls_server(pki, auth_token_file=_token_file(tmp_path, TOKEN)) as running:
+def test_worker_cli_with_mutual_tls_and_a_token(pki, tmp_path):
+  with _tls_server(pki, mtls=True, auth_token_file=_token_file(tmp_path, TOKEN)) as running:
     proc = subprocess.run(
         [sys.executable, '-m', 'service.cli', 'worker', '--server',
          f'localhost:{running.port}', '--worker-index', '0', '--steps', '2', '--init',
          '--batch-size', '8', '--log-level', 'WARNING', '--connect-timeout', '30',
-         '--token-env', 'LAMB_WORKER_TOKEN', '--tls-ca', pki['ca.pem']],
+         '--token-env', 'LAMB_WORKER_TOKEN', '--tls-ca', pki['ca.pem'],
+         '--tls-cert', pki['client.pem'], '--tls-key', pki['client.key']],
         cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT, 'LAMB_WORKER_TOKEN': TOKEN},
         capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

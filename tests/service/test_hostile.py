@@ -1,0 +1,348 @@
+"""Hostile requests: 44 kinds of malformed, oversized, truncated or stalled calls.
+
+One table; every row is a request a broken or malicious client could send,
+the gRPC status code it must get and a pattern its message must match. For
+every row the test also checks that the model is unchanged (pulled params
+bit-identical, same step), that the push left no slot or bytes in flight, and
+that the server then still applies a well-formed step of two workers.
+
+Raw rows bypass the generated stubs (bytes in, identity serializer) to send
+what no well-behaved client can: bytes that are not protobuf, messages of the
+wrong type, empty messages.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+
+from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service._gen.lamb_sharded.v1 import tensor_pb2
+from svc import params_of, push_messages, running_server, spec, stub
+
+SERVICE = '/lamb_sharded.v1.OptimizerService/'
+PARAMS = {"['w']": np.arange(12, dtype=np.float32).reshape(3, 4) / 10,
+          "['b']": np.ones(5, np.float32)}
+SPECS = [spec("['w']", (3, 4)), spec("['b']", (5,))]
+IDLE_S = 1.0  # the hostile server's stream_idle_timeout_s
+
+
+def _grads(scale=1.0):
+  return [(k, np.full(v.shape, scale, np.float32)) for k, v in PARAMS.items()]
+
+
+@pytest.fixture(scope='module')
+def srv():
+  with running_server(devices=2, num_workers=2, max_inflight_pushes=2, admission_timeout_s=0.5,
+                      stream_idle_timeout_s=IDLE_S,
+                      allowed_workers='w0, ok-a, ok-b') as (running, client):
+    client.initialize(PARAMS)
+    _good_step(running, client)  # start at step 1, so that a stale step exists
+    yield running, client
+
+
+def _good_step(running, client):
+  step, _ = params_of(client)
+  for w in ('ok-a', 'ok-b'):
+    r = stub(running.port).PushGradients(iter(push_messages(
+        leaves=_grads(), worker_id=w, step=step)), timeout=10)
+  assert r.applied and r.current_step == step + 1
+
+
+# ----------------------------------------------------------------------------- request makers
+# Each takes (running, step) and returns (status code, details) of the call.
+
+def _outcome(fn):
+  try:
+    fn()
+  except grpc.RpcError as e:
+    return e.code(), e.details()
+  return grpc.StatusCode.OK, ''
+
+
+def _raw_push(messages):
+  """A push of raw bytes: a list, or a function of the step returning one."""
+  def run(running, step):
+    data = messages(step) if callable(messages) else messages
+    with grpc.insecure_channel(f'127.0.0.1:{running.port}') as channel:
+      call = channel.stream_unary(SERVICE + 'PushGradients',
+                                  response_deserializer=pb.PushGradientsResponse.FromString)
+      return _outcome(lambda: call(iter(data), timeout=10))
+  return run
+
+
+def _raw_unary(method: str, data: bytes):
+  def run(running, step):
+    del step
+    with grpc.insecure_channel(f'127.0.0.1:{running.port}') as channel:
+      return _outcome(lambda: channel.unary_unary(SERVICE + method)(data, timeout=10))
+  return run
+
+
+def _push(**kwargs):
+  """A push built by svc.push_messages(**kwargs) for the current step (unless given)."""
+  def run(running, step):
+    msgs = push_messages(**{'leaves': _grads(), 'worker_id': 'w0', 'step': step, **kwargs})
+    return _outcome(lambda: stub(running.port).PushGradients(iter(msgs), timeout=10))
+  return run
+
+
+def _push_messages(build):
+  """A push of the messages build(step) returns."""
+  def run(running, step):
+    msgs = build(step)
+    return _outcome(lambda: stub(running.port).PushGradients(iter(msgs), timeout=10))
+  return run
+
+
+def _header(step, **kw):
+  return pb.PushGradientsRequest(header=pb.PushGradientsHeader(
+      **{'worker_id': 'w0', 'step': step, 'num_examples': 1, 'leaves': SPECS, **kw}))
+
+
+def _chunk(path, data, offset=0, sequence=0):
+  return pb.PushGradientsRequest(chunk=tensor_pb2.TensorChunk(
+      path=path, offset=offset, data=data, sequence=sequence))
+
+
+def _commit_of(chunks):
+  crc, total = 0, 0
+  for c in chunks:
+    crc = zlib.crc32(c.chunk.data, crc)
+    total += len(c.chunk.data)
+  return pb.PushGradientsRequest(commit=tensor_pb2.StreamCommit(
+      chunk_count=len(chunks), total_bytes=total, crc32=crc))
+
+
+def _oversized_message(step):
+  chunks = [_chunk("['w']", bytes(5 << 20))]
+  return [_header(step)] + chunks + [_commit_of(chunks)]
+
+
+def _past_the_end(step):
+  chunks = [_chunk("['w']", np.ones(16, np.float32).tobytes())]
+  return [_header(step)] + chunks + [_commit_of(chunks)]
+
+
+def _second_header(step):
+  msgs = push_messages(leaves=_grads(), worker_id='w0', step=step)
+  return msgs[:1] + msgs[:1] + msgs[1:]
+
+
+def _wrong_counts(step):
+  msgs = push_messages(leaves=_grads(), worker_id='w0', step=step)
+  msgs[-1].commit.chunk_count += 1
+  return msgs
+
+
+def _checksum(step):
+  msgs = push_messages(leaves=_grads(), worker_id='w0', step=step)
+  msgs[-1].commit.crc32 ^= 1
+  return msgs
+
+
+def _header_with_unknown_field_type(step):
+  # PushGradientsRequest.header (field 1) holding worker_id (field 1, a string) sent as a
+  # varint: parsers keep it as an unknown field, so the header has no worker id.
+  del step
+  return [b'\x0a\x02\x08\x05']
+
+
+def _partial_push_then(action):
+  """Sends the header and one chunk, then `action(call, running)` cancels or stalls."""
+  def run(running, step):
+    msgs = push_messages(leaves=_grads(), worker_id='w0', step=step, chunk_bytes=8)
+    gate = threading.Event()
+
+    def requests():
+      yield from msgs[:2]
+      gate.wait(IDLE_S * 5)
+
+    call = stub(running.port).PushGradients.future(requests(), timeout=30)
+    try:
+      _until(lambda: running.engine.pushes_in_flight == 1)
+      action(call)
+      _until(call.done)
+      return call.code(), call.details() or ''
+    finally:
+      gate.set()
+  return run
+
+
+def _cancel(call):
+  call.cancel()
+
+
+def _stall(call):
+  del call  # the server cuts it off by itself
+
+
+def _pull(**kwargs):
+  def run(running, step):
+    del step
+    return _outcome(lambda: list(stub(running.port).PullParameters(
+        pb.PullParametersRequest(**kwargs), timeout=10)))
+  return run
+
+
+def _unary(method, request, metadata=None):
+  def run(running, step):
+    del step
+    return _outcome(lambda: getattr(stub(running.port), method)(request, timeout=10,
+                                                               metadata=metadata))
+  return run
+
+
+def _initialize_again(running, step):
+  del step
+  msgs = [pb.InitializeModelRequest(header=pb.InitializeModelHeader(leaves=SPECS))]
+  return _outcome(lambda: stub(running.port).InitializeModel(iter(msgs), timeout=10))
+
+
+def _until(cond, timeout=20.0):
+  deadline = time.monotonic() + timeout
+  while not cond():
+    assert time.monotonic() < deadline, 'timed out'
+    time.sleep(0.01)
+
+
+def _mutated(fn):
+  return dict(chunk_bytes=16, mutate=fn)
+
+
+def _set(chunks, i, **fields):
+  for k, v in fields.items():
+    setattr(chunks[i], k, v)
+  return chunks
+
+
+BIG = 'x' * 10_000
+CASES = {
+    # Not protobuf, wrong types, wrong shapes of stream.
+    'random bytes': (_raw_push([b'\x07' + bytes(range(200))]), 'INVALID_ARGUMENT',
+                     r'message 1: a message of 201 bytes that does not parse as '
+                     r'PushGradientsRequest'),
+    'random bytes after the header': (
+        _raw_push(lambda step: [_header(step).SerializeToString(), b'\xff' * 32]),
+        'INVALID_ARGUMENT',
+        r'message 2: .* does not parse'),
+    'an empty message': (_raw_push([b'']), 'INVALID_ARGUMENT',
+                         r'first message must be a header, got an empty message'),
+    'a message of another type': (
+        _raw_push([pb.PullParametersRequest(if_newer_than_step=3,
+                                            max_chunk_bytes=5).SerializeToString()]),
+        'INVALID_ARGUMENT', r'first message must be a header|does not parse'),
+    'a field of the wrong wire type': (_raw_push(_header_with_unknown_field_type),
+                                       'INVALID_ARGUMENT', r'header.worker_id is empty'),
+    'an empty stream': (_raw_push([]), 'INVALID_ARGUMENT', r'empty stream'),
+    'a header only': (_push_messages(lambda step: [_header(step)]), 'INVALID_ARGUMENT',
+                      r'ended without a commit'),
+    'a second header': (_push_messages(_second_header), 'INVALID_ARGUMENT',
+                        r'unexpected message kind header'),
+    'a message after the commit': (
+        _push_messages(lambda step: (lambda m: m + m[1:2])(
+            push_messages(leaves=_grads(), worker_id='w0', step=step))),
+        'INVALID_ARGUMENT', r'after the commit'),
+    # Sizes.
+    'a leaf declared over 1 TiB': (
+        _push(specs=[spec("['w']", (2 ** 40,)), SPECS[1]]), 'INVALID_ARGUMENT',
+        r"leaf \['w'\] declares shape \[1099511627776\], over 1 TiB"),
+    'dimensions whose product overflows': (
+        _push(specs=[spec("['w']", (2 ** 62, 2 ** 62)), SPECS[1]]), 'INVALID_ARGUMENT',
+        r'over 1 TiB'),
+    'a negative dimension': (_push(specs=[spec("['w']", (-3, 4)), SPECS[1]]),
+                             'INVALID_ARGUMENT', r"leaf \['w'\] has a negative dimension"),
+    'a message over 4 MiB': (_push_messages(_oversized_message), 'RESOURCE_EXHAUSTED',
+                             r'larger than max'),
+    'a chunk past the end of its leaf': (_push_messages(_past_the_end), 'INVALID_ARGUMENT',
+                                         r"leaf \['w'\] .* has 48 bytes, but chunk 0 ends at "
+                                         r'byte 64'),
+    'oversized metadata': (_unary('DescribeModel', pb.DescribeModelRequest(),
+                                  metadata=[('x-junk', 'x' * 100_000)]),
+                           'RESOURCE_EXHAUSTED', r'metadata size exceeds'),
+    # Chunks.
+    'a chunk offset far away': (_push(**_mutated(lambda c: _set(c, 1, offset=2 ** 40))),
+                                'INVALID_ARGUMENT', r'has offset 1099511627776, expected 16'),
+    'a duplicated chunk': (_push(**_mutated(lambda c: c[:2] + c[1:])), 'INVALID_ARGUMENT',
+                           r'sequence 1, expected 2 \(duplicated\)'),
+    'chunks out of order': (_push(**_mutated(lambda c: [c[0], c[2], c[1]] + c[3:])),
+                            'INVALID_ARGUMENT', r'sequence 2, expected 1 \(out of order\)'),
+    'a chunk of a leaf not in the header': (
+        _push(**_mutated(lambda c: _set(c, 0, path="['zzz']"))), 'INVALID_ARGUMENT',
+        r"leaf \['zzz'\] \(not a leaf of the header\)"),
+    'an empty chunk': (_push(**_mutated(lambda c: _set(c, 0, data=b''))), 'INVALID_ARGUMENT',
+                       r'chunk 0 of leaf .* is empty'),
+    'a checksum mismatch': (_push_messages(_checksum), 'DATA_LOSS', r'CRC-32 mismatch'),
+    'a commit with wrong counts': (_push_messages(_wrong_counts), 'INVALID_ARGUMENT',
+                                   r'commit says \d+ chunks'),
+    # Header fields.
+    'a negative step': (_push(step=-5), 'INVALID_ARGUMENT', r'header.step must be >= 0'),
+    'a step from the future': (_push(step=10 ** 9), 'FAILED_PRECONDITION',
+                               r'step 1000000000 is ahead'),
+    'a stale step': (lambda running, step: _push(step=step - 1)(running, step), 'ABORTED',
+                     r'was already applied'),
+    'zero examples': (_push(num_examples=0), 'INVALID_ARGUMENT', r'header.num_examples'),
+    'negative examples': (_push(num_examples=-7), 'INVALID_ARGUMENT', r'header.num_examples'),
+    'an unknown worker id': (_push(worker_id='intruder'), 'PERMISSION_DENIED',
+                             r'worker intruder is not one of the allowed workers'),
+    'a worker id with a newline': (_push(worker_id='w0\nFAKE LOG LINE'), 'INVALID_ARGUMENT',
+                                   r'header.worker_id .* is not a valid worker id'),
+    'a worker id of 10 kB': (_push(worker_id=BIG), 'INVALID_ARGUMENT',
+                             r'is not a valid worker id'),
+    'a push id of 10 kB': (_push(push_id=BIG), 'INVALID_ARGUMENT', r'header.push_id has 10000'),
+    'a leaf twice in the header': (_push(specs=[SPECS[0], SPECS[0], SPECS[1]]),
+                                   'INVALID_ARGUMENT', r"leaf \['w'\] appears twice"),
+    'an unknown dtype': (_push(specs=[spec("['w']", (3, 4), 99), SPECS[1]]),
+                         'INVALID_ARGUMENT', r"leaf \['w'\]: unsupported dtype 99"),
+    'NaN in a gradient': (_push(leaves=[("['w']", np.full((3, 4), np.nan, np.float32)),
+                                        _grads()[1]]),
+                          'INVALID_ARGUMENT', r"leaf \['w'\] of worker w0.*NaN or Inf"),
+    'a wrong model id': (_push(model_id='0' * 32), 'FAILED_PRECONDITION',
+                         r'model_id 0{32} is not the server'),
+    # Truncated and stalled streams.
+    'a push cancelled half-way': (_partial_push_then(_cancel), 'CANCELLED', r''),
+    'a push stalled half-way': (_partial_push_then(_stall), 'DEADLINE_EXCEEDED',
+                                r'push of worker w0 for step \d+: no message for 1s '
+                                r'\(stream_idle_timeout_s\); cut off, its data discarded'),
+    # Other RPCs.
+    'pull: random bytes': (_raw_unary('PullParameters', b'\x07abc'), 'INVALID_ARGUMENT',
+                           r'does not parse as PullParametersRequest'),
+    'pull: an unknown dtype': (_pull(dtype=42), 'INVALID_ARGUMENT',
+                               r'request.dtype: unsupported dtype 42'),
+    'describe: random bytes': (_raw_unary('DescribeModel', b'\xff\xff'), 'INVALID_ARGUMENT',
+                               r'does not parse as DescribeModelRequest'),
+    'wait: a negative step': (_unary('WaitForStep', pb.WaitForStepRequest(step=-1)),
+                              'INVALID_ARGUMENT', r'step must be >= 0'),
+    'initialise again': (_initialize_again, 'ALREADY_EXISTS', r'already initialised'),
+    'an unknown method': (_raw_unary('DropAllTables', b''), 'UNIMPLEMENTED', r''),
+    'save without a checkpoint dir': (_unary('SaveCheckpoint', pb.SaveCheckpointRequest()),
+                                      'FAILED_PRECONDITION', r'no --checkpoint-dir'),
+}
+
+
+def test_the_table_has_at_least_30_kinds():
+  assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_hostile_request(srv, name):
+  running, client = srv
+  make, code, pattern = CASES[name]
+  before_step, before = params_of(client)
+  got_code, details = make(running, before_step)
+  assert got_code == getattr(grpc.StatusCode, code), (got_code, details)
+  assert re.search(pattern, details), details
+  # Nothing changed, nothing is left in flight.
+  _until(lambda: running.engine.pushes_in_flight == 0 and running.engine.inflight_bytes == 0)
+  after_step, after = params_of(client)
+  assert after_step == before_step
+  for k in before:
+    np.testing.assert_array_equal(after[k], before[k])
+  # And the server still applies a well-formed step.
+  _good_step(running, client)

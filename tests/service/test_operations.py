@@ -1,0 +1,280 @@
+"""Operations: Prometheus metrics over HTTP, structured logs, and the server's limits.
+
+Metrics are scraped from the real /metrics endpoint and compared with what the
+test did; logs are read from a real `lamb-sharded serve` process's stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from service import logs
+from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service.metrics import sample
+from svc import params_of, push_messages, running_server, start_server_process, stub
+
+PARAMS = {"['w']": np.linspace(-1, 1, 48, dtype=np.float32).reshape(6, 8),
+          "['b']": np.full(8, 0.5, np.float32),
+          "['z']": np.arange(1, 7, dtype=np.float32)}
+NBYTES = sum(v.nbytes for v in PARAMS.values())
+
+
+def _grads(seed):
+  rng = np.random.default_rng(seed)
+  return {k: rng.normal(size=v.shape).astype(np.float32) for k, v in PARAMS.items()}
+
+
+def _scrape(port: int) -> str:
+  with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10) as r:
+    assert r.status == 200
+    return r.read().decode()
+
+
+def _until(cond, timeout=20.0):
+  deadline = time.monotonic() + timeout
+  while not cond():
+    assert time.monotonic() < deadline, 'timed out'
+    time.sleep(0.02)
+
+
+def test_metrics_count_what_happened(tmp_path):
+  with running_server(devices=2, num_workers=2, checkpoint_dir=str(tmp_path),
+                      checkpoint_every_steps=0, checkpoint_every_seconds=0) as (running, client):
+    client.initialize(PARAMS)
+    steps, pulls = 3, 0
+    for step in range(steps):
+      client.pull()
+      pulls += 1
+      client.push(step, _grads(step), 3, 'w0', push_id=f'a{step}')
+      if step == 1:  # a retry: answered again, not counted again
+        assert client.push(step, _grads(step), 3, 'w0', push_id=f'a{step}').duplicate
+        bad = dict(_grads(9), **{"['z']": np.full(6, np.inf, np.float32)})  # the last leaf
+        with pytest.raises(grpc.RpcError):
+          client.push(step, bad, 1, 'w1')
+      assert client.push(step, _grads(step + 100), 1, 'w1').applied
+    client.save_checkpoint(wait=True)
+
+    m = running.metrics_port
+    _until(lambda: sample(_scrape(m), 'lamb_sharded_apply_seconds_count') == steps)
+    _until(lambda: sample(_scrape(m), 'lamb_sharded_checkpoint_seconds_count') == 2)
+    text = _scrape(m)
+    get = lambda name, **labels: sample(text, 'lamb_sharded_' + name, labels)
+    assert get('steps_applied_total') == steps
+    assert get('steps_skipped_total') == 0
+    assert get('step') == steps
+    assert get('pushes_accepted_total') == 2 * steps
+    assert get('pushes_duplicate_total') == 1
+    assert get('pushes_rejected_total', reason='nonfinite') == 1
+    assert get('pushes_rejected_total', reason='stale_step') == 0
+    assert get('push_seconds_count') == 2 * steps
+    assert get('pushes_in_flight') == 0 and get('inflight_bytes') == 0
+    # Every byte of every push that was read: 6 accepted + the rejected one (its NaN is
+    # in the last leaf); the duplicate was answered from its header alone.
+    assert get('received_bytes_total', rpc='PushGradients') == 7 * NBYTES
+    assert get('received_bytes_total', rpc='InitializeModel') == NBYTES
+    assert get('sent_bytes_total', rpc='PullParameters') == pulls * NBYTES
+    assert get('pull_seconds_count') == pulls
+    assert get('model_parameters') == sum(v.size for v in PARAMS.values())
+    # Checkpoints: the initial one and the one asked for.
+    assert get('checkpoint_blocking_seconds_count') == 2
+    assert get('checkpoint_seconds_sum') >= get('checkpoint_blocking_seconds_sum') > 0
+    # The trust ratios of the last step, as the engine recorded them.
+    ratios = running.engine.trust_ratios()
+    assert ratios.shape == (3,) and len(set(ratios.round(5))) == 3
+    for stat, want in (('min', ratios.min()), ('median', np.median(ratios)),
+                       ('max', ratios.max())):
+      assert get('trust_ratio', stat=stat) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_unauthenticated_calls_are_counted(monkeypatch):
+  monkeypatch.setenv('OPS_TEST_TOKEN', 'sesame')
+  with running_server(devices=1, auth_token_env='OPS_TEST_TOKEN') as (running, _):
+    with pytest.raises(grpc.RpcError) as e:
+      stub(running.port).DescribeModel(pb.DescribeModelRequest(), timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    text = _scrape(running.metrics_port)
+    assert sample(text, 'lamb_sharded_rpcs_unauthenticated_total') == 1
+
+
+def test_metrics_port_can_be_turned_off():
+  with running_server(devices=1, metrics_port=-1) as (running, _):
+    assert running.metrics_port is None
+
+
+def test_json_logs_name_step_worker_and_leaf(tmp_path):
+  proc, port = start_server_process('--devices', '1', '--log-format', 'json', '--log-level',
+                                    'INFO')
+  try:
+    with grpc.insecure_channel(f'127.0.0.1:{port}') as channel:
+      s = pb_stub(channel)
+      s.InitializeModel(iter([pb.InitializeModelRequest(header=pb.InitializeModelHeader(
+          leaves=[_spec(k, v) for k, v in PARAMS.items()]))] + _init_chunks()), timeout=30)
+      bad = dict(_grads(1), **{"['b']": np.full(8, np.nan, np.float32)})
+      with pytest.raises(grpc.RpcError):
+        s.PushGradients(iter(push_messages(leaves=list(bad.items()), worker_id='w7', step=0)),
+                        timeout=30)
+  finally:
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+  records = [json.loads(line) for line in err.splitlines() if line.strip()]
+  assert records, err
+  for r in records:  # every line is one JSON object with the fixed keys
+    assert {'time', 'level', 'logger', 'message'} <= set(r), r
+  refused = [r for r in records if r['message'].startswith('push refused')]
+  assert len(refused) == 1, records
+  assert refused[0]['step'] == 0 and refused[0]['worker'] == 'w7'
+  assert refused[0]['leaf'] == "['b']" and refused[0]['reason'] == 'nonfinite'
+  assert refused[0]['level'] == 'WARNING' and refused[0]['code'] == 'INVALID_ARGUMENT'
+  assert any(r['message'].startswith('model initialised') and r.get('model_id')
+             for r in records)
+
+
+def test_text_logs_append_the_fields():
+  record = logging.LogRecord('x', logging.WARNING, __file__, 1, 'push refused: %s', ('bad',),
+                             None)
+  record.__dict__.update(logs.fields(step=4, worker='w1', leaf=None))
+  line = logs.TextFormatter().format(record)
+  assert line.endswith('WARNING x: push refused: bad [step=4 worker=w1]')
+  assert json.loads(logs.JsonFormatter().format(record))['worker'] == 'w1'
+
+
+# ----------------------------------------------------------------------------- limits
+
+def _stalled_push(port, step, gate, *, every=None):
+  """A push that sends its header and one chunk, then stalls (or trickles every `every` s)."""
+  msgs = push_messages(leaves=list(_grads(0).items()), worker_id='slow', step=step,
+                       chunk_bytes=8)
+
+  def requests():
+    yield from msgs[:2]
+    if every is None:
+      gate.wait(30)
+      return
+    for m in msgs[2:]:
+      if gate.wait(every):
+        return
+      yield m
+  return stub(port).PushGradients.future(requests(), timeout=60)
+
+
+def test_a_push_open_too_long_is_cut_off():
+  with running_server(devices=1, num_workers=2, stream_idle_timeout_s=5,
+                      max_stream_seconds=1.0) as (running, client):
+    client.initialize(PARAMS)
+    gate = threading.Event()
+    call = _stalled_push(running.port, 0, gate, every=0.2)  # never idle, but slow
+    try:
+      _until(call.done)
+    finally:
+      gate.set()
+    assert call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 'open too long (max_stream_seconds); cut off' in call.details()
+    assert running.engine.pushes_in_flight == 0
+    text = _scrape(running.metrics_port)
+    assert sample(text, 'lamb_sharded_streams_cut_off_total',
+                  {'rpc': 'PushGradients', 'reason': 'stream_too_long'}) == 1
+    assert sample(text, 'lamb_sharded_pushes_rejected_total', {'reason': 'stream_too_long'}) == 1
+    # Its reading thread is gone too.
+    _until(lambda: not [t for t in threading.enumerate() if t.name == 'stream-reader'])
+
+
+def test_a_pull_whose_client_stops_reading_is_cancelled():
+  big = {"['w']": np.ones((2048, 2048), np.float32)}  # 16 MiB: more than gRPC buffers
+  with running_server(devices=1, stream_idle_timeout_s=1.0) as (running, client):
+    client.initialize(big)
+    responses = stub(running.port).PullParameters(pb.PullParametersRequest(), timeout=60)
+    next(responses)  # the header; then the client stops reading
+    _until(lambda: sample(_scrape(running.metrics_port), 'lamb_sharded_streams_cut_off_total',
+                          {'rpc': 'PullParameters', 'reason': 'idle'}) == 1)
+    with pytest.raises(grpc.RpcError) as e:
+      for _ in responses:
+        pass
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+    np.testing.assert_array_equal(client.pull().params["['w']"], big["['w']"])
+
+
+def test_rpcs_beyond_max_concurrent_rpcs_are_refused():
+  with running_server(devices=1, max_concurrent_rpcs=2) as (running, client):
+    client.initialize(PARAMS)
+    stubs = [stub(running.port) for _ in range(2)]  # (a channel closes when collected)
+    waits = [None, None]
+
+    def both_polling():
+      # A long poll may itself be turned away while an earlier RPC is still winding
+      # down; such a poll is sent again.
+      for i, w in enumerate(waits):
+        if w is None or w.done():
+          waits[i] = stubs[i].WaitForStep.future(pb.WaitForStepRequest(step=99), timeout=60)
+      return running.engine.waiting == 2
+    try:
+      _until(both_polling)
+      assert _describe(running.port) == grpc.StatusCode.RESOURCE_EXHAUSTED
+      assert not any(w.done() for w in waits)
+    finally:
+      for w in waits:
+        w.cancel()
+    _until(lambda: running.engine.waiting == 0)  # cancelled long polls end at once
+    _until(lambda: _describe(running.port) == grpc.StatusCode.OK)
+
+
+def _describe(port) -> grpc.StatusCode:
+  try:
+    stub(port).DescribeModel(pb.DescribeModelRequest(), timeout=10)
+    return grpc.StatusCode.OK
+  except grpc.RpcError as e:
+    return e.code()
+
+
+def test_bytes_in_flight_are_bounded():
+  with running_server(devices=1, num_workers=3, max_inflight_pushes=4,
+                      max_inflight_bytes=NBYTES + 8, admission_timeout_s=0.5) as (running,
+                                                                                    client):
+    client.initialize(PARAMS)
+    gate = threading.Event()
+    call = _stalled_push(running.port, 0, gate)
+    try:
+      _until(lambda: running.engine.inflight_bytes == NBYTES)
+      with pytest.raises(grpc.RpcError) as e:  # a second whole push does not fit
+        client.push(0, _grads(1), 1, 'w1')
+      assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+      assert 'max_inflight_bytes' in e.value.details()
+    finally:
+      gate.set()
+    _until(call.done)
+    assert running.engine.inflight_bytes == 0
+    # Once the stalled push is gone, pushes fit again; a push bigger than the whole
+    # bound never fits and is told so at once.
+    assert not client.push(0, _grads(1), 1, 'w1').applied
+  with running_server(devices=1, max_inflight_bytes=NBYTES - 4) as (running, client):
+    client.initialize(PARAMS)
+    with pytest.raises(grpc.RpcError) as e:
+      client.push(0, _grads(1), 1, 'w1')
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f'the push has {NBYTES} bytes, over max_inflight_bytes' in e.value.details()
+    assert params_of(client)[0] == 0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def pb_stub(channel):
+  from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc  # pylint: disable=import-outside-toplevel
+  return pb_grpc.OptimizerServiceStub(channel)
+
+
+def _spec(path, array):
+  from svc import spec  # pylint: disable=import-outside-toplevel
+  return spec(path, array.shape)
+
+
+def _init_chunks():
+  msgs = push_messages(leaves=list(PARAMS.items()))[1:]  # chunks + commit of the params
+  return [pb.InitializeModelRequest(chunk=m.chunk) if m.HasField('chunk')
+          else pb.InitializeModelRequest(commit=m.commit) for m in msgs]
