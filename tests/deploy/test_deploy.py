@@ -293,11 +293,15 @@ def test_services_pdb_and_statefulset_select_the_server_pods(dep):
   assert dep.pdb['spec'].get('minAvailable') == 1 or dep.pdb['spec'].get('maxUnavailable') == 0
 
 
-def test_prometheus_port_is_annotated_and_declared(dep):
+def test_prometheus_port_is_annotated_declared_and_served(dep, tmp_path):
   annotations = dep.sts['spec']['template']['metadata'].get('annotations', {})
   assert annotations.get('prometheus.io/scrape') == 'true'
   ports = {p['name']: p['containerPort'] for p in dep.server['ports']}
   assert int(annotations['prometheus.io/port']) == ports['metrics']
+  _, config = server_config(dep, tmp_path)
+  assert config.metrics_port == ports['metrics'], 'the server serves metrics on another port'
+  if dep.target != 'overlays/dev':  # dev logs text, for people reading kubectl logs
+    assert config.log_format == 'json', 'logs in a cluster are for machines: log_format json'
 
 
 # ------------------------------------------------------------------------------------------
