@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from service import logs
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -119,7 +121,8 @@ class Checkpointer:
         meta = self.read_meta(step)
       except Exception as e:  # pylint: disable=broad-except
         log.warning('checkpoint %d in %s is unreadable (%s: %s); falling back to the previous '
-                    'one', step, self.directory, type(e).__name__, e)
+                    'one', step, self.directory, type(e).__name__, e,
+                    extra=logs.fields(step=step, reason='unreadable_checkpoint'))
         continue
       target = target_for(meta)
       try:
@@ -127,7 +130,8 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
       except Exception as e:  # pylint: disable=broad-except
         log.warning('checkpoint %d in %s is unreadable (%s: %s); falling back to the previous '
-                    'one', step, self.directory, type(e).__name__, e)
+                    'one', step, self.directory, type(e).__name__, e,
+                    extra=logs.fields(step=step, reason='unreadable_checkpoint'))
         continue
       return step, restored.state, meta
     return None

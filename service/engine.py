@@ -590,7 +590,8 @@ class Engine:
       self._model, self._step, self._model_id = model, step, uuid.uuid4().hex
       self._cond.notify_all()
     log.info('restored step %d from %s (%d leaves), model_id %s', step,
-             self._checkpointer.path(step), len(model.specs), self._model_id)
+             self._checkpointer.path(step), len(model.specs), self._model_id,
+             extra=fields(step=step, model_id=self._model_id))
     return True
 
   def check_same_model(self, specs: Sequence[LeafSpec]) -> None:
@@ -635,7 +636,8 @@ class Engine:
     if self._checkpointer is not None:
       self._checkpointer.wait()
       if saved or self._model is not None:
-        log.info('final checkpoint of step %d written', self._step)
+        log.info('final checkpoint of step %d written', self._step,
+                 extra=fields(step=self._step))
     self.close()
 
   def close(self) -> None:

@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from service.client import OptimizerClient
+from service.logs import fields
 from service.models import MODELS
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
     if init:
       try:
         client.initialize(template)
-        log.info('%s initialised the model', worker_id)
+        log.info('%s initialised the model', worker_id, extra=fields(worker=worker_id))
       except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.ALREADY_EXISTS:
           raise
@@ -101,7 +102,8 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
         loss, grads = grad_fn(pulled.params, x, y)
         r = client.push(pulled.step, jax_to_numpy(grads), batch_size, worker_id,
                         model_id=pulled.model_id)
-        log.info('%s step %d loss %.5f', worker_id, pulled.step, float(loss))
+        log.info('%s step %d loss %.5f', worker_id, pulled.step, float(loss),
+                 extra=fields(step=pulled.step, worker=worker_id))
         report('push', step=pulled.step, loss=float(loss), examples=batch_size,
                applied=r.applied)
         if not r.applied:
@@ -131,7 +133,8 @@ def _recover(client: OptimizerClient, error: grpc.RpcError, worker_id: str,
   step's gradients again -- data is deterministic by step, so nothing is lost.
   """
   code = error.code()
-  log.info('%s: %s (%s); pulling again', worker_id, code.name, error.details())
+  log.info('%s: %s (%s); pulling again', worker_id, code.name, error.details(),
+           extra=fields(step=step, worker=worker_id, code=code.name))
   if code not in _RECOVERABLE:
     raise error
   try:
@@ -148,7 +151,8 @@ def _exit_at_stdin_eof(worker_id: str) -> None:
   """The lifeline: stdin is a pipe from the supervisor; its end means the supervisor is gone."""
   while sys.stdin.read(4096):
     pass
-  log.warning('%s: stdin closed (the supervisor is gone): exiting', worker_id)
+  log.warning('%s: stdin closed (the supervisor is gone): exiting', worker_id,
+              extra=fields(worker=worker_id))
   os._exit(3)  # pylint: disable=protected-access
 
 

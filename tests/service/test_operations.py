@@ -278,3 +278,22 @@ def _init_chunks():
   msgs = push_messages(leaves=list(PARAMS.items()))[1:]  # chunks + commit of the params
   return [pb.InitializeModelRequest(chunk=m.chunk) if m.HasField('chunk')
           else pb.InitializeModelRequest(commit=m.commit) for m in msgs]
+
+
+def test_worker_json_logs_name_worker_and_step():
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from svc import ROOT  # pylint: disable=import-outside-toplevel
+  with running_server(devices=1) as (running, _):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'service.cli', 'worker', '--server', f'127.0.0.1:{running.port}',
+         '--worker-index', '3', '--steps', '2', '--init', '--batch-size', '8',
+         '--log-format', 'json', '--log-level', 'INFO', '--connect-timeout', '30'],
+        cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True,
+        timeout=240, check=False)
+  assert proc.returncode == 0, proc.stderr
+  records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith('{')]
+  steps = [r for r in records if r['logger'] == 'service.worker' and 'loss' in r['message']]
+  assert [r['step'] for r in steps] == [0, 1], records
+  assert all(r['worker'] == 'worker-3' for r in steps)
