@@ -1,27 +1,37 @@
 """The step engine: the model on the mesh, gradient accumulation, and LAMB steps.
 
 Knows nothing of gRPC. The servicer hands it validated host buffers; the engine
-accumulates each committed push into one float32 buffer sharded like the
-params (example-weighted), applies `lamb_sharded.lamb` when a step is complete,
-and serves consistent snapshots of the params.
+accumulates each committed push (example-weighted) into one float32 host buffer
+per leaf, moves the sum onto the mesh and applies `lamb_sharded.lamb` when a
+step is complete, and serves consistent snapshots of the params.
 
 Data path: header -> `begin_push` (admission, checks) -> the caller streams the
-bytes into host buffers -> `commit_push` (accumulate on the mesh, maybe apply).
+bytes into host buffers -> `commit_push` (accumulate on the host, maybe apply).
+
+Why the accumulator is on the host: a push arrives in host memory anyway, and
+the first push of a step (the only one, with one worker) becomes the
+accumulator as it is -- no copy, no pass -- while later ones are added to it in
+place. Only the sum crosses onto the mesh, once per step, and its host memory
+is freed right after (each push's buffers are one allocation, see
+`wire.host_buffers`). A push that fails never touches the accumulator: it is
+only read or written at commit, under the lock.
 
 Multi-host later: `_to_mesh` builds each global array with
 `jax.make_array_from_callback`, which asks only for the blocks this process's
-devices hold, so a process that ingests only its own slices plugs in there.
+devices hold, so a process that ingests (and accumulates) only its own slices
+plugs in there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import threading
 import time
 import uuid
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +44,7 @@ from service.checkpoint import Checkpointer, CheckpointInfo, IncompatibleCheckpo
 from service.config import ServerConfig
 from service.errors import (Aborted, AlreadyExists, FailedPrecondition, InvalidArgument,
                             ResourceExhausted, Unavailable)
+from service import wire
 from service.wire import LeafSpec
 
 log = logging.getLogger(__name__)
@@ -115,7 +126,10 @@ class Snapshot:
 
 
 class _Model:
-  """Everything that exists once the model is initialised: its state on the mesh."""
+  """Everything that exists once the model is initialised: its state on the mesh, and
+  the step's gradient sum on the host (`acc`: float32, one array per leaf; None while
+  no push of the step has committed).
+  """
 
   def __init__(self, config: ServerConfig, mesh, specs: Sequence[LeafSpec]):
     self.specs = tuple(specs)
@@ -126,23 +140,18 @@ class _Model:
     self.tx = make_optimizer(config, mesh, self.pspecs)
     self.params: list[jax.Array] = []
     self.opt_state = None
-    self.acc = self._zeros()
+    self.acc: Optional[list[np.ndarray]] = None
     self.weight = 0  # examples accumulated into acc
-
-    def accumulate(acc, grads, weight):
-      return [a + weight * g.astype(jnp.float32) for a, g in zip(acc, grads)]
 
     def apply(params, opt_state, acc, inv_weight):
       grads = [(a * inv_weight).astype(p.dtype) for a, p in zip(acc, params)]
       updates, opt_state = self.tx.update(grads, opt_state, params)
-      fresh = [jax.lax.with_sharding_constraint(jnp.zeros_like(a), sh)
-               for a, sh in zip(acc, self.shardings)]
-      return optax.apply_updates(params, updates), opt_state, fresh
-    # Params are not donated: pulls in flight keep reading the previous step's arrays.
-    # The fresh accumulator is pinned to the mesh shardings: a bare `zeros_like`
-    # comes back replicated on every device.
-    self.apply = jax.jit(apply, donate_argnums=(1, 2))
-    self.accumulate = jax.jit(accumulate, donate_argnums=0)
+      return optax.apply_updates(params, updates), opt_state
+    # The new params and moments take the old ones' memory (donated), so a step needs
+    # no second copy of them. Params can be donated only while no pull reads them
+    # (Engine.reading); otherwise `apply_keeping_params` leaves them to the readers.
+    self.apply = jax.jit(apply, donate_argnums=(0, 1))
+    self.apply_keeping_params = jax.jit(apply, donate_argnums=1)
 
   @classmethod
   def from_host(cls, config, mesh, specs, host_params) -> '_Model':
@@ -169,8 +178,37 @@ class _Model:
   def state(self) -> dict:
     return {'params': self.params, 'opt_state': self.opt_state}
 
-  def _zeros(self):
-    return [jnp.zeros(s.shape, jnp.float32, device=sh) for s, sh in zip(self.specs, self.shardings)]
+  def add_push(self, buffers: list[np.ndarray], num_examples: int) -> None:
+    """acc += num_examples * buffers, consuming `buffers` (the list is emptied).
+
+    The first push of a step becomes the accumulator itself when it is float32
+    (scaled in place unless its weight is 1): no copy, no pass. Later pushes
+    are added in place, leaf by leaf, so no model-sized temporary is made.
+    """
+    n = np.float32(num_examples)
+    if self.acc is None and all(b.dtype == np.float32 for b in buffers):
+      if n != 1:
+        for b in buffers:
+          b *= n
+      self.acc = buffers[:]
+    elif self.acc is None:  # bfloat16 or float16 on the wire
+      self.acc = wire.host_buffers(self.specs, np.float32)
+      for a, b in zip(self.acc, buffers):
+        np.multiply(b, n, out=a, dtype=np.float32)
+    else:
+      for a, b in zip(self.acc, buffers):
+        if n == 1:
+          np.add(a, b, out=a, dtype=np.float32)
+        else:  # a leaf-sized temporary at most
+          a += np.multiply(b, n, dtype=np.float32)
+    buffers.clear()
+    self.weight += num_examples
+
+  def take_acc(self) -> list[jax.Array]:
+    """Moves the gradient sum onto the mesh and empties the host accumulator."""
+    host, self.acc = self.acc, None
+    self.weight = 0
+    return [_to_mesh(a, sh) for a, sh in zip(host, self.shardings)]
 
 
 def specs_to_meta(specs: Sequence[LeafSpec]) -> list[dict]:
@@ -184,6 +222,22 @@ def specs_from_meta(leaves: list[dict]) -> list[LeafSpec]:
 def _to_mesh(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A global array from a host buffer, each device taking only its block."""
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """A host copy of a global array, assembled from its devices' blocks.
+
+  Unlike `np.asarray(array)`, the copy is not cached on `array`: a pull must
+  not leave a host copy of the params behind for as long as they are current.
+  """
+  out = np.empty(array.shape, array.dtype)
+  done = set()
+  for shard in array.addressable_shards:
+    key = tuple((s.start, s.stop) for s in shard.index)
+    if key not in done:
+      done.add(key)
+      out[shard.index] = np.asarray(shard.data)
+  return out
 
 
 class Engine:
@@ -211,6 +265,8 @@ class Engine:
     self._done: dict[tuple[str, str], tuple[int, PushResult]] = {}
     self._slots = threading.BoundedSemaphore(config.max_inflight_pushes)
     self._in_flight = 0
+    self._readers = 0  # open `reading` blocks on the current params
+    self._params_version = 0  # bumped whenever the current params are replaced
     self._closed = False
     self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
     self._watchdog = threading.Thread(target=self._straggler_loop, name='straggler', daemon=True)
@@ -224,11 +280,32 @@ class Engine:
     return Description(model is not None, mid, model.specs if model else (), step,
                        float(self._schedule(step)))
 
-  def snapshot(self) -> Snapshot:
+  @contextlib.contextmanager
+  def reading(self) -> Iterator[Snapshot]:
+    """A consistent snapshot of the params, kept intact while the block runs.
+
+    Applies donate the params' memory to the new params unless a reader holds
+    them, so the snapshot stays readable even if steps are applied meanwhile.
+    The hold ends when the block exits; in a generator, also when the generator
+    is closed or collected (e.g. a cancelled pull), since that exits the block.
+    """
     with self._cond:
       self._require_model()
       m = self._model
-      return Snapshot(self._model_id, self._step, m.specs, tuple(m.params))
+      snap = Snapshot(self._model_id, self._step, m.specs, tuple(m.params))
+      version = self._params_version
+      self._readers += 1
+    try:
+      yield snap
+    finally:
+      with self._cond:
+        if version == self._params_version:
+          self._readers -= 1
+
+  def _params_replaced_locked(self) -> None:
+    """The current params are new arrays: nobody reads them yet."""
+    self._params_version += 1
+    self._readers = 0
 
   def wait_for_step(self, step: int, timeout: Optional[float]) -> tuple[int, bool, str]:
     """Blocks until the model exists and its step is >= `step`, or `timeout` passes."""
@@ -254,6 +331,7 @@ class Engine:
         raise AlreadyExists(f'the model is already initialised (model_id {self._model_id}, '
                             f'step {self._step})')
       self._model = _Model.from_host(self.config, self.mesh, specs, host_params)
+      self._params_replaced_locked()
       self._model_id = uuid.uuid4().hex
       self._step = 0
       self._save_locked(force=True)  # the initial params are state too
@@ -355,13 +433,15 @@ class Engine:
                             f'{ticket.step} contains NaN or Inf')
     ticket.nonfinite_leaf = ticket.nonfinite_leaf or spec.path
 
-  def commit_push(self, ticket: PushTicket, buffers: Sequence[np.ndarray]) -> PushResult:
-    """Adds a complete, checked push to the step; applies the step when it is complete."""
+  def commit_push(self, ticket: PushTicket, buffers: list[np.ndarray]) -> PushResult:
+    """Adds a complete, checked push to the step; applies the step when it is complete.
+
+    Takes ownership of `buffers` (one host array per leaf, in the wire dtype): the
+    accumulator may adopt or scale them in place, and the list is emptied so that
+    no caller's reference keeps a consumed push's memory alive.
+    """
     with self._cond:
       model = self._require_model()
-    # The copy onto the mesh happens outside the lock: other pushes and pulls go on.
-    grads = [_to_mesh(b, sh) for b, sh in zip(buffers, model.shardings)]
-    with self._cond:
       if ticket.push_id and (ticket.worker_id, ticket.push_id) in self._done:
         done = self._done[(ticket.worker_id, ticket.push_id)][1]
         return dataclasses.replace(done, current_step=self._step, duplicate=True)
@@ -369,8 +449,7 @@ class Engine:
       if ticket.nonfinite_leaf is not None:
         self._poisoned_by = self._poisoned_by or (
             f'leaf {ticket.nonfinite_leaf} of worker {ticket.worker_id}')
-      model.acc = model.accumulate(model.acc, grads, jnp.float32(ticket.num_examples))
-      model.weight += ticket.num_examples
+      model.add_push(buffers, ticket.num_examples)
       self._contributors[ticket.worker_id] = ticket
       self.stats['pushes_accepted'] += 1
       if self._first_push_at is None:
@@ -389,13 +468,15 @@ class Engine:
     model = self._model
     if self._poisoned_by is not None:
       log.warning('step %d skipped: NaN/Inf in %s', self._step, self._poisoned_by)
-      model.acc = model._zeros()
+      model.acc, model.weight = None, 0
       self.stats['steps_skipped'] += 1
     else:
-      model.params, model.opt_state, model.acc = model.apply(
-          model.params, model.opt_state, model.acc, jnp.float32(1.0 / model.weight))
+      inv_weight = jnp.float32(1.0 / model.weight)
+      apply = model.apply_keeping_params if self._readers else model.apply
+      model.params, model.opt_state = apply(model.params, model.opt_state, model.take_acc(),
+                                            inv_weight)
+      self._params_replaced_locked()
       self.stats['steps_applied'] += 1
-    model.weight = 0
     self._step += 1
     self._contributors.clear()
     self._first_push_at = None
@@ -464,6 +545,7 @@ class Engine:
       model = _Model(self.config, self.mesh, specs_from_meta(meta['leaves']))
       model.params, model.opt_state = list(state['params']), state['opt_state']
       self._model, self._step, self._model_id = model, step, uuid.uuid4().hex
+      self._params_replaced_locked()
       self._cond.notify_all()
     log.info('restored step %d from %s (%d leaves), model_id %s', step,
              self._checkpointer.path(step), len(model.specs), self._model_id)

@@ -22,7 +22,7 @@ from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service.checkpoint import Checkpointer
 from service.config import ServerConfig
-from service.engine import Engine, PushResult
+from service.engine import Engine, PushResult, to_host
 from service.errors import AlreadyExists, InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,9 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
           on_leaf_complete=lambda spec, buf: self._engine.check_finite(ticket, spec, buf))
       for chunk in chunks:
         receiver.add(chunk)
-      buffers = receiver.finish(commit[0] if commit else None)
-      return self._push_response(self._engine.commit_push(ticket, buffers))
+      # Straight into the engine: no reference here may keep the push's buffers alive.
+      return self._push_response(self._engine.commit_push(
+          ticket, receiver.finish(commit[0] if commit else None)))
     except ServiceError as e:
       _abort(context, e)
     finally:
@@ -133,21 +134,21 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
 
   def PullParameters(self, request, context):
     try:
-      snap = self._engine.snapshot()
-      if (request.HasField('if_newer_than_step') and request.if_model_id == snap.model_id
-          and snap.step <= request.if_newer_than_step):
+      with self._engine.reading() as snap:
+        if (request.HasField('if_newer_than_step') and request.if_model_id == snap.model_id
+            and snap.step <= request.if_newer_than_step):
+          yield pb.PullParametersResponse(header=pb.PullParametersHeader(
+              model_id=snap.model_id, step=snap.step, not_modified=True))
+          return
+        out_dtype = (None if request.dtype == 0
+                     else wire.numpy_dtype(request.dtype, 'request.dtype'))
+        specs = [wire.LeafSpec(s.path, s.shape, out_dtype or s.dtype) for s in snap.specs]
         yield pb.PullParametersResponse(header=pb.PullParametersHeader(
-            model_id=snap.model_id, step=snap.step, not_modified=True))
-        return
-      out_dtype = (None if request.dtype == 0
-                   else wire.numpy_dtype(request.dtype, 'request.dtype'))
-      specs = [wire.LeafSpec(s.path, s.shape, out_dtype or s.dtype) for s in snap.specs]
-      yield pb.PullParametersResponse(header=pb.PullParametersHeader(
-          model_id=snap.model_id, step=snap.step, leaves=[s.to_proto() for s in specs]))
-      arrays = ((s.path, np.asarray(a).astype(s.dtype, copy=False))
-                for s, a in zip(specs, snap.arrays))
-      yield from wire.chunk_messages(pb.PullParametersResponse, arrays,
-                                     wire.clamp_chunk_bytes(request.max_chunk_bytes))
+            model_id=snap.model_id, step=snap.step, leaves=[s.to_proto() for s in specs]))
+        arrays = ((s.path, to_host(a).astype(s.dtype, copy=False))
+                  for s, a in zip(specs, snap.arrays))
+        yield from wire.chunk_messages(pb.PullParametersResponse, arrays,
+                                       wire.clamp_chunk_bytes(request.max_chunk_bytes))
     except ServiceError as e:
       _abort(context, e)
 

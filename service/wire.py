@@ -145,19 +145,40 @@ def chunk_messages(message_type, arrays, chunk_bytes: int):
     yield req
 
 
+def host_buffers(specs: Sequence[LeafSpec], dtype=None) -> list[np.ndarray]:
+  """Uninitialised arrays for `specs` (in `dtype`, default each spec's own), in ONE allocation.
+
+  One model-sized allocation is returned to the OS as a whole when its last
+  array goes; many leaf-sized ones are recycled inside the allocator's
+  per-thread arenas and keep the process's resident memory high. Each leaf
+  starts on a 64-byte boundary.
+  """
+  dtypes = [np.dtype(dtype or s.dtype) for s in specs]
+  offsets, total = [], 0
+  for s, dt in zip(specs, dtypes):
+    offsets.append(total)
+    total += -(-math.prod(s.shape) * dt.itemsize // 64) * 64
+  raw = np.empty(total + 64, np.uint8)
+  base = -raw.ctypes.data % 64
+  return [raw[base + off:base + off + math.prod(s.shape) * dt.itemsize].view(dt).reshape(s.shape)
+          for s, dt, off in zip(specs, dtypes, offsets)]
+
+
 class ChunkReceiver:
   """Checks a stream of chunks against its header and writes them into buffers.
 
-  Each leaf's bytes land in a preallocated array of its wire dtype. Every
-  violation of the stream's rules raises InvalidArgument (DataLoss for a
-  checksum mismatch) naming the leaf or field; `finish` checks the commit.
+  Each leaf's bytes land in a preallocated array of its wire dtype (all of
+  them in one allocation, see `host_buffers`). Every violation of the
+  stream's rules raises InvalidArgument (DataLoss for a checksum mismatch)
+  naming the leaf or field; `finish` checks the commit and hands the buffers
+  over.
   """
 
   def __init__(self, specs: Sequence[LeafSpec], what: str,
                on_leaf_complete=None):
     self._specs = list(specs)
     self._what = what
-    self._buffers = [np.empty(s.shape, s.dtype) for s in self._specs]
+    self._buffers = host_buffers(self._specs)
     self._views = [b.reshape(-1).view(np.uint8) for b in self._buffers]
     self._leaf = 0
     self._offset = 0
@@ -166,10 +187,6 @@ class ChunkReceiver:
     self._crc = 0
     self._on_leaf_complete = on_leaf_complete
     self._skip_empty()
-
-  @property
-  def buffers(self) -> list[np.ndarray]:
-    return self._buffers
 
   def _skip_empty(self) -> None:
     while self._leaf < len(self._specs) and self._specs[self._leaf].nbytes == 0:
@@ -222,7 +239,10 @@ class ChunkReceiver:
       self._skip_empty()
 
   def finish(self, commit: Optional[tensor_pb2.StreamCommit]) -> list[np.ndarray]:
-    """Checks the commit; returns the buffers, one per leaf, in header order."""
+    """Checks the commit; returns the buffers, one per leaf, in header order.
+
+    The receiver keeps no reference to them: the caller owns their memory.
+    """
     w = self._what
     if commit is None:
       raise InvalidArgument(f'{w}: the stream ended without a commit')
@@ -236,4 +256,5 @@ class ChunkReceiver:
     if commit.crc32 != self._crc:
       raise DataLoss(f'{w}: CRC-32 mismatch: commit says {commit.crc32:#010x}, '
                      f'received data has {self._crc:#010x}')
-    return self._buffers
+    buffers, self._buffers, self._views = self._buffers, [], []
+    return buffers

@@ -1,0 +1,150 @@
+"""The ingestion fast paths: host accumulation and donated params.
+
+Each test would fail if its mechanism broke: a push that fails after the
+accumulator adopted or grew must leave no trace, and a pull that started before
+an apply must still stream the old step even though applies donate the params.
+"""
+
+import threading
+
+import grpc
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+import lamb_sharded
+from service import wire
+from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service.config import ServerConfig
+from service.engine import Engine
+from svc import params_of, push_messages, running_server, stub
+
+P0 = {"['w']": np.linspace(-1, 1, 64, dtype=np.float32).reshape(16, 4),
+      "['b']": np.linspace(0.5, 1, 8, dtype=np.float32)}
+
+
+def _g(seed):
+  rng = np.random.default_rng(seed)
+  return {k: rng.normal(size=v.shape).astype(np.float32) for k, v in P0.items()}
+
+
+def _lamb_step(grads, lr):
+  tx = lamb_sharded.lamb(lr)
+  u, _ = tx.update(grads, tx.init(P0), P0)
+  return optax.apply_updates(P0, u)
+
+
+def _engine(**overrides) -> Engine:
+  engine = Engine(ServerConfig(**{'devices': 8, 'learning_rate': 0.1, **overrides}))
+  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
+  engine.initialize(specs, [v.copy() for v in P0.values()])
+  return engine
+
+
+def _push(engine, worker, grads, num_examples=1, step=0):
+  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in grads.items()]
+  ticket = engine.begin_push(worker, '', step, num_examples, '', specs, timeout=1)
+  try:
+    return engine.commit_push(ticket, [v.copy() for v in grads.values()])
+  finally:
+    engine.release(ticket)
+
+
+def _assert_params(got, want):
+  for k in P0:
+    np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('first_fails', [True, False])
+def test_a_push_cut_off_leaves_no_trace_in_the_accumulator(first_fails):
+  # With 2 workers, the first committed push becomes the accumulator and the second is
+  # added to it in place: a push cut off before, between or after must not count.
+  with running_server(devices=8, num_workers=2, learning_rate=0.1) as (running, client):
+    client.initialize(P0)
+    leaves = [(k, np.full(v.shape, 1e3, np.float32)) for k, v in P0.items()]
+    cut = push_messages(leaves=leaves, worker_id='cut', chunk_bytes=16)[:3]  # no commit
+    g1, g2 = _g(1), _g(2)
+    if first_fails:
+      with pytest.raises(grpc.RpcError):
+        stub(running.port).PushGradients(iter(cut), timeout=10)
+    assert not client.push(0, g1, 1, 'a').applied
+    with pytest.raises(grpc.RpcError):
+      stub(running.port).PushGradients(iter(cut), timeout=10)
+    assert client.push(0, g2, 3, 'b').applied
+    _, got = params_of(client)
+  _assert_params(got, _lamb_step({k: (g1[k] + 3 * g2[k]) / 4 for k in P0}, 0.1))
+
+
+def test_rejected_push_after_the_accumulator_exists_changes_nothing():
+  engine = _engine(num_workers=2)
+  try:
+    g1, g2 = _g(1), _g(2)
+    _push(engine, 'a', g1, num_examples=2)  # adopted as the accumulator, scaled in place
+    bad = dict(g2, **{"['b']": np.full(8, np.inf, np.float32)})
+    specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in bad.items()]
+    ticket = engine.begin_push('b', '', 0, 1, '', specs, timeout=1)
+    with pytest.raises(Exception, match='NaN or Inf'):
+      for s, v in zip(specs, bad.values()):
+        engine.check_finite(ticket, s, v)
+    engine.release(ticket)
+    assert _push(engine, 'b', g2, num_examples=1).applied
+    with engine.reading() as snap:
+      got = dict(zip(P0, snap.arrays))
+    _assert_params(got, _lamb_step({k: (2 * g1[k] + g2[k]) / 3 for k in P0}, 0.1))
+  finally:
+    engine.close()
+
+
+def test_low_precision_pushes_accumulate_in_float32():
+  engine = _engine(num_workers=2)
+  try:
+    g1 = {k: v.astype(ml_dtypes.bfloat16) for k, v in _g(1).items()}
+    g2 = {k: v.astype(np.float16) for k, v in _g(2).items()}
+    _push(engine, 'a', g1, num_examples=1)
+    _push(engine, 'b', g2, num_examples=2)
+    with engine.reading() as snap:
+      got = dict(zip(P0, snap.arrays))
+    mean = {k: (g1[k].astype(np.float32) + 2 * g2[k].astype(np.float32)) / 3 for k in P0}
+    _assert_params(got, _lamb_step(mean, 0.1))
+  finally:
+    engine.close()
+
+
+def test_applies_donate_the_params_unless_a_pull_reads_them():
+  engine = _engine()
+  try:
+    with engine.reading() as snap:
+      _push(engine, 'w', _g(1))  # applied while the snapshot is read
+      assert snap.step == 0 and not any(a.is_deleted() for a in snap.arrays)
+      for k, a in zip(P0, snap.arrays):
+        np.testing.assert_array_equal(np.asarray(a), P0[k])
+    with engine.reading() as snap:
+      held = snap.arrays
+    assert snap.step == 1
+    _push(engine, 'w', _g(2), step=1)  # nobody reads step 1's params: their memory is reused
+    assert all(a.is_deleted() for a in held)
+  finally:
+    engine.close()
+
+
+def test_a_cancelled_pull_stops_holding_the_params():
+  with running_server(devices=8, learning_rate=0.1) as (running, client):
+    big = {"['w']": np.ones((256, 1024), np.float32)}
+    client.initialize(big)
+    calls = stub(running.port).PullParameters(pb.PullParametersRequest(max_chunk_bytes=4096),
+                                              timeout=10)
+    assert next(calls).header.step == 0
+    assert running.engine._readers == 1  # pylint: disable=protected-access
+    calls.cancel()
+    done = threading.Event()
+    for _ in range(200):
+      if running.engine._readers == 0:  # pylint: disable=protected-access
+        done.set()
+        break
+      done.wait(0.05)
+    assert done.is_set(), 'the cancelled pull still holds the params'
+    assert client.push(0, {"['w']": np.ones((256, 1024), np.float32)}, 1, 'w').applied
+    step, got = params_of(client)
+    assert step == 1 and np.all(np.isfinite(got["['w']"]))
+
