@@ -1,8 +1,9 @@
-"""The ingestion fast paths: host accumulation and donated params.
+"""The ingestion fast paths: host accumulation, donated params, pre-serialized chunks.
 
 Each test would fail if its mechanism broke: a push that fails after the
-accumulator adopted or grew must leave no trace, and a pull that started before
-an apply must still stream the old step even though applies donate the params.
+accumulator adopted or grew must leave no trace, a pull that started before an
+apply must still stream the old step even though applies donate the params,
+and the client's hand-encoded chunk messages must parse as protobuf's own.
 """
 
 import threading
@@ -147,4 +148,17 @@ def test_a_cancelled_pull_stops_holding_the_params():
     assert client.push(0, {"['w']": np.ones((256, 1024), np.float32)}, 1, 'w').applied
     step, got = params_of(client)
     assert step == 1 and np.all(np.isfinite(got["['w']"]))
+
+
+@pytest.mark.parametrize('chunk_bytes', [4096, 5001, 1 << 20])
+def test_encoded_chunk_messages_parse_as_protobufs_own(chunk_bytes):
+  arrays = [("['a']", np.arange(5000, dtype=np.float32)),
+            ("['é']", np.arange(300, dtype=np.float32).astype(ml_dtypes.bfloat16)),
+            ("['empty']", np.zeros((0, 3), np.float32)),
+            ("['s']", np.float32(7.0))]
+  for message in (pb.PushGradientsRequest, pb.InitializeModelRequest):
+    want = list(wire.chunk_messages(message, arrays, chunk_bytes))
+    got = [message.FromString(m) for m in wire.encoded_chunk_messages(message, arrays,
+                                                                      chunk_bytes)]
+    assert got == want
 
