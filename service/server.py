@@ -32,6 +32,35 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name['OptimizerService'].full_name
 MAX_RECEIVE_BYTES = wire.MAX_MESSAGE_BYTES + (64 << 10)
 
 
+_HANDLER_KINDS = {  # (client streaming, server streaming) -> grpc's handler constructor
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_servicer(servicer: pb_grpc.OptimizerServiceServicer, server: grpc.Server) -> None:
+  """pb_grpc.add_OptimizerServiceServicer_to_server, but uploads skip protobuf for chunks.
+
+  Requests with a `chunk` field (InitializeModel, PushGradients) are parsed by
+  wire.upload_parser, which leaves each chunk's data in the received bytes
+  instead of copying it twice; every other method is registered as the
+  generated code does.
+  """
+  handlers = {}
+  for method in pb.DESCRIPTOR.services_by_name['OptimizerService'].methods:
+    request = getattr(pb, method.input_type.name)
+    response = getattr(pb, method.output_type.name)
+    parse = (wire.upload_parser(request) if 'chunk' in request.DESCRIPTOR.fields_by_name
+             else request.FromString)
+    handlers[method.name] = _HANDLER_KINDS[method.client_streaming, method.server_streaming](
+        getattr(servicer, method.name), request_deserializer=parse,
+        response_serializer=response.SerializeToString)
+  server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+  server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def _abort(context: grpc.ServicerContext, err: ServiceError):
   context.abort(getattr(grpc.StatusCode, err.code), str(err))
 
@@ -243,7 +272,7 @@ def start(config: ServerConfig, engine: Optional[Engine] = None) -> RunningServe
       interceptors=[security.BearerAuthInterceptor(tokens)] if tokens else None,
       options=[('grpc.max_receive_message_length', MAX_RECEIVE_BYTES),
                ('grpc.max_send_message_length', MAX_RECEIVE_BYTES)])
-  pb_grpc.add_OptimizerServiceServicer_to_server(OptimizerServicer(engine), server)
+  add_servicer(OptimizerServicer(engine), server)
   health_servicer = health.HealthServicer()
   health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
   for name in ('', SERVICE_NAME):

@@ -207,6 +207,98 @@ def host_buffers(specs: Sequence[LeafSpec], dtype=None) -> list[np.ndarray]:
           for s, dt, off in zip(specs, dtypes, offsets)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  """A TensorChunk whose `data` is a view into the received message's bytes."""
+  path: str
+  offset: int
+  data: memoryview
+  sequence: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkMessage:
+  """Stands in for a stream message of kind `chunk`: WhichOneof and `.chunk` as its own."""
+  chunk: Chunk
+
+  def WhichOneof(self, name: str) -> str:  # pylint: disable=invalid-name
+    assert name == 'kind', name
+    return 'chunk'
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+  """A varint at buf[pos:]: (value, position after it). IndexError if truncated."""
+  value = shift = 0
+  while True:
+    byte = buf[pos]
+    pos += 1
+    value |= (byte & 0x7F) << shift
+    if byte < 0x80:
+      return value, pos
+    shift += 7
+    if shift > 63:
+      raise ValueError('varint too long')
+
+
+def _parse_chunk(buf: memoryview) -> Optional[Chunk]:
+  """`buf` as a TensorChunk holding only fields of TensorChunk, each with its wire
+  type; None for anything else (protobuf's own parser then decides)."""
+  path, offset, data, sequence = '', 0, memoryview(b''), 0
+  pos, end = 0, len(buf)
+  try:
+    while pos < end:
+      key, pos = _read_varint(buf, pos)
+      if key in (0x0A, 0x1A):  # path (1), data (3): length-delimited
+        length, pos = _read_varint(buf, pos)
+        if pos + length > end:
+          return None
+        if key == 0x0A:
+          path = str(buf[pos:pos + length], 'utf-8')
+        else:
+          data = buf[pos:pos + length]
+        pos += length
+      elif key in (0x10, 0x20):  # offset (2), sequence (4): int64 varints
+        value, pos = _read_varint(buf, pos)
+        if value >> 64:
+          return None
+        value = value - (1 << 64) if value >= 1 << 63 else value
+        if key == 0x10:
+          offset = value
+        else:
+          sequence = value
+      else:
+        return None
+  except (IndexError, ValueError):  # truncated, an overlong varint, a path not UTF-8
+    return None
+  return Chunk(path, offset, data, sequence)
+
+
+def upload_parser(message_type):
+  """A request deserializer for `message_type` streams that does not copy chunk data.
+
+  A message holding just a chunk becomes a ChunkMessage whose data is a view
+  into the received bytes; protobuf would copy the data twice (parsing it,
+  then reading the field). Every other message, and any chunk with fields or
+  encodings TensorChunk does not have, is parsed by protobuf as usual.
+  """
+  key = message_type.DESCRIPTOR.fields_by_name['chunk'].number << 3 | 2
+  parse = message_type.FromString
+
+  def deserialize(raw: bytes):
+    buf = memoryview(raw)
+    if buf and buf[0] == key:
+      try:
+        length, pos = _read_varint(buf, 1)
+      except (IndexError, ValueError):
+        return parse(raw)
+      if pos + length == len(buf):
+        chunk = _parse_chunk(buf[pos:])
+        if chunk is not None:
+          return ChunkMessage(chunk)
+    return parse(raw)
+  return deserialize
+
+
 class ChunkReceiver:
   """Checks a stream of chunks against its header and writes them into buffers.
 
@@ -241,7 +333,7 @@ class ChunkReceiver:
     self._leaf += 1
     self._offset = 0
 
-  def add(self, chunk: tensor_pb2.TensorChunk) -> None:
+  def add(self, chunk: tensor_pb2.TensorChunk | Chunk) -> None:
     w = self._what
     if chunk.sequence != self._seq:
       kind = 'duplicated' if chunk.sequence < self._seq else 'out of order'

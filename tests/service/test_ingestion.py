@@ -1,9 +1,10 @@
-"""The ingestion fast paths: host accumulation, donated params, pre-serialized chunks.
+"""The ingestion fast paths: host accumulation, donated params, chunks without protobuf.
 
 Each test would fail if its mechanism broke: a push that fails after the
 accumulator adopted or grew must leave no trace, a pull that started before an
 apply must still stream the old step even though applies donate the params,
-and the client's hand-encoded chunk messages must parse as protobuf's own.
+the client's hand-encoded chunk messages must parse as protobuf's own, and the
+server's chunk parser must read what protobuf reads (and leave the rest to it).
 """
 
 import threading
@@ -13,10 +14,12 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from google.protobuf.message import DecodeError
 
 import lamb_sharded
 from service import wire
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service._gen.lamb_sharded.v1 import tensor_pb2
 from service.config import ServerConfig
 from service.engine import Engine
 from svc import params_of, push_messages, running_server, stub
@@ -162,3 +165,52 @@ def test_encoded_chunk_messages_parse_as_protobufs_own(chunk_bytes):
                                                                       chunk_bytes)]
     assert got == want
 
+
+def _as_chunk(parsed, message):
+  """A parsed upload message's chunk as a TensorChunk (ChunkMessage or protobuf's own)."""
+  if isinstance(parsed, wire.ChunkMessage):
+    c = parsed.chunk
+    return tensor_pb2.TensorChunk(path=c.path, offset=c.offset, data=bytes(c.data),
+                                  sequence=c.sequence)
+  assert isinstance(parsed, message)
+  return parsed.chunk
+
+
+def test_upload_parser_reads_chunks_as_protobuf_does_without_copying():
+  parse = wire.upload_parser(pb.PushGradientsRequest)
+  for chunk in (tensor_pb2.TensorChunk(path="['w']", offset=0, data=b'\x01' * 8, sequence=0),
+                tensor_pb2.TensorChunk(path="['é']", offset=(1 << 40), data=b'xy', sequence=300),
+                tensor_pb2.TensorChunk(path="['w']", offset=-1, data=b'z', sequence=-5),
+                tensor_pb2.TensorChunk()):
+    raw = pb.PushGradientsRequest(chunk=chunk).SerializeToString()
+    parsed = parse(raw)
+    assert isinstance(parsed, wire.ChunkMessage) and parsed.WhichOneof('kind') == 'chunk'
+    assert _as_chunk(parsed, pb.PushGradientsRequest) == chunk
+    if chunk.data:  # a view into the received bytes, not a copy
+      assert parsed.chunk.data.obj is raw
+  for other in (pb.PushGradientsRequest(header=pb.PushGradientsHeader(worker_id='w')),
+                pb.PushGradientsRequest(commit=tensor_pb2.StreamCommit(chunk_count=3))):
+    assert parse(other.SerializeToString()) == other
+
+
+@pytest.mark.parametrize('raw', [
+    # An unknown field inside the chunk, and one next to it: protobuf's parser decides.
+    pb.PushGradientsRequest(chunk=tensor_pb2.TensorChunk(path='a', data=b'd')).SerializeToString()
+    + b'\x28\x01',
+    b'\x12\x05' + b'\x0a\x01a' + b'\x30\x07',
+    # A field with another wire type than TensorChunk's (path as a varint).
+    b'\x12\x02\x08\x01',
+])
+def test_upload_parser_leaves_anything_unusual_to_protobuf(raw):
+  parsed = wire.upload_parser(pb.PushGradientsRequest)(raw)
+  assert isinstance(parsed, pb.PushGradientsRequest)
+  assert parsed == pb.PushGradientsRequest.FromString(raw)
+
+
+@pytest.mark.parametrize('raw', [b'\x12\x05\x0a\x09abc', b'\x12\x03\x0a\x02\xff\xfe', b'\x12\x80'])
+def test_upload_parser_rejects_what_protobuf_rejects(raw):
+  # Truncated, not UTF-8, a truncated length: the same error as protobuf's own parser.
+  with pytest.raises(DecodeError):
+    pb.PushGradientsRequest.FromString(raw)
+  with pytest.raises(DecodeError):
+    wire.upload_parser(pb.PushGradientsRequest)(raw)
