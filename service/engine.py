@@ -118,6 +118,8 @@ class PushTicket:
   step: int
   num_examples: int
   wire_specs: tuple[LeafSpec, ...]
+  # Where the push's bytes go (one array per leaf); commit_push consumes the list.
+  buffers: list[np.ndarray] = dataclasses.field(default_factory=list)
   nonfinite_leaf: Optional[str] = None  # set when the stream carried NaN/Inf
   _released: bool = False
 
@@ -147,6 +149,10 @@ class _Model:
     self.opt_state = None
     self.acc: Optional[list[np.ndarray]] = None
     self.weight = 0  # examples accumulated into acc
+    # One idle float32 push buffer, reused by the next push (see take_buffers), and
+    # what must be computed before it may be written again.
+    self._spare: Optional[list[np.ndarray]] = None
+    self._spare_fence: Sequence[jax.Array] = ()
 
     def apply(params, opt_state, acc, inv_weight):
       grads = [(a * inv_weight).astype(p.dtype) for a, p in zip(acc, params)]
@@ -206,14 +212,46 @@ class _Model:
           np.add(a, b, out=a, dtype=np.float32)
         else:  # a leaf-sized temporary at most
           a += np.multiply(b, n, dtype=np.float32)
+      self.give_back(buffers)
     buffers.clear()
     self.weight += num_examples
 
+  def take_buffers(self, wire_specs: Sequence[LeafSpec]) -> list[np.ndarray]:
+    """Host buffers for a push: the spare ones if the push is float32, else new ones.
+
+    Fresh memory is zeroed by the kernel on first touch, which costs about as
+    much as receiving into it; a reused buffer is simply overwritten (a push
+    that commits wrote every byte of it).
+    """
+    if self._spare is not None and all(s.dtype == np.float32 for s in wire_specs):
+      buffers, self._spare = self._spare, None
+      # The apply that read it may still run (and on CPU may read it in place).
+      jax.block_until_ready(self._spare_fence)
+      return buffers
+    return wire.host_buffers(wire_specs)
+
+  def give_back(self, buffers: list[np.ndarray]) -> None:
+    """Keeps a consumed or abandoned float32 push buffer as the spare (one at most)."""
+    if (self._spare is None and len(buffers) == len(self.specs)
+        and all(b.dtype == np.float32 for b in buffers)):
+      self._spare, self._spare_fence = buffers[:], ()
+
   def take_acc(self) -> list[jax.Array]:
-    """Moves the gradient sum onto the mesh and empties the host accumulator."""
-    host, self.acc = self.acc, None
+    """Moves the gradient sum onto the mesh and empties the host accumulator.
+
+    The spare buffer is dropped first, so that the sum's two copies are the
+    only gradient-sized buffers at the step's peak; afterwards the sum's host
+    buffer becomes the spare (call `fence_spare` with the step's outputs).
+    """
+    host, self.acc, self._spare = self.acc, None, None
     self.weight = 0
-    return [_to_mesh(a, sh) for a, sh in zip(host, self.shardings)]
+    out = [_to_mesh(a, sh) for a, sh in zip(host, self.shardings)]
+    self._spare = host
+    return out
+
+  def fence_spare(self, arrays: Sequence[jax.Array]) -> None:
+    """The spare buffer may be written once `arrays` (the apply's outputs) are computed."""
+    self._spare_fence = tuple(arrays)
 
 
 def specs_to_meta(specs: Sequence[LeafSpec]) -> list[dict]:
@@ -380,13 +418,18 @@ class Engine:
                               f'flight; retry later')
     with self._cond:
       self._in_flight += 1
-    return PushTicket(worker_id, push_id, step, num_examples, tuple(wire_specs))
+    with self._cond:
+      buffers = self._model.take_buffers(wire_specs)
+    return PushTicket(worker_id, push_id, step, num_examples, tuple(wire_specs), buffers)
 
   def release(self, ticket: PushTicket) -> None:
     """Frees the ticket's slot (call exactly once, whatever happened to the push)."""
     if not ticket._released:
       ticket._released = True
       with self._cond:
+        if ticket.buffers and self._model is not None:  # not committed: reuse them
+          self._model.give_back(ticket.buffers)
+        ticket.buffers = []
         self._in_flight -= 1
         self._cond.notify_all()
       self._slots.release()
@@ -480,6 +523,7 @@ class Engine:
       apply = model.apply_keeping_params if self._readers else model.apply
       model.params, model.opt_state = apply(model.params, model.opt_state, model.take_acc(),
                                             inv_weight)
+      model.fence_spare(model.params)
       self._params_replaced_locked()
       self.stats['steps_applied'] += 1
     self._step += 1

@@ -144,7 +144,8 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       ticket = admitted
       receiver = wire.ChunkReceiver(
           specs, f'push of worker {header.worker_id} for step {header.step}',
-          on_leaf_complete=lambda spec, buf: self._engine.check_finite(ticket, spec, buf))
+          on_leaf_complete=lambda spec, buf: self._engine.check_finite(ticket, spec, buf),
+          buffers=ticket.buffers)
       for chunk in chunks:
         receiver.add(chunk)
       # Straight into the engine: no reference here may keep the push's buffers alive.

@@ -310,10 +310,11 @@ class ChunkReceiver:
   """
 
   def __init__(self, specs: Sequence[LeafSpec], what: str,
-               on_leaf_complete=None):
+               on_leaf_complete=None, buffers: Optional[list[np.ndarray]] = None):
+    """`buffers`: arrays of the specs' shapes and dtypes to write into (default: new ones)."""
     self._specs = list(specs)
     self._what = what
-    self._buffers = host_buffers(self._specs)
+    self._buffers = host_buffers(self._specs) if buffers is None else buffers
     self._views = [b.reshape(-1).view(np.uint8) for b in self._buffers]
     self._leaf = 0
     self._offset = 0

@@ -214,3 +214,29 @@ def test_upload_parser_rejects_what_protobuf_rejects(raw):
     pb.PushGradientsRequest.FromString(raw)
   with pytest.raises(DecodeError):
     wire.upload_parser(pb.PushGradientsRequest)(raw)
+
+
+def test_the_spare_buffer_is_reused_and_steps_stay_exact():
+  # Each step's sum goes onto the mesh (on CPU possibly reading the host buffer in place)
+  # and its host buffer receives the next push: that must wait for the step to be computed.
+  engine = _engine()
+  tx = lamb_sharded.lamb(0.1)
+  want, state = P0, tx.init(P0)
+  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
+  try:
+    used = []
+    for step in range(3):
+      g = _g(10 + step)
+      ticket = engine.begin_push('w', '', step, 1, '', specs, timeout=1)
+      used.append(ticket.buffers[0].base)
+      for buf, v in zip(ticket.buffers, g.values()):
+        buf[...] = v
+      assert engine.commit_push(ticket, ticket.buffers).applied
+      engine.release(ticket)
+      u, state = tx.update(g, state, want)
+      want = optax.apply_updates(want, u)
+    assert used[1] is used[0] and used[2] is used[0]
+    with engine.reading() as snap:
+      _assert_params(dict(zip(P0, snap.arrays)), want)
+  finally:
+    engine.close()
