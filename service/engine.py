@@ -161,8 +161,12 @@ class _Model:
     # The new params and moments take the old ones' memory (donated), so a step needs
     # no second copy of them. Params can be donated only while no pull reads them
     # (Engine.reading); otherwise `apply_keeping_params` leaves them to the readers.
-    self.apply = jax.jit(apply, donate_argnums=(0, 1))
-    self.apply_keeping_params = jax.jit(apply, donate_argnums=1)
+    # The outputs are pinned to the inputs' shardings, so that every step runs the
+    # executable compiled for the first (see `compile_apply`).
+    state = self.abstract_state()
+    out_shardings = jax.tree.map(lambda x: x.sharding, (state['params'], state['opt_state']))
+    self.apply = jax.jit(apply, donate_argnums=(0, 1), out_shardings=out_shardings)
+    self.apply_keeping_params = jax.jit(apply, donate_argnums=1, out_shardings=out_shardings)
 
   @classmethod
   def from_host(cls, config, mesh, specs, host_params) -> '_Model':
@@ -173,6 +177,13 @@ class _Model:
         model.tx, lambda x: x, jax.jit(model.tx.init)(model.params),
         transform_non_params=lambda x: jax.device_put(x, model.replicated))
     return model
+
+  def compile_apply(self) -> None:
+    """Compiles the step now, before any push: the first step does not wait for it."""
+    state = self.abstract_state()
+    acc = [jax.ShapeDtypeStruct(s.shape, np.float32, sharding=sh)
+           for s, sh in zip(self.specs, self.shardings)]
+    self.apply.lower(state['params'], state['opt_state'], acc, jnp.float32(1)).compile()
 
   def abstract_state(self) -> dict:
     """The checkpointed state as ShapeDtypeStructs with this mesh's shardings."""
@@ -373,15 +384,16 @@ class Engine:
       if self._model is not None:
         raise AlreadyExists(f'the model is already initialised (model_id {self._model_id}, '
                             f'step {self._step})')
-      self._model = _Model.from_host(self.config, self.mesh, specs, host_params)
+      model = self._model = _Model.from_host(self.config, self.mesh, specs, host_params)
       self._params_replaced_locked()
-      self._model_id = uuid.uuid4().hex
+      self._model_id = model_id = uuid.uuid4().hex
       self._step = 0
       self._save_locked(force=True)  # the initial params are state too
       log.info('model initialised: %d leaves, %d parameters, model_id %s', len(specs),
                sum(math.prod(s.shape) for s in specs), self._model_id)
       self._cond.notify_all()
-      return self._model_id
+    model.compile_apply()  # outside the lock; a step that comes first compiles it itself
+    return model_id
 
   def _require_model(self) -> _Model:
     if self._model is None:
@@ -598,6 +610,7 @@ class Engine:
       self._cond.notify_all()
     log.info('restored step %d from %s (%d leaves), model_id %s', step,
              self._checkpointer.path(step), len(model.specs), self._model_id)
+    model.compile_apply()
     return True
 
   def check_same_model(self, specs: Sequence[LeafSpec]) -> None:
