@@ -75,6 +75,27 @@ class PushResult:
   duplicate: bool
 
 
+def _passing_bytes(message) -> bytes:
+  """A request serializer for streams that mix messages and already-serialized bytes."""
+  return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class _Stub(pb_grpc.OptimizerServiceStub):
+  """The generated stub, with uploads that take chunks serialized by the wire module.
+
+  InitializeModel and PushGradients streams send wire.encoded_chunk_messages:
+  each chunk's data is copied once on its way from the array to gRPC.
+  """
+
+  def __init__(self, channel):
+    super().__init__(channel)
+    for name, response in (('InitializeModel', pb.InitializeModelResponse),
+                           ('PushGradients', pb.PushGradientsResponse)):
+      setattr(self, name, channel.stream_unary(
+          f'/{_SERVICE}/{name}', request_serializer=_passing_bytes,
+          response_deserializer=response.FromString))
+
+
 def _flatten(tree) -> list[tuple[str, np.ndarray]]:
   if isinstance(tree, dict) and all(isinstance(k, str) and k.startswith('[') for k in tree):
     return [(k, np.asarray(v)) for k, v in tree.items()]  # already path -> array
@@ -130,7 +151,7 @@ class OptimizerClient:
     if token is not None:
       calls = grpc.intercept_channel(self._channel,
                                      security.BearerTokenClientInterceptor(token))
-    self._stub = pb_grpc.OptimizerServiceStub(calls)
+    self._stub = _Stub(calls)
     self.timeout = timeout
     self.retries = retries
     self.chunk_bytes = wire.clamp_chunk_bytes(chunk_bytes)
@@ -175,7 +196,8 @@ class OptimizerClient:
         leaves=[wire.LeafSpec(p, x.shape, x.dtype).to_proto() for p, x in leaves])
     def requests():
       yield pb.InitializeModelRequest(header=header)
-      yield from wire.chunk_messages(pb.InitializeModelRequest, leaves, self.chunk_bytes)
+      yield from wire.encoded_chunk_messages(pb.InitializeModelRequest, leaves,
+                                             self.chunk_bytes)
     return self._stub.InitializeModel(requests(), timeout=self.timeout).model_id
 
   def push(self, step: int, grads, num_examples: int, worker_id: str, *,
@@ -202,7 +224,7 @@ class OptimizerClient:
 
     def requests():
       yield pb.PushGradientsRequest(header=header)
-      yield from wire.chunk_messages(pb.PushGradientsRequest, leaves, self.chunk_bytes)
+      yield from wire.encoded_chunk_messages(pb.PushGradientsRequest, leaves, self.chunk_bytes)
 
     r = self._retrying(lambda: self._stub.PushGradients(requests(), timeout=self.timeout))
     return PushResult(r.accepted_step, r.applied, r.current_step, r.duplicate)

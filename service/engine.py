@@ -1,20 +1,30 @@
 """The step engine: the model on the mesh, gradient accumulation, and LAMB steps.
 
 Knows nothing of gRPC. The servicer hands it validated host buffers; the engine
-accumulates each committed push into one float32 buffer sharded like the
-params (example-weighted), applies `lamb_sharded.lamb` when a step is complete,
-and serves consistent snapshots of the params.
+accumulates each committed push (example-weighted) into one float32 host buffer
+per leaf, moves the sum onto the mesh and applies `lamb_sharded.lamb` when a
+step is complete, and serves consistent snapshots of the params.
 
 Data path: header -> `begin_push` (admission, checks) -> the caller streams the
-bytes into host buffers -> `commit_push` (accumulate on the mesh, maybe apply).
+bytes into host buffers -> `commit_push` (accumulate on the host, maybe apply).
+
+Why the accumulator is on the host: a push arrives in host memory anyway, and
+the first push of a step (the only one, with one worker) becomes the
+accumulator as it is -- no copy, no pass -- while later ones are added to it in
+place. Only the sum crosses onto the mesh, once per step, and its host memory
+is freed right after (each push's buffers are one allocation, see
+`wire.host_buffers`). A push that fails never touches the accumulator: it is
+only read or written at commit, under the lock.
 
 Multi-host later: `_to_mesh` builds each global array with
 `jax.make_array_from_callback`, which asks only for the blocks this process's
-devices hold, so a process that ingests only its own slices plugs in there.
+devices hold, so a process that ingests (and accumulates) only its own slices
+plugs in there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -22,7 +32,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +45,7 @@ from service.checkpoint import Checkpointer, CheckpointInfo, IncompatibleCheckpo
 from service.config import WORKER_ID, WORKER_ID_RULE, ServerConfig
 from service.errors import (Aborted, AlreadyExists, FailedPrecondition, InvalidArgument,
                             PermissionDenied, ResourceExhausted, Unavailable)
+from service import wire
 from service.logs import fields
 from service.wire import LeafSpec
 
@@ -55,9 +66,14 @@ def partition_spec(shape: Sequence[int], axis_size: int) -> P:
   return P(*([None] * best + [MESH_AXIS]))
 
 
+_FINITE_BLOCK = 1 << 16  # elements per isfinite block: its bool temporary stays in cache
+
+
 def all_finite(buffer: np.ndarray) -> bool:
-  """No NaN or Inf in `buffer`: one pass, no temporary (a float64 sum is finite iff all are)."""
-  return math.isfinite(float(buffer.sum(dtype=np.float64)))
+  """No NaN or Inf in `buffer`: one pass of `isfinite`, block by block (a small temporary)."""
+  flat = buffer.reshape(-1)
+  return all(np.isfinite(flat[i:i + _FINITE_BLOCK]).all()
+             for i in range(0, flat.size, _FINITE_BLOCK))
 
 
 def make_schedule(config: ServerConfig) -> tuple[optax.Schedule, str]:
@@ -118,6 +134,8 @@ class PushTicket:
   num_examples: int
   wire_specs: tuple[LeafSpec, ...]
   nbytes: int = 0  # of the push in its wire dtypes
+  # Where the push's bytes go (one array per leaf); commit_push consumes the list.
+  buffers: list[np.ndarray] = dataclasses.field(default_factory=list)
   nonfinite_leaf: Optional[str] = None  # set when the stream carried NaN/Inf
   _released: bool = False
 
@@ -131,7 +149,10 @@ class Snapshot:
 
 
 class _Model:
-  """Everything that exists once the model is initialised: its state on the mesh."""
+  """Everything that exists once the model is initialised: its state on the mesh, and
+  the step's gradient sum on the host (`acc`: float32, one array per leaf; None while
+  no push of the step has committed).
+  """
 
   def __init__(self, config: ServerConfig, mesh, specs: Sequence[LeafSpec]):
     self.specs = tuple(specs)
@@ -142,27 +163,31 @@ class _Model:
     self.tx = make_optimizer(config, mesh, self.pspecs)
     self.params: list[jax.Array] = []
     self.opt_state = None
-    self.acc = self._zeros()
+    self.acc: Optional[list[np.ndarray]] = None
     self.weight = 0  # examples accumulated into acc
     self.trust_ratios: Optional[jax.Array] = None  # of the last step applied here
-
-    def accumulate(acc, grads, weight):
-      return [a + weight * g.astype(jnp.float32) for a, g in zip(acc, grads)]
+    # One idle float32 push buffer, reused by the next push (see take_buffers), and
+    # what must be computed before it may be written again.
+    self._spare: Optional[list[np.ndarray]] = None
+    self._spare_fence: Sequence[jax.Array] = ()
 
     def apply(params, opt_state, acc, inv_weight):
       grads = [(a * inv_weight).astype(p.dtype) for a, p in zip(acc, params)]
       updates, opt_state = self.tx.update(grads, opt_state, params)
-      fresh = [jax.lax.with_sharding_constraint(jnp.zeros_like(a), sh)
-               for a, sh in zip(acc, self.shardings)]
       # The trust ratios once more, as an output of their own: opt_state is donated to
       # the next step, this copy stays readable (metrics) and marks the step computed.
       ratios = opt_state[0].trust_ratio
-      return optax.apply_updates(params, updates), opt_state, fresh, ratios
-    # Params are not donated: pulls in flight keep reading the previous step's arrays.
-    # The fresh accumulator is pinned to the mesh shardings: a bare `zeros_like`
-    # comes back replicated on every device.
-    self.apply = jax.jit(apply, donate_argnums=(1, 2))
-    self.accumulate = jax.jit(accumulate, donate_argnums=0)
+      return optax.apply_updates(params, updates), opt_state, ratios
+    # The new params and moments take the old ones' memory (donated), so a step needs
+    # no second copy of them. Params can be donated only while no pull reads them
+    # (Engine.reading); otherwise `apply_keeping_params` leaves them to the readers.
+    # The outputs are pinned to the inputs' shardings, so that every step runs the
+    # executable compiled for the first (see `compile_apply`).
+    state = self.abstract_state()
+    out_shardings = jax.tree.map(lambda x: x.sharding,
+                                 (state['params'], state['opt_state'])) + (self.replicated,)
+    self.apply = jax.jit(apply, donate_argnums=(0, 1), out_shardings=out_shardings)
+    self.apply_keeping_params = jax.jit(apply, donate_argnums=1, out_shardings=out_shardings)
 
   @classmethod
   def from_host(cls, config, mesh, specs, host_params) -> '_Model':
@@ -173,6 +198,13 @@ class _Model:
         model.tx, lambda x: x, jax.jit(model.tx.init)(model.params),
         transform_non_params=lambda x: jax.device_put(x, model.replicated))
     return model
+
+  def compile_apply(self) -> None:
+    """Compiles the step now, before any push: the first step does not wait for it."""
+    state = self.abstract_state()
+    acc = [jax.ShapeDtypeStruct(s.shape, np.float32, sharding=sh)
+           for s, sh in zip(self.specs, self.shardings)]
+    self.apply.lower(state['params'], state['opt_state'], acc, jnp.float32(1)).compile()
 
   def abstract_state(self) -> dict:
     """The checkpointed state as ShapeDtypeStructs with this mesh's shardings."""
@@ -189,8 +221,69 @@ class _Model:
   def state(self) -> dict:
     return {'params': self.params, 'opt_state': self.opt_state}
 
-  def _zeros(self):
-    return [jnp.zeros(s.shape, jnp.float32, device=sh) for s, sh in zip(self.specs, self.shardings)]
+  def add_push(self, buffers: list[np.ndarray], num_examples: int) -> None:
+    """acc += num_examples * buffers, consuming `buffers` (the list is emptied).
+
+    The first push of a step becomes the accumulator itself when it is float32
+    (scaled in place unless its weight is 1): no copy, no pass. Later pushes
+    are added in place, leaf by leaf, so no model-sized temporary is made.
+    """
+    n = np.float32(num_examples)
+    if self.acc is None and all(b.dtype == np.float32 for b in buffers):
+      if n != 1:
+        for b in buffers:
+          b *= n
+      self.acc = buffers[:]
+    elif self.acc is None:  # bfloat16 or float16 on the wire
+      self.acc = wire.host_buffers(self.specs, np.float32)
+      for a, b in zip(self.acc, buffers):
+        np.multiply(b, n, out=a, dtype=np.float32)
+    else:
+      for a, b in zip(self.acc, buffers):
+        if n == 1:
+          np.add(a, b, out=a, dtype=np.float32)
+        else:  # a leaf-sized temporary at most
+          a += np.multiply(b, n, dtype=np.float32)
+      self.give_back(buffers)
+    buffers.clear()
+    self.weight += num_examples
+
+  def take_buffers(self, wire_specs: Sequence[LeafSpec]) -> list[np.ndarray]:
+    """Host buffers for a push: the spare ones if the push is float32, else new ones.
+
+    Fresh memory is zeroed by the kernel on first touch, which costs about as
+    much as receiving into it; a reused buffer is simply overwritten (a push
+    that commits wrote every byte of it).
+    """
+    if self._spare is not None and all(s.dtype == np.float32 for s in wire_specs):
+      buffers, self._spare = self._spare, None
+      # The apply that read it may still run (and on CPU may read it in place).
+      jax.block_until_ready(self._spare_fence)
+      return buffers
+    return wire.host_buffers(wire_specs)
+
+  def give_back(self, buffers: list[np.ndarray]) -> None:
+    """Keeps a consumed or abandoned float32 push buffer as the spare (one at most)."""
+    if (self._spare is None and len(buffers) == len(self.specs)
+        and all(b.dtype == np.float32 for b in buffers)):
+      self._spare, self._spare_fence = buffers[:], ()
+
+  def take_acc(self) -> list[jax.Array]:
+    """Moves the gradient sum onto the mesh and empties the host accumulator.
+
+    The spare buffer is dropped first, so that the sum's two copies are the
+    only gradient-sized buffers at the step's peak; afterwards the sum's host
+    buffer becomes the spare (call `fence_spare` with the step's outputs).
+    """
+    host, self.acc, self._spare = self.acc, None, None
+    self.weight = 0
+    out = [_to_mesh(a, sh) for a, sh in zip(host, self.shardings)]
+    self._spare = host
+    return out
+
+  def fence_spare(self, arrays: Sequence[jax.Array]) -> None:
+    """The spare buffer may be written once `arrays` (the apply's outputs) are computed."""
+    self._spare_fence = tuple(arrays)
 
 
 def specs_to_meta(specs: Sequence[LeafSpec]) -> list[dict]:
@@ -204,6 +297,22 @@ def specs_from_meta(leaves: list[dict]) -> list[LeafSpec]:
 def _to_mesh(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A global array from a host buffer, each device taking only its block."""
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """A host copy of a global array, assembled from its devices' blocks.
+
+  Unlike `np.asarray(array)`, the copy is not cached on `array`: a pull must
+  not leave a host copy of the params behind for as long as they are current.
+  """
+  out = np.empty(array.shape, array.dtype)
+  done = set()
+  for shard in array.addressable_shards:
+    key = tuple((s.start, s.stop) for s in shard.index)
+    if key not in done:
+      done.add(key)
+      out[shard.index] = np.asarray(shard.data)
+  return out
 
 
 class Engine:
@@ -235,6 +344,8 @@ class Engine:
     self._in_flight_bytes = 0
     self._waiting = 0  # callers blocked in wait_for_step
     self._allowed = config.worker_allowlist
+    self._readers = 0  # open `reading` blocks on the current params
+    self._params_version = 0  # bumped whenever the current params are replaced
     self._closed = False
     self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
     self._watchdog = threading.Thread(target=self._straggler_loop, name='straggler', daemon=True)
@@ -253,11 +364,32 @@ class Engine:
     return Description(model is not None, mid, model.specs if model else (), step,
                        float(self._schedule(step)))
 
-  def snapshot(self) -> Snapshot:
+  @contextlib.contextmanager
+  def reading(self) -> Iterator[Snapshot]:
+    """A consistent snapshot of the params, kept intact while the block runs.
+
+    Applies donate the params' memory to the new params unless a reader holds
+    them, so the snapshot stays readable even if steps are applied meanwhile.
+    The hold ends when the block exits; in a generator, also when the generator
+    is closed or collected (e.g. a cancelled pull), since that exits the block.
+    """
     with self._cond:
       self._require_model()
       m = self._model
-      return Snapshot(self._model_id, self._step, m.specs, tuple(m.params))
+      snap = Snapshot(self._model_id, self._step, m.specs, tuple(m.params))
+      version = self._params_version
+      self._readers += 1
+    try:
+      yield snap
+    finally:
+      with self._cond:
+        if version == self._params_version:
+          self._readers -= 1
+
+  def _params_replaced_locked(self) -> None:
+    """The current params are new arrays: nobody reads them yet."""
+    self._params_version += 1
+    self._readers = 0
 
   def trust_ratios(self) -> Optional[np.ndarray]:
     """The per-leaf trust ratios of the last step applied since start (None: none yet)."""
@@ -303,15 +435,17 @@ class Engine:
       if self._model is not None:
         raise AlreadyExists(f'the model is already initialised (model_id {self._model_id}, '
                             f'step {self._step})')
-      self._model = _Model.from_host(self.config, self.mesh, specs, host_params)
-      self._model_id = uuid.uuid4().hex
+      model = self._model = _Model.from_host(self.config, self.mesh, specs, host_params)
+      self._params_replaced_locked()
+      self._model_id = model_id = uuid.uuid4().hex
       self._step = 0
       self._save_locked(force=True)  # the initial params are state too
       log.info('model initialised: %d leaves, %d parameters, model_id %s', len(specs),
                sum(math.prod(s.shape) for s in specs), self._model_id,
                extra=fields(step=0, model_id=self._model_id))
       self._cond.notify_all()
-      return self._model_id
+    model.compile_apply()  # outside the lock; a step that comes first compiles it itself
+    return model_id
 
   def _require_model(self) -> _Model:
     if self._model is None:
@@ -356,7 +490,8 @@ class Engine:
       self._check_step(worker_id, step)
       nbytes = sum(s.nbytes for s in wire_specs)
       self._admit_locked(nbytes, timeout)
-    return PushTicket(worker_id, push_id, step, num_examples, tuple(wire_specs), nbytes)
+      buffers = self._model.take_buffers(wire_specs)
+    return PushTicket(worker_id, push_id, step, num_examples, tuple(wire_specs), nbytes, buffers)
 
   def _admit_locked(self, nbytes: int, timeout: float) -> None:
     """Waits for room for a push of `nbytes`: a slot of max_inflight_pushes and bytes."""
@@ -385,6 +520,9 @@ class Engine:
     if not ticket._released:
       ticket._released = True
       with self._cond:
+        if ticket.buffers and self._model is not None:  # not committed: reuse them
+          self._model.give_back(ticket.buffers)
+        ticket.buffers = []
         self._in_flight -= 1
         self._in_flight_bytes -= ticket.nbytes
         self._cond.notify_all()
@@ -451,13 +589,15 @@ class Engine:
                             leaf=spec.path)
     ticket.nonfinite_leaf = ticket.nonfinite_leaf or spec.path
 
-  def commit_push(self, ticket: PushTicket, buffers: Sequence[np.ndarray]) -> PushResult:
-    """Adds a complete, checked push to the step; applies the step when it is complete."""
+  def commit_push(self, ticket: PushTicket, buffers: list[np.ndarray]) -> PushResult:
+    """Adds a complete, checked push to the step; applies the step when it is complete.
+
+    Takes ownership of `buffers` (one host array per leaf, in the wire dtype): the
+    accumulator may adopt or scale them in place, and the list is emptied so that
+    no caller's reference keeps a consumed push's memory alive.
+    """
     with self._cond:
       model = self._require_model()
-    # The copy onto the mesh happens outside the lock: other pushes and pulls go on.
-    grads = [_to_mesh(b, sh) for b, sh in zip(buffers, model.shardings)]
-    with self._cond:
       if ticket.push_id and (ticket.worker_id, ticket.push_id) in self._done:
         done = self._done[(ticket.worker_id, ticket.push_id)][1]
         return dataclasses.replace(done, current_step=self._step, duplicate=True)
@@ -465,8 +605,7 @@ class Engine:
       if ticket.nonfinite_leaf is not None:
         self._poisoned_by = self._poisoned_by or (
             f'leaf {ticket.nonfinite_leaf} of worker {ticket.worker_id}')
-      model.acc = model.accumulate(model.acc, grads, jnp.float32(ticket.num_examples))
-      model.weight += ticket.num_examples
+      model.add_push(buffers, ticket.num_examples)
       self._contributors[ticket.worker_id] = ticket
       self.stats['pushes_accepted'] += 1
       if self._first_push_at is None:
@@ -486,15 +625,18 @@ class Engine:
     if self._poisoned_by is not None:
       log.warning('step %d skipped: NaN/Inf in %s', self._step, self._poisoned_by,
                   extra=fields(step=self._step, reason='nonfinite'))
-      model.acc = model._zeros()
+      model.acc, model.weight = None, 0
       self.stats['steps_skipped'] += 1
     else:
       t0 = time.monotonic()
-      model.params, model.opt_state, model.acc, model.trust_ratios = model.apply(
-          model.params, model.opt_state, model.acc, jnp.float32(1.0 / model.weight))
+      inv_weight = jnp.float32(1.0 / model.weight)
+      apply = model.apply_keeping_params if self._readers else model.apply
+      model.params, model.opt_state, model.trust_ratios = apply(
+          model.params, model.opt_state, model.take_acc(), inv_weight)
+      model.fence_spare(model.params)
+      self._params_replaced_locked()
       self._applied.put((self._step, t0, model.trust_ratios))
       self.stats['steps_applied'] += 1
-    model.weight = 0
     self._step += 1
     self._contributors.clear()
     self._first_push_at = None
@@ -588,10 +730,12 @@ class Engine:
       model = _Model(self.config, self.mesh, specs_from_meta(meta['leaves']))
       model.params, model.opt_state = list(state['params']), state['opt_state']
       self._model, self._step, self._model_id = model, step, uuid.uuid4().hex
+      self._params_replaced_locked()
       self._cond.notify_all()
     log.info('restored step %d from %s (%d leaves), model_id %s', step,
              self._checkpointer.path(step), len(model.specs), self._model_id,
              extra=fields(step=step, model_id=self._model_id))
+    model.compile_apply()
     return True
 
   def check_same_model(self, specs: Sequence[LeafSpec]) -> None:

@@ -29,7 +29,7 @@ from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service.checkpoint import Checkpointer
 from service.config import ServerConfig
-from service.engine import Engine, PushResult
+from service.engine import Engine, PushResult, to_host
 from service.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
@@ -168,15 +168,15 @@ class _Unparsable:
                         f'({type(error).__name__})')
 
 
-def _lenient(message_class):
-  """A request deserializer that turns bytes that do not parse into an `_Unparsable`.
+def _lenient(parse, message_class):
+  """`parse` (bytes -> a `message_class`), turning bytes that do not parse into an `_Unparsable`.
 
   gRPC answers a deserializer's exception with INTERNAL; this way the handler
   answers INVALID_ARGUMENT, naming the message, as for any other bad input.
   """
   def deserialize(data: bytes):
     try:
-      return message_class.FromString(data)
+      return parse(data)
     except Exception as e:  # pylint: disable=broad-except  # DecodeError, RuntimeWarning...
       return _Unparsable(message_class.DESCRIPTOR.name, len(data), e)
   return deserialize
@@ -189,26 +189,33 @@ def _parsed(request, what: str):
   return request
 
 
+_HANDLER_KINDS = {  # (client streaming, server streaming) -> grpc's handler constructor
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def add_servicer(servicer: pb_grpc.OptimizerServiceServicer, server: grpc.Server) -> None:
-  """Registers `servicer` as the generated `add_OptimizerServiceServicer_to_server` does,
-  but with `_lenient` request deserializers."""
-  service = pb.DESCRIPTOR.services_by_name['OptimizerService']
-  factories = {
-      (False, False): grpc.unary_unary_rpc_method_handler,
-      (True, False): grpc.stream_unary_rpc_method_handler,
-      (False, True): grpc.unary_stream_rpc_method_handler,
-      (True, True): grpc.stream_stream_rpc_method_handler,
-  }
+  """pb_grpc.add_OptimizerServiceServicer_to_server, with our own request parsers.
+
+  Requests with a `chunk` field (InitializeModel, PushGradients) are parsed by
+  wire.upload_parser, which leaves each chunk's data in the received bytes
+  instead of copying it twice; every other one by protobuf. All are `_lenient`:
+  bytes that do not parse reach the handler as an `_Unparsable`.
+  """
   handlers = {}
-  for method in service.methods:
-    request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-    factory = factories[(method.client_streaming, method.server_streaming)]
-    handlers[method.name] = factory(getattr(servicer, method.name),
-                                    request_deserializer=_lenient(request),
-                                    response_serializer=response.SerializeToString)
-  server.add_generic_rpc_handlers(
-      (grpc.method_handlers_generic_handler(service.full_name, handlers),))
-  server.add_registered_method_handlers(service.full_name, handlers)
+  for method in pb.DESCRIPTOR.services_by_name['OptimizerService'].methods:
+    request = getattr(pb, method.input_type.name)
+    response = getattr(pb, method.output_type.name)
+    parse = (wire.upload_parser(request) if 'chunk' in request.DESCRIPTOR.fields_by_name
+             else request.FromString)
+    handlers[method.name] = _HANDLER_KINDS[method.client_streaming, method.server_streaming](
+        getattr(servicer, method.name), request_deserializer=_lenient(parse, request),
+        response_serializer=response.SerializeToString)
+  server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+  server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _read_stream(requests: Iterator, what: str):
@@ -321,11 +328,12 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       ticket = admitted
       receiver = wire.ChunkReceiver(
           specs, what,
-          on_leaf_complete=lambda spec, buf: self._engine.check_finite(ticket, spec, buf))
+          on_leaf_complete=lambda spec, buf: self._engine.check_finite(ticket, spec, buf),
+          buffers=ticket.buffers)
       for chunk in chunks:
         receiver.add(chunk)
-      buffers = receiver.finish(commit[0] if commit else None)
-      result = self._engine.commit_push(ticket, buffers)
+      # Straight into the engine: no reference here may keep the push's buffers alive.
+      result = self._engine.commit_push(ticket, receiver.finish(commit[0] if commit else None))
       if result.duplicate:
         self._metrics.pushes_duplicate.inc()
       self._metrics.push_seconds.observe(time.monotonic() - t0)
@@ -369,27 +377,27 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
     watch = self._pulls.register(context)
     try:
       request = _parsed(request, 'PullParameters')
-      snap = self._engine.snapshot()
-      if (request.HasField('if_newer_than_step') and request.if_model_id == snap.model_id
-          and snap.step <= request.if_newer_than_step):
+      with self._engine.reading() as snap:
+        if (request.HasField('if_newer_than_step') and request.if_model_id == snap.model_id
+            and snap.step <= request.if_newer_than_step):
+          yield pb.PullParametersResponse(header=pb.PullParametersHeader(
+              model_id=snap.model_id, step=snap.step, not_modified=True))
+          return
+        out_dtype = (None if request.dtype == 0
+                     else wire.numpy_dtype(request.dtype, 'request.dtype'))
+        specs = [wire.LeafSpec(s.path, s.shape, out_dtype or s.dtype) for s in snap.specs]
         yield pb.PullParametersResponse(header=pb.PullParametersHeader(
-            model_id=snap.model_id, step=snap.step, not_modified=True))
-        return
-      out_dtype = (None if request.dtype == 0
-                   else wire.numpy_dtype(request.dtype, 'request.dtype'))
-      specs = [wire.LeafSpec(s.path, s.shape, out_dtype or s.dtype) for s in snap.specs]
-      yield pb.PullParametersResponse(header=pb.PullParametersHeader(
-          model_id=snap.model_id, step=snap.step, leaves=[s.to_proto() for s in specs]))
-      sent = self._metrics.sent_bytes.labels('PullParameters')
+            model_id=snap.model_id, step=snap.step, leaves=[s.to_proto() for s in specs]))
+        sent = self._metrics.sent_bytes.labels('PullParameters')
 
-      def arrays():
-        for s, a in zip(specs, snap.arrays):
-          sent.inc(s.nbytes)
-          yield s.path, np.asarray(a).astype(s.dtype, copy=False)
-      for message in wire.chunk_messages(pb.PullParametersResponse, arrays(),
-                                         wire.clamp_chunk_bytes(request.max_chunk_bytes)):
-        yield message
-        self._pulls.progress(watch)
+        def arrays():
+          for s, a in zip(specs, snap.arrays):
+            sent.inc(s.nbytes)
+            yield s.path, to_host(a).astype(s.dtype, copy=False)
+        for message in wire.chunk_messages(pb.PullParametersResponse, arrays(),
+                                           wire.clamp_chunk_bytes(request.max_chunk_bytes)):
+          yield message
+          self._pulls.progress(watch)
       self._metrics.pull_seconds.observe(time.monotonic() - t0)
     except ServiceError as e:
       _abort(context, e)

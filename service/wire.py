@@ -145,19 +145,176 @@ def chunk_messages(message_type, arrays, chunk_bytes: int):
     yield req
 
 
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while n > 0x7F:
+    out.append((n & 0x7F) | 0x80)
+    n >>= 7
+  out.append(n)
+  return bytes(out)
+
+
+def _len_field(number: int, length: int) -> bytes:
+  """The key and length of a length-delimited field (its payload follows)."""
+  return _varint(number << 3 | 2) + _varint(length)
+
+
+def encoded_chunk_messages(message_type, arrays: Iterable[tuple[str, np.ndarray]],
+                           chunk_bytes: int) -> Iterator[bytes]:
+  """`chunk_messages`, already serialized (for a channel whose serializer passes bytes on).
+
+  Each chunk's data is copied once, from the array straight into its message's
+  bytes; building a message and serializing it copies the data three times
+  (out of the array, into the message, into the serialization). The encoding
+  is the protobuf wire format of `message_type` with its `chunk` field set
+  (a TensorChunk with the data field last), so receivers parse it as usual.
+  """
+  chunk_field = message_type.DESCRIPTOR.fields_by_name['chunk'].number
+  seq, total, crc = 0, 0, 0
+  for path, array in arrays:
+    raw = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    path_field = _len_field(1, len(path.encode())) + path.encode()
+    for off in range(0, len(raw), chunk_bytes):
+      data = raw[off:off + chunk_bytes]
+      crc = zlib.crc32(data, crc)
+      total += len(data)
+      # proto3 leaves zero scalars out: offset (2) and sequence (4) are varints.
+      head = (path_field + (_varint(2 << 3) + _varint(off) if off else b'')
+              + (_varint(4 << 3) + _varint(seq) if seq else b'') + _len_field(3, len(data)))
+      yield b''.join((_len_field(chunk_field, len(head) + len(data)), head, data))
+      seq += 1
+  req = message_type()
+  req.commit.CopyFrom(tensor_pb2.StreamCommit(chunk_count=seq, total_bytes=total, crc32=crc))
+  yield req.SerializeToString()
+
+
+def host_buffers(specs: Sequence[LeafSpec], dtype=None) -> list[np.ndarray]:
+  """Uninitialised arrays for `specs` (in `dtype`, default each spec's own), in ONE allocation.
+
+  One model-sized allocation is returned to the OS as a whole when its last
+  array goes; many leaf-sized ones are recycled inside the allocator's
+  per-thread arenas and keep the process's resident memory high. Each leaf
+  starts on a 64-byte boundary.
+  """
+  dtypes = [np.dtype(dtype or s.dtype) for s in specs]
+  offsets, total = [], 0
+  for s, dt in zip(specs, dtypes):
+    offsets.append(total)
+    total += -(-math.prod(s.shape) * dt.itemsize // 64) * 64
+  raw = np.empty(total + 64, np.uint8)
+  base = -raw.ctypes.data % 64
+  return [raw[base + off:base + off + math.prod(s.shape) * dt.itemsize].view(dt).reshape(s.shape)
+          for s, dt, off in zip(specs, dtypes, offsets)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  """A TensorChunk whose `data` is a view into the received message's bytes."""
+  path: str
+  offset: int
+  data: memoryview
+  sequence: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkMessage:
+  """Stands in for a stream message of kind `chunk`: WhichOneof and `.chunk` as its own."""
+  chunk: Chunk
+
+  def WhichOneof(self, name: str) -> str:  # pylint: disable=invalid-name
+    assert name == 'kind', name
+    return 'chunk'
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+  """A varint at buf[pos:]: (value, position after it). IndexError if truncated."""
+  value = shift = 0
+  while True:
+    byte = buf[pos]
+    pos += 1
+    value |= (byte & 0x7F) << shift
+    if byte < 0x80:
+      return value, pos
+    shift += 7
+    if shift > 63:
+      raise ValueError('varint too long')
+
+
+def _parse_chunk(buf: memoryview) -> Optional[Chunk]:
+  """`buf` as a TensorChunk holding only fields of TensorChunk, each with its wire
+  type; None for anything else (protobuf's own parser then decides)."""
+  path, offset, data, sequence = '', 0, memoryview(b''), 0
+  pos, end = 0, len(buf)
+  try:
+    while pos < end:
+      key, pos = _read_varint(buf, pos)
+      if key in (0x0A, 0x1A):  # path (1), data (3): length-delimited
+        length, pos = _read_varint(buf, pos)
+        if pos + length > end:
+          return None
+        if key == 0x0A:
+          path = str(buf[pos:pos + length], 'utf-8')
+        else:
+          data = buf[pos:pos + length]
+        pos += length
+      elif key in (0x10, 0x20):  # offset (2), sequence (4): int64 varints
+        value, pos = _read_varint(buf, pos)
+        if value >> 64:
+          return None
+        value = value - (1 << 64) if value >= 1 << 63 else value
+        if key == 0x10:
+          offset = value
+        else:
+          sequence = value
+      else:
+        return None
+  except (IndexError, ValueError):  # truncated, an overlong varint, a path not UTF-8
+    return None
+  return Chunk(path, offset, data, sequence)
+
+
+def upload_parser(message_type):
+  """A request deserializer for `message_type` streams that does not copy chunk data.
+
+  A message holding just a chunk becomes a ChunkMessage whose data is a view
+  into the received bytes; protobuf would copy the data twice (parsing it,
+  then reading the field). Every other message, and any chunk with fields or
+  encodings TensorChunk does not have, is parsed by protobuf as usual.
+  """
+  key = message_type.DESCRIPTOR.fields_by_name['chunk'].number << 3 | 2
+  parse = message_type.FromString
+
+  def deserialize(raw: bytes):
+    buf = memoryview(raw)
+    if buf and buf[0] == key:
+      try:
+        length, pos = _read_varint(buf, 1)
+      except (IndexError, ValueError):
+        return parse(raw)
+      if pos + length == len(buf):
+        chunk = _parse_chunk(buf[pos:])
+        if chunk is not None:
+          return ChunkMessage(chunk)
+    return parse(raw)
+  return deserialize
+
+
 class ChunkReceiver:
   """Checks a stream of chunks against its header and writes them into buffers.
 
-  Each leaf's bytes land in a preallocated array of its wire dtype. Every
-  violation of the stream's rules raises InvalidArgument (DataLoss for a
-  checksum mismatch) naming the leaf or field; `finish` checks the commit.
+  Each leaf's bytes land in a preallocated array of its wire dtype (all of
+  them in one allocation, see `host_buffers`). Every violation of the
+  stream's rules raises InvalidArgument (DataLoss for a checksum mismatch)
+  naming the leaf or field; `finish` checks the commit and hands the buffers
+  over.
   """
 
   def __init__(self, specs: Sequence[LeafSpec], what: str,
-               on_leaf_complete=None):
+               on_leaf_complete=None, buffers: Optional[list[np.ndarray]] = None):
+    """`buffers`: arrays of the specs' shapes and dtypes to write into (default: new ones)."""
     self._specs = list(specs)
     self._what = what
-    self._buffers = [np.empty(s.shape, s.dtype) for s in self._specs]
+    self._buffers = host_buffers(self._specs) if buffers is None else buffers
     self._views = [b.reshape(-1).view(np.uint8) for b in self._buffers]
     self._leaf = 0
     self._offset = 0
@@ -166,10 +323,6 @@ class ChunkReceiver:
     self._crc = 0
     self._on_leaf_complete = on_leaf_complete
     self._skip_empty()
-
-  @property
-  def buffers(self) -> list[np.ndarray]:
-    return self._buffers
 
   @property
   def total_bytes(self) -> int:
@@ -186,7 +339,7 @@ class ChunkReceiver:
     self._leaf += 1
     self._offset = 0
 
-  def add(self, chunk: tensor_pb2.TensorChunk) -> None:
+  def add(self, chunk: tensor_pb2.TensorChunk | Chunk) -> None:
     w = self._what
     if chunk.sequence != self._seq:
       kind = 'duplicated' if chunk.sequence < self._seq else 'out of order'
@@ -227,7 +380,10 @@ class ChunkReceiver:
       self._skip_empty()
 
   def finish(self, commit: Optional[tensor_pb2.StreamCommit]) -> list[np.ndarray]:
-    """Checks the commit; returns the buffers, one per leaf, in header order."""
+    """Checks the commit; returns the buffers, one per leaf, in header order.
+
+    The receiver keeps no reference to them: the caller owns their memory.
+    """
     w = self._what
     if commit is None:
       raise InvalidArgument(f'{w}: the stream ended without a commit')
@@ -241,4 +397,5 @@ class ChunkReceiver:
     if commit.crc32 != self._crc:
       raise DataLoss(f'{w}: CRC-32 mismatch: commit says {commit.crc32:#010x}, '
                      f'received data has {self._crc:#010x}')
-    return self._buffers
+    buffers, self._buffers, self._views = self._buffers, [], []
+    return buffers

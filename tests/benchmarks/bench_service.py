@@ -26,23 +26,25 @@ first stdout line). One client uploads the parameters with
      waits for the update to finish; the second one is a pull of ready
      parameters.
 
-Two warm-up steps precede `--reps` timed steps (the server compiles its
-jitted accumulate and apply at step 0 and again at step 1, when their inputs
-come back from the first update with other shardings); medians are reported.
+Two warm-up steps precede `--reps` timed steps (the server compiles its step
+when the model is initialised; the warm-up covers first-touch effects such
+as the first push buffers and the pulls' first transfers); medians are
+reported.
 Columns:
 
   * push s: from the first push's start until every push's last message
     (the commit) was handed to gRPC *and* every push but the step-completing
     one returned. It includes the server's receive, CRC, NaN check and the
-    commit (copy into the mesh + accumulate) of the W-1 non-completing pushes.
+    commit of the W-1 non-completing pushes (the first push of a step becomes
+    the host accumulator as is; the others are added to it in place).
     The time each message is handed over is taken by wrapping the client's
     stub (the request iterator's exhaustion; gRPC asks for the next message
     only after the previous one was accepted by the transport).
   * apply s: from the end of `push s` until the new parameters are ready:
     the rest of the completing push's RPC (its last bytes in flight, its
-    commit: copy into the mesh + accumulate, and the dispatch of the LAMB
-    update) plus the first pull's extra time over the second pull (the
-    wait for the update's computation). The details give the commit-only
+    commit: adding it to the host accumulator, the copy of the sum onto the
+    mesh, and the dispatch of the LAMB update) plus the first pull's extra
+    time over the second pull (the wait for the update's computation). The details give the commit-only
     tail of the non-completing pushes (W > 1) and the RPC part alone.
   * pull s: the second PullParameters of all parameters (float32), i.e.
     reading and streaming ready parameters.
@@ -54,8 +56,9 @@ Columns:
     worker's gradient bytes in messages of service.wire.DEFAULT_CHUNK_BYTES
     (1 MiB, cut per leaf as the service's client does), with the service's
     message size limits. Rate: W x gradient bytes / (first start .. last
-    return). The raw client copies each chunk out of the array (`tobytes`),
-    as the service's client does; it has no protobuf, CRC or retry buffer.
+    return). The raw client copies each chunk out of the array (`tobytes`);
+    the service's client also copies each chunk once (into the message
+    bytes it encodes itself) and computes the CRC-32.
   * ingestion / raw: the service's rate as a fraction of the baseline.
   * peak RSS GB: VmHWM of the server process (/proc/<pid>/status) at the end
     of its run (initialisation included; VmHWM right after InitializeModel
@@ -64,10 +67,11 @@ Columns:
     16 B = float32 params, two moments and the accumulation buffer. The
     fixed overhead is the VmHWM of a server run through the same procedure
     (W = 1) with a tiny model of the same leaf structure (d_model 8, a few
-    thousand params). Beyond the state, the server holds per-push host
-    staging buffers (one model-sized buffer per push in flight, at most
-    --max-inflight-pushes, default 2), each push's copy on the mesh, and the
-    new params while the old ones are still referenced.
+    thousand params). Beyond the state, the server holds one model-sized
+    host buffer per push in flight (at most --max-inflight-pushes) or one
+    spare for the next push, and, while a step is applied, the gradient sum
+    both on the host and on the mesh (the apply donates the params and the
+    LAMB state; it keeps the params only while a pull reads them).
 
 Targets (for orientation): ingestion / raw >= 0.8; RSS / (state + overhead) <= 1.3.
 
@@ -127,7 +131,7 @@ MAX_MESSAGE = wire.MAX_MESSAGE_BYTES + (64 << 10)
 GRPC_THREADS = 32  # the server's default thread pool
 CALL_TIMEOUT_S = 600.0
 START_TIMEOUT_S = 180.0
-WARMUP_STEPS = 2  # the server compiles its step functions at steps 0 and 1
+WARMUP_STEPS = 2  # first-touch effects (buffers, transfers) of the first steps
 RAW_METHOD = '/bench.RawSink/Push'
 TARGETS = {'ingestion_vs_raw': 0.8, 'rss_ratio': 1.3}
 
@@ -224,7 +228,8 @@ def child_process(argv: Sequence[str], what: str) -> Iterator[tuple[subprocess.P
 
 def service_argv(workers: int, extra: Sequence[str]) -> list[str]:
   return [sys.executable, '-m', 'service.cli', 'serve', '--host', '127.0.0.1', '--port', '0',
-          '--devices', '8', '--num-workers', str(workers), '--log-level', 'WARNING', *extra]
+          '--devices', '8', '--num-workers', str(workers), '--metrics-port', '0',
+          '--log-level', 'WARNING', *extra]
 
 
 # ----------------------------------------------------------------------------- raw baseline

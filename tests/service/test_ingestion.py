@@ -1,0 +1,242 @@
+"""The ingestion fast paths: host accumulation, donated params, chunks without protobuf.
+
+Each test would fail if its mechanism broke: a push that fails after the
+accumulator adopted or grew must leave no trace, a pull that started before an
+apply must still stream the old step even though applies donate the params,
+the client's hand-encoded chunk messages must parse as protobuf's own, and the
+server's chunk parser must read what protobuf reads (and leave the rest to it).
+"""
+
+import threading
+
+import grpc
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from google.protobuf.message import DecodeError
+
+import lamb_sharded
+from service import wire
+from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service._gen.lamb_sharded.v1 import tensor_pb2
+from service.config import ServerConfig
+from service.engine import Engine
+from svc import params_of, push_messages, running_server, stub
+
+P0 = {"['w']": np.linspace(-1, 1, 64, dtype=np.float32).reshape(16, 4),
+      "['b']": np.linspace(0.5, 1, 8, dtype=np.float32)}
+
+
+def _g(seed):
+  rng = np.random.default_rng(seed)
+  return {k: rng.normal(size=v.shape).astype(np.float32) for k, v in P0.items()}
+
+
+def _lamb_step(grads, lr):
+  tx = lamb_sharded.lamb(lr)
+  u, _ = tx.update(grads, tx.init(P0), P0)
+  return optax.apply_updates(P0, u)
+
+
+def _engine(**overrides) -> Engine:
+  engine = Engine(ServerConfig(**{'devices': 8, 'learning_rate': 0.1, **overrides}))
+  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
+  engine.initialize(specs, [v.copy() for v in P0.values()])
+  return engine
+
+
+def _push(engine, worker, grads, num_examples=1, step=0):
+  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in grads.items()]
+  ticket = engine.begin_push(worker, '', step, num_examples, '', specs, timeout=1)
+  try:
+    return engine.commit_push(ticket, [v.copy() for v in grads.values()])
+  finally:
+    engine.release(ticket)
+
+
+def _assert_params(got, want):
+  for k in P0:
+    np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('first_fails', [True, False])
+def test_a_push_cut_off_leaves_no_trace_in_the_accumulator(first_fails):
+  # With 2 workers, the first committed push becomes the accumulator and the second is
+  # added to it in place: a push cut off before, between or after must not count.
+  with running_server(devices=8, num_workers=2, learning_rate=0.1) as (running, client):
+    client.initialize(P0)
+    leaves = [(k, np.full(v.shape, 1e3, np.float32)) for k, v in P0.items()]
+    cut = push_messages(leaves=leaves, worker_id='cut', chunk_bytes=16)[:3]  # no commit
+    g1, g2 = _g(1), _g(2)
+    if first_fails:
+      with pytest.raises(grpc.RpcError):
+        stub(running.port).PushGradients(iter(cut), timeout=10)
+    assert not client.push(0, g1, 1, 'a').applied
+    with pytest.raises(grpc.RpcError):
+      stub(running.port).PushGradients(iter(cut), timeout=10)
+    assert client.push(0, g2, 3, 'b').applied
+    _, got = params_of(client)
+  _assert_params(got, _lamb_step({k: (g1[k] + 3 * g2[k]) / 4 for k in P0}, 0.1))
+
+
+def test_rejected_push_after_the_accumulator_exists_changes_nothing():
+  engine = _engine(num_workers=2)
+  try:
+    g1, g2 = _g(1), _g(2)
+    _push(engine, 'a', g1, num_examples=2)  # adopted as the accumulator, scaled in place
+    bad = dict(g2, **{"['b']": np.full(8, np.inf, np.float32)})
+    specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in bad.items()]
+    ticket = engine.begin_push('b', '', 0, 1, '', specs, timeout=1)
+    with pytest.raises(Exception, match='NaN or Inf'):
+      for s, v in zip(specs, bad.values()):
+        engine.check_finite(ticket, s, v)
+    engine.release(ticket)
+    assert _push(engine, 'b', g2, num_examples=1).applied
+    with engine.reading() as snap:
+      got = dict(zip(P0, snap.arrays))
+    _assert_params(got, _lamb_step({k: (2 * g1[k] + g2[k]) / 3 for k in P0}, 0.1))
+  finally:
+    engine.close()
+
+
+def test_low_precision_pushes_accumulate_in_float32():
+  engine = _engine(num_workers=2)
+  try:
+    g1 = {k: v.astype(ml_dtypes.bfloat16) for k, v in _g(1).items()}
+    g2 = {k: v.astype(np.float16) for k, v in _g(2).items()}
+    _push(engine, 'a', g1, num_examples=1)
+    _push(engine, 'b', g2, num_examples=2)
+    with engine.reading() as snap:
+      got = dict(zip(P0, snap.arrays))
+    mean = {k: (g1[k].astype(np.float32) + 2 * g2[k].astype(np.float32)) / 3 for k in P0}
+    _assert_params(got, _lamb_step(mean, 0.1))
+  finally:
+    engine.close()
+
+
+def test_applies_donate_the_params_unless_a_pull_reads_them():
+  engine = _engine()
+  try:
+    with engine.reading() as snap:
+      _push(engine, 'w', _g(1))  # applied while the snapshot is read
+      assert snap.step == 0 and not any(a.is_deleted() for a in snap.arrays)
+      for k, a in zip(P0, snap.arrays):
+        np.testing.assert_array_equal(np.asarray(a), P0[k])
+    with engine.reading() as snap:
+      held = snap.arrays
+    assert snap.step == 1
+    _push(engine, 'w', _g(2), step=1)  # nobody reads step 1's params: their memory is reused
+    assert all(a.is_deleted() for a in held)
+  finally:
+    engine.close()
+
+
+def test_a_cancelled_pull_stops_holding_the_params():
+  with running_server(devices=8, learning_rate=0.1) as (running, client):
+    big = {"['w']": np.ones((256, 1024), np.float32)}
+    client.initialize(big)
+    calls = stub(running.port).PullParameters(pb.PullParametersRequest(max_chunk_bytes=4096),
+                                              timeout=10)
+    assert next(calls).header.step == 0
+    assert running.engine._readers == 1  # pylint: disable=protected-access
+    calls.cancel()
+    done = threading.Event()
+    for _ in range(200):
+      if running.engine._readers == 0:  # pylint: disable=protected-access
+        done.set()
+        break
+      done.wait(0.05)
+    assert done.is_set(), 'the cancelled pull still holds the params'
+    assert client.push(0, {"['w']": np.ones((256, 1024), np.float32)}, 1, 'w').applied
+    step, got = params_of(client)
+    assert step == 1 and np.all(np.isfinite(got["['w']"]))
+
+
+@pytest.mark.parametrize('chunk_bytes', [4096, 5001, 1 << 20])
+def test_encoded_chunk_messages_parse_as_protobufs_own(chunk_bytes):
+  arrays = [("['a']", np.arange(5000, dtype=np.float32)),
+            ("['é']", np.arange(300, dtype=np.float32).astype(ml_dtypes.bfloat16)),
+            ("['empty']", np.zeros((0, 3), np.float32)),
+            ("['s']", np.float32(7.0))]
+  for message in (pb.PushGradientsRequest, pb.InitializeModelRequest):
+    want = list(wire.chunk_messages(message, arrays, chunk_bytes))
+    got = [message.FromString(m) for m in wire.encoded_chunk_messages(message, arrays,
+                                                                      chunk_bytes)]
+    assert got == want
+
+
+def _as_chunk(parsed, message):
+  """A parsed upload message's chunk as a TensorChunk (ChunkMessage or protobuf's own)."""
+  if isinstance(parsed, wire.ChunkMessage):
+    c = parsed.chunk
+    return tensor_pb2.TensorChunk(path=c.path, offset=c.offset, data=bytes(c.data),
+                                  sequence=c.sequence)
+  assert isinstance(parsed, message)
+  return parsed.chunk
+
+
+def test_upload_parser_reads_chunks_as_protobuf_does_without_copying():
+  parse = wire.upload_parser(pb.PushGradientsRequest)
+  for chunk in (tensor_pb2.TensorChunk(path="['w']", offset=0, data=b'\x01' * 8, sequence=0),
+                tensor_pb2.TensorChunk(path="['é']", offset=(1 << 40), data=b'xy', sequence=300),
+                tensor_pb2.TensorChunk(path="['w']", offset=-1, data=b'z', sequence=-5),
+                tensor_pb2.TensorChunk()):
+    raw = pb.PushGradientsRequest(chunk=chunk).SerializeToString()
+    parsed = parse(raw)
+    assert isinstance(parsed, wire.ChunkMessage) and parsed.WhichOneof('kind') == 'chunk'
+    assert _as_chunk(parsed, pb.PushGradientsRequest) == chunk
+    if chunk.data:  # a view into the received bytes, not a copy
+      assert parsed.chunk.data.obj is raw
+  for other in (pb.PushGradientsRequest(header=pb.PushGradientsHeader(worker_id='w')),
+                pb.PushGradientsRequest(commit=tensor_pb2.StreamCommit(chunk_count=3))):
+    assert parse(other.SerializeToString()) == other
+
+
+@pytest.mark.parametrize('raw', [
+    # An unknown field inside the chunk, and one next to it: protobuf's parser decides.
+    pb.PushGradientsRequest(chunk=tensor_pb2.TensorChunk(path='a', data=b'd')).SerializeToString()
+    + b'\x28\x01',
+    b'\x12\x05' + b'\x0a\x01a' + b'\x30\x07',
+    # A field with another wire type than TensorChunk's (path as a varint).
+    b'\x12\x02\x08\x01',
+])
+def test_upload_parser_leaves_anything_unusual_to_protobuf(raw):
+  parsed = wire.upload_parser(pb.PushGradientsRequest)(raw)
+  assert isinstance(parsed, pb.PushGradientsRequest)
+  assert parsed == pb.PushGradientsRequest.FromString(raw)
+
+
+@pytest.mark.parametrize('raw', [b'\x12\x05\x0a\x09abc', b'\x12\x03\x0a\x02\xff\xfe', b'\x12\x80'])
+def test_upload_parser_rejects_what_protobuf_rejects(raw):
+  # Truncated, not UTF-8, a truncated length: the same error as protobuf's own parser.
+  with pytest.raises(DecodeError):
+    pb.PushGradientsRequest.FromString(raw)
+  with pytest.raises(DecodeError):
+    wire.upload_parser(pb.PushGradientsRequest)(raw)
+
+
+def test_the_spare_buffer_is_reused_and_steps_stay_exact():
+  # Each step's sum goes onto the mesh (on CPU possibly reading the host buffer in place)
+  # and its host buffer receives the next push: that must wait for the step to be computed.
+  engine = _engine()
+  tx = lamb_sharded.lamb(0.1)
+  want, state = P0, tx.init(P0)
+  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
+  try:
+    used = []
+    for step in range(3):
+      g = _g(10 + step)
+      ticket = engine.begin_push('w', '', step, 1, '', specs, timeout=1)
+      used.append(ticket.buffers[0].base)
+      for buf, v in zip(ticket.buffers, g.values()):
+        buf[...] = v
+      assert engine.commit_push(ticket, ticket.buffers).applied
+      engine.release(ticket)
+      u, state = tx.update(g, state, want)
+      want = optax.apply_updates(want, u)
+    assert used[1] is used[0] and used[2] is used[0]
+    with engine.reading() as snap:
+      _assert_params(dict(zip(P0, snap.arrays)), want)
+  finally:
+    engine.close()
