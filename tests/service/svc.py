@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import zlib
 
 import grpc
@@ -152,3 +153,11 @@ def start_workers(port: int, batch: dict, steps: int, extra=()):
        '--batch-size', str(n), '--log-level', 'WARNING', *extra] + (['--init'] if w == 0 else []),
       cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT},
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for w, n in batch.items()]
+
+
+def until(cond, timeout: float = 20.0) -> None:
+  """Waits for `cond()` to be true, polling; fails the test after `timeout` seconds."""
+  deadline = time.monotonic() + timeout
+  while not cond():
+    assert time.monotonic() < deadline, 'timed out'
+    time.sleep(0.01)

@@ -1,14 +1,13 @@
 """Bad input: the right status code, a message naming the leaf or field, nothing changed."""
 
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 
 from service._gen.lamb_sharded.v1 import tensor_pb2
-from svc import params_of, push_messages, running_server, spec, stub
+from svc import params_of, push_messages, running_server, spec, stub, until
 
 PARAMS = {"['w']": np.arange(12, dtype=np.float32).reshape(3, 4) / 10,
           "['b']": np.ones(5, np.float32)}
@@ -147,13 +146,6 @@ def test_initialize_twice_is_refused(srv):
   assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
-def _until(cond, timeout=20.0):
-  deadline = time.monotonic() + timeout
-  while not cond():
-    assert time.monotonic() < deadline, 'timed out'
-    time.sleep(0.01)
-
-
 def test_broken_off_push_changes_nothing_and_frees_its_slot(srv):
   running, client = srv
   step, before = params_of(client)
@@ -166,7 +158,7 @@ def test_broken_off_push_changes_nothing_and_frees_its_slot(srv):
     gate.wait(10)  # stall half-way
 
   calls = [stub(running.port).PushGradients.future(stalled(), timeout=10) for _ in range(2)]
-  _until(lambda: running.engine.pushes_in_flight == 2)
+  until(lambda: running.engine.pushes_in_flight == 2)
   # Both buffer slots (max_inflight_pushes=2) are taken: a third push is turned away.
   with pytest.raises(grpc.RpcError) as e:
     stub(running.port).PushGradients(iter(push_messages(leaves=_grads(), step=step,
@@ -175,7 +167,7 @@ def test_broken_off_push_changes_nothing_and_frees_its_slot(srv):
   for c in calls:
     c.cancel()
   gate.set()
-  _until(lambda: running.engine.pushes_in_flight == 0)
+  until(lambda: running.engine.pushes_in_flight == 0)
   assert params_of(client)[0] == step
   for k, v in params_of(client)[1].items():
     np.testing.assert_array_equal(v, before[k])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 import zlib
 
 import grpc
@@ -24,7 +23,7 @@ import pytest
 
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import tensor_pb2
-from svc import params_of, push_messages, running_server, spec, stub
+from svc import params_of, push_messages, running_server, spec, stub, until
 
 SERVICE = '/lamb_sharded.v1.OptimizerService/'
 PARAMS = {"['w']": np.arange(12, dtype=np.float32).reshape(3, 4) / 10,
@@ -166,9 +165,9 @@ def _partial_push_then(action):
 
     call = stub(running.port).PushGradients.future(requests(), timeout=30)
     try:
-      _until(lambda: running.engine.pushes_in_flight == 1)
+      until(lambda: running.engine.pushes_in_flight == 1)
       action(call)
-      _until(call.done)
+      until(call.done)
       return call.code(), call.details() or ''
     finally:
       gate.set()
@@ -203,13 +202,6 @@ def _initialize_again(running, step):
   del step
   msgs = [pb.InitializeModelRequest(header=pb.InitializeModelHeader(leaves=SPECS))]
   return _outcome(lambda: stub(running.port).InitializeModel(iter(msgs), timeout=10))
-
-
-def _until(cond, timeout=20.0):
-  deadline = time.monotonic() + timeout
-  while not cond():
-    assert time.monotonic() < deadline, 'timed out'
-    time.sleep(0.01)
 
 
 def _mutated(fn):
@@ -339,7 +331,7 @@ def test_hostile_request(srv, name):
   assert got_code == getattr(grpc.StatusCode, code), (got_code, details)
   assert re.search(pattern, details), details
   # Nothing changed, nothing is left in flight.
-  _until(lambda: running.engine.pushes_in_flight == 0 and running.engine.inflight_bytes == 0)
+  until(lambda: running.engine.pushes_in_flight == 0 and running.engine.inflight_bytes == 0)
   after_step, after = params_of(client)
   assert after_step == before_step
   for k in before:

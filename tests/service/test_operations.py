@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import urllib.request
 
 import grpc
@@ -19,7 +18,7 @@ import pytest
 from service import logs
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service.metrics import sample
-from svc import params_of, push_messages, running_server, start_server_process, stub
+from svc import params_of, push_messages, running_server, start_server_process, stub, until
 
 PARAMS = {"['w']": np.linspace(-1, 1, 48, dtype=np.float32).reshape(6, 8),
           "['b']": np.full(8, 0.5, np.float32),
@@ -36,13 +35,6 @@ def _scrape(port: int) -> str:
   with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10) as r:
     assert r.status == 200
     return r.read().decode()
-
-
-def _until(cond, timeout=20.0):
-  deadline = time.monotonic() + timeout
-  while not cond():
-    assert time.monotonic() < deadline, 'timed out'
-    time.sleep(0.02)
 
 
 def test_metrics_count_what_happened(tmp_path):
@@ -63,8 +55,8 @@ def test_metrics_count_what_happened(tmp_path):
     client.save_checkpoint(wait=True)
 
     m = running.metrics_port
-    _until(lambda: sample(_scrape(m), 'lamb_sharded_apply_seconds_count') == steps)
-    _until(lambda: sample(_scrape(m), 'lamb_sharded_checkpoint_seconds_count') == 2)
+    until(lambda: sample(_scrape(m), 'lamb_sharded_apply_seconds_count') == steps)
+    until(lambda: sample(_scrape(m), 'lamb_sharded_checkpoint_seconds_count') == 2)
     text = _scrape(m)
     get = lambda name, **labels: sample(text, 'lamb_sharded_' + name, labels)
     assert get('steps_applied_total') == steps
@@ -172,7 +164,7 @@ def test_a_push_open_too_long_is_cut_off():
     gate = threading.Event()
     call = _stalled_push(running.port, 0, gate, every=0.2)  # never idle, but slow
     try:
-      _until(call.done)
+      until(call.done)
     finally:
       gate.set()
     assert call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -183,7 +175,7 @@ def test_a_push_open_too_long_is_cut_off():
                   {'rpc': 'PushGradients', 'reason': 'stream_too_long'}) == 1
     assert sample(text, 'lamb_sharded_pushes_rejected_total', {'reason': 'stream_too_long'}) == 1
     # Its reading thread is gone too.
-    _until(lambda: not [t for t in threading.enumerate() if t.name == 'stream-reader'])
+    until(lambda: not [t for t in threading.enumerate() if t.name == 'stream-reader'])
 
 
 def test_a_pull_whose_client_stops_reading_is_cancelled():
@@ -192,7 +184,7 @@ def test_a_pull_whose_client_stops_reading_is_cancelled():
     client.initialize(big)
     responses = stub(running.port).PullParameters(pb.PullParametersRequest(), timeout=60)
     next(responses)  # the header; then the client stops reading
-    _until(lambda: sample(_scrape(running.metrics_port), 'lamb_sharded_streams_cut_off_total',
+    until(lambda: sample(_scrape(running.metrics_port), 'lamb_sharded_streams_cut_off_total',
                           {'rpc': 'PullParameters', 'reason': 'idle'}) == 1)
     with pytest.raises(grpc.RpcError) as e:
       for _ in responses:
@@ -215,14 +207,14 @@ def test_rpcs_beyond_max_concurrent_rpcs_are_refused():
           waits[i] = stubs[i].WaitForStep.future(pb.WaitForStepRequest(step=99), timeout=60)
       return running.engine.waiting == 2
     try:
-      _until(both_polling)
+      until(both_polling)
       assert _describe(running.port) == grpc.StatusCode.RESOURCE_EXHAUSTED
       assert not any(w.done() for w in waits)
     finally:
       for w in waits:
         w.cancel()
-    _until(lambda: running.engine.waiting == 0)  # cancelled long polls end at once
-    _until(lambda: _describe(running.port) == grpc.StatusCode.OK)
+    until(lambda: running.engine.waiting == 0)  # cancelled long polls end at once
+    until(lambda: _describe(running.port) == grpc.StatusCode.OK)
 
 
 def _describe(port) -> grpc.StatusCode:
@@ -241,14 +233,14 @@ def test_bytes_in_flight_are_bounded():
     gate = threading.Event()
     call = _stalled_push(running.port, 0, gate)
     try:
-      _until(lambda: running.engine.inflight_bytes == NBYTES)
+      until(lambda: running.engine.inflight_bytes == NBYTES)
       with pytest.raises(grpc.RpcError) as e:  # a second whole push does not fit
         client.push(0, _grads(1), 1, 'w1')
       assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
       assert 'max_inflight_bytes' in e.value.details()
     finally:
       gate.set()
-    _until(call.done)
+    until(call.done)
     assert running.engine.inflight_bytes == 0
     # Once the stalled push is gone, pushes fit again; a push bigger than the whole
     # bound never fits and is told so at once.
