@@ -167,6 +167,7 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
             eps_root=cfg.eps_root, weight_decay=cfg.weight_decay))
 
   def InitializeModel(self, request_iterator, context):
+    reader = None
     try:
       d = self._engine.describe()
       if d.initialized:  # refuse before reading the stream (the engine checks again)
@@ -192,6 +193,9 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       log.warning('InitializeModel refused: %s', e,
                   extra=fields(rpc='InitializeModel', code=e.code, reason=e.reason, leaf=e.leaf))
       _abort(context, e)
+    finally:
+      if reader is not None:
+        reader.close()
 
   def PushGradients(self, request_iterator, context):
     t0 = time.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -289,3 +290,19 @@ def test_worker_json_logs_name_worker_and_step():
   steps = [r for r in records if r['logger'] == 'service.worker' and 'loss' in r['message']]
   assert [r['step'] for r in steps] == [0, 1], records
   assert all(r['worker'] == 'worker-3' for r in steps)
+
+
+
+def test_stream_reader_stops_when_closed_with_messages_queued():
+  """A handler that gives up on a stream closes its reader: the reading thread ends even
+  though nobody takes the messages it has queued."""
+  from service.streams import StreamReader  # pylint: disable=import-outside-toplevel
+  before = set(threading.enumerate())
+  reader = StreamReader(iter(range(100)), 'test', idle_s=5, deadline=time.monotonic() + 60)
+  assert next(reader) == 0
+  (pump,) = [t for t in set(threading.enumerate()) - before if t.name == 'stream-reader']
+  time.sleep(0.3)
+  assert pump.is_alive()  # blocked: its queue is full
+  reader.close()
+  pump.join(5)
+  assert not pump.is_alive()
