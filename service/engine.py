@@ -11,10 +11,11 @@ bytes into host buffers -> `commit_push` (accumulate on the host, maybe apply).
 Why the accumulator is on the host: a push arrives in host memory anyway, and
 the first push of a step (the only one, with one worker) becomes the
 accumulator as it is -- no copy, no pass -- while later ones are added to it in
-place. Only the sum crosses onto the mesh, once per step, and its host memory
-is freed right after (each push's buffers are one allocation, see
-`wire.host_buffers`). A push that fails never touches the accumulator: it is
-only read or written at commit, under the lock.
+place. Only the sum crosses onto the mesh, once per step; its host buffer then
+becomes the spare that the next float32 push is received into (one spare at
+most; each push's buffers are one allocation, see `wire.host_buffers`). A push
+that fails never touches the accumulator: it is only read or written at
+commit, under the lock.
 
 Multi-host later: `_to_mesh` builds each global array with
 `jax.make_array_from_callback`, which asks only for the blocks this process's
