@@ -73,9 +73,11 @@ class ServerConfig:
   quorum: int = 0  # sync: pushes that make a step after straggler_timeout_s (0: num_workers)
   straggler_timeout_s: float = 0.0  # 0: wait for every worker
   staleness_bound: int = 0  # async: accept gradients of steps >= current - bound
-  # Pushes being received at once, each into its own staging buffer (the model's size in
-  # the wire dtype): the bound on the server's memory beyond params, moments and the
-  # accumulator. Further pushes wait up to admission_timeout_s for a slot.
+  # Model-sized gradient buffers on the host: each push being received holds one (the
+  # model's size in the wire dtype), and so does the step's sum from its first push until
+  # the step is applied. The bound on the server's memory beyond params and moments;
+  # further pushes wait up to admission_timeout_s for a buffer. With 2 and several
+  # workers, pushes are received one at a time beside the sum.
   max_inflight_pushes: int = 2
   max_inflight_bytes: int = 0  # and at most this many bytes of them (0: no byte bound)
   admission_timeout_s: float = 30.0  # how long a push waits for a buffer slot
@@ -111,6 +113,9 @@ class ServerConfig:
     need(self.straggler_timeout_s >= 0, 'straggler_timeout_s must be >= 0')
     need(self.staleness_bound >= 0, 'staleness_bound must be >= 0')
     need(self.max_inflight_pushes >= 1, 'max_inflight_pushes must be >= 1')
+    need(self.max_inflight_pushes >= 2 or self.step_mode == 'async' or self.num_workers == 1,
+         'max_inflight_pushes must be >= 2 with several workers in sync mode (the step\'s '
+         'sum holds one buffer until the step is applied)')
     need(self.max_inflight_bytes >= 0, 'max_inflight_bytes must be >= 0')
     need(-1 <= self.metrics_port < 65536, f'metrics_port {self.metrics_port} is not in '
          f'[-1, 65535]')
@@ -180,7 +185,8 @@ HELP = {
     'quorum': 'sync: pushes enough to apply a step after the straggler timeout (0: all)',
     'straggler_timeout_s': 'sync: seconds after a step\'s first push to apply with a quorum (0: never)',
     'staleness_bound': 'async: accept gradients computed at most this many steps ago',
-    'max_inflight_pushes': 'pushes received at once (each holds a model-sized buffer)',
+    'max_inflight_pushes': ('model-sized gradient buffers: one per push being received, one for '
+                            'the step\'s sum until it is applied'),
     'max_inflight_bytes': 'bytes of pushes received at once (0: bounded by count only)',
     'admission_timeout_s': 'how long a push waits for a slot before RESOURCE_EXHAUSTED',
     'nonfinite': 'NaN/Inf in a push: reject the push, or skip the step',

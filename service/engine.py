@@ -46,7 +46,7 @@ from service.checkpoint import Checkpointer, CheckpointInfo, IncompatibleCheckpo
 from service.config import WORKER_ID, WORKER_ID_RULE, ServerConfig
 from service.errors import (Aborted, AlreadyExists, FailedPrecondition, InvalidArgument,
                             PermissionDenied, ResourceExhausted, Unavailable)
-from service import wire
+from service import layout, wire
 from service.logs import fields
 from service.wire import LeafSpec
 
@@ -135,10 +135,24 @@ class PushTicket:
   num_examples: int
   wire_specs: tuple[LeafSpec, ...]
   nbytes: int = 0  # of the push in its wire dtypes
-  # Where the push's bytes go (one array per leaf); commit_push consumes the list.
+  # Where the push's bytes go (one array per leaf, in the mesh's block layout);
+  # commit_push consumes the list. `views`: what a receiver writes into (wire order).
   buffers: list[np.ndarray] = dataclasses.field(default_factory=list)
+  views: list[np.ndarray] = dataclasses.field(default_factory=list)
   nonfinite_leaf: Optional[str] = None  # set when the stream carried NaN/Inf
   _released: bool = False
+
+  def fill(self, arrays: Sequence[np.ndarray]) -> None:
+    """Writes whole leaves (row-major, in the wire dtypes) into the push's buffers.
+
+    For callers in this process; the server writes the chunks it receives
+    through `views` instead.
+    """
+    for view, spec, x in zip(self.views, self.wire_specs, arrays):
+      x = np.ascontiguousarray(x, spec.dtype).reshape(-1)
+      if x.size * spec.dtype.itemsize != spec.nbytes:
+        raise ValueError(f'leaf {spec.path}: {x.size} elements, expected shape {spec.shape}')
+      layout.write(view, 0, x.view(np.uint8))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,10 +181,10 @@ class _Model:
     self.acc: Optional[list[np.ndarray]] = None
     self.weight = 0  # examples accumulated into acc
     self.trust_ratios: Optional[jax.Array] = None  # of the last step applied here
-    # One idle float32 push buffer, reused by the next push (see take_buffers), and
-    # what must be computed before it may be written again.
-    self._spare: Optional[list[np.ndarray]] = None
-    self._spare_fence: Sequence[jax.Array] = ()
+    # Host buffers: each device's block of a leaf contiguous (see service/layout.py).
+    self.layouts = [layout_of(s.shape, p, mesh.devices.size) for s, p in zip(specs, self.pspecs)]
+    self.pool = _BufferPool(self.layouts, config.max_inflight_pushes)
+    self._retiring: list[np.ndarray] = []  # the sum of the step being applied
 
     def apply(params, opt_state, acc, inv_weight):
       grads = [(a * inv_weight).astype(p.dtype) for a, p in zip(acc, params)]
@@ -193,7 +207,11 @@ class _Model:
   @classmethod
   def from_host(cls, config, mesh, specs, host_params) -> '_Model':
     model = cls(config, mesh, specs)
-    model.params = [_to_mesh(x, sh) for x, sh in zip(host_params, model.shardings)]
+    # Copies the mesh owns: on CPU an aligned host block would be wrapped in place, and
+    # the first step could then not donate the params' memory to the new ones (it would
+    # allocate them afresh, a second copy of the params at the step's peak).
+    model.params = [jax.device_put(_to_mesh(x, sh), sh, may_alias=False)
+                    for x, sh in zip(host_params, model.shardings)]
     # Step counters on the mesh too (replicated), so every step sees the same shardings.
     model.opt_state = optax.tree.map_params(
         model.tx, lambda x: x, jax.jit(model.tx.init)(model.params),
@@ -222,12 +240,13 @@ class _Model:
   def state(self) -> dict:
     return {'params': self.params, 'opt_state': self.opt_state}
 
-  def add_push(self, buffers: list[np.ndarray], num_examples: int) -> None:
+  def add_push(self, buffers: list[np.ndarray], num_examples: int, held: int) -> None:
     """acc += num_examples * buffers, consuming `buffers` (the list is emptied).
 
     The first push of a step becomes the accumulator itself when it is float32
     (scaled in place unless its weight is 1): no copy, no pass. Later pushes
     are added in place, leaf by leaf, so no model-sized temporary is made.
+    `held`: the gradient buffers held (this push's and the sum's included).
     """
     n = np.float32(num_examples)
     if self.acc is None and all(b.dtype == np.float32 for b in buffers):
@@ -236,7 +255,7 @@ class _Model:
           b *= n
       self.acc = buffers[:]
     elif self.acc is None:  # bfloat16 or float16 on the wire
-      self.acc = wire.host_buffers(self.specs, np.float32)
+      self.acc = self.pool.take(held)
       for a, b in zip(self.acc, buffers):
         np.multiply(b, n, out=a, dtype=np.float32)
     else:
@@ -245,46 +264,94 @@ class _Model:
           np.add(a, b, out=a, dtype=np.float32)
         else:  # a leaf-sized temporary at most
           a += np.multiply(b, n, dtype=np.float32)
-      self.give_back(buffers)
+      self.pool.give(buffers, held)
     buffers.clear()
     self.weight += num_examples
 
-  def take_buffers(self, wire_specs: Sequence[LeafSpec]) -> list[np.ndarray]:
-    """Host buffers for a push: the spare ones if the push is float32, else new ones.
+  def take_buffers(self, wire_specs: Sequence[LeafSpec], in_use: int) -> list[np.ndarray]:
+    """Host buffers for a push, in the mesh's block layout: recycled ones if it is float32.
 
-    Fresh memory is zeroed by the kernel on first touch, which costs about as
-    much as receiving into it; a reused buffer is simply overwritten (a push
-    that commits wrote every byte of it).
+    `in_use`: the gradient buffers held by the step's sum and the other pushes.
     """
-    if self._spare is not None and all(s.dtype == np.float32 for s in wire_specs):
-      buffers, self._spare = self._spare, None
-      # The apply that read it may still run (and on CPU may read it in place).
-      jax.block_until_ready(self._spare_fence)
-      return buffers
-    return wire.host_buffers(wire_specs)
+    if all(s.dtype == np.float32 for s in wire_specs):
+      return self.pool.take(in_use)
+    return layout.host_buffers(self.layouts, [s.dtype for s in wire_specs])
 
-  def give_back(self, buffers: list[np.ndarray]) -> None:
-    """Keeps a consumed or abandoned float32 push buffer as the spare (one at most)."""
-    if (self._spare is None and len(buffers) == len(self.specs)
-        and all(b.dtype == np.float32 for b in buffers)):
-      self._spare, self._spare_fence = buffers[:], ()
+  def wire_views(self, buffers: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per buffer, the view a receiver writes the leaf's wire bytes into."""
+    return [lay.wire_view(b) for lay, b in zip(self.layouts, buffers)]
+
+  def discard_acc(self, held: int) -> None:
+    """Drops the step's sum (a skipped step); its buffer goes back to the pool."""
+    if self.acc is not None:
+      self.pool.give(self.acc, held)
+    self.acc, self.weight = None, 0
 
   def take_acc(self) -> list[jax.Array]:
-    """Moves the gradient sum onto the mesh and empties the host accumulator.
+    """The gradient sum as global arrays on the mesh; empties the host accumulator.
 
-    The spare buffer is dropped first, so that the sum's two copies are the
-    only gradient-sized buffers at the step's peak; afterwards the sum's host
-    buffer becomes the spare (call `fence_spare` with the step's outputs).
+    Each device gets its block of the host buffer (on CPU the mesh wraps the
+    host memory without a copy). The host buffer goes back to the pool when
+    `retire_acc` is called with the step's outputs: until those are computed,
+    the update may still read it.
     """
-    host, self.acc, self._spare = self.acc, None, None
+    self._retiring, self.acc = self.acc, None
     self.weight = 0
-    out = [_to_mesh(a, sh) for a, sh in zip(host, self.shardings)]
-    self._spare = host
-    return out
+    return [_to_mesh(a, sh, lay) for a, sh, lay in zip(self._retiring, self.shardings,
+                                                        self.layouts)]
 
-  def fence_spare(self, arrays: Sequence[jax.Array]) -> None:
-    """The spare buffer may be written once `arrays` (the apply's outputs) are computed."""
-    self._spare_fence = tuple(arrays)
+  def retire_acc(self, fence: Sequence[jax.Array], held: int) -> None:
+    """Returns the last step's sum to the pool, to be reused once `fence` is computed.
+
+    `held`: the gradient buffers held before `take_acc` (the sum's included).
+    """
+    self.pool.give(self._retiring, held, fence)
+    self._retiring = []
+
+
+class _BufferPool:
+  """A model's float32 gradient buffers, recycled, at most `limit` of them alive.
+
+  Each buffer is one allocation holding every leaf in the mesh's block layout
+  (`layout.host_buffers`). Fresh pages cost a kernel zeroing pass about as
+  dear as receiving into them, so a buffer that falls idle (a push added to
+  the sum, a push abandoned, a sum moved onto the mesh) is kept for the next
+  push rather than freed, as long as the buffers in use and the idle ones
+  stay within `limit` (max_inflight_pushes). An idle buffer may still be read
+  by an update in flight (on CPU the mesh wraps its memory): it is handed out
+  again only once its fence (that update's outputs) is computed.
+  """
+
+  def __init__(self, layouts: Sequence[layout.LeafLayout], limit: int):
+    self._layouts = list(layouts)
+    self._limit = limit
+    self._idle: list[tuple[list[np.ndarray], tuple]] = []
+
+  @property
+  def idle(self) -> int:
+    return len(self._idle)
+
+  def take(self, in_use: int) -> list[np.ndarray]:
+    """A buffer; `in_use`: the buffers held elsewhere (not counting this one)."""
+    for i, (buffers, fence) in enumerate(self._idle):
+      if all(x.is_ready() for x in fence):
+        del self._idle[i]
+        return buffers
+    if in_use + len(self._idle) < self._limit or not self._idle:
+      return layout.host_buffers(self._layouts, [np.float32] * len(self._layouts))
+    buffers, fence = self._idle.pop(0)  # all are being read: wait for the oldest update
+    jax.block_until_ready(fence)
+    return buffers
+
+  def give(self, buffers: list[np.ndarray], held: int,
+           fence: Sequence[jax.Array] = ()) -> None:
+    """Takes back a buffer that fell idle (kept if float32 and within the limit).
+
+    `held`: the buffers held, this one included.
+    """
+    if (len(buffers) == len(self._layouts) and all(b.dtype == np.float32 for b in buffers)
+        and held - 1 + len(self._idle) < self._limit):
+      self._idle.append((buffers[:], tuple(fence)))
 
 
 def specs_to_meta(specs: Sequence[LeafSpec]) -> list[dict]:
@@ -295,9 +362,26 @@ def specs_from_meta(leaves: list[dict]) -> list[LeafSpec]:
   return [LeafSpec(x['path'], tuple(x['shape']), np.dtype(x['dtype'])) for x in leaves]
 
 
-def _to_mesh(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A global array from a host buffer, each device taking only its block."""
-  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+def layout_of(shape: Sequence[int], pspec: P, axis_size: int) -> layout.LeafLayout:
+  """The host layout of a leaf split as `pspec` (from `partition_spec`) says."""
+  if MESH_AXIS not in pspec:
+    return layout.LeafLayout(tuple(shape))
+  return layout.LeafLayout(tuple(shape), list(pspec).index(MESH_AXIS), axis_size)
+
+
+def _to_mesh(host: np.ndarray, sharding: NamedSharding,
+             lay: Optional[layout.LeafLayout] = None) -> jax.Array:
+  """A global array from a host buffer, each device taking only its block.
+
+  `host` is the leaf row-major, or in `lay`'s block layout, whose blocks are
+  handed over as they are (on CPU, wrapped without a copy when aligned).
+  """
+  if lay is None:
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+  dim = lay.dim
+  return jax.make_array_from_callback(
+      lay.shape, sharding,
+      lambda idx: lay.block(host, 0 if dim is None else (idx[dim].start or 0)))
 
 
 def to_host(array: jax.Array) -> np.ndarray:
@@ -491,11 +575,20 @@ class Engine:
       self._check_step(worker_id, step)
       nbytes = sum(s.nbytes for s in wire_specs)
       self._admit_locked(nbytes, timeout)
-      buffers = self._model.take_buffers(wire_specs)
-    return PushTicket(worker_id, push_id, step, num_examples, tuple(wire_specs), nbytes, buffers)
+      buffers = model.take_buffers(wire_specs, in_use=self._held_locked() - 1)
+    return PushTicket(worker_id, push_id, step, num_examples, tuple(wire_specs), nbytes, buffers,
+                      model.wire_views(buffers))
+
+  def _held_locked(self) -> int:
+    """Gradient buffers held: one per push being received, one for the step's sum."""
+    return self._in_flight + (self._model is not None and self._model.acc is not None)
 
   def _admit_locked(self, nbytes: int, timeout: float) -> None:
-    """Waits for room for a push of `nbytes`: a slot of max_inflight_pushes and bytes."""
+    """Waits for room for a push of `nbytes`: a buffer of max_inflight_pushes, and bytes.
+
+    The step's sum holds one of the max_inflight_pushes buffers from its first
+    push until the step is applied (config validation keeps one for pushes).
+    """
     cfg = self.config
     max_bytes = cfg.max_inflight_bytes
     if max_bytes and nbytes > max_bytes:
@@ -503,12 +596,14 @@ class Engine:
                               f'{max_bytes}', reason='too_large')
 
     def room():
-      return self._draining or (self._in_flight < cfg.max_inflight_pushes and (
+      return self._draining or (self._held_locked() < cfg.max_inflight_pushes and (
           not max_bytes or self._in_flight_bytes + nbytes <= max_bytes))
     if not self._cond.wait_for(room, timeout):
+      summing = self._model is not None and self._model.acc is not None
+      beside = " beside the step's sum" if summing else ''
       raise ResourceExhausted(
-          f'{self._in_flight} pushes ({self._in_flight_bytes} bytes) are already in flight '
-          f'(max_inflight_pushes {cfg.max_inflight_pushes}, max_inflight_bytes '
+          f'{self._in_flight} pushes ({self._in_flight_bytes} bytes) are already in flight'
+          f'{beside} (max_inflight_pushes {cfg.max_inflight_pushes}, max_inflight_bytes '
           f'{max_bytes or "unbounded"}); retry later', reason='busy')
     if self._draining:
       raise Unavailable('the server is shutting down; retry against its successor',
@@ -517,16 +612,19 @@ class Engine:
     self._in_flight_bytes += nbytes
 
   def release(self, ticket: PushTicket) -> None:
-    """Frees the ticket's slot (call exactly once, whatever happened to the push)."""
+    """Frees the ticket's slot unless its push committed (call it whatever happened)."""
+    with self._cond:
+      self._release_locked(ticket)
+
+  def _release_locked(self, ticket: PushTicket) -> None:
     if not ticket._released:
       ticket._released = True
-      with self._cond:
-        if ticket.buffers and self._model is not None:  # not committed: reuse them
-          self._model.give_back(ticket.buffers)
-        ticket.buffers = []
-        self._in_flight -= 1
-        self._in_flight_bytes -= ticket.nbytes
-        self._cond.notify_all()
+      if ticket.buffers and self._model is not None:  # not committed: keep them for reuse
+        self._model.pool.give(ticket.buffers, self._held_locked())
+      ticket.buffers, ticket.views = [], []
+      self._in_flight -= 1
+      self._in_flight_bytes -= ticket.nbytes
+      self._cond.notify_all()
 
   @property
   def pushes_in_flight(self) -> int:
@@ -590,12 +688,12 @@ class Engine:
                             leaf=spec.path)
     ticket.nonfinite_leaf = ticket.nonfinite_leaf or spec.path
 
-  def commit_push(self, ticket: PushTicket, buffers: list[np.ndarray]) -> PushResult:
+  def commit_push(self, ticket: PushTicket) -> PushResult:
     """Adds a complete, checked push to the step; applies the step when it is complete.
 
-    Takes ownership of `buffers` (one host array per leaf, in the wire dtype): the
-    accumulator may adopt or scale them in place, and the list is emptied so that
-    no caller's reference keeps a consumed push's memory alive.
+    Consumes the ticket's buffers (filled through `ticket.views`, or `ticket.fill`):
+    the accumulator may adopt or scale them in place, and the ticket's lists are
+    emptied so that no caller's reference keeps a consumed push's memory alive.
     """
     with self._cond:
       model = self._require_model()
@@ -606,7 +704,8 @@ class Engine:
       if ticket.nonfinite_leaf is not None:
         self._poisoned_by = self._poisoned_by or (
             f'leaf {ticket.nonfinite_leaf} of worker {ticket.worker_id}')
-      model.add_push(buffers, ticket.num_examples)
+      model.add_push(ticket.buffers, ticket.num_examples, held=self._held_locked())
+      self._release_locked(ticket)  # its buffers are the sum's now, or back in the pool
       self._contributors[ticket.worker_id] = ticket
       self.stats['pushes_accepted'] += 1
       if self._first_push_at is None:
@@ -626,15 +725,16 @@ class Engine:
     if self._poisoned_by is not None:
       log.warning('step %d skipped: NaN/Inf in %s', self._step, self._poisoned_by,
                   extra=fields(step=self._step, reason='nonfinite'))
-      model.acc, model.weight = None, 0
+      model.discard_acc(held=self._held_locked())
       self.stats['steps_skipped'] += 1
     else:
       t0 = time.monotonic()
       inv_weight = jnp.float32(1.0 / model.weight)
       apply = model.apply_keeping_params if self._readers else model.apply
+      held = self._held_locked()
       model.params, model.opt_state, model.trust_ratios = apply(
           model.params, model.opt_state, model.take_acc(), inv_weight)
-      model.fence_spare(model.params)
+      model.retire_acc(model.params, held=held)
       self._params_replaced_locked()
       self._applied.put((self._step, t0, model.trust_ratios))
       self.stats['steps_applied'] += 1

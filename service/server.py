@@ -216,11 +216,11 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       receiver = wire.ChunkReceiver(
           specs, what,
           on_leaf_complete=lambda spec, buf: self._engine.check_finite(ticket, spec, buf),
-          buffers=ticket.buffers)
+          buffers=ticket.buffers, wire_views=ticket.views)
       for chunk in chunks:
         receiver.add(chunk)
-      # Straight into the engine: no reference here may keep the push's buffers alive.
-      result = self._engine.commit_push(ticket, receiver.finish(commit[0] if commit else None))
+      receiver.finish(commit[0] if commit else None)  # checks it; keeps no buffer
+      result = self._engine.commit_push(ticket)
       if result.duplicate:
         self._metrics.pushes_duplicate.inc()
       self._metrics.push_seconds.observe(time.monotonic() - t0)

@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import ml_dtypes
 import numpy as np
 
+from service import layout
 from service._gen.lamb_sharded.v1 import tensor_pb2
 from service.errors import InvalidArgument, DataLoss
 
@@ -189,22 +190,11 @@ def encoded_chunk_messages(message_type, arrays: Iterable[tuple[str, np.ndarray]
 
 
 def host_buffers(specs: Sequence[LeafSpec], dtype=None) -> list[np.ndarray]:
-  """Uninitialised arrays for `specs` (in `dtype`, default each spec's own), in ONE allocation.
-
-  One model-sized allocation is returned to the OS as a whole when its last
-  array goes; many leaf-sized ones are recycled inside the allocator's
-  per-thread arenas and keep the process's resident memory high. Each leaf
-  starts on a 64-byte boundary.
-  """
-  dtypes = [np.dtype(dtype or s.dtype) for s in specs]
-  offsets, total = [], 0
-  for s, dt in zip(specs, dtypes):
-    offsets.append(total)
-    total += -(-math.prod(s.shape) * dt.itemsize // 64) * 64
-  raw = np.empty(total + 64, np.uint8)
-  base = -raw.ctypes.data % 64
-  return [raw[base + off:base + off + math.prod(s.shape) * dt.itemsize].view(dt).reshape(s.shape)
-          for s, dt, off in zip(specs, dtypes, offsets)]
+  """Uninitialised row-major arrays for `specs` (in `dtype`, default each spec's own), in ONE
+  allocation (see `layout.host_buffers`)."""
+  buffers = layout.host_buffers([layout.LeafLayout(s.shape) for s in specs],
+                                [dtype or s.dtype for s in specs])
+  return [b.reshape(s.shape) for b, s in zip(buffers, specs)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,19 +293,31 @@ class ChunkReceiver:
   """Checks a stream of chunks against its header and writes them into buffers.
 
   Each leaf's bytes land in a preallocated array of its wire dtype (all of
-  them in one allocation, see `host_buffers`). Every violation of the
+  them in one allocation, see `host_buffers`), row-major or in the layout of
+  the mesh's blocks (`wire_views`). Every violation of the
   stream's rules raises InvalidArgument (DataLoss for a checksum mismatch)
   naming the leaf or field; `finish` checks the commit and hands the buffers
   over.
   """
 
   def __init__(self, specs: Sequence[LeafSpec], what: str,
-               on_leaf_complete=None, buffers: Optional[list[np.ndarray]] = None):
-    """`buffers`: arrays of the specs' shapes and dtypes to write into (default: new ones)."""
+               on_leaf_complete=None, buffers: Optional[list[np.ndarray]] = None,
+               wire_views: Optional[Sequence[np.ndarray]] = None):
+    """Args:
+      specs: the stream's leaves (its header), in order.
+      what: names the stream in error messages.
+      on_leaf_complete: called with (spec, buffer) as each leaf's last byte lands.
+      buffers: where the leaves go, one array per leaf (default: new row-major
+        arrays of the specs' shapes and dtypes).
+      wire_views: for each buffer, a uint8 view of it whose row-major order is
+        the leaf's byte order on the wire (`layout.LeafLayout.wire_view`);
+        default: the buffers are row-major.
+    """
     self._specs = list(specs)
     self._what = what
     self._buffers = host_buffers(self._specs) if buffers is None else buffers
-    self._views = [b.reshape(-1).view(np.uint8) for b in self._buffers]
+    self._views = (list(wire_views) if wire_views is not None
+                   else [b.reshape(-1).view(np.uint8) for b in self._buffers])
     self._leaf = 0
     self._offset = 0
     self._seq = 0
@@ -370,7 +372,7 @@ class ChunkReceiver:
       raise InvalidArgument(
           f'{w}: leaf {spec.path} ({spec.dtype.name}{list(spec.shape)}) has {spec.nbytes} bytes, '
           f'but chunk {chunk.sequence} ends at byte {end}')
-    self._views[self._leaf][self._offset:end] = np.frombuffer(data, np.uint8)
+    layout.write(self._views[self._leaf], self._offset, np.frombuffer(data, np.uint8))
     self._crc = zlib.crc32(data, self._crc)
     self._total += n
     self._offset = end

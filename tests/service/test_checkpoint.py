@@ -40,7 +40,8 @@ def test_restore_onto_other_meshes_gives_identical_values(tmp_path):
       engine.initialize(*_specs_and_arrays(P0))
       for i in range(3):
         t = engine.begin_push('w', '', i, 1, '', _specs_and_arrays(P0)[0], timeout=1)
-        engine.commit_push(t, [np.full(v.shape, 0.1 * (i + 1), np.float32) for v in P0.values()])
+        t.fill([np.full(v.shape, 0.1 * (i + 1), np.float32) for v in P0.values()])
+        engine.commit_push(t)
         engine.release(t)
       engine.save_now(wait=True)
       saved = _state_host(engine)

@@ -1,0 +1,149 @@
+"""Host buffers laid out as the mesh holds them: each device's block of a leaf contiguous.
+
+Pure NumPy; knows nothing of gRPC or JAX. A leaf of shape S sharded along
+dimension d over k devices is kept on the host as k contiguous blocks, block
+b holding the slice [b*S[d]/k, (b+1)*S[d]/k) of dimension d, row-major inside
+(an array of shape (k, *shard_shape)). For d = 0 that is simply the leaf's
+row-major layout; for d > 0 the bytes of a row-major stream (the wire's order)
+are scattered into the blocks as they arrive (`write`), a strided copy no
+dearer than a plain one.
+
+Why: each device's block is then one contiguous, 64-byte-aligned host array.
+On CPU, `jax.make_array_from_callback` wraps such a block without copying it,
+so the step's gradient sum goes onto the mesh for free (no second copy at the
+step's peak, no fresh pages for the kernel to zero); on an accelerator each
+block is one contiguous host-to-device transfer.
+
+Multi-host later: a process would allocate and fill only the blocks of its
+own devices (`write` dropping the other bytes), and hand exactly those blocks
+to `make_array_from_callback`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+ALIGN = 64  # bytes; XLA's CPU runtime wraps host memory aligned to this without a copy
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLayout:
+  """Where a leaf's elements live in its host buffer.
+
+  Attributes:
+    shape: the leaf's shape.
+    dim: the dimension split across the devices; None if every device holds
+      the whole leaf (then there is one block).
+    parts: the number of blocks (devices along the split dimension), >= 1.
+  """
+  shape: tuple[int, ...]
+  dim: Optional[int] = None
+  parts: int = 1
+
+  def __post_init__(self):
+    if self.dim is None:
+      if self.parts != 1:
+        raise ValueError(f'a leaf that is not split has 1 part, got {self.parts}')
+    elif not 0 <= self.dim < len(self.shape) or self.shape[self.dim] % self.parts:
+      raise ValueError(f'cannot split dimension {self.dim} of shape {self.shape} into '
+                       f'{self.parts} parts')
+
+  @property
+  def block_shape(self) -> tuple[int, ...]:
+    """The shape of one device's block."""
+    if self.dim is None:
+      return self.shape
+    s = list(self.shape)
+    s[self.dim] //= self.parts
+    return tuple(s)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def contiguous(self) -> bool:
+    """True when the blocked layout is the row-major one (nothing to scatter)."""
+    return self.dim is None or self.parts == 1 or math.prod(self.shape[:self.dim]) == 1
+
+  def wire_view(self, buffer: np.ndarray) -> np.ndarray:
+    """A uint8 view of `buffer` whose row-major order is the leaf's row-major byte order.
+
+    1-D (a plain byte view) when the layout is contiguous; otherwise 3-D:
+    (rows before the split dimension, parts, bytes of one block's row).
+    """
+    raw = buffer.reshape(-1).view(np.uint8)
+    if self.contiguous or self.size == 0:
+      return raw
+    outer = math.prod(self.shape[:self.dim])
+    return raw.reshape(self.parts, outer, -1).transpose(1, 0, 2)
+
+  def block(self, buffer: np.ndarray, start: int) -> np.ndarray:
+    """The block of the device whose slice of the split dimension starts at `start`."""
+    if self.dim is None:
+      return buffer.reshape(self.shape)
+    return buffer[start // self.block_shape[self.dim]]
+
+  def from_array(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """`x` (the leaf, row-major) in this layout (into `out` if given)."""
+    out = np.empty((self.parts, *self.block_shape), x.dtype) if out is None else out
+    write(self.wire_view(out), 0, np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+    return out
+
+  def to_array(self, buffer: np.ndarray) -> np.ndarray:
+    """The leaf, row-major (a copy), from a buffer in this layout."""
+    out = np.empty(self.shape, buffer.dtype)
+    out.reshape(-1).view(np.uint8)[:] = self.wire_view(buffer).reshape(-1)
+    return out
+
+
+def write(dst: np.ndarray, start: int, src: np.ndarray) -> None:
+  """dst.flat[start:start + len(src)] = src, for a strided `dst`, without copying `dst`.
+
+  `dst` is any (non-contiguous) view, addressed in its row-major order; `src`
+  is 1-D. The range is cut into at most two partial rows per dimension and
+  whole sub-arrays in between, each one NumPy assignment.
+  """
+  n = len(src)
+  if dst.ndim == 1:
+    dst[start:start + n] = src
+    return
+  inner = math.prod(dst.shape[1:])
+  i, rem = divmod(start, inner)
+  pos = 0
+  if rem:
+    pos = min(inner - rem, n)
+    write(dst[i], rem, src[:pos])
+    i += 1
+  whole = (n - pos) // inner
+  if whole:
+    dst[i:i + whole] = src[pos:pos + whole * inner].reshape((whole, *dst.shape[1:]))
+    pos += whole * inner
+    i += whole
+  if pos < n:
+    write(dst[i], 0, src[pos:])
+
+
+def host_buffers(layouts: Sequence[LeafLayout], dtypes: Sequence[np.dtype]) -> list[np.ndarray]:
+  """Uninitialised buffers in `layouts` (one per leaf, shape (parts, *block_shape)), in ONE
+  allocation.
+
+  One model-sized allocation is returned to the OS as a whole when its last
+  array goes; many leaf-sized ones are recycled inside the allocator's
+  per-thread arenas and keep the process's resident memory high. Each leaf
+  starts on a 64-byte boundary (so does each block whose size is a multiple
+  of 64 bytes).
+  """
+  dtypes = [np.dtype(d) for d in dtypes]
+  offsets, total = [], 0
+  for lay, dt in zip(layouts, dtypes):
+    offsets.append(total)
+    total += -(-lay.size * dt.itemsize // ALIGN) * ALIGN
+  raw = np.empty(total + ALIGN, np.uint8)
+  base = -raw.ctypes.data % ALIGN
+  return [raw[base + off:base + off + lay.size * dt.itemsize].view(dt).reshape(
+      lay.parts, *lay.block_shape) for lay, dt, off in zip(layouts, dtypes, offsets)]
