@@ -1,7 +1,7 @@
 """Tensors on the wire: dtypes, chunking, and a validating receiver of chunk streams.
 
 Pure NumPy and the generated messages; no gRPC calls, no JAX. The layout of a
-stream (header specs, chunks in order, a commit with a CRC-32) is documented in
+stream (header specs, chunks in order, a commit with a checksum) is documented in
 proto/lamb_sharded/v1/tensor.proto.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import zlib
 from typing import Iterable, Iterator, Optional, Sequence
 
 import ml_dtypes
@@ -24,6 +23,7 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 4096
 MAX_CHUNK_BYTES = 3 << 20
 MAX_MESSAGE_BYTES = 4 << 20
+MASK64 = (1 << 64) - 1
 
 _TO_NUMPY = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype(np.float32),
@@ -55,6 +55,23 @@ def as_wire_array(x) -> np.ndarray:
   """`x` as a NumPy array in a wire dtype (other dtypes become float32)."""
   x = np.asarray(x)
   return x if x.dtype in _FROM_NUMPY else x.astype(np.float32)
+
+
+def chunk_checksum(data) -> int:
+  """The wrapping 64-bit sum of `data`'s little-endian uint64 words, zero-padded.
+
+  See StreamCommit.checksum. `data` is any contiguous buffer (bytes, a
+  memoryview, an array), read in place, not copied. A stream's checksum adds
+  up its chunks' checksums: `(acc + chunk_checksum(data)) & MASK64`.
+  """
+  view = memoryview(data).cast('B')
+  n = len(view)
+  whole = n - n % 8
+  # An explicit uint64 reduction: it wraps modulo 2^64, never widens or turns to floats.
+  total = int(np.add.reduce(np.frombuffer(view, '<u8', whole // 8), dtype=np.uint64))
+  if whole != n:  # the last, partial word, zero-padded at its end
+    total += int.from_bytes(view[whole:], 'little')
+  return total & MASK64
 
 
 def clamp_chunk_bytes(requested: int) -> int:
@@ -119,16 +136,16 @@ def chunk_stream(arrays: Iterable[tuple[str, np.ndarray]],
       array already in its wire dtype.
     chunk_bytes: the most data bytes per chunk.
   """
-  seq, total, crc = 0, 0, 0
+  seq, total, checksum = 0, 0, 0
   for path, array in arrays:
     raw = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     for off in range(0, len(raw), chunk_bytes):
       data = raw[off:off + chunk_bytes].tobytes()
-      crc = zlib.crc32(data, crc)
+      checksum = (checksum + chunk_checksum(data)) & MASK64
       total += len(data)
       yield path, off, data, seq
       seq += 1
-  yield tensor_pb2.StreamCommit(chunk_count=seq, total_bytes=total, crc32=crc)
+  yield tensor_pb2.StreamCommit(chunk_count=seq, total_bytes=total, checksum=checksum)
 
 
 def chunk_messages(message_type, arrays, chunk_bytes: int):
@@ -171,13 +188,13 @@ def encoded_chunk_messages(message_type, arrays: Iterable[tuple[str, np.ndarray]
   (a TensorChunk with the data field last), so receivers parse it as usual.
   """
   chunk_field = message_type.DESCRIPTOR.fields_by_name['chunk'].number
-  seq, total, crc = 0, 0, 0
+  seq, total, checksum = 0, 0, 0
   for path, array in arrays:
     raw = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     path_field = _len_field(1, len(path.encode())) + path.encode()
     for off in range(0, len(raw), chunk_bytes):
       data = raw[off:off + chunk_bytes]
-      crc = zlib.crc32(data, crc)
+      checksum = (checksum + chunk_checksum(data)) & MASK64
       total += len(data)
       # proto3 leaves zero scalars out: offset (2) and sequence (4) are varints.
       head = (path_field + (_varint(2 << 3) + _varint(off) if off else b'')
@@ -185,7 +202,8 @@ def encoded_chunk_messages(message_type, arrays: Iterable[tuple[str, np.ndarray]
       yield b''.join((_len_field(chunk_field, len(head) + len(data)), head, data))
       seq += 1
   req = message_type()
-  req.commit.CopyFrom(tensor_pb2.StreamCommit(chunk_count=seq, total_bytes=total, crc32=crc))
+  req.commit.CopyFrom(tensor_pb2.StreamCommit(chunk_count=seq, total_bytes=total,
+                                              checksum=checksum))
   yield req.SerializeToString()
 
 
@@ -322,7 +340,7 @@ class ChunkReceiver:
     self._offset = 0
     self._seq = 0
     self._total = 0
-    self._crc = 0
+    self._checksum = 0
     self._on_leaf_complete = on_leaf_complete
     self._skip_empty()
 
@@ -373,7 +391,7 @@ class ChunkReceiver:
           f'{w}: leaf {spec.path} ({spec.dtype.name}{list(spec.shape)}) has {spec.nbytes} bytes, '
           f'but chunk {chunk.sequence} ends at byte {end}')
     layout.write(self._views[self._leaf], self._offset, np.frombuffer(data, np.uint8))
-    self._crc = zlib.crc32(data, self._crc)
+    self._checksum = (self._checksum + chunk_checksum(data)) & MASK64
     self._total += n
     self._offset = end
     self._seq += 1
@@ -396,8 +414,8 @@ class ChunkReceiver:
     if commit.chunk_count != self._seq or commit.total_bytes != self._total:
       raise InvalidArgument(f'{w}: commit says {commit.chunk_count} chunks and '
                             f'{commit.total_bytes} bytes, received {self._seq} and {self._total}')
-    if commit.crc32 != self._crc:
-      raise DataLoss(f'{w}: CRC-32 mismatch: commit says {commit.crc32:#010x}, '
-                     f'received data has {self._crc:#010x}')
+    if commit.checksum != self._checksum:
+      raise DataLoss(f'{w}: checksum mismatch: commit says {commit.checksum:#018x}, '
+                     f'received data has {self._checksum:#018x}')
     buffers, self._buffers, self._views = self._buffers, [], []
     return buffers

@@ -34,7 +34,7 @@ Columns:
 
   * push s: from the first push's start until every push's last message
     (the commit) was handed to gRPC *and* every push but the step-completing
-    one returned. It includes the server's receive, CRC, NaN check and the
+    one returned. It includes the server's receive, checksum, NaN check and the
     commit of the W-1 non-completing pushes (the first push of a step becomes
     the host accumulator as is; the others are added to it in place).
     The time each message is handed over is taken by wrapping the client's
@@ -58,7 +58,7 @@ Columns:
     message size limits. Rate: W x gradient bytes / (first start .. last
     return). The raw client copies each chunk out of the array (`tobytes`);
     the service's client also copies each chunk once (into the message
-    bytes it encodes itself) and computes the CRC-32.
+    bytes it encodes itself) and computes the stream checksum.
   * ingestion / raw: the service's rate as a fraction of the baseline.
   * peak RSS GB: VmHWM of the server process (/proc/<pid>/status) at the end
     of its run (initialisation included; VmHWM right after InitializeModel

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import time
-import zlib
 
 import grpc
 import numpy as np
@@ -16,6 +15,7 @@ import numpy as np
 from service import server as server_lib
 from service.client import OptimizerClient
 from service.config import ServerConfig
+from service.wire import MASK64, chunk_checksum
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service._gen.lamb_sharded.v1 import tensor_pb2
@@ -76,11 +76,11 @@ def push_messages(leaves, *, worker_id='w0', step=0, num_examples=1, push_id='',
 
 
 def _commit(chunks):
-  crc, total = 0, 0
+  checksum, total = 0, 0
   for c in chunks:
-    crc = zlib.crc32(c.data, crc)
+    checksum = (checksum + chunk_checksum(c.data)) & MASK64
     total += len(c.data)
-  return tensor_pb2.StreamCommit(chunk_count=len(chunks), total_bytes=total, crc32=crc)
+  return tensor_pb2.StreamCommit(chunk_count=len(chunks), total_bytes=total, checksum=checksum)
 
 
 def params_of(client) -> dict:

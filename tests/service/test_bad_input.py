@@ -55,7 +55,7 @@ CASES = {
     'corrupted data': (dict(leaves=_grads(), mutate=lambda c: [
         tensor_pb2.TensorChunk(path=x.path, offset=x.offset, sequence=x.sequence,
                                data=bytes(len(x.data))) if i == 0 else x
-        for i, x in enumerate(c)]), 'DATA_LOSS', r'CRC-32 mismatch'),
+        for i, x in enumerate(c)]), 'DATA_LOSS', r'checksum mismatch'),
     'no commit': (dict(leaves=_grads(), commit=False), 'INVALID_ARGUMENT',
                   r'ended without a commit'),
     'NaN': (dict(leaves=[("['w']", np.full((3, 4), np.nan, np.float32)), _grads()[1]]),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import threading
-import zlib
 
 import grpc
 import numpy as np
@@ -23,6 +22,7 @@ import pytest
 
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import tensor_pb2
+from service.wire import MASK64, chunk_checksum
 from svc import params_of, push_messages, running_server, spec, stub, until
 
 SERVICE = '/lamb_sharded.v1.OptimizerService/'
@@ -111,12 +111,12 @@ def _chunk(path, data, offset=0, sequence=0):
 
 
 def _commit_of(chunks):
-  crc, total = 0, 0
+  checksum, total = 0, 0
   for c in chunks:
-    crc = zlib.crc32(c.chunk.data, crc)
+    checksum = (checksum + chunk_checksum(c.chunk.data)) & MASK64
     total += len(c.chunk.data)
   return pb.PushGradientsRequest(commit=tensor_pb2.StreamCommit(
-      chunk_count=len(chunks), total_bytes=total, crc32=crc))
+      chunk_count=len(chunks), total_bytes=total, checksum=checksum))
 
 
 def _oversized_message(step):
@@ -142,7 +142,7 @@ def _wrong_counts(step):
 
 def _checksum(step):
   msgs = push_messages(leaves=_grads(), worker_id='w0', step=step)
-  msgs[-1].commit.crc32 ^= 1
+  msgs[-1].commit.checksum ^= 1
   return msgs
 
 
@@ -270,7 +270,7 @@ CASES = {
         r"leaf \['zzz'\] \(not a leaf of the header\)"),
     'an empty chunk': (_push(**_mutated(lambda c: _set(c, 0, data=b''))), 'INVALID_ARGUMENT',
                        r'chunk 0 of leaf .* is empty'),
-    'a checksum mismatch': (_push_messages(_checksum), 'DATA_LOSS', r'CRC-32 mismatch'),
+    'a checksum mismatch': (_push_messages(_checksum), 'DATA_LOSS', r'checksum mismatch'),
     'a commit with wrong counts': (_push_messages(_wrong_counts), 'INVALID_ARGUMENT',
                                    r'commit says \d+ chunks'),
     # Header fields.

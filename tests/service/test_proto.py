@@ -8,13 +8,14 @@ import pathlib
 import subprocess
 import sys
 import sysconfig
-import zlib
 
 import pytest
+from google.protobuf import descriptor_pb2
 
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service._gen.lamb_sharded.v1 import tensor_pb2
+from service.wire import MASK64, chunk_checksum
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / 'proto'
@@ -162,8 +163,9 @@ def test_push_gradients_round_trip():
       pb.PushGradientsRequest(chunk=tensor_pb2.TensorChunk(path="['layer0']['b']", offset=0, data=data[2] * 2, sequence=2)),
   ]
   payload = b''.join(c.chunk.data for c in chunks)
+  checksum = sum(chunk_checksum(c.chunk.data) for c in chunks) & MASK64
   commit = pb.PushGradientsRequest(commit=tensor_pb2.StreamCommit(
-      chunk_count=len(chunks), total_bytes=len(payload), crc32=zlib.crc32(payload)))
+      chunk_count=len(chunks), total_bytes=len(payload), checksum=checksum))
 
   parsed = [pb.PushGradientsRequest.FromString(m.SerializeToString()) for m in [header, *chunks, commit]]
   assert [m.WhichOneof('kind') for m in parsed] == ['header', 'chunk', 'chunk', 'chunk', 'commit']
@@ -176,7 +178,10 @@ def test_push_gradients_round_trip():
       (0, 0, data[0]), (1, 6, data[1]), (2, 0, data[2] * 2)]
   received = b''.join(m.chunk.data for m in parsed[1:4])
   c = parsed[4].commit
-  assert (c.chunk_count, c.total_bytes, c.crc32) == (3, len(received), zlib.crc32(received))
+  # Each chunk's data is padded to whole words on its own: 6, 4 and 4 bytes.
+  expected = (int.from_bytes(data[0], 'little') + int.from_bytes(data[1], 'little')
+              + int.from_bytes(data[2] * 2, 'little'))
+  assert (c.chunk_count, c.total_bytes, c.checksum) == (3, len(received), expected)
   # A message carries exactly one kind: setting another replaces the first.
   m = pb.PushGradientsRequest(header=pb.PushGradientsHeader(worker_id='w'))
   m.commit.chunk_count = 0
@@ -192,6 +197,22 @@ def test_pull_request_presence_and_response():
   assert request.HasField('if_newer_than_step') and request.if_newer_than_step == 0
   response = pb.PullParametersResponse(header=pb.PullParametersHeader(model_id='m-1', step=7, not_modified=True))
   assert pb.PullParametersResponse.FromString(response.SerializeToString()) == response
+
+
+def test_stream_commit_checksum_field():
+  # The CRC-32 (field 3, fixed32) is gone for good: its number and name are reserved.
+  fields = {f.name: (f.number, f.type) for f in tensor_pb2.StreamCommit.DESCRIPTOR.fields}
+  assert fields == {'chunk_count': (1, descriptor_pb2.FieldDescriptorProto.TYPE_INT64),
+                    'total_bytes': (2, descriptor_pb2.FieldDescriptorProto.TYPE_INT64),
+                    'checksum': (4, descriptor_pb2.FieldDescriptorProto.TYPE_FIXED64)}
+  proto = descriptor_pb2.DescriptorProto()
+  tensor_pb2.StreamCommit.DESCRIPTOR.CopyToProto(proto)
+  assert [(r.start, r.end) for r in proto.reserved_range] == [(3, 4)]
+  assert list(proto.reserved_name) == ['crc32']
+  # All 64 bits travel (fixed64: always 8 bytes).
+  for value in (0, 1, 1 << 63, MASK64):
+    commit = tensor_pb2.StreamCommit(chunk_count=1, total_bytes=8, checksum=value)
+    assert tensor_pb2.StreamCommit.FromString(commit.SerializeToString()).checksum == value
 
 
 def test_largest_chunk_fits_the_4_mib_message_limit():

@@ -42,11 +42,11 @@ class TensorChunk(_message.Message):
     def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class StreamCommit(_message.Message):
-    __slots__ = ("chunk_count", "total_bytes", "crc32")
+    __slots__ = ("chunk_count", "total_bytes", "checksum")
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     chunk_count: int
     total_bytes: int
-    crc32: int
-    def __init__(self, chunk_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    checksum: int
+    def __init__(self, chunk_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
