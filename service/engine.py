@@ -11,16 +11,18 @@ bytes into host buffers -> `commit_push` (accumulate on the host, maybe apply).
 Why the accumulator is on the host: a push arrives in host memory anyway, and
 the first push of a step (the only one, with one worker) becomes the
 accumulator as it is -- no copy, no pass -- while later ones are added to it in
-place. Only the sum crosses onto the mesh, once per step; its host buffer then
-becomes the spare that the next float32 push is received into (one spare at
-most; each push's buffers are one allocation, see `wire.host_buffers`). A push
-that fails never touches the accumulator: it is only read or written at
-commit, under the lock.
+place. Only the sum goes onto the mesh, once per step. Host buffers are laid
+out in the mesh's blocks (service/layout.py): a receiver scatters the wire's
+row-major bytes so that each device's block of a leaf is contiguous, and on a
+CPU mesh the devices then wrap the sum's blocks without copying them. Gradient
+buffers are recycled (`_BufferPool`): at most max_inflight_pushes of them
+exist, the step's sum holding one. A push that fails never touches the
+accumulator: it is only read or written at commit, under the lock.
 
 Multi-host later: `_to_mesh` builds each global array with
 `jax.make_array_from_callback`, which asks only for the blocks this process's
-devices hold, so a process that ingests (and accumulates) only its own slices
-plugs in there.
+devices hold, so a process that ingests (and accumulates) only its own blocks
+-- the layout already keeps each block apart -- plugs in there.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import tensor_pb2
 from service.config import ServerConfig
 from service.engine import Engine
+from service.errors import ResourceExhausted
 from svc import params_of, push_messages, running_server, stub
 
 P0 = {"['w']": np.linspace(-1, 1, 64, dtype=np.float32).reshape(16, 4),
@@ -241,3 +242,55 @@ def test_buffers_are_recycled_and_steps_stay_exact():
       _assert_params(dict(zip(P0, snap.arrays)), want)
   finally:
     engine.close()
+
+
+def test_the_sum_holds_one_of_the_buffers():
+  # max_inflight_pushes bounds the model-sized gradient buffers: the step's sum holds
+  # one from its first push until the step is applied, so with 2 a second push is
+  # received beside it and a third waits.
+  engine = _engine(num_workers=3, max_inflight_pushes=2)
+  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
+  try:
+    assert not _push(engine, 'a', _g(1)).applied
+    second = engine.begin_push('b', '', 0, 1, '', specs, timeout=1)
+    with pytest.raises(ResourceExhausted, match="1 pushes .* in flight beside the step's sum"):
+      engine.begin_push('c', '', 0, 1, '', specs, timeout=0.2)
+    second.fill(list(_g(2).values()))
+    assert not engine.commit_push(second).applied
+    engine.release(second)
+    assert _push(engine, 'c', _g(3)).applied  # room again once 'b' was added to the sum
+  finally:
+    engine.close()
+
+
+def test_several_workers_allocate_no_more_than_the_bound():
+  # 3 workers x 4 steps: every push lands in one of at most max_inflight_pushes buffers
+  # (recycled: fresh pages would cost the kernel a zeroing pass each time).
+  engine = _engine(num_workers=3, max_inflight_pushes=2)
+  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
+  tx = lamb_sharded.lamb(0.1)
+  want, state = P0, tx.init(P0)
+  try:
+    used = set()
+    for step in range(4):
+      grads = [_g(10 * step + w) for w in range(3)]
+      for w, g in enumerate(grads):
+        ticket = engine.begin_push(f'w{w}', '', step, 1, '', specs, timeout=5)
+        used.add(ticket.buffers[0].ctypes.data)
+        ticket.fill(list(g.values()))
+        assert engine.commit_push(ticket).applied == (w == 2)
+        engine.release(ticket)
+      u, state = tx.update({k: sum(g[k] for g in grads) / 3 for k in P0}, state, want)
+      want = optax.apply_updates(want, u)
+    assert 1 <= len(used) <= 2, used
+    with engine.reading() as snap:
+      _assert_params(dict(zip(P0, snap.arrays)), want)
+  finally:
+    engine.close()
+
+
+def test_one_buffer_cannot_serve_several_sync_workers():
+  with pytest.raises(ValueError, match='max_inflight_pushes must be >= 2 with several workers'):
+    ServerConfig(num_workers=2, max_inflight_pushes=1).validate()
+  ServerConfig(num_workers=2, max_inflight_pushes=1, step_mode='async').validate()
+  ServerConfig(num_workers=1, max_inflight_pushes=1).validate()

@@ -1,0 +1,171 @@
+"""Host buffers in the mesh's block layout (service/layout.py) and what they buy.
+
+The layout must put every byte of a row-major stream where the device that
+holds it expects it, whatever the chunk boundaries (odd byte counts
+included); a push received into it must train exactly like the reference;
+and on CPU the step's sum must go onto the mesh without a copy (the reason
+for the layout), while the params the mesh owns stay its own.
+"""
+
+import jax
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+import lamb_sharded
+from service import layout, wire
+from service.config import ServerConfig
+from service.engine import Engine, _Model, layout_of, partition_spec
+from service._gen.lamb_sharded.v1 import tensor_pb2
+from svc import push_messages, running_server, spec, stub
+
+CASES = [  # shape, dim, parts
+    ((16, 4), 0, 8), ((3, 16), 1, 8), ((5, 8, 12), 1, 4), ((2, 3, 40), 2, 8), ((7,), None, 1),
+    ((), None, 1), ((0, 8), 1, 8), ((4, 6), 1, 2), ((1, 24), 1, 8)]
+
+
+@pytest.mark.parametrize('shape,dim,parts', CASES)
+def test_round_trip_and_blocks(shape, dim, parts):
+  lay = layout.LeafLayout(shape, dim, parts)
+  x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+  buf = lay.from_array(x)
+  assert buf.shape == (parts, *lay.block_shape)
+  np.testing.assert_array_equal(lay.to_array(buf), x)
+  for b in range(parts):  # block b is the b-th slice of the split dimension
+    if dim is None:
+      np.testing.assert_array_equal(lay.block(buf, 0), x)
+    else:
+      n = shape[dim] // parts
+      want = np.take(x, np.arange(b * n, (b + 1) * n), axis=dim)
+      got = lay.block(buf, b * n)
+      assert got.flags.c_contiguous
+      np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('shape,dim,parts', CASES)
+@pytest.mark.parametrize('seed', [0, 1])
+def test_writes_at_any_byte_boundaries(shape, dim, parts, seed):
+  # A stream cut at random byte counts (1 byte, odd sizes, many rows at once) lands
+  # exactly where `from_array` puts it.
+  lay = layout.LeafLayout(shape, dim, parts)
+  x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+  raw = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+  buf = np.full((parts, *lay.block_shape), np.nan, np.float32)
+  view, rng, off = lay.wire_view(buf), np.random.default_rng(seed + 10), 0
+  while off < raw.size:
+    n = int(rng.choice([1, 3, 5, 17, 61, 384, 1000]))
+    layout.write(view, off, raw[off:off + n])
+    off += n
+  np.testing.assert_array_equal(buf, lay.from_array(x))
+
+
+def test_bad_splits_are_refused():
+  with pytest.raises(ValueError, match='cannot split dimension 1'):
+    layout.LeafLayout((4, 6), 1, 4)
+  with pytest.raises(ValueError, match='1 part'):
+    layout.LeafLayout((4, 6), None, 2)
+
+
+def test_host_buffers_are_one_aligned_allocation():
+  lays = [layout.LeafLayout((3, 16), 1, 8), layout.LeafLayout((5,)), layout.LeafLayout((16, 4), 0, 8)]
+  bufs = layout.host_buffers(lays, [np.float32, ml_dtypes.bfloat16, np.float32])
+  assert [b.shape for b in bufs] == [(8, 3, 2), (1, 5), (8, 2, 4)]
+  assert all(b.ctypes.data % layout.ALIGN == 0 for b in bufs)
+  starts = [b.ctypes.data for b in bufs]
+  assert starts == sorted(starts) and starts[-1] - starts[0] < 1024  # consecutive, one block
+
+
+def test_partition_and_layout_agree():
+  for shape in [(16, 4), (3, 16), (30522, 768), (7,), (768, 3072)]:
+    pspec = partition_spec(shape, 8)
+    lay = layout_of(shape, pspec, 8)
+    if lay.dim is None:
+      assert 'x' not in pspec
+    else:
+      assert list(pspec).index('x') == lay.dim and lay.parts == 8
+
+
+# Leaves split along every kind of dimension; each device block a multiple of 64 bytes, so
+# that XLA's CPU runtime may wrap it (an unaligned block is copied instead, which is fine).
+P0 = {"['col']": np.linspace(-1, 1, 3 * 128, dtype=np.float32).reshape(3, 128),       # dim 1
+      "['deep']": np.linspace(1, 2, 2 * 3 * 64, dtype=np.float32).reshape(2, 3, 64),  # dim 2
+      "['row']": np.linspace(-2, 0, 128, dtype=np.float32).reshape(16, 8),            # dim 0
+      "['odd']": np.linspace(0.5, 1, 7, dtype=np.float32)}                            # whole
+
+
+def _g(seed):
+  rng = np.random.default_rng(seed)
+  return {k: rng.normal(size=v.shape).astype(np.float32) for k, v in P0.items()}
+
+
+def test_pushes_cut_anywhere_train_like_the_reference():
+  # Two workers on a real server: one pushes float32 in 1001-byte chunks (cutting
+  # elements and rows anywhere), one bfloat16 in 333-byte chunks; two steps must equal
+  # LAMB fed the example-weighted means.
+  g = [[_g(10 * s + w) for w in range(2)] for s in range(2)]
+  bf16 = lambda t: {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}  # noqa: E731
+  tx = lamb_sharded.lamb(0.1)
+  want, state = P0, tx.init(P0)
+  for s in range(2):
+    a, b = g[s][0], {k: v.astype(np.float32) for k, v in bf16(g[s][1]).items()}
+    mean = {k: (3 * a[k] + b[k]) / 4 for k in P0}
+    u, state = tx.update(mean, state, want)
+    want = optax.apply_updates(want, u)
+  with running_server(devices=8, num_workers=2, learning_rate=0.1) as (running, client):
+    model_id = client.initialize(P0)
+    st = stub(running.port)
+    for s in range(2):
+      r0 = st.PushGradients(iter(push_messages(
+          list(g[s][0].items()), worker_id='f32', step=s, num_examples=3, model_id=model_id,
+          chunk_bytes=1001)))
+      assert not r0.applied
+      leaves = list(bf16(g[s][1]).items())
+      r1 = st.PushGradients(iter(push_messages(
+          leaves, worker_id='bf16', step=s, model_id=model_id, chunk_bytes=333,
+          specs=[spec(p, x.shape, tensor_pb2.DTYPE_BFLOAT16) for p, x in leaves])))
+      assert r1.applied
+    got = client.pull().params
+  for k in P0:
+    np.testing.assert_allclose(got[k], want[k], rtol=2e-6, atol=2e-7, err_msg=k)
+
+
+def test_the_sum_goes_onto_a_cpu_mesh_without_a_copy():
+  # Each device's block of the host sum is what the device holds: same memory.
+  config = ServerConfig(devices=8)
+  engine = Engine(config)
+  try:
+    specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
+    model = _Model(config, engine.mesh, specs)
+    host = model.pool.take(0)
+    for lay, buf, v in zip(model.layouts, host, _g(0).values()):
+      lay.from_array(v, out=buf)
+    model.acc = host
+    arrays = model.take_acc()
+    for lay, buf, arr, v in zip(model.layouts, host, arrays, _g(0).values()):
+      np.testing.assert_array_equal(np.asarray(arr), v)
+      for shard in arr.addressable_shards:
+        start = 0 if lay.dim is None else (shard.index[lay.dim].start or 0)
+        assert shard.data.unsafe_buffer_pointer() == lay.block(buf, start).ctypes.data
+    del arrays
+  finally:
+    engine.close()
+  assert jax.default_backend() == 'cpu'
+
+
+def test_initial_params_are_the_meshs_own():
+  # Wrapped host memory could not be donated: the first step would allocate new params.
+  engine = Engine(ServerConfig(devices=8))
+  try:
+    specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
+    host = wire.host_buffers(specs)
+    for buf, v in zip(host, P0.values()):
+      buf[...] = v
+    engine.initialize(specs, host)
+    with engine.reading() as snap:
+      for buf, arr in zip(host, snap.arrays):
+        pointers = {s.data.unsafe_buffer_pointer() for s in arr.addressable_shards}
+        lo, hi = buf.ctypes.data, buf.ctypes.data + buf.nbytes
+        assert not any(lo <= p < hi for p in pointers)
+  finally:
+    engine.close()
