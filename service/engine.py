@@ -402,6 +402,43 @@ def to_host(array: jax.Array) -> np.ndarray:
   return out
 
 
+def host_pieces(array: jax.Array, max_bytes: int) -> Iterator[np.ndarray]:
+  """`array`'s elements in row-major order, as consecutive flat host arrays of <= ~max_bytes.
+
+  Read from the devices' blocks (on CPU, read-only views of their memory), a
+  band of rows at a time where the blocks split rows: no host copy of the
+  whole leaf is made, so a pull costs memory of the order of a chunk. Use the
+  pieces while the array cannot be donated (inside `Engine.reading`) and
+  before the next one is asked for. A sharding other than one split
+  dimension (never made here) falls back to `to_host`.
+  """
+  blocks = {}
+  for shard in array.addressable_shards:
+    blocks.setdefault(tuple(s.start or 0 for s in shard.index), shard)
+  split = [d for d in range(array.ndim) if len({k[d] for k in blocks}) > 1]
+  item = array.dtype.itemsize
+  if array.ndim == 0:
+    yield np.asarray(next(iter(blocks.values())).data).reshape(-1)
+    return
+  if len(blocks) == 1 or len(split) == 1:
+    d = split[0] if split else 0
+    ordered = [np.asarray(blocks[k].data) for k in sorted(blocks, key=lambda k: k[d])]
+    outer = math.prod(array.shape[:d])
+    if outer == 1 or len(ordered) == 1:  # the blocks follow each other in row-major order
+      step = max(1, max_bytes // item)
+      for b in ordered:
+        flat = b.reshape(-1)
+        for i in range(0, flat.size, step):
+          yield flat[i:i + step]
+      return
+    rows = [b.reshape(outer, -1) for b in ordered]
+    band = max(1, max_bytes // (sum(r.shape[1] for r in rows) * item))
+    for i in range(0, outer, band):
+      yield np.concatenate([r[i:i + band] for r in rows], axis=1).reshape(-1)
+    return
+  yield to_host(array).reshape(-1)
+
+
 class Engine:
   """The optimizer's state machine. Thread-safe; every public method may block briefly."""
 

@@ -27,7 +27,7 @@ from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service.checkpoint import Checkpointer
 from service.config import ServerConfig
-from service.engine import Engine, PushResult, to_host
+from service.engine import Engine, PushResult, host_pieces
 from service.errors import AlreadyExists, InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
@@ -277,12 +277,14 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
             model_id=snap.model_id, step=snap.step, leaves=[s.to_proto() for s in specs]))
         sent = self._metrics.sent_bytes.labels('PullParameters')
 
-        def arrays():
+        piece_bytes = wire.clamp_chunk_bytes(request.max_chunk_bytes)
+
+        def arrays():  # leaf by leaf, a chunk's worth at a time: no host copy of a leaf
           for s, a in zip(specs, snap.arrays):
             sent.inc(s.nbytes)
-            yield s.path, to_host(a).astype(s.dtype, copy=False)
-        for message in wire.chunk_messages(pb.PullParametersResponse, arrays(),
-                                           wire.clamp_chunk_bytes(request.max_chunk_bytes)):
+            yield s.path, (p.astype(s.dtype, copy=False) for p in host_pieces(
+                a, piece_bytes * a.dtype.itemsize // s.dtype.itemsize))
+        for message in wire.chunk_messages(pb.PullParametersResponse, arrays(), piece_bytes):
           yield message
           self._pulls.progress(watch)
       self._metrics.pull_seconds.observe(time.monotonic() - t0)

@@ -7,6 +7,7 @@ proto/lamb_sharded/v1/tensor.proto.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import math
@@ -122,7 +123,7 @@ def specs_from_proto(specs: Sequence[tensor_pb2.TensorSpec], what: str) -> list[
   return out
 
 
-def chunk_stream(arrays: Iterable[tuple[str, np.ndarray]],
+def chunk_stream(arrays: Iterable[tuple[str, np.ndarray | Iterable[np.ndarray]]],
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  ) -> Iterator[tuple[str, int, bytes, int] | tensor_pb2.StreamCommit]:
   """Splits arrays into chunks (in order), then yields the StreamCommit.
@@ -132,19 +133,24 @@ def chunk_stream(arrays: Iterable[tuple[str, np.ndarray]],
   TensorChunk and then assigning it into a request would copy the data again.
 
   Args:
-    arrays: (path, array) pairs, in the order of the stream's header; each
-      array already in its wire dtype.
+    arrays: (path, leaf) pairs, in the order of the stream's header; a leaf is
+      an array, or an iterator over consecutive pieces of it (arrays whose elements, in order,
+      are the leaf's in row-major order; a chunk then ends where a piece does),
+      already in its wire dtype.
     chunk_bytes: the most data bytes per chunk.
   """
   seq, total, checksum = 0, 0, 0
-  for path, array in arrays:
-    raw = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-    for off in range(0, len(raw), chunk_bytes):
-      data = raw[off:off + chunk_bytes].tobytes()
-      checksum = (checksum + chunk_checksum(data)) & MASK64
-      total += len(data)
-      yield path, off, data, seq
-      seq += 1
+  for path, leaf in arrays:
+    offset = 0
+    for piece in (leaf if isinstance(leaf, collections.abc.Iterator) else (leaf,)):
+      raw = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
+      for start in range(0, len(raw), chunk_bytes):
+        data = raw[start:start + chunk_bytes].tobytes()
+        checksum = (checksum + chunk_checksum(data)) & MASK64
+        total += len(data)
+        yield path, offset, data, seq
+        offset += len(data)
+        seq += 1
   yield tensor_pb2.StreamCommit(chunk_count=seq, total_bytes=total, checksum=checksum)
 
 

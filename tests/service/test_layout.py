@@ -16,7 +16,7 @@ import pytest
 import lamb_sharded
 from service import layout, wire
 from service.config import ServerConfig
-from service.engine import Engine, _Model, layout_of, partition_spec
+from service.engine import Engine, _Model, host_pieces, layout_of, partition_spec
 from service._gen.lamb_sharded.v1 import tensor_pb2
 from svc import push_messages, running_server, spec, stub
 
@@ -169,3 +169,21 @@ def test_initial_params_are_the_meshs_own():
         assert not any(lo <= p < hi for p in pointers)
   finally:
     engine.close()
+
+
+@pytest.mark.parametrize('shape,pspec', [
+    ((30, 64), (None, 'x')), ((16, 8), ('x',)), ((2, 3, 64), (None, None, 'x')), ((7,), ()),
+    ((), ()), ((8, 5), ('x', None))])
+@pytest.mark.parametrize('max_bytes', [4, 100, 1 << 20])
+def test_pulls_read_leaves_in_pieces(shape, pspec, max_bytes):
+  # A pull streams a leaf from its devices' blocks a piece at a time: the pieces, in
+  # order, are the leaf in row-major order, none (but a single row) over max_bytes.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('x',))
+  x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+  arr = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*pspec)))
+  pieces = list(host_pieces(arr, max_bytes))
+  np.testing.assert_array_equal(np.concatenate(pieces).reshape(shape), x)
+  row = x.nbytes // max(1, shape[0]) if len(shape) > 1 else 4
+  assert all(p.nbytes <= max(max_bytes, row) for p in pieces)
+  if max_bytes == 1 << 20:
+    assert len(pieces) <= 8  # at most a piece per block when a block is small
