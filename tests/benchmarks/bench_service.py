@@ -67,11 +67,12 @@ Columns:
     16 B = float32 params, two moments and the accumulation buffer. The
     fixed overhead is the VmHWM of a server run through the same procedure
     (W = 1) with a tiny model of the same leaf structure (d_model 8, a few
-    thousand params). Beyond the state, the server holds one model-sized
-    host buffer per push in flight (at most --max-inflight-pushes) or one
-    spare for the next push, and, while a step is applied, the gradient sum
-    both on the host and on the mesh (the apply donates the params and the
-    LAMB state; it keeps the params only while a pull reads them).
+    thousand params). Beyond params and moments, the server holds at most
+    --max-inflight-pushes (default 2) model-sized gradient buffers, recycled:
+    one per push being received and one for the step's sum; on this CPU mesh
+    the devices wrap the sum's blocks without a copy, the apply donates the
+    params and the LAMB state (it keeps the params only while a pull reads
+    them), and a pull reads a leaf a chunk at a time.
 
 Targets (for orientation): ingestion / raw >= 0.8; RSS / (state + overhead) <= 1.3.
 
