@@ -15,11 +15,11 @@ place. Only the sum goes onto the mesh, once per step. Host buffers are laid
 out in the mesh's blocks (service/layout.py): a receiver scatters the wire's
 row-major bytes so that each device's block of a leaf is contiguous, and on a
 CPU mesh the devices then wrap the sum's blocks without copying them. Gradient
-buffers are recycled (`_BufferPool`): at most max_inflight_pushes of them
+buffers are recycled (`placement.BufferPool`): at most max_inflight_pushes of them
 exist, the step's sum holding one. A push that fails never touches the
 accumulator: it is only read or written at commit, under the lock.
 
-Multi-host later: `_to_mesh` builds each global array with
+Multi-host later: `placement.to_mesh` builds each global array with
 `jax.make_array_from_callback`, which asks only for the blocks this process's
 devices hold, so a process that ingests (and accumulates) only its own blocks
 -- the layout already keeps each block apart -- plugs in there.
@@ -28,7 +28,6 @@ devices hold, so a process that ingests (and accumulates) only its own blocks
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import math
@@ -49,25 +48,14 @@ from service.checkpoint import Checkpointer, CheckpointInfo, IncompatibleCheckpo
 from service.config import WORKER_ID, WORKER_ID_RULE, ServerConfig
 from service.errors import (Aborted, AlreadyExists, FailedPrecondition, InvalidArgument,
                             PermissionDenied, ResourceExhausted, Unavailable)
-from service import layout, wire
+from service import layout, placement
+from service.placement import MESH_AXIS, partition_spec, to_mesh
 from service.logs import fields
 from service.wire import LeafSpec
 
 log = logging.getLogger(__name__)
 
-MESH_AXIS = 'x'
 PARAM_DTYPES = (np.dtype(np.float32),)
-
-
-def partition_spec(shape: Sequence[int], axis_size: int) -> P:
-  """The one sharding rule: split the largest dimension the mesh size divides."""
-  best = None
-  for dim, size in enumerate(shape):
-    if size % axis_size == 0 and size >= axis_size and (best is None or size > shape[best]):
-      best = dim
-  if best is None or axis_size == 1:
-    return P()
-  return P(*([None] * best + [MESH_AXIS]))
 
 
 _FINITE_BLOCK = 1 << 16  # elements per isfinite block: its bool temporary stays in cache
@@ -185,8 +173,9 @@ class _Model:
     self.weight = 0  # examples accumulated into acc
     self.trust_ratios: Optional[jax.Array] = None  # of the last step applied here
     # Host buffers: each device's block of a leaf contiguous (see service/layout.py).
-    self.layouts = [layout_of(s.shape, p, mesh.devices.size) for s, p in zip(specs, self.pspecs)]
-    self.pool = _BufferPool(self.layouts, config.max_inflight_pushes)
+    self.layouts = [placement.layout_of(s.shape, p, mesh.devices.size)
+                    for s, p in zip(specs, self.pspecs)]
+    self.pool = placement.BufferPool(self.layouts, config.max_inflight_pushes)
     self._retiring: list[np.ndarray] = []  # the sum of the step being applied
 
     def apply(params, opt_state, acc, inv_weight):
@@ -213,7 +202,7 @@ class _Model:
     # Copies the mesh owns: on CPU an aligned host block would be wrapped in place, and
     # the first step could then not donate the params' memory to the new ones (it would
     # allocate them afresh, a second copy of the params at the step's peak).
-    model.params = [jax.device_put(_to_mesh(x, sh), sh, may_alias=False)
+    model.params = [jax.device_put(to_mesh(x, sh), sh, may_alias=False)
                     for x, sh in zip(host_params, model.shardings)]
     # Step counters on the mesh too (replicated), so every step sees the same shardings.
     model.opt_state = optax.tree.map_params(
@@ -232,7 +221,7 @@ class _Model:
     acc = [jax.ShapeDtypeStruct(s.shape, np.float32, sharding=sh)
            for s, sh in zip(self.specs, self.shardings)]
     self.apply.lower(state['params'], state['opt_state'], acc, jnp.float32(1)).compile()
-    trim_heap()
+    placement.trim_heap()
 
   def abstract_state(self) -> dict:
     """The checkpointed state as ShapeDtypeStructs with this mesh's shardings."""
@@ -306,7 +295,7 @@ class _Model:
     """
     self._retiring, self.acc = self.acc, None
     self.weight = 0
-    return [_to_mesh(a, sh, lay) for a, sh, lay in zip(self._retiring, self.shardings,
+    return [to_mesh(a, sh, lay) for a, sh, lay in zip(self._retiring, self.shardings,
                                                         self.layouts)]
 
   def retire_acc(self, fence: Sequence[jax.Array], held: int) -> None:
@@ -318,141 +307,12 @@ class _Model:
     self._retiring = []
 
 
-class _BufferPool:
-  """A model's float32 gradient buffers, recycled, at most `limit` of them alive.
-
-  Each buffer is one allocation holding every leaf in the mesh's block layout
-  (`layout.host_buffers`). Fresh pages cost a kernel zeroing pass about as
-  dear as receiving into them, so a buffer that falls idle (a push added to
-  the sum, a push abandoned, a sum moved onto the mesh) is kept for the next
-  push rather than freed, as long as the buffers in use and the idle ones
-  stay within `limit` (max_inflight_pushes). An idle buffer may still be read
-  by an update in flight (on CPU the mesh wraps its memory): it is handed out
-  again only once its fence (that update's outputs) is computed.
-  """
-
-  def __init__(self, layouts: Sequence[layout.LeafLayout], limit: int):
-    self._layouts = list(layouts)
-    self._limit = limit
-    self._idle: list[tuple[list[np.ndarray], tuple]] = []
-
-  @property
-  def idle(self) -> int:
-    return len(self._idle)
-
-  def take(self, in_use: int) -> list[np.ndarray]:
-    """A buffer; `in_use`: the buffers held elsewhere (not counting this one)."""
-    for i, (buffers, fence) in enumerate(self._idle):
-      if all(x.is_ready() for x in fence):
-        del self._idle[i]
-        return buffers
-    if in_use + len(self._idle) < self._limit or not self._idle:
-      return layout.host_buffers(self._layouts, [np.float32] * len(self._layouts))
-    buffers, fence = self._idle.pop(0)  # all are being read: wait for the oldest update
-    jax.block_until_ready(fence)
-    return buffers
-
-  def give(self, buffers: list[np.ndarray], held: int,
-           fence: Sequence[jax.Array] = ()) -> None:
-    """Takes back a buffer that fell idle (kept if float32 and within the limit).
-
-    `held`: the buffers held, this one included.
-    """
-    if (len(buffers) == len(self._layouts) and all(b.dtype == np.float32 for b in buffers)
-        and held - 1 + len(self._idle) < self._limit):
-      self._idle.append((buffers[:], tuple(fence)))
-
-
-def trim_heap() -> bool:
-  """Returns the C allocator's free memory to the OS (glibc's malloc_trim); False elsewhere."""
-  try:
-    libc = ctypes.CDLL(None)
-    return bool(libc.malloc_trim(0))
-  except (OSError, AttributeError):  # not glibc
-    return False
-
-
 def specs_to_meta(specs: Sequence[LeafSpec]) -> list[dict]:
   return [{'path': s.path, 'shape': list(s.shape), 'dtype': s.dtype.name} for s in specs]
 
 
 def specs_from_meta(leaves: list[dict]) -> list[LeafSpec]:
   return [LeafSpec(x['path'], tuple(x['shape']), np.dtype(x['dtype'])) for x in leaves]
-
-
-def layout_of(shape: Sequence[int], pspec: P, axis_size: int) -> layout.LeafLayout:
-  """The host layout of a leaf split as `pspec` (from `partition_spec`) says."""
-  if MESH_AXIS not in pspec:
-    return layout.LeafLayout(tuple(shape))
-  return layout.LeafLayout(tuple(shape), list(pspec).index(MESH_AXIS), axis_size)
-
-
-def _to_mesh(host: np.ndarray, sharding: NamedSharding,
-             lay: Optional[layout.LeafLayout] = None) -> jax.Array:
-  """A global array from a host buffer, each device taking only its block.
-
-  `host` is the leaf row-major, or in `lay`'s block layout, whose blocks are
-  handed over as they are (on CPU, wrapped without a copy when aligned).
-  """
-  if lay is None:
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-  dim = lay.dim
-  return jax.make_array_from_callback(
-      lay.shape, sharding,
-      lambda idx: lay.block(host, 0 if dim is None else (idx[dim].start or 0)))
-
-
-def to_host(array: jax.Array) -> np.ndarray:
-  """A host copy of a global array, assembled from its devices' blocks.
-
-  Unlike `np.asarray(array)`, the copy is not cached on `array`: a pull must
-  not leave a host copy of the params behind for as long as they are current.
-  """
-  out = np.empty(array.shape, array.dtype)
-  done = set()
-  for shard in array.addressable_shards:
-    key = tuple((s.start, s.stop) for s in shard.index)
-    if key not in done:
-      done.add(key)
-      out[shard.index] = np.asarray(shard.data)
-  return out
-
-
-def host_pieces(array: jax.Array, max_bytes: int) -> Iterator[np.ndarray]:
-  """`array`'s elements in row-major order, as consecutive flat host arrays of <= ~max_bytes.
-
-  Read from the devices' blocks (on CPU, read-only views of their memory), a
-  band of rows at a time where the blocks split rows: no host copy of the
-  whole leaf is made, so a pull costs memory of the order of a chunk. Use the
-  pieces while the array cannot be donated (inside `Engine.reading`) and
-  before the next one is asked for. A sharding other than one split
-  dimension (never made here) falls back to `to_host`.
-  """
-  blocks = {}
-  for shard in array.addressable_shards:
-    blocks.setdefault(tuple(s.start or 0 for s in shard.index), shard)
-  split = [d for d in range(array.ndim) if len({k[d] for k in blocks}) > 1]
-  item = array.dtype.itemsize
-  if array.ndim == 0:
-    yield np.asarray(next(iter(blocks.values())).data).reshape(-1)
-    return
-  if len(blocks) == 1 or len(split) == 1:
-    d = split[0] if split else 0
-    ordered = [np.asarray(blocks[k].data) for k in sorted(blocks, key=lambda k: k[d])]
-    outer = math.prod(array.shape[:d])
-    if outer == 1 or len(ordered) == 1:  # the blocks follow each other in row-major order
-      step = max(1, max_bytes // item)
-      for b in ordered:
-        flat = b.reshape(-1)
-        for i in range(0, flat.size, step):
-          yield flat[i:i + step]
-      return
-    rows = [b.reshape(outer, -1) for b in ordered]
-    band = max(1, max_bytes // (sum(r.shape[1] for r in rows) * item))
-    for i in range(0, outer, band):
-      yield np.concatenate([r[i:i + band] for r in rows], axis=1).reshape(-1)
-    return
-  yield to_host(array).reshape(-1)
 
 
 class Engine:

@@ -27,7 +27,8 @@ from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service.checkpoint import Checkpointer
 from service.config import ServerConfig
-from service.engine import Engine, PushResult, host_pieces
+from service.engine import Engine, PushResult
+from service.placement import host_pieces
 from service.errors import AlreadyExists, InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)

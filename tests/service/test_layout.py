@@ -16,7 +16,8 @@ import pytest
 import lamb_sharded
 from service import layout, wire
 from service.config import ServerConfig
-from service.engine import Engine, _Model, host_pieces, layout_of, partition_spec
+from service.engine import Engine, _Model
+from service.placement import host_pieces, layout_of, partition_spec
 from service._gen.lamb_sharded.v1 import tensor_pb2
 from svc import push_messages, running_server, spec, stub
 
