@@ -256,6 +256,7 @@ class _Model:
       self.acc = self.pool.take(held)
       for a, b in zip(self.acc, buffers):
         np.multiply(b, n, out=a, dtype=np.float32)
+      self.pool.give(buffers, held + 1)  # held by this push and, now, the sum
     else:
       for a, b in zip(self.acc, buffers):
         if n == 1:
@@ -267,13 +268,11 @@ class _Model:
     self.weight += num_examples
 
   def take_buffers(self, wire_specs: Sequence[LeafSpec], in_use: int) -> list[np.ndarray]:
-    """Host buffers for a push, in the mesh's block layout: recycled ones if it is float32.
+    """Host buffers for a push in its wire dtypes, in the mesh's block layout, recycled.
 
     `in_use`: the gradient buffers held by the step's sum and the other pushes.
     """
-    if all(s.dtype == np.float32 for s in wire_specs):
-      return self.pool.take(in_use)
-    return layout.host_buffers(self.layouts, [s.dtype for s in wire_specs])
+    return self.pool.take(in_use, [s.dtype for s in wire_specs])
 
   def wire_views(self, buffers: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Per buffer, the view a receiver writes the leaf's wire bytes into."""

@@ -114,48 +114,54 @@ def host_pieces(array: jax.Array, max_bytes: int) -> Iterator[np.ndarray]:
 
 
 class BufferPool:
-  """A model's float32 gradient buffers, recycled, at most `limit` of them alive.
+  """A model's gradient buffers, recycled, at most `limit` of them alive.
 
-  Each buffer is one allocation holding every leaf in the mesh's block layout
-  (`layout.host_buffers`). Fresh pages cost a kernel zeroing pass about as
-  dear as receiving into them, so a buffer that falls idle (a push added to
-  the sum, a push abandoned, a sum moved onto the mesh) is kept for the next
-  push rather than freed, as long as the buffers in use and the idle ones
-  stay within `limit` (max_inflight_pushes). An idle buffer may still be read
-  by an update in flight (on CPU the mesh wraps its memory): it is handed out
-  again only once its fence (that update's outputs) is computed.
+  Each buffer is one allocation holding every leaf, in given dtypes (float32,
+  or a push's wire dtypes), in the mesh's block layout (`layout.host_buffers`).
+  Fresh pages cost a kernel zeroing pass about as dear as receiving into them,
+  so a buffer that falls idle (a push added to the sum, a push abandoned, a
+  sum moved onto the mesh) is kept for the next push rather than freed, as
+  long as the buffers in use and the idle ones stay within `limit`
+  (max_inflight_pushes); an idle buffer of other dtypes is dropped when a new
+  one is needed. An idle buffer may still be read by an update in flight (on
+  CPU the mesh wraps its memory): it is handed out again only once its fence
+  (that update's outputs) is computed.
   """
 
   def __init__(self, layouts: Sequence[layout.LeafLayout], limit: int):
     self._layouts = list(layouts)
     self._limit = limit
-    self._idle: list[tuple[list[np.ndarray], tuple]] = []
+    self._idle: list[tuple[tuple[np.dtype, ...], list[np.ndarray], tuple]] = []
 
   @property
   def idle(self) -> int:
     return len(self._idle)
 
-  def take(self, in_use: int) -> list[np.ndarray]:
-    """A buffer; `in_use`: the buffers held elsewhere (not counting this one)."""
-    for i, (buffers, fence) in enumerate(self._idle):
-      if all(x.is_ready() for x in fence):
+  def take(self, in_use: int, dtypes: Optional[Sequence[np.dtype]] = None) -> list[np.ndarray]:
+    """A buffer in `dtypes` (default float32); `in_use`: buffers held elsewhere, not this one."""
+    key = tuple(np.dtype(d) for d in dtypes) if dtypes is not None else (
+        (np.dtype(np.float32),) * len(self._layouts))
+    for i, (k, buffers, fence) in enumerate(self._idle):
+      if k == key and all(x.is_ready() for x in fence):
         del self._idle[i]
         return buffers
+    others = [i for i, (k, _, _) in enumerate(self._idle) if k != key]
+    while in_use + len(self._idle) >= self._limit and others:
+      del self._idle[others.pop()]  # make room: drop an idle buffer of other dtypes
     if in_use + len(self._idle) < self._limit or not self._idle:
-      return layout.host_buffers(self._layouts, [np.float32] * len(self._layouts))
-    buffers, fence = self._idle.pop(0)  # all are being read: wait for the oldest update
+      return layout.host_buffers(self._layouts, key)
+    _, buffers, fence = self._idle.pop(0)  # all are being read: wait for the oldest update
     jax.block_until_ready(fence)
     return buffers
 
   def give(self, buffers: list[np.ndarray], held: int,
            fence: Sequence[jax.Array] = ()) -> None:
-    """Takes back a buffer that fell idle (kept if float32 and within the limit).
+    """Takes back a buffer that fell idle (kept if within the limit).
 
     `held`: the buffers held, this one included.
     """
-    if (len(buffers) == len(self._layouts) and all(b.dtype == np.float32 for b in buffers)
-        and held - 1 + len(self._idle) < self._limit):
-      self._idle.append((buffers[:], tuple(fence)))
+    if len(buffers) == len(self._layouts) and held - 1 + len(self._idle) < self._limit:
+      self._idle.append((tuple(b.dtype for b in buffers), buffers[:], tuple(fence)))
 
 
 def trim_heap() -> bool:

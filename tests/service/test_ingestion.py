@@ -227,17 +227,17 @@ def test_buffers_are_recycled_and_steps_stay_exact():
   want, state = P0, tx.init(P0)
   specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
   try:
-    used = set()
+    used = []  # the buffers themselves: a freed buffer's address may come back
     for step in range(8):
       g = _g(10 + step)
       ticket = engine.begin_push('w', '', step, 1, '', specs, timeout=1)
-      used.add(ticket.buffers[0].ctypes.data)
+      used.append(ticket.buffers[0])
       ticket.fill(list(g.values()))
       assert engine.commit_push(ticket).applied
       engine.release(ticket)
       u, state = tx.update(g, state, want)
       want = optax.apply_updates(want, u)
-    assert 1 <= len(used) <= 2, used
+    assert 1 <= len({id(b) for b in used}) <= 2
     with engine.reading() as snap:
       _assert_params(dict(zip(P0, snap.arrays)), want)
   finally:
@@ -271,18 +271,18 @@ def test_several_workers_allocate_no_more_than_the_bound():
   tx = lamb_sharded.lamb(0.1)
   want, state = P0, tx.init(P0)
   try:
-    used = set()
+    used = []  # the buffers themselves: a freed buffer's address may come back
     for step in range(4):
       grads = [_g(10 * step + w) for w in range(3)]
       for w, g in enumerate(grads):
         ticket = engine.begin_push(f'w{w}', '', step, 1, '', specs, timeout=5)
-        used.add(ticket.buffers[0].ctypes.data)
+        used.append(ticket.buffers[0])
         ticket.fill(list(g.values()))
         assert engine.commit_push(ticket).applied == (w == 2)
         engine.release(ticket)
       u, state = tx.update({k: sum(g[k] for g in grads) / 3 for k in P0}, state, want)
       want = optax.apply_updates(want, u)
-    assert 1 <= len(used) <= 2, used
+    assert 1 <= len({id(b) for b in used}) <= 2
     with engine.reading() as snap:
       _assert_params(dict(zip(P0, snap.arrays)), want)
   finally:
@@ -294,3 +294,26 @@ def test_one_buffer_cannot_serve_several_sync_workers():
     ServerConfig(num_workers=2, max_inflight_pushes=1).validate()
   ServerConfig(num_workers=2, max_inflight_pushes=1, step_mode='async').validate()
   ServerConfig(num_workers=1, max_inflight_pushes=1).validate()
+
+
+def test_low_precision_push_buffers_are_recycled_too():
+  engine = _engine(max_inflight_pushes=2)
+  specs = [wire.LeafSpec(k, v.shape, np.dtype(ml_dtypes.bfloat16)) for k, v in P0.items()]
+  tx = lamb_sharded.lamb(0.1)
+  want, state = P0, tx.init(P0)
+  try:
+    used = []  # the buffers themselves: a freed buffer's address may come back
+    for step in range(6):
+      g = {k: v.astype(ml_dtypes.bfloat16) for k, v in _g(step).items()}
+      ticket = engine.begin_push('w', '', step, 1, '', specs, timeout=5)
+      used.append(ticket.buffers[0])
+      ticket.fill(list(g.values()))
+      assert engine.commit_push(ticket).applied
+      engine.release(ticket)
+      u, state = tx.update({k: v.astype(np.float32) for k, v in g.items()}, state, want)
+      want = optax.apply_updates(want, u)
+    assert len({id(b) for b in used}) == 1
+    with engine.reading() as snap:
+      _assert_params(dict(zip(P0, snap.arrays)), want)
+  finally:
+    engine.close()
