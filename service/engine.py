@@ -300,7 +300,10 @@ class _Model:
   def retire_acc(self, fence: Sequence[jax.Array], held: int) -> None:
     """Returns the last step's sum to the pool, to be reused once `fence` is computed.
 
-    `held`: the gradient buffers held before `take_acc` (the sum's included).
+    `fence`: outputs of the step that reads the sum, never donated later (the
+    trust ratios: the params are donated to the next step, and a donated array
+    can no longer be waited on). `held`: the gradient buffers held before
+    `take_acc` (the sum's included).
     """
     self.pool.give(self._retiring, held, fence)
     self._retiring = []
@@ -648,7 +651,7 @@ class Engine:
       held = self._held_locked()
       model.params, model.opt_state, model.trust_ratios = apply(
           model.params, model.opt_state, model.take_acc(), inv_weight)
-      model.retire_acc(model.params, held=held)
+      model.retire_acc((model.trust_ratios,), held=held)
       self._params_replaced_locked()
       self._applied.put((self._step, t0, model.trust_ratios))
       self.stats['steps_applied'] += 1

@@ -158,7 +158,9 @@ class BufferPool:
            fence: Sequence[jax.Array] = ()) -> None:
     """Takes back a buffer that fell idle (kept if within the limit).
 
-    `held`: the buffers held, this one included.
+    `held`: the buffers held, this one included. `fence`: arrays computed by
+    whatever still reads the buffer; they must never be donated (a donated
+    array cannot be waited on).
     """
     if len(buffers) == len(self._layouts) and held - 1 + len(self._idle) < self._limit:
       self._idle.append((tuple(b.dtype for b in buffers), buffers[:], tuple(fence)))

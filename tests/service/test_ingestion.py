@@ -317,3 +317,18 @@ def test_low_precision_push_buffers_are_recycled_too():
       _assert_params(dict(zip(P0, snap.arrays)), want)
   finally:
     engine.close()
+
+
+def test_recycled_buffers_wait_on_fences_that_stay_valid():
+  # A retired sum is reused once the step that reads it is computed. The fence must be an
+  # output that later steps never donate: the params are donated to the next step, and
+  # waiting on a donated array fails ("called on deleted or donated buffer").
+  engine = _engine(max_inflight_pushes=2)
+  try:
+    fences = []
+    for step in range(4):
+      _push(engine, 'w', _g(step), step=step)
+      fences += [x for _, _, fence in engine._model.pool._idle for x in fence]  # pylint: disable=protected-access
+    assert fences and not any(x.is_deleted() for x in fences)
+  finally:
+    engine.close()
