@@ -595,10 +595,9 @@ class Engine:
       raise Aborted(f'gradients of step {step} are too stale: the current step is {current} and '
                     f'the staleness bound is {self.config.staleness_bound}', reason='stale_step')
 
-  def check_finite(self, ticket: PushTicket, spec: LeafSpec, values: np.ndarray) -> None:
-    """Called with a push's values as they arrive (a chunk's, or a whole leaf's): NaN/Inf
-    rejects the push or marks it."""
-    if all_finite(values):
+  def check_finite(self, ticket: PushTicket, spec: LeafSpec, buffer: np.ndarray) -> None:
+    """Called as each leaf of a push completes: NaN/Inf rejects the push or marks it."""
+    if all_finite(buffer):
       return
     if self.config.nonfinite == 'reject':
       raise InvalidArgument(f'leaf {spec.path} of worker {ticket.worker_id}\'s push for step '

@@ -216,7 +216,7 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       ticket = admitted
       receiver = wire.ChunkReceiver(
           specs, what,
-          check=lambda spec, values: self._engine.check_finite(ticket, spec, values),
+          on_leaf_complete=lambda spec, buf: self._engine.check_finite(ticket, spec, buf),
           buffers=ticket.buffers, wire_views=ticket.views)
       for chunk in chunks:
         receiver.add(chunk)

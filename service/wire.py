@@ -325,15 +325,12 @@ class ChunkReceiver:
   """
 
   def __init__(self, specs: Sequence[LeafSpec], what: str,
-               check=None, buffers: Optional[list[np.ndarray]] = None,
+               on_leaf_complete=None, buffers: Optional[list[np.ndarray]] = None,
                wire_views: Optional[Sequence[np.ndarray]] = None):
     """Args:
       specs: the stream's leaves (its header), in order.
       what: names the stream in error messages.
-      check: called with (spec, elements) to inspect the received values (e.g. for
-        NaN): with each chunk's elements as it lands, while they are in cache,
-        when the chunk starts and ends on element boundaries (the client's
-        chunks do), otherwise with the whole leaf once its last byte lands.
+      on_leaf_complete: called with (spec, buffer) as each leaf's last byte lands.
       buffers: where the leaves go, one array per leaf (default: new row-major
         arrays of the specs' shapes and dtypes).
       wire_views: for each buffer, a uint8 view of it whose row-major order is
@@ -350,8 +347,7 @@ class ChunkReceiver:
     self._seq = 0
     self._total = 0
     self._checksum = 0
-    self._check = check
-    self._leaf_checked = True  # every chunk of the current leaf was checked on arrival
+    self._on_leaf_complete = on_leaf_complete
     self._skip_empty()
 
   @property
@@ -364,11 +360,10 @@ class ChunkReceiver:
       self._complete_leaf()
 
   def _complete_leaf(self) -> None:
-    if self._check is not None and not self._leaf_checked:
-      self._check(self._specs[self._leaf], self._buffers[self._leaf])
+    if self._on_leaf_complete is not None:
+      self._on_leaf_complete(self._specs[self._leaf], self._buffers[self._leaf])
     self._leaf += 1
     self._offset = 0
-    self._leaf_checked = True
 
   def add(self, chunk: tensor_pb2.TensorChunk | Chunk) -> None:
     w = self._what
@@ -402,12 +397,6 @@ class ChunkReceiver:
           f'{w}: leaf {spec.path} ({spec.dtype.name}{list(spec.shape)}) has {spec.nbytes} bytes, '
           f'but chunk {chunk.sequence} ends at byte {end}')
     layout.write(self._views[self._leaf], self._offset, np.frombuffer(data, np.uint8))
-    if self._check is not None and self._leaf_checked:
-      item = spec.dtype.itemsize
-      if self._offset % item == 0 and n % item == 0:
-        self._check(spec, np.frombuffer(data, spec.dtype))
-      else:
-        self._leaf_checked = False  # checked whole when complete
     self._checksum = (self._checksum + chunk_checksum(data)) & MASK64
     self._total += n
     self._offset = end

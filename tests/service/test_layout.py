@@ -7,7 +7,6 @@ and on CPU the step's sum must go onto the mesh without a copy (the reason
 for the layout), while the params the mesh owns stay its own.
 """
 
-import grpc
 import jax
 import ml_dtypes
 import numpy as np
@@ -189,37 +188,3 @@ def test_pulls_read_leaves_in_pieces(shape, pspec, max_bytes):
   assert all(p.nbytes <= max(max_bytes, row) for p in pieces)
   if max_bytes == 1 << 20:
     assert len(pieces) <= 8  # at most a piece per block when a block is small
-
-
-@pytest.mark.parametrize('chunk_bytes', [1001, 4096, 6])
-def test_nan_is_found_whatever_the_chunk_boundaries(chunk_bytes):
-  # Values are checked chunk by chunk as they land when chunks cut on elements (4096),
-  # else leaf by leaf (1001, 6: a NaN's bytes may straddle two chunks); either way the
-  # push is refused, naming the leaf, and nothing changes.
-  with running_server(devices=8, learning_rate=0.1) as (running, client):
-    model_id = client.initialize(P0)
-    before = client.pull().params
-    bad = _g(0)
-    bad["['deep']"].reshape(-1)[77] = np.nan  # bytes 308..311: across a 6-byte cut
-    with pytest.raises(grpc.RpcError) as e:
-      stub(running.port).PushGradients(iter(push_messages(
-          list(bad.items()), step=0, model_id=model_id, chunk_bytes=chunk_bytes)))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "leaf ['deep']" in e.value.details() and 'NaN or Inf' in e.value.details()
-    after = client.pull()
-    assert after.step == 0
-    for k in P0:
-      np.testing.assert_array_equal(after.params[k], before[k])
-
-
-def test_values_are_checked_per_chunk_or_per_leaf():
-  specs = [wire.LeafSpec("['a']", (10,), np.dtype(np.float32)),
-           wire.LeafSpec("['b']", (6,), np.dtype(np.float32))]
-  seen = []
-  receiver = wire.ChunkReceiver(specs, 'test', check=lambda s, v: seen.append((s.path, v.size)))
-  a, b = np.arange(10, dtype=np.float32).tobytes(), np.arange(6, dtype=np.float32).tobytes()
-  chunks = [("['a']", 0, a[:16]), ("['a']", 16, a[16:]),    # on element boundaries
-            ("['b']", 0, b[:10]), ("['b']", 10, b[10:])]    # 10 bytes: mid-element
-  for seq, (path, off, data) in enumerate(chunks):
-    receiver.add(wire.Chunk(path, off, memoryview(data), seq))
-  assert seen == [("['a']", 4), ("['a']", 6), ("['b']", 6)]
