@@ -7,6 +7,7 @@ and on CPU the step's sum must go onto the mesh without a copy (the reason
 for the layout), while the params the mesh owns stay its own.
 """
 
+import grpc
 import jax
 import ml_dtypes
 import numpy as np
@@ -188,3 +189,24 @@ def test_pulls_read_leaves_in_pieces(shape, pspec, max_bytes):
   assert all(p.nbytes <= max(max_bytes, row) for p in pieces)
   if max_bytes == 1 << 20:
     assert len(pieces) <= 8  # at most a piece per block when a block is small
+
+
+@pytest.mark.parametrize('chunk_bytes', [1001, 4096, 6])
+def test_nan_is_found_whatever_the_chunk_boundaries(chunk_bytes):
+  # A NaN's bytes may straddle two chunks (6-byte chunks), and the leaf it is in may be
+  # scattered over the devices' blocks: the push is refused, naming the leaf, and
+  # nothing changes.
+  with running_server(devices=8, learning_rate=0.1) as (running, client):
+    model_id = client.initialize(P0)
+    before = client.pull().params
+    bad = _g(0)
+    bad["['deep']"].reshape(-1)[77] = np.nan  # bytes 308..311: across a 6-byte cut
+    with pytest.raises(grpc.RpcError) as e:
+      stub(running.port).PushGradients(iter(push_messages(
+          list(bad.items()), step=0, model_id=model_id, chunk_bytes=chunk_bytes)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "leaf ['deep']" in e.value.details() and 'NaN or Inf' in e.value.details()
+    after = client.pull()
+    assert after.step == 0
+    for k in P0:
+      np.testing.assert_array_equal(after.params[k], before[k])
