@@ -238,13 +238,12 @@ class _Model:
   def state(self) -> dict:
     return {'params': self.params, 'opt_state': self.opt_state}
 
-  def add_push(self, buffers: list[np.ndarray], num_examples: int, held: int) -> None:
+  def add_push(self, buffers: list[np.ndarray], num_examples: int) -> None:
     """acc += num_examples * buffers, consuming `buffers` (the list is emptied).
 
     The first push of a step becomes the accumulator itself when it is float32
     (scaled in place unless its weight is 1): no copy, no pass. Later pushes
     are added in place, leaf by leaf, so no model-sized temporary is made.
-    `held`: the gradient buffers held (this push's and the sum's included).
     """
     n = np.float32(num_examples)
     if self.acc is None and all(b.dtype == np.float32 for b in buffers):
@@ -253,35 +252,32 @@ class _Model:
           b *= n
       self.acc = buffers[:]
     elif self.acc is None:  # bfloat16 or float16 on the wire
-      self.acc = self.pool.take(held)
+      self.acc = self.pool.take()
       for a, b in zip(self.acc, buffers):
         np.multiply(b, n, out=a, dtype=np.float32)
-      self.pool.give(buffers, held + 1)  # held by this push and, now, the sum
+      self.pool.give(buffers)
     else:
       for a, b in zip(self.acc, buffers):
         if n == 1:
           np.add(a, b, out=a, dtype=np.float32)
         else:  # a leaf-sized temporary at most
           a += np.multiply(b, n, dtype=np.float32)
-      self.pool.give(buffers, held)
+      self.pool.give(buffers)
     buffers.clear()
     self.weight += num_examples
 
-  def take_buffers(self, wire_specs: Sequence[LeafSpec], in_use: int) -> list[np.ndarray]:
-    """Host buffers for a push in its wire dtypes, in the mesh's block layout, recycled.
-
-    `in_use`: the gradient buffers held by the step's sum and the other pushes.
-    """
-    return self.pool.take(in_use, [s.dtype for s in wire_specs])
+  def take_buffers(self, wire_specs: Sequence[LeafSpec]) -> list[np.ndarray]:
+    """Host buffers for a push in its wire dtypes, in the mesh's block layout, recycled."""
+    return self.pool.take([s.dtype for s in wire_specs])
 
   def wire_views(self, buffers: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Per buffer, the view a receiver writes the leaf's wire bytes into."""
     return [lay.wire_view(b) for lay, b in zip(self.layouts, buffers)]
 
-  def discard_acc(self, held: int) -> None:
+  def discard_acc(self) -> None:
     """Drops the step's sum (a skipped step); its buffer goes back to the pool."""
     if self.acc is not None:
-      self.pool.give(self.acc, held)
+      self.pool.give(self.acc)
     self.acc, self.weight = None, 0
 
   def take_acc(self) -> list[jax.Array]:
@@ -297,15 +293,14 @@ class _Model:
     return [to_mesh(a, sh, lay) for a, sh, lay in zip(self._retiring, self.shardings,
                                                         self.layouts)]
 
-  def retire_acc(self, fence: Sequence[jax.Array], held: int) -> None:
+  def retire_acc(self, fence: Sequence[jax.Array]) -> None:
     """Returns the last step's sum to the pool, to be reused once `fence` is computed.
 
     `fence`: outputs of the step that reads the sum, never donated later (the
     trust ratios: the params are donated to the next step, and a donated array
-    can no longer be waited on). `held`: the gradient buffers held before
-    `take_acc` (the sum's included).
+    can no longer be waited on).
     """
-    self.pool.give(self._retiring, held, fence)
+    self.pool.give(self._retiring, fence)
     self._retiring = []
 
 
@@ -492,7 +487,7 @@ class Engine:
       self._check_step(worker_id, step)
       nbytes = sum(s.nbytes for s in wire_specs)
       self._admit_locked(nbytes, timeout)
-      buffers = model.take_buffers(wire_specs, in_use=self._held_locked() - 1)
+      buffers = model.take_buffers(wire_specs)
     return PushTicket(worker_id, push_id, step, num_examples, tuple(wire_specs), nbytes, buffers,
                       model.wire_views(buffers))
 
@@ -537,7 +532,7 @@ class Engine:
     if not ticket._released:
       ticket._released = True
       if ticket.buffers and self._model is not None:  # not committed: keep them for reuse
-        self._model.pool.give(ticket.buffers, self._held_locked())
+        self._model.pool.give(ticket.buffers)
       ticket.buffers, ticket.views = [], []
       self._in_flight -= 1
       self._in_flight_bytes -= ticket.nbytes
@@ -621,7 +616,7 @@ class Engine:
       if ticket.nonfinite_leaf is not None:
         self._poisoned_by = self._poisoned_by or (
             f'leaf {ticket.nonfinite_leaf} of worker {ticket.worker_id}')
-      model.add_push(ticket.buffers, ticket.num_examples, held=self._held_locked())
+      model.add_push(ticket.buffers, ticket.num_examples)
       self._release_locked(ticket)  # its buffers are the sum's now, or back in the pool
       self._contributors[ticket.worker_id] = ticket
       self.stats['pushes_accepted'] += 1
@@ -642,16 +637,15 @@ class Engine:
     if self._poisoned_by is not None:
       log.warning('step %d skipped: NaN/Inf in %s', self._step, self._poisoned_by,
                   extra=fields(step=self._step, reason='nonfinite'))
-      model.discard_acc(held=self._held_locked())
+      model.discard_acc()
       self.stats['steps_skipped'] += 1
     else:
       t0 = time.monotonic()
       inv_weight = jnp.float32(1.0 / model.weight)
       apply = model.apply_keeping_params if self._readers else model.apply
-      held = self._held_locked()
       model.params, model.opt_state, model.trust_ratios = apply(
           model.params, model.opt_state, model.take_acc(), inv_weight)
-      model.retire_acc((model.trust_ratios,), held=held)
+      model.retire_acc((model.trust_ratios,))
       self._params_replaced_locked()
       self._applied.put((self._step, t0, model.trust_ratios))
       self.stats['steps_applied'] += 1

@@ -120,49 +120,51 @@ class BufferPool:
   or a push's wire dtypes), in the mesh's block layout (`layout.host_buffers`).
   Fresh pages cost a kernel zeroing pass about as dear as receiving into them,
   so a buffer that falls idle (a push added to the sum, a push abandoned, a
-  sum moved onto the mesh) is kept for the next push rather than freed, as
-  long as the buffers in use and the idle ones stay within `limit`
-  (max_inflight_pushes); an idle buffer of other dtypes is dropped when a new
-  one is needed. An idle buffer may still be read by an update in flight (on
-  CPU the mesh wraps its memory): it is handed out again only once its fence
-  (that update's outputs) is computed.
+  sum moved onto the mesh) is given back and kept for the next push rather
+  than freed, as long as the buffers out and the idle ones stay within `limit`
+  (max_inflight_pushes, which the engine's admission also bounds the buffers
+  out by); an idle buffer of other dtypes is dropped when a new one is
+  needed. An idle buffer may still be read by an update in flight (on CPU the
+  mesh wraps its memory): it is handed out again only once its fence (that
+  update's outputs) is computed.
   """
 
   def __init__(self, layouts: Sequence[layout.LeafLayout], limit: int):
     self._layouts = list(layouts)
     self._limit = limit
+    self._out = 0  # buffers taken and not given back
     self._idle: list[tuple[tuple[np.dtype, ...], list[np.ndarray], tuple]] = []
 
   @property
   def idle(self) -> int:
     return len(self._idle)
 
-  def take(self, in_use: int, dtypes: Optional[Sequence[np.dtype]] = None) -> list[np.ndarray]:
-    """A buffer in `dtypes` (default float32); `in_use`: buffers held elsewhere, not this one."""
+  def take(self, dtypes: Optional[Sequence[np.dtype]] = None) -> list[np.ndarray]:
+    """A buffer in `dtypes` (default float32), one array per leaf; give it back when done."""
     key = tuple(np.dtype(d) for d in dtypes) if dtypes is not None else (
         (np.dtype(np.float32),) * len(self._layouts))
+    self._out += 1
     for i, (k, buffers, fence) in enumerate(self._idle):
       if k == key and all(x.is_ready() for x in fence):
         del self._idle[i]
         return buffers
     others = [i for i, (k, _, _) in enumerate(self._idle) if k != key]
-    while in_use + len(self._idle) >= self._limit and others:
+    while self._out + len(self._idle) > self._limit and others:
       del self._idle[others.pop()]  # make room: drop an idle buffer of other dtypes
-    if in_use + len(self._idle) < self._limit or not self._idle:
+    if self._out + len(self._idle) <= self._limit or not self._idle:
       return layout.host_buffers(self._layouts, key)
     _, buffers, fence = self._idle.pop(0)  # all are being read: wait for the oldest update
     jax.block_until_ready(fence)
     return buffers
 
-  def give(self, buffers: list[np.ndarray], held: int,
-           fence: Sequence[jax.Array] = ()) -> None:
-    """Takes back a buffer that fell idle (kept if within the limit).
+  def give(self, buffers: list[np.ndarray], fence: Sequence[jax.Array] = ()) -> None:
+    """Takes back a buffer from `take` that fell idle (kept if within the limit).
 
-    `held`: the buffers held, this one included. `fence`: arrays computed by
-    whatever still reads the buffer; they must never be donated (a donated
-    array cannot be waited on).
+    `fence`: arrays computed by whatever still reads the buffer; they must
+    never be donated (a donated array cannot be waited on).
     """
-    if len(buffers) == len(self._layouts) and held - 1 + len(self._idle) < self._limit:
+    self._out -= 1
+    if self._out + len(self._idle) < self._limit:
       self._idle.append((tuple(b.dtype for b in buffers), buffers[:], tuple(fence)))
 
 

@@ -218,30 +218,49 @@ def test_upload_parser_rejects_what_protobuf_rejects(raw):
     wire.upload_parser(pb.PushGradientsRequest)(raw)
 
 
+def _recycling_run(workers, steps, dtype=np.float32):
+  """`steps` sync steps of `workers` pushes into an engine with max_inflight_pushes=2: the
+  push buffers used (the objects: a freed buffer's address may come back), after checking
+  the params against LAMB fed each step's mean."""
+  engine = _engine(num_workers=workers, max_inflight_pushes=2)
+  specs = [wire.LeafSpec(k, v.shape, np.dtype(dtype)) for k, v in P0.items()]
+  tx = lamb_sharded.lamb(0.1)
+  want, state = P0, tx.init(P0)
+  try:
+    used = []
+    for step in range(steps):
+      grads = [{k: v.astype(dtype) for k, v in _g(10 * step + w).items()} for w in range(workers)]
+      for w, g in enumerate(grads):
+        ticket = engine.begin_push(f'w{w}', '', step, 1, '', specs, timeout=5)
+        used.append(ticket.buffers[0])
+        ticket.fill(list(g.values()))
+        assert engine.commit_push(ticket).applied == (w == workers - 1)
+        engine.release(ticket)
+      mean = {k: sum(g[k].astype(np.float32) for g in grads) / workers for k in P0}
+      u, state = tx.update(mean, state, want)
+      want = optax.apply_updates(want, u)
+    with engine.reading() as snap:
+      _assert_params(dict(zip(P0, snap.arrays)), want)
+    return used
+  finally:
+    engine.close()
+
+
 def test_buffers_are_recycled_and_steps_stay_exact():
   # Each step's sum goes onto the mesh (on CPU the mesh wraps the host buffer) and its host
   # buffer goes back to the pool: reusing it must wait until the step is computed. Over
   # many steps no more than max_inflight_pushes buffers are ever allocated.
-  engine = _engine(max_inflight_pushes=2)
-  tx = lamb_sharded.lamb(0.1)
-  want, state = P0, tx.init(P0)
-  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
-  try:
-    used = []  # the buffers themselves: a freed buffer's address may come back
-    for step in range(8):
-      g = _g(10 + step)
-      ticket = engine.begin_push('w', '', step, 1, '', specs, timeout=1)
-      used.append(ticket.buffers[0])
-      ticket.fill(list(g.values()))
-      assert engine.commit_push(ticket).applied
-      engine.release(ticket)
-      u, state = tx.update(g, state, want)
-      want = optax.apply_updates(want, u)
-    assert 1 <= len({id(b) for b in used}) <= 2
-    with engine.reading() as snap:
-      _assert_params(dict(zip(P0, snap.arrays)), want)
-  finally:
-    engine.close()
+  assert 1 <= len({id(b) for b in _recycling_run(workers=1, steps=8)}) <= 2
+
+
+def test_several_workers_allocate_no_more_than_the_bound():
+  # 3 workers x 4 steps: every push lands in one of at most max_inflight_pushes buffers
+  # (recycled: fresh pages would cost the kernel a zeroing pass each time).
+  assert 1 <= len({id(b) for b in _recycling_run(workers=3, steps=4)}) <= 2
+
+
+def test_low_precision_push_buffers_are_recycled_too():
+  assert len({id(b) for b in _recycling_run(workers=1, steps=6, dtype=ml_dtypes.bfloat16)}) == 1
 
 
 def test_the_sum_holds_one_of_the_buffers():
@@ -263,60 +282,11 @@ def test_the_sum_holds_one_of_the_buffers():
     engine.close()
 
 
-def test_several_workers_allocate_no_more_than_the_bound():
-  # 3 workers x 4 steps: every push lands in one of at most max_inflight_pushes buffers
-  # (recycled: fresh pages would cost the kernel a zeroing pass each time).
-  engine = _engine(num_workers=3, max_inflight_pushes=2)
-  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
-  tx = lamb_sharded.lamb(0.1)
-  want, state = P0, tx.init(P0)
-  try:
-    used = []  # the buffers themselves: a freed buffer's address may come back
-    for step in range(4):
-      grads = [_g(10 * step + w) for w in range(3)]
-      for w, g in enumerate(grads):
-        ticket = engine.begin_push(f'w{w}', '', step, 1, '', specs, timeout=5)
-        used.append(ticket.buffers[0])
-        ticket.fill(list(g.values()))
-        assert engine.commit_push(ticket).applied == (w == 2)
-        engine.release(ticket)
-      u, state = tx.update({k: sum(g[k] for g in grads) / 3 for k in P0}, state, want)
-      want = optax.apply_updates(want, u)
-    assert 1 <= len({id(b) for b in used}) <= 2
-    with engine.reading() as snap:
-      _assert_params(dict(zip(P0, snap.arrays)), want)
-  finally:
-    engine.close()
-
-
 def test_one_buffer_cannot_serve_several_sync_workers():
   with pytest.raises(ValueError, match='max_inflight_pushes must be >= 2 with several workers'):
     ServerConfig(num_workers=2, max_inflight_pushes=1).validate()
   ServerConfig(num_workers=2, max_inflight_pushes=1, step_mode='async').validate()
   ServerConfig(num_workers=1, max_inflight_pushes=1).validate()
-
-
-def test_low_precision_push_buffers_are_recycled_too():
-  engine = _engine(max_inflight_pushes=2)
-  specs = [wire.LeafSpec(k, v.shape, np.dtype(ml_dtypes.bfloat16)) for k, v in P0.items()]
-  tx = lamb_sharded.lamb(0.1)
-  want, state = P0, tx.init(P0)
-  try:
-    used = []  # the buffers themselves: a freed buffer's address may come back
-    for step in range(6):
-      g = {k: v.astype(ml_dtypes.bfloat16) for k, v in _g(step).items()}
-      ticket = engine.begin_push('w', '', step, 1, '', specs, timeout=5)
-      used.append(ticket.buffers[0])
-      ticket.fill(list(g.values()))
-      assert engine.commit_push(ticket).applied
-      engine.release(ticket)
-      u, state = tx.update({k: v.astype(np.float32) for k, v in g.items()}, state, want)
-      want = optax.apply_updates(want, u)
-    assert len({id(b) for b in used}) == 1
-    with engine.reading() as snap:
-      _assert_params(dict(zip(P0, snap.arrays)), want)
-  finally:
-    engine.close()
 
 
 def test_recycled_buffers_wait_on_fences_that_stay_valid():

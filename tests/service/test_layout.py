@@ -139,7 +139,7 @@ def test_the_sum_goes_onto_a_cpu_mesh_without_a_copy():
   try:
     specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
     model = _Model(config, engine.mesh, specs)
-    host = model.pool.take(0)
+    host = model.pool.take()
     for lay, buf, v in zip(model.layouts, host, _g(0).values()):
       lay.from_array(v, out=buf)
     model.acc = host
