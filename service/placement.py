@@ -79,9 +79,10 @@ def to_host(array: jax.Array) -> np.ndarray:
 def host_pieces(array: jax.Array, max_bytes: int) -> Iterator[np.ndarray]:
   """`array`'s elements in row-major order, as consecutive flat host arrays of <= ~max_bytes.
 
-  Read from the devices' blocks (on CPU, read-only views of their memory), a
-  band of rows at a time where the blocks split rows: no host copy of the
-  whole leaf is made, so a pull costs memory of the order of a chunk. Use the
+  Read from the devices' blocks (on CPU, read-only views of their memory; on
+  an accelerator, host copies of the blocks), a band of rows at a time where
+  the blocks split rows: on CPU no host copy of the leaf is made, so a pull
+  costs memory of the order of a chunk. Use the
   pieces while the array cannot be donated (inside `Engine.reading`) and
   before the next one is asked for. A sharding other than one split
   dimension (never made here) falls back to `to_host`.
