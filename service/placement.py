@@ -136,10 +136,6 @@ class BufferPool:
     self._out = 0  # buffers taken and not given back
     self._idle: list[tuple[tuple[np.dtype, ...], list[np.ndarray], tuple]] = []
 
-  @property
-  def idle(self) -> int:
-    return len(self._idle)
-
   def take(self, dtypes: Optional[Sequence[np.dtype]] = None) -> list[np.ndarray]:
     """A buffer in `dtypes` (default float32), one array per leaf; give it back when done."""
     key = tuple(np.dtype(d) for d in dtypes) if dtypes is not None else (
