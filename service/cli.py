@@ -7,22 +7,12 @@ example the number of simulated CPU devices) before JAX initialises.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from typing import Optional, Sequence
 
 from service import config as config_lib
-
-
-def _set_cpu_devices(n: int) -> None:
-  """Simulates `n` CPU devices (must run before JAX is imported)."""
-  if 'jax' in sys.modules:
-    return
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  flags.append(f'--xla_force_host_platform_device_count={n}')
-  os.environ['XLA_FLAGS'] = ' '.join(flags)
+from service import runtime
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _client_security(args) -> dict:
   """OptimizerClient's token/TLS arguments from --token-*, --tls-ca, --tls-cert, --tls-key."""
-  from service import security  # pylint: disable=import-outside-toplevel
+  from service.protocol.tokens import load_tokens  # pylint: disable=import-outside-toplevel
   options = {}
   if args.token_file or args.token_env:
-    options['token'] = security.load_tokens(args.token_file, args.token_env)[0]
+    options['token'] = load_tokens(args.token_file, args.token_env)[0]
   if args.tls_ca:
     options['root_certificates'] = args.tls_ca
   if bool(args.tls_cert) != bool(args.tls_key):
@@ -116,14 +106,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = config_lib.from_args(args)
     logs.setup(config.log_level, config.log_format)
     if config.devices:  # on a CPU-only host, simulate that many devices
-      _set_cpu_devices(config.devices)
-    from service import server  # pylint: disable=import-outside-toplevel
-    return server.serve_forever(config)
+      runtime.simulate_cpu_devices(config.devices)
+    from service.server import app  # pylint: disable=import-outside-toplevel
+    return app.serve_forever(config)
   if args.command == 'worker':
     # SIGTERM (a pod being deleted; PID 1 in a container has no default action) ends
     # the worker like Ctrl-C: nothing of its state needs saving, the server holds it all.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    from service import worker  # pylint: disable=import-outside-toplevel
+    from service.examples import worker  # pylint: disable=import-outside-toplevel
     try:
       return worker.run(args.server, args.worker_index, args.num_workers, args.steps,
                         args.batch_size, model=args.model, seed=args.seed, init=args.init,
@@ -133,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
       return 128 + signal.SIGTERM
   if args.command == 'export':
-    from service.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+    from service.core.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
     step, params = Checkpointer(args.checkpoint_dir).load_params(args.step)
     import numpy as np  # pylint: disable=import-outside-toplevel
     np.savez(args.out, **params)
@@ -151,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f'{c.size_bytes / 2**20:10.1f} MiB  {c.path}')
     return 0
   if args.command == 'demo':  # the server process simulates the devices, not this one
-    from service import demo  # pylint: disable=import-outside-toplevel
+    from service.examples import demo  # pylint: disable=import-outside-toplevel
     return demo.run(workers=args.workers, devices=args.devices, steps=args.steps,
                     batch_size=args.batch_size, port=args.port, out=args.out,
                     resume=args.resume, seed=args.seed)

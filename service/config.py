@@ -13,87 +13,114 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from service.logs import FORMATS as LOG_FORMATS
+
 STEP_MODES = ('sync', 'async')
 SCHEDULES = ('constant', 'warmup_cosine')
 NONFINITE_POLICIES = ('reject', 'skip_step')
-LOG_FORMATS = ('text', 'json')
 LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
 WORKER_ID = re.compile(r'[!-~](?:[ -~]{0,126}[!-~])?')
 WORKER_ID_RULE = '1 to 128 printable ASCII characters, not starting or ending with a space'
+
+
+def setting(default: Any, help: str) -> Any:  # pylint: disable=redefined-builtin
+  """A field of ServerConfig: its default and its one line of --help (the field's metadata)."""
+  return dataclasses.field(default=default, metadata={'help': help})
 
 
 @dataclasses.dataclass
 class ServerConfig:
   """Settings of `lamb-sharded serve` (each field is the flag --field-name)."""
   # Network.
-  host: str = '0.0.0.0'
-  port: int = 50051  # 0: an ephemeral port, printed on start
-  grpc_threads: int = 32
+  host: str = setting('0.0.0.0', 'address to listen on')
+  port: int = setting(50051, 'gRPC port (0: an ephemeral port, printed on start)')
+  grpc_threads: int = setting(32, 'threads serving RPCs')
   # Prometheus metrics over HTTP on host:metrics_port (0: ephemeral; -1: off).
-  metrics_port: int = 9090
+  metrics_port: int = setting(9090, 'HTTP port of the Prometheus metrics (0: ephemeral, -1: off)')
   # Logs on stderr: level, and 'text' or 'json' (one object a line).
-  log_level: str = 'INFO'
-  log_format: str = 'text'
+  log_level: str = setting('INFO', 'logging level')
+  log_format: str = setting('text', 'log lines as text, or as one JSON object a line')
   # Limits, so that no client can exhaust the server. RPCs beyond max_concurrent_rpcs get
   # RESOURCE_EXHAUSTED; a push or initialisation stream with no message for
   # stream_idle_timeout_s, or any stream open longer than max_stream_seconds, is cut off
   # (a push's partial data is discarded). keepalive_s: how often the server pings an idle
   # connection to find dead peers (0: never).
-  max_concurrent_rpcs: int = 256
-  max_streams_per_connection: int = 64
-  stream_idle_timeout_s: float = 30.0
-  max_stream_seconds: float = 900.0
-  keepalive_s: float = 60.0
+  max_concurrent_rpcs: int = setting(256, 'RPCs served at once; more get RESOURCE_EXHAUSTED')
+  max_streams_per_connection: int = setting(64, 'concurrent streams one client connection may open')
+  stream_idle_timeout_s: float = setting(
+      30.0, 'cut off a push/initialisation stream silent this long')
+  max_stream_seconds: float = setting(900.0, 'cut off any stream open this long')
+  keepalive_s: float = setting(
+      60.0, 'ping idle connections this often to find dead peers (0: never)')
   # Worker ids allowed to push, comma-separated (none: any well-formed id).
-  allowed_workers: Optional[str] = None
+  allowed_workers: Optional[str] = setting(
+      None, 'comma-separated worker ids allowed to push (default: any)')
   # Security. Bearer tokens (one per line; blank lines and #comments ignored) from a file
   # and/or an environment variable; none: no authentication (a warning at start).
-  auth_token_file: Optional[str] = None
-  auth_token_env: Optional[str] = None
+  auth_token_file: Optional[str] = setting(
+      None, 'file of bearer tokens, one per line (# comments); enables auth')
+  auth_token_env: Optional[str] = setting(
+      None, 'environment variable holding bearer tokens; enables auth')
   # TLS: the server's PEM certificate (chain) and key; with a client CA, mutual TLS.
-  tls_cert: Optional[str] = None
-  tls_key: Optional[str] = None
-  tls_client_ca: Optional[str] = None
+  tls_cert: Optional[str] = setting(None, 'PEM certificate (chain) of the server; enables TLS')
+  tls_key: Optional[str] = setting(None, 'PEM private key of the server')
+  tls_client_ca: Optional[str] = setting(
+      None, 'PEM CA that client certificates must chain to (mutual TLS)')
   # With TLS: a plaintext port serving only grpc.health.v1.Health (probes); 0: ephemeral.
-  health_port: int = 8081
+  health_port: int = setting(
+      8081, 'with TLS: plaintext port serving only the health service (0: ephemeral)')
   # Checkpoints (Orbax): where, how often (by steps and/or seconds), how many to keep.
-  checkpoint_dir: Optional[str] = None
-  checkpoint_every_steps: int = 100  # 0: not by steps
-  checkpoint_every_seconds: float = 600.0  # 0: not by time
-  keep_checkpoints: int = 3
-  async_checkpoints: bool = True
-  shutdown_grace_s: float = 30.0  # on SIGTERM: how long pushes in flight may finish
+  checkpoint_dir: Optional[str] = setting(
+      None, 'directory of Orbax checkpoints; the newest is restored on start')
+  checkpoint_every_steps: int = setting(100, 'save every this many steps (0: not by steps)')
+  checkpoint_every_seconds: float = setting(
+      600.0, 'save when this long passed since the last save (0: not by time)')
+  keep_checkpoints: int = setting(3, 'how many checkpoints to keep')
+  async_checkpoints: bool = setting(True, 'write checkpoints in the background (true/false)')
+  shutdown_grace_s: float = setting(
+      30.0, 'on SIGTERM: how long pushes in flight may finish before the final save')
   # A .npz file of initial parameters (keys: leaf paths); else InitializeModel.
-  init_params: Optional[str] = None
+  init_params: Optional[str] = setting(
+      None, '.npz of initial parameters (keys: leaf paths), unless a checkpoint exists')
   # The mesh: 0 for every local device.
-  devices: int = 0
+  devices: int = setting(0, 'devices of the mesh (0: every local device; on a CPU host: simulated)')
   # Step semantics.
-  num_workers: int = 1
-  step_mode: str = 'sync'
-  quorum: int = 0  # sync: pushes that make a step after straggler_timeout_s (0: num_workers)
-  straggler_timeout_s: float = 0.0  # 0: wait for every worker
-  staleness_bound: int = 0  # async: accept gradients of steps >= current - bound
+  num_workers: int = setting(1, 'workers pushing each synchronous step')
+  step_mode: str = setting(
+      'sync', 'sync: one step per num_workers pushes; async: one step per push')
+  quorum: int = setting(
+      0,
+      'sync: pushes enough to apply a step after the straggler timeout (0: all)')
+  straggler_timeout_s: float = setting(
+      0.0, "sync: seconds after a step's first push to apply with a quorum (0: never)")
+  staleness_bound: int = setting(0, 'async: accept gradients computed at most this many steps ago')
   # Model-sized gradient buffers on the host: each push being received holds one (the
   # model's size in the wire dtype), and so does the step's sum from its first push until
   # the step is applied. The bound on the server's memory beyond params and moments;
   # further pushes wait up to admission_timeout_s for a buffer. With 2 and several
   # workers, pushes are received one at a time beside the sum.
-  max_inflight_pushes: int = 2
-  max_inflight_bytes: int = 0  # and at most this many bytes of them (0: no byte bound)
-  admission_timeout_s: float = 30.0  # how long a push waits for a buffer slot
-  nonfinite: str = 'reject'  # NaN/Inf in a push: reject it, or skip the step
+  max_inflight_pushes: int = setting(
+      2,
+      ("model-sized gradient buffers: one per push being received, one for the step's sum "
+       'until it is applied'))
+  max_inflight_bytes: int = setting(
+      0,
+      'bytes of pushes received at once (0: bounded by count only)')
+  admission_timeout_s: float = setting(
+      30.0, 'how long a push waits for a slot before RESOURCE_EXHAUSTED')
+  nonfinite: str = setting('reject', 'NaN/Inf in a push: reject the push, or skip the step')
   # LAMB.
-  learning_rate: float = 1e-3
-  schedule: str = 'constant'
-  warmup_steps: int = 0
-  decay_steps: int = 10000
-  end_learning_rate: float = 0.0
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-6
-  eps_root: float = 0.0
-  weight_decay: float = 0.0
-  max_grad_norm: float = 0.0  # 0: no global gradient clipping
+  learning_rate: float = setting(1e-3, 'learning rate (the peak, with warmup_cosine)')
+  schedule: str = setting('constant', 'learning-rate schedule')
+  warmup_steps: int = setting(0, 'warmup_cosine: linear warmup steps')
+  decay_steps: int = setting(10000, 'warmup_cosine: total steps of the schedule')
+  end_learning_rate: float = setting(0.0, 'warmup_cosine: final learning rate')
+  b1: float = setting(0.9, 'LAMB: decay of the first moment')
+  b2: float = setting(0.999, 'LAMB: decay of the second moment')
+  eps: float = setting(1e-6, 'LAMB: added outside the square root')
+  eps_root: float = setting(0.0, 'LAMB: added inside the square root')
+  weight_decay: float = setting(0.0, 'LAMB: decoupled weight decay')
+  max_grad_norm: float = setting(0.0, 'global gradient-norm clipping before the moments (0: off)')
 
   def validate(self) -> 'ServerConfig':
     def need(cond, msg):
@@ -152,56 +179,6 @@ class ServerConfig:
 
 
 
-# One line of --help per setting (the comments above say more).
-HELP = {
-    'host': 'address to listen on',
-    'port': 'gRPC port (0: an ephemeral port, printed on start)',
-    'grpc_threads': 'threads serving RPCs',
-    'metrics_port': 'HTTP port of the Prometheus metrics (0: ephemeral, -1: off)',
-    'log_level': 'logging level',
-    'log_format': 'log lines as text, or as one JSON object a line',
-    'max_concurrent_rpcs': 'RPCs served at once; more get RESOURCE_EXHAUSTED',
-    'max_streams_per_connection': 'concurrent streams one client connection may open',
-    'stream_idle_timeout_s': 'cut off a push/initialisation stream silent this long',
-    'max_stream_seconds': 'cut off any stream open this long',
-    'keepalive_s': 'ping idle connections this often to find dead peers (0: never)',
-    'allowed_workers': 'comma-separated worker ids allowed to push (default: any)',
-    'auth_token_file': 'file of bearer tokens, one per line (# comments); enables auth',
-    'auth_token_env': 'environment variable holding bearer tokens; enables auth',
-    'tls_cert': 'PEM certificate (chain) of the server; enables TLS',
-    'tls_key': 'PEM private key of the server',
-    'tls_client_ca': 'PEM CA that client certificates must chain to (mutual TLS)',
-    'health_port': 'with TLS: plaintext port serving only the health service (0: ephemeral)',
-    'checkpoint_dir': 'directory of Orbax checkpoints; the newest is restored on start',
-    'checkpoint_every_steps': 'save every this many steps (0: not by steps)',
-    'checkpoint_every_seconds': 'save when this long passed since the last save (0: not by time)',
-    'keep_checkpoints': 'how many checkpoints to keep',
-    'async_checkpoints': 'write checkpoints in the background (true/false)',
-    'shutdown_grace_s': 'on SIGTERM: how long pushes in flight may finish before the final save',
-    'init_params': '.npz of initial parameters (keys: leaf paths), unless a checkpoint exists',
-    'devices': 'devices of the mesh (0: every local device; on a CPU host: simulated)',
-    'num_workers': 'workers pushing each synchronous step',
-    'step_mode': 'sync: one step per num_workers pushes; async: one step per push',
-    'quorum': 'sync: pushes enough to apply a step after the straggler timeout (0: all)',
-    'straggler_timeout_s': 'sync: seconds after a step\'s first push to apply with a quorum (0: never)',
-    'staleness_bound': 'async: accept gradients computed at most this many steps ago',
-    'max_inflight_pushes': ('model-sized gradient buffers: one per push being received, one for '
-                            'the step\'s sum until it is applied'),
-    'max_inflight_bytes': 'bytes of pushes received at once (0: bounded by count only)',
-    'admission_timeout_s': 'how long a push waits for a slot before RESOURCE_EXHAUSTED',
-    'nonfinite': 'NaN/Inf in a push: reject the push, or skip the step',
-    'learning_rate': 'learning rate (the peak, with warmup_cosine)',
-    'schedule': 'learning-rate schedule',
-    'warmup_steps': 'warmup_cosine: linear warmup steps',
-    'decay_steps': 'warmup_cosine: total steps of the schedule',
-    'end_learning_rate': 'warmup_cosine: final learning rate',
-    'b1': 'LAMB: decay of the first moment',
-    'b2': 'LAMB: decay of the second moment',
-    'eps': 'LAMB: added outside the square root',
-    'eps_root': 'LAMB: added inside the square root',
-    'weight_decay': 'LAMB: decoupled weight decay',
-    'max_grad_norm': 'global gradient-norm clipping before the moments (0: off)',
-}
 
 
 def _boolean(text: str) -> bool:
@@ -224,7 +201,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   for f in dataclasses.fields(ServerConfig):
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
-                                  help=f'{HELP[f.name]} (default: {f.default})')
+                                  help=f'{f.metadata["help"]} (default: {f.default})')
     if 'bool' in kind:
       kwargs['type'] = _boolean
     elif 'int' in kind:

@@ -1,12 +1,12 @@
-"""Generates the Python code of the optimizer service's protos into service/_gen/.
+"""Generates the Python code of the optimizer service's protos into service/protocol/_gen/.
 
-    python tools/gen_proto.py           # (re)writes service/_gen/
-    python tools/gen_proto.py --check   # exits 1 if service/_gen/ is out of date
+    python tools/gen_proto.py           # (re)writes service/protocol/_gen/
+    python tools/gen_proto.py --check   # exits 1 if service/protocol/_gen/ is out of date
 
 Runs `grpc_tools.protoc` (messages, .pyi type stubs, and gRPC stubs for the files
 that define a service) on every .proto under proto/. protoc names the modules after
 the proto packages (`lamb_sharded.v1...`), but the top-level `lamb_sharded` is the
-pure JAX library, so the generated code lives in `service._gen.lamb_sharded.v1` and
+pure JAX library, so the generated code lives in `service.protocol._gen.lamb_sharded.v1` and
 this script rewrites the cross-module imports (and the module names protobuf gives
 the message classes) to match. The generated code depends on the grpcio-tools
 version; regenerate with the version pyproject.toml pins.
@@ -25,9 +25,9 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / 'proto'
-OUT_DIR = ROOT / 'service' / '_gen'
+OUT_DIR = ROOT / 'service' / 'protocol' / '_gen'
 # The Python package the generated code is importable as (OUT_DIR).
-OUT_PACKAGE = 'service._gen'
+OUT_PACKAGE = 'service.protocol._gen'
 # The proto packages' top-level name, which would otherwise clash with our library.
 PROTO_ROOT_PACKAGE = 'lamb_sharded'
 

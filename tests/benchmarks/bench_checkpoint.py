@@ -28,11 +28,10 @@ from __future__ import annotations
 import os
 import sys
 
-_FLAG = '--xla_force_host_platform_device_count=8'
-os.environ['XLA_FLAGS'] = ' '.join(
-    [f for f in os.environ.get('XLA_FLAGS', '').split()
-     if not f.startswith('--xla_force_host_platform_device_count')] + [_FLAG])
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from service import runtime  # pylint: disable=wrong-import-position
+
+runtime.simulate_cpu_devices(8)
 
 # pylint: disable=wrong-import-position
 import argparse
@@ -45,10 +44,12 @@ import time
 import jax
 import numpy as np
 
-from service.checkpoint import Checkpointer
 from service.config import ServerConfig
-from service.engine import _Model, Engine, specs_to_meta  # pylint: disable=protected-access
-from service.wire import LeafSpec
+from service.core.checkpoint import Checkpointer
+from service.core.model import ModelPlan
+from service.core.persistence import specs_to_meta
+from service.core.placement import make_mesh
+from service.protocol.specs import LeafSpec
 
 SIZES = {
     '100m': dict(vocab=30522, d=768, layers=12),
@@ -69,14 +70,14 @@ def leaf_specs(vocab: int, d: int, layers: int) -> list[LeafSpec]:
 
 def build_state(specs: list[LeafSpec]):
   """The server's own state for these leaves: params and LAMB state on its 8-device mesh."""
-  engine = Engine(ServerConfig(devices=8))
+  plan = ModelPlan(ServerConfig(devices=8), make_mesh(8), specs)
   rng = np.random.default_rng(0)
   host = [rng.standard_normal(s.shape, dtype=np.float32) * 0.02 for s in specs]
-  model = _Model.from_host(engine.config, engine.mesh, specs, host)
+  state = plan.place(host)
   # Moments that are not all zeros (a real run's).
-  model.opt_state = jax.tree.map(lambda x: x + 0.001 if x.ndim else x, model.opt_state)
+  state.opt_state = jax.tree.map(lambda x: x + 0.001 if x.ndim else x, state.opt_state)
   del host
-  return engine, model
+  return plan, state
 
 
 def nbytes(tree) -> int:
@@ -98,8 +99,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   specs = leaf_specs(**SIZES[args.size])
-  engine, model = build_state(specs)
-  state = model.state()
+  plan, model = build_state(specs)
+  state = model.checkpointed()
   total = nbytes(state)
   meta = {'leaves': specs_to_meta(specs)}
   host = [np.asarray(x) for x in jax.tree.leaves(state)]
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
       # Synchronous save, then restore of it onto the same mesh (target shardings).
       sync = Checkpointer(os.path.join(d, 'sync'), asynchronous=False)
       figures['sync_s'].append(timed(lambda: sync.save(1, state, meta, force=True)))
-      target = model.abstract_state()
+      target = plan.abstract_state()
       t0 = time.perf_counter()
       found = sync.restore_latest(lambda _m: target)
       jax.block_until_ready(found[1])
@@ -150,7 +151,6 @@ def main(argv=None) -> int:
       print(f'  rep {rep}: ' + ', '.join(f'{k} {v[-1]:.3f}' for k, v in figures.items()))
   finally:
     shutil.rmtree(root, ignore_errors=True)
-    engine.close()
 
   med = {k: statistics.median(v) for k, v in figures.items()}
   mbs = lambda s: total / s / 1e6

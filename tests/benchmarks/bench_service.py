@@ -53,7 +53,7 @@ Columns:
     the service steps: a bare grpcio client-streaming server (this script
     with `--raw-server`, a separate process; identity (de)serializers; it
     only counts the bytes) receives W concurrent streams, each of one
-    worker's gradient bytes in messages of service.wire.DEFAULT_CHUNK_BYTES
+    worker's gradient bytes in messages of service.protocol.chunks.DEFAULT_CHUNK_BYTES
     (1 MiB, cut per leaf as the service's client does), with the service's
     message size limits. Rate: W x gradient bytes / (first start .. last
     return). The raw client copies each chunk out of the array (`tobytes`);
@@ -117,7 +117,8 @@ if ROOT not in sys.path:  # run from a checkout without PYTHONPATH
 import grpc
 import numpy as np
 
-from service import wire
+from service.protocol import MAX_RECEIVE_BYTES
+from service.protocol.chunks import DEFAULT_CHUNK_BYTES
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SIZES = {
@@ -126,9 +127,9 @@ SIZES = {
 }
 WORKER_COUNTS = (1, 4)
 STATE_BYTES_PER_PARAM = 16  # float32 params, 2 moments, 1 accumulation buffer
-CHUNK_BYTES = wire.DEFAULT_CHUNK_BYTES
-# The service's limits (service.server.MAX_RECEIVE_BYTES, OptimizerClient's channel).
-MAX_MESSAGE = wire.MAX_MESSAGE_BYTES + (64 << 10)
+CHUNK_BYTES = DEFAULT_CHUNK_BYTES
+# The service's limits (service.protocol.MAX_RECEIVE_BYTES, on both ends).
+MAX_MESSAGE = MAX_RECEIVE_BYTES
 GRPC_THREADS = 32  # the server's default thread pool
 CALL_TIMEOUT_S = 600.0
 START_TIMEOUT_S = 180.0

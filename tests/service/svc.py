@@ -12,13 +12,13 @@ import time
 import grpc
 import numpy as np
 
-from service import server as server_lib
+from service.server import app as server_lib
 from service.client import OptimizerClient
 from service.config import ServerConfig
-from service.wire import MASK64, chunk_checksum
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
-from service._gen.lamb_sharded.v1 import tensor_pb2
+from service.protocol.checksum import MASK64, chunk_checksum
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
+from service.protocol._gen.lamb_sharded.v1 import tensor_pb2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -117,8 +117,8 @@ def local_reference(steps: int, batch: dict, lamb_flags: dict, seed: int = 0):
   import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   from service.config import ServerConfig  # pylint: disable=import-outside-toplevel
-  from service.engine import make_optimizer  # pylint: disable=import-outside-toplevel
-  from service.models import Regression  # pylint: disable=import-outside-toplevel
+  from service.core.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+  from service.examples.models import Regression  # pylint: disable=import-outside-toplevel
   model = Regression(seed=seed)
   tx = make_optimizer(ServerConfig(**lamb_flags), None, None)
   params = jax.tree.map(np.asarray, model.init(seed))
@@ -136,6 +136,24 @@ def local_reference(steps: int, batch: dict, lamb_flags: dict, seed: int = 0):
     updates, state = tx.update(mean, state, params)
     params = optax.apply_updates(params, updates)
   return params
+
+
+def push_header(worker_id, step, leaves, num_examples=1, push_id='', model_id=''):
+  """A PushHeader of [(path, array)] (or a dict path -> array) in the arrays' dtypes."""
+  from service.protocol.specs import LeafSpec  # pylint: disable=import-outside-toplevel
+  from service.protocol.types import PushHeader  # pylint: disable=import-outside-toplevel
+  leaves = list(leaves.items()) if isinstance(leaves, dict) else list(leaves)
+  return PushHeader(worker_id, push_id, step, num_examples, model_id,
+                    tuple(LeafSpec(p, np.shape(a), np.asarray(a).dtype) for p, a in leaves))
+
+
+def push_arrays(engine, worker_id, step, leaves, num_examples=1, push_id='', timeout=1.0):
+  """Pushes whole arrays into an in-process engine (`open_push`, `fill`, `commit`)."""
+  header = push_header(worker_id, step, leaves, num_examples, push_id)
+  values = list(leaves.values()) if isinstance(leaves, dict) else [a for _, a in leaves]
+  with engine.open_push(header, timeout) as push:
+    push.fill(values)
+    return push.commit()
 
 
 def free_port() -> int:

@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
-from service._gen.lamb_sharded.v1 import tensor_pb2
+from service.protocol._gen.lamb_sharded.v1 import tensor_pb2
 from svc import params_of, push_messages, running_server, spec, stub, until
 
 PARAMS = {"['w']": np.arange(12, dtype=np.float32).reshape(3, 4) / 10,

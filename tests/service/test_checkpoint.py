@@ -11,12 +11,12 @@ import time
 import jax
 import numpy as np
 
-from service.checkpoint import Checkpointer
+from service.core.checkpoint import Checkpointer
 from service.client import OptimizerClient
 from service.config import ServerConfig
-from service.engine import Engine
-from service.models import Regression
-from svc import (ROOT, flags, free_port, local_reference, params_of, running_server,
+from service.core.engine import Engine
+from service.examples.models import Regression
+from svc import (ROOT, flags, free_port, local_reference, params_of, push_arrays, running_server,
                  start_server_process, start_workers)
 
 LAMB = dict(learning_rate=0.02, schedule='warmup_cosine', warmup_steps=4, decay_steps=30,
@@ -26,23 +26,22 @@ P0 = {"['w']": np.linspace(-1, 1, 64, dtype=np.float32).reshape(16, 4),
 
 
 def _state_host(engine):
-  snap = engine._model  # pylint: disable=protected-access
-  return jax.tree.map(np.asarray, snap.state())
+  state = engine._state  # pylint: disable=protected-access
+  return jax.tree.map(np.asarray, state.checkpointed())
 
 
 def test_restore_onto_other_meshes_gives_identical_values(tmp_path):
   cfg = ServerConfig(learning_rate=0.1, checkpoint_dir=str(tmp_path))
   saved = None
   for devices in (8, 4, 1, 8):
+    checkpointer = Checkpointer(str(tmp_path))
     engine = Engine(ServerConfig(**{**cfg.__dict__, 'devices': devices}),
-                    checkpointer=Checkpointer(str(tmp_path)))
+                    checkpointer=checkpointer)
     if saved is None:
       engine.initialize(*_specs_and_arrays(P0))
       for i in range(3):
-        t = engine.begin_push('w', '', i, 1, '', _specs_and_arrays(P0)[0], timeout=1)
-        t.fill([np.full(v.shape, 0.1 * (i + 1), np.float32) for v in P0.values()])
-        engine.commit_push(t)
-        engine.release(t)
+        push_arrays(engine, 'w', i, {k: np.full(v.shape, 0.1 * (i + 1), np.float32)
+                                     for k, v in P0.items()})
       engine.save_now(wait=True)
       saved = _state_host(engine)
     else:
@@ -53,13 +52,14 @@ def test_restore_onto_other_meshes_gives_identical_values(tmp_path):
       assert jax.tree.structure(got) == jax.tree.structure(saved)
       for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(saved)):
         np.testing.assert_array_equal(a, b)
-      mu = engine._model.opt_state[0].mu[0]  # pylint: disable=protected-access
+      mu = engine._state.opt_state[0].mu[0]  # pylint: disable=protected-access
       assert len(mu.sharding.device_set) == devices
     engine.close()
+    checkpointer.close()
 
 
 def _specs_and_arrays(tree):
-  from service.wire import LeafSpec  # pylint: disable=import-outside-toplevel
+  from service.protocol.specs import LeafSpec  # pylint: disable=import-outside-toplevel
   return [LeafSpec(k, v.shape, v.dtype) for k, v in tree.items()], list(tree.values())
 
 

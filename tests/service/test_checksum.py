@@ -8,11 +8,12 @@ import grpc
 import numpy as np
 import pytest
 
-from service import wire
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
-from service._gen.lamb_sharded.v1 import tensor_pb2
+from service.protocol import chunks as wire
+from service.protocol.specs import LeafSpec
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service.protocol._gen.lamb_sharded.v1 import tensor_pb2
 from service.errors import DataLoss
-from service.wire import MASK64, chunk_checksum
+from service.protocol.checksum import MASK64, chunk_checksum
 from svc import params_of, push_messages, running_server, stub
 
 MiB = 1 << 20
@@ -119,7 +120,7 @@ def test_stream_commit_sums_each_chunk_padded_on_its_own():
 
 
 def _receive(arrays, chunk_bytes, mutate=lambda data: data):
-  specs = [wire.LeafSpec(p, a.shape, a.dtype) for p, a in arrays]
+  specs = [LeafSpec(p, a.shape, a.dtype) for p, a in arrays]
   receiver = wire.ChunkReceiver(specs, 'test')
   parse = wire.upload_parser(pb.PushGradientsRequest)
   commit = None
@@ -129,7 +130,8 @@ def _receive(arrays, chunk_bytes, mutate=lambda data: data):
       receiver.add(msg.chunk)
     else:
       commit = msg.commit
-  return receiver.finish(commit)
+  receiver.finish(commit)
+  return receiver.sink.arrays
 
 
 def test_receiver_accepts_what_the_sender_sends():

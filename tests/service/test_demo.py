@@ -9,7 +9,7 @@ import sys
 
 import psutil
 
-from service import demo
+from service.examples import demo
 from service.client import OptimizerClient
 from svc import ROOT
 

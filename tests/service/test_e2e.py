@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from service.client import OptimizerClient
-from service.models import Regression
+from service.examples.models import Regression
 from svc import ROOT, flags, local_reference, start_server_process
 
 STEPS = 20

@@ -17,13 +17,14 @@ import pytest
 from google.protobuf.message import DecodeError
 
 import lamb_sharded
-from service import wire
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
-from service._gen.lamb_sharded.v1 import tensor_pb2
+from service.protocol import chunks
+from service.protocol.specs import LeafSpec
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service.protocol._gen.lamb_sharded.v1 import tensor_pb2
 from service.config import ServerConfig
-from service.engine import Engine
-from service.errors import ResourceExhausted
-from svc import params_of, push_messages, running_server, stub
+from service.core.engine import Engine
+from service.errors import InvalidArgument, ResourceExhausted
+from svc import params_of, push_arrays, push_header, push_messages, running_server, stub
 
 P0 = {"['w']": np.linspace(-1, 1, 64, dtype=np.float32).reshape(16, 4),
       "['b']": np.linspace(0.5, 1, 8, dtype=np.float32)}
@@ -42,19 +43,13 @@ def _lamb_step(grads, lr):
 
 def _engine(**overrides) -> Engine:
   engine = Engine(ServerConfig(**{'devices': 8, 'learning_rate': 0.1, **overrides}))
-  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
+  specs = [LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
   engine.initialize(specs, [v.copy() for v in P0.values()])
   return engine
 
 
 def _push(engine, worker, grads, num_examples=1, step=0):
-  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in grads.items()]
-  ticket = engine.begin_push(worker, '', step, num_examples, '', specs, timeout=1)
-  try:
-    ticket.fill(list(grads.values()))
-    return engine.commit_push(ticket)
-  finally:
-    engine.release(ticket)
+  return push_arrays(engine, worker, step, grads, num_examples)
 
 
 def _assert_params(got, want):
@@ -88,12 +83,9 @@ def test_rejected_push_after_the_accumulator_exists_changes_nothing():
     g1, g2 = _g(1), _g(2)
     _push(engine, 'a', g1, num_examples=2)  # adopted as the accumulator, scaled in place
     bad = dict(g2, **{"['b']": np.full(8, np.inf, np.float32)})
-    specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in bad.items()]
-    ticket = engine.begin_push('b', '', 0, 1, '', specs, timeout=1)
-    with pytest.raises(Exception, match='NaN or Inf'):
-      for s, v in zip(specs, bad.values()):
-        engine.check_finite(ticket, s, v)
-    engine.release(ticket)
+    with pytest.raises(InvalidArgument, match=r"leaf \['b'\] .* contains NaN or Inf"):
+      _push(engine, 'b', bad)
+    assert engine.pushes_in_flight == 0
     assert _push(engine, 'b', g2, num_examples=1).applied
     with engine.reading() as snap:
       got = dict(zip(P0, snap.arrays))
@@ -162,15 +154,15 @@ def test_encoded_chunk_messages_parse_as_protobufs_own(chunk_bytes):
             ("['empty']", np.zeros((0, 3), np.float32)),
             ("['s']", np.float32(7.0))]
   for message in (pb.PushGradientsRequest, pb.InitializeModelRequest):
-    want = list(wire.chunk_messages(message, arrays, chunk_bytes))
-    got = [message.FromString(m) for m in wire.encoded_chunk_messages(message, arrays,
+    want = list(chunks.chunk_messages(message, arrays, chunk_bytes))
+    got = [message.FromString(m) for m in chunks.encoded_chunk_messages(message, arrays,
                                                                       chunk_bytes)]
     assert got == want
 
 
 def _as_chunk(parsed, message):
   """A parsed upload message's chunk as a TensorChunk (ChunkMessage or protobuf's own)."""
-  if isinstance(parsed, wire.ChunkMessage):
+  if isinstance(parsed, chunks.ChunkMessage):
     c = parsed.chunk
     return tensor_pb2.TensorChunk(path=c.path, offset=c.offset, data=bytes(c.data),
                                   sequence=c.sequence)
@@ -179,14 +171,14 @@ def _as_chunk(parsed, message):
 
 
 def test_upload_parser_reads_chunks_as_protobuf_does_without_copying():
-  parse = wire.upload_parser(pb.PushGradientsRequest)
+  parse = chunks.upload_parser(pb.PushGradientsRequest)
   for chunk in (tensor_pb2.TensorChunk(path="['w']", offset=0, data=b'\x01' * 8, sequence=0),
                 tensor_pb2.TensorChunk(path="['é']", offset=(1 << 40), data=b'xy', sequence=300),
                 tensor_pb2.TensorChunk(path="['w']", offset=-1, data=b'z', sequence=-5),
                 tensor_pb2.TensorChunk()):
     raw = pb.PushGradientsRequest(chunk=chunk).SerializeToString()
     parsed = parse(raw)
-    assert isinstance(parsed, wire.ChunkMessage) and parsed.WhichOneof('kind') == 'chunk'
+    assert isinstance(parsed, chunks.ChunkMessage) and parsed.WhichOneof('kind') == 'chunk'
     assert _as_chunk(parsed, pb.PushGradientsRequest) == chunk
     if chunk.data:  # a view into the received bytes, not a copy
       assert parsed.chunk.data.obj is raw
@@ -204,7 +196,7 @@ def test_upload_parser_reads_chunks_as_protobuf_does_without_copying():
     b'\x12\x02\x08\x01',
 ])
 def test_upload_parser_leaves_anything_unusual_to_protobuf(raw):
-  parsed = wire.upload_parser(pb.PushGradientsRequest)(raw)
+  parsed = chunks.upload_parser(pb.PushGradientsRequest)(raw)
   assert isinstance(parsed, pb.PushGradientsRequest)
   assert parsed == pb.PushGradientsRequest.FromString(raw)
 
@@ -215,7 +207,7 @@ def test_upload_parser_rejects_what_protobuf_rejects(raw):
   with pytest.raises(DecodeError):
     pb.PushGradientsRequest.FromString(raw)
   with pytest.raises(DecodeError):
-    wire.upload_parser(pb.PushGradientsRequest)(raw)
+    chunks.upload_parser(pb.PushGradientsRequest)(raw)
 
 
 def _recycling_run(workers, steps, dtype=np.float32):
@@ -223,7 +215,6 @@ def _recycling_run(workers, steps, dtype=np.float32):
   push buffers used (the objects: a freed buffer's address may come back), after checking
   the params against LAMB fed each step's mean."""
   engine = _engine(num_workers=workers, max_inflight_pushes=2)
-  specs = [wire.LeafSpec(k, v.shape, np.dtype(dtype)) for k, v in P0.items()]
   tx = lamb_sharded.lamb(0.1)
   want, state = P0, tx.init(P0)
   try:
@@ -231,11 +222,10 @@ def _recycling_run(workers, steps, dtype=np.float32):
     for step in range(steps):
       grads = [{k: v.astype(dtype) for k, v in _g(10 * step + w).items()} for w in range(workers)]
       for w, g in enumerate(grads):
-        ticket = engine.begin_push(f'w{w}', '', step, 1, '', specs, timeout=5)
-        used.append(ticket.buffers[0])
-        ticket.fill(list(g.values()))
-        assert engine.commit_push(ticket).applied == (w == workers - 1)
-        engine.release(ticket)
+        with engine.open_push(push_header(f'w{w}', step, g), timeout=5) as push:
+          used.append(push.buffers[0])
+          push.fill(list(g.values()))
+          assert push.commit().applied == (w == workers - 1)
       mean = {k: sum(g[k].astype(np.float32) for g in grads) / workers for k in P0}
       u, state = tx.update(mean, state, want)
       want = optax.apply_updates(want, u)
@@ -250,13 +240,13 @@ def test_buffers_are_recycled_and_steps_stay_exact():
   # Each step's sum goes onto the mesh (on CPU the mesh wraps the host buffer) and its host
   # buffer goes back to the pool: reusing it must wait until the step is computed. Over
   # many steps no more than max_inflight_pushes buffers are ever allocated.
-  assert 1 <= len({id(b) for b in _recycling_run(workers=1, steps=8)}) <= 2
+  assert len({id(b) for b in _recycling_run(workers=1, steps=8)}) <= 2
 
 
 def test_several_workers_allocate_no_more_than_the_bound():
   # 3 workers x 4 steps: every push lands in one of at most max_inflight_pushes buffers
   # (recycled: fresh pages would cost the kernel a zeroing pass each time).
-  assert 1 <= len({id(b) for b in _recycling_run(workers=3, steps=4)}) <= 2
+  assert len({id(b) for b in _recycling_run(workers=3, steps=4)}) <= 2
 
 
 def test_low_precision_push_buffers_are_recycled_too():
@@ -268,15 +258,13 @@ def test_the_sum_holds_one_of_the_buffers():
   # one from its first push until the step is applied, so with 2 a second push is
   # received beside it and a third waits.
   engine = _engine(num_workers=3, max_inflight_pushes=2)
-  specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
   try:
     assert not _push(engine, 'a', _g(1)).applied
-    second = engine.begin_push('b', '', 0, 1, '', specs, timeout=1)
-    with pytest.raises(ResourceExhausted, match="1 pushes .* in flight beside the step's sum"):
-      engine.begin_push('c', '', 0, 1, '', specs, timeout=0.2)
-    second.fill(list(_g(2).values()))
-    assert not engine.commit_push(second).applied
-    engine.release(second)
+    with engine.open_push(push_header('b', 0, P0), timeout=1) as second:
+      with pytest.raises(ResourceExhausted, match="1 pushes .* in flight beside the step's sum"):
+        engine.open_push(push_header('c', 0, P0), timeout=0.2)
+      second.fill(list(_g(2).values()))
+      assert not second.commit().applied
     assert _push(engine, 'c', _g(3)).applied  # room again once 'b' was added to the sum
   finally:
     engine.close()
@@ -298,7 +286,7 @@ def test_recycled_buffers_wait_on_fences_that_stay_valid():
     fences = []
     for step in range(4):
       _push(engine, 'w', _g(step), step=step)
-      fences += [x for _, _, fence in engine._model.pool._idle for x in fence]  # pylint: disable=protected-access
+      fences += [x for _, _, fence in engine._sum.pool._idle for x in fence]  # pylint: disable=protected-access
     assert fences and not any(x.is_deleted() for x in fences)
   finally:
     engine.close()

@@ -1,4 +1,4 @@
-"""Host buffers in the mesh's block layout (service/layout.py) and what they buy.
+"""Host buffers in the mesh's block layout (service/core/layout.py) and what they buy.
 
 The layout must put every byte of a row-major stream where the device that
 holds it expects it, whatever the chunk boundaries (odd byte counts
@@ -15,11 +15,15 @@ import optax
 import pytest
 
 import lamb_sharded
-from service import layout, wire
 from service.config import ServerConfig
-from service.engine import Engine, _Model
-from service.placement import host_pieces, layout_of, partition_spec
-from service._gen.lamb_sharded.v1 import tensor_pb2
+from service.core import layout
+from service.core.accumulator import Accumulator
+from service.core.engine import Engine
+from service.core.model import ModelPlan
+from service.core.placement import host_pieces, layout_of, partition_spec
+from service.protocol.chunks import ALIGN, HostArrays
+from service.protocol.specs import LeafSpec
+from service.protocol._gen.lamb_sharded.v1 import tensor_pb2
 from svc import push_messages, running_server, spec, stub
 
 CASES = [  # shape, dim, parts
@@ -73,7 +77,7 @@ def test_host_buffers_are_one_aligned_allocation():
   lays = [layout.LeafLayout((3, 16), 1, 8), layout.LeafLayout((5,)), layout.LeafLayout((16, 4), 0, 8)]
   bufs = layout.host_buffers(lays, [np.float32, ml_dtypes.bfloat16, np.float32])
   assert [b.shape for b in bufs] == [(8, 3, 2), (1, 5), (8, 2, 4)]
-  assert all(b.ctypes.data % layout.ALIGN == 0 for b in bufs)
+  assert all(b.ctypes.data % ALIGN == 0 for b in bufs)
   starts = [b.ctypes.data for b in bufs]
   assert starts == sorted(starts) and starts[-1] - starts[0] < 1024  # consecutive, one block
 
@@ -137,14 +141,16 @@ def test_the_sum_goes_onto_a_cpu_mesh_without_a_copy():
   config = ServerConfig(devices=8)
   engine = Engine(config)
   try:
-    specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
-    model = _Model(config, engine.mesh, specs)
-    host = model.pool.take()
-    for lay, buf, v in zip(model.layouts, host, _g(0).values()):
+    specs = [LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
+    plan = ModelPlan(config, engine.mesh, specs)
+    acc = Accumulator(plan, max_buffers=2)
+    host = acc.take_buffers([s.dtype for s in specs])
+    for lay, buf, v in zip(plan.layouts, host, _g(0).values()):
       lay.from_array(v, out=buf)
-    model.acc = host
-    arrays = model.take_acc()
-    for lay, buf, arr, v in zip(model.layouts, host, arrays, _g(0).values()):
+    blocks = host[:]
+    acc.add(host, 1)  # a float32 push of weight 1 becomes the sum as it is
+    arrays = acc.to_mesh()
+    for lay, buf, arr, v in zip(plan.layouts, blocks, arrays, _g(0).values()):
       np.testing.assert_array_equal(np.asarray(arr), v)
       for shard in arr.addressable_shards:
         start = 0 if lay.dim is None else (shard.index[lay.dim].start or 0)
@@ -159,8 +165,8 @@ def test_initial_params_are_the_meshs_own():
   # Wrapped host memory could not be donated: the first step would allocate new params.
   engine = Engine(ServerConfig(devices=8))
   try:
-    specs = [wire.LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
-    host = wire.host_buffers(specs)
+    specs = [LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()]
+    host = HostArrays(specs).arrays
     for buf, v in zip(host, P0.values()):
       buf[...] = v
     engine.initialize(specs, host)

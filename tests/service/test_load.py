@@ -14,7 +14,7 @@ What is proven, each by an assertion that can fail:
 1. Every step had exactly the right contributions: the parameters pulled at the
    end equal, within float32 rounding (rtol 1e-5, atol 1e-5 of each leaf's
    largest magnitude), a local replay of the same LAMB
-   (`service.engine.make_optimizer`) fed each step's example-weighted mean of the
+   (`service.core.optimizer.make_optimizer`) fed each step's example-weighted mean of the
    16 gradients. The replay is shown to tell: one push of the lightest worker
    lost at a single step moves the result far outside the tolerance.
 2. The server's counters, scraped from its Prometheus /metrics, match what the
@@ -45,7 +45,7 @@ import optax
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import ServerConfig
-from service.engine import make_optimizer
+from service.core.optimizer import make_optimizer
 from svc import ROOT, running_server
 
 PROCESSES = 4

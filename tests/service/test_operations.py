@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from service import logs
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
-from service.metrics import sample
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service.server.metrics import sample
 from svc import params_of, push_messages, running_server, start_server_process, stub, until
 
 PARAMS = {"['w']": np.linspace(-1, 1, 48, dtype=np.float32).reshape(6, 8),
@@ -258,7 +258,7 @@ def test_bytes_in_flight_are_bounded():
 # ----------------------------------------------------------------------------- helpers
 
 def pb_stub(channel):
-  from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc  # pylint: disable=import-outside-toplevel
+  from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc  # pylint: disable=import-outside-toplevel
   return pb_grpc.OptimizerServiceStub(channel)
 
 
@@ -287,7 +287,7 @@ def test_worker_json_logs_name_worker_and_step():
         timeout=240, check=False)
   assert proc.returncode == 0, proc.stderr
   records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith('{')]
-  steps = [r for r in records if r['logger'] == 'service.worker' and 'loss' in r['message']]
+  steps = [r for r in records if r['logger'] == 'service.examples.worker' and 'loss' in r['message']]
   assert [r['step'] for r in steps] == [0, 1], records
   assert all(r['worker'] == 'worker-3' for r in steps)
 
@@ -296,7 +296,7 @@ def test_worker_json_logs_name_worker_and_step():
 def test_stream_reader_stops_when_closed_with_messages_queued():
   """A handler that gives up on a stream closes its reader: the reading thread ends even
   though nobody takes the messages it has queued."""
-  from service.streams import StreamReader  # pylint: disable=import-outside-toplevel
+  from service.server.limits import StreamReader  # pylint: disable=import-outside-toplevel
   before = set(threading.enumerate())
   reader = StreamReader(iter(range(100)), 'test', idle_s=5, deadline=time.monotonic() + 60)
   assert next(reader) == 0

@@ -1,4 +1,4 @@
-"""The optimizer service's wire contract: proto/ lints, is formatted, and service/_gen/ matches it."""
+"""The optimizer service's wire contract: proto/ lints, is formatted, and service/protocol/_gen/ matches it."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import sysconfig
 import pytest
 from google.protobuf import descriptor_pb2
 
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
-from service._gen.lamb_sharded.v1 import tensor_pb2
-from service.wire import MASK64, chunk_checksum
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
+from service.protocol._gen.lamb_sharded.v1 import tensor_pb2
+from service.protocol.checksum import MASK64, chunk_checksum
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / 'proto'
@@ -55,7 +55,7 @@ def test_generated_code_is_in_sync():
   result = subprocess.run([sys.executable, str(GEN_PROTO), '--check'], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, (
-      'service/_gen/ is out of date; run `python tools/gen_proto.py`:\n' + result.stderr)
+      'service/protocol/_gen/ is out of date; run `python tools/gen_proto.py`:\n' + result.stderr)
 
 
 def test_check_detects_drift(tmp_path):
@@ -74,13 +74,15 @@ def test_check_detects_drift(tmp_path):
   ]
 
 
-def test_generated_code_lives_under_service_gen():
+def test_generated_code_lives_under_service_protocol_gen():
   assert type(pb.PushGradientsRequest()).__module__ == (
-      'service._gen.lamb_sharded.v1.optimizer_service_pb2')
+      'service.protocol._gen.lamb_sharded.v1.optimizer_service_pb2')
   assert pb.DESCRIPTOR.package == 'lamb_sharded.v1'
   # The generated code must not import (or create) anything under our JAX library's name.
   assert not any(name.startswith('lamb_sharded.v1') for name in sys.modules)
-  for path in (ROOT / 'service' / '_gen').rglob('*.py*'):
+  paths = list((ROOT / 'service' / 'protocol' / '_gen').rglob('*.py*'))
+  assert len(paths) >= 8, paths  # packages, messages, stubs and type stubs of the protos
+  for path in paths:
     text = path.read_text()
     assert '\nfrom lamb_sharded' not in text and '\nimport lamb_sharded' not in text, path
     if path.name == '__init__.py':

@@ -13,10 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service import security
-from service import server as server_lib
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
+from service.protocol import SERVICE_NAME
+from service.protocol.tokens import load_tokens, parse_tokens
+from service.server.auth import check_bearer
+from service.server import app as server_lib
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service.client import OptimizerClient
 from service.config import ServerConfig, parse
 from svc import ROOT, params_of, push_messages
@@ -63,20 +65,20 @@ def _health(channel, service=''):
 # --- Bearer tokens ---
 
 def test_tokens_are_parsed_and_checked():
-  assert security.parse_tokens('# c\n\n  a1 \nb2\n', 'f') == ['a1', 'b2']
+  assert parse_tokens('# c\n\n  a1 \nb2\n', 'f') == ['a1', 'b2']
   with pytest.raises(ValueError):
-    security.parse_tokens('a b\n', 'f')
+    parse_tokens('a b\n', 'f')
   toks = [b'a1', b'b2']
-  assert security.check_bearer('Bearer b2', toks)
-  assert security.check_bearer('bearer a1', toks)
-  assert not security.check_bearer('Bearer a', toks)
-  assert not security.check_bearer('Basic a1', toks)
-  assert not security.check_bearer('a1', toks)
-  assert not security.check_bearer(None, toks)
+  assert check_bearer('Bearer b2', toks)
+  assert check_bearer('bearer a1', toks)
+  assert not check_bearer('Bearer a', toks)
+  assert not check_bearer('Basic a1', toks)
+  assert not check_bearer('a1', toks)
+  assert not check_bearer(None, toks)
   with pytest.raises(ValueError, match='not set'):
-    security.load_tokens(token_env='NO_SUCH_VAR_X', environ={})
+    load_tokens(token_env='NO_SUCH_VAR_X', environ={})
   with pytest.raises(ValueError, match='no token'):
-    security.load_tokens(token_env='V', environ={'V': '# only a comment\n'})
+    load_tokens(token_env='V', environ={'V': '# only a comment\n'})
 
 
 def test_flags_exist():
@@ -245,7 +247,7 @@ def test_tls_and_the_plaintext_health_port(pki):
     _fails(OptimizerClient(target, timeout=5, retries=1, root_certificates=pki['other_ca.pem']))
     # The health port: plaintext, health only, the same status.
     health_channel = grpc.insecure_channel(f'127.0.0.1:{running.health_port}')
-    for name in ('', server_lib.SERVICE_NAME):
+    for name in ('', SERVICE_NAME):
       assert _health(health_channel, name) == health_pb2.HealthCheckResponse.SERVING
     stub = pb_grpc.OptimizerServiceStub(health_channel)
     assert _code(lambda: stub.DescribeModel(pb.DescribeModelRequest(), timeout=10)) == \

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as lamb__sharded_dot_v1_dot_optimizer__service__pb2
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2 as lamb__sharded_dot_v1_dot_optimizer__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -2,7 +2,7 @@
 import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
-from service._gen.lamb_sharded.v1 import tensor_pb2 as _tensor_pb2
+from service.protocol._gen.lamb_sharded.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-ALIGN = 64  # bytes; XLA's CPU runtime wraps host memory aligned to this without a copy
+from service.protocol.chunks import allocate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,20 +130,10 @@ def write(dst: np.ndarray, start: int, src: np.ndarray) -> None:
 
 def host_buffers(layouts: Sequence[LeafLayout], dtypes: Sequence[np.dtype]) -> list[np.ndarray]:
   """Uninitialised buffers in `layouts` (one per leaf, shape (parts, *block_shape)), in ONE
-  allocation.
-
-  One model-sized allocation is returned to the OS as a whole when its last
-  array goes; many leaf-sized ones are recycled inside the allocator's
-  per-thread arenas and keep the process's resident memory high. Each leaf
-  starts on a 64-byte boundary (so does each block whose size is a multiple
-  of 64 bytes).
+  allocation (`service.protocol.chunks.allocate`): each leaf starts on a 64-byte
+  boundary, and so does each block whose size is a multiple of 64 bytes.
   """
   dtypes = [np.dtype(d) for d in dtypes]
-  offsets, total = [], 0
-  for lay, dt in zip(layouts, dtypes):
-    offsets.append(total)
-    total += -(-lay.size * dt.itemsize // ALIGN) * ALIGN
-  raw = np.empty(total + ALIGN, np.uint8)
-  base = -raw.ctypes.data % ALIGN
-  return [raw[base + off:base + off + lay.size * dt.itemsize].view(dt).reshape(
-      lay.parts, *lay.block_shape) for lay, dt, off in zip(layouts, dtypes, offsets)]
+  raw = allocate([lay.size * dt.itemsize for lay, dt in zip(layouts, dtypes)])
+  return [r.view(dt).reshape(lay.parts, *lay.block_shape)
+          for r, lay, dt in zip(raw, layouts, dtypes)]

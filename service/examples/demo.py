@@ -66,6 +66,9 @@ from typing import Any, Optional
 
 import yaml
 
+from service import runtime
+from service.examples.progress import Progress
+
 MAX_RESTARTS = 3  # worker restarts per run before the demo gives up
 STRAGGLER_TIMEOUT_S = 2.0
 READY_TIMEOUT_S = 300.0  # server start, and workers loading data + compiling
@@ -94,6 +97,11 @@ def server_config(steps: int) -> dict[str, Any]:
   }
 
 
+def _latest_checkpoint(directory: str) -> Optional[int]:
+  from service.core import checkpoint  # pylint: disable=import-outside-toplevel  # loads Orbax
+  return checkpoint.latest_step(directory)
+
+
 class DemoError(Exception):
   """A failure with a message for the user (no traceback)."""
 
@@ -102,23 +110,17 @@ class _Interrupted(BaseException):
   """SIGTERM or SIGHUP, turned into an exception so that `finally` stops the children."""
 
 
-def _has_checkpoint(directory: str) -> bool:
-  """Whether `directory` holds a complete checkpoint (Orbax names those by the step alone)."""
-  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
-
-
 def _child_env(simulated_devices: bool = True) -> dict[str, str]:
   """This environment, with the directory holding `service` first on PYTHONPATH.
 
-  Without `simulated_devices`, an inherited --xla_force_host_platform_device_count
-  is dropped: a worker computes on one device (the server sets its own count).
+  Without `simulated_devices`, an inherited ask for simulated CPU devices is
+  dropped: a worker computes on one device (the server sets its own count).
   """
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   path = os.environ.get('PYTHONPATH', '')
   env = {**os.environ, 'PYTHONPATH': root + (os.pathsep + path if path else '')}
-  if not simulated_devices and 'XLA_FLAGS' in env:
-    env['XLA_FLAGS'] = ' '.join(f for f in env['XLA_FLAGS'].split()
-                                if not f.startswith('--xla_force_host_platform_device_count'))
+  if not simulated_devices:
+    runtime.simulate_cpu_devices(None, env)
   return env
 
 
@@ -273,12 +275,9 @@ class _Run:
   def _read_worker(self, index: int, proc: subprocess.Popen, log_path: str) -> None:
     """Worker stdout -> events: its JSON progress lines, then ('exit', ...) at EOF."""
     for line in proc.stdout:
-      try:
-        msg = json.loads(line)
-      except ValueError:
-        msg = None
-      if isinstance(msg, dict) and 'event' in msg:
-        self.events.put((msg['event'], index, proc, msg))
+      msg = Progress.parse(line)
+      if msg is not None:
+        self.events.put((msg.event, index, proc, msg))
       else:  # anything else a library printed: keep it in the log
         with open(log_path, 'a', encoding='utf-8') as fh:
           fh.write(line)
@@ -308,17 +307,16 @@ class _Run:
       except queue.Empty:
         return
 
-  def _handle(self, kind: str, index: int, proc: subprocess.Popen, msg: Optional[dict],
+  def _handle(self, kind: str, index: int, proc: subprocess.Popen, msg: Optional[Progress],
               say) -> None:
     worker = self.workers.get(index)
     current = worker is not None and worker.proc is proc
     if kind == 'ready' and current:
       worker.ready = True
     elif kind == 'push':
-      self.losses.setdefault(int(msg['step']), {})[index] = (float(msg['loss']),
-                                                              int(msg['examples']))
+      self.losses.setdefault(msg.step, {})[index] = (msg.loss, msg.examples)
       self.pushes += 1
-      self.examples += int(msg['examples'])
+      self.examples += msg.examples
     elif kind == 'done' and current:
       worker.done = True
     elif kind == 'exit' and current:
@@ -368,7 +366,8 @@ def _plot(curve: list[tuple[int, float]], path: str, title: str, test_loss: floa
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
+  from service.config import ServerConfig  # pylint: disable=import-outside-toplevel
+  from service.core.optimizer import make_schedule  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
   if curve:
     steps, losses = zip(*curve)
@@ -380,9 +379,7 @@ def _plot(curve: list[tuple[int, float]], path: str, title: str, test_loss: floa
                  label='a worker died, restarted' if i == 0 else None)
     ax.set_yscale('log')
     lr = ax.twinx()
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config['learning_rate'], config['warmup_steps'], config['decay_steps'],
-        config['end_learning_rate'])
+    schedule, _ = make_schedule(ServerConfig(**config))
     xs = list(range(steps[0], steps[-1] + 1))
     lr.plot(xs, [float(schedule(x)) for x in xs], color='tab:gray', lw=1, alpha=0.5)
     lr.set_ylabel('learning rate (gray)', color='tab:gray')
@@ -456,7 +453,7 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
   if batch_size % workers:
     raise DemoError(f'--batch-size {batch_size} is not a multiple of --workers {workers}')
   checkpoint_dir = os.path.join(out, 'checkpoints')
-  if resume and not _has_checkpoint(checkpoint_dir):
+  if resume and _latest_checkpoint(checkpoint_dir) is None:
     raise DemoError(f'--resume: no checkpoint to resume from in {checkpoint_dir}')
   os.makedirs(state.logs, exist_ok=True)
   if not resume:  # else the server would restore the previous run's newest checkpoint
@@ -487,7 +484,7 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
 
   # Imported only now: JAX and scikit-learn take seconds, and the children are already busy.
   from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
-  from service.models import MODELS  # pylint: disable=import-outside-toplevel
+  from service.examples.models import MODELS  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   model = MODELS[MODEL](seed=state.seed)
   try:

@@ -1,6 +1,8 @@
 """Checkpoints of the server's state with Orbax: atomic, asynchronous, keep the last K.
 
-A thin layer over `orbax.checkpoint.CheckpointManager`. Each checkpoint is one
+A thin layer over `orbax.checkpoint.CheckpointManager`, and the only module that
+knows Orbax exists: which steps a directory holds and where each one is, the
+manager is asked (never its directory names read). Each checkpoint is one
 step directory holding two items: `state` (the params and the LAMB state, as
 sharded arrays, restored straight onto whatever mesh the restoring server has)
 and `meta` (JSON: the step, the model's leaves, the hyperparameters). Orbax
@@ -37,6 +39,18 @@ class CheckpointInfo:
   path: str
   complete: bool
   size_bytes: int
+
+
+def latest_step(directory: str) -> Optional[int]:
+  """The newest complete checkpoint's step in `directory` (None: none, or no directory)."""
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
 
 
 def _dir_size(path: str) -> int:
@@ -83,19 +97,20 @@ class Checkpointer:
             cleanup_tmp_directories=True))
 
   def steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    """The complete checkpoints' steps, ascending."""
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
     """Saves `step` if the policy says so (always with `force`, unless it exists)."""
     if step in self._manager.all_steps():
       return False
     meta = {'format': FORMAT, 'step': step, **meta}
-    return self._manager.save(
+    saved = self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)), force=force)
-
-  def is_saving(self) -> bool:
-    return self._manager.is_saving_in_progress()
+    if saved:
+      self._writing = step
+    return saved
 
   def wait(self) -> None:
     """Blocks until the asynchronous save in progress (if any) is on disk."""
@@ -154,20 +169,19 @@ class Checkpointer:
                   for leaf, a in zip(meta['leaves'], state['params'])}
 
   def list(self) -> list[CheckpointInfo]:
-    """The complete checkpoints, and step directories still being written."""
-    complete = set(self._manager.all_steps())
-    out = []
-    for name in sorted(os.listdir(self.directory)):
-      head = name.split('.', 1)[0]
-      if not head.isdigit():
-        continue
-      path = os.path.join(self.directory, name)
-      step = int(head)
-      out.append(CheckpointInfo(step, path, step in complete and name == head, _dir_size(path)))
-    return sorted(out, key=lambda c: (c.step, not c.complete))
+    """The complete checkpoints, and the one still being written (if any), by step."""
+    out = [CheckpointInfo(step, self.path(step), True, _dir_size(self.path(step)))
+           for step in self.steps()]
+    writing = self._writing
+    if (writing is not None and writing not in self._manager.all_steps()
+        and self._manager.is_saving_in_progress()):
+      out.append(CheckpointInfo(writing, self.path(writing), False, 0))
+    return sorted(out, key=lambda c: c.step)
 
   def path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    """Where the checkpoint of `step` is (once complete), as Orbax names it."""
+    return os.fspath(ocp.step.build_step_path(self.directory, ocp.step.standard_name_format(),
+                                              step))
 
   def close(self) -> None:
     self._manager.close()

@@ -27,15 +27,19 @@ import jax
 import numpy as np
 from google.protobuf import duration_pb2
 
-from service import security, wire
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
+from service.client import credentials
+from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME, pb
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
+from service.protocol.chunks import (DEFAULT_CHUNK_BYTES, ChunkReceiver, clamp_chunk_bytes,
+                                     encoded_chunk_messages)
+from service.protocol.dtypes import as_wire_array, wire_dtype as to_wire_dtype
+from service.protocol.specs import LeafSpec, specs_from_proto
+from service.protocol.types import PushResult
 
 T = TypeVar('T')
-_SERVICE = 'lamb_sharded.v1.OptimizerService'
 _SERVICE_CONFIG = {
     'methodConfig': [{
-        'name': [{'service': _SERVICE}],
+        'name': [{'service': SERVICE_NAME}],
         'retryPolicy': {
             'maxAttempts': 5,
             'initialBackoff': '0.2s',
@@ -51,7 +55,7 @@ _SERVICE_CONFIG = {
 class ModelInfo:
   initialized: bool
   model_id: str
-  leaves: tuple[wire.LeafSpec, ...]
+  leaves: tuple[LeafSpec, ...]
   step: int
   num_workers: int
   quorum: int
@@ -67,14 +71,6 @@ class Pulled:
   params: Any  # a pytree like `like`, or a dict path -> np.ndarray
 
 
-@dataclasses.dataclass(frozen=True)
-class PushResult:
-  accepted_step: int
-  applied: bool
-  current_step: int
-  duplicate: bool
-
-
 def _passing_bytes(message) -> bytes:
   """A request serializer for streams that mix messages and already-serialized bytes."""
   return message if isinstance(message, bytes) else message.SerializeToString()
@@ -83,7 +79,7 @@ def _passing_bytes(message) -> bytes:
 class _Stub(pb_grpc.OptimizerServiceStub):
   """The generated stub, with uploads that take chunks serialized by the wire module.
 
-  InitializeModel and PushGradients streams send wire.encoded_chunk_messages:
+  InitializeModel and PushGradients streams send encoded_chunk_messages:
   each chunk's data is copied once on its way from the array to gRPC.
   """
 
@@ -92,7 +88,7 @@ class _Stub(pb_grpc.OptimizerServiceStub):
     for name, response in (('InitializeModel', pb.InitializeModelResponse),
                            ('PushGradients', pb.PushGradientsResponse)):
       setattr(self, name, channel.stream_unary(
-          f'/{_SERVICE}/{name}', request_serializer=_passing_bytes,
+          f'/{SERVICE_NAME}/{name}', request_serializer=_passing_bytes,
           response_deserializer=response.FromString))
 
 
@@ -107,12 +103,12 @@ class OptimizerClient:
   """A connection to one optimizer server."""
 
   def __init__(self, target: str, *, timeout: float = 60.0, retries: int = 5,
-               chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                channel: Optional[grpc.Channel] = None,
                token: Optional[str] = None,
-               root_certificates: Optional[security.PemSource] = None,
-               client_cert: Optional[security.PemSource] = None,
-               client_key: Optional[security.PemSource] = None,
+               root_certificates: Optional[credentials.PemSource] = None,
+               client_cert: Optional[credentials.PemSource] = None,
+               client_key: Optional[credentials.PemSource] = None,
                server_name_override: Optional[str] = None,
                tls: Optional[bool] = None):
     """Args:
@@ -137,24 +133,25 @@ class OptimizerClient:
     options = [
         ('grpc.service_config', json.dumps(_SERVICE_CONFIG)),
         ('grpc.enable_retries', 1),
-        ('grpc.max_receive_message_length', wire.MAX_MESSAGE_BYTES + (64 << 10)),
+        ('grpc.max_receive_message_length', MAX_RECEIVE_BYTES),
     ]
     if channel is None and tls:
       if server_name_override:
         options.append(('grpc.ssl_target_name_override', server_name_override))
-      credentials = grpc.ssl_channel_credentials(
-          root_certificates=security.pem(root_certificates),
-          private_key=security.pem(client_key), certificate_chain=security.pem(client_cert))
-      channel = grpc.secure_channel(target, credentials, options=options)
+      channel_credentials = grpc.ssl_channel_credentials(
+          root_certificates=credentials.pem(root_certificates),
+          private_key=credentials.pem(client_key),
+          certificate_chain=credentials.pem(client_cert))
+      channel = grpc.secure_channel(target, channel_credentials, options=options)
     self._channel = channel or grpc.insecure_channel(target, options=options)
     calls = self._channel
     if token is not None:
       calls = grpc.intercept_channel(self._channel,
-                                     security.BearerTokenClientInterceptor(token))
+                                     credentials.BearerTokenClientInterceptor(token))
     self._stub = _Stub(calls)
     self.timeout = timeout
     self.retries = retries
-    self.chunk_bytes = wire.clamp_chunk_bytes(chunk_bytes)
+    self.chunk_bytes = clamp_chunk_bytes(chunk_bytes)
 
   def close(self) -> None:
     self._channel.close()
@@ -184,7 +181,7 @@ class OptimizerClient:
                                  wait_for_ready=wait_for_ready)
     return ModelInfo(
         r.initialized, r.model_id,
-        tuple(wire.LeafSpec.from_proto(s, 'leaves') for s in r.leaves), r.step, r.num_workers,
+        tuple(LeafSpec.from_proto(s, 'leaves') for s in r.leaves), r.step, r.num_workers,
         r.quorum, r.staleness_bound, r.step_mode == pb.STEP_MODE_SYNCHRONOUS,
         r.hyperparameters.learning_rate)
 
@@ -193,10 +190,10 @@ class OptimizerClient:
     leaves = [(p, np.asarray(x, np.float32)) for p, x in _flatten(params)]
 
     header = pb.InitializeModelHeader(
-        leaves=[wire.LeafSpec(p, x.shape, x.dtype).to_proto() for p, x in leaves])
+        leaves=[LeafSpec(p, x.shape, x.dtype).to_proto() for p, x in leaves])
     def requests():
       yield pb.InitializeModelRequest(header=header)
-      yield from wire.encoded_chunk_messages(pb.InitializeModelRequest, leaves,
+      yield from encoded_chunk_messages(pb.InitializeModelRequest, leaves,
                                              self.chunk_bytes)
     return self._stub.InitializeModel(requests(), timeout=self.timeout).model_id
 
@@ -215,16 +212,16 @@ class OptimizerClient:
       wire_dtype: send in this dtype (np.float32, ml_dtypes.bfloat16, np.float16).
     """
     push_id = push_id or uuid.uuid4().hex
-    leaves = [(p, wire.as_wire_array(x if wire_dtype is None else x.astype(wire_dtype)))
+    leaves = [(p, as_wire_array(x if wire_dtype is None else x.astype(wire_dtype)))
               for p, x in _flatten(grads)]
     header = pb.PushGradientsHeader(
         worker_id=worker_id, step=step, num_examples=num_examples, push_id=push_id,
-        model_id=model_id, leaves=[wire.LeafSpec(p, x.shape, x.dtype).to_proto()
+        model_id=model_id, leaves=[LeafSpec(p, x.shape, x.dtype).to_proto()
                                    for p, x in leaves])
 
     def requests():
       yield pb.PushGradientsRequest(header=header)
-      yield from wire.encoded_chunk_messages(pb.PushGradientsRequest, leaves, self.chunk_bytes)
+      yield from encoded_chunk_messages(pb.PushGradientsRequest, leaves, self.chunk_bytes)
 
     r = self._retrying(lambda: self._stub.PushGradients(requests(), timeout=self.timeout))
     return PushResult(r.accepted_step, r.applied, r.current_step, r.duplicate)
@@ -240,7 +237,7 @@ class OptimizerClient:
       model_id: the model_id of the caller's copy, for `if_newer_than`.
     """
     request = pb.PullParametersRequest(
-        dtype=wire.wire_dtype(dtype) if dtype is not None else 0,
+        dtype=to_wire_dtype(dtype) if dtype is not None else 0,
         if_model_id=model_id, max_chunk_bytes=self.chunk_bytes)
     if if_newer_than is not None:
       request.if_newer_than_step = if_newer_than
@@ -252,16 +249,16 @@ class OptimizerClient:
     header = first.header
     if header.not_modified:
       return None
-    specs = wire.specs_from_proto(header.leaves, 'pull header')
-    receiver = wire.ChunkReceiver(specs, 'PullParameters')
+    specs = specs_from_proto(header.leaves, 'pull header')
+    receiver = ChunkReceiver(specs, 'PullParameters')
     commit = None
     for msg in stream:
       if msg.WhichOneof('kind') == 'chunk':
         receiver.add(msg.chunk)
       elif msg.WhichOneof('kind') == 'commit':
         commit = msg.commit
-    arrays = receiver.finish(commit)
-    by_path = {s.path: a for s, a in zip(specs, arrays)}
+    receiver.finish(commit)
+    by_path = {s.path: a for s, a in zip(specs, receiver.sink.arrays)}
     if like is None:
       return Pulled(header.model_id, header.step, by_path)
     flat, treedef = jax.tree_util.tree_flatten_with_path(like)

@@ -1,8 +1,8 @@
 """Where the model lives: the sharding rule, host buffers in the mesh's layout, transfers.
 
-Knows nothing of gRPC or of the step's state machine (service/engine.py). The
+Knows nothing of gRPC or of the step's state machine (service/core/engine.py). The
 rule (`partition_spec`) splits each leaf along one dimension over the whole
-mesh; `layout_of` gives the matching host layout (service/layout.py), in which
+mesh; `layout_of` gives the matching host layout (service/core/layout.py), in which
 the engine's gradient buffers are allocated and recycled (`BufferPool`);
 `to_mesh` makes a global array of a host buffer, and `host_pieces` reads a
 global array back, a chunk's worth at a time.
@@ -20,11 +20,21 @@ from typing import Iterator, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from service import layout
+from service.core import layout
 
 MESH_AXIS = 'x'
+
+
+def make_mesh(count: int = 0, devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+  """The server's 1-D mesh over the first `count` of `devices` (0: all; default: the local ones)."""
+  devices = list(devices if devices is not None else jax.local_devices())
+  if count:
+    if count > len(devices):
+      raise ValueError(f'devices={count} but only {len(devices)} are available')
+    devices = devices[:count]
+  return jax.sharding.Mesh(np.array(devices), (MESH_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def partition_spec(shape: Sequence[int], axis_size: int) -> P:

@@ -22,7 +22,6 @@ worker exits as soon as it closes -- when the supervisor dies, even by SIGKILL.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -35,8 +34,9 @@ import jax
 import numpy as np
 
 from service.client import OptimizerClient
+from service.examples.models import MODELS
+from service.examples.progress import Progress
 from service.logs import fields
-from service.models import MODELS
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,9 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
       return m.batch(step, worker_index, batch_size, num_workers)
     return m.batch(step, worker_index, batch_size)  # its own examples
 
-  def report(event: str, **fields):
+  def report(event: str, **values):
     if progress:
-      print(json.dumps({'event': event, 'worker': worker_index, 'pid': os.getpid(),
-                        'time': time.time(), **fields}), flush=True)
+      print(Progress(event, worker_index, os.getpid(), time.time(), **values).line(), flush=True)
 
   if progress:  # load the data and compile before saying ready
     jax.block_until_ready(grad_fn(template, *batch(0)))

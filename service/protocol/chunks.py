@@ -1,126 +1,37 @@
-"""Tensors on the wire: dtypes, chunking, and a validating receiver of chunk streams.
+"""Tensors in chunks: splitting leaves into a stream, and a receiver that checks one.
 
 Pure NumPy and the generated messages; no gRPC calls, no JAX. The layout of a
 stream (header specs, chunks in order, a commit with a checksum) is documented in
-proto/lamb_sharded/v1/tensor.proto.
+proto/lamb_sharded/v1/tensor.proto. A receiver checks a stream against its
+header and hands each chunk's bytes to a `Sink`, which decides where they go:
+`HostArrays` (row-major arrays, the client's pulls) or the server's buffers in
+its mesh's block layout.
 """
 
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import functools
-import math
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Protocol, Sequence
 
-import ml_dtypes
 import numpy as np
 
-from service import layout
-from service._gen.lamb_sharded.v1 import tensor_pb2
 from service.errors import InvalidArgument, DataLoss
+from service.protocol._gen.lamb_sharded.v1 import tensor_pb2
+from service.protocol.checksum import MASK64, chunk_checksum
+from service.protocol.specs import LeafSpec
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 4096
 MAX_CHUNK_BYTES = 3 << 20
 MAX_MESSAGE_BYTES = 4 << 20
-MASK64 = (1 << 64) - 1
-
-_TO_NUMPY = {
-    tensor_pb2.DTYPE_FLOAT32: np.dtype(np.float32),
-    tensor_pb2.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
-    tensor_pb2.DTYPE_FLOAT16: np.dtype(np.float16),
-}
-_FROM_NUMPY = {v: k for k, v in _TO_NUMPY.items()}
-
-
-def numpy_dtype(dtype: int, what: str) -> np.dtype:
-  """The NumPy dtype of a wire `Dtype`; InvalidArgument naming `what` if none."""
-  try:
-    return _TO_NUMPY[dtype]
-  except KeyError:
-    raise InvalidArgument(f'{what}: unsupported dtype {dtype} '
-                          f'(expected DTYPE_FLOAT32, DTYPE_BFLOAT16 or DTYPE_FLOAT16)') from None
-
-
-def wire_dtype(dtype) -> int:
-  """The wire `Dtype` of a NumPy dtype (float32, bfloat16, float16)."""
-  try:
-    return _FROM_NUMPY[np.dtype(dtype)]
-  except KeyError:
-    raise ValueError(f'dtype {np.dtype(dtype)} cannot travel on the wire '
-                     f'(float32, bfloat16 and float16 can)') from None
-
-
-def as_wire_array(x) -> np.ndarray:
-  """`x` as a NumPy array in a wire dtype (other dtypes become float32)."""
-  x = np.asarray(x)
-  return x if x.dtype in _FROM_NUMPY else x.astype(np.float32)
-
-
-def chunk_checksum(data) -> int:
-  """The wrapping 64-bit sum of `data`'s little-endian uint64 words, zero-padded.
-
-  See StreamCommit.checksum. `data` is any contiguous buffer (bytes, a
-  memoryview, an array), read in place, not copied. A stream's checksum adds
-  up its chunks' checksums: `(acc + chunk_checksum(data)) & MASK64`.
-  """
-  view = memoryview(data).cast('B')
-  n = len(view)
-  whole = n - n % 8
-  # An explicit uint64 reduction: it wraps modulo 2^64, never widens or turns to floats.
-  total = int(np.add.reduce(np.frombuffer(view, '<u8', whole // 8), dtype=np.uint64))
-  if whole != n:  # the last, partial word, zero-padded at its end
-    total += int.from_bytes(view[whole:], 'little')
-  return total & MASK64
-
+ALIGN = 64  # bytes; XLA's CPU runtime wraps host memory aligned to this without a copy
 
 def clamp_chunk_bytes(requested: int) -> int:
   return DEFAULT_CHUNK_BYTES if requested <= 0 else min(max(requested, MIN_CHUNK_BYTES),
                                                         MAX_CHUNK_BYTES)
 
 
-@dataclasses.dataclass(frozen=True)
-class LeafSpec:
-  """One leaf: its path, shape and dtype (NumPy)."""
-  path: str
-  shape: tuple[int, ...]
-  dtype: np.dtype
-
-  @functools.cached_property
-  def nbytes(self) -> int:
-    return math.prod(self.shape) * self.dtype.itemsize
-
-  def to_proto(self) -> tensor_pb2.TensorSpec:
-    return tensor_pb2.TensorSpec(path=self.path, shape=list(self.shape),
-                                 dtype=wire_dtype(self.dtype))
-
-  @staticmethod
-  def from_proto(spec: tensor_pb2.TensorSpec, what: str) -> 'LeafSpec':
-    if not spec.path:
-      raise InvalidArgument(f'{what}: a leaf has an empty path')
-    if any(d < 0 for d in spec.shape):
-      raise InvalidArgument(f'{what}: leaf {spec.path} has a negative dimension '
-                            f'{list(spec.shape)}')
-    dtype = numpy_dtype(spec.dtype, f'{what}: leaf {spec.path}')
-    n = 1
-    for d in spec.shape:
-      n *= d
-      if n * dtype.itemsize > 1 << 40:
-        raise InvalidArgument(f'{what}: leaf {spec.path} declares shape {list(spec.shape)}, '
-                              f'over 1 TiB')
-    return LeafSpec(spec.path, tuple(int(d) for d in spec.shape), dtype)
-
-
-def specs_from_proto(specs: Sequence[tensor_pb2.TensorSpec], what: str) -> list[LeafSpec]:
-  out, seen = [], set()
-  for s in specs:
-    leaf = LeafSpec.from_proto(s, what)
-    if leaf.path in seen:
-      raise InvalidArgument(f'{what}: leaf {leaf.path} appears twice')
-    seen.add(leaf.path)
-    out.append(leaf)
-  return out
 
 
 def chunk_stream(arrays: Iterable[tuple[str, np.ndarray | Iterable[np.ndarray]]],
@@ -213,12 +124,21 @@ def encoded_chunk_messages(message_type, arrays: Iterable[tuple[str, np.ndarray]
   yield req.SerializeToString()
 
 
-def host_buffers(specs: Sequence[LeafSpec], dtype=None) -> list[np.ndarray]:
-  """Uninitialised row-major arrays for `specs` (in `dtype`, default each spec's own), in ONE
-  allocation (see `layout.host_buffers`)."""
-  buffers = layout.host_buffers([layout.LeafLayout(s.shape) for s in specs],
-                                [dtype or s.dtype for s in specs])
-  return [b.reshape(s.shape) for b, s in zip(buffers, specs)]
+
+def allocate(nbytes: Sequence[int]) -> list[np.ndarray]:
+  """Uninitialised uint8 buffers of the given sizes, in ONE allocation, each 64-byte aligned.
+
+  One model-sized allocation is returned to the OS as a whole when its last
+  array goes; many leaf-sized ones are recycled inside the allocator's
+  per-thread arenas and keep the process's resident memory high.
+  """
+  offsets, total = [], 0
+  for n in nbytes:
+    offsets.append(total)
+    total += -(-n // ALIGN) * ALIGN
+  raw = np.empty(total + ALIGN, np.uint8)
+  base = -raw.ctypes.data % ALIGN
+  return [raw[base + off:base + off + n] for off, n in zip(offsets, nbytes)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,41 +233,54 @@ def upload_parser(message_type):
   return deserialize
 
 
-class ChunkReceiver:
-  """Checks a stream of chunks against its header and writes them into buffers.
 
-  Each leaf's bytes land in a preallocated array of its wire dtype (all of
-  them in one allocation, see `host_buffers`), row-major or in the layout of
-  the mesh's blocks (`wire_views`). Every violation of the
-  stream's rules raises InvalidArgument (DataLoss for a checksum mismatch)
-  naming the leaf or field; `finish` checks the commit and hands the buffers
-  over.
+
+class Sink(Protocol):
+  """Where a `ChunkReceiver` puts the bytes of the leaves it checked."""
+
+  def write(self, leaf: int, offset: int, data: np.ndarray) -> None:
+    """Bytes `data` (uint8) of leaf number `leaf`, from byte `offset` of its row-major bytes."""
+
+  def leaf_complete(self, leaf: int) -> None:
+    """Every byte of leaf number `leaf` was written."""
+
+
+class HostArrays:
+  """A sink into new row-major arrays of the specs' shapes and dtypes (one allocation)."""
+
+  def __init__(self, specs: Sequence[LeafSpec]):
+    raw = allocate([s.nbytes for s in specs])
+    self._bytes = raw
+    self.arrays = [b.view(s.dtype).reshape(s.shape) for b, s in zip(raw, specs)]
+
+  def write(self, leaf: int, offset: int, data: np.ndarray) -> None:
+    self._bytes[leaf][offset:offset + len(data)] = data
+
+  def leaf_complete(self, leaf: int) -> None:
+    del leaf
+
+
+class ChunkReceiver:
+  """Checks a stream of chunks against its header and hands their bytes to a sink.
+
+  Every violation of the stream's rules raises InvalidArgument (DataLoss for a
+  checksum mismatch) naming the leaf or field; `finish` checks the commit.
   """
 
-  def __init__(self, specs: Sequence[LeafSpec], what: str,
-               on_leaf_complete=None, buffers: Optional[list[np.ndarray]] = None,
-               wire_views: Optional[Sequence[np.ndarray]] = None):
+  def __init__(self, specs: Sequence[LeafSpec], what: str, sink: Optional[Sink] = None):
     """Args:
       specs: the stream's leaves (its header), in order.
       what: names the stream in error messages.
-      on_leaf_complete: called with (spec, buffer) as each leaf's last byte lands.
-      buffers: where the leaves go, one array per leaf (default: new row-major
-        arrays of the specs' shapes and dtypes).
-      wire_views: for each buffer, a uint8 view of it whose row-major order is
-        the leaf's byte order on the wire (`layout.LeafLayout.wire_view`);
-        default: the buffers are row-major.
+      sink: where the bytes go (default: `HostArrays(specs)`, then `receiver.sink.arrays`).
     """
     self._specs = list(specs)
     self._what = what
-    self._buffers = host_buffers(self._specs) if buffers is None else buffers
-    self._views = (list(wire_views) if wire_views is not None
-                   else [b.reshape(-1).view(np.uint8) for b in self._buffers])
+    self.sink = HostArrays(self._specs) if sink is None else sink
     self._leaf = 0
     self._offset = 0
     self._seq = 0
     self._total = 0
     self._checksum = 0
-    self._on_leaf_complete = on_leaf_complete
     self._skip_empty()
 
   @property
@@ -360,8 +293,7 @@ class ChunkReceiver:
       self._complete_leaf()
 
   def _complete_leaf(self) -> None:
-    if self._on_leaf_complete is not None:
-      self._on_leaf_complete(self._specs[self._leaf], self._buffers[self._leaf])
+    self.sink.leaf_complete(self._leaf)
     self._leaf += 1
     self._offset = 0
 
@@ -396,7 +328,7 @@ class ChunkReceiver:
       raise InvalidArgument(
           f'{w}: leaf {spec.path} ({spec.dtype.name}{list(spec.shape)}) has {spec.nbytes} bytes, '
           f'but chunk {chunk.sequence} ends at byte {end}')
-    layout.write(self._views[self._leaf], self._offset, np.frombuffer(data, np.uint8))
+    self.sink.write(self._leaf, self._offset, np.frombuffer(data, np.uint8))
     self._checksum = (self._checksum + chunk_checksum(data)) & MASK64
     self._total += n
     self._offset = end
@@ -405,11 +337,8 @@ class ChunkReceiver:
       self._complete_leaf()
       self._skip_empty()
 
-  def finish(self, commit: Optional[tensor_pb2.StreamCommit]) -> list[np.ndarray]:
-    """Checks the commit; returns the buffers, one per leaf, in header order.
-
-    The receiver keeps no reference to them: the caller owns their memory.
-    """
+  def finish(self, commit: Optional[tensor_pb2.StreamCommit]) -> None:
+    """Checks the commit against what was received (every leaf complete, counts, checksum)."""
     w = self._what
     if commit is None:
       raise InvalidArgument(f'{w}: the stream ended without a commit')
@@ -423,5 +352,3 @@ class ChunkReceiver:
     if commit.checksum != self._checksum:
       raise DataLoss(f'{w}: checksum mismatch: commit says {commit.checksum:#018x}, '
                      f'received data has {self._checksum:#018x}')
-    buffers, self._buffers, self._views = self._buffers, [], []
-    return buffers

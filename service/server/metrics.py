@@ -82,7 +82,7 @@ class Metrics:
   """The server's metrics: a registry, the servicer's instruments, the engine's hooks.
 
   Args:
-    engine: the `service.engine.Engine` to read counters and gauges from (or later,
+    engine: the `service.core.engine.Engine` to read counters and gauges from (or later,
       with `watch`; None: only the servicer's own metrics).
   """
 
@@ -124,7 +124,7 @@ class Metrics:
     """Adds the engine's counters and gauges to the registry."""
     self.registry.register(_EngineCollector(engine))
 
-  # Engine hooks (service.engine.EngineObserver).
+  # Engine hooks (service.core.engine.EngineObserver).
   def step_applied(self, step: int, seconds: float) -> None:
     del step
     self.apply_seconds.observe(seconds)

@@ -1,0 +1,567 @@
+"""The engine: the facade of the service's core, which owns its lock and its threads.
+
+Knows nothing of gRPC. Each job is a part of its own, and the engine calls
+them under one lock:
+
+  rules.Steps            which pushes a step takes and when it is complete (pure)
+  admission.Admission    buffers and bytes of the pushes in flight; draining
+  ledger.Ledger          the answered pushes (a retry is answered, never counted twice)
+  model.ModelPlan        the model's shardings, layouts, optimizer and jitted step
+  model.ModelState       params and LAMB state on the mesh
+  accumulator            the step's gradient sum on the host, recycled buffers
+  persistence            checkpoints: meta, save, restore, compatibility
+  push.PushSession       one push being received (`open_push`)
+
+Data path: `open_push(header)` (checks, admission) -> the session's `write`s
+(chunks into host buffers in the mesh's block layout) -> its `commit`
+(accumulate on the host, maybe apply the step). `pull(...)` yields a header,
+then a consistent snapshot of the params chunk by chunk, read from the
+devices' blocks. A push that fails never touches the sum: it is only read or
+written at commit, under the lock.
+
+Multi-host later: `placement.to_mesh` builds each global array with
+`jax.make_array_from_callback`, which asks only for the blocks this process's
+devices hold, so a process that ingests (and accumulates) only its own blocks
+-- the layout already keeps each block apart -- plugs in there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from typing import Callable, Iterator, Optional, Sequence
+
+import jax
+import numpy as np
+
+from service.config import WORKER_ID, WORKER_ID_RULE, ServerConfig
+from service.core import persistence, placement
+from service.core.accumulator import Accumulator
+from service.core.admission import Admission
+from service.core.checkpoint import Checkpointer, CheckpointInfo
+from service.core.finite import all_finite
+from service.core.ledger import Ledger
+from service.core.model import ModelPlan, ModelState
+from service.core.optimizer import make_schedule
+from service.core.push import PushSession
+from service.core.rules import StepRules, Steps
+from service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument,
+                            PermissionDenied, Unavailable)
+from service.logs import fields
+from service.protocol.chunks import DEFAULT_CHUNK_BYTES, chunk_stream
+from service.protocol.specs import LeafSpec
+from service.protocol.types import PushHeader, PushResult
+
+log = logging.getLogger(__name__)
+
+PARAM_DTYPES = (np.dtype(np.float32),)
+
+
+class EngineObserver:
+  """What the engine reports as it goes (the server's metrics implement it); no-ops here."""
+
+  def step_applied(self, step: int, seconds: float) -> None:
+    """Step `step`'s update was computed, `seconds` after it was dispatched."""
+
+  def checkpoint_started(self, step: int, blocking_seconds: float) -> None:
+    """A save of `step` began; it held the step loop for `blocking_seconds`."""
+
+  def checkpoint_saved(self, step: int, seconds: float) -> None:
+    """The save of `step` is on disk, `seconds` after it began."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Description:
+  initialized: bool
+  model_id: str
+  leaves: tuple[LeafSpec, ...]
+  step: int
+  learning_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+  """The params of one step, readable while `Engine.reading` holds them."""
+  model_id: str
+  step: int
+  specs: tuple[LeafSpec, ...]
+  arrays: tuple[jax.Array, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PullHeader:
+  """What a pull yields first: the step it serves, and its leaves in the pull's dtypes.
+
+  `not_modified`: the caller already has this step (nothing else follows).
+  """
+  model_id: str
+  step: int
+  leaves: tuple[LeafSpec, ...]
+  not_modified: bool = False
+
+
+class Engine:
+  """The optimizer's state machine. Thread-safe; every public method may block briefly.
+
+  Args:
+    config: the server's settings.
+    devices: the devices to build the mesh of (default: this process's); the
+      first `config.devices` of them if that is set.
+    checkpointer: where checkpoints go (None: none). The engine uses it and
+      waits for its saves, but does not close it: its creator does.
+    observer: told of applied steps and checkpoints (the server's metrics).
+  """
+
+  def __init__(self, config: ServerConfig, devices: Optional[Sequence[jax.Device]] = None,
+               checkpointer: Optional[Checkpointer] = None,
+               observer: Optional[EngineObserver] = None):
+    self.config = config
+    self.observer = observer or EngineObserver()
+    self._checkpointer = checkpointer
+    self.mesh = placement.make_mesh(config.devices, devices)
+    self._schedule, self.schedule_description = make_schedule(config)
+    self._cond = threading.Condition()
+    # The model, once it exists: its plan, its state, the step's sum.
+    self._plan: Optional[ModelPlan] = None
+    self._state: Optional[ModelState] = None
+    self._sum: Optional[Accumulator] = None
+    self._model_id = ''
+    self._steps = Steps(StepRules.of(config))
+    self._ledger = Ledger()
+    self._admission = Admission(config.max_inflight_pushes, config.max_inflight_bytes)
+    self._allowed = config.worker_allowlist
+    self._waiting = 0  # callers blocked in wait_for_step
+    self._readers = 0  # open `reading` blocks on the current params
+    self._params_version = 0  # bumped whenever the current params are replaced
+    self._closed = False
+    self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
+    # Off the step loop: the straggler timeout; timing each update from its dispatch
+    # until it is computed; reporting each checkpoint once it is on disk.
+    self._applied: queue.SimpleQueue = queue.SimpleQueue()
+    self._saves: queue.SimpleQueue = queue.SimpleQueue()
+    self._threads = [threading.Thread(target=fn, name=name, daemon=True) for fn, name in (
+        (self._straggler_loop, 'straggler'), (self._time_applies, 'apply-timer'),
+        (self._report_saves, 'checkpoint-reporter'))]
+    for t in self._threads:
+      t.start()
+
+  # ------------------------------------------------------------------ queries
+
+  def describe(self) -> Description:
+    with self._cond:
+      plan, step, mid = self._plan, self._steps.step, self._model_id
+    return Description(plan is not None, mid, plan.specs if plan else (), step,
+                       float(self._schedule(step)))
+
+  @property
+  def step(self) -> int:
+    with self._cond:
+      return self._steps.step
+
+  @property
+  def pushes_in_flight(self) -> int:
+    """Pushes admitted and not yet committed or dropped (each holds a staging buffer)."""
+    with self._cond:
+      return self._admission.pushes
+
+  @property
+  def inflight_bytes(self) -> int:
+    """Bytes (in their wire dtypes) of the pushes in flight."""
+    with self._cond:
+      return self._admission.bytes
+
+  @property
+  def waiting(self) -> int:
+    """Callers blocked in `wait_for_step` (long polls)."""
+    with self._cond:
+      return self._waiting
+
+  def trust_ratios(self) -> Optional[np.ndarray]:
+    """The per-leaf trust ratios of the last step applied since start (None: none yet)."""
+    with self._cond:
+      ratios = self._state.trust_ratios if self._state is not None else None
+    return None if ratios is None else np.asarray(ratios)
+
+  def wait_for_step(self, step: int, timeout: Optional[float],
+                    gone: Optional[Callable[[], bool]] = None) -> tuple[int, bool, str]:
+    """Blocks until the model exists and its step is >= `step`, or `timeout` passes.
+
+    `gone`: returns True once the caller no longer waits (its RPC ended); the
+    caller then calls `wake()`, so that a cancelled long poll ends at once.
+    Returns (current step, reached, model_id).
+    """
+    if step < 0:
+      raise InvalidArgument(f'step must be >= 0, got {step}')
+    with self._cond:
+      self._waiting += 1
+      try:
+        self._cond.wait_for(
+            lambda: self._closed or (gone is not None and gone()) or (
+                self._plan is not None and self._steps.step >= step), timeout)
+      finally:
+        self._waiting -= 1
+      reached = self._plan is not None and self._steps.step >= step
+      return self._steps.step, reached, self._model_id
+
+  def wake(self) -> None:
+    """Wakes every waiter to re-check its condition."""
+    with self._cond:
+      self._cond.notify_all()
+
+  # ------------------------------------------------------------------ pulls
+
+  @contextlib.contextmanager
+  def reading(self) -> Iterator[Snapshot]:
+    """A consistent snapshot of the params, kept intact while the block runs.
+
+    Applies donate the params' memory to the new params unless a reader holds
+    them, so the snapshot stays readable even if steps are applied meanwhile.
+    The hold ends when the block exits; in a generator, also when the generator
+    is closed or collected (e.g. a cancelled pull), since that exits the block.
+    """
+    with self._cond:
+      self._require_model()
+      snap = Snapshot(self._model_id, self._steps.step, self._plan.specs,
+                      tuple(self._state.params))
+      version = self._params_version
+      self._readers += 1
+    try:
+      yield snap
+    finally:
+      with self._cond:
+        if version == self._params_version:
+          self._readers -= 1
+
+  def pull(self, dtype: Optional[np.dtype] = None, *, newer_than: Optional[int] = None,
+           model_id: str = '', chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator:
+    """The current params as a stream: a `PullHeader`, then chunks, then the commit.
+
+    Args:
+      dtype: the dtype to send the leaves in (default: their own).
+      newer_than: the step the caller has; if it has the current one (of the
+        model `model_id`), only a header with `not_modified` is yielded.
+      model_id: the model of the caller's copy.
+      chunk_bytes: data bytes per chunk.
+
+    Yields `PullHeader`, then (path, offset, data, sequence) chunk tuples and the
+    `StreamCommit` (`service.protocol.chunks.chunk_stream`). Each leaf is read
+    from its devices' blocks a chunk's worth at a time: no host copy of a leaf.
+    The snapshot is held until the generator ends or is closed.
+    """
+    with self.reading() as snap:
+      if newer_than is not None and model_id == snap.model_id and snap.step <= newer_than:
+        yield PullHeader(snap.model_id, snap.step, (), not_modified=True)
+        return
+      specs = tuple(LeafSpec(s.path, s.shape, dtype or s.dtype) for s in snap.specs)
+      yield PullHeader(snap.model_id, snap.step, specs)
+
+      def leaves():
+        for s, a in zip(specs, snap.arrays):
+          pieces = placement.host_pieces(a, chunk_bytes * a.dtype.itemsize // s.dtype.itemsize)
+          yield s.path, (p.astype(s.dtype, copy=False) for p in pieces)
+      yield from chunk_stream(leaves(), chunk_bytes)
+
+  # ------------------------------------------------------------------ model
+
+  def initialize(self, specs: Sequence[LeafSpec], host_params: Sequence[np.ndarray]) -> str:
+    """Creates the model from host buffers (one per spec); ALREADY_EXISTS if it exists."""
+    for s, buf in zip(specs, host_params):
+      if s.dtype not in PARAM_DTYPES:
+        raise InvalidArgument(f'leaf {s.path}: parameters must be float32, got {s.dtype.name}')
+      if not all_finite(buf):
+        raise InvalidArgument(f'leaf {s.path} of the initial parameters contains NaN or Inf')
+    with self._cond:
+      if self._plan is not None:
+        raise AlreadyExists(f'the model is already initialised (model_id {self._model_id}, '
+                            f'step {self._steps.step})')
+      plan = ModelPlan(self.config, self.mesh, specs)
+      model_id = self._adopt_locked(plan, plan.place(host_params), 0)
+      self._save_locked(force=True)  # the initial params are state too
+      log.info('model initialised: %d leaves, %d parameters, model_id %s', len(specs),
+               sum(math.prod(s.shape) for s in specs), model_id,
+               extra=fields(step=0, model_id=model_id))
+    plan.compile()  # outside the lock; a step that comes first compiles it itself
+    return model_id
+
+  def _adopt_locked(self, plan: ModelPlan, state: ModelState, step: int) -> str:
+    """Makes (plan, state) of `step` the model, with a new model_id; returns it."""
+    self._plan, self._state = plan, state
+    self._sum = Accumulator(plan, self.config.max_inflight_pushes)
+    self._steps = Steps(self._steps.rules, step)
+    self._model_id = uuid.uuid4().hex
+    self._params_replaced_locked()
+    self._cond.notify_all()
+    return self._model_id
+
+  def _require_model(self) -> ModelPlan:
+    if self._plan is None:
+      raise FailedPrecondition('the model is not initialised: call InitializeModel first '
+                               '(or start the server with --init-params)',
+                               reason='not_initialized')
+    return self._plan
+
+  def _params_replaced_locked(self) -> None:
+    """The current params are new arrays: nobody reads them yet."""
+    self._params_version += 1
+    self._readers = 0
+
+  # ------------------------------------------------------------------ pushes
+
+  def open_push(self, header: PushHeader, timeout: Optional[float] = None) -> PushSession:
+    """Checks a push's header and admits it: the session to write its data into.
+
+    A retry of an answered push gets a session that is `answered` at once.
+    Waits up to `timeout` (default admission_timeout_s) for room in flight.
+    """
+    self._check_header(header)
+    timeout = self.config.admission_timeout_s if timeout is None else timeout
+    with self._cond:
+      if self._admission.draining:
+        raise Unavailable('the server is shutting down; retry against its successor',
+                          reason='shutting_down')
+      plan = self._require_model()
+      if header.model_id and header.model_id != self._model_id:
+        raise FailedPrecondition(f'header.model_id {header.model_id} is not the server\'s model '
+                                 f'{self._model_id}: pull the parameters again',
+                                 reason='wrong_model')
+      answered = self._ledger.answer(header.worker_id, header.push_id, self._steps.step)
+      if answered is not None:
+        return PushSession(header, answered=answered)
+      self._check_leaves(plan, header.leaves)
+      self._steps.check(header.worker_id, header.step)
+      slot = self._admit_locked(header.nbytes, timeout)
+      buffers = self._sum.take_buffers([s.dtype for s in header.leaves])
+      views = self._sum.wire_views(buffers)
+    return PushSession(header, buffers=buffers, views=views, slot=slot,
+                       reject_nonfinite=self.config.nonfinite == 'reject',
+                       commit=self._commit, release=self._release)
+
+  def _check_header(self, h: PushHeader) -> None:
+    if not h.worker_id:
+      raise InvalidArgument('header.worker_id is empty')
+    if not WORKER_ID.fullmatch(h.worker_id):
+      raise InvalidArgument(f'header.worker_id {h.worker_id[:140]!r} is not a valid worker id '
+                            f'({WORKER_ID_RULE})')
+    if self._allowed is not None and h.worker_id not in self._allowed:
+      raise PermissionDenied(f'worker {h.worker_id} is not one of the allowed workers '
+                             f'(allowed_workers)', reason='unknown_worker')
+    if len(h.push_id) > 128:
+      raise InvalidArgument(f'header.push_id has {len(h.push_id)} characters, over 128')
+    if h.step < 0:
+      raise InvalidArgument(f'header.step must be >= 0, got {h.step}')
+    if h.num_examples <= 0:
+      raise InvalidArgument(f'header.num_examples must be > 0, got {h.num_examples}')
+
+  @staticmethod
+  def _check_leaves(plan: ModelPlan, wire_specs: Sequence[LeafSpec]) -> None:
+    got = {s.path for s in wire_specs}
+    for want in plan.specs:
+      if want.path not in got:
+        raise InvalidArgument(f'header.leaves: leaf {want.path} is missing')
+    for i, s in enumerate(wire_specs):
+      j = plan.paths.get(s.path)
+      if j is None:
+        raise InvalidArgument(f'header.leaves: unknown leaf {s.path}')
+      if j != i:
+        raise InvalidArgument(f'header.leaves: leaf {s.path} is at position {i}, expected {j} '
+                              f'(the parameters\' order)')
+      if s.shape != plan.specs[j].shape:
+        raise InvalidArgument(f'header.leaves: leaf {s.path} has shape {list(s.shape)}, '
+                              f'expected {list(plan.specs[j].shape)}')
+
+  def _admit_locked(self, nbytes: int, timeout: float):
+    """Waits for room for a push of `nbytes`; its admission slot."""
+    adm = self._admission
+    adm.check_size(nbytes)
+    if not self._cond.wait_for(
+        lambda: adm.draining or adm.has_room(nbytes, self._sum.held), timeout):
+      raise adm.busy(self._sum.held)
+    adm.check_size(nbytes)  # draining meanwhile
+    return adm.admit(nbytes)
+
+  def _release(self, session: PushSession) -> None:
+    """Frees a session's slot and gives back buffers it still holds (not committed)."""
+    with self._cond:
+      self._release_locked(session)
+
+  def _release_locked(self, session: PushSession) -> None:
+    if session.buffers and self._sum is not None:
+      self._sum.give_back(session.buffers)
+    session.buffers = []
+    if self._admission.release(session.slot):
+      self._cond.notify_all()
+
+  def _commit(self, session: PushSession) -> PushResult:
+    """Adds a complete, checked push to its step; applies the step when it is complete.
+
+    Consumes the session's buffers: the sum may adopt or scale them in place.
+    """
+    h = session.header
+    with self._cond:
+      self._require_model()
+      answered = self._ledger.answer(h.worker_id, h.push_id, self._steps.step)
+      if answered is not None:
+        return answered
+      self._steps.check(h.worker_id, h.step)  # the step may have moved meanwhile
+      if session.nonfinite_leaf is not None:
+        self._steps.poison(f'leaf {session.nonfinite_leaf} of worker {h.worker_id}')
+      self._sum.add(session.buffers, h.num_examples)
+      self._release_locked(session)  # its buffers are the sum's now, or back in the pool
+      self.stats['pushes_accepted'] += 1
+      accepted = self._steps.step
+      complete = self._steps.add(h.worker_id, h.push_id, time.monotonic())
+      if complete:
+        self._apply_locked()
+      result = PushResult(accepted, complete, self._steps.step)
+      self._ledger.record(h.worker_id, h.push_id, accepted, result)
+      return result
+
+  def _apply_locked(self) -> None:
+    step = self._steps.step
+    if self._steps.poisoned_by is not None:
+      log.warning('step %d skipped: NaN/Inf in %s', step, self._steps.poisoned_by,
+                  extra=fields(step=step, reason='nonfinite'))
+      self._sum.discard()
+      self.stats['steps_skipped'] += 1
+    else:
+      t0 = time.monotonic()
+      weight = self._sum.weight
+      self._state = self._plan.step(self._state, self._sum.to_mesh(), weight,
+                                    keep_params=self._readers > 0)
+      self._sum.retire((self._state.trust_ratios,))
+      self._params_replaced_locked()
+      self._applied.put((step, t0, self._state.trust_ratios))
+      self.stats['steps_applied'] += 1
+    self._steps.advance()
+    self._ledger.forget_before(self._steps.step - self.config.staleness_bound - 2)
+    self._save_locked(force=False)
+    self._cond.notify_all()
+
+  def _straggler_loop(self) -> None:
+    """Applies a sync step once the straggler timeout passed with a quorum of pushes."""
+    if not self._steps.rules.has_straggler_timeout:
+      return
+    with self._cond:
+      while not self._closed:
+        wait = self._steps.straggler_wait(time.monotonic())
+        if wait is None:
+          self._cond.wait(1.0)
+        elif wait > 0:
+          self._cond.wait(wait)
+        else:
+          rules = self._steps.rules
+          log.warning('step %d applied with %d of %d workers after the %.1fs straggler timeout',
+                      self._steps.step, len(self._steps.contributors), rules.num_workers,
+                      rules.straggler_timeout_s,
+                      extra=fields(step=self._steps.step, reason='straggler'))
+          self._apply_locked()
+
+  def _time_applies(self) -> None:
+    while (item := self._applied.get()) is not None:
+      step, t0, marker = item
+      try:
+        marker.block_until_ready()
+      except Exception:  # pylint: disable=broad-except
+        continue  # never computed (e.g. the process is exiting)
+      self.observer.step_applied(step, time.monotonic() - t0)
+
+  # ------------------------------------------------------------------ checkpoints
+
+  def _save_locked(self, force: bool) -> bool:
+    if self._checkpointer is None or self._plan is None:
+      return False
+    step, t0 = self._steps.step, time.monotonic()
+    saved = persistence.save(self._checkpointer, self.config, step, self._plan, self._state,
+                             force=force)
+    if saved:
+      blocked = time.monotonic() - t0
+      self.stats['checkpoint_blocking_s'] = blocked
+      log.info('checkpoint of step %d started (step loop blocked %.3fs)', step, blocked,
+               extra=fields(step=step, seconds=round(blocked, 4)))
+      self.observer.checkpoint_started(step, blocked)
+      self._saves.put((step, t0))
+    return saved
+
+  def _report_saves(self) -> None:
+    """Reports each save once it is on disk (an asynchronous one finishes later)."""
+    while (item := self._saves.get()) is not None:
+      step, t0 = item
+      try:
+        self._checkpointer.wait()
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning('checkpoint of step %d failed: %s: %s', step, type(e).__name__, e,
+                    extra=fields(step=step))
+        continue
+      self.observer.checkpoint_saved(step, time.monotonic() - t0)
+
+  def restore(self) -> bool:
+    """Restores the newest readable checkpoint onto this mesh; False if there is none."""
+    if self._checkpointer is None:
+      return False
+    found = persistence.restore_latest(self._checkpointer, self.config, self.mesh)
+    if found is None:
+      return False
+    step, plan, state = found
+    with self._cond:
+      model_id = self._adopt_locked(plan, state, step)
+    log.info('restored step %d from %s (%d leaves), model_id %s', step,
+             self._checkpointer.path(step), len(plan.specs), model_id,
+             extra=fields(step=step, model_id=model_id))
+    plan.compile()
+    return True
+
+  def check_same_model(self, specs: Sequence[LeafSpec]) -> None:
+    """Raises IncompatibleCheckpoint if `specs` are not the restored model's leaves."""
+    persistence.check_same_model(self._plan.specs, specs)
+
+  def save_now(self, wait: bool) -> tuple[int, str]:
+    """Checkpoints the current step now (unless it is already saved)."""
+    if self._checkpointer is None:
+      raise FailedPrecondition('the server has no --checkpoint-dir')
+    with self._cond:
+      self._require_model()
+      self._save_locked(force=True)
+      step = self._steps.step
+    if wait:
+      self._checkpointer.wait()
+    return step, self._checkpointer.path(step)
+
+  def list_checkpoints(self) -> list[CheckpointInfo]:
+    if self._checkpointer is None:
+      raise FailedPrecondition('the server has no --checkpoint-dir')
+    return self._checkpointer.list()
+
+  # ------------------------------------------------------------------ lifecycle
+
+  def shutdown(self, grace: float) -> None:
+    """Stops admitting pushes, lets those in flight finish (up to `grace` s), saves, waits."""
+    with self._cond:
+      self._admission.draining = True
+      self._cond.notify_all()
+      self._cond.wait_for(lambda: self._admission.pushes == 0, grace)
+      if self._admission.pushes:
+        log.warning('%d pushes still in flight after %.1fs; not waiting for them',
+                    self._admission.pushes, grace)
+      saved = self._save_locked(force=True)
+    if self._checkpointer is not None:
+      self._checkpointer.wait()
+      if saved or self._plan is not None:
+        log.info('final checkpoint of step %d written', self.step,
+                 extra=fields(step=self.step))
+    self.close()
+
+  def close(self) -> None:
+    """Ends the engine's threads (the checkpointer stays open: its creator closes it)."""
+    with self._cond:
+      self._closed = True
+      self._cond.notify_all()
+    self._applied.put(None)
+    self._saves.put(None)
+    for t in self._threads:
+      t.join(timeout=30)

@@ -1,0 +1,130 @@
+"""The model on the mesh: its plan (what it is and how it is stepped) apart from its state.
+
+`ModelPlan` is everything that follows from the leaves' specs and the mesh --
+the shardings, the host layouts, the optimizer, the jitted step -- and holds no
+array; a restore builds one to get the abstract target Orbax restores into,
+and keeps it. `ModelState` is the live state: params, LAMB state, and the last
+step's trust ratios.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from service.config import ServerConfig
+from service.core import placement
+from service.core.optimizer import make_optimizer
+from service.protocol.specs import LeafSpec
+
+
+@dataclasses.dataclass
+class ModelState:
+  """The model's live state on the mesh.
+
+  Attributes:
+    params: one global array per leaf, in the specs' order.
+    opt_state: the LAMB state (moments sharded like the params).
+    trust_ratios: the per-leaf trust ratios of the last step applied since start
+      (None: none yet); never donated, so it stays readable.
+  """
+  params: list[jax.Array]
+  opt_state: Any
+  trust_ratios: Optional[jax.Array] = None
+
+  def checkpointed(self) -> dict:
+    """What a checkpoint holds."""
+    return {'params': self.params, 'opt_state': self.opt_state}
+
+
+class ModelPlan:
+  """A model's leaves on a mesh: shardings, host layouts, the optimizer and the jitted step."""
+
+  def __init__(self, config: ServerConfig, mesh: jax.sharding.Mesh, specs: Sequence[LeafSpec]):
+    self.specs = tuple(specs)
+    self.paths = {s.path: i for i, s in enumerate(self.specs)}
+    n = mesh.devices.size
+    self.pspecs = [placement.partition_spec(s.shape, n) for s in self.specs]
+    self.shardings = [NamedSharding(mesh, p) for p in self.pspecs]
+    self.replicated = NamedSharding(mesh, P())
+    # Host buffers: each device's block of a leaf contiguous (see service/core/layout.py).
+    self.layouts = [placement.layout_of(s.shape, p, n) for s, p in zip(self.specs, self.pspecs)]
+    self.tx = make_optimizer(config, mesh, self.pspecs)
+
+    def apply(params, opt_state, acc, inv_weight):
+      grads = [(a * inv_weight).astype(p.dtype) for a, p in zip(acc, params)]
+      updates, opt_state = self.tx.update(grads, opt_state, params)
+      # The trust ratios once more, as an output of their own: opt_state is donated to
+      # the next step, this copy stays readable (metrics) and marks the step computed.
+      ratios = opt_state[0].trust_ratio
+      return optax.apply_updates(params, updates), opt_state, ratios
+    # The new params and moments take the old ones' memory (donated), so a step needs
+    # no second copy of them. Params can be donated only while no pull reads them;
+    # otherwise `_apply_keeping_params` leaves them to the readers. The outputs are
+    # pinned to the inputs' shardings, so that every step runs the executable
+    # compiled for the first (see `compile`).
+    state = self.abstract_state()
+    out_shardings = jax.tree.map(lambda x: x.sharding,
+                                 (state['params'], state['opt_state'])) + (self.replicated,)
+    self._apply = jax.jit(apply, donate_argnums=(0, 1), out_shardings=out_shardings)
+    self._apply_keeping_params = jax.jit(apply, donate_argnums=1, out_shardings=out_shardings)
+
+  def abstract_state(self) -> dict:
+    """The checkpointed state as ShapeDtypeStructs with this mesh's shardings."""
+    params = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+              for s, sh in zip(self.specs, self.shardings)]
+    shapes = jax.eval_shape(self.tx.init, params)
+    opt_state = optax.tree.map_params(
+        self.tx, lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes,
+        self.shardings,
+        transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                            sharding=self.replicated))
+    return {'params': params, 'opt_state': opt_state}
+
+  def place(self, host_params: Sequence[np.ndarray]) -> ModelState:
+    """The initial state on the mesh from host params (row-major, one per spec)."""
+    # Copies the mesh owns: on CPU an aligned host block would be wrapped in place, and
+    # the first step could then not donate the params' memory to the new ones (it would
+    # allocate them afresh, a second copy of the params at the step's peak).
+    params = [jax.device_put(placement.to_mesh(x, sh), sh, may_alias=False)
+              for x, sh in zip(host_params, self.shardings)]
+    # Step counters on the mesh too (replicated), so every step sees the same shardings.
+    opt_state = optax.tree.map_params(
+        self.tx, lambda x: x, jax.jit(self.tx.init)(params),
+        transform_non_params=lambda x: jax.device_put(x, self.replicated))
+    return ModelState(params, opt_state)
+
+  def restored(self, tree: dict) -> ModelState:
+    """The state of a checkpoint restored into `abstract_state()`."""
+    return ModelState(list(tree['params']), tree['opt_state'])
+
+  def compile(self) -> None:
+    """Compiles the step now, before any push: the first step does not wait for it.
+
+    The compiler's working memory is freed when it is done, but the C allocator
+    keeps it (a few hundred MB for a BERT-sized model) until something trims
+    its heaps: it is handed back to the OS here, before the first step's peak.
+    """
+    state = self.abstract_state()
+    acc = [jax.ShapeDtypeStruct(s.shape, np.float32, sharding=sh)
+           for s, sh in zip(self.specs, self.shardings)]
+    self._apply.lower(state['params'], state['opt_state'], acc, jnp.float32(1)).compile()
+    placement.trim_heap()
+
+  def step(self, state: ModelState, grads: list[jax.Array], weight: int,
+           keep_params: bool) -> ModelState:
+    """Dispatches one LAMB step with the gradient sum `grads` of `weight` examples.
+
+    `state`'s arrays are donated to the new state (its params too, unless
+    `keep_params`: a pull is reading them).
+    """
+    apply = self._apply_keeping_params if keep_params else self._apply
+    params, opt_state, ratios = apply(state.params, state.opt_state, grads,
+                                      jnp.float32(1.0 / weight))
+    return ModelState(params, opt_state, ratios)

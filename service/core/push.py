@@ -1,0 +1,138 @@
+"""One push being received: `PushSession`, what the engine's `open_push` hands out.
+
+    with engine.open_push(header) as push:
+      if not push.answered:            # a retry of an answered push is answered at once
+        for chunk in chunks:
+          push.write(chunk)            # checked against the header, into the push's buffers
+        push.commit(stream_commit)     # checks the commit; counts the push into its step
+      return push.result
+
+The session holds the push's admission slot and its host buffers (in the
+mesh's block layout) from `open_push` until it commits or its block exits;
+leaving the block without a commit (an error, a cancelled stream) frees both,
+and the push changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from service.core import layout
+from service.core.finite import all_finite
+from service.errors import InvalidArgument
+from service.protocol import tensor_pb2
+from service.protocol.chunks import Chunk, ChunkReceiver
+from service.protocol.types import PushHeader, PushResult
+
+
+class _BlockSink:
+  """A receiver's sink into a push's buffers (through their wire views); `on_leaf` checks
+  each leaf as it completes."""
+
+  def __init__(self, views: list[np.ndarray], on_leaf: Callable[[int], None]):
+    self._views, self.leaf_complete = views, on_leaf
+
+  def write(self, leaf: int, offset: int, data: np.ndarray) -> None:
+    layout.write(self._views[leaf], offset, data)
+
+
+class PushSession:
+  """A push admitted by the engine: write its data, then commit it (or let it go).
+
+  Attributes:
+    header: the push's header.
+    answered: True when the push is a retry of one already answered: `result`
+      is that answer, and nothing needs to be written or committed.
+    result: the answer, once committed (or answered).
+    nonfinite_leaf: the first leaf that carried NaN/Inf (with nonfinite=skip_step).
+  """
+
+  def __init__(self, header: PushHeader, *, answered: Optional[PushResult] = None,
+               buffers: Optional[list[np.ndarray]] = None,
+               views: Sequence[np.ndarray] = (), slot=None, reject_nonfinite: bool = True,
+               commit: Optional[Callable[['PushSession'], PushResult]] = None,
+               release: Optional[Callable[['PushSession'], None]] = None):
+    """Made by `Engine.open_push`, not by hand.
+
+    Args:
+      header: the push's header, checked and admitted.
+      answered: the answer of a retried push (then nothing else is needed).
+      buffers: one host buffer per leaf, in the wire dtypes and the block layout.
+      views: per buffer, the uint8 view whose row-major order is the wire's.
+      slot: the push's admission slot (the engine's; the session only carries it).
+      reject_nonfinite: NaN/Inf rejects the push (else it marks it).
+      commit: counts the complete push into its step (the engine's, under its lock).
+      release: frees the push's slot and unused buffers (the engine's), exactly once.
+    """
+    self.header = header
+    self.answered = answered is not None
+    self.result: Optional[PushResult] = answered
+    self.nonfinite_leaf: Optional[str] = None
+    self.buffers = buffers if buffers is not None else []
+    self._views = list(views)
+    self.slot = slot
+    self._reject_nonfinite = reject_nonfinite
+    self._commit, self._release = commit, release
+    self._receiver = ChunkReceiver(header.leaves, header.what,
+                                   _BlockSink(self._views, self._check_finite))
+    self._filled = False
+
+  @property
+  def received_bytes(self) -> int:
+    """Data bytes written so far."""
+    return self._receiver.total_bytes
+
+  def write(self, chunk: tensor_pb2.TensorChunk | Chunk) -> None:
+    """The next chunk of the stream; InvalidArgument naming the leaf if it breaks the rules."""
+    self._receiver.add(chunk)
+
+  def fill(self, arrays: Sequence[np.ndarray]) -> None:
+    """Writes whole leaves (row-major, in the wire dtypes) at once, instead of chunks.
+
+    For callers in this process (tests, benchmarks); `commit()` then needs no
+    stream commit.
+    """
+    for i, (spec, x) in enumerate(zip(self.header.leaves, arrays)):
+      x = np.ascontiguousarray(x, spec.dtype).reshape(-1)
+      if x.size * spec.dtype.itemsize != spec.nbytes:
+        raise ValueError(f'leaf {spec.path}: {x.size} elements, expected shape {spec.shape}')
+      layout.write(self._views[i], 0, x.view(np.uint8))
+      self._check_finite(i)
+    self._filled = True
+
+  def commit(self, stream_commit: Optional[tensor_pb2.StreamCommit] = None) -> PushResult:
+    """Checks the stream's commit and counts the push into its step; returns the answer.
+
+    The push's buffers become the step's sum's (or go back to the pool): the
+    session keeps no reference to them.
+    """
+    if self.answered:
+      return self.result
+    if not self._filled:
+      self._receiver.finish(stream_commit)
+    self.result = self._commit(self)
+    return self.result
+
+  def _check_finite(self, leaf: int) -> None:
+    if all_finite(self.buffers[leaf]):
+      return
+    spec, h = self.header.leaves[leaf], self.header
+    if self._reject_nonfinite:
+      raise InvalidArgument(f'leaf {spec.path} of worker {h.worker_id}\'s push for step '
+                            f'{h.step} contains NaN or Inf', reason='nonfinite', leaf=spec.path)
+    self.nonfinite_leaf = self.nonfinite_leaf or spec.path
+
+  def close(self) -> None:
+    """Frees the push's slot and buffers unless it committed (safe to call again)."""
+    release, self._release = self._release, None
+    if release is not None:
+      release(self)
+    self._views.clear()
+
+  def __enter__(self) -> 'PushSession':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
