@@ -20,9 +20,9 @@ import grpc
 import numpy as np
 import pytest
 
-from service._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
-from service._gen.lamb_sharded.v1 import tensor_pb2
-from service.wire import MASK64, chunk_checksum
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service.protocol._gen.lamb_sharded.v1 import tensor_pb2
+from service.protocol.checksum import MASK64, chunk_checksum
 from svc import params_of, push_messages, running_server, spec, stub, until
 
 SERVICE = '/lamb_sharded.v1.OptimizerService/'
@@ -318,8 +318,12 @@ CASES = {
 }
 
 
-def test_the_table_has_at_least_30_kinds():
-  assert len(CASES) >= 30
+def test_every_case_says_what_message_it_expects():
+  # An empty pattern accepts any message: only a stream the client itself cancelled and a
+  # method the server does not have carry no message of the service's to check.
+  vague = [name for name, (_, code, pattern) in CASES.items()
+           if not pattern and code not in ('CANCELLED', 'UNIMPLEMENTED')]
+  assert not vague, vague
 
 
 @pytest.mark.parametrize('name', list(CASES))
