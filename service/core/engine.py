@@ -11,13 +11,15 @@ them under one lock:
   accumulator            the step's gradient sum on the host, recycled buffers
   persistence            checkpoints: meta, save, restore, compatibility
   push.PushSession       one push being received (`open_push`)
+  pull.SharedStream      one step's pull, encoded once for every puller (`pull`)
 
 Data path: `open_push(header)` (checks, admission) -> the session's `write`s
 (chunks into host buffers in the mesh's block layout) -> its `commit`
 (accumulate on the host, maybe apply the step). `pull(...)` yields a header,
-then a consistent snapshot of the params chunk by chunk, read from the
-devices' blocks. A push that fails never touches the sum: it is only read or
-written at commit, under the lock.
+then a consistent snapshot of the params as encoded messages, read from the
+devices' blocks and encoded once for all the pulls of a step (core/pull.py).
+A push that fails never touches the sum: it is only read or written at
+commit, under the lock.
 
 Multi-host later: `placement.to_mesh` builds each global array with
 `jax.make_array_from_callback`, which asks only for the blocks this process's
@@ -42,6 +44,7 @@ import numpy as np
 
 from service.config import WORKER_ID, WORKER_ID_RULE, ServerConfig
 from service.core import persistence, placement
+from service.core import pull as pull_lib
 from service.core.accumulator import Accumulator
 from service.core.admission import Admission
 from service.core.checkpoint import Checkpointer, CheckpointInfo
@@ -54,7 +57,7 @@ from service.core.rules import StepRules, Steps
 from service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument,
                             PermissionDenied, Unavailable)
 from service.logs import fields
-from service.protocol.chunks import DEFAULT_CHUNK_BYTES, chunk_stream
+from service.protocol.chunks import DEFAULT_CHUNK_BYTES
 from service.protocol.specs import LeafSpec
 from service.protocol.types import PushHeader, PushResult
 
@@ -139,6 +142,7 @@ class Engine:
     self._waiting = 0  # callers blocked in wait_for_step
     self._readers = 0  # open `reading` blocks on the current params
     self._params_version = 0  # bumped whenever the current params are replaced
+    self._shared_pull: Optional[tuple] = None  # (key, pull.SharedStream) of the latest pull
     self._closed = False
     self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
     # Off the step loop: the straggler timeout; timing each update from its dispatch
@@ -240,7 +244,7 @@ class Engine:
 
   def pull(self, dtype: Optional[np.dtype] = None, *, newer_than: Optional[int] = None,
            model_id: str = '', chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator:
-    """The current params as a stream: a `PullHeader`, then chunks, then the commit.
+    """The current params as a stream: a `PullHeader`, then the encoded messages.
 
     Args:
       dtype: the dtype to send the leaves in (default: their own).
@@ -249,23 +253,43 @@ class Engine:
       model_id: the model of the caller's copy.
       chunk_bytes: data bytes per chunk.
 
-    Yields `PullHeader`, then (path, offset, data, sequence) chunk tuples and the
-    `StreamCommit` (`service.protocol.chunks.chunk_stream`). Each leaf is read
-    from its devices' blocks a chunk's worth at a time: no host copy of a leaf.
-    The snapshot is held until the generator ends or is closed.
+    Yields `PullHeader`, then the serialized PullParametersResponse messages of
+    the chunks and the commit (`pull.encode`). Pulls of the same step, dtype
+    and chunk size that run at once share one encoding (`pull.SharedStream`).
+    The step's params are held (not donated to the next step) until the
+    encoding is done or every puller is gone.
     """
-    with self.reading() as snap:
-      if newer_than is not None and model_id == snap.model_id and snap.step <= newer_than:
-        yield PullHeader(snap.model_id, snap.step, (), not_modified=True)
-        return
-      specs = tuple(LeafSpec(s.path, s.shape, dtype or s.dtype) for s in snap.specs)
-      yield PullHeader(snap.model_id, snap.step, specs)
+    with self._cond:
+      self._require_model()
+      mid, step, specs = self._model_id, self._steps.step, self._plan.specs
+      if newer_than is not None and model_id == mid and step <= newer_than:
+        header, reader = PullHeader(mid, step, (), not_modified=True), iter(())
+      else:
+        specs = pull_lib.pulled_dtypes(specs, dtype)
+        header = PullHeader(mid, step, specs)
+        key = (mid, step, specs, chunk_bytes)
+        shared = self._shared_pull
+        reader = shared[1].join() if shared is not None and shared[0] == key else None
+        if reader is None:
+          reader = self._start_pull(key, specs, chunk_bytes).join()
+    with contextlib.closing(reader):
+      yield header
+      yield from reader
 
-      def leaves():
-        for s, a in zip(specs, snap.arrays):
-          pieces = placement.host_pieces(a, chunk_bytes * a.dtype.itemsize // s.dtype.itemsize)
-          yield s.path, (p.astype(s.dtype, copy=False) for p in pieces)
-      yield from chunk_stream(leaves(), chunk_bytes)
+  def _start_pull(self, key, specs, chunk_bytes) -> pull_lib.SharedStream:
+    """A shared encoding of the current params (under the lock); they are held meanwhile."""
+    hold = contextlib.ExitStack()
+    snap = hold.enter_context(self.reading())
+    stream = pull_lib.SharedStream(pull_lib.encode(specs, snap.arrays, chunk_bytes),
+                                   release=lambda: self._end_pull(stream, hold))
+    self._shared_pull = (key, stream)
+    return stream
+
+  def _end_pull(self, stream: pull_lib.SharedStream, hold: contextlib.ExitStack) -> None:
+    hold.close()  # the params are no longer read
+    with self._cond:
+      if self._shared_pull is not None and self._shared_pull[1] is stream:
+        self._shared_pull = None
 
   # ------------------------------------------------------------------ model
 

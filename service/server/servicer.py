@@ -20,9 +20,9 @@ import grpc
 from service.core.engine import Engine, PullHeader
 from service.errors import AlreadyExists, InvalidArgument, ServiceError
 from service.logs import fields
-from service.protocol import SERVICE_NAME, pb, tensor_pb2
+from service.protocol import SERVICE_NAME, pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
-from service.protocol.chunks import ChunkReceiver, clamp_chunk_bytes, upload_parser
+from service.protocol.chunks import ChunkReceiver, clamp_chunk_bytes, chunk_parser
 from service.protocol.dtypes import numpy_dtype
 from service.protocol.specs import specs_from_proto
 from service.protocol.types import PushHeader, PushResult
@@ -77,21 +77,28 @@ def add_servicer(servicer: pb_grpc.OptimizerServiceServicer, server: grpc.Server
   """pb_grpc.add_OptimizerServiceServicer_to_server, with our own request parsers.
 
   Requests with a `chunk` field (InitializeModel, PushGradients) are parsed by
-  `service.protocol.chunks.upload_parser`, which leaves each chunk's data in the received bytes
-  instead of copying it twice; every other one by protobuf. All are `_lenient`:
-  bytes that do not parse reach the handler as an `_Unparsable`.
+  `service.protocol.chunks.chunk_parser`, which leaves each chunk's data in the
+  received bytes instead of copying it twice; every other one by protobuf. All
+  are `_lenient`: bytes that do not parse reach the handler as an `_Unparsable`.
+  Responses a handler yields already serialized (PullParameters' chunks) are
+  passed on as they are.
   """
   handlers = {}
   for method in pb.DESCRIPTOR.services_by_name['OptimizerService'].methods:
     request = getattr(pb, method.input_type.name)
     response = getattr(pb, method.output_type.name)
-    parse = (upload_parser(request) if 'chunk' in request.DESCRIPTOR.fields_by_name
+    parse = (chunk_parser(request) if 'chunk' in request.DESCRIPTOR.fields_by_name
              else request.FromString)
     handlers[method.name] = _HANDLER_KINDS[method.client_streaming, method.server_streaming](
         getattr(servicer, method.name), request_deserializer=_lenient(parse, request),
-        response_serializer=response.SerializeToString)
+        response_serializer=_passing_bytes)
   server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
   server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _passing_bytes(message) -> bytes:
+  """A response serializer for handlers that yield messages or already-serialized bytes."""
+  return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def _read_stream(requests: Iterator, what: str):
@@ -248,14 +255,13 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
           dtype, newer_than=(request.if_newer_than_step
                              if request.HasField('if_newer_than_step') else None),
           model_id=request.if_model_id, chunk_bytes=clamp_chunk_bytes(request.max_chunk_bytes))
-      sent = self._metrics.sent_bytes.labels('PullParameters')
       with contextlib.closing(stream):
-        for item in stream:
-          message = _pull_message(item)
-          if message.WhichOneof('kind') == 'chunk':
-            sent.inc(len(item[2]))
+        header = next(stream)
+        yield _pull_header(header)
+        for message in stream:  # already serialized, each chunk's data copied once
           yield message
           self._pulls.progress(watch)
+      self._metrics.sent_bytes.labels('PullParameters').inc(sum(s.nbytes for s in header.leaves))
       self._metrics.pull_seconds.observe(time.monotonic() - t0)
     except ServiceError as e:
       _abort(context, e)
@@ -305,16 +311,7 @@ def _push_response(r: PushResult) -> pb.PushGradientsResponse:
                                   current_step=r.current_step, duplicate=r.duplicate)
 
 
-def _pull_message(item) -> pb.PullParametersResponse:
-  """One item of `Engine.pull` as its message: the header, a chunk, or the commit."""
-  out = pb.PullParametersResponse()
-  if isinstance(item, PullHeader):
-    out.header.CopyFrom(pb.PullParametersHeader(
-        model_id=item.model_id, step=item.step, not_modified=item.not_modified,
-        leaves=[s.to_proto() for s in item.leaves]))
-  elif isinstance(item, tensor_pb2.StreamCommit):
-    out.commit.CopyFrom(item)
-  else:
-    c = out.chunk
-    c.path, c.offset, c.data, c.sequence = item
-  return out
+def _pull_header(h: PullHeader) -> pb.PullParametersResponse:
+  return pb.PullParametersResponse(header=pb.PullParametersHeader(
+      model_id=h.model_id, step=h.step, not_modified=h.not_modified,
+      leaves=[s.to_proto() for s in h.leaves]))
