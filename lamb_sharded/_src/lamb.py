@@ -338,7 +338,10 @@ def scale_by_lamb(
     param_specs: pytree (or prefix) of `PartitionSpec` for the params. When
       omitted, the shardings JAX exposes on explicitly sharded params
       (`jax.set_mesh` with `AxisType.Explicit`) are used; with neither, the
-      update runs as plain JAX on whatever devices the arrays live on.
+      update runs as plain JAX on whatever devices the arrays live on. Params
+      put on a mesh with automatic axes are then partitioned by XLA, whose
+      all-reduces of the per-leaf norms it combines (no leaf is gathered); pass
+      `mesh` and `param_specs` for the single all-reduce and the fused norms.
     exclude_from_layer_adaptation: pytree/prefix/callable of bools: True where
       the trust ratio is fixed at 1 (TF Addons' `exclude_from_layer_adaptation`).
     min_trust_ratio: with `max_trust_ratio`, clamp the trust ratio to
@@ -532,7 +535,7 @@ def lamb(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in 76
     minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
-  return optax.chain(
+  chained = optax.chain(
       scale_by_lamb(
           b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask,
           mesh=mesh, param_specs=param_specs,
@@ -542,3 +545,15 @@ def lamb(
           mu_dtype=mu_dtype, nu_dtype=nu_dtype, record_trust_ratio=record_trust_ratio),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+  def init_fn(params):
+    lamb_state, lr_state = chained.init(params)
+    # A schedule's step count is created uncommitted by optax; commit it where ours
+    # lives (where a jitted step returns both), or the second call would compile again.
+    count = lamb_state.count
+    if not isinstance(count, jax.core.Tracer) and count.committed:
+      lr_state = jax.tree.map(
+          lambda x: x if x.committed else sharding_lib.place(x, count.sharding), lr_state)
+    return lamb_state, lr_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, chained.update)

@@ -241,13 +241,14 @@ def test_no_compilation_on_the_second_call(placement, wrapper):
   # The state init returns must have the types (placement, commitment, weak type,
   # structure) of the state update returns, or the second call compiles again.
   params, kwargs, ctx, replicated = _placed(placement)
+  lr = optax.linear_schedule(1e-2, 1e-3, 10)  # a schedule has a state of its own
   if wrapper == 'inject_hyperparams':
     tx = optax.inject_hyperparams(lamb_sharded.lamb, static_args=('mesh',) if kwargs else ())(
-        learning_rate=1e-2, weight_decay=0.1, **kwargs)
+        learning_rate=lr, weight_decay=0.1, **kwargs)
   elif wrapper == 'MultiSteps':
-    tx = optax.MultiSteps(lamb_sharded.lamb(1e-2, weight_decay=0.1, **kwargs), every_k_schedule=2)
+    tx = optax.MultiSteps(lamb_sharded.lamb(lr, weight_decay=0.1, **kwargs), every_k_schedule=2)
   else:
-    tx = lamb_sharded.lamb(1e-2, weight_decay=0.1, **kwargs)
+    tx = lamb_sharded.lamb(lr, weight_decay=0.1, **kwargs)
 
   @jax.jit
   def step(p, s, g):
