@@ -47,8 +47,9 @@ How to run
     python tests/benchmarks/bench_lamb.py --size 25m --reps 3
     python tests/benchmarks/bench_lamb.py --mesh 8 --json /tmp/bench.json
 
-XLA_FLAGS is extended with --xla_force_host_platform_device_count=8 before jax
-is imported, so the mesh exists on a CPU-only machine.
+XLA_FLAGS is extended with --xla_force_host_platform_device_count=8
+(`service.runtime`) before jax is imported, so the mesh exists on a CPU-only
+machine.
 """
 
 from __future__ import annotations
@@ -56,18 +57,12 @@ from __future__ import annotations
 import os
 import sys
 
+# The checkout first (run without PYTHONPATH or an install).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from service import runtime  # pylint: disable=wrong-import-position  # imports nothing heavy
+
 N_DEVICES = 8
-
-
-def _force_host_devices(n: int) -> None:
-  """Asks XLA for `n` CPU devices, keeping any other flags in XLA_FLAGS."""
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  flags.append(f'--xla_force_host_platform_device_count={n}')
-  os.environ['XLA_FLAGS'] = ' '.join(flags)
-
-
-_force_host_devices(N_DEVICES)  # must run before jax is imported
+runtime.simulate_cpu_devices(N_DEVICES)  # must run before jax is imported
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
@@ -87,11 +82,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-try:
-  import lamb_sharded
-except ImportError:  # run from a checkout without PYTHONPATH / an install
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-  import lamb_sharded
+import lamb_sharded
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Model shapes: BERT-base-like for 100m, a smaller sibling for 25m.
