@@ -21,10 +21,13 @@ devices' blocks and encoded once for all the pulls of a step (core/pull.py).
 A push that fails never touches the sum: it is only read or written at
 commit, under the lock.
 
-Multi-host later: `placement.to_mesh` builds each global array with
-`jax.make_array_from_callback`, which asks only for the blocks this process's
-devices hold, so a process that ingests (and accumulates) only its own blocks
--- the layout already keeps each block apart -- plugs in there.
+Multi-process: the mesh may span the processes of a `jax.distributed` job.
+Each process then holds, receives, accumulates and sends only its own
+devices' blocks of each leaf (`ModelPlan.local_specs`), and every process
+dispatches the same steps in the same order, so the step's collectives meet.
+(In sync mode with every worker that holds by construction; what the
+processes must agree on beyond it -- stragglers, async steps, a push one of
+them refused -- is still to come.)
 """
 
 from __future__ import annotations
@@ -190,7 +193,7 @@ class Engine:
     """The per-leaf trust ratios of the last step applied since start (None: none yet)."""
     with self._cond:
       ratios = self._state.trust_ratios if self._state is not None else None
-    return None if ratios is None else np.asarray(ratios)
+    return None if ratios is None else np.asarray(ratios.addressable_data(0))  # replicated
 
   def wait_for_step(self, step: int, timeout: Optional[float],
                     gone: Optional[Callable[[], bool]] = None) -> tuple[int, bool, str]:
@@ -261,7 +264,7 @@ class Engine:
     """
     with self._cond:
       self._require_model()
-      mid, step, specs = self._model_id, self._steps.step, self._plan.specs
+      mid, step, specs = self._model_id, self._steps.step, self._plan.local_specs
       if newer_than is not None and model_id == mid and step <= newer_than:
         header, reader = PullHeader(mid, step, (), not_modified=True), iter(())
       else:
@@ -294,7 +297,11 @@ class Engine:
   # ------------------------------------------------------------------ model
 
   def initialize(self, specs: Sequence[LeafSpec], host_params: Sequence[np.ndarray]) -> str:
-    """Creates the model from host buffers (one per spec); ALREADY_EXISTS if it exists."""
+    """Creates the model of leaves `specs` from host buffers; ALREADY_EXISTS if it exists.
+
+    `host_params`: one per leaf, row-major, the part of it this process holds
+    (the whole leaf in a single process; a process's slice in a multi-process job).
+    """
     for s, buf in zip(specs, host_params):
       if s.dtype not in PARAM_DTYPES:
         raise InvalidArgument(f'leaf {s.path}: parameters must be float32, got {s.dtype.name}')
@@ -305,6 +312,10 @@ class Engine:
         raise AlreadyExists(f'the model is already initialised (model_id {self._model_id}, '
                             f'step {self._steps.step})')
       plan = ModelPlan(self.config, self.mesh, specs)
+      for s, buf in zip(plan.local_specs, host_params):
+        if tuple(buf.shape) != s.shape:
+          raise InvalidArgument(f'leaf {s.path}: this process holds shape {list(s.shape)} of it, '
+                                f'got {list(buf.shape)}')
       model_id = self._adopt_locked(plan, plan.place(host_params), 0)
       self._save_locked(force=True)  # the initial params are state too
       log.info('model initialised: %d leaves, %d parameters, model_id %s', len(specs),
@@ -385,7 +396,7 @@ class Engine:
   @staticmethod
   def _check_leaves(plan: ModelPlan, wire_specs: Sequence[LeafSpec]) -> None:
     got = {s.path for s in wire_specs}
-    for want in plan.specs:
+    for want in plan.local_specs:
       if want.path not in got:
         raise InvalidArgument(f'header.leaves: leaf {want.path} is missing')
     for i, s in enumerate(wire_specs):
@@ -395,9 +406,9 @@ class Engine:
       if j != i:
         raise InvalidArgument(f'header.leaves: leaf {s.path} is at position {i}, expected {j} '
                               f'(the parameters\' order)')
-      if s.shape != plan.specs[j].shape:
+      if s.shape != plan.local_specs[j].shape:  # this process's part of the leaf
         raise InvalidArgument(f'header.leaves: leaf {s.path} has shape {list(s.shape)}, '
-                              f'expected {list(plan.specs[j].shape)}')
+                              f'expected {list(plan.local_specs[j].shape)}')
 
   def _admit_locked(self, nbytes: int, timeout: float):
     """Waits for room for a push of `nbytes`; its admission slot."""

@@ -1,4 +1,4 @@
-"""lamb_sharded on a mesh that spans two processes (`jax.distributed`), against optax.lamb.
+"""Meshes that span two processes (`jax.distributed`): lamb_sharded, and the optimizer engine.
 
 Two real processes on 127.0.0.1 with 4 simulated CPU devices each form one
 8-device mesh (`service.runtime.initialize_distributed`): the per-layer norms'
@@ -19,6 +19,7 @@ from service import runtime
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import mp_engine  # noqa: E402  pylint: disable=wrong-import-position
 import mp_lamb  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -29,11 +30,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_job(out: pathlib.Path, timeout: float = 120.0) -> list[str]:
+def _run_job(out: pathlib.Path, script: str = 'mp_lamb.py', timeout: float = 120.0) -> list[str]:
   port = _free_port()
   env = {**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu'}
   runtime.simulate_cpu_devices(4, env)
-  procs = [subprocess.Popen([sys.executable, str(ROOT / 'tests' / 'multihost' / 'mp_lamb.py'),
+  procs = [subprocess.Popen([sys.executable, str(ROOT / 'tests' / 'multihost' / script),
                              str(port), str(i), str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
@@ -70,3 +71,31 @@ def test_two_processes_step_like_optax_lamb_with_one_cross_process_all_reduce(tm
 def test_a_process_id_outside_the_job_is_refused_before_jax_starts():
   with pytest.raises(ValueError, match=r'process_id 2 is not in \[0, num_processes=2\)'):
     runtime.initialize_distributed('127.0.0.1:1', 2, 2)
+
+
+def test_two_engine_processes_take_only_their_slices_and_apply_the_same_steps(tmp_path):
+  # Each process is given only its own devices' slices of every leaf (a split leaf's half,
+  # a replicated leaf whole), and the steps end where one process on one device ends.
+  _run_job(tmp_path / 'engine', 'mp_engine.py')
+  parts = [np.load(tmp_path / f'engine.{i}.npz') for i in range(2)]
+  from service.config import ServerConfig  # pylint: disable=import-outside-toplevel
+  from service.core.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+  tx = make_optimizer(ServerConfig(**mp_engine.CONFIG), None, None)
+  params = mp_engine.params()
+  state = tx.init(params)
+  for step in range(mp_engine.STEPS):
+    g = [mp_engine.grads(step, w) for w in range(mp_engine.WORKERS)]
+    mean = {k: sum(x[k] for x in g) / mp_engine.WORKERS for k in params}
+    updates, state = tx.update(mean, state, params)
+    params = optax.apply_updates(params, updates)
+  for k, want in params.items():
+    got = np.empty_like(np.asarray(want))
+    for part in parts:
+      value, start = part[f'value:{k}'], part[f'start:{k}']
+      got[tuple(slice(s, s + n) for s, n in zip(start, value.shape))] = value
+    np.testing.assert_allclose(got, np.asarray(want), rtol=2e-6, atol=2e-7, err_msg=k)
+  # Bytes per process: half of each split leaf, the replicated one whole, per push.
+  split = sum(4 * np.prod(s) for k, s in mp_engine.SHAPES.items() if k != "['odd']")
+  each = mp_engine.STEPS * mp_engine.WORKERS * (split // 2 + 4 * 7)
+  assert [int(p['pushed']) for p in parts] == [each, each]
+  assert [int(p['step']) for p in parts] == [mp_engine.STEPS] * 2
