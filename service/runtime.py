@@ -71,3 +71,20 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
       process_id=process_id, cluster_detection_method='deactivate',
       coordinator_bind_address=bind_address, heartbeat_timeout_seconds=heartbeat_timeout_s,
       initialization_timeout=initialization_timeout_s)
+
+
+def exchange(key: str, value: str, timeout_s: float = 60.0) -> list[str]:
+  """Every process's `value` for `key`, by process index, through JAX's coordinator.
+
+  Each process of a `jax.distributed` job publishes its value in the
+  coordinator's key-value store and waits for the others' (e.g. the server
+  processes' endpoints). In a single process: `[value]`.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return [value]
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  client = distributed.global_state.client  # the job's coordinator client (JAX's own)
+  client.key_value_set(f'lamb_sharded/{key}/{jax.process_index()}', value)
+  return [client.blocking_key_value_get(f'lamb_sharded/{key}/{i}', int(timeout_s * 1000))
+          for i in range(jax.process_count())]

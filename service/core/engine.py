@@ -84,11 +84,18 @@ class EngineObserver:
 
 @dataclasses.dataclass(frozen=True)
 class Description:
+  """The model as clients see it.
+
+  `placements`: in a multi-process job, per leaf, (split dimension, where each
+  process's range of it starts), or None for a leaf every process holds
+  whole; empty in a single process.
+  """
   initialized: bool
   model_id: str
   leaves: tuple[LeafSpec, ...]
   step: int
   learning_rate: float
+  placements: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +171,7 @@ class Engine:
     with self._cond:
       plan, step, mid = self._plan, self._steps.step, self._model_id
     return Description(plan is not None, mid, plan.specs if plan else (), step,
-                       float(self._schedule(step)))
+                       float(self._schedule(step)), plan.placements if plan else ())
 
   @property
   def step(self) -> int:
@@ -299,8 +306,8 @@ class Engine:
   def initialize(self, specs: Sequence[LeafSpec], host_params: Sequence[np.ndarray]) -> str:
     """Creates the model of leaves `specs` from host buffers; ALREADY_EXISTS if it exists.
 
-    `host_params`: one per leaf, row-major, the part of it this process holds
-    (the whole leaf in a single process; a process's slice in a multi-process job).
+    `host_params`: one per leaf, row-major: the whole leaf, or the part of it
+    this process holds (in a multi-process job; see `ModelPlan.local_specs`).
     """
     for s, buf in zip(specs, host_params):
       if s.dtype not in PARAM_DTYPES:
@@ -312,11 +319,16 @@ class Engine:
         raise AlreadyExists(f'the model is already initialised (model_id {self._model_id}, '
                             f'step {self._steps.step})')
       plan = ModelPlan(self.config, self.mesh, specs)
-      for s, buf in zip(plan.local_specs, host_params):
-        if tuple(buf.shape) != s.shape:
-          raise InvalidArgument(f'leaf {s.path}: this process holds shape {list(s.shape)} of it, '
-                                f'got {list(buf.shape)}')
-      model_id = self._adopt_locked(plan, plan.place(host_params), 0)
+      local = []
+      for s, here, sl, buf in zip(plan.specs, plan.local_specs, plan.slices, host_params):
+        if tuple(buf.shape) == here.shape:
+          local.append(buf)
+        elif tuple(buf.shape) == s.shape:  # the whole leaf: this process's part of it
+          local.append(buf[sl])
+        else:
+          raise InvalidArgument(f'leaf {s.path}: shape {list(buf.shape)}, expected '
+                                f'{list(s.shape)} (or this process\'s part, {list(here.shape)})')
+      model_id = self._adopt_locked(plan, plan.place(local), 0)
       self._save_locked(force=True)  # the initial params are state too
       log.info('model initialised: %d leaves, %d parameters, model_id %s', len(specs),
                sum(math.prod(s.shape) for s in specs), model_id,

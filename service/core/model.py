@@ -70,6 +70,10 @@ class ModelPlan:
                     for s, p in zip(self.specs, self.pspecs)]
     self.local_specs = tuple(LeafSpec(s.path, lay.shape, s.dtype)
                              for s, lay in zip(self.specs, self.layouts))
+    # Per leaf, which part each process holds (None: whole); only in a multi-process job.
+    self.placements = (tuple(placement.process_starts(s.shape, p, mesh)
+                             for s, p in zip(self.specs, self.pspecs))
+                       if jax.process_count() > 1 else ())
     self.tx = make_optimizer(config, mesh, self.pspecs)
 
     def apply(params, opt_state, acc, inv_weight):

@@ -55,6 +55,20 @@ def local_blocks(mesh: jax.sharding.Mesh) -> range:
   return range(here[0], here[-1] + 1) if here else range(0)
 
 
+def process_starts(shape: Sequence[int], pspec: P, mesh: jax.sharding.Mesh
+                   ) -> Optional[tuple[int, tuple[int, ...]]]:
+  """(split dimension, where each process's range of it starts) of a leaf split as
+  `pspec`; None if it is not split (every process holds it whole)."""
+  if MESH_AXIS not in pspec:
+    return None
+  dim = list(pspec).index(MESH_AXIS)
+  step = shape[dim] // mesh.devices.size
+  first: dict[int, int] = {}
+  for i, d in enumerate(mesh.devices.flat):
+    first.setdefault(d.process_index, i)
+  return dim, tuple(first[p] * step for p in sorted(first))
+
+
 def local_slice(shape: Sequence[int], pspec: P, blocks: range, axis_size: int
                 ) -> tuple[slice, ...]:
   """The part of a leaf of `shape` split as `pspec` that mesh positions `blocks` hold."""

@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import grpc
 
 from service.core.engine import Engine, PullHeader
-from service.errors import AlreadyExists, InvalidArgument, ServiceError
+from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ServiceError
 from service.logs import fields
 from service.protocol import SERVICE_NAME, pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
@@ -130,8 +130,11 @@ def _read_stream(requests: Iterator, what: str):
 class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
   """lamb_sharded.v1.OptimizerService over an Engine."""
 
-  def __init__(self, engine: Engine, metrics: Optional[Metrics] = None):
+  def __init__(self, engine: Engine, metrics: Optional[Metrics] = None,
+               endpoints: Sequence[str] = ()):
+    """`endpoints`: of a multi-process server, every process's HOST:PORT, by index."""
     self._engine = engine
+    self._endpoints = tuple(endpoints)
     self._metrics = metrics or Metrics()
     cfg = engine.config
     self._idle_s, self._max_s = cfg.stream_idle_timeout_s, cfg.max_stream_seconds
@@ -165,7 +168,9 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
         hyperparameters=pb.LambHyperparameters(
             learning_rate_schedule=self._engine.schedule_description,
             learning_rate=d.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-            eps_root=cfg.eps_root, weight_decay=cfg.weight_decay))
+            eps_root=cfg.eps_root, weight_decay=cfg.weight_decay),
+        processes=[pb.ServerProcess(index=i, endpoint=e) for i, e in enumerate(self._endpoints)],
+        placements=[_placement(s.path, p) for s, p in zip(d.leaves, d.placements)])
 
   def InitializeModel(self, request_iterator, context):
     reader = None
@@ -174,6 +179,9 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       if d.initialized:  # refuse before reading the stream (the engine checks again)
         raise AlreadyExists(f'the model is already initialised (model_id {d.model_id}, '
                             f'step {d.step})')
+      if len(self._endpoints) > 1:
+        raise FailedPrecondition('a multi-process server takes its initial parameters from '
+                                 '--init-params (or a checkpoint), not from InitializeModel')
       reader = self._reader(request_iterator, 'InitializeModel')
       header, chunks, commit = _read_stream(reader, 'InitializeModel')
       specs = specs_from_proto(header.leaves, 'header.leaves')
@@ -309,6 +317,13 @@ def _push_header(message: pb.PushGradientsHeader) -> PushHeader:
 def _push_response(r: PushResult) -> pb.PushGradientsResponse:
   return pb.PushGradientsResponse(accepted_step=r.accepted_step, applied=r.applied,
                                   current_step=r.current_step, duplicate=r.duplicate)
+
+
+def _placement(path: str, placement) -> pb.LeafPlacement:
+  if placement is None:
+    return pb.LeafPlacement(path=path)
+  dim, starts = placement
+  return pb.LeafPlacement(path=path, split_dim=dim, starts=starts)
 
 
 def _pull_header(h: PullHeader) -> pb.PullParametersResponse:
