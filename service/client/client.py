@@ -15,6 +15,7 @@ exponential backoff -- safely, since every push carries an idempotency key.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import random
@@ -28,6 +29,7 @@ import numpy as np
 from google.protobuf import duration_pb2
 
 from service.client import credentials
+from service.client.sharded import Placements
 from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME, pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service.protocol.chunks import (DEFAULT_CHUNK_BYTES, ChunkReceiver, chunk_parser,
@@ -106,8 +108,26 @@ def _flatten(tree) -> list[tuple[str, np.ndarray]]:
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def _as_pulled(model_id: str, step: int, by_path: dict[str, np.ndarray], like) -> Pulled:
+  """The pulled leaves, unflattened into `like`'s structure if given."""
+  if like is None:
+    return Pulled(model_id, step, by_path)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+  paths = [jax.tree_util.keystr(p) for p, _ in flat]
+  if set(paths) != set(by_path):
+    raise ValueError(f'the server\'s leaves {sorted(by_path)} are not those of `like` '
+                     f'{sorted(paths)}')
+  return Pulled(model_id, step, jax.tree_util.tree_unflatten(treedef, [by_path[p] for p in paths]))
+
+
 class OptimizerClient:
-  """A connection to one optimizer server."""
+  """A connection to one optimizer server (of one process, or of several).
+
+  A multi-process server is found out from its description: the client then
+  sends each process its part of every pushed leaf, in parallel, and joins
+  the parts pulled from every process (`service.client.sharded`), so that the
+  calls below look the same either way.
+  """
 
   def __init__(self, target: str, *, timeout: float = 60.0, retries: int = 5,
                chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -119,7 +139,8 @@ class OptimizerClient:
                server_name_override: Optional[str] = None,
                tls: Optional[bool] = None):
     """Args:
-      target: 'host:port' of the server.
+      target: 'host:port' of the server (of any of its processes: the others are
+        found out from its description).
       timeout: deadline of each call in seconds (WaitForStep takes its own).
       retries: attempts for pushes and pulls on UNAVAILABLE.
       chunk_bytes: data bytes per chunk (at most 3 MiB).
@@ -159,9 +180,38 @@ class OptimizerClient:
     self.timeout = timeout
     self.retries = retries
     self.chunk_bytes = clamp_chunk_bytes(chunk_bytes)
+    # For the other processes of a multi-process server: the same options, a client each.
+    self._options = dict(timeout=timeout, retries=retries, chunk_bytes=chunk_bytes, token=token,
+                         root_certificates=root_certificates, client_cert=client_cert,
+                         client_key=client_key, server_name_override=server_name_override,
+                         tls=tls)
+    self._job: Optional[tuple[Placements, list['OptimizerClient'],
+                              concurrent.futures.ThreadPoolExecutor]] = None
+    self._single = False  # the server was found to be a single process
 
   def close(self) -> None:
+    if self._job is not None:
+      for c in self._job[1]:
+        c.close()
+      self._job[2].shutdown(wait=False)
     self._channel.close()
+
+  def _processes(self):
+    """(placements, a client per process, a pool) of a multi-process server; else None."""
+    if self._single:
+      return None
+    if self._job is None:
+      r = self._stub.DescribeModel(pb.DescribeModelRequest(), timeout=self.timeout)
+      placements = Placements.of(r)
+      if placements is None:
+        self._single = r.initialized and len(r.processes) <= 1
+        return None
+      clients = [OptimizerClient(e, **self._options) for e in placements.endpoints]
+      for c in clients:
+        c._single = True  # each talks to its process alone  # pylint: disable=protected-access
+      self._job = (placements, clients,
+                   concurrent.futures.ThreadPoolExecutor(len(clients), 'process'))
+    return self._job
 
   def __enter__(self):
     return self
@@ -219,6 +269,15 @@ class OptimizerClient:
       wire_dtype: send in this dtype (np.float32, ml_dtypes.bfloat16, np.float16).
     """
     push_id = push_id or uuid.uuid4().hex
+    job = self._processes()
+    if job is not None:  # each process its parts, in parallel, under one push id
+      placements, clients, pool = job
+      parts = placements.split(_flatten(grads))
+      results = list(pool.map(lambda i: clients[i].push(
+          step, parts[i], num_examples, worker_id, model_id=model_id, push_id=push_id,
+          wire_dtype=wire_dtype), range(len(clients))))
+      return PushResult(min(r.accepted_step for r in results), all(r.applied for r in results),
+                        min(r.current_step for r in results), all(r.duplicate for r in results))
     leaves = [(p, as_wire_array(x if wire_dtype is None else x.astype(wire_dtype)))
               for p, x in _flatten(grads)]
     header = pb.PushGradientsHeader(
@@ -248,7 +307,36 @@ class OptimizerClient:
         if_model_id=model_id, max_chunk_bytes=self.chunk_bytes)
     if if_newer_than is not None:
       request.if_newer_than_step = if_newer_than
+    job = self._processes()
+    if job is not None:
+      return self._pull_parts(job, request, like)
     return self._retrying(lambda: self._pull_once(request, like))
+
+  def _pull_parts(self, job, request, like) -> Optional[Pulled]:
+    """Every process's parts of one step, joined (a process behind is waited for)."""
+    placements, clients, pool = job
+
+    def one(client: 'OptimizerClient', req) -> Optional[Pulled]:
+      return client._retrying(lambda: client._pull_once(req, None))  # pylint: disable=protected-access
+    pulled = list(pool.map(lambda c: one(c, request), clients))
+    if all(p is None for p in pulled):
+      return None  # not newer anywhere
+    whole_request = pb.PullParametersRequest()
+    whole_request.CopyFrom(request)
+    whole_request.ClearField('if_newer_than_step')
+    for _ in range(10):
+      newest = max(p.step for p in pulled if p is not None)
+      behind = [i for i, p in enumerate(pulled) if p is None or p.step < newest]
+      if not behind:
+        break
+      for i in behind:  # it applies the same steps: it is about to have this one
+        clients[i].wait_for_step(newest, timeout=self.timeout)
+        pulled[i] = one(clients[i], whole_request)
+    else:
+      raise RuntimeError(f'the server\'s processes serve different steps: '
+                         f'{[p.step for p in pulled if p is not None]}')
+    whole = placements.join([p.params for p in pulled])
+    return _as_pulled(pulled[0].model_id, pulled[0].step, whole, like)
 
   def _pull_once(self, request, like) -> Optional[Pulled]:
     stream = self._stub.PullParameters(request, timeout=self.timeout)
@@ -266,15 +354,7 @@ class OptimizerClient:
         commit = msg.commit
     receiver.finish(commit)
     by_path = {s.path: a for s, a in zip(specs, receiver.sink.arrays)}
-    if like is None:
-      return Pulled(header.model_id, header.step, by_path)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
-    paths = [jax.tree_util.keystr(p) for p, _ in flat]
-    if set(paths) != set(by_path):
-      raise ValueError(f'the server\'s leaves {sorted(by_path)} are not those of `like` '
-                       f'{sorted(paths)}')
-    return Pulled(header.model_id, header.step,
-                  jax.tree_util.tree_unflatten(treedef, [by_path[p] for p in paths]))
+    return _as_pulled(header.model_id, header.step, by_path, like)
 
   def save_checkpoint(self, wait: bool = False) -> tuple[int, str]:
     """Asks the server to checkpoint its current step now; returns (step, path)."""

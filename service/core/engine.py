@@ -45,6 +45,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 
+from service import runtime
 from service.config import WORKER_ID, WORKER_ID_RULE, ServerConfig
 from service.core import persistence, placement
 from service.core import pull as pull_lib
@@ -152,6 +153,7 @@ class Engine:
     self._waiting = 0  # callers blocked in wait_for_step
     self._readers = 0  # open `reading` blocks on the current params
     self._params_version = 0  # bumped whenever the current params are replaced
+    self._adoptions = 0  # models adopted (initialised or restored) so far
     self._shared_pull: Optional[tuple] = None  # (key, pull.SharedStream) of the latest pull
     self._closed = False
     self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
@@ -341,7 +343,9 @@ class Engine:
     self._plan, self._state = plan, state
     self._sum = Accumulator(plan, self.config.max_inflight_pushes)
     self._steps = Steps(self._steps.rules, step)
-    self._model_id = uuid.uuid4().hex
+    # One id for the whole job: every process adopts its model at the same point (start).
+    self._adoptions += 1
+    self._model_id = runtime.exchange(f'model_id/{self._adoptions}', uuid.uuid4().hex)[0]
     self._params_replaced_locked()
     self._cond.notify_all()
     return self._model_id

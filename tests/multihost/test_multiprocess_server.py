@@ -29,6 +29,13 @@ import mp_engine  # noqa: E402  pylint: disable=wrong-import-position
 from svc import ROOT, free_port, push_messages, spec  # noqa: E402  pylint: disable=wrong-import-position
 
 
+def _die_with_parent():
+  """In the child: SIGKILL when the test process dies, whatever ends it (Linux)."""
+  import ctypes  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def _job(tmp_path, processes=2, init_params=True):
   """`processes` server processes of one job; yields [(proc, port, metrics_port)]."""
@@ -43,8 +50,8 @@ def _job(tmp_path, processes=2, init_params=True):
        '--learning-rate', '0.05', '--weight-decay', '0.01', *init_flags,
        '--num-processes', str(processes), '--process-id', str(i),
        '--coordinator-address', f'127.0.0.1:{coordinator}', '--log-level', 'WARNING'],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(processes)]
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=_die_with_parent) for i in range(processes)]
   try:
     out = []
     for p in procs:  # every process prints its first line once the job has formed
@@ -119,6 +126,22 @@ def test_two_server_processes_each_take_only_their_part_and_train_like_one(tmp_p
       assert step == mp_engine.STEPS
       for k, v in local.items():
         got[k][parts[k][i]] = v
+    # The client library does the same by itself, given one process's address: one more step.
+    from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
+    workers = [OptimizerClient(f'127.0.0.1:{job[1][1]}', timeout=60) for _ in range(2)]
+    pulled = workers[0].pull()
+    assert pulled.step == mp_engine.STEPS
+    for k in shapes:
+      np.testing.assert_array_equal(pulled.params[k], got[k])
+    results = list(pool_map(lambda w: workers[w].push(
+        mp_engine.STEPS, mp_engine.grads(mp_engine.STEPS, w), 1, f'worker-{w}',
+        model_id=pulled.model_id), range(2)))
+    assert sorted(r.applied for r in results) == [False, True]
+    workers[0].wait_for_step(mp_engine.STEPS + 1, timeout=60)
+    after = workers[1].pull()
+    assert after.step == mp_engine.STEPS + 1
+    for w in workers:
+      w.close()
     metrics = [sample(_scrape(m), 'lamb_sharded_received_bytes_total',
                       {'rpc': 'PushGradients'}) for _, _, m in job]
   import optax  # pylint: disable=import-outside-toplevel
@@ -127,15 +150,24 @@ def test_two_server_processes_each_take_only_their_part_and_train_like_one(tmp_p
   tx = make_optimizer(ServerConfig(**mp_engine.CONFIG), None, None)
   params = mp_engine.params()
   state = tx.init(params)
-  for step in range(mp_engine.STEPS):
+  for step in range(mp_engine.STEPS + 1):
     g = [mp_engine.grads(step, w) for w in range(mp_engine.WORKERS)]
     updates, state = tx.update({k: sum(x[k] for x in g) / len(g) for k in params}, state, params)
     params = optax.apply_updates(params, updates)
-  for k, want in params.items():
-    np.testing.assert_allclose(got[k], np.asarray(want), rtol=2e-6, atol=2e-7, err_msg=k)
+    if step == mp_engine.STEPS - 1:
+      for k, want in params.items():  # what the parts pulled by hand joined to
+        np.testing.assert_allclose(got[k], np.asarray(want), rtol=2e-6, atol=2e-7, err_msg=k)
+  for k, want in params.items():  # what the client joined, one step later
+    np.testing.assert_allclose(after.params[k], np.asarray(want), rtol=2e-6, atol=2e-7,
+                               err_msg=k)
   # Bytes per process: half of every split leaf, the replicated one whole, per push.
   split = sum(4 * np.prod(s) for k, s in mp_engine.SHAPES.items() if k != "['odd']")
-  assert metrics == [mp_engine.STEPS * mp_engine.WORKERS * (split // 2 + 4 * 7)] * 2
+  assert metrics == [(mp_engine.STEPS + 1) * mp_engine.WORKERS * (split // 2 + 4 * 7)] * 2
+
+
+def pool_map(fn, items):
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    return list(pool.map(fn, items))
 
 
 def _scrape(port):
