@@ -399,8 +399,7 @@ LAMB_FLAGS = dict(learning_rate=0.02, schedule='warmup_cosine', warmup_steps=4, 
 
 def test_an_int8_worker_trains_like_a_float32_one():
   # `lamb-sharded worker --compression int8` on a real server: the Regression model
-  # ends with a held-out loss within 5% of float32 LAMB's (and not bit-equal to it:
-  # the pushes were quantised).
+  # ends with a held-out loss within 5% of float32 LAMB's.
   server, port = start_server_process('--devices', '8', '--num-workers', '1',
                                       *flags(LAMB_FLAGS))
   try:
@@ -420,5 +419,9 @@ def test_an_int8_worker_trains_like_a_float32_one():
   f32, int8, init = loss(want), loss(pulled.params), loss(model.init(0))
   assert f32 < 0.8 * init  # it trained at all
   assert abs(int8 - f32) <= 0.05 * f32, (int8, f32)
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pulled.params),
-                                                       jax.tree.leaves(want)))
+  # And the pushes were quantised: float32 pushes end within 1e-5 of the reference
+  # (test_e2e.py); these are further off.
+  dev = max(float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+            for a, b in zip(jax.tree.leaves(pulled.params), jax.tree.leaves(want)))
+  print(f'int8 loss {int8:.5f}, float32 {f32:.5f}, initial {init:.5f}; params off by {dev:.2e}')
+  assert dev > 1e-4, dev
