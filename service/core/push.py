@@ -33,15 +33,16 @@ class _BlockSink:
   each leaf as it completes.
 
   A raw leaf's bytes are copied in as they are; a block-encoded leaf's are
-  decoded as they arrive (`codecs.LeafDecoder`), and its float32 values are
-  written through the same wire view, at their float32 byte offsets, into the
-  leaf's float32 buffer, a piece at a time.
+  decoded as they arrive (`codecs.LeafDecoder`), a piece at a time, into the
+  leaf's float32 buffer: straight into it where its layout is the row-major
+  one, else through the same wire view, at their float32 byte offsets.
   """
 
   def __init__(self, views: list[np.ndarray], specs: Sequence[LeafSpec], what: str,
                on_leaf: Callable[[int], None]):
     self._views, self._specs, self._what, self._on_leaf = views, specs, what, on_leaf
     self._decoder: Optional[tuple[int, codecs.LeafDecoder]] = None  # (leaf, its decoder)
+    self._scratch: Optional[codecs.Scratch] = None  # the decoders', made on first use
 
   def write(self, leaf: int, offset: int, data: np.ndarray) -> None:
     spec = self._specs[leaf]
@@ -49,11 +50,16 @@ class _BlockSink:
       layout.write(self._views[leaf], offset, data)
       return
     if self._decoder is None or self._decoder[0] != leaf:
-      h = self._what
+      self._scratch = self._scratch or codecs.Scratch()
       self._decoder = (leaf, codecs.LeafDecoder(spec.size, spec.encoding,
-                                                f'{h}: leaf {spec.path}'))
+                                                f'{self._what}: leaf {spec.path}',
+                                                self._scratch))
     view = self._views[leaf]
-    for at, values in self._decoder[1].feed(offset, data):
+    if view.ndim == 1:  # the row-major layout: decoded straight into the buffer
+      for _ in self._decoder[1].feed(offset, data, out=view.view(np.float32)):
+        pass
+      return
+    for at, values in self._decoder[1].feed(offset, data):  # scattered into the blocks
       layout.write(view, at, values.view(np.uint8))
 
   def leaf_complete(self, leaf: int) -> None:

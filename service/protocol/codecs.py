@@ -22,7 +22,7 @@ they belong (the server: through its wire view, in its mesh's block layout).
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -42,6 +42,9 @@ QMAX = {INT8: 127, INT4: 7}
 NAMES = {RAW: 'raw', INT8: 'int8', INT4: 'int4'}
 BY_NAME = {v: k for k, v in NAMES.items()}
 _F32 = np.dtype('<f4')
+# The largest scale whose values (up to QMAX times it) are finite in float32.
+_MAX_SCALE = {e: np.nextafter(np.float32(float(np.finfo(np.float32).max) / q), np.float32(0))
+              for e, q in QMAX.items()}
 
 
 def num_blocks(n: int) -> int:
@@ -107,9 +110,26 @@ def decode(data, n: int, encoding: int, what: str = 'leaf') -> np.ndarray:
   if raw.size != nbytes(n, encoding):
     raise InvalidArgument(f'{what}: {raw.size} bytes, expected {nbytes(n, encoding)} for '
                           f'{n} elements in {NAMES[encoding]} blocks')
-  for off, values in dec.feed(0, raw):
-    out[off // 4:off // 4 + values.size] = values
+  for _ in dec.feed(0, raw, out=out):
+    pass
   return out
+
+
+class Scratch:
+  """A decoder's working memory: one piece of values and codes, and the scales of a leaf
+  (grown as needed). One per push being received; decoders of its leaves take turns."""
+
+  def __init__(self):
+    self.values = np.empty(PIECE, np.float32)
+    self.codes = np.empty(PIECE, np.int8)
+    self.tmp = np.empty(PIECE // 2 + 1, np.int8)
+    self._scales = np.empty(0, np.uint8)
+
+  def scales(self, nbytes: int) -> np.ndarray:
+    """A uint8 buffer of `nbytes` for a leaf's scales (4-byte aligned)."""
+    if self._scales.size < nbytes:
+      self._scales = np.empty(max(nbytes, 2 * self._scales.size), np.uint8)
+    return self._scales[:nbytes]
 
 
 class LeafDecoder:
@@ -120,22 +140,31 @@ class LeafDecoder:
   yields (byte offset in the leaf's float32 bytes, float32 values): views of
   a scratch buffer, to be used before the next one is asked for. Malformed
   data raises InvalidArgument naming `what` (the leaf): a scale that is NaN,
-  infinite or negative; a code out of range (int8 -128, int4 -8, or a nonzero
+  infinite, negative or so large that its values would overflow float32; a
+  code out of range (int8 -128, int4 -8, or a nonzero
   padding nibble).
   """
 
-  def __init__(self, n: int, encoding: int, what: str):
+  def __init__(self, n: int, encoding: int, what: str, scratch: Optional[Scratch] = None):
+    """Args:
+      n: the elements of the run the stream carries (the leaf's).
+      encoding: INT8 or INT4.
+      what: names the leaf in error messages.
+      scratch: working memory to use (reuse one across the leaves of a push: fresh pages
+        cost the kernel a zeroing pass); default: a new one.
+    """
     self._n, self._enc, self._what = n, encoding, what
     self._nb = num_blocks(n)
     self._scale_bytes = 4 * self._nb
-    self._scales_raw = np.empty(self._scale_bytes, np.uint8)
+    scratch = scratch if scratch is not None else Scratch()
+    self._scales_raw = scratch.scales(self._scale_bytes)
     self._scales = self._scales_raw.view(_F32)
-    size = min(PIECE, self._nb * BLOCK) + BLOCK
-    self._values = np.empty(size, np.float32)
-    self._codes = np.zeros(size, np.int8)
-    self._tmp = np.empty(PIECE // 2 + 1, np.int8)
+    self._values, self._codes, self._tmp = scratch.values, scratch.codes, scratch.tmp
 
-  def feed(self, offset: int, data: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+  def feed(self, offset: int, data: np.ndarray,
+           out: Optional[np.ndarray] = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Decodes the next bytes; see the class. With `out` (the run's n float32 elements,
+    a contiguous array), the values go straight into it and nothing is yielded."""
     data = np.asarray(data, np.uint8).reshape(-1)
     sb = self._scale_bytes
     if offset < sb:
@@ -145,49 +174,65 @@ class LeafDecoder:
       if offset == sb:
         self._check_scales()
     if data.size:
-      yield from self._codes_at(offset - sb, data.view(np.int8))
+      codes = data.view(np.int8)
+      c0 = offset - sb
+      per_byte = 1 if self._enc == INT8 else 2
+      step = PIECE // per_byte
+      for i in range(0, codes.size, step):
+        e0 = per_byte * (c0 + i)
+        if out is None:
+          yield self._decode_run(e0, codes[i:i + step], None)
+        else:
+          self._decode_run(e0, codes[i:i + step], out)
 
   def _check_scales(self) -> None:
-    s = self._scales
-    bad = ~(np.isfinite(s) & (s >= 0))
+    s, top = self._scales, _MAX_SCALE[self._enc]
+    bad = ~((s >= 0) & (s <= top))  # NaN fails both
     if bad.any():
       b = int(np.argmax(bad))
       raise InvalidArgument(
           f'{self._what}: block {b} of {self._nb} has scale {float(s[b])!r} '
-          f'({NAMES[self._enc]} block scales must be finite and >= 0)')
+          f'({NAMES[self._enc]} block scales must be finite, >= 0 and <= {top:.6g}, '
+          f'float32\'s max / {QMAX[self._enc]})')
 
-  def _codes_at(self, c0: int, codes: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """Values of code bytes `codes` starting at code byte c0."""
-    per_byte = 1 if self._enc == INT8 else 2
-    step = PIECE // per_byte
-    for i in range(0, codes.size, step):
-      yield self._decode_run(per_byte * (c0 + i), codes[i:i + step])
-
-  def _decode_run(self, e0: int, raw: np.ndarray) -> tuple[int, np.ndarray]:
-    """Values of the elements from e0 whose code bytes are `raw` (at most PIECE elements)."""
-    a, b0 = e0 % BLOCK, e0 // BLOCK  # the run starts a elements into block b0
+  def _decode_run(self, e0: int, raw: np.ndarray,
+                  out: Optional[np.ndarray]) -> tuple[int, np.ndarray]:
+    """Values of the elements from e0 whose code bytes are `raw` (at most PIECE elements):
+    into out[e0:], or into the scratch (then returned as (byte offset, values))."""
     m = min(raw.size * (1 if self._enc == INT8 else 2), self._n - e0)
-    codes = self._codes
     if self._enc == INT8:
-      codes[a:a + m] = raw
-      if codes[a:a + m].min(initial=0) == -128:  # a reduction: cheaper than a compare
-        self._bad_code(e0 + int(np.argmax(codes[a:a + m] == -128)), -128)
+      codes = raw
+      if raw.min(initial=0) == -128:  # a reduction: cheaper than a compare
+        self._bad_code(e0 + int(np.argmax(raw == -128)), -128)
     else:  # low nibble: sign-extend by shifting it up and back; high: arithmetic shift
       k = raw.size
-      tmp = self._tmp[:k]
+      tmp, codes = self._tmp[:k], self._codes[:2 * k]
       np.left_shift(raw, 4, out=tmp)
-      np.right_shift(tmp, 4, out=codes[a:a + 2 * k:2])
-      np.right_shift(raw, 4, out=codes[a + 1:a + 2 * k:2])
-      if m < 2 * k and codes[a + m] != 0:  # the padding nibble of an odd leaf
+      np.right_shift(tmp, 4, out=codes[0::2])
+      np.right_shift(raw, 4, out=codes[1::2])
+      if m < 2 * k and codes[m] != 0:  # the padding nibble of an odd leaf
         raise InvalidArgument(f'{self._what}: the padding nibble after the last of its '
-                              f'{self._n} elements is {int(codes[a + m])}, expected 0')
-      if codes[a:a + m].min(initial=0) == -8:
-        self._bad_code(e0 + int(np.argmax(codes[a:a + m] == -8)), -8)
-    k = num_blocks(a + m)
-    with np.errstate(over='ignore'):  # a huge scale makes Inf: the server's finite check says so
-      np.multiply(codes[:k * BLOCK].reshape(k, BLOCK), self._scales[b0:b0 + k, None],
-                  out=self._values[:k * BLOCK].reshape(k, BLOCK))
-    return 4 * e0, self._values[a:a + m]
+                              f'{self._n} elements is {int(codes[m])}, expected 0')
+      codes = codes[:m]
+      if codes.min(initial=0) == -8:
+        self._bad_code(e0 + int(np.argmax(codes == -8)), -8)
+    # values = codes * scales: cast to float32, then scaled in place, block by block (a
+    # cast and an in-place product beat numpy's mixed int8 x float32 product). No
+    # overflow: the scales were checked to be at most float32's max / QMAX.
+    v = self._values[:m] if out is None else out[e0:e0 + m]
+    v[...] = codes[:m]
+    s, b = self._scales, e0 // BLOCK
+    head = min(m, -e0 % BLOCK)  # the rest of a block the run starts inside
+    if head:
+      v[:head] *= s[b]
+      b += 1
+    whole = (m - head) // BLOCK
+    if whole:
+      v[head:head + whole * BLOCK].reshape(whole, BLOCK)[...] *= s[b:b + whole, None]
+      b += whole
+    if head + whole * BLOCK < m:
+      v[head + whole * BLOCK:] *= s[b]
+    return 4 * e0, v
 
   def _bad_code(self, element: int, code: int) -> None:
     q = QMAX[self._enc]
