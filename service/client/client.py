@@ -247,11 +247,11 @@ class OptimizerClient:
     for p, x in _flatten(grads):
       if encoding != codecs.RAW and x.size >= codecs.BLOCK:
         # Encoded once, before the retry loop: every attempt sends these bytes.
-        sent = (feedback.compensated(p, x) if feedback is not None
-                else np.asarray(x, np.float32).reshape(-1))
-        data = codecs.encode(sent, encoding)
-        if feedback is not None:
-          residuals[p] = ErrorFeedback.residual_of(sent, data, encoding)
+        if feedback is None:
+          data = codecs.encode(x, encoding)
+        else:  # g + r, then overwritten by what its encoding dropped: the next residual
+          residuals[p] = feedback.compensated(p, x)
+          data = codecs.encode(residuals[p], encoding, residual_out=residuals[p])
         leaves.append((p, data))
         specs.append(LeafSpec(p, x.shape, np.dtype(np.float32), encoding))
         continue

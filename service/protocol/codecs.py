@@ -67,10 +67,16 @@ def check_encoding(encoding: int, what: str) -> int:
   return encoding
 
 
-def encode(x: np.ndarray, encoding: int) -> np.ndarray:
-  """The bytes (uint8) of float32 values `x` (flattened, row-major) in a block encoding."""
+def encode(x: np.ndarray, encoding: int,
+           residual_out: Optional[np.ndarray] = None) -> np.ndarray:
+  """The bytes (uint8) of float32 values `x` (flattened, row-major) in a block encoding.
+
+  `residual_out` (n float32, may be `x` itself): receives x - decode(the bytes), what
+  the encoding dropped, exactly as a receiver's float32 decode computes it (the
+  worker's error feedback), without a decode pass or a leaf-sized temporary.
+  """
   x = np.ascontiguousarray(x, np.float32).reshape(-1)
-  n, qmax = x.size, QMAX[encoding]
+  n, qmax = x.size, np.float32(QMAX[encoding])
   nb = num_blocks(n)
   out = np.empty(nbytes(n, encoding), np.uint8)
   scales = out[:4 * nb].view(_F32)
@@ -84,21 +90,27 @@ def encode(x: np.ndarray, encoding: int) -> np.ndarray:
       pad[m:] = 0
       piece = pad[:num_blocks(m) * BLOCK]
     blocks = piece.reshape(-1, BLOCK)
-    absmax = np.max(np.abs(blocks), axis=1)
+    absmax = np.abs(blocks).max(axis=1)
     b0 = start // BLOCK
-    np.divide(absmax, np.float32(qmax), out=scales[b0:b0 + len(absmax)])
-    with np.errstate(divide='ignore', invalid='ignore'):
-      inv = np.where(absmax > 0, np.float32(qmax) / absmax, np.float32(0))
-    with np.errstate(invalid='ignore'):  # NaN/Inf in: a NaN/Inf scale, which receivers refuse
-      q = np.rint(blocks * inv[:, None]).clip(-qmax, qmax).astype(np.int8).reshape(-1)
+    s = scales[b0:b0 + len(absmax)]
+    np.divide(absmax, qmax, out=s)
+    with np.errstate(divide='ignore', invalid='ignore'):  # NaN/Inf in: a scale receivers refuse
+      inv = np.where(absmax > 0, qmax / absmax, np.float32(0))
+      q = blocks * inv[:, None]
+      np.rint(q, out=q)
+      np.clip(q, -qmax, qmax, out=q)
+      q8 = q.astype(np.int8).reshape(-1)
     if encoding == INT8:
-      codes[start:start + m] = q[:m].view(np.uint8)
+      codes[start:start + m] = q8[:m].view(np.uint8)
     else:  # two to a byte; a zero pad element makes an odd leaf's last high nibble 0
-      u = q.view(np.uint8)
+      u = q8.view(np.uint8)
       c0 = start // 2
       c = codes[c0:c0 + -(-m // 2)]
       np.bitwise_and(u[0:2 * len(c):2], 0x0F, out=c)
       c |= u[1:2 * len(c):2] << 4
+    if residual_out is not None:  # the decoded values are float32(code) * scale, as here
+      q *= s[:, None]
+      np.subtract(x[start:start + m], q.reshape(-1)[:m], out=residual_out[start:start + m])
   return out
 
 

@@ -74,6 +74,11 @@ def test_round_trip_within_half_a_step(name, n, kind):
   err = np.abs(x - y)
   assert np.all(err <= _per_element(scales, n) * (0.5 + 1e-6)), float(err.max())
   assert np.all(y[x == 0] == 0)  # zero blocks have scale 0, and zeros stay zeros
+  # What the encoding dropped, as encode reports it (in place, for error feedback), is
+  # exactly x minus what a receiver decodes.
+  r = x.copy()
+  assert np.array_equal(codecs.encode(r, enc, residual_out=r), data)
+  np.testing.assert_array_equal(r, x - y)
   if kind == 'zeros' and n >= 512:
     assert scales[0] == 0
 
@@ -112,6 +117,13 @@ def test_decodes_at_any_byte_cut_into_the_block_layout(name, shape, dim, parts, 
       layout.write(view, at, values.view(np.uint8))
     off += n
   np.testing.assert_array_equal(buf, want)
+  # Straight into a row-major float32 array (what a push does for a contiguous layout).
+  flat, off, dec = np.full(x.size, np.nan, np.float32), 0, codecs.LeafDecoder(x.size, enc, 'l')
+  while off < data.size:
+    n = int(rng.choice([1, 2, 3, 5, 17, 61, 384, 1000]))
+    assert not list(dec.feed(off, data[off:off + n], out=flat))
+    off += n
+  np.testing.assert_array_equal(flat, lay.to_array(want).reshape(-1))
 
 
 @pytest.mark.parametrize('name', list(ENCODINGS))
