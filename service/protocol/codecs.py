@@ -42,6 +42,7 @@ QMAX = {INT8: 127, INT4: 7}
 NAMES = {RAW: 'raw', INT8: 'int8', INT4: 'int4'}
 BY_NAME = {v: k for k, v in NAMES.items()}
 _F32 = np.dtype('<f4')
+_I16 = np.dtype('<i2')
 # The largest scale whose values (up to QMAX times it) are finite in float32.
 _MAX_SCALE = {e: np.nextafter(np.float32(float(np.finfo(np.float32).max) / q), np.float32(0))
               for e, q in QMAX.items()}
@@ -134,7 +135,9 @@ class Scratch:
   def __init__(self):
     self.values = np.empty(PIECE, np.float32)
     self.codes = np.empty(PIECE, np.int8)
-    self.tmp = np.empty(PIECE // 2 + 1, np.int8)
+    self.tmp = np.empty(PIECE // 2, np.int8)
+    self.lo = np.empty(PIECE // 2, _I16)
+    self.hi = np.empty(PIECE // 2, _I16)
     self._scales = np.empty(0, np.uint8)
 
   def scales(self, nbytes: int) -> np.ndarray:
@@ -172,6 +175,7 @@ class LeafDecoder:
     self._scales_raw = scratch.scales(self._scale_bytes)
     self._scales = self._scales_raw.view(_F32)
     self._values, self._codes, self._tmp = scratch.values, scratch.codes, scratch.tmp
+    self._lo, self._hi = scratch.lo, scratch.hi
 
   def feed(self, offset: int, data: np.ndarray,
            out: Optional[np.ndarray] = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -216,12 +220,17 @@ class LeafDecoder:
       codes = raw
       if raw.min(initial=0) == -128:  # a reduction: cheaper than a compare
         self._bad_code(e0 + int(np.argmax(raw == -128)), -128)
-    else:  # low nibble: sign-extend by shifting it up and back; high: arithmetic shift
-      k = raw.size
-      tmp, codes = self._tmp[:k], self._codes[:2 * k]
-      np.left_shift(raw, 4, out=tmp)
-      np.right_shift(tmp, 4, out=codes[0::2])
-      np.right_shift(raw, 4, out=codes[1::2])
+    else:  # each byte -> a little-endian int16 holding its two sign-extended nibbles
+      k = raw.size  # (contiguous int16 passes: strided int8 writes are 2-3x slower)
+      tmp, lo, hi, codes = self._tmp[:k], self._lo[:k], self._hi[:k], self._codes[:2 * k]
+      lo[...] = raw.view(np.uint8)
+      np.left_shift(lo, 12, out=lo)
+      np.right_shift(lo, 12, out=lo)  # the low nibble, sign-extended (arithmetic shift)
+      np.bitwise_and(lo, 0xFF, out=lo)
+      np.right_shift(raw, 4, out=tmp)  # the high nibble, sign-extended
+      hi[...] = tmp
+      np.left_shift(hi, 8, out=hi)
+      np.bitwise_or(lo, hi, out=codes.view(_I16))
       if m < 2 * k and codes[m] != 0:  # the padding nibble of an odd leaf
         raise InvalidArgument(f'{self._what}: the padding nibble after the last of its '
                               f'{self._n} elements is {int(codes[m])}, expected 0')
