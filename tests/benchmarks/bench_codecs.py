@@ -23,7 +23,8 @@ gradient pushed as OptimizerClient.push sends it with each `compression`:
              --num-workers 100000 --metrics-port 0 --log-level WARNING
 
      with one client pushing the gradient for step 0 under a new worker id
-     each time: every push after the first is received, decoded and added into
+     each time (int8/int4 with error feedback, as a worker pushes them): every
+     push after the first is received, decoded and added into
      the step's float32 sum, and the step never completes (no LAMB update in
      the figure). Rates are f32-equivalent: parameters per second x 4 bytes.
      "server" times a push from the moment gRPC takes its first message (the
@@ -159,7 +160,7 @@ class _StreamTimer:
 
 def ingestion(params: dict, grads: dict, reps: int, log=print) -> dict[str, dict]:
   """Pushes through a real server, and raw rounds, interleaved; seconds per push."""
-  from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
+  from service.client import ErrorFeedback, OptimizerClient  # pylint: disable=import-outside-toplevel
   names = ('f32', 'int8', 'int4')
   times = {k: {'server': [], 'total': [], 'cpu': []} for k in names}
   raw_s = []
@@ -176,13 +177,14 @@ def ingestion(params: dict, grads: dict, reps: int, log=print) -> dict[str, dict
     client._stub = timer  # pylint: disable=protected-access
     model_id = client.initialize(params)
     count = [0]
+    feedback = ErrorFeedback()  # one worker's residuals, whatever the worker id of a push
 
     def push(name: str) -> tuple[float, float, float]:
       count[0] += 1
       cpu = bs.proc_cpu_seconds(proc.pid)
       t = time.perf_counter()
       r = client.push(0, grads, 1, f'bench-{count[0]}', model_id=model_id,
-                      compression=COMPRESSION[name])
+                      compression=COMPRESSION[name], error_feedback=feedback)
       done = time.perf_counter()
       assert r.accepted_step == 0 and not r.applied, r
       return done - timer.started_at, done - t, bs.proc_cpu_seconds(proc.pid) - cpu

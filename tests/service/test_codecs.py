@@ -11,6 +11,8 @@ sum of the true gradients, however many steps; without it, the sum drifts.
 
 from __future__ import annotations
 
+import os
+import sys
 import tracemalloc
 
 import grpc
@@ -30,7 +32,7 @@ from service.examples.models import Regression
 from service.protocol import codecs, pb
 from service.protocol.specs import LeafSpec
 from service.protocol.types import PushHeader
-from svc import flags, local_reference, push_messages, running_server, spec, start_server_process
+from svc import ROOT, flags, local_reference, push_messages, running_server, start_server_process
 from svc import start_workers, stub
 
 ENCODINGS = {'int8': codecs.INT8, 'int4': codecs.INT4}
@@ -393,6 +395,44 @@ def test_error_feedback_keeps_the_sum_within_one_steps_error(compression):
   without, _ = _drift(compression, False)
   assert with_ef <= bound * 1.001, (with_ef, bound)
   assert without > 20 * bound, (without, bound)
+
+
+class _ByteCounter:
+  """A stub that counts the chunk bytes of each push it is sent (no server)."""
+
+  def __init__(self):
+    self.sent: list[int] = []
+
+  def PushGradients(self, requests, timeout=None):  # pylint: disable=invalid-name
+    del timeout
+    total = 0
+    for m in requests:
+      msg = pb.PushGradientsRequest.FromString(m if isinstance(m, bytes) else
+                                               m.SerializeToString())
+      if msg.WhichOneof('kind') == 'chunk':
+        total += len(msg.chunk.data)
+    self.sent.append(total)
+    return pb.PushGradientsResponse(accepted_step=0, applied=True, current_step=1)
+
+
+def test_the_benchmarks_wire_bytes_are_what_the_client_sends():
+  # bench_codecs.py's table of wire bytes per push (README) is computed from the leaf
+  # shapes; a transformer-shaped model pushed by the client sends exactly that, and the
+  # ratios to float32 are the ones the README gives for the 100M model.
+  sys.path.insert(0, os.path.join(ROOT, 'tests', 'benchmarks'))
+  import bench_codecs  # pylint: disable=import-outside-toplevel
+  shapes = bench_codecs.bs.leaf_shapes(vocab=100, max_len=16, d_model=32, layers=2)
+  grads = bench_codecs.bs.random_tree(shapes, 0, 1e-3)
+  want = bench_codecs.wire_bytes(shapes)
+  client = OptimizerClient('127.0.0.1:1')
+  counter = _ByteCounter()
+  client._stub = counter  # pylint: disable=protected-access
+  for name, compression in bench_codecs.COMPRESSION.items():
+    client.push(0, grads, 1, 'w0', compression=compression)
+    assert counter.sent[-1] == want[name], name
+  client.close()
+  big = bench_codecs.wire_bytes(bench_codecs.bs.leaf_shapes(**bench_codecs.bs.SIZES['100m']))
+  assert round(big['f32'] / big['int8'], 2) == 3.94 and round(big['f32'] / big['int4'], 2) == 7.76
 
 
 def test_error_feedback_restarts_from_zero():
