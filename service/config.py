@@ -82,8 +82,18 @@ class ServerConfig:
   # A .npz file of initial parameters (keys: leaf paths); else InitializeModel.
   init_params: Optional[str] = setting(
       None, '.npz of initial parameters (keys: leaf paths), unless a checkpoint exists')
+  # A multi-process server (one JAX job over several hosts, `jax.distributed`): every
+  # process is started alike, with its own index; process 0 serves the coordinator.
+  num_processes: int = setting(1, 'server processes of the job (1: a single process)')
+  process_id: int = setting(
+      -1, 'this process\'s index in the job (-1: $JOB_COMPLETION_INDEX, else 0)')
+  coordinator_address: Optional[str] = setting(
+      None, 'HOST:PORT of process 0\'s JAX coordinator (default: $JAX_COORDINATOR_ADDRESS)')
+  advertise_address: Optional[str] = setting(
+      None, 'HOST:PORT clients reach this process at (default: this host\'s name and port)')
   # The mesh: 0 for every local device.
-  devices: int = setting(0, 'devices of the mesh (0: every local device; on a CPU host: simulated)')
+  devices: int = setting(
+      0, 'devices of the mesh, per process (0: every local device; on a CPU host: simulated)')
   # Step semantics.
   num_workers: int = setting(1, 'workers pushing each synchronous step')
   step_mode: str = setting(
@@ -161,6 +171,10 @@ class ServerConfig:
     need(self.nonfinite in NONFINITE_POLICIES, f'nonfinite must be one of {NONFINITE_POLICIES}')
     need(self.schedule in SCHEDULES, f'schedule must be one of {SCHEDULES}')
     need(self.devices >= 0, 'devices must be >= 0')
+    need(self.num_processes >= 1, f'num_processes must be >= 1, got {self.num_processes}')
+    need(-1 <= self.process_id < self.num_processes,
+         f'process_id must be in [0, num_processes={self.num_processes}) (or -1), got '
+         f'{self.process_id}')
     need(self.learning_rate >= 0, 'learning_rate must be >= 0')
     need(self.keep_checkpoints >= 1, 'keep_checkpoints must be >= 1')
     need(self.checkpoint_every_steps >= 0 and self.checkpoint_every_seconds >= 0,

@@ -1,7 +1,8 @@
-"""Setting up a process before JAX loads: simulated CPU devices (XLA's flags).
+"""Setting up a process for JAX: simulated CPU devices (XLA's flags), the multi-process runtime.
 
-The one place that edits `XLA_FLAGS`; it imports nothing heavy, so that a CLI
-command, the demo's children, the tests and the benchmarks can call it first.
+The one place that edits `XLA_FLAGS` and that starts `jax.distributed`; it
+imports nothing heavy at module level, so that a CLI command, the demo's
+children, the tests and the benchmarks can call it before JAX loads.
 """
 
 from __future__ import annotations
@@ -39,3 +40,51 @@ def simulate_cpu_devices(count: Optional[int],
     environ['XLA_FLAGS'] = flags
   else:
     environ.pop('XLA_FLAGS', None)
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, *,
+                           bind_address: Optional[str] = None,
+                           heartbeat_timeout_s: int = 100,
+                           initialization_timeout_s: int = 300) -> None:
+  """Joins this process to a multi-process JAX job (`jax.distributed.initialize`).
+
+  Afterwards `jax.devices()` lists every process's devices (their ids are not
+  indices: a second process's CPU devices count from 2048) and a mesh over
+  them spans the processes; collectives cross them (on CPU through gloo).
+  The job is what the processes agree on: JAX's coordinator (process 0 serves
+  it at `coordinator_address`) and its key-value store.
+
+  Args:
+    coordinator_address: HOST:PORT of process 0's coordinator service.
+    num_processes: how many processes the job has.
+    process_id: this one's index, in [0, num_processes).
+    bind_address: where process 0 binds the coordinator (default: JAX's, every
+      interface); e.g. '127.0.0.1:PORT' for a job on one machine.
+    heartbeat_timeout_s: after how long without a heartbeat a process is lost.
+    initialization_timeout_s: how long to wait for every process to join.
+  """
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f'process_id {process_id} is not in [0, num_processes={num_processes})')
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes,
+      process_id=process_id, cluster_detection_method='deactivate',
+      coordinator_bind_address=bind_address, heartbeat_timeout_seconds=heartbeat_timeout_s,
+      initialization_timeout=initialization_timeout_s)
+
+
+def exchange(key: str, value: str, timeout_s: float = 60.0) -> list[str]:
+  """Every process's `value` for `key`, by process index, through JAX's coordinator.
+
+  Each process of a `jax.distributed` job publishes its value in the
+  coordinator's key-value store and waits for the others' (e.g. the server
+  processes' endpoints). In a single process: `[value]`.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return [value]
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  client = distributed.global_state.client  # the job's coordinator client (JAX's own)
+  client.key_value_set(f'lamb_sharded/{key}/{jax.process_index()}', value)
+  return [client.blocking_key_value_get(f'lamb_sharded/{key}/{i}', int(timeout_s * 1000))
+          for i in range(jax.process_count())]

@@ -116,42 +116,37 @@ def _sumsq_rows(x: jax.Array, y: jax.Array, acc: jnp.dtype) -> tuple[jax.Array, 
   return tuple(jnp.pad(r, (0, _ROWS - rows)) for r in per_row)
 
 
-def _zeros_like_leaf(leaf: Any, dtype, mesh, spec: P) -> jax.Array:
-  """Zeros shaped like `leaf`, placed like it (or as `spec` on `mesh` says)."""
-  dtype = leaf.dtype if dtype is None else dtype
+def _sumsq_pair(x: jax.Array, y: jax.Array, acc: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+  """|x|^2 and |y|^2 as two plain sums, padded like `_sumsq_rows`' vectors.
+
+  For leaves that XLA partitions itself (params on a mesh with automatic axes,
+  no `mesh=`): XLA turns a plain sum of a sharded array into a local sum plus
+  an all-reduce, and combines the all-reduces of all leaves, while the single
+  variadic reduction of `_sumsq_rows` would be partitioned by gathering its
+  partial sums -- or, after its reshape, the whole leaf -- onto every device.
+  """
+  return tuple(jnp.pad(_sumsq(a, acc)[None], (0, _ROWS - 1)) for a in (x, y))
+
+
+def _moment_sharding(leaf: Any, mesh, spec: P) -> Optional[jax.sharding.Sharding]:
+  """Where the moments of `leaf` must live for `update` to return them unchanged.
+
+  On a mesh: as `spec` says. Without one: like a committed leaf (a jitted step
+  returns its outputs committed where its inputs were); an uncommitted leaf
+  gets uncommitted moments, as `jnp.zeros_like` gives (and `optax.lamb` has).
+  Under `jit` (a tracer, no visible placement) or for a `ShapeDtypeStruct`
+  without a sharding: None.
+  """
   if mesh is not None:
-    sharding = NamedSharding(mesh, spec)
-    if not isinstance(mesh, Mesh):  # explicit-sharding mode (an AbstractMesh)
-      return jnp.zeros(leaf.shape, dtype, out_sharding=sharding)
-    if not isinstance(leaf, jax.core.Tracer):
-      return jnp.zeros(leaf.shape, dtype, device=sharding)
-    # Under `jit`, `device=` is not a placement: constrain (auto axes) or
-    # reshard (explicit axes) instead.
-    zeros = jnp.zeros(leaf.shape, dtype)
-    if all(t == AxisType.Auto for t in mesh.axis_types):
-      return jax.lax.with_sharding_constraint(zeros, sharding)
-    return jax.sharding.reshard(zeros, sharding)
-  sharding = getattr(leaf, 'sharding', None)
-  if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
-    return jnp.zeros(leaf.shape, dtype, device=sharding)
-  if isinstance(leaf, jax.ShapeDtypeStruct) and sharding is not None:
-    return jnp.zeros(leaf.shape, dtype, device=sharding)
-  return jnp.zeros(leaf.shape, dtype)
-
-
-def _replicated_ones(n: int, mesh, like: Any) -> jax.Array:
-  """A float32 vector of ones, replicated on `mesh` (placed as `_zeros_like_leaf` does)."""
-  if mesh is None:
-    return jnp.ones((n,), jnp.float32)
-  sharding = NamedSharding(mesh, P())
-  if not isinstance(mesh, Mesh):
-    return jnp.ones((n,), jnp.float32, out_sharding=sharding)
-  if not isinstance(like, jax.core.Tracer):
-    return jnp.ones((n,), jnp.float32, device=sharding)
-  ones = jnp.ones((n,), jnp.float32)
-  if all(t == AxisType.Auto for t in mesh.axis_types):
-    return jax.lax.with_sharding_constraint(ones, sharding)
-  return jax.sharding.reshard(ones, sharding)
+    entries = list(spec)
+    while entries and entries[-1] is None:  # as a jitted step returns it: P(), not P(None,)
+      entries.pop()
+    return NamedSharding(mesh, P(*entries))
+  if isinstance(leaf, jax.core.Tracer):
+    return None
+  if isinstance(leaf, jax.Array):
+    return leaf.sharding if leaf.committed else None
+  return getattr(leaf, 'sharding', None)
 
 
 def _as_spec(x: jax.Array, mesh, spec: P) -> jax.Array:
@@ -165,7 +160,7 @@ def _as_spec(x: jax.Array, mesh, spec: P) -> jax.Array:
   current = jax.typeof(x).sharding
   if not current.mesh.empty and sharding_lib.same_spec(current.spec, spec, x.ndim):
     return x
-  return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+  return sharding_lib.place(x, NamedSharding(mesh, spec))
 
 
 class _Static(NamedTuple):
@@ -174,6 +169,7 @@ class _Static(NamedTuple):
   adapt: tuple[bool, ...]
   replicated_axes: tuple[tuple[str, ...], ...]
   axis_names: tuple[str, ...]
+  xla_partitioned: tuple[bool, ...]  # leaves XLA partitions (auto axes, no shard_map)
   bias_correction: bool
   clip_grad_norm: bool
   clip_trust_ratio: bool
@@ -253,7 +249,8 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
     new_vs.append(v_new.astype(v.dtype))
     fresh.append((m_new, v_new))
     if static.adapt[i]:
-      row_p, row_u = _sumsq_rows(p, direction(i, m_new, v_new, p, s), acc)
+      sumsq = _sumsq_pair if static.xla_partitioned[i] else _sumsq_rows
+      row_p, row_u = sumsq(p, direction(i, m_new, v_new, p, s), acc)
       rows_p.append(row_p)
       rows_u.append(row_u)
 
@@ -341,7 +338,10 @@ def scale_by_lamb(
     param_specs: pytree (or prefix) of `PartitionSpec` for the params. When
       omitted, the shardings JAX exposes on explicitly sharded params
       (`jax.set_mesh` with `AxisType.Explicit`) are used; with neither, the
-      update runs as plain JAX on whatever devices the arrays live on.
+      update runs as plain JAX on whatever devices the arrays live on. Params
+      put on a mesh with automatic axes are then partitioned by XLA, whose
+      all-reduces of the per-leaf norms it combines (no leaf is gathered); pass
+      `mesh` and `param_specs` for the single all-reduce and the fused norms.
     exclude_from_layer_adaptation: pytree/prefix/callable of bools: True where
       the trust ratio is fixed at 1 (TF Addons' `exclude_from_layer_adaptation`).
     min_trust_ratio: with `max_trust_ratio`, clamp the trust ratio to
@@ -380,14 +380,25 @@ def scale_by_lamb(
       lmesh, specs = layout.mesh, layout.specs
     else:  # e.g. optax.tree.map_params' placeholders
       lmesh, specs = None, ()
+    # Every leaf of the state is placed where `update` will return it, so that a
+    # jitted step sees the same input types on its first and second call.
+    places = [_moment_sharding(x, lmesh, sp) for x, sp in zip(leaves, specs)]
+    traced = [isinstance(x, jax.core.Tracer) for x in leaves]
+    if lmesh is not None:
+      scalar_place = NamedSharding(lmesh, P())
+    else:
+      scalar_place = sharding_lib.replicated(next((w for w in places if w is not None), None))
+    any_traced = any(traced)
 
     def zeros(dtype):
-      return jax.tree_util.tree_unflatten(
-          treedef, [_zeros_like_leaf(x, dtype, lmesh, sp) for x, sp in zip(leaves, specs)])
+      return jax.tree_util.tree_unflatten(treedef, [
+          sharding_lib.full(x.shape, 0, x.dtype if dtype is None else dtype, where, t)
+          for x, where, t in zip(leaves, places, traced)])
 
-    ratio = (_replicated_ones(len(leaves), lmesh, leaves[0] if leaves else None)
+    ratio = (sharding_lib.full((len(leaves),), 1, jnp.float32, scalar_place, any_traced)
              if record_trust_ratio else None)
-    return ScaleByLambState(count=jnp.zeros([], jnp.int32), mu=zeros(mu_dtype), nu=zeros(nu_dtype),
+    count = sharding_lib.full((), 0, jnp.int32, scalar_place, any_traced)
+    return ScaleByLambState(count=count, mu=zeros(mu_dtype), nu=zeros(nu_dtype),
                             trust_ratio=ratio)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -425,6 +436,8 @@ def scale_by_lamb(
                                           'exclude_from_layer_adaptation', False)),
         replicated_axes=layout.replicated_axes,
         axis_names=layout.axis_names,
+        xla_partitioned=tuple(layout.mesh is None and sharding_lib.auto_mesh_size(p) > 1
+                              for p in jax.tree_util.tree_leaves(params)),
         bias_correction=bias_correction,
         clip_grad_norm=max_grad_norm is not None,
         clip_trust_ratio=clip_trust_ratio,
@@ -522,7 +535,7 @@ def lamb(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in 76
     minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
-  return optax.chain(
+  chained = optax.chain(
       scale_by_lamb(
           b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask,
           mesh=mesh, param_specs=param_specs,
@@ -532,3 +545,15 @@ def lamb(
           mu_dtype=mu_dtype, nu_dtype=nu_dtype, record_trust_ratio=record_trust_ratio),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+  def init_fn(params):
+    lamb_state, lr_state = chained.init(params)
+    # A schedule's step count is created uncommitted by optax; commit it where ours
+    # lives (where a jitted step returns both), or the second call would compile again.
+    count = lamb_state.count
+    if not isinstance(count, jax.core.Tracer) and count.committed:
+      lr_state = jax.tree.map(
+          lambda x: x if x.committed else sharding_lib.place(x, count.sharding), lr_state)
+    return lamb_state, lr_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, chained.update)

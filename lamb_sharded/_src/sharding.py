@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
@@ -185,6 +186,83 @@ def explicit_sharding(leaf: Any) -> Optional[NamedSharding]:
   if not any(t == AxisType.Explicit for t in mesh.axis_types):
     return None
   return sharding
+
+
+def auto_mesh_size(leaf: Any) -> int:
+  """Devices of the automatically partitioned mesh a leaf lives on (1: none).
+
+  Under `jit`, a tracer of an input placed with a `NamedSharding` over
+  automatic axes still carries the (abstract) mesh in its type, though not the
+  spec: XLA chooses that later. This tells a leaf that XLA will partition from
+  one that lives on a single device.
+  """
+  try:
+    mesh = jax.typeof(leaf).sharding.mesh
+  except (TypeError, AttributeError):
+    return 1
+  if mesh is None or mesh.empty:
+    return 1
+  return mesh.size
+
+
+def _is_explicit(mesh: AnyMesh) -> bool:
+  return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def place(x: jax.Array, sharding: Optional[jax.sharding.Sharding]) -> jax.Array:
+  """Puts `x` on `sharding`, whatever the mode; the one place that knows the modes.
+
+  Outside `jit` this is `jax.device_put` (the result is committed to
+  `sharding`); under `jit` it is `jax.sharding.reshard` where the mesh has
+  explicit axes (the type changes) and `jax.lax.with_sharding_constraint` where
+  its axes are automatic. `None` leaves `x` as it is (uncommitted stays
+  uncommitted). MaxText's `maybe_shard_with_name` is the model.
+
+  Args:
+    x: an array or a tracer.
+    sharding: where it should live, or None.
+
+  Returns:
+    `x`, placed.
+  """
+  if sharding is None:
+    return x
+  if not isinstance(x, jax.core.Tracer):
+    return jax.device_put(x, sharding)
+  mesh = getattr(sharding, 'mesh', None)
+  if mesh is not None and _is_explicit(mesh):
+    return jax.sharding.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def full(shape: Sequence[int], fill: Any, dtype: Any,
+         sharding: Optional[jax.sharding.Sharding], traced: bool) -> jax.Array:
+  """`jnp.full(shape, fill, dtype)` created where `place` would put it.
+
+  Outside `jit` the array is created directly on `sharding` (never assembled on
+  one device first); under `jit` (`traced`) it is created and then `place`d.
+  """
+  if sharding is None:
+    return jnp.full(shape, fill, dtype)
+  if traced:
+    return place(jnp.full(shape, fill, dtype), sharding)
+  if isinstance(getattr(sharding, 'mesh', None), jax.sharding.AbstractMesh):
+    return jnp.full(shape, fill, dtype, out_sharding=sharding)  # under jax.set_mesh
+  return jnp.full(shape, fill, dtype, device=sharding)
+
+
+def replicated(sharding: Optional[jax.sharding.Sharding]) -> Optional[jax.sharding.Sharding]:
+  """The sharding that replicates a value over the devices of `sharding`.
+
+  This is where a jitted step returns its scalars (the step count) when its
+  inputs live on `sharding`; None where that cannot be said (then the scalar
+  stays uncommitted).
+  """
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, P(), memory_kind=sharding.memory_kind)
+  if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    return sharding
+  return None
 
 
 def same_spec(a: P, b: P, ndim: int) -> bool:

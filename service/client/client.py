@@ -32,8 +32,8 @@ from service.client import credentials
 from service.client.feedback import ErrorFeedback
 from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME, codecs, pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
-from service.protocol.chunks import (DEFAULT_CHUNK_BYTES, ChunkReceiver, clamp_chunk_bytes,
-                                     encoded_chunk_messages)
+from service.protocol.chunks import (DEFAULT_CHUNK_BYTES, ChunkReceiver, chunk_parser,
+                                     clamp_chunk_bytes, encoded_chunk_messages)
 from service.protocol.dtypes import as_wire_array, wire_dtype as to_wire_dtype
 from service.protocol.specs import LeafSpec, specs_from_proto
 from service.protocol.types import PushResult
@@ -79,10 +79,13 @@ def _passing_bytes(message) -> bytes:
 
 
 class _Stub(pb_grpc.OptimizerServiceStub):
-  """The generated stub, with uploads that take chunks serialized by the wire module.
+  """The generated stub, with the chunk streams' data copied once on each end.
 
-  InitializeModel and PushGradients streams send encoded_chunk_messages:
-  each chunk's data is copied once on its way from the array to gRPC.
+  InitializeModel and PushGradients streams send
+  `service.protocol.chunks.encoded_chunk_messages` (each chunk's data copied
+  once on its way from the array to gRPC); PullParameters responses are parsed
+  by `chunk_parser` (each chunk's data a view into the received bytes, copied
+  once, into the pulled arrays).
   """
 
   def __init__(self, channel):
@@ -92,6 +95,10 @@ class _Stub(pb_grpc.OptimizerServiceStub):
       setattr(self, name, channel.stream_unary(
           f'/{SERVICE_NAME}/{name}', request_serializer=_passing_bytes,
           response_deserializer=response.FromString))
+    self.PullParameters = channel.unary_stream(  # pylint: disable=invalid-name
+        f'/{SERVICE_NAME}/PullParameters',
+        request_serializer=pb.PullParametersRequest.SerializeToString,
+        response_deserializer=chunk_parser(pb.PullParametersResponse))
 
 
 COMPRESSIONS = ('none', 'bf16', 'int8', 'int4')

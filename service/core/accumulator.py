@@ -91,8 +91,8 @@ class Accumulator:
     self._retiring, self._sum = self._sum, None
     self.weight = 0
     plan = self._plan
-    return [placement.to_mesh(a, sh, lay)
-            for a, sh, lay in zip(self._retiring, plan.shardings, plan.layouts)]
+    return [placement.to_mesh(a, sh, lay, s.shape)
+            for a, sh, lay, s in zip(self._retiring, plan.shardings, plan.layouts, plan.specs)]
 
   def retire(self, fence: Sequence[jax.Array]) -> None:
     """Returns the last step's sum to the pool, to be reused once `fence` is computed.

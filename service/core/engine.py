@@ -11,18 +11,23 @@ them under one lock:
   accumulator            the step's gradient sum on the host, recycled buffers
   persistence            checkpoints: meta, save, restore, compatibility
   push.PushSession       one push being received (`open_push`)
+  pull.SharedStream      one step's pull, encoded once for every puller (`pull`)
 
 Data path: `open_push(header)` (checks, admission) -> the session's `write`s
 (chunks into host buffers in the mesh's block layout) -> its `commit`
 (accumulate on the host, maybe apply the step). `pull(...)` yields a header,
-then a consistent snapshot of the params chunk by chunk, read from the
-devices' blocks. A push that fails never touches the sum: it is only read or
-written at commit, under the lock.
+then a consistent snapshot of the params as encoded messages, read from the
+devices' blocks and encoded once for all the pulls of a step (core/pull.py).
+A push that fails never touches the sum: it is only read or written at
+commit, under the lock.
 
-Multi-host later: `placement.to_mesh` builds each global array with
-`jax.make_array_from_callback`, which asks only for the blocks this process's
-devices hold, so a process that ingests (and accumulates) only its own blocks
--- the layout already keeps each block apart -- plugs in there.
+Multi-process: the mesh may span the processes of a `jax.distributed` job.
+Each process then holds, receives, accumulates and sends only its own
+devices' blocks of each leaf (`ModelPlan.local_specs`), and every process
+dispatches the same steps in the same order, so the step's collectives meet.
+(In sync mode with every worker that holds by construction; what the
+processes must agree on beyond it -- stragglers, async steps, a push one of
+them refused -- is still to come.)
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import numpy as np
 
 from service.config import WORKER_ID, WORKER_ID_RULE, ServerConfig
 from service.core import persistence, placement
+from service.core import pull as pull_lib
 from service.core.accumulator import Accumulator
 from service.core.admission import Admission
 from service.core.checkpoint import Checkpointer, CheckpointInfo
@@ -54,7 +60,7 @@ from service.core.rules import StepRules, Steps
 from service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument,
                             PermissionDenied, Unavailable)
 from service.logs import fields
-from service.protocol.chunks import DEFAULT_CHUNK_BYTES, chunk_stream
+from service.protocol.chunks import DEFAULT_CHUNK_BYTES
 from service.protocol.specs import LeafSpec
 from service.protocol.types import PushHeader, PushResult
 
@@ -78,11 +84,18 @@ class EngineObserver:
 
 @dataclasses.dataclass(frozen=True)
 class Description:
+  """The model as clients see it.
+
+  `placements`: in a multi-process job, per leaf, (split dimension, where each
+  process's range of it starts), or None for a leaf every process holds
+  whole; empty in a single process.
+  """
   initialized: bool
   model_id: str
   leaves: tuple[LeafSpec, ...]
   step: int
   learning_rate: float
+  placements: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +152,7 @@ class Engine:
     self._waiting = 0  # callers blocked in wait_for_step
     self._readers = 0  # open `reading` blocks on the current params
     self._params_version = 0  # bumped whenever the current params are replaced
+    self._shared_pull: Optional[tuple] = None  # (key, pull.SharedStream) of the latest pull
     self._closed = False
     self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
     # Off the step loop: the straggler timeout; timing each update from its dispatch
@@ -157,7 +171,7 @@ class Engine:
     with self._cond:
       plan, step, mid = self._plan, self._steps.step, self._model_id
     return Description(plan is not None, mid, plan.specs if plan else (), step,
-                       float(self._schedule(step)))
+                       float(self._schedule(step)), plan.placements if plan else ())
 
   @property
   def step(self) -> int:
@@ -186,7 +200,7 @@ class Engine:
     """The per-leaf trust ratios of the last step applied since start (None: none yet)."""
     with self._cond:
       ratios = self._state.trust_ratios if self._state is not None else None
-    return None if ratios is None else np.asarray(ratios)
+    return None if ratios is None else np.asarray(ratios.addressable_data(0))  # replicated
 
   def wait_for_step(self, step: int, timeout: Optional[float],
                     gone: Optional[Callable[[], bool]] = None) -> tuple[int, bool, str]:
@@ -240,7 +254,7 @@ class Engine:
 
   def pull(self, dtype: Optional[np.dtype] = None, *, newer_than: Optional[int] = None,
            model_id: str = '', chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator:
-    """The current params as a stream: a `PullHeader`, then chunks, then the commit.
+    """The current params as a stream: a `PullHeader`, then the encoded messages.
 
     Args:
       dtype: the dtype to send the leaves in (default: their own).
@@ -249,28 +263,52 @@ class Engine:
       model_id: the model of the caller's copy.
       chunk_bytes: data bytes per chunk.
 
-    Yields `PullHeader`, then (path, offset, data, sequence) chunk tuples and the
-    `StreamCommit` (`service.protocol.chunks.chunk_stream`). Each leaf is read
-    from its devices' blocks a chunk's worth at a time: no host copy of a leaf.
-    The snapshot is held until the generator ends or is closed.
+    Yields `PullHeader`, then the serialized PullParametersResponse messages of
+    the chunks and the commit (`pull.encode`). Pulls of the same step, dtype
+    and chunk size that run at once share one encoding (`pull.SharedStream`).
+    The step's params are held (not donated to the next step) until the
+    encoding is done or every puller is gone.
     """
-    with self.reading() as snap:
-      if newer_than is not None and model_id == snap.model_id and snap.step <= newer_than:
-        yield PullHeader(snap.model_id, snap.step, (), not_modified=True)
-        return
-      specs = tuple(LeafSpec(s.path, s.shape, dtype or s.dtype) for s in snap.specs)
-      yield PullHeader(snap.model_id, snap.step, specs)
+    with self._cond:
+      self._require_model()
+      mid, step, specs = self._model_id, self._steps.step, self._plan.local_specs
+      if newer_than is not None and model_id == mid and step <= newer_than:
+        header, reader = PullHeader(mid, step, (), not_modified=True), iter(())
+      else:
+        specs = pull_lib.pulled_dtypes(specs, dtype)
+        header = PullHeader(mid, step, specs)
+        key = (mid, step, specs, chunk_bytes)
+        shared = self._shared_pull
+        reader = shared[1].join() if shared is not None and shared[0] == key else None
+        if reader is None:
+          reader = self._start_pull(key, specs, chunk_bytes).join()
+    with contextlib.closing(reader):
+      yield header
+      yield from reader
 
-      def leaves():
-        for s, a in zip(specs, snap.arrays):
-          pieces = placement.host_pieces(a, chunk_bytes * a.dtype.itemsize // s.dtype.itemsize)
-          yield s.path, (p.astype(s.dtype, copy=False) for p in pieces)
-      yield from chunk_stream(leaves(), chunk_bytes)
+  def _start_pull(self, key, specs, chunk_bytes) -> pull_lib.SharedStream:
+    """A shared encoding of the current params (under the lock); they are held meanwhile."""
+    hold = contextlib.ExitStack()
+    snap = hold.enter_context(self.reading())
+    stream = pull_lib.SharedStream(pull_lib.encode(specs, snap.arrays, chunk_bytes),
+                                   release=lambda: self._end_pull(stream, hold))
+    self._shared_pull = (key, stream)
+    return stream
+
+  def _end_pull(self, stream: pull_lib.SharedStream, hold: contextlib.ExitStack) -> None:
+    hold.close()  # the params are no longer read
+    with self._cond:
+      if self._shared_pull is not None and self._shared_pull[1] is stream:
+        self._shared_pull = None
 
   # ------------------------------------------------------------------ model
 
   def initialize(self, specs: Sequence[LeafSpec], host_params: Sequence[np.ndarray]) -> str:
-    """Creates the model from host buffers (one per spec); ALREADY_EXISTS if it exists."""
+    """Creates the model of leaves `specs` from host buffers; ALREADY_EXISTS if it exists.
+
+    `host_params`: one per leaf, row-major: the whole leaf, or the part of it
+    this process holds (in a multi-process job; see `ModelPlan.local_specs`).
+    """
     for s, buf in zip(specs, host_params):
       if s.dtype not in PARAM_DTYPES:
         raise InvalidArgument(f'leaf {s.path}: parameters must be float32, got {s.dtype.name}')
@@ -281,7 +319,16 @@ class Engine:
         raise AlreadyExists(f'the model is already initialised (model_id {self._model_id}, '
                             f'step {self._steps.step})')
       plan = ModelPlan(self.config, self.mesh, specs)
-      model_id = self._adopt_locked(plan, plan.place(host_params), 0)
+      local = []
+      for s, here, sl, buf in zip(plan.specs, plan.local_specs, plan.slices, host_params):
+        if tuple(buf.shape) == here.shape:
+          local.append(buf)
+        elif tuple(buf.shape) == s.shape:  # the whole leaf: this process's part of it
+          local.append(buf[sl])
+        else:
+          raise InvalidArgument(f'leaf {s.path}: shape {list(buf.shape)}, expected '
+                                f'{list(s.shape)} (or this process\'s part, {list(here.shape)})')
+      model_id = self._adopt_locked(plan, plan.place(local), 0)
       self._save_locked(force=True)  # the initial params are state too
       log.info('model initialised: %d leaves, %d parameters, model_id %s', len(specs),
                sum(math.prod(s.shape) for s in specs), model_id,
@@ -361,7 +408,7 @@ class Engine:
   @staticmethod
   def _check_leaves(plan: ModelPlan, wire_specs: Sequence[LeafSpec]) -> None:
     got = {s.path for s in wire_specs}
-    for want in plan.specs:
+    for want in plan.local_specs:
       if want.path not in got:
         raise InvalidArgument(f'header.leaves: leaf {want.path} is missing')
     for i, s in enumerate(wire_specs):
@@ -371,9 +418,9 @@ class Engine:
       if j != i:
         raise InvalidArgument(f'header.leaves: leaf {s.path} is at position {i}, expected {j} '
                               f'(the parameters\' order)')
-      if s.shape != plan.specs[j].shape:
+      if s.shape != plan.local_specs[j].shape:  # this process's part of the leaf
         raise InvalidArgument(f'header.leaves: leaf {s.path} has shape {list(s.shape)}, '
-                              f'expected {list(plan.specs[j].shape)}')
+                              f'expected {list(plan.local_specs[j].shape)}')
 
   def _admit_locked(self, nbytes: int, timeout: float):
     """Waits for room for a push of `nbytes`; its admission slot."""

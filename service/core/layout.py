@@ -14,9 +14,9 @@ so the step's gradient sum goes onto the mesh for free (no second copy at the
 step's peak, no fresh pages for the kernel to zero); on an accelerator each
 block is one contiguous host-to-device transfer.
 
-Multi-host later: a process would allocate and fill only the blocks of its
-own devices (`write` dropping the other bytes), and hand exactly those blocks
-to `make_array_from_callback`.
+In a multi-process job a process holds only its own devices' blocks: the
+layout of its slice of the leaf (`first` says where in the leaf it starts), and
+the bytes it receives are that slice's, row-major.
 """
 
 from __future__ import annotations
@@ -35,14 +35,19 @@ class LeafLayout:
   """Where a leaf's elements live in its host buffer.
 
   Attributes:
-    shape: the leaf's shape.
+    shape: the shape of what the host holds: the whole leaf, or in a
+      multi-process job the slice of it that this process's devices hold.
     dim: the dimension split across the devices; None if every device holds
       the whole leaf (then there is one block).
-    parts: the number of blocks (devices along the split dimension), >= 1.
+    parts: the number of blocks the host holds (its devices along the split
+      dimension), >= 1.
+    first: the index of the host's first block among all of the leaf's blocks
+      (0 in a single process).
   """
   shape: tuple[int, ...]
   dim: Optional[int] = None
   parts: int = 1
+  first: int = 0
 
   def __post_init__(self):
     if self.dim is None:
@@ -83,10 +88,11 @@ class LeafLayout:
     return raw.reshape(self.parts, outer, -1).transpose(1, 0, 2)
 
   def block(self, buffer: np.ndarray, start: int) -> np.ndarray:
-    """The block of the device whose slice of the split dimension starts at `start`."""
+    """The block of the device whose slice of the split dimension starts at `start` (an
+    index into the whole leaf)."""
     if self.dim is None:
       return buffer.reshape(self.shape)
-    return buffer[start // self.block_shape[self.dim]]
+    return buffer[start // self.block_shape[self.dim] - self.first]
 
   def from_array(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
     """`x` (the leaf, row-major) in this layout (into `out` if given)."""

@@ -47,14 +47,33 @@ class ModelPlan:
   """A model's leaves on a mesh: shardings, host layouts, the optimizer and the jitted step."""
 
   def __init__(self, config: ServerConfig, mesh: jax.sharding.Mesh, specs: Sequence[LeafSpec]):
+    """Args:
+      config: the server's settings (the optimizer's hyperparameters).
+      mesh: the server's mesh (in a multi-process job, over every process's devices).
+      specs: the model's leaves, whole.
+
+    Attributes beside those: `local_specs`, the leaves as this process holds
+    them (`slices` of the whole ones; all of them in a single process): what
+    its pushes carry and its pulls send.
+    """
     self.specs = tuple(specs)
     self.paths = {s.path: i for i, s in enumerate(self.specs)}
     n = mesh.devices.size
+    blocks = placement.local_blocks(mesh)
     self.pspecs = [placement.partition_spec(s.shape, n) for s in self.specs]
     self.shardings = [NamedSharding(mesh, p) for p in self.pspecs]
     self.replicated = NamedSharding(mesh, P())
+    self.slices = [placement.local_slice(s.shape, p, blocks, n)
+                   for s, p in zip(self.specs, self.pspecs)]
     # Host buffers: each device's block of a leaf contiguous (see service/core/layout.py).
-    self.layouts = [placement.layout_of(s.shape, p, n) for s, p in zip(self.specs, self.pspecs)]
+    self.layouts = [placement.layout_of(s.shape, p, n, blocks)
+                    for s, p in zip(self.specs, self.pspecs)]
+    self.local_specs = tuple(LeafSpec(s.path, lay.shape, s.dtype)
+                             for s, lay in zip(self.specs, self.layouts))
+    # Per leaf, which part each process holds (None: whole); only in a multi-process job.
+    self.placements = (tuple(placement.process_starts(s.shape, p, mesh)
+                             for s, p in zip(self.specs, self.pspecs))
+                       if jax.process_count() > 1 else ())
     self.tx = make_optimizer(config, mesh, self.pspecs)
 
     def apply(params, opt_state, acc, inv_weight):
@@ -88,12 +107,18 @@ class ModelPlan:
     return {'params': params, 'opt_state': opt_state}
 
   def place(self, host_params: Sequence[np.ndarray]) -> ModelState:
-    """The initial state on the mesh from host params (row-major, one per spec)."""
-    # Copies the mesh owns: on CPU an aligned host block would be wrapped in place, and
-    # the first step could then not donate the params' memory to the new ones (it would
-    # allocate them afresh, a second copy of the params at the step's peak).
-    params = [jax.device_put(placement.to_mesh(x, sh), sh, may_alias=False)
-              for x, sh in zip(host_params, self.shardings)]
+    """The initial state on the mesh from host params: row-major, one per leaf, each the
+    part of the leaf this process holds (`local_specs`; the whole leaf in one process)."""
+    params = []
+    for x, s, sh, lay in zip(host_params, self.specs, self.shardings, self.layouts):
+      if x.shape == s.shape:  # the whole leaf
+        array = placement.to_mesh(x, sh)
+      else:  # this process's slice: its devices' blocks
+        array = placement.to_mesh(lay.from_array(x), sh, lay, s.shape)
+      # Copies the mesh owns: on CPU an aligned host block would be wrapped in place, and
+      # the first step could then not donate the params' memory to the new ones (it would
+      # allocate them afresh, a second copy of the params at the step's peak).
+      params.append(jax.device_put(array, sh, may_alias=False))
     # Step counters on the mesh too (replicated), so every step sees the same shardings.
     opt_state = optax.tree.map_params(
         self.tx, lambda x: x, jax.jit(self.tx.init)(params),

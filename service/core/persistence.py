@@ -62,7 +62,7 @@ def restore_latest(checkpointer: Checkpointer, config: ServerConfig, mesh: jax.s
 
 
 def check_same_model(have: Sequence[LeafSpec], specs: Sequence[LeafSpec]) -> None:
-  """IncompatibleCheckpoint naming the leaf unless `specs` are the leaves `have` (a checkpoint's)."""
+  """IncompatibleCheckpoint naming the leaf unless `specs` are `have`'s leaves (a checkpoint's)."""
   by_path = {s.path: s for s in have}
   for s in specs:
     if s.path not in by_path:

@@ -7,9 +7,9 @@ the engine's gradient buffers are allocated and recycled (`BufferPool`);
 `to_mesh` makes a global array of a host buffer, and `host_pieces` reads a
 global array back, a chunk's worth at a time.
 
-Multi-host later: `to_mesh` builds each global array with
-`jax.make_array_from_callback`, which asks only for the blocks this process's
-devices hold; `host_pieces` would need a gather of the other processes' blocks.
+In a multi-process job the mesh spans every process's devices; each process
+holds and moves only its own devices' blocks (`local_blocks`, `local_slice`,
+`layout_of(..., blocks)`), and `host_pieces` reads only those.
 """
 
 from __future__ import annotations
@@ -28,13 +28,56 @@ MESH_AXIS = 'x'
 
 
 def make_mesh(count: int = 0, devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
-  """The server's 1-D mesh over the first `count` of `devices` (0: all; default: the local ones)."""
-  devices = list(devices if devices is not None else jax.local_devices())
+  """The server's 1-D mesh: the first `count` devices of each process (0: all of them).
+
+  `devices`: default every process's (`jax.devices()`: a single process's own,
+  or in a multi-process job the whole job's). The mesh is process-major, so
+  that each process holds a contiguous run of every split leaf's blocks.
+  """
+  devices = sorted(devices if devices is not None else jax.devices(),
+                   key=lambda d: (d.process_index, d.id))
+  by_process: dict[int, list[jax.Device]] = {}
+  for d in devices:
+    by_process.setdefault(d.process_index, []).append(d)
   if count:
-    if count > len(devices):
-      raise ValueError(f'devices={count} but only {len(devices)} are available')
-    devices = devices[:count]
+    short = {p: len(ds) for p, ds in by_process.items() if len(ds) < count}
+    if short:
+      p, n = next(iter(short.items()))
+      raise ValueError(f'devices={count} but only {n} are available'
+                       + (f' in process {p}' if len(by_process) > 1 else ''))
+    devices = [d for ds in by_process.values() for d in ds[:count]]
   return jax.sharding.Mesh(np.array(devices), (MESH_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def local_blocks(mesh: jax.sharding.Mesh) -> range:
+  """The positions along the mesh of this process's devices (contiguous: see make_mesh)."""
+  here = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+  return range(here[0], here[-1] + 1) if here else range(0)
+
+
+def process_starts(shape: Sequence[int], pspec: P, mesh: jax.sharding.Mesh
+                   ) -> Optional[tuple[int, tuple[int, ...]]]:
+  """(split dimension, where each process's range of it starts) of a leaf split as
+  `pspec`; None if it is not split (every process holds it whole)."""
+  if MESH_AXIS not in pspec:
+    return None
+  dim = list(pspec).index(MESH_AXIS)
+  step = shape[dim] // mesh.devices.size
+  first: dict[int, int] = {}
+  for i, d in enumerate(mesh.devices.flat):
+    first.setdefault(d.process_index, i)
+  return dim, tuple(first[p] * step for p in sorted(first))
+
+
+def local_slice(shape: Sequence[int], pspec: P, blocks: range, axis_size: int
+                ) -> tuple[slice, ...]:
+  """The part of a leaf of `shape` split as `pspec` that mesh positions `blocks` hold."""
+  index = [slice(None)] * len(shape)
+  if MESH_AXIS in pspec:
+    dim = list(pspec).index(MESH_AXIS)
+    step = shape[dim] // axis_size
+    index[dim] = slice(blocks.start * step, blocks.stop * step)
+  return tuple(index)
 
 
 def partition_spec(shape: Sequence[int], axis_size: int) -> P:
@@ -48,25 +91,38 @@ def partition_spec(shape: Sequence[int], axis_size: int) -> P:
   return P(*([None] * best + [MESH_AXIS]))
 
 
-def layout_of(shape: Sequence[int], pspec: P, axis_size: int) -> layout.LeafLayout:
-  """The host layout of a leaf split as `pspec` (from `partition_spec`) says."""
+def layout_of(shape: Sequence[int], pspec: P, axis_size: int,
+              blocks: Optional[range] = None) -> layout.LeafLayout:
+  """The host layout of a leaf split as `pspec` (from `partition_spec`) says.
+
+  `blocks`: the mesh positions whose blocks this host holds (default: all);
+  the layout is then that of their slice of the leaf.
+  """
   if MESH_AXIS not in pspec:
     return layout.LeafLayout(tuple(shape))
-  return layout.LeafLayout(tuple(shape), list(pspec).index(MESH_AXIS), axis_size)
+  blocks = range(axis_size) if blocks is None else blocks
+  dim = list(pspec).index(MESH_AXIS)
+  here = list(shape)
+  here[dim] = shape[dim] // axis_size * len(blocks)
+  return layout.LeafLayout(tuple(here), dim, len(blocks), blocks.start)
 
 
 def to_mesh(host: np.ndarray, sharding: NamedSharding,
-            lay: Optional[layout.LeafLayout] = None) -> jax.Array:
-  """A global array from a host buffer, each device taking only its block.
+            lay: Optional[layout.LeafLayout] = None,
+            shape: Optional[Sequence[int]] = None) -> jax.Array:
+  """A global array of `shape` from a host buffer, each device taking only its block.
 
-  `host` is the leaf row-major, or in `lay`'s block layout, whose blocks are
-  handed over as they are (on CPU, wrapped without a copy when aligned).
+  `host` is the leaf row-major (then `shape` is its own), or in `lay`'s block
+  layout (of the whole leaf, or of this process's slice of a leaf of `shape`),
+  whose blocks are handed over as they are (on CPU, wrapped without a copy
+  when aligned). `jax.make_array_from_callback` asks only for the blocks of
+  this process's devices.
   """
   if lay is None:
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
   dim = lay.dim
   return jax.make_array_from_callback(
-      lay.shape, sharding,
+      tuple(shape if shape is not None else lay.shape), sharding,
       lambda idx: lay.block(host, 0 if dim is None else (idx[dim].start or 0)))
 
 

@@ -34,34 +34,54 @@ def clamp_chunk_bytes(requested: int) -> int:
 
 
 
-def chunk_stream(arrays: Iterable[tuple[str, np.ndarray | Iterable[np.ndarray]]],
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 ) -> Iterator[tuple[str, int, bytes, int] | tensor_pb2.StreamCommit]:
-  """Splits arrays into chunks (in order), then yields the StreamCommit.
+Leaves = Iterable[tuple[str, 'np.ndarray | Iterator[np.ndarray]']]
 
-  Chunks come as (path, offset, data, sequence) tuples rather than messages,
-  so that the caller fills its request's `chunk` field in place: building a
-  TensorChunk and then assigning it into a request would copy the data again.
+
+def _views(leaves: Leaves, chunk_bytes: int) -> Iterator[tuple[str, int, list[memoryview], int]]:
+  """(path, offset, segments, size) of every chunk of `leaves`, in order: views, not copies.
+
+  A leaf is an array, or an iterator over consecutive pieces of it (arrays
+  whose elements, in order, are the leaf's in row-major order, e.g. its
+  devices' blocks). Every chunk of a leaf but its last holds `chunk_bytes`
+  bytes, whatever the pieces' sizes: a chunk's data is the concatenation of
+  its `segments` (views into one or more pieces), `size` bytes in all.
+  """
+  for path, leaf in leaves:
+    offset, segments, size = 0, [], 0
+    for piece in (leaf if isinstance(leaf, collections.abc.Iterator) else (leaf,)):
+      raw = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
+      start = 0
+      while start < len(raw):
+        take = min(chunk_bytes - size, len(raw) - start)
+        segments.append(raw[start:start + take])
+        size += take
+        start += take
+        if size == chunk_bytes:
+          yield path, offset, segments, size
+          offset, segments, size = offset + size, [], 0
+    if size:
+      yield path, offset, segments, size
+
+
+def chunk_stream(leaves: Leaves, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 ) -> Iterator[tuple[str, int, bytes, int] | tensor_pb2.StreamCommit]:
+  """Splits leaves into chunks (in order), then yields the StreamCommit.
+
+  Chunks come as (path, offset, data, sequence) tuples rather than messages.
 
   Args:
-    arrays: (path, leaf) pairs, in the order of the stream's header; a leaf is
-      an array, or an iterator over consecutive pieces of it (arrays whose elements, in order,
-      are the leaf's in row-major order; a chunk then ends where a piece does),
+    leaves: (path, leaf) pairs, in the order of the stream's header; a leaf is
+      an array, or an iterator over consecutive pieces of it (see `_views`),
       already in its wire dtype.
     chunk_bytes: the most data bytes per chunk.
   """
   seq, total, checksum = 0, 0, 0
-  for path, leaf in arrays:
-    offset = 0
-    for piece in (leaf if isinstance(leaf, collections.abc.Iterator) else (leaf,)):
-      raw = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
-      for start in range(0, len(raw), chunk_bytes):
-        data = raw[start:start + chunk_bytes].tobytes()
-        checksum = (checksum + chunk_checksum(data)) & MASK64
-        total += len(data)
-        yield path, offset, data, seq
-        offset += len(data)
-        seq += 1
+  for path, offset, segments, _ in _views(leaves, chunk_bytes):
+    data = b''.join(segments)
+    checksum = (checksum + chunk_checksum(data)) & MASK64
+    total += len(data)
+    yield path, offset, data, seq
+    seq += 1
   yield tensor_pb2.StreamCommit(chunk_count=seq, total_bytes=total, checksum=checksum)
 
 
@@ -94,35 +114,35 @@ def _len_field(number: int, length: int) -> bytes:
   return _varint(number << 3 | 2) + _varint(length)
 
 
-def encoded_chunk_messages(message_type, arrays: Iterable[tuple[str, np.ndarray]],
-                           chunk_bytes: int) -> Iterator[bytes]:
-  """`chunk_messages`, already serialized (for a channel whose serializer passes bytes on).
+def encoded_chunk_messages(message_type, leaves: Leaves, chunk_bytes: int) -> Iterator[bytes]:
+  """`chunk_messages`, already serialized (for a call whose serializer passes bytes on).
 
-  Each chunk's data is copied once, from the array straight into its message's
+  Each chunk's data is copied once, from the leaf straight into its message's
   bytes; building a message and serializing it copies the data three times
   (out of the array, into the message, into the serialization). The encoding
   is the protobuf wire format of `message_type` with its `chunk` field set
   (a TensorChunk with the data field last), so receivers parse it as usual.
+  Leaves as for `chunk_stream` (arrays, or iterators of pieces).
   """
   chunk_field = message_type.DESCRIPTOR.fields_by_name['chunk'].number
   seq, total, checksum = 0, 0, 0
-  for path, array in arrays:
-    raw = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-    path_field = _len_field(1, len(path.encode())) + path.encode()
-    for off in range(0, len(raw), chunk_bytes):
-      data = raw[off:off + chunk_bytes]
-      checksum = (checksum + chunk_checksum(data)) & MASK64
-      total += len(data)
-      # proto3 leaves zero scalars out: offset (2) and sequence (4) are varints.
-      head = (path_field + (_varint(2 << 3) + _varint(off) if off else b'')
-              + (_varint(4 << 3) + _varint(seq) if seq else b'') + _len_field(3, len(data)))
-      yield b''.join((_len_field(chunk_field, len(head) + len(data)), head, data))
-      seq += 1
+  path_fields: dict[str, bytes] = {}
+  for path, off, segments, size in _views(leaves, chunk_bytes):
+    path_field = path_fields.get(path)
+    if path_field is None:
+      path_field = path_fields[path] = _len_field(1, len(path.encode())) + path.encode()
+    # proto3 leaves zero scalars out: offset (2) and sequence (4) are varints.
+    head = (path_field + (_varint(2 << 3) + _varint(off) if off else b'')
+            + (_varint(4 << 3) + _varint(seq) if seq else b'') + _len_field(3, size))
+    message = b''.join((_len_field(chunk_field, len(head) + size), head, *segments))
+    checksum = (checksum + chunk_checksum(memoryview(message)[len(message) - size:])) & MASK64
+    total += size
+    yield message
+    seq += 1
   req = message_type()
   req.commit.CopyFrom(tensor_pb2.StreamCommit(chunk_count=seq, total_bytes=total,
                                               checksum=checksum))
   yield req.SerializeToString()
-
 
 
 def allocate(nbytes: Sequence[int]) -> list[np.ndarray]:
@@ -207,9 +227,11 @@ def _parse_chunk(buf: memoryview) -> Optional[Chunk]:
   return Chunk(path, offset, data, sequence)
 
 
-def upload_parser(message_type):
-  """A request deserializer for `message_type` streams that does not copy chunk data.
+def chunk_parser(message_type):
+  """A deserializer of `message_type` streams that does not copy chunk data.
 
+  For any message with a `chunk` field: the server's uploads (PushGradients,
+  InitializeModel requests), the client's pulls (PullParameters responses).
   A message holding just a chunk becomes a ChunkMessage whose data is a view
   into the received bytes; protobuf would copy the data twice (parsing it,
   then reading the field). Every other message, and any chunk with fields or
@@ -231,8 +253,6 @@ def upload_parser(message_type):
           return ChunkMessage(chunk)
     return parse(raw)
   return deserialize
-
-
 
 
 class Sink(Protocol):

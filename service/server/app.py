@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import signal
+import socket
 import threading
 from typing import Optional
 
@@ -17,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service import runtime
 from service.config import ServerConfig
 from service.core.checkpoint import Checkpointer
 from service.core.engine import Engine
@@ -30,6 +33,31 @@ from service.server.servicer import OptimizerServicer, add_servicer
 log = logging.getLogger(__name__)
 
 MAX_METADATA_BYTES = 16 << 10  # bigger request metadata: RESOURCE_EXHAUSTED from gRPC
+HEARTBEAT_S = 10  # a server process silent this long is lost to the job
+
+
+def _join_job(config: ServerConfig) -> None:
+  """Makes this process one of a multi-process server's (`jax.distributed`); no-op for one."""
+  if config.num_processes == 1:
+    return
+  coordinator = config.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if not coordinator:
+    raise ValueError('num_processes > 1 needs coordinator_address (or $JAX_COORDINATOR_ADDRESS)')
+  index = (config.process_id if config.process_id >= 0
+           else int(os.environ.get('JOB_COMPLETION_INDEX', '0')))
+  bind = f'{config.host}:{coordinator.rsplit(":", 1)[1]}'
+  runtime.initialize_distributed(coordinator, config.num_processes, index, bind_address=bind,
+                                 heartbeat_timeout_s=HEARTBEAT_S)
+  log.info('process %d of %d of the job coordinated at %s', index, config.num_processes,
+           coordinator)
+
+
+def _endpoint(config: ServerConfig, port: int) -> str:
+  """Where clients reach this process (its advertised address, or its host's name)."""
+  if config.advertise_address:
+    return config.advertise_address
+  host = config.host if config.host not in ('0.0.0.0', '::', '') else socket.getfqdn()
+  return f'{host}:{port}'
 
 
 class RunningServer:
@@ -91,6 +119,7 @@ def start(config: ServerConfig) -> RunningServer:
   elif not tls:
     log.warning('bearer tokens without TLS (--tls-cert/--tls-key): tokens cross the network '
                 'in the clear')
+  _join_job(config)
   metrics = Metrics()
   checkpointer = _checkpointer(config)
   engine = Engine(config, checkpointer=checkpointer, observer=metrics)
@@ -116,7 +145,15 @@ def start(config: ServerConfig) -> RunningServer:
       concurrent.futures.ThreadPoolExecutor(max_workers=config.grpc_threads),
       interceptors=[interceptor] if interceptor else None, options=options,
       maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-  servicer = OptimizerServicer(engine, metrics)
+  address = f'{config.host}:{config.port}'
+  port = (server.add_secure_port(address, credentials) if tls
+          else server.add_insecure_port(address))
+  if port == 0:
+    raise RuntimeError(f'could not bind {address}')
+  # A multi-process server's processes learn each other's endpoints through the job.
+  endpoints = (runtime.exchange('endpoint', _endpoint(config, port))
+               if config.num_processes > 1 else ())
+  servicer = OptimizerServicer(engine, metrics, endpoints)
   add_servicer(servicer, server)
   health_servicer = health.HealthServicer()
   health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -124,11 +161,6 @@ def start(config: ServerConfig) -> RunningServer:
     health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
   reflection.enable_server_reflection(
       (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-  address = f'{config.host}:{config.port}'
-  port = (server.add_secure_port(address, credentials) if tls
-          else server.add_insecure_port(address))
-  if port == 0:
-    raise RuntimeError(f'could not bind {address}')
   health_server, health_port = None, None
   if tls:  # probes (e.g. Kubernetes' gRPC probes) speak neither TLS nor tokens
     health_server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))

@@ -13,16 +13,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import grpc
 
 from service.core.engine import Engine, PullHeader
-from service.errors import AlreadyExists, InvalidArgument, ServiceError
+from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ServiceError
 from service.logs import fields
-from service.protocol import SERVICE_NAME, pb, tensor_pb2
+from service.protocol import SERVICE_NAME, pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
-from service.protocol.chunks import ChunkReceiver, clamp_chunk_bytes, upload_parser
+from service.protocol.chunks import ChunkReceiver, clamp_chunk_bytes, chunk_parser
 from service.protocol.dtypes import numpy_dtype
 from service.protocol.specs import specs_from_proto
 from service.protocol.types import PushHeader, PushResult
@@ -77,21 +77,28 @@ def add_servicer(servicer: pb_grpc.OptimizerServiceServicer, server: grpc.Server
   """pb_grpc.add_OptimizerServiceServicer_to_server, with our own request parsers.
 
   Requests with a `chunk` field (InitializeModel, PushGradients) are parsed by
-  `service.protocol.chunks.upload_parser`, which leaves each chunk's data in the received bytes
-  instead of copying it twice; every other one by protobuf. All are `_lenient`:
-  bytes that do not parse reach the handler as an `_Unparsable`.
+  `service.protocol.chunks.chunk_parser`, which leaves each chunk's data in the
+  received bytes instead of copying it twice; every other one by protobuf. All
+  are `_lenient`: bytes that do not parse reach the handler as an `_Unparsable`.
+  Responses a handler yields already serialized (PullParameters' chunks) are
+  passed on as they are.
   """
   handlers = {}
   for method in pb.DESCRIPTOR.services_by_name['OptimizerService'].methods:
     request = getattr(pb, method.input_type.name)
     response = getattr(pb, method.output_type.name)
-    parse = (upload_parser(request) if 'chunk' in request.DESCRIPTOR.fields_by_name
+    parse = (chunk_parser(request) if 'chunk' in request.DESCRIPTOR.fields_by_name
              else request.FromString)
     handlers[method.name] = _HANDLER_KINDS[method.client_streaming, method.server_streaming](
         getattr(servicer, method.name), request_deserializer=_lenient(parse, request),
-        response_serializer=response.SerializeToString)
+        response_serializer=_passing_bytes)
   server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
   server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _passing_bytes(message) -> bytes:
+  """A response serializer for handlers that yield messages or already-serialized bytes."""
+  return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def _read_stream(requests: Iterator, what: str):
@@ -123,8 +130,11 @@ def _read_stream(requests: Iterator, what: str):
 class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
   """lamb_sharded.v1.OptimizerService over an Engine."""
 
-  def __init__(self, engine: Engine, metrics: Optional[Metrics] = None):
+  def __init__(self, engine: Engine, metrics: Optional[Metrics] = None,
+               endpoints: Sequence[str] = ()):
+    """`endpoints`: of a multi-process server, every process's HOST:PORT, by index."""
     self._engine = engine
+    self._endpoints = tuple(endpoints)
     self._metrics = metrics or Metrics()
     cfg = engine.config
     self._idle_s, self._max_s = cfg.stream_idle_timeout_s, cfg.max_stream_seconds
@@ -158,7 +168,9 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
         hyperparameters=pb.LambHyperparameters(
             learning_rate_schedule=self._engine.schedule_description,
             learning_rate=d.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-            eps_root=cfg.eps_root, weight_decay=cfg.weight_decay))
+            eps_root=cfg.eps_root, weight_decay=cfg.weight_decay),
+        processes=[pb.ServerProcess(index=i, endpoint=e) for i, e in enumerate(self._endpoints)],
+        placements=[_placement(s.path, p) for s, p in zip(d.leaves, d.placements)])
 
   def InitializeModel(self, request_iterator, context):
     reader = None
@@ -167,6 +179,9 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       if d.initialized:  # refuse before reading the stream (the engine checks again)
         raise AlreadyExists(f'the model is already initialised (model_id {d.model_id}, '
                             f'step {d.step})')
+      if len(self._endpoints) > 1:
+        raise FailedPrecondition('a multi-process server takes its initial parameters from '
+                                 '--init-params (or a checkpoint), not from InitializeModel')
       reader = self._reader(request_iterator, 'InitializeModel')
       header, chunks, commit = _read_stream(reader, 'InitializeModel')
       specs = specs_from_proto(header.leaves, 'header.leaves')
@@ -248,14 +263,13 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
           dtype, newer_than=(request.if_newer_than_step
                              if request.HasField('if_newer_than_step') else None),
           model_id=request.if_model_id, chunk_bytes=clamp_chunk_bytes(request.max_chunk_bytes))
-      sent = self._metrics.sent_bytes.labels('PullParameters')
       with contextlib.closing(stream):
-        for item in stream:
-          message = _pull_message(item)
-          if message.WhichOneof('kind') == 'chunk':
-            sent.inc(len(item[2]))
+        header = next(stream)
+        yield _pull_header(header)
+        for message in stream:  # already serialized, each chunk's data copied once
           yield message
           self._pulls.progress(watch)
+      self._metrics.sent_bytes.labels('PullParameters').inc(sum(s.nbytes for s in header.leaves))
       self._metrics.pull_seconds.observe(time.monotonic() - t0)
     except ServiceError as e:
       _abort(context, e)
@@ -306,16 +320,14 @@ def _push_response(r: PushResult) -> pb.PushGradientsResponse:
                                   current_step=r.current_step, duplicate=r.duplicate)
 
 
-def _pull_message(item) -> pb.PullParametersResponse:
-  """One item of `Engine.pull` as its message: the header, a chunk, or the commit."""
-  out = pb.PullParametersResponse()
-  if isinstance(item, PullHeader):
-    out.header.CopyFrom(pb.PullParametersHeader(
-        model_id=item.model_id, step=item.step, not_modified=item.not_modified,
-        leaves=[s.to_proto() for s in item.leaves]))
-  elif isinstance(item, tensor_pb2.StreamCommit):
-    out.commit.CopyFrom(item)
-  else:
-    c = out.chunk
-    c.path, c.offset, c.data, c.sequence = item
-  return out
+def _placement(path: str, placement) -> pb.LeafPlacement:
+  if placement is None:
+    return pb.LeafPlacement(path=path)
+  dim, starts = placement
+  return pb.LeafPlacement(path=path, split_dim=dim, starts=starts)
+
+
+def _pull_header(h: PullHeader) -> pb.PullParametersResponse:
+  return pb.PullParametersResponse(header=pb.PullParametersHeader(
+      model_id=h.model_id, step=h.step, not_modified=h.not_modified,
+      leaves=[s.to_proto() for s in h.leaves]))

@@ -11,13 +11,20 @@ For a transformer-shaped pytree of float32 params (about 100M parameters with
 fixed random pytree) with weight_decay=0.01 and a warmup+cosine learning-rate
 schedule, for two cases:
 
-  * "1 device": no mesh, every array on `jax.devices()[0]`;
+  * "1 device": no mesh, every array on the default device, uncommitted (as a
+    jitted `model.init(key)` returns the params, or `jnp.array` makes them);
   * "8-device mesh": 8 simulated CPU devices as an (8,) or (4, 2) mesh
     (`--mesh`); every large matrix is split over all 8 devices, vectors are
     replicated. lamb_sharded gets `mesh=` and `param_specs=` (its update runs
     under `shard_map` with one psum); optax.lamb gets the same inputs, placed
     with the same `NamedSharding`s, and is partitioned by XLA. Both steps are
     compiled with the same output shardings.
+
+The state is what `tx.init(params)` returns, as a user would get it, and the
+step is a plain `jax.jit` (not ahead-of-time compiled): every compilation JAX
+logs for it -- the first call's and any later one, e.g. when the state `init`
+returns differs in placement or commitment from the state `update` returns -- is
+counted, with its seconds, and printed beside the step times (1 is right).
 
 Each measurement compiles the step, runs 2 warm-up steps, then `--reps`
 repetitions of `--steps` steps each (timed with `jax.block_until_ready`); the
@@ -40,8 +47,9 @@ How to run
     python tests/benchmarks/bench_lamb.py --size 25m --reps 3
     python tests/benchmarks/bench_lamb.py --mesh 8 --json /tmp/bench.json
 
-XLA_FLAGS is extended with --xla_force_host_platform_device_count=8 before jax
-is imported, so the mesh exists on a CPU-only machine.
+XLA_FLAGS is extended with --xla_force_host_platform_device_count=8
+(`service.runtime`) before jax is imported, so the mesh exists on a CPU-only
+machine.
 """
 
 from __future__ import annotations
@@ -49,24 +57,21 @@ from __future__ import annotations
 import os
 import sys
 
+# The checkout first (run without PYTHONPATH or an install).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from service import runtime  # pylint: disable=wrong-import-position  # imports nothing heavy
+
 N_DEVICES = 8
-
-
-def _force_host_devices(n: int) -> None:
-  """Asks XLA for `n` CPU devices, keeping any other flags in XLA_FLAGS."""
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  flags.append(f'--xla_force_host_platform_device_count={n}')
-  os.environ['XLA_FLAGS'] = ' '.join(flags)
-
-
-_force_host_devices(N_DEVICES)  # must run before jax is imported
+runtime.simulate_cpu_devices(N_DEVICES)  # must run before jax is imported
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
+import contextlib
 import gc
 import json
+import logging
 import platform
+import re
 import statistics
 import time
 from typing import Any, Callable, NamedTuple
@@ -77,11 +82,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-try:
-  import lamb_sharded
-except ImportError:  # run from a checkout without PYTHONPATH / an install
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-  import lamb_sharded
+import lamb_sharded
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Model shapes: BERT-base-like for 100m, a smaller sibling for 25m.
@@ -199,24 +200,51 @@ def learning_rate() -> optax.Schedule:
       decay_steps=DECAY_STEPS, end_value=1e-5)
 
 
-def make_step(tx: optax.GradientTransformation) -> Callable:
+def make_step(tx: optax.GradientTransformation, name: str) -> Callable:
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+  step.__name__ = step.__qualname__ = f'step_{name}'  # its compilations are logged by name
   return step
 
 
-def place_state(state: Any, param_shardings: Any, other: Any) -> Any:
-  """Puts every params-shaped subtree (the moments) like the params, the rest on `other`."""
+def state_shardings(state: Any, param_shardings: Any, other: Any) -> Any:
+  """Every params-shaped subtree (the moments) like the params, the rest on `other`."""
   pdef = jax.tree.structure(param_shardings)
 
   def is_params_like(x):
     return jax.tree.structure(x) == pdef
 
-  def put(x):
-    return jax.device_put(x, param_shardings if is_params_like(x) else other)
+  return jax.tree.map(lambda x: param_shardings if is_params_like(x) else other, state,
+                      is_leaf=is_params_like)
 
-  return jax.tree.map(put, state, is_leaf=is_params_like)
+
+class _Compilations(logging.Handler):
+  """Collects the XLA compilations JAX logs (`jax.log_compiles`), by function name."""
+
+  PATTERN = re.compile(r'Finished XLA compilation of jit\((\w+)\) in ([0-9.eE+-]+) sec')
+
+  def __init__(self):
+    super().__init__()
+    self.seconds: dict[str, list[float]] = {}
+
+  def emit(self, record):
+    match = self.PATTERN.search(record.getMessage())
+    if match:
+      self.seconds.setdefault(match.group(1), []).append(float(match.group(2)))
+
+
+@contextlib.contextmanager
+def logged_compilations():
+  handler, logger = _Compilations(), logging.getLogger('jax')
+  logger.addHandler(handler)
+  propagate, logger.propagate = logger.propagate, False  # keep the log off the console
+  try:
+    with jax.log_compiles():
+      yield handler.seconds
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = propagate
 
 
 def delete_tree(tree: Any) -> None:
@@ -232,30 +260,33 @@ class Runner:
     self.name = name
     self.grads = grads
     self.params = random_tree(shapes, 0, param_shardings)
-    self.state = place_state(tx.init(self.params), param_shardings, other_sharding)
-    jitted = jax.jit(
-        make_step(tx), donate_argnums=(0, 1),
-        out_shardings=((param_shardings, jax.tree.map(lambda x: x.sharding, self.state))
+    self.state = tx.init(self.params)  # as a user gets it: no placing by hand
+    self.step = jax.jit(
+        make_step(tx, name), donate_argnums=(0, 1),
+        out_shardings=((param_shardings, state_shardings(self.state, param_shardings,
+                                                         other_sharding))
                        if mesh_out else None))
-    t0 = time.perf_counter()
-    self.compiled = jitted.lower(self.params, self.state, grads).compile()
-    self.compile_s = time.perf_counter() - t0
-    hlo = self.compiled.as_text()
+    self.times: list[float] = []
+    self.all_reduces = self.fusions = None
+
+  def read_hlo(self) -> None:
+    """Counts ops in the compiled HLO (an ahead-of-time compilation: call it after the
+    logged window, or the jitted step would reuse it and its compilation go uncounted)."""
+    hlo = self.step.lower(self.params, self.state, self.grads).compile().as_text()
     self.all_reduces = hlo.count('all-reduce(') + hlo.count('all-reduce-start(')
     self.fusions = count_entry_fusions(hlo)
-    self.times: list[float] = []
 
   def run(self, steps: int) -> float:
     """Runs `steps` steps; returns seconds per step."""
     t0 = time.perf_counter()
     for _ in range(steps):
-      self.params, self.state = self.compiled(self.params, self.state, self.grads)
+      self.params, self.state = self.step(self.params, self.state, self.grads)
     jax.block_until_ready((self.params, self.state))
     return (time.perf_counter() - t0) / steps
 
   def free(self) -> None:
     delete_tree((self.params, self.state))
-    self.params = self.state = self.compiled = None
+    self.params = self.state = self.step = None
 
 
 def count_entry_fusions(hlo: str) -> int:
@@ -271,8 +302,8 @@ class Case(NamedTuple):
 
 def measure_case(case: Case, shapes: dict, steps: int, reps: int) -> dict:
   """Times lamb_sharded.lamb and optax.lamb on one case, interleaved."""
-  if case.mesh is None:
-    param_sh = other_sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if case.mesh is None:  # uncommitted, as a jitted model init returns them from a key
+    param_sh = other_sh = None
   else:
     param_sh = lamb_sharded.named_shardings(case.mesh, case.specs, shapes_as_structs(shapes))
     other_sh = NamedSharding(case.mesh, P())
@@ -284,15 +315,23 @@ def measure_case(case: Case, shapes: dict, steps: int, reps: int) -> dict:
   try:
     for name, tx in (('lamb_sharded', sharded_tx), ('optax', optax_tx)):
       runners.append(Runner(name, tx, shapes, grads, param_sh, other_sh, case.mesh is not None))
-      print(f'  {name:>12}: compiled in {runners[-1].compile_s:.1f}s')
-    for r in runners:  # warm-up
-      r.run(2)
-    for _ in range(reps):
-      for r in runners:  # A B A B ...
-        r.times.append(r.run(steps))
-    return {r.name: {'median_s': statistics.median(r.times), 'times_s': r.times,
-                     'compile_s': r.compile_s, 'all_reduces': r.all_reduces,
-                     'fusions': r.fusions} for r in runners}
+    with logged_compilations() as compiles:  # from the first call to the last
+      for r in runners:  # warm-up (the first call compiles)
+        r.run(2)
+        seconds = compiles.get(f'step_{r.name}', [])
+        print(f'  {r.name:>12}: {len(seconds)} compilation(s) in the first 2 steps, '
+              f'{sum(seconds):.1f}s')
+      for _ in range(reps):
+        for r in runners:  # A B A B ...
+          r.times.append(r.run(steps))
+    out = {}
+    for r in runners:
+      r.read_hlo()
+      seconds = compiles.get(f'step_{r.name}', [])
+      out[r.name] = {'median_s': statistics.median(r.times), 'times_s': r.times,
+                     'compiles': len(seconds), 'compile_s': sum(seconds),
+                     'all_reduces': r.all_reduces, 'fusions': r.fusions}
+    return out
   finally:
     for r in runners:
       r.free()
@@ -327,13 +366,15 @@ def summarize(results: dict, n_params: int, copy_bw: float) -> dict:
 
 def markdown_table(summary: dict) -> str:
   lines = ['| case | optax.lamb ms/step | lamb_sharded ms/step | ratio (lamb_sharded/optax) '
-           '| lamb_sharded % of copy BW | optax % of copy BW |',
-           '|---|---:|---:|---:|---:|---:|']
+           '| lamb_sharded % of copy BW | optax % of copy BW '
+           '| compilations lamb_sharded / optax | compile s lamb_sharded / optax |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|']
   for case, r in summary.items():
     s, o = r['lamb_sharded'], r['optax']
     lines.append(f"| {case} | {1e3 * o['median_s']:.1f} | {1e3 * s['median_s']:.1f} | "
                  f"{r['ratio']:.2f} | {100 * s['copy_bw_fraction']:.0f}% | "
-                 f"{100 * o['copy_bw_fraction']:.0f}% |")
+                 f"{100 * o['copy_bw_fraction']:.0f}% | {s['compiles']} / {o['compiles']} | "
+                 f"{s['compile_s']:.1f} / {o['compile_s']:.1f} |")
   return '\n'.join(lines)
 
 
@@ -346,7 +387,7 @@ def print_details(summary: dict) -> None:
       print(f"  {name:>12}: median {1e3 * x['median_s']:.1f} ms/step (reps: {reps}), "
             f"{x['bytes_per_s'] / 1e9:.2f} GB/s = {100 * x['copy_bw_fraction']:.0f}% of copy BW, "
             f"all-reduces {x['all_reduces']}, fusions {x['fusions']}, "
-            f"compile {x['compile_s']:.1f}s")
+            f"compilations {x['compiles']} ({x['compile_s']:.1f}s)")
 
 
 def print_targets(summary: dict, one: str, mesh: str) -> None:
@@ -361,6 +402,9 @@ def print_targets(summary: dict, one: str, mesh: str) -> None:
     frac = summary[case]['lamb_sharded']['copy_bw_fraction']
     checks.append((f'lamb_sharded ({case}) >= {100 * TARGETS["copy_bw_fraction"]:.0f}% of copy BW',
                    frac, frac >= TARGETS['copy_bw_fraction']))
+  for case in (one, mesh):
+    n = summary[case]['lamb_sharded']['compiles']
+    checks.append((f'lamb_sharded ({case}) compiles once', n, n == 1))
   for text, value, ok in checks:
     print(f"  {'met ' if ok else 'MISS'}  {text}: {value:.2f}")
 

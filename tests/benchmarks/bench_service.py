@@ -22,9 +22,9 @@ first stdout line). One client uploads the parameters with
   2. The server applies the LAMB update when the W-th push commits; that
      push's RPC returns after the update was *dispatched* (JAX dispatches
      asynchronously, so the computation may still be running).
-  3. One client pulls the new parameters (float32) twice: the first pull
-     waits for the update to finish; the second one is a pull of ready
-     parameters.
+  3. One client pulls the new parameters (float32): this pull waits for the
+     update to finish. Then every worker pulls them at once (ready params),
+     as workers do after a step.
 
 Two warm-up steps precede `--reps` timed steps (the server compiles its step
 when the model is initialised; the warm-up covers first-touch effects such
@@ -44,10 +44,11 @@ Columns:
     the rest of the completing push's RPC (its last bytes in flight, its
     commit: adding it to the host accumulator, the copy of the sum onto the
     mesh, and the dispatch of the LAMB update) plus the first pull's extra
-    time over the second pull (the wait for the update's computation). The details give the commit-only
+    time over a pull of ready params by one client alone (the wait for the
+    update's computation). The details give the commit-only
     tail of the non-completing pushes (W > 1) and the RPC part alone.
-  * pull s: the second PullParameters of all parameters (float32), i.e.
-    reading and streaming ready parameters.
+  * pull s: the W workers' concurrent PullParameters of all parameters
+    (float32, ready), from the first start to the last end.
   * ingestion MB/s: W x gradient bytes / push s (MB = 1e6 bytes).
   * raw gRPC MB/s: the baseline, measured in the same run, interleaved with
     the service steps: a bare grpcio client-streaming server (this script
@@ -60,6 +61,14 @@ Columns:
     the service's client also copies each chunk once (into the message
     bytes it encodes itself) and computes the stream checksum.
   * ingestion / raw: the service's rate as a fraction of the baseline.
+  * pull MB/s: W x parameter bytes / pull s.
+  * raw pull MB/s: the baseline of pulls, measured in the same run: the same
+    bare grpcio server sends W concurrent server streams, each of a model's
+    bytes (the same leaf shapes) in messages of 1 MiB cut per leaf, each a copy
+    out of its array (`tobytes`); its client only counts the bytes. The
+    service's client parses each chunk and copies it into the pulled arrays,
+    and checks the checksum.
+  * pull / raw: the service's pull rate as a fraction of that baseline.
   * peak RSS GB: VmHWM of the server process (/proc/<pid>/status) at the end
     of its run (initialisation included; VmHWM right after InitializeModel
     is in the details).
@@ -74,7 +83,8 @@ Columns:
     params and the LAMB state (it keeps the params only while a pull reads
     them), and a pull reads a leaf a chunk at a time.
 
-Targets (for orientation): ingestion / raw >= 0.8; RSS / (state + overhead) <= 1.3.
+Targets (for orientation): ingestion / raw >= 0.8; pull / raw >= 0.8;
+RSS / (state + overhead) <= 1.3.
 
 How to run
 ----------
@@ -134,8 +144,9 @@ GRPC_THREADS = 32  # the server's default thread pool
 CALL_TIMEOUT_S = 600.0
 START_TIMEOUT_S = 180.0
 WARMUP_STEPS = 2  # first-touch effects (buffers, transfers) of the first steps
+RAW_PULL_METHOD = '/bench.RawSink/Pull'
 RAW_METHOD = '/bench.RawSink/Push'
-TARGETS = {'ingestion_vs_raw': 0.8, 'rss_ratio': 1.3}
+TARGETS = {'ingestion_vs_raw': 0.8, 'pull_vs_raw': 0.8, 'rss_ratio': 1.3}
 
 
 # ----------------------------------------------------------------------------- model
@@ -237,8 +248,11 @@ def service_argv(workers: int, extra: Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------- raw baseline
 
 
-def serve_raw() -> int:
-  """The baseline's sink: a client-streaming method that counts the bytes it receives."""
+def serve_raw(size: str) -> int:
+  """The baseline: a client-streaming sink that counts the bytes it receives (`Push`), and a
+  server-streaming source (`Pull`) that sends a model of `size`'s bytes as the service's pulls
+  cut them, each message a copy out of the arrays (`raw_chunks`)."""
+  model = random_tree(leaf_shapes(**SIZES[size]), 3, 0.02)
 
   def push(request_iterator, context):
     del context
@@ -248,8 +262,13 @@ def serve_raw() -> int:
       total += len(msg)
     return f'{count} {total}'.encode()
 
+  def pull(request, context):
+    del request, context
+    yield from raw_chunks(model)
+
   handler = grpc.method_handlers_generic_handler(
-      'bench.RawSink', {'Push': grpc.stream_unary_rpc_method_handler(push)})
+      'bench.RawSink', {'Push': grpc.stream_unary_rpc_method_handler(push),
+                        'Pull': grpc.unary_stream_rpc_method_handler(pull)})
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=GRPC_THREADS),
                        options=[('grpc.max_receive_message_length', MAX_MESSAGE),
                                 ('grpc.max_send_message_length', MAX_MESSAGE)])
@@ -274,13 +293,28 @@ def raw_chunks(tree: dict[str, np.ndarray]) -> Iterator[bytes]:
 
 
 class RawClients:
-  """W channels to the raw sink; `round()` streams one gradient on each, concurrently."""
+  """W channels to the raw baseline; `round()` streams one gradient on each, concurrently,
+  `pull_round()` receives the model's bytes on each, concurrently."""
 
   def __init__(self, port: int, workers: int, pool: concurrent.futures.ThreadPoolExecutor):
     self.channels = [grpc.insecure_channel(f'127.0.0.1:{port}', options=[
         ('grpc.max_receive_message_length', MAX_MESSAGE)]) for _ in range(workers)]
     self.calls = [ch.stream_unary(RAW_METHOD) for ch in self.channels]
+    self.pulls = [ch.unary_stream(RAW_PULL_METHOD) for ch in self.channels]
     self.pool = pool
+
+  def pull_round(self, expected: int) -> float:
+    """Seconds from the first pull's start until every pull received `expected` bytes."""
+
+    def one(call):
+      t = time.perf_counter()
+      total = sum(len(m) for m in call(b'', timeout=CALL_TIMEOUT_S))
+      if total != expected:
+        raise RuntimeError(f'raw source sent {total} bytes, expected {expected}')
+      return t, time.perf_counter()
+
+    spans = [f.result() for f in [self.pool.submit(one, c) for c in self.pulls]]
+    return max(e for _, e in spans) - min(s for s, _ in spans)
 
   def round(self, grads: dict[str, np.ndarray]) -> float:
     """Seconds from the first stream's start until every stream returned."""
@@ -365,13 +399,27 @@ def sync_step(clients: list, pool: concurrent.futures.ThreadPoolExecutor, step: 
   t0 = min(s[0] for s in spans)
   others = [s for i, s in enumerate(spans) if i != c]
   ingest_end = max([s[1] for s in spans] + [s[2] for s in others])
-  first_pull_s, pull_s = timed_pull(clients[0], step + 1), timed_pull(clients[0], step + 1)
+  first_pull_s = timed_pull(clients[0], step + 1)  # waits for the update
+  pull_s = concurrent_pulls(clients, pool, step + 1)
+  # One pull of ready params alone, for the update's share of the first pull.
+  single_s = pull_s if len(clients) == 1 else timed_pull(clients[0], step + 1)
   apply_rpc_s = max(0.0, spans[c][2] - ingest_end)  # < 0 when another push returned later
-  return StepTiming(push_s=ingest_end - t0, apply_s=apply_rpc_s + max(0.0, first_pull_s - pull_s),
+  return StepTiming(push_s=ingest_end - t0, apply_s=apply_rpc_s + max(0.0, first_pull_s - single_s),
                     pull_s=pull_s, apply_rpc_s=apply_rpc_s, first_pull_s=first_pull_s,
                     commit_tails_s=[s[2] - s[1] for s in others],
                     server_cpu_s=proc_cpu_seconds(server_pid) - cpu0,
                     client_cpu_s=self_cpu_seconds() - self0)
+
+
+def concurrent_pulls(clients: list, pool: concurrent.futures.ThreadPoolExecutor,
+                     want_step: int) -> float:
+  """Every worker pulls the (ready) params at once: first start to last end."""
+  def one(c):
+    t = time.perf_counter()
+    timed_pull(c, want_step)
+    return t, time.perf_counter()
+  spans = [f.result() for f in [pool.submit(one, c) for c in clients]]
+  return max(e for _, e in spans) - min(s for s, _ in spans)
 
 
 def timed_pull(client, want_step: int) -> float:
@@ -403,18 +451,21 @@ def run_server(workers: int, params: dict, grads: dict, reps: int, extra_flags: 
     warmup_s = time.perf_counter() - t
     if raw is not None:
       raw.round(grads)  # warm-up
-    steps, raw_s = [], []
+      raw.pull_round(tree_bytes(params))
+    steps, raw_s, raw_pull_s = [], [], []
     for rep in range(reps):  # service step, raw round, service step, ...
       steps.append(sync_step(clients, pool, WARMUP_STEPS + rep, model_id, grads, proc.pid))
       if raw is not None:
         raw_s.append(raw.round(grads))
+        raw_pull_s.append(raw.pull_round(tree_bytes(params)))
       s = steps[-1]
       log(f'    rep {rep}: push {s.push_s:.3f}s apply {s.apply_s:.3f}s pull {s.pull_s:.3f}s'
-          + (f', raw {raw_s[-1]:.3f}s' if raw_s else ''))
+          + (f', raw push {raw_s[-1]:.3f}s pull {raw_pull_s[-1]:.3f}s' if raw_s else ''))
     return {'workers': workers, 'pid': proc.pid, 'init_s': init_s, 'warmup_s': warmup_s,
             'vmhwm_after_init': hwm_init, 'vmhwm': proc_status_bytes(proc.pid, 'VmHWM'),
             'vmrss_end': proc_status_bytes(proc.pid, 'VmRSS'),
-            'steps': [dataclasses.asdict(s) for s in steps], 'raw_s': raw_s}
+            'steps': [dataclasses.asdict(s) for s in steps], 'raw_s': raw_s,
+            'raw_pull_s': raw_pull_s}
 
 
 # ----------------------------------------------------------------------------- report
@@ -427,8 +478,11 @@ def summarize(run: dict, grad_bytes: int, state_bytes: int, overhead: int) -> di
   push_s = med('push_s')
   ingest = w * grad_bytes / push_s
   raw = w * grad_bytes / statistics.median(run['raw_s'])
+  pull = w * grad_bytes / med('pull_s')  # the params have the gradients' bytes (float32)
+  raw_pull = w * grad_bytes / statistics.median(run['raw_pull_s'])
   return {'workers': w, 'push_s': push_s, 'apply_s': med('apply_s'), 'pull_s': med('pull_s'),
           'ingestion_Bps': ingest, 'raw_Bps': raw, 'ingestion_vs_raw': ingest / raw,
+          'pull_Bps': pull, 'raw_pull_Bps': raw_pull, 'pull_vs_raw': pull / raw_pull,
           'peak_rss': run['vmhwm'], 'rss_ratio': run['vmhwm'] / (state_bytes + overhead),
           'commit_tail_s': statistics.median(tails) if tails else None,
           'apply_rpc_s': med('apply_rpc_s'), 'first_pull_s': med('first_pull_s'),
@@ -438,13 +492,16 @@ def summarize(run: dict, grad_bytes: int, state_bytes: int, overhead: int) -> di
 
 
 def markdown_table(rows: list[dict]) -> str:
-  lines = ['| workers | push s | apply s | pull s | ingestion MB/s | raw gRPC MB/s | '
-           'ingestion / raw | peak RSS GB | RSS / (state + overhead) |',
-           '|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  lines = ['| workers | push s | apply s | pull s | ingestion MB/s | raw push MB/s | '
+           'ingestion / raw | pull MB/s | raw pull MB/s | pull / raw | peak RSS GB | '
+           'RSS / (state + overhead) |',
+           '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in rows:
     lines.append(f"| {r['workers']} | {r['push_s']:.2f} | {r['apply_s']:.2f} | "
                  f"{r['pull_s']:.2f} | {r['ingestion_Bps'] / 1e6:.0f} | "
                  f"{r['raw_Bps'] / 1e6:.0f} | {r['ingestion_vs_raw']:.2f} | "
+                 f"{r['pull_Bps'] / 1e6:.0f} | {r['raw_pull_Bps'] / 1e6:.0f} | "
+                 f"{r['pull_vs_raw']:.2f} | "
                  f"{r['peak_rss'] / 1e9:.2f} | {r['rss_ratio']:.2f} |")
   return '\n'.join(lines)
 
@@ -456,7 +513,7 @@ def print_details(rows: list[dict], state_bytes: int, overhead: int) -> None:
     tail = (f"{r['commit_tail_s']:.3f}s" if r['commit_tail_s'] is not None
             else 'n/a (one worker)')
     print(f"  W={r['workers']}: apply = RPC part {r['apply_rpc_s']:.3f}s + wait in the first "
-          f"pull (first pull {r['first_pull_s']:.3f}s - second {r['pull_s']:.3f}s); commit-only "
+          f"pull (first pull {r['first_pull_s']:.3f}s - a ready one); commit-only "
           f"tail of non-completing pushes {tail};\n       "
           f"server CPU {r['server_cpu_s']:.2f}s/step, client (this process) CPU "
           f"{r['client_cpu_s']:.2f}s/step; VmHWM after init {r['vmhwm_after_init'] / 1e9:.2f} GB, "
@@ -470,6 +527,8 @@ def print_targets(rows: list[dict]) -> None:
     for key, text, ok in (
         ('ingestion_vs_raw', f'ingestion / raw >= {TARGETS["ingestion_vs_raw"]}',
          r['ingestion_vs_raw'] >= TARGETS['ingestion_vs_raw']),
+        ('pull_vs_raw', f'pull / raw >= {TARGETS["pull_vs_raw"]}',
+         r['pull_vs_raw'] >= TARGETS['pull_vs_raw']),
         ('rss_ratio', f'RSS / (state + overhead) <= {TARGETS["rss_ratio"]}',
          r['rss_ratio'] <= TARGETS['rss_ratio'])):
       print(f"  {'met ' if ok else 'MISS'}  W={r['workers']} {text}: {r[key]:.2f}")
@@ -511,7 +570,7 @@ def _exit_on_signal(signum, frame) -> None:
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.raw_server:
-    return serve_raw()
+    return serve_raw(args.size)
   for sig in (signal.SIGTERM, signal.SIGHUP):
     signal.signal(sig, _exit_on_signal)
   t_start = time.perf_counter()
@@ -538,8 +597,8 @@ def main(argv=None) -> int:
 
   state_bytes = STATE_BYTES_PER_PARAM * n_params
   runs = []
-  raw_argv = [sys.executable, os.path.abspath(__file__), '--raw-server']
-  with child_process(raw_argv, 'raw gRPC sink') as (_, raw_port):
+  raw_argv = [sys.executable, os.path.abspath(__file__), '--raw-server', '--size', args.size]
+  with child_process(raw_argv, 'raw gRPC baseline') as (_, raw_port):
     for w in args.workers:
       print(f'W={w}:')
       with concurrent.futures.ThreadPoolExecutor(w) as pool:

@@ -171,3 +171,50 @@ def test_named_shardings_broadcasts_a_prefix(mesh):
   sh = lamb_sharded.named_shardings(mesh, {'a': P('data'), 'b': None}, params)
   assert sh['a']['x'].spec == P('data') and sh['a']['y'].spec == P('data')
   assert sh['b'].spec == P()
+
+
+def count_all_gathers(hlo_text):
+  return len(re.findall(r'\ball-gather(?:-start)?\(', hlo_text))
+
+
+@pytest.mark.parametrize('shape,spec,all_reduces', [
+    ((8,), P('data'), 1),
+    ((4, 2), P('data', 'model'), 2),
+    ((4, 2), P(None, 'model'), 1),
+], ids=['8-data', '4x2-data-model', '4x2-none-model'])
+def test_auto_sharded_params_without_a_mesh_never_gather(shape, spec, all_reduces):
+  # Params put on a mesh with automatic axes (the usual jax.device_put), and no
+  # mesh= for lamb: XLA partitions the update. It must not gather the leaves (or
+  # their partial sums) onto every device: its per-leaf sums become all-reduces,
+  # which XLA combines. (optax.lamb on the same inputs: 21 all-reduces.)
+  mesh = jax.make_mesh(shape, ('data', 'model')[:len(shape)], axis_types=(AxisType.Auto,) * len(shape))
+  rng = np.random.default_rng(0)
+  params = {f'l{i}': jnp.asarray(rng.normal(size=(64, 32)), jnp.float32) for i in range(10)}
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+  put = lambda t: jax.device_put(t, jax.sharding.NamedSharding(mesh, spec))
+  on_mesh, grads_on_mesh = put(params), put(grads)
+  tx = lamb_sharded.lamb(1e-2, weight_decay=0.1)
+  state = tx.init(on_mesh)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  hlo = step.lower(grads_on_mesh, state, on_mesh).compile().as_text()
+  assert count_all_gathers(hlo) == 0
+  assert 'all-to-all' not in hlo and 'collective-permute' not in hlo
+  assert count_all_reduces(hlo) == all_reduces
+  updates, new_state = step(grads_on_mesh, state, on_mesh)
+  for x in jax.tree.leaves((state[0].mu, new_state[0].mu, new_state[0].nu)):
+    assert x.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), x.ndim)
+  ref = optax.lamb(1e-2, weight_decay=0.1)
+  want, _ = ref.update(grads, ref.init(params), params)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9)
+
+
+def test_a_leaf_on_one_device_keeps_the_fused_reduction():
+  # The plain sums are only for leaves XLA partitions: on one device the norms
+  # stay one variadic reduction (a reduce with two operands), which is faster.
+  params = {'w': jnp.ones((64, 32))}
+  tx = lamb_sharded.lamb(1e-3)
+  hlo = jax.jit(lambda g, s, p: tx.update(g, s, p)).lower(
+      params, tx.init(params), params).as_text()
+  variadic = re.findall(r'= stablehlo\.reduce\(\S+ init: \S+\), \(\S+ init: \S+\)', hlo)
+  assert len(variadic) == 1, [l for l in hlo.splitlines() if 'reduce' in l]

@@ -122,7 +122,7 @@ def test_stream_commit_sums_each_chunk_padded_on_its_own():
 def _receive(arrays, chunk_bytes, mutate=lambda data: data):
   specs = [LeafSpec(p, a.shape, a.dtype) for p, a in arrays]
   receiver = wire.ChunkReceiver(specs, 'test')
-  parse = wire.upload_parser(pb.PushGradientsRequest)
+  parse = wire.chunk_parser(pb.PushGradientsRequest)
   commit = None
   for raw in wire.encoded_chunk_messages(pb.PushGradientsRequest, arrays, chunk_bytes):
     msg = parse(mutate(raw))

@@ -170,8 +170,8 @@ def _as_chunk(parsed, message):
   return parsed.chunk
 
 
-def test_upload_parser_reads_chunks_as_protobuf_does_without_copying():
-  parse = chunks.upload_parser(pb.PushGradientsRequest)
+def test_chunk_parser_reads_chunks_as_protobuf_does_without_copying():
+  parse = chunks.chunk_parser(pb.PushGradientsRequest)
   for chunk in (tensor_pb2.TensorChunk(path="['w']", offset=0, data=b'\x01' * 8, sequence=0),
                 tensor_pb2.TensorChunk(path="['é']", offset=(1 << 40), data=b'xy', sequence=300),
                 tensor_pb2.TensorChunk(path="['w']", offset=-1, data=b'z', sequence=-5),
@@ -195,19 +195,19 @@ def test_upload_parser_reads_chunks_as_protobuf_does_without_copying():
     # A field with another wire type than TensorChunk's (path as a varint).
     b'\x12\x02\x08\x01',
 ])
-def test_upload_parser_leaves_anything_unusual_to_protobuf(raw):
-  parsed = chunks.upload_parser(pb.PushGradientsRequest)(raw)
+def test_chunk_parser_leaves_anything_unusual_to_protobuf(raw):
+  parsed = chunks.chunk_parser(pb.PushGradientsRequest)(raw)
   assert isinstance(parsed, pb.PushGradientsRequest)
   assert parsed == pb.PushGradientsRequest.FromString(raw)
 
 
 @pytest.mark.parametrize('raw', [b'\x12\x05\x0a\x09abc', b'\x12\x03\x0a\x02\xff\xfe', b'\x12\x80'])
-def test_upload_parser_rejects_what_protobuf_rejects(raw):
+def test_chunk_parser_rejects_what_protobuf_rejects(raw):
   # Truncated, not UTF-8, a truncated length: the same error as protobuf's own parser.
   with pytest.raises(DecodeError):
     pb.PushGradientsRequest.FromString(raw)
   with pytest.raises(DecodeError):
-    chunks.upload_parser(pb.PushGradientsRequest)(raw)
+    chunks.chunk_parser(pb.PushGradientsRequest)(raw)
 
 
 def _recycling_run(workers, steps, dtype=np.float32):

@@ -20,7 +20,7 @@ from service.core import layout
 from service.core.accumulator import Accumulator
 from service.core.engine import Engine
 from service.core.model import ModelPlan
-from service.core.placement import host_pieces, layout_of, partition_spec
+from service.core.placement import host_pieces, layout_of, local_slice, partition_spec
 from service.protocol.chunks import ALIGN, HostArrays
 from service.protocol.specs import LeafSpec
 from service.protocol._gen.lamb_sharded.v1 import tensor_pb2
@@ -216,3 +216,19 @@ def test_nan_is_found_whatever_the_chunk_boundaries(chunk_bytes):
     assert after.step == 0
     for k in P0:
       np.testing.assert_array_equal(after.params[k], before[k])
+
+
+def test_a_process_lays_out_only_its_devices_slice():
+  # In a 2-process job of 4 devices each, process 1 holds blocks 4..7 of a split leaf.
+  jsh = jax.sharding
+  lay = layout_of((64, 4), jsh.PartitionSpec('x'), 8, range(4, 8))
+  assert (lay.shape, lay.dim, lay.parts, lay.first) == ((32, 4), 0, 4, 4)
+  cols = layout_of((3, 16), jsh.PartitionSpec(None, 'x'), 8, range(4, 8))
+  assert (cols.shape, cols.block_shape, cols.first) == ((3, 8), (3, 2), 4)
+  x = np.arange(3 * 16, dtype=np.float32).reshape(3, 16)
+  here = x[local_slice((3, 16), jsh.PartitionSpec(None, 'x'), range(4, 8), 8)]
+  np.testing.assert_array_equal(here, x[:, 8:])
+  buf = cols.from_array(here)
+  np.testing.assert_array_equal(cols.block(buf, 10), x[:, 10:12])  # device 5's block
+  whole = layout_of((7,), jsh.PartitionSpec(), 8, range(4, 8))
+  assert whole.shape == (7,) and whole.dim is None

@@ -44,7 +44,7 @@ class DescribeModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("initialized", "model_id", "leaves", "step", "step_mode", "num_workers", "quorum", "staleness_bound", "hyperparameters")
+    __slots__ = ("initialized", "model_id", "leaves", "step", "step_mode", "num_workers", "quorum", "staleness_bound", "hyperparameters", "processes", "placements")
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LEAVES_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,8 @@ class DescribeModelResponse(_message.Message):
     QUORUM_FIELD_NUMBER: _ClassVar[int]
     STALENESS_BOUND_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     initialized: bool
     model_id: str
     leaves: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
@@ -63,7 +65,27 @@ class DescribeModelResponse(_message.Message):
     quorum: int
     staleness_bound: int
     hyperparameters: LambHyperparameters
-    def __init__(self, initialized: _Optional[bool] = ..., model_id: _Optional[str] = ..., leaves: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., step: _Optional[int] = ..., step_mode: _Optional[_Union[StepMode, str]] = ..., num_workers: _Optional[int] = ..., quorum: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., hyperparameters: _Optional[_Union[LambHyperparameters, _Mapping]] = ...) -> None: ...
+    processes: _containers.RepeatedCompositeFieldContainer[ServerProcess]
+    placements: _containers.RepeatedCompositeFieldContainer[LeafPlacement]
+    def __init__(self, initialized: _Optional[bool] = ..., model_id: _Optional[str] = ..., leaves: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., step: _Optional[int] = ..., step_mode: _Optional[_Union[StepMode, str]] = ..., num_workers: _Optional[int] = ..., quorum: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., hyperparameters: _Optional[_Union[LambHyperparameters, _Mapping]] = ..., processes: _Optional[_Iterable[_Union[ServerProcess, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[LeafPlacement, _Mapping]]] = ...) -> None: ...
+
+class ServerProcess(_message.Message):
+    __slots__ = ("index", "endpoint")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    endpoint: str
+    def __init__(self, index: _Optional[int] = ..., endpoint: _Optional[str] = ...) -> None: ...
+
+class LeafPlacement(_message.Message):
+    __slots__ = ("path", "split_dim", "starts")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_DIM_FIELD_NUMBER: _ClassVar[int]
+    STARTS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    split_dim: int
+    starts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, path: _Optional[str] = ..., split_dim: _Optional[int] = ..., starts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InitializeModelRequest(_message.Message):
     __slots__ = ("header", "chunk", "commit")

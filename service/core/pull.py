@@ -1,0 +1,189 @@
+"""Pulls: the params of one step as encoded messages, made once for every puller of that step.
+
+After a step is applied every worker pulls it at once. `SharedStream` makes the
+step's encoded messages once (one copy of the data, from the devices' blocks
+into each message's bytes) and hands them to every reader that joins it; a
+message is dropped as soon as every reader has passed it, so it holds what
+lies between the slowest and the fastest reader (one message with a single
+reader; at most one encoded copy of the model if a reader stalls, until the
+server cuts that pull off as idle). A reader that comes after the first
+message was dropped starts a stream of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Callable, Iterator, Optional, Sequence
+
+import jax
+import numpy as np
+
+from service.core import placement
+from service.protocol import pb
+from service.protocol.chunks import encoded_chunk_messages
+from service.protocol.specs import LeafSpec
+
+_END = object()
+
+
+def encode(specs: Sequence[LeafSpec], arrays: Sequence[jax.Array],
+           chunk_bytes: int) -> Iterator[bytes]:
+  """The chunk messages and the commit of a pull of `arrays` in the dtypes of `specs`.
+
+  Each leaf is read from its devices' blocks a chunk's worth at a time
+  (`placement.host_pieces`: no host copy of a leaf) and cast to its spec's
+  dtype piece by piece.
+  """
+  def leaves():
+    for s, a in zip(specs, arrays):
+      pieces = placement.host_pieces(a, chunk_bytes * a.dtype.itemsize // s.dtype.itemsize)
+      yield s.path, (p.astype(s.dtype, copy=False) for p in pieces)
+  return encoded_chunk_messages(pb.PullParametersResponse, leaves(), chunk_bytes)
+
+
+class SharedStream:
+  """A stream of items made once, lazily, and read by several readers at their own pace.
+
+  Args:
+    source: the items (made on demand by whichever reader needs the next one).
+    release: called once when the stream is done with its source: every item
+      made, or every reader gone (the source is then closed).
+
+  Example:
+    >>> stream = SharedStream(iter('abc'), release=lambda: print('released'))
+    >>> a, b = stream.join(), stream.join()
+    >>> next(a), next(b), next(a), list(a), list(b)
+    released
+    ('a', 'a', 'b', ['c'], ['b', 'c'])
+    >>> stream.join() is None  # too late: its first item was dropped
+    True
+  """
+
+  def __init__(self, source: Iterator, release: Callable[[], None]):
+    self._source, self._release = source, release
+    self._cond = threading.Condition(threading.Lock())
+    self._items: dict[int, object] = {}
+    self._made = 0  # items taken from the source
+    self._dropped = 0  # items [0, dropped) are gone
+    self._making = False
+    self._done = False  # the source is exhausted (or failed: `_error`)
+    self._error: Optional[BaseException] = None
+    self._readers: dict[int, int] = {}  # reader -> the index it reads next
+    self._ids = itertools.count()
+    self._released = False
+
+  def join(self) -> Optional['_Reader']:
+    """A reader from the first item; None if that item is gone (start another stream).
+
+    Close the reader when done with it (or read it to its end).
+    """
+    with self._cond:
+      if self._dropped or self._released:
+        return None
+      rid = next(self._ids)
+      self._readers[rid] = 0
+    return _Reader(self, rid)
+
+  def _get(self, i: int):
+    with self._cond:
+      while True:
+        if i in self._items:
+          return self._items[i]
+        if self._error is not None:
+          raise self._error
+        if self._done and i >= self._made:
+          return _END
+        if not self._making:
+          self._making = True
+          break
+        self._cond.wait()
+    try:  # make the next item outside the lock: the others send theirs meanwhile
+      item = next(self._source, _END)
+    except BaseException as e:  # pylint: disable=broad-except
+      item, error = _END, e
+    else:
+      error = None
+    with self._cond:
+      self._making = False
+      if item is _END:
+        self._done, self._error = True, error
+      else:
+        self._items[self._made] = item
+        self._made += 1
+      self._cond.notify_all()
+    if item is _END:
+      self._finish()
+    return self._get(i)
+
+  def _passed(self, rid: int, i: int) -> None:
+    with self._cond:
+      if rid in self._readers:
+        self._readers[rid] = i
+        self._drop_locked()
+
+  def _leave(self, rid: int) -> None:
+    with self._cond:
+      self._readers.pop(rid, None)
+      self._drop_locked()
+      last = not self._readers
+      if last:
+        self._items.clear()
+        self._dropped = max(self._dropped, 1)  # nobody may join a stream cut short
+    if last:
+      self._finish()
+
+  def _drop_locked(self) -> None:
+    low = min(self._readers.values(), default=self._made)
+    for j in range(self._dropped, low):
+      self._items.pop(j, None)
+    self._dropped = max(self._dropped, low)
+
+  def _finish(self) -> None:
+    with self._cond:
+      if self._released:
+        return
+      self._released = True
+    try:
+      close = getattr(self._source, 'close', None)
+      if close is not None:
+        close()
+    finally:
+      self._release()
+
+
+class _Reader:
+  """One reader of a SharedStream: an iterator, and `close()` (also at its end)."""
+
+  def __init__(self, stream: SharedStream, rid: int):
+    self._stream, self._rid, self._next = stream, rid, 0
+    self._closed = False
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._closed:
+      raise StopIteration
+    if self._next:  # the previous item was passed on
+      self._stream._passed(self._rid, self._next)  # pylint: disable=protected-access
+    try:
+      item = self._stream._get(self._next)  # pylint: disable=protected-access
+    except BaseException:
+      self.close()
+      raise
+    if item is _END:
+      self.close()
+      raise StopIteration
+    self._next += 1
+    return item
+
+  def close(self) -> None:
+    if not self._closed:
+      self._closed = True
+      self._stream._leave(self._rid)  # pylint: disable=protected-access
+
+
+def pulled_dtypes(specs: Sequence[LeafSpec], dtype: Optional[np.dtype]) -> tuple[LeafSpec, ...]:
+  """The leaves as a pull in `dtype` sends them (None: each in its own)."""
+  return tuple(LeafSpec(s.path, s.shape, dtype or s.dtype) for s in specs)

@@ -1,0 +1,172 @@
+"""Pulls: full chunks whatever the devices' blocks, one encoding shared by concurrent pullers.
+
+In-process engines on the 8-device CPU mesh and a real server: the bytes each
+puller gets are checked against the params, and the sharing against what the
+shared stream actually made.
+"""
+
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from service.config import ServerConfig
+from service.core import pull as pull_lib
+from service.core.engine import Engine, PullHeader
+from service.protocol import pb
+from service.protocol.chunks import ChunkReceiver, chunk_parser
+from service.protocol.specs import LeafSpec
+from svc import push_arrays, running_server
+
+# Split over the 8 devices along dim 0, along dim 1, and replicated (7 does not divide).
+P0 = {"['rows']": np.arange(64 * 96, dtype=np.float32).reshape(64, 96) / 7,
+      "['cols']": np.arange(3 * 16, dtype=np.float32).reshape(3, 16) - 5,
+      "['odd']": np.linspace(-1, 1, 7, dtype=np.float32)}
+
+
+@pytest.fixture
+def engine():
+  e = Engine(ServerConfig(devices=8, learning_rate=0.1))
+  e.initialize([LeafSpec(k, v.shape, v.dtype) for k, v in P0.items()],
+               [v.copy() for v in P0.values()])
+  yield e
+  e.close()
+
+
+def _receive(messages, specs):
+  """The arrays a client makes of a pull's serialized messages, and each leaf's chunk sizes."""
+  receiver, parse, commit = ChunkReceiver(specs, 'pull'), chunk_parser(
+      pb.PullParametersResponse), None
+  sizes = {s.path: [] for s in specs}
+  for raw in messages:
+    msg = parse(raw)
+    if msg.WhichOneof('kind') == 'chunk':
+      receiver.add(msg.chunk)
+      sizes[msg.chunk.path].append(len(msg.chunk.data))
+    else:
+      commit = msg.commit
+  receiver.finish(commit)
+  return dict(zip((s.path for s in specs), receiver.sink.arrays)), sizes
+
+
+def test_chunks_are_full_across_the_devices_blocks(engine):
+  # 5000 bytes divides no block: chunks cross block boundaries, and every chunk of a leaf
+  # but its last holds exactly 5000 bytes (a chunk per block piece would make many more).
+  stream = engine.pull(chunk_bytes=5000)
+  header = next(stream)
+  got, sizes = _receive(stream, header.leaves)
+  for k, v in P0.items():
+    np.testing.assert_array_equal(got[k], v)
+    n = math.ceil(v.nbytes / 5000)
+    assert sizes[k] == [5000] * (n - 1) + [v.nbytes - 5000 * (n - 1)], (k, sizes[k])
+
+
+def test_concurrent_pulls_share_one_encoding(engine, monkeypatch):
+  made = []
+  encode = pull_lib.encode
+
+  def counting(specs, arrays, chunk_bytes):
+    made.append(chunk_bytes)
+    return encode(specs, arrays, chunk_bytes)
+  monkeypatch.setattr(pull_lib, 'encode', counting)
+  pulls = [engine.pull(chunk_bytes=4096) for _ in range(3)]
+  headers = [next(p) for p in pulls]  # all three joined before any message was made
+  assert len(made) == 1
+  results = [None] * 3
+
+  def read(i):
+    results[i] = _receive(pulls[i], headers[i].leaves)[0]
+  threads = [threading.Thread(target=read, args=(i,)) for i in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  assert len(made) == 1
+  for got in results:
+    for k, v in P0.items():
+      np.testing.assert_array_equal(got[k], v)
+  # Another pull of the same step, after the others ended, encodes again (nothing is kept).
+  list(engine.pull(chunk_bytes=4096))
+  assert len(made) == 2
+
+
+def test_a_pull_that_comes_late_or_another_dtype_gets_its_own_stream(engine, monkeypatch):
+  made = []
+  encode = pull_lib.encode
+  monkeypatch.setattr(pull_lib, 'encode', lambda *a: (made.append(a[2]), encode(*a))[1])
+  first = engine.pull(chunk_bytes=4096)
+  header = next(first)
+  next(first), next(first)  # two messages passed: the first one is dropped already
+  late = engine.pull(chunk_bytes=4096)
+  late_header = next(late)
+  bf16 = engine.pull(dtype=np.dtype('bfloat16'), chunk_bytes=4096)
+  bf16_header = next(bf16)
+  assert len(made) == 3
+  got, _ = _receive(late, late_header.leaves)
+  for k, v in P0.items():
+    np.testing.assert_array_equal(got[k], v)
+  got, _ = _receive(bf16, bf16_header.leaves)
+  for k, v in P0.items():
+    np.testing.assert_array_equal(got[k], v.astype('bfloat16'))
+  first.close()
+
+
+def test_an_abandoned_shared_pull_leaves_the_others_whole_and_frees_the_params(engine):
+  a, b = engine.pull(chunk_bytes=4096), engine.pull(chunk_bytes=4096)
+  header = next(a)
+  next(b)
+  next(a)
+  a.close()  # gone after one message; b goes on alone
+  got, _ = _receive(b, header.leaves)
+  for k, v in P0.items():
+    np.testing.assert_array_equal(got[k], v)
+  assert engine._readers == 0  # pylint: disable=protected-access
+  with engine.reading() as snap:
+    held = snap.arrays
+  push_arrays(engine, 'w', 0, {k: np.ones_like(v) for k, v in P0.items()})
+  assert all(x.is_deleted() for x in held)  # nobody reads step 0: its memory was donated
+
+
+def test_a_shared_pull_streams_its_step_while_the_next_is_applied(engine):
+  a, b = engine.pull(chunk_bytes=4096), engine.pull(chunk_bytes=4096)
+  header = next(a)
+  next(b)
+  push_arrays(engine, 'w', 0, {k: np.ones_like(v) for k, v in P0.items()})  # step 0 applied
+  assert isinstance(header, PullHeader) and header.step == 0
+  for p in (a, b):
+    got, _ = _receive(p, header.leaves)
+    for k, v in P0.items():
+      np.testing.assert_array_equal(got[k], v)
+  assert next(engine.pull()).step == 1
+
+
+def test_a_failing_source_fails_every_reader():
+  def source():
+    yield b'one'
+    raise RuntimeError('device read failed')
+  released = []
+  stream = pull_lib.SharedStream(source(), release=lambda: released.append(True))
+  a, b = stream.join(), stream.join()
+  assert next(a) == b'one' and next(b) == b'one'
+  for r in (a, b):
+    with pytest.raises(RuntimeError, match='device read failed'):
+      next(r)
+  assert released == [True]
+
+
+def test_several_workers_pull_the_same_step_over_grpc():
+  with running_server(devices=8) as (running, client):
+    client.initialize(P0)
+    out = [None] * 4
+
+    def pull(i):
+      out[i] = client.pull().params
+    threads = [threading.Thread(target=pull, args=(i,)) for i in range(4)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(60)
+    for got in out:
+      for k, v in P0.items():
+        np.testing.assert_array_equal(got[k], v)
