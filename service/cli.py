@@ -14,6 +14,10 @@ from typing import Optional, Sequence
 from service import config as config_lib
 from service import runtime
 
+# The worker's --compression choices: service.client.COMPRESSIONS (not imported here: it
+# loads JAX and gRPC, and parsing the command line must not).
+COMPRESSIONS = ('none', 'bf16', 'int8', 'int4')
+
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='lamb-sharded', description=__doc__.splitlines()[0])
@@ -48,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
   worker.add_argument('--tls-key', help='PEM private key of this worker, for mutual TLS')
   worker.add_argument('--progress', action='store_true',
                       help='print JSON progress lines on stdout (ready, each push, done)')
+  worker.add_argument('--compression', default='none', choices=COMPRESSIONS,
+                      help='how gradients travel: none (float32), bf16, or int8/int4 block-wise '
+                      'quantisation with error feedback (default none)')
   worker.add_argument('--lifeline', action='store_true',
                       help='exit when stdin closes (stdin is a pipe from a supervisor)')
 
@@ -79,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help='continue from the newest checkpoint in OUT/checkpoints instead of '
                     'starting over')
   demo.add_argument('--seed', type=int, default=0, help='seed of the init and the batches')
+  demo.add_argument('--compression', default='none', choices=COMPRESSIONS,
+                    help='the workers\' --compression (default none)')
   return parser
 
 
@@ -119,6 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         args.batch_size, model=args.model, seed=args.seed, init=args.init,
                         timeout=args.timeout, connect_timeout=args.connect_timeout,
                         progress=args.progress, lifeline=args.lifeline,
+                        compression=args.compression,
                         client_options=_client_security(args))
     except KeyboardInterrupt:
       return 128 + signal.SIGTERM
@@ -144,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from service.examples import demo  # pylint: disable=import-outside-toplevel
     return demo.run(workers=args.workers, devices=args.devices, steps=args.steps,
                     batch_size=args.batch_size, port=args.port, out=args.out,
-                    resume=args.resume, seed=args.seed)
+                    resume=args.resume, seed=args.seed, compression=args.compression)
   raise AssertionError(args.command)
 
 

@@ -3,7 +3,8 @@
     from service.client import OptimizerClient
 """
 
-from service.client.client import ModelInfo, OptimizerClient, Pulled
+from service.client.client import COMPRESSIONS, ModelInfo, OptimizerClient, Pulled
+from service.client.feedback import ErrorFeedback
 from service.protocol.types import PushResult
 
-__all__ = ['ModelInfo', 'OptimizerClient', 'Pulled', 'PushResult']
+__all__ = ['COMPRESSIONS', 'ErrorFeedback', 'ModelInfo', 'OptimizerClient', 'Pulled', 'PushResult']

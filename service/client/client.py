@@ -25,12 +25,14 @@ from typing import Any, Callable, Optional, TypeVar
 
 import grpc
 import jax
+import ml_dtypes
 import numpy as np
 from google.protobuf import duration_pb2
 
 from service.client import credentials
+from service.client.feedback import ErrorFeedback
 from service.client.sharded import Placements
-from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME, pb
+from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME, codecs, pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service.protocol.chunks import (DEFAULT_CHUNK_BYTES, ChunkReceiver, chunk_parser,
                                      clamp_chunk_bytes, encoded_chunk_messages)
@@ -99,6 +101,17 @@ class _Stub(pb_grpc.OptimizerServiceStub):
         f'/{SERVICE_NAME}/PullParameters',
         request_serializer=pb.PullParametersRequest.SerializeToString,
         response_deserializer=chunk_parser(pb.PullParametersResponse))
+
+
+COMPRESSIONS = ('none', 'bf16', 'int8', 'int4')
+
+
+def _encoding_of(compression: Optional[str]) -> int:
+  """The wire encoding of a `compression` name (raw for none and bf16)."""
+  if compression is not None and compression not in COMPRESSIONS:
+    raise ValueError(f'compression must be one of {", ".join(COMPRESSIONS)}, got '
+                     f'{compression!r}')
+  return codecs.BY_NAME.get(compression, codecs.RAW)
 
 
 def _flatten(tree) -> list[tuple[str, np.ndarray]]:
@@ -180,6 +193,7 @@ class OptimizerClient:
     self.timeout = timeout
     self.retries = retries
     self.chunk_bytes = clamp_chunk_bytes(chunk_bytes)
+    self._feedback: dict[str, ErrorFeedback] = {}
     # For the other processes of a multi-process server: the same options, a client each.
     self._options = dict(timeout=timeout, retries=retries, chunk_bytes=chunk_bytes, token=token,
                          root_certificates=root_certificates, client_cert=client_cert,
@@ -256,7 +270,8 @@ class OptimizerClient:
 
   def push(self, step: int, grads, num_examples: int, worker_id: str, *,
            model_id: str = '', push_id: Optional[str] = None,
-           wire_dtype=None) -> PushResult:
+           wire_dtype=None, compression: Optional[str] = None,
+           error_feedback: bool | ErrorFeedback = True) -> PushResult:
     """Pushes the gradients computed at `step`; retried safely on UNAVAILABLE.
 
     Args:
@@ -267,30 +282,72 @@ class OptimizerClient:
       model_id: the model_id the parameters came from ('' skips the check).
       push_id: idempotency key (default: a fresh UUID, reused by the retries).
       wire_dtype: send in this dtype (np.float32, ml_dtypes.bfloat16, np.float16).
+      compression: None or 'none' (as `wire_dtype` says), 'bf16' (bfloat16 values), 'int8'
+        or 'int4' (block-wise absmax quantisation, `service.protocol.codecs`; leaves of
+        fewer than one block, 256 elements, travel as float32).
+      error_feedback: with 'int8'/'int4', add what quantisation dropped from each leaf at
+        the last push to this push's gradient before quantising (True: the client's own
+        `ErrorFeedback` of `worker_id`, see `error_feedback_of`; or one given; False: none).
+        The residuals are updated once the push is answered, not per retry.
     """
     push_id = push_id or uuid.uuid4().hex
     job = self._processes()
     if job is not None:  # each process its parts, in parallel, under one push id
+      if isinstance(error_feedback, ErrorFeedback):
+        raise ValueError('a multi-process server: each process\'s client keeps its own '
+                         'residuals (error_feedback=True), not one given')
       placements, clients, pool = job
       parts = placements.split(_flatten(grads))
       results = list(pool.map(lambda i: clients[i].push(
           step, parts[i], num_examples, worker_id, model_id=model_id, push_id=push_id,
-          wire_dtype=wire_dtype), range(len(clients))))
+          wire_dtype=wire_dtype, compression=compression,
+          error_feedback=bool(error_feedback)), range(len(clients))))
       return PushResult(min(r.accepted_step for r in results), all(r.applied for r in results),
                         min(r.current_step for r in results), all(r.duplicate for r in results))
-    leaves = [(p, as_wire_array(x if wire_dtype is None else x.astype(wire_dtype)))
-              for p, x in _flatten(grads)]
+    encoding = _encoding_of(compression)
+    if compression == 'bf16':
+      if wire_dtype is not None:
+        raise ValueError('give compression or wire_dtype, not both')
+      wire_dtype = ml_dtypes.bfloat16
+    feedback = None
+    if encoding != codecs.RAW and error_feedback is not False:
+      feedback = (error_feedback if isinstance(error_feedback, ErrorFeedback)
+                  else self.error_feedback_of(worker_id))
+    leaves, specs, residuals = [], [], {}
+    for p, x in _flatten(grads):
+      if encoding != codecs.RAW and x.size >= codecs.BLOCK:
+        # Encoded once, before the retry loop: every attempt sends these bytes.
+        if feedback is None:
+          data = codecs.encode(x, encoding)
+        else:  # g + r, then overwritten by what its encoding dropped: the next residual
+          residuals[p] = feedback.compensated(p, x)
+          data = codecs.encode(residuals[p], encoding, residual_out=residuals[p])
+        leaves.append((p, data))
+        specs.append(LeafSpec(p, x.shape, np.dtype(np.float32), encoding))
+        continue
+      x = as_wire_array(x if wire_dtype is None else x.astype(wire_dtype))
+      leaves.append((p, x))
+      specs.append(LeafSpec(p, x.shape, x.dtype))
     header = pb.PushGradientsHeader(
         worker_id=worker_id, step=step, num_examples=num_examples, push_id=push_id,
-        model_id=model_id, leaves=[LeafSpec(p, x.shape, x.dtype).to_proto()
-                                   for p, x in leaves])
+        model_id=model_id, leaves=[s.to_proto() for s in specs])
 
     def requests():
       yield pb.PushGradientsRequest(header=header)
       yield from encoded_chunk_messages(pb.PushGradientsRequest, leaves, self.chunk_bytes)
 
     r = self._retrying(lambda: self._stub.PushGradients(requests(), timeout=self.timeout))
+    if feedback is not None:
+      feedback.commit(residuals)
     return PushResult(r.accepted_step, r.applied, r.current_step, r.duplicate)
+
+  def error_feedback_of(self, worker_id: str) -> ErrorFeedback:
+    """The residuals this client keeps for `worker_id`'s compressed pushes (made on first use).
+
+    They live in this process only: a restarted worker starts from zero, dropping at
+    most one step's quantisation error (see `service.client.feedback`).
+    """
+    return self._feedback.setdefault(worker_id, ErrorFeedback())
 
   def pull(self, *, like=None, dtype=None, if_newer_than: Optional[int] = None,
            model_id: str = '') -> Optional[Pulled]:

@@ -22,20 +22,50 @@ import numpy as np
 from service.core import layout
 from service.core.finite import all_finite
 from service.errors import InvalidArgument
-from service.protocol import tensor_pb2
+from service.protocol import codecs, tensor_pb2
 from service.protocol.chunks import Chunk, ChunkReceiver
+from service.protocol.specs import LeafSpec
 from service.protocol.types import PushHeader, PushResult
 
 
 class _BlockSink:
   """A receiver's sink into a push's buffers (through their wire views); `on_leaf` checks
-  each leaf as it completes."""
+  each leaf as it completes.
 
-  def __init__(self, views: list[np.ndarray], on_leaf: Callable[[int], None]):
-    self._views, self.leaf_complete = views, on_leaf
+  A raw leaf's bytes are copied in as they are; a block-encoded leaf's are
+  decoded as they arrive (`codecs.LeafDecoder`), a piece at a time, into the
+  leaf's float32 buffer: straight into it where its layout is the row-major
+  one, else through the same wire view, at their float32 byte offsets.
+  """
+
+  def __init__(self, views: list[np.ndarray], specs: Sequence[LeafSpec], what: str,
+               on_leaf: Callable[[int], None]):
+    self._views, self._specs, self._what, self._on_leaf = views, specs, what, on_leaf
+    self._decoder: Optional[tuple[int, codecs.LeafDecoder]] = None  # (leaf, its decoder)
+    self._scratch: Optional[codecs.Scratch] = None  # the decoders', made on first use
 
   def write(self, leaf: int, offset: int, data: np.ndarray) -> None:
-    layout.write(self._views[leaf], offset, data)
+    spec = self._specs[leaf]
+    if spec.encoding == codecs.RAW:
+      layout.write(self._views[leaf], offset, data)
+      return
+    if self._decoder is None or self._decoder[0] != leaf:
+      self._scratch = self._scratch or codecs.Scratch()
+      self._decoder = (leaf, codecs.LeafDecoder(spec.size, spec.encoding,
+                                                f'{self._what}: leaf {spec.path}',
+                                                self._scratch))
+    view = self._views[leaf]
+    if view.ndim == 1:  # the row-major layout: decoded straight into the buffer
+      for _ in self._decoder[1].feed(offset, data, out=view.view(np.float32)):
+        pass
+      return
+    for at, values in self._decoder[1].feed(offset, data):  # scattered into the blocks
+      layout.write(view, at, values.view(np.uint8))
+
+  def leaf_complete(self, leaf: int) -> None:
+    if self._decoder is not None and self._decoder[0] == leaf:
+      self._decoder = None
+    self._on_leaf(leaf)
 
 
 class PushSession:
@@ -59,7 +89,8 @@ class PushSession:
     Args:
       header: the push's header, checked and admitted.
       answered: the answer of a retried push (then nothing else is needed).
-      buffers: one host buffer per leaf, in the wire dtypes and the block layout.
+      buffers: one host buffer per leaf, in the wire dtypes (float32 for an encoded leaf)
+        and the block layout.
       views: per buffer, the uint8 view whose row-major order is the wire's.
       slot: the push's admission slot (the engine's; the session only carries it).
       reject_nonfinite: NaN/Inf rejects the push (else it marks it).
@@ -75,8 +106,8 @@ class PushSession:
     self.slot = slot
     self._reject_nonfinite = reject_nonfinite
     self._commit, self._release = commit, release
-    self._receiver = ChunkReceiver(header.leaves, header.what,
-                                   _BlockSink(self._views, self._check_finite))
+    self._sink = _BlockSink(self._views, header.leaves, header.what, self._check_finite)
+    self._receiver = ChunkReceiver(header.leaves, header.what, self._sink)
     self._filled = False
 
   @property
@@ -91,10 +122,18 @@ class PushSession:
   def fill(self, arrays: Sequence[np.ndarray]) -> None:
     """Writes whole leaves (row-major, in the wire dtypes) at once, instead of chunks.
 
+    A block-encoded leaf is given as its encoded bytes (uint8, `codecs.encode`).
     For callers in this process (tests, benchmarks); `commit()` then needs no
     stream commit.
     """
     for i, (spec, x) in enumerate(zip(self.header.leaves, arrays)):
+      if spec.encoding != codecs.RAW:
+        x = np.ascontiguousarray(x, np.uint8).reshape(-1)
+        if x.size != spec.nbytes:
+          raise ValueError(f'leaf {spec.path}: {x.size} bytes, expected {spec.nbytes}')
+        self._sink.write(i, 0, x)
+        self._sink.leaf_complete(i)
+        continue
       x = np.ascontiguousarray(x, spec.dtype).reshape(-1)
       if x.size * spec.dtype.itemsize != spec.nbytes:
         raise ValueError(f'leaf {spec.path}: {x.size} elements, expected shape {spec.shape}')

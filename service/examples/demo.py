@@ -189,9 +189,10 @@ class _Run:
   """The server and worker processes of one demo run, and what they report."""
 
   def __init__(self, out: str, workers: int, devices: int, steps: int, batch_size: int,
-               seed: int):
+               seed: int, compression: str = 'none'):
     self.out, self.num_workers, self.devices = out, workers, devices
     self.steps, self.batch_size, self.seed = steps, batch_size, seed
+    self.compression = compression
     self.logs = os.path.join(out, 'logs')
     self.server: Optional[subprocess.Popen] = None
     self.server_log = os.path.join(self.logs, 'server.log')
@@ -254,7 +255,7 @@ class _Run:
            '--worker-index', str(index), '--num-workers', str(self.num_workers),
            '--steps', str(self.steps), '--batch-size', str(self.batch_size // self.num_workers),
            '--model', MODEL, '--seed', str(self.seed), '--progress', '--lifeline',
-           '--log-level', 'WARNING'],
+           '--log-level', 'WARNING', '--compression', self.compression],
           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
           env=_child_env(simulated_devices=False), start_new_session=True)
     reader = threading.Thread(target=self._read_worker, args=(index, proc, log_path),
@@ -403,7 +404,8 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def run(workers: int = 4, devices: int = 8, steps: int = 200, batch_size: int = 256,
-        port: int = 0, out: str = 'runs/demo', resume: bool = False, seed: int = 0) -> int:
+        port: int = 0, out: str = 'runs/demo', resume: bool = False, seed: int = 0,
+        compression: str = 'none') -> int:
   """Runs the demo; returns a process exit code (0 trained, 1 failed, 130 interrupted)."""
   t0 = time.monotonic()
   handlers = {}
@@ -415,7 +417,7 @@ def run(workers: int = 4, devices: int = 8, steps: int = 200, batch_size: int = 
     handlers[sig] = signal.signal(sig, interrupted)
   state = None
   try:
-    state = _Run(out, workers, devices, steps, batch_size, seed)
+    state = _Run(out, workers, devices, steps, batch_size, seed, compression)
     return _main(state, port, resume, t0)
   except DemoError as e:
     print(f'\nlamb-sharded demo failed: {e}', file=sys.stderr)
@@ -580,6 +582,7 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
       'workers': workers,
       'devices': state.devices,
       'global_batch_size': batch_size,
+      'compression': state.compression,
       'examples_per_second': round(state.examples / train_seconds, 1),
       'pushes_per_second': round(state.pushes / train_seconds, 2),
       'pushes': state.pushes,

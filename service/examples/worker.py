@@ -44,10 +44,12 @@ log = logging.getLogger(__name__)
 def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size: int,
         model: str = 'regression', seed: int = 0, init: bool = False,
         timeout: float = 60.0, connect_timeout: float = 60.0, progress: bool = False,
-        lifeline: bool = False, client_options: Optional[dict] = None) -> int:
+        lifeline: bool = False, client_options: Optional[dict] = None,
+        compression: str = 'none') -> int:
   """Trains until the server's step reaches `steps`; returns an exit code.
 
   `client_options`: more OptimizerClient arguments (token, root_certificates, ...).
+  `compression`: how gradients travel (OptimizerClient.push; int8/int4 with error feedback).
   """
   m = MODELS[model](seed=seed)
   worker_id = f'worker-{worker_index}'
@@ -100,7 +102,7 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
         x, y = batch(pulled.step)
         loss, grads = grad_fn(pulled.params, x, y)
         r = client.push(pulled.step, jax_to_numpy(grads), batch_size, worker_id,
-                        model_id=pulled.model_id)
+                        model_id=pulled.model_id, compression=compression)
         log.info('%s step %d loss %.5f', worker_id, pulled.step, float(loss),
                  extra=fields(step=pulled.step, worker=worker_id))
         report('push', step=pulled.step, loss=float(loss), examples=batch_size,

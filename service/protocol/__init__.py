@@ -6,8 +6,9 @@ and the client library (`service.client`) both build on this package, and
 nothing in it knows either of them.
 
   dtypes     the wire's tensor dtypes and their NumPy equivalents
-  specs      `LeafSpec`: a leaf's path, shape and dtype
+  specs      `LeafSpec`: a leaf's path, shape, dtype and encoding
   checksum   the stream checksum (wrapping 64-bit word sum)
+  codecs     block-wise int8/int4 gradient encodings: encode, and a streaming decoder
   chunks     splitting leaves into chunks, and `ChunkReceiver`, which checks a stream
   tokens     bearer tokens: their file/environment format and the metadata they travel in
   types      domain values both ends exchange (`PushHeader`, `PushResult`)

@@ -346,7 +346,7 @@ class ChunkReceiver:
     end = self._offset + n
     if end > spec.nbytes:
       raise InvalidArgument(
-          f'{w}: leaf {spec.path} ({spec.dtype.name}{list(spec.shape)}) has {spec.nbytes} bytes, '
+          f'{w}: leaf {spec.path} ({spec.described}) has {spec.nbytes} bytes, '
           f'but chunk {chunk.sequence} ends at byte {end}')
     self.sink.write(self._leaf, self._offset, np.frombuffer(data, np.uint8))
     self._checksum = (self._checksum + chunk_checksum(data)) & MASK64

@@ -28,7 +28,8 @@ class PushHeader:
 
   @property
   def nbytes(self) -> int:
-    """The push's data bytes, in its wire dtypes."""
+    """The push's data bytes on the wire (in its wire dtypes, encoded leaves at their encoded
+    size): what admission counts."""
     return sum(s.nbytes for s in self.leaves)
 
   @property

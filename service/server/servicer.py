@@ -311,7 +311,8 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
 def _push_header(message: pb.PushGradientsHeader) -> PushHeader:
   """The domain header of a push's first message."""
   return PushHeader(message.worker_id, message.push_id, message.step, message.num_examples,
-                    message.model_id, tuple(specs_from_proto(message.leaves, 'header.leaves')))
+                    message.model_id,
+                    tuple(specs_from_proto(message.leaves, 'header.leaves', encoded_ok=True)))
 
 
 def _push_response(r: PushResult) -> pb.PushGradientsResponse:

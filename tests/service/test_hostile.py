@@ -1,4 +1,4 @@
-"""Hostile requests: 44 kinds of malformed, oversized, truncated or stalled calls.
+"""Hostile requests: 56 kinds of malformed, oversized, truncated or stalled calls.
 
 One table; every row is a request a broken or malicious client could send,
 the gRPC status code it must get and a pattern its message must match. For
@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
+from service.protocol import codecs
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
 from service.protocol._gen.lamb_sharded.v1 import tensor_pb2
 from service.protocol.checksum import MASK64, chunk_checksum
@@ -204,6 +205,34 @@ def _initialize_again(running, step):
   return _outcome(lambda: stub(running.port).InitializeModel(iter(msgs), timeout=10))
 
 
+def _encoded(encoding, mutate=None, leaf=0, dtype=tensor_pb2.DTYPE_FLOAT32):
+  """A push whose leaf number `leaf` is block-encoded, its bytes (uint8) mutated in place."""
+  def build(step):
+    leaves, specs = _grads(0.5), list(SPECS)
+    path, x = leaves[leaf]
+    data = codecs.encode(x, encoding if encoding in codecs.QMAX else codecs.INT8)
+    data = mutate(data) if mutate is not None else data
+    leaves[leaf] = (path, data)
+    specs[leaf] = tensor_pb2.TensorSpec(path=path, shape=list(x.shape), dtype=dtype,
+                                        encoding=encoding)
+    return push_messages(leaves=leaves, specs=specs, worker_id='w0', step=step)
+  return _push_messages(build)
+
+
+def _scale(value):
+  def mutate(data):
+    data[:4].view('<f4')[0] = value
+    return data
+  return mutate
+
+
+def _byte(i, value):
+  def mutate(data):
+    data[i] = value
+    return data
+  return mutate
+
+
 def _mutated(fn):
   return dict(chunk_bytes=16, mutate=fn)
 
@@ -297,6 +326,41 @@ CASES = {
                           'INVALID_ARGUMENT', r"leaf \['w'\] of worker w0.*NaN or Inf"),
     'a wrong model id': (_push(model_id='0' * 32), 'FAILED_PRECONDITION',
                          r'model_id 0{32} is not the server'),
+    # Block-encoded leaves (int8/int4): bad scales, codes and byte counts.
+    'int8: a NaN scale': (_encoded(codecs.INT8, _scale(np.nan)), 'INVALID_ARGUMENT',
+                          r"leaf \['w'\]: block 0 of 1 has scale nan \(int8 block scales must "
+                          r'be finite, >= 0'),
+    'int4: a negative scale': (_encoded(codecs.INT4, _scale(-0.5)), 'INVALID_ARGUMENT',
+                               r"leaf \['w'\]: block 0 of 1 has scale -0.5"),
+    'int8: an infinite scale': (_encoded(codecs.INT8, _scale(np.inf)), 'INVALID_ARGUMENT',
+                                r"leaf \['w'\]: block 0 of 1 has scale inf"),
+    'int8: a scale whose values overflow': (
+        _encoded(codecs.INT8, _scale(3e38)), 'INVALID_ARGUMENT',
+        r"leaf \['w'\]: block 0 of 1 has scale 3\.0\d*e\+38 \(int8 block scales must be finite, "
+        r">= 0 and <= 2.67939e\+36, float32's max / 127\)"),
+    'int8: code -128': (_encoded(codecs.INT8, _byte(4 + 5, 0x80)), 'INVALID_ARGUMENT',
+                        r"leaf \['w'\]: element 5 has code -128, outside \[-127, 127\]"),
+    'int4: code -8': (_encoded(codecs.INT4, _byte(4 + 2, 0x08)), 'INVALID_ARGUMENT',
+                      r"leaf \['w'\]: element 4 has code -8, outside \[-7, 7\]"),
+    'int4: a nonzero padding nibble': (
+        _encoded(codecs.INT4, _byte(4 + 2, 0x70), leaf=1), 'INVALID_ARGUMENT',
+        r"leaf \['b'\]: the padding nibble after the last of its 5 elements is 7"),
+    'int8: a byte too many': (_encoded(codecs.INT8, lambda d: np.append(d, np.uint8(1))),
+                              'INVALID_ARGUMENT',
+                              r"leaf \['w'\] \(float32\[3, 4\] in int8 blocks\) has 16 bytes, "
+                              r'but chunk 0 ends at byte 17'),
+    'int4: truncated codes': (_encoded(codecs.INT4, lambda d: d[:-1], leaf=1),
+                              'INVALID_ARGUMENT',
+                              r"leaf \['b'\] is incomplete: got 6 of 7 bytes before the commit"),
+    'int8: only the scales': (_encoded(codecs.INT8, lambda d: d[:4], leaf=1),
+                              'INVALID_ARGUMENT',
+                              r"leaf \['b'\] is incomplete: got 4 of 9 bytes"),
+    'int8: an encoded leaf of dtype bfloat16': (
+        _encoded(codecs.INT8, dtype=tensor_pb2.DTYPE_BFLOAT16), 'INVALID_ARGUMENT',
+        r"leaf \['w'\] is in int8 blocks with dtype bfloat16; encoded leaves decode to "
+        r'DTYPE_FLOAT32'),
+    'an unknown encoding': (_encoded(7), 'INVALID_ARGUMENT',
+                            r"leaf \['w'\]: unsupported encoding 7"),
     # Truncated and stalled streams.
     'a push cancelled half-way': (_partial_push_then(_cancel), 'CANCELLED', r''),
     'a push stalled half-way': (_partial_push_then(_stall), 'DEADLINE_EXCEEDED',

@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clamb_sharded/v1/tensor.proto\x12\x0flamb_sharded.v1\"P\n\nTensorSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12%\n\x05\x64type\x18\x03 \x01(\x0e\x32\x16.lamb_sharded.v1.Dtype\"K\n\x0bTensorChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08sequence\x18\x04 \x01(\x03\"W\n\x0cStreamCommit\x12\x13\n\x0b\x63hunk_count\x18\x01 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06J\x04\x08\x03\x10\x04R\x05\x63rc32*X\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clamb_sharded/v1/tensor.proto\x12\x0flamb_sharded.v1\"}\n\nTensorSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12%\n\x05\x64type\x18\x03 \x01(\x0e\x32\x16.lamb_sharded.v1.Dtype\x12+\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x19.lamb_sharded.v1.Encoding\"K\n\x0bTensorChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08sequence\x18\x04 \x01(\x03\"W\n\x0cStreamCommit\x12\x13\n\x0b\x63hunk_count\x18\x01 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06J\x04\x08\x03\x10\x04R\x05\x63rc32*X\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03*X\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45NCODING_INT8_BLOCKS\x10\x01\x12\x18\n\x14\x45NCODING_INT4_BLOCKS\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'service.protocol._gen.lamb_sharded.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=297
-  _globals['_DTYPE']._serialized_end=385
+  _globals['_DTYPE']._serialized_start=342
+  _globals['_DTYPE']._serialized_end=430
+  _globals['_ENCODING']._serialized_start=432
+  _globals['_ENCODING']._serialized_end=520
   _globals['_TENSORSPEC']._serialized_start=49
-  _globals['_TENSORSPEC']._serialized_end=129
-  _globals['_TENSORCHUNK']._serialized_start=131
-  _globals['_TENSORCHUNK']._serialized_end=206
-  _globals['_STREAMCOMMIT']._serialized_start=208
-  _globals['_STREAMCOMMIT']._serialized_end=295
+  _globals['_TENSORSPEC']._serialized_end=174
+  _globals['_TENSORCHUNK']._serialized_start=176
+  _globals['_TENSORCHUNK']._serialized_end=251
+  _globals['_STREAMCOMMIT']._serialized_start=253
+  _globals['_STREAMCOMMIT']._serialized_end=340
 # @@protoc_insertion_point(module_scope)

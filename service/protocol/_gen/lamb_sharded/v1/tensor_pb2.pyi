@@ -14,20 +14,31 @@ class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT32: _ClassVar[Dtype]
     DTYPE_BFLOAT16: _ClassVar[Dtype]
     DTYPE_FLOAT16: _ClassVar[Dtype]
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_UNSPECIFIED: _ClassVar[Encoding]
+    ENCODING_INT8_BLOCKS: _ClassVar[Encoding]
+    ENCODING_INT4_BLOCKS: _ClassVar[Encoding]
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_BFLOAT16: Dtype
 DTYPE_FLOAT16: Dtype
+ENCODING_UNSPECIFIED: Encoding
+ENCODING_INT8_BLOCKS: Encoding
+ENCODING_INT4_BLOCKS: Encoding
 
 class TensorSpec(_message.Message):
-    __slots__ = ("path", "shape", "dtype")
+    __slots__ = ("path", "shape", "dtype", "encoding")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     path: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: Dtype
-    def __init__(self, path: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...
+    encoding: Encoding
+    def __init__(self, path: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("path", "offset", "data", "sequence")

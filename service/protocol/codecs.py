@@ -1,0 +1,261 @@
+"""Block-wise int8/int4 gradient codecs (`lamb_sharded.v1.Encoding`): encode, stream-decode.
+
+Pure NumPy. The byte layout is documented in proto/lamb_sharded/v1/tensor.proto
+("Encoding"): a leaf of n float32 values, cut into blocks of `BLOCK`
+consecutive elements, travels as ceil(n / BLOCK) float32 scales, then its
+codes (int8: a signed byte an element; int4: a signed nibble an element, two
+to a byte, the even element low). A value is code * its block's scale, and
+the encoder picks scale = absmax / 127 (int8) or / 7 (int4), so that every
+element is within scale / 2 of what it was given.
+
+Blocks count from the first element the stream carries, so a codec works on
+any contiguous run of a leaf's elements (a whole leaf today; a per-process
+slice of it on a multi-host server).
+
+`LeafDecoder` decodes as the bytes arrive, at any byte cut: the scales are
+gathered (4 bytes per block, 1/64 of the leaf's float32 size), checked once
+complete, then each run of codes becomes float32 values in pieces of at
+most `PIECE` elements (a scratch buffer reused for the whole leaf: no
+float32 temporary of the leaf is ever made), which the caller writes where
+they belong (the server: through its wire view, in its mesh's block layout).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+
+from service.errors import InvalidArgument
+from service.protocol._gen.lamb_sharded.v1 import tensor_pb2
+
+RAW = tensor_pb2.ENCODING_UNSPECIFIED
+INT8 = tensor_pb2.ENCODING_INT8_BLOCKS
+INT4 = tensor_pb2.ENCODING_INT4_BLOCKS
+# Elements per block, one float32 scale each. 256: the scales cost 1.6% of the int8 codes
+# (3.1% of int4), and one outlier coarsens only its own block's 255 neighbours (with
+# 2048 the scales would be 8x cheaper, but a block's step size set by its largest of
+# 2048 heavy-tailed gradient values would round most of the others to 0 in int4).
+BLOCK = 256
+PIECE = 1 << 16  # elements decoded (and encoded) at a time: a multiple of BLOCK, cache-sized
+QMAX = {INT8: 127, INT4: 7}
+NAMES = {RAW: 'raw', INT8: 'int8', INT4: 'int4'}
+BY_NAME = {v: k for k, v in NAMES.items()}
+_F32 = np.dtype('<f4')
+_I16 = np.dtype('<i2')
+# The largest scale whose values (up to QMAX times it) are finite in float32.
+_MAX_SCALE = {e: np.nextafter(np.float32(float(np.finfo(np.float32).max) / q), np.float32(0))
+              for e, q in QMAX.items()}
+
+
+def num_blocks(n: int) -> int:
+  return -(-n // BLOCK)
+
+
+def nbytes(n: int, encoding: int, itemsize: int = 4) -> int:
+  """The bytes of n elements in `encoding` (raw: n * itemsize)."""
+  if encoding == RAW:
+    return n * itemsize
+  codes = n if encoding == INT8 else -(-n // 2)
+  return 4 * num_blocks(n) + codes
+
+
+def check_encoding(encoding: int, what: str) -> int:
+  """`encoding` if it is one this side knows; else InvalidArgument naming `what`."""
+  if encoding not in NAMES:
+    raise InvalidArgument(f'{what}: unsupported encoding {encoding} (expected '
+                          f'ENCODING_UNSPECIFIED, ENCODING_INT8_BLOCKS or ENCODING_INT4_BLOCKS)')
+  return encoding
+
+
+def encode(x: np.ndarray, encoding: int,
+           residual_out: Optional[np.ndarray] = None) -> np.ndarray:
+  """The bytes (uint8) of float32 values `x` (flattened, row-major) in a block encoding.
+
+  `residual_out` (n float32, may be `x` itself): receives x - decode(the bytes), what
+  the encoding dropped, exactly as a receiver's float32 decode computes it (the
+  worker's error feedback), without a decode pass or a leaf-sized temporary.
+  """
+  x = np.ascontiguousarray(x, np.float32).reshape(-1)
+  n, qmax = x.size, np.float32(QMAX[encoding])
+  nb = num_blocks(n)
+  out = np.empty(nbytes(n, encoding), np.uint8)
+  scales = out[:4 * nb].view(_F32)
+  codes = out[4 * nb:]
+  pad = np.zeros(min(PIECE, nb * BLOCK), np.float32)  # the last piece, padded with zeros
+  for start in range(0, n, PIECE):
+    piece = x[start:start + PIECE]
+    m = piece.size
+    if m % BLOCK:
+      pad[:m] = piece
+      pad[m:] = 0
+      piece = pad[:num_blocks(m) * BLOCK]
+    blocks = piece.reshape(-1, BLOCK)
+    absmax = np.abs(blocks).max(axis=1)
+    b0 = start // BLOCK
+    s = scales[b0:b0 + len(absmax)]
+    np.divide(absmax, qmax, out=s)
+    with np.errstate(divide='ignore', invalid='ignore'):  # NaN/Inf in: a scale receivers refuse
+      inv = np.where(absmax > 0, qmax / absmax, np.float32(0))
+      q = blocks * inv[:, None]
+      np.rint(q, out=q)
+      np.clip(q, -qmax, qmax, out=q)
+      q8 = q.astype(np.int8).reshape(-1)
+    if encoding == INT8:
+      codes[start:start + m] = q8[:m].view(np.uint8)
+    else:  # two to a byte; a zero pad element makes an odd leaf's last high nibble 0
+      u = q8.view(np.uint8)
+      c0 = start // 2
+      c = codes[c0:c0 + -(-m // 2)]
+      np.bitwise_and(u[0:2 * len(c):2], 0x0F, out=c)
+      c |= u[1:2 * len(c):2] << 4
+    if residual_out is not None:  # the decoded values are float32(code) * scale, as here
+      q *= s[:, None]
+      np.subtract(x[start:start + m], q.reshape(-1)[:m], out=residual_out[start:start + m])
+  return out
+
+
+def decode(data, n: int, encoding: int, what: str = 'leaf') -> np.ndarray:
+  """The n float32 values of a block-encoded leaf's bytes (a new array)."""
+  out = np.empty(n, np.float32)
+  dec = LeafDecoder(n, encoding, what)
+  raw = np.frombuffer(data, np.uint8)
+  if raw.size != nbytes(n, encoding):
+    raise InvalidArgument(f'{what}: {raw.size} bytes, expected {nbytes(n, encoding)} for '
+                          f'{n} elements in {NAMES[encoding]} blocks')
+  for _ in dec.feed(0, raw, out=out):
+    pass
+  return out
+
+
+class Scratch:
+  """A decoder's working memory: one piece of values and codes, and the scales of a leaf
+  (grown as needed). One per push being received; decoders of its leaves take turns."""
+
+  def __init__(self):
+    self.values = np.empty(PIECE, np.float32)
+    self.codes = np.empty(PIECE, np.int8)
+    self.tmp = np.empty(PIECE // 2, np.int8)
+    self.lo = np.empty(PIECE // 2, _I16)
+    self.hi = np.empty(PIECE // 2, _I16)
+    self._scales = np.empty(0, np.uint8)
+
+  def scales(self, nbytes: int) -> np.ndarray:
+    """A uint8 buffer of `nbytes` for a leaf's scales (4-byte aligned)."""
+    if self._scales.size < nbytes:
+      self._scales = np.empty(max(nbytes, 2 * self._scales.size), np.uint8)
+    return self._scales[:nbytes]
+
+
+class LeafDecoder:
+  """Decodes one block-encoded leaf of n elements as its bytes arrive, in order.
+
+  `feed(offset, data)` takes the next bytes (offset: where they start in the
+  leaf's encoded bytes; consecutive, as a ChunkReceiver checked them) and
+  yields (byte offset in the leaf's float32 bytes, float32 values): views of
+  a scratch buffer, to be used before the next one is asked for. Malformed
+  data raises InvalidArgument naming `what` (the leaf): a scale that is NaN,
+  infinite, negative or so large that its values would overflow float32; a
+  code out of range (int8 -128, int4 -8, or a nonzero
+  padding nibble).
+  """
+
+  def __init__(self, n: int, encoding: int, what: str, scratch: Optional[Scratch] = None):
+    """Args:
+      n: the elements of the run the stream carries (the leaf's).
+      encoding: INT8 or INT4.
+      what: names the leaf in error messages.
+      scratch: working memory to use (reuse one across the leaves of a push: fresh pages
+        cost the kernel a zeroing pass); default: a new one.
+    """
+    self._n, self._enc, self._what = n, encoding, what
+    self._nb = num_blocks(n)
+    self._scale_bytes = 4 * self._nb
+    scratch = scratch if scratch is not None else Scratch()
+    self._scales_raw = scratch.scales(self._scale_bytes)
+    self._scales = self._scales_raw.view(_F32)
+    self._values, self._codes, self._tmp = scratch.values, scratch.codes, scratch.tmp
+    self._lo, self._hi = scratch.lo, scratch.hi
+
+  def feed(self, offset: int, data: np.ndarray,
+           out: Optional[np.ndarray] = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Decodes the next bytes; see the class. With `out` (the run's n float32 elements,
+    a contiguous array), the values go straight into it and nothing is yielded."""
+    data = np.asarray(data, np.uint8).reshape(-1)
+    sb = self._scale_bytes
+    if offset < sb:
+      k = min(sb - offset, data.size)
+      self._scales_raw[offset:offset + k] = data[:k]
+      offset, data = offset + k, data[k:]
+      if offset == sb:
+        self._check_scales()
+    if data.size:
+      codes = data.view(np.int8)
+      c0 = offset - sb
+      per_byte = 1 if self._enc == INT8 else 2
+      step = PIECE // per_byte
+      for i in range(0, codes.size, step):
+        e0 = per_byte * (c0 + i)
+        if out is None:
+          yield self._decode_run(e0, codes[i:i + step], None)
+        else:
+          self._decode_run(e0, codes[i:i + step], out)
+
+  def _check_scales(self) -> None:
+    s, top = self._scales, _MAX_SCALE[self._enc]
+    bad = ~((s >= 0) & (s <= top))  # NaN fails both
+    if bad.any():
+      b = int(np.argmax(bad))
+      raise InvalidArgument(
+          f'{self._what}: block {b} of {self._nb} has scale {float(s[b])!r} '
+          f'({NAMES[self._enc]} block scales must be finite, >= 0 and <= {top:.6g}, '
+          f'float32\'s max / {QMAX[self._enc]})')
+
+  def _decode_run(self, e0: int, raw: np.ndarray,
+                  out: Optional[np.ndarray]) -> tuple[int, np.ndarray]:
+    """Values of the elements from e0 whose code bytes are `raw` (at most PIECE elements):
+    into out[e0:], or into the scratch (then returned as (byte offset, values))."""
+    m = min(raw.size * (1 if self._enc == INT8 else 2), self._n - e0)
+    if self._enc == INT8:
+      codes = raw
+      if raw.min(initial=0) == -128:  # a reduction: cheaper than a compare
+        self._bad_code(e0 + int(np.argmax(raw == -128)), -128)
+    else:  # each byte -> a little-endian int16 holding its two sign-extended nibbles
+      k = raw.size  # (contiguous int16 passes: strided int8 writes are 2-3x slower)
+      tmp, lo, hi, codes = self._tmp[:k], self._lo[:k], self._hi[:k], self._codes[:2 * k]
+      lo[...] = raw.view(np.uint8)
+      np.left_shift(lo, 12, out=lo)
+      np.right_shift(lo, 12, out=lo)  # the low nibble, sign-extended (arithmetic shift)
+      np.bitwise_and(lo, 0xFF, out=lo)
+      np.right_shift(raw, 4, out=tmp)  # the high nibble, sign-extended
+      hi[...] = tmp
+      np.left_shift(hi, 8, out=hi)
+      np.bitwise_or(lo, hi, out=codes.view(_I16))
+      if m < 2 * k and codes[m] != 0:  # the padding nibble of an odd leaf
+        raise InvalidArgument(f'{self._what}: the padding nibble after the last of its '
+                              f'{self._n} elements is {int(codes[m])}, expected 0')
+      codes = codes[:m]
+      if codes.min(initial=0) == -8:
+        self._bad_code(e0 + int(np.argmax(codes == -8)), -8)
+    # values = codes * scales: cast to float32, then scaled in place, block by block (a
+    # cast and an in-place product beat numpy's mixed int8 x float32 product). No
+    # overflow: the scales were checked to be at most float32's max / QMAX.
+    v = self._values[:m] if out is None else out[e0:e0 + m]
+    v[...] = codes[:m]
+    s, b = self._scales, e0 // BLOCK
+    head = min(m, -e0 % BLOCK)  # the rest of a block the run starts inside
+    if head:
+      v[:head] *= s[b]
+      b += 1
+    whole = (m - head) // BLOCK
+    if whole:
+      v[head:head + whole * BLOCK].reshape(whole, BLOCK)[...] *= s[b:b + whole, None]
+      b += whole
+    if head + whole * BLOCK < m:
+      v[head + whole * BLOCK:] *= s[b]
+    return 4 * e0, v
+
+  def _bad_code(self, element: int, code: int) -> None:
+    q = QMAX[self._enc]
+    raise InvalidArgument(f'{self._what}: element {element} has code {code}, outside '
+                          f'[-{q}, {q}] ({NAMES[self._enc]} blocks)')
