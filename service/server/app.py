@@ -26,6 +26,7 @@ from service.protocol.tokens import load_tokens
 from service.server import auth
 from service.server.metrics import Metrics
 from service.server.servicer import OptimizerServicer, add_servicer
+from service.server.signals import awaiting_signals
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +161,10 @@ def serve_forever(config: ServerConfig) -> int:
   if running.metrics_port is not None:
     extra.append(f'metrics: port {running.metrics_port}')
   detail = f' ({", ".join(extra)})' if extra else ''
-  print(f'lamb-sharded serving on {config.host}:{running.port}{detail}', flush=True)
-  stopped = threading.Event()
-
-  def on_signal(signum, frame):
-    del frame
-    log.info('signal %d: shutting down', signum)
-    stopped.set()
-  signal.signal(signal.SIGTERM, on_signal)
-  signal.signal(signal.SIGINT, on_signal)
-  stopped.wait()
+  with awaiting_signals(signal.SIGTERM, signal.SIGINT) as wait:
+    # The handlers are in place before the line that tells a supervisor we are up.
+    print(f'lamb-sharded serving on {config.host}:{running.port}{detail}', flush=True)
+    signum = wait()
+  log.info('signal %d (%s): shutting down', signum, signal.Signals(signum).name)
   running.stop()
   return 0
