@@ -170,7 +170,7 @@ def _setup_logs(args) -> None:
   are chatter there (Orbax's notes on a read-only checkpoint manager, say)."""
   from service import logs  # pylint: disable=import-outside-toplevel
   logs.setup(args.log_level)
-  runtime.quiet_libraries(args.log_level, libraries='ERROR')
+  logs.quiet_libraries(args.log_level, libraries='ERROR')
 
 
 def _serve(args) -> int:
@@ -186,7 +186,7 @@ def _serve(args) -> int:
   logs.setup(config.log_level, config.log_format)
   if config.devices:  # on a CPU-only host, simulate that many devices
     runtime.simulate_cpu_devices(config.devices)
-  runtime.quiet_libraries(config.log_level)
+  logs.quiet_libraries(config.log_level)
   from service.server import app  # pylint: disable=import-outside-toplevel
   return app.serve_forever(config)
 
@@ -206,7 +206,7 @@ def _worker(args) -> int:
   client_options = _client_security(args)
   from service import logs  # pylint: disable=import-outside-toplevel
   logs.setup(args.log_level, args.log_format)
-  runtime.quiet_libraries(args.log_level)
+  logs.quiet_libraries(args.log_level)
   from service.examples.models import load_model  # pylint: disable=import-outside-toplevel
   model = load_model(args.model, args.seed)
   # SIGTERM (a pod being deleted; PID 1 in a container has no default action) ends
