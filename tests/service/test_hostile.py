@@ -478,3 +478,17 @@ def test_hostile_request(srv, name):
     np.testing.assert_array_equal(after[k], before[k])
   # And the server still applies a well-formed step.
   _good_step(running, client)
+
+
+@pytest.mark.xfail(strict=True, reason='accepted today: the bound belongs in Engine._check_header '
+                   '(service/core/, not this branch to change); see the report of issue 16')
+def test_num_examples_of_int64_max_does_not_poison_the_model():
+  # The step's sum scales each push by its num_examples in float32: int64 max times a
+  # finite gradient is Inf, and the step turns every parameter into NaN.
+  with running_server(devices=1, num_workers=1) as (running, client):
+    client.initialize(PARAMS)
+    got_code, details = _push(num_examples=I64_MAX)(running, 0)
+    _, after = params_of(client)
+  assert all(np.isfinite(v).all() for v in after.values()), after
+  assert got_code == grpc.StatusCode.INVALID_ARGUMENT, (got_code, details)
+  assert 'header.num_examples' in details
