@@ -28,11 +28,11 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
-def _client_flags(parser: argparse.ArgumentParser) -> None:
+def _client_flags(parser: argparse.ArgumentParser, timeout: float) -> None:
   """--server, --timeout and the token/TLS flags of a command that calls a server."""
   parser.add_argument('--server', required=True, help='host:port of the server')
-  parser.add_argument('--timeout', type=float, default=10.0,
-                      help='deadline of each call in seconds (default 10)')
+  parser.add_argument('--timeout', type=float, default=timeout,
+                      help=f'deadline of each call in seconds (default {timeout:g})')
   _security_flags(parser)
 
 
@@ -95,14 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
 
   ckpt = sub.add_parser('checkpoint', help='save a checkpoint now, or list them (via a server)')
   ckpt.add_argument('action', choices=('save', 'list'))
-  _client_flags(ckpt)
+  _client_flags(ckpt, timeout=60.0)  # save --wait writes the whole state
   ckpt.add_argument('--wait', action='store_true', help='save: return once written')
   _log_flag(ckpt)
 
   status = sub.add_parser(
       'status', help='what a running server is doing: its model, step, settings, '
       'checkpoints and (with --metrics) pushes in flight and waiting workers')
-  _client_flags(status)
+  _client_flags(status, timeout=10.0)
   status.add_argument('--metrics', metavar='HOST:PORT',
                       help="the server's metrics port (its --metrics-port), to add what only "
                       'the metrics tell: pushes in flight, workers waiting, counters')
@@ -319,6 +319,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.commands[args.command].error(f'unrecognized arguments: {" ".join(unknown)}')
   try:
     return COMMANDS[args.command](args)
+  except KeyboardInterrupt:  # Ctrl-C before a command's own handling of it (e.g. starting)
+    return 128 + signal.SIGINT
   except Exception as e:  # pylint: disable=broad-except
     if str(getattr(args, 'log_level', '')).upper() == 'DEBUG':
       raise
