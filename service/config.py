@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import re
 from typing import Any, Optional, Sequence
 
 import yaml
 
+from service.errors import ConfigError
 from service.logs import FORMATS as LOG_FORMATS
 
 STEP_MODES = ('sync', 'async')
@@ -133,52 +136,85 @@ class ServerConfig:
   max_grad_norm: float = setting(0.0, 'global gradient-norm clipping before the moments (0: off)')
 
   def validate(self) -> 'ServerConfig':
-    def need(cond, msg):
+    """Checks every setting; ConfigError names the flag."""
+    def need(cond, name, msg):
       if not cond:
-        raise ValueError(f'invalid configuration: {msg}')
-    need(0 <= self.port < 65536, f'port {self.port} is not in [0, 65535]')
-    need(bool(self.tls_cert) == bool(self.tls_key), 'tls_cert and tls_key go together')
-    need(not self.tls_client_ca or bool(self.tls_cert),
-         'tls_client_ca (mutual TLS) needs tls_cert and tls_key')
-    need(0 <= self.health_port < 65536, f'health_port {self.health_port} is not in [0, 65535]')
+        raise ConfigError(f'{_flag(name)}: {msg}')
+    for f in dataclasses.fields(self):  # YAML may hold a value of any type
+      _check_type(f, getattr(self, f.name))
+    need(0 <= self.port < 65536, 'port', f'{self.port} is not in [0, 65535]')
+    need(bool(self.tls_cert) == bool(self.tls_key), 'tls_cert' if self.tls_cert else 'tls_key',
+         '--tls-cert and --tls-key go together')
+    need(not self.tls_client_ca or bool(self.tls_cert), 'tls_client_ca',
+         'mutual TLS needs --tls-cert and --tls-key')
+    need(0 <= self.health_port < 65536, 'health_port',
+         f'{self.health_port} is not in [0, 65535]')
     need(not self.tls_cert or self.health_port == 0 or self.health_port != self.port,
-         f'health_port and port are both {self.port}')
-    need(self.num_workers >= 1, f'num_workers must be >= 1, got {self.num_workers}')
-    need(self.step_mode in STEP_MODES, f'step_mode must be one of {STEP_MODES}')
-    need(0 <= self.quorum <= self.num_workers,
-         f'quorum must be in [0, num_workers={self.num_workers}], got {self.quorum}')
-    need(self.straggler_timeout_s >= 0, 'straggler_timeout_s must be >= 0')
-    need(self.staleness_bound >= 0, 'staleness_bound must be >= 0')
-    need(self.max_inflight_pushes >= 1, 'max_inflight_pushes must be >= 1')
+         'health_port', f'{self.health_port} is also the gRPC port (--port)')
+    need(self.grpc_threads >= 1, 'grpc_threads', f'must be >= 1, got {self.grpc_threads}')
+    need(self.num_workers >= 1, 'num_workers', f'must be >= 1, got {self.num_workers}')
+    need(self.step_mode in STEP_MODES, 'step_mode', f'must be one of {STEP_MODES}')
+    need(0 <= self.quorum <= self.num_workers, 'quorum',
+         f'must be in [0, num_workers={self.num_workers}], got {self.quorum}')
+    need(self.straggler_timeout_s >= 0, 'straggler_timeout_s', 'must be >= 0')
+    need(self.staleness_bound >= 0, 'staleness_bound', 'must be >= 0')
+    need(self.max_inflight_pushes >= 1, 'max_inflight_pushes', 'must be >= 1')
     need(self.max_inflight_pushes >= 2 or self.step_mode == 'async' or self.num_workers == 1,
-         'max_inflight_pushes must be >= 2 with several workers in sync mode (the step\'s '
-         'sum holds one buffer until the step is applied)')
-    need(self.max_inflight_bytes >= 0, 'max_inflight_bytes must be >= 0')
-    need(-1 <= self.metrics_port < 65536, f'metrics_port {self.metrics_port} is not in '
-         f'[-1, 65535]')
+         'max_inflight_pushes', 'max_inflight_pushes must be >= 2 with several workers in sync '
+         'mode (the step\'s sum holds one buffer until the step is applied)')
+    need(self.max_inflight_bytes >= 0, 'max_inflight_bytes', 'must be >= 0')
+    need(self.admission_timeout_s >= 0, 'admission_timeout_s', 'must be >= 0')
+    need(self.shutdown_grace_s >= 0, 'shutdown_grace_s', 'must be >= 0')
+    need(-1 <= self.metrics_port < 65536, 'metrics_port',
+         f'{self.metrics_port} is not in [-1, 65535]')
     need(self.metrics_port <= 0 or self.metrics_port not in (self.port, self.health_port),
-         f'metrics_port {self.metrics_port} is also the gRPC or health port')
-    need(self.log_format in LOG_FORMATS, f'log_format must be one of {LOG_FORMATS}')
-    need(self.log_level.upper() in LOG_LEVELS, f'log_level must be one of {LOG_LEVELS}')
-    need(self.max_concurrent_rpcs >= 1, 'max_concurrent_rpcs must be >= 1')
-    need(self.max_streams_per_connection >= 1, 'max_streams_per_connection must be >= 1')
-    need(self.stream_idle_timeout_s > 0, 'stream_idle_timeout_s must be > 0')
-    need(self.max_stream_seconds > 0, 'max_stream_seconds must be > 0')
-    need(self.keepalive_s >= 0, 'keepalive_s must be >= 0')
+         'metrics_port', f'{self.metrics_port} is also the gRPC or health port')
+    need(self.log_format in LOG_FORMATS, 'log_format', f'must be one of {LOG_FORMATS}')
+    need(self.log_level.upper() in LOG_LEVELS, 'log_level', f'must be one of {LOG_LEVELS}')
+    need(self.max_concurrent_rpcs >= 1, 'max_concurrent_rpcs', 'must be >= 1')
+    need(self.max_streams_per_connection >= 1, 'max_streams_per_connection', 'must be >= 1')
+    need(self.stream_idle_timeout_s > 0, 'stream_idle_timeout_s', 'must be > 0')
+    need(self.max_stream_seconds > 0, 'max_stream_seconds', 'must be > 0')
+    need(self.keepalive_s >= 0, 'keepalive_s', 'must be >= 0')
     for w in self.worker_allowlist or ():
-      need(WORKER_ID.fullmatch(w) is not None, f'allowed_workers: {w!r} is not a valid '
-           f'worker id ({WORKER_ID_RULE})')
-    need(self.nonfinite in NONFINITE_POLICIES, f'nonfinite must be one of {NONFINITE_POLICIES}')
-    need(self.schedule in SCHEDULES, f'schedule must be one of {SCHEDULES}')
-    need(self.devices >= 0, 'devices must be >= 0')
-    need(self.num_processes >= 1, f'num_processes must be >= 1, got {self.num_processes}')
-    need(-1 <= self.process_id < self.num_processes,
-         f'process_id must be in [0, num_processes={self.num_processes}) (or -1), got '
-         f'{self.process_id}')
-    need(self.learning_rate >= 0, 'learning_rate must be >= 0')
-    need(self.keep_checkpoints >= 1, 'keep_checkpoints must be >= 1')
-    need(self.checkpoint_every_steps >= 0 and self.checkpoint_every_seconds >= 0,
-         'checkpoint_every_steps and checkpoint_every_seconds must be >= 0')
+      need(WORKER_ID.fullmatch(w) is not None, 'allowed_workers',
+           f'{w!r} is not a valid worker id ({WORKER_ID_RULE})')
+    need(self.nonfinite in NONFINITE_POLICIES, 'nonfinite',
+         f'must be one of {NONFINITE_POLICIES}')
+    need(self.schedule in SCHEDULES, 'schedule', f'must be one of {SCHEDULES}')
+    need(self.devices >= 0, 'devices', 'must be >= 0')
+    need(self.num_processes >= 1, 'num_processes', f'must be >= 1, got {self.num_processes}')
+    need(-1 <= self.process_id < self.num_processes, 'process_id',
+         f'must be in [0, num_processes={self.num_processes}) (or -1), got {self.process_id}')
+    for name in ('learning_rate', 'b1', 'b2', 'eps', 'eps_root', 'weight_decay',
+                 'max_grad_norm', 'end_learning_rate', 'straggler_timeout_s',
+                 'checkpoint_every_seconds', 'keepalive_s', 'max_stream_seconds',
+                 'stream_idle_timeout_s', 'admission_timeout_s', 'shutdown_grace_s'):
+      need(math.isfinite(getattr(self, name)), name, f'must be a finite number, got '
+           f'{getattr(self, name)}')
+    need(self.learning_rate >= 0, 'learning_rate', 'must be >= 0')
+    need(0 <= self.b1 < 1 and 0 <= self.b2 < 1, 'b1' if not 0 <= self.b1 < 1 else 'b2',
+         f'must be in [0, 1), got {self.b1 if not 0 <= self.b1 < 1 else self.b2}')
+    need(self.eps >= 0 and self.eps_root >= 0, 'eps' if self.eps < 0 else 'eps_root',
+         'must be >= 0')
+    need(self.weight_decay >= 0, 'weight_decay', 'must be >= 0')
+    need(self.max_grad_norm >= 0, 'max_grad_norm', 'must be >= 0')
+    need(self.warmup_steps >= 0, 'warmup_steps', 'must be >= 0')
+    need(self.decay_steps >= 1, 'decay_steps', f'must be >= 1, got {self.decay_steps}')
+    need(self.keep_checkpoints >= 1, 'keep_checkpoints', 'must be >= 1')
+    need(self.checkpoint_every_steps >= 0, 'checkpoint_every_steps', 'must be >= 0')
+    need(self.checkpoint_every_seconds >= 0, 'checkpoint_every_seconds', 'must be >= 0')
+    return self
+
+  def check_files(self) -> 'ServerConfig':
+    """ConfigError naming the flag if a file it names does not exist (before anything loads)."""
+    for name in ('auth_token_file', 'tls_cert', 'tls_key', 'tls_client_ca', 'init_params'):
+      path = getattr(self, name)
+      if path is not None and not os.path.isfile(path):
+        raise ConfigError(f'{_flag(name)}: no such file: {path}')
+    if self.checkpoint_dir and os.path.exists(self.checkpoint_dir) and not os.path.isdir(
+        self.checkpoint_dir):
+      raise ConfigError(f'--checkpoint-dir: {self.checkpoint_dir} is not a directory')
     return self
 
   @property
@@ -193,6 +229,24 @@ class ServerConfig:
 
 
 
+
+
+def _check_type(f: dataclasses.Field, value: Any) -> None:
+  """ConfigError unless `value` (from a flag or YAML) is of field `f`'s type."""
+  kind = f.type if isinstance(f.type, str) else f.type.__name__
+  if value is None and 'Optional' in kind:
+    return
+  if 'bool' in kind:
+    ok = isinstance(value, bool)
+  elif 'int' in kind:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif 'float' in kind:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  else:
+    ok = isinstance(value, str)
+  if not ok:
+    raise ConfigError(f'{_flag(f.name)}: expected {kind.replace("Optional[", "").rstrip("]")}, '
+                      f'got {value!r}')
 
 
 def _boolean(text: str) -> bool:
@@ -230,16 +284,26 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-  with open(path, encoding='utf-8') as fh:
-    data = yaml.safe_load(fh) or {}
+  """The settings of a YAML file; ConfigError naming the file (and key) if it cannot be used."""
+  try:
+    with open(path, encoding='utf-8') as fh:
+      data = yaml.safe_load(fh) or {}
+  except OSError as e:
+    raise ConfigError(f'--config {path}: {e.strerror}') from None
+  except yaml.YAMLError as e:
+    where = getattr(e, 'problem_mark', None)
+    at = f', line {where.line + 1}' if where is not None else ''
+    raise ConfigError(f'--config {path}{at}: not valid YAML '
+                      f'({getattr(e, "problem", None) or e})') from None
   if not isinstance(data, dict):
-    raise ValueError(f'{path}: expected a mapping of settings, got {type(data).__name__}')
+    raise ConfigError(f'--config {path}: expected a mapping of settings, got '
+                      f'{type(data).__name__}')
   names = {f.name for f in dataclasses.fields(ServerConfig)}
   out = {}
   for key, value in data.items():
     name = str(key).replace('-', '_')
     if name not in names:
-      raise ValueError(f'{path}: unknown setting {key!r}')
+      raise ConfigError(f'--config {path}: unknown setting {key!r}')
     out[name] = value
   return out
 
@@ -251,7 +315,13 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
     values.update(load_yaml(args.config))
   names = {f.name for f in dataclasses.fields(ServerConfig)}
   values.update({k: v for k, v in vars(args).items() if k in names})
-  return ServerConfig(**values).validate()
+  config = ServerConfig(**values)
+  if getattr(args, 'config', None):
+    try:
+      return config.validate()
+    except ConfigError as e:
+      raise ConfigError(f'{e} (a flag, or a key of --config {args.config})') from None
+  return config.validate()
 
 
 def parse(argv: Sequence[str]) -> ServerConfig:

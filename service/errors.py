@@ -62,3 +62,16 @@ class DeadlineExceeded(ServiceError):
 
 class PermissionDenied(ServiceError):
   code = 'PERMISSION_DENIED'
+
+
+class ConfigError(ValueError):
+  """A setting that cannot work, raised before anything starts.
+
+  The message names the flag (`--port`), YAML key or file at fault;
+  `lamb-sharded` prints it as one line and exits 2 (a usage error).
+  """
+
+
+class StartupError(RuntimeError):
+  """The server cannot start as configured although its settings are valid (a port is in
+  use, say). The message names what and its flag; `lamb-sharded` exits 1."""

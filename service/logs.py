@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -70,3 +71,17 @@ def setup(level: str = 'INFO', fmt: str = 'text') -> None:
     root.removeHandler(h)
   root.addHandler(handler)
   root.setLevel(level.upper())
+
+
+def quiet_libraries(level: str, libraries: str = 'WARNING') -> None:
+  """Keeps the libraries' own chatter below `libraries` (Orbax's per-save INFO lines, its
+  notes on read-only managers, JAX's backend notes) out of a process's logs, unless
+  `level` is DEBUG: absl's verbosity (Orbax logs through absl), JAX's logger, and XLA's
+  C++ logging (TF_CPP_MIN_LOG_LEVEL, before JAX loads, unless already set)."""
+  debug = level.upper() == 'DEBUG'
+  if 'jax' not in sys.modules:
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '0' if debug else '1')
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity('debug' if debug else libraries.lower())
+  # JAX's own notes ("Unable to initialize backend 'tpu'") go to its Python logger.
+  logging.getLogger('jax').setLevel(logging.NOTSET if debug else libraries.upper())

@@ -8,17 +8,79 @@ gets exactly the same gradients.
 * `digits`: an MLP classifying scikit-learn's handwritten digits (`lamb-sharded demo`).
   Its `batch` takes the number of workers too (`shards_global_batch`): every
   step has one global batch, and each worker computes the gradient of its slice.
+
+Your own model: `lamb-sharded worker --model mypkg.mymodel:make` imports
+`mypkg.mymodel` and calls `make(seed=SEED)`; what it returns must do what `Model`
+below says (the two models here are examples). `load_model` is that lookup.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+import importlib
+import re
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class Model(Protocol):
+  """What `lamb-sharded worker --model MODULE:FN` needs of the object FN(seed=...) returns.
+
+  Data must depend only on (step, worker): a worker that restarts recomputes the same
+  gradients. Parameters are a pytree of float32 arrays (dicts, lists, tuples...).
+  """
+
+  def init(self, seed: int) -> Any:
+    """The initial parameters (used by the worker started with --init)."""
+
+  def grad_fn(self) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+    """A function (params, x, y) -> (loss, grads), grads a pytree like params; e.g.
+    `jax.jit(jax.value_and_grad(loss))`."""
+
+  def batch(self, step: int, worker: int, size: int) -> tuple[Any, Any]:
+    """(x, y): the `size` examples worker `worker` trains on at step `step`.
+
+    With a class attribute `shards_global_batch = True`, `batch` is called as
+    `batch(step, worker, size, num_workers)` instead: the worker's slice of the step's
+    global batch of `size * num_workers` examples (see `Digits`).
+    """
+
+
+_MODEL_SPEC = re.compile(r'[A-Za-z_][\w.]*:[A-Za-z_]\w*')
+
+
+def load_model(spec: str, seed: int = 0) -> Model:
+  """The model named `spec`: a built-in one ('regression', 'digits'), or MODULE:FN, which
+  imports MODULE and returns FN(seed=seed).
+
+  Raises ConfigError naming --model if it cannot be found or does not fit `Model`.
+  """
+  from service.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  if spec in MODELS:
+    return MODELS[spec](seed=seed)
+  if not _MODEL_SPEC.fullmatch(spec):
+    raise ConfigError(f'--model: {spec!r} is neither a built-in model ({", ".join(MODELS)}) '
+                      f'nor MODULE:FN (e.g. mypkg.mymodel:make)')
+  module_name, fn_name = spec.split(':')
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    raise ConfigError(f'--model {spec}: cannot import {module_name} ({e}; is it on '
+                      f'PYTHONPATH?)') from None
+  fn = getattr(module, fn_name, None)
+  if not callable(fn):
+    raise ConfigError(f'--model {spec}: {module_name} has no function {fn_name}')
+  model = fn(seed=seed)
+  missing = [name for name in ('init', 'grad_fn', 'batch')
+             if not callable(getattr(model, name, None))]
+  if missing:
+    raise ConfigError(f'--model {spec}: what {fn_name}(seed=...) returns has no '
+                      f'{", ".join(missing)} (see service.examples.models.Model)')
+  return model
 
 
 def mlp_init(sizes: Sequence[int], seed: int, scale: Callable[[int], float]) -> dict:

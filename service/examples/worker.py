@@ -27,14 +27,14 @@ import os
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional, Union
 
 import grpc
 import jax
 import numpy as np
 
 from service.client import OptimizerClient
-from service.examples.models import MODELS
+from service.examples.models import load_model
 from service.examples.progress import Progress
 from service.logs import fields
 
@@ -42,16 +42,18 @@ log = logging.getLogger(__name__)
 
 
 def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size: int,
-        model: str = 'regression', seed: int = 0, init: bool = False,
+        model: Union[str, Any] = 'regression', seed: int = 0, init: bool = False,
         timeout: float = 60.0, connect_timeout: float = 60.0, progress: bool = False,
         lifeline: bool = False, client_options: Optional[dict] = None,
         compression: str = 'none') -> int:
   """Trains until the server's step reaches `steps`; returns an exit code.
 
-  `client_options`: more OptimizerClient arguments (token, root_certificates, ...).
-  `compression`: how gradients travel (OptimizerClient.push; int8/int4 with error feedback).
+  `model`: a model (see `service.examples.models.Model`), or what `load_model` takes
+  (a built-in model's name, or MODULE:FN). `client_options`: more OptimizerClient
+  arguments (token, root_certificates, ...). `compression`: how gradients travel
+  (OptimizerClient.push; int8/int4 with error feedback).
   """
-  m = MODELS[model](seed=seed)
+  m = load_model(model, seed) if isinstance(model, str) else model
   worker_id = f'worker-{worker_index}'
   grad_fn = m.grad_fn()
   template = m.init(seed)

@@ -8,6 +8,8 @@ until SIGTERM/SIGINT. Whoever creates a resource here also closes it.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import errno
 import logging
 import os
 import signal
@@ -24,11 +26,13 @@ from service.config import ServerConfig
 from service.core.checkpoint import Checkpointer
 from service.core.engine import Engine
 from service.core.persistence import load_npz
+from service.errors import ConfigError, StartupError
 from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME
 from service.protocol.tokens import load_tokens
 from service.server import auth
 from service.server.metrics import Metrics
 from service.server.servicer import OptimizerServicer, add_servicer
+from service.server.signals import awaiting_signals
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +76,15 @@ class RunningServer:
                metrics: Metrics, metrics_port: Optional[int] = None,
                health_server: Optional[grpc.Server] = None,
                health_port: Optional[int] = None,
-               checkpointer: Optional[Checkpointer] = None):
+               checkpointer: Optional[Checkpointer] = None,
+               executor: Optional[concurrent.futures.Executor] = None):
     self.server, self.engine, self.port = server, engine, port
     self._health = health_servicer
     self._servicer = servicer
     self.metrics, self.metrics_port = metrics, metrics_port
     self.health_server, self.health_port = health_server, health_port
     self._checkpointer = checkpointer
+    self._executor = executor
 
   def stop(self, grace: Optional[float] = None) -> None:
     """Graceful: not serving any more, pushes in flight finish, final checkpoint, stop."""
@@ -93,6 +99,8 @@ class RunningServer:
         self.health_server.stop(grace).wait()
       if self._checkpointer is not None:
         self._checkpointer.close()
+      if self._executor is not None:  # the RPC handlers' threads: every call has ended
+        self._executor.shutdown(wait=True)
 
   def wait(self) -> None:
     self.server.wait_for_termination()
@@ -106,8 +114,67 @@ def _checkpointer(config: ServerConfig) -> Optional[Checkpointer]:
                       keep=config.keep_checkpoints, asynchronous=config.async_checkpoints)
 
 
+def _bind(server: grpc.Server, host: str, port: int, flag: str,
+          credentials: Optional[grpc.ServerCredentials] = None) -> int:
+  """Binds `server` to host:port (0: ephemeral); StartupError naming the port and its flag.
+
+  The server must have been made with `grpc.so_reuseport` 0: gRPC sets SO_REUSEPORT
+  by default, and then a second server binds a port already served and the kernel
+  shares the connections between the two.
+  """
+  address = f'{host}:{port}'
+  why = _why_not_bindable(host, port) if port else None  # before gRPC logs its own error
+  if why is not None:
+    raise StartupError(f'{flag} {port}: cannot listen on {address}: {why}')
+  try:
+    bound = (server.add_secure_port(address, credentials) if credentials is not None
+             else server.add_insecure_port(address))
+  except RuntimeError:
+    bound = 0
+  if bound == 0:
+    raise StartupError(f'{flag} {port}: cannot listen on {address}: '
+                       f'{_why_not_bindable(host, port) or "gRPC could not bind it"}')
+  return bound
+
+
+def _why_not_bindable(host: str, port: int) -> Optional[str]:
+  """Why host:port cannot be bound, as the OS says it (None: it can be, now)."""
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+  except OSError as e:
+    return f'the address does not resolve ({e})'
+  family, kind, _, _, sockaddr = infos[0]
+  with socket.socket(family, kind) as s:
+    # As gRPC binds: SO_REUSEADDR (a port whose old connections linger in TIME_WAIT,
+    # e.g. after a restart, is free), not SO_REUSEPORT (a port being listened on is not).
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(sockaddr)
+    except OSError as e:
+      return ('the port is in use (another server?)' if e.errno == errno.EADDRINUSE
+              else e.strerror or str(e))
+  return None
+
+
+def _server_options(config: ServerConfig) -> list:
+  options = [('grpc.so_reuseport', 0),
+             ('grpc.max_receive_message_length', MAX_RECEIVE_BYTES),
+             ('grpc.max_send_message_length', MAX_RECEIVE_BYTES),
+             ('grpc.max_metadata_size', MAX_METADATA_BYTES),
+             ('grpc.max_concurrent_streams', config.max_streams_per_connection)]
+  if config.keepalive_s > 0:
+    options += [('grpc.keepalive_time_ms', int(config.keepalive_s * 1000)),
+                ('grpc.keepalive_timeout_ms', 20_000)]
+  return options
+
+
 def start(config: ServerConfig) -> RunningServer:
-  """Starts the server on config.host:config.port (0: ephemeral) and returns at once."""
+  """Starts the server on config.host:config.port (0: ephemeral) and returns at once.
+
+  The ports are bound first, before any state is built or restored: a port in use
+  fails at once (StartupError naming it and its flag). Whatever was made before a
+  failure is closed again.
+  """
   # Security settings first: a misconfigured secret fails before any state is touched.
   tokens = load_tokens(config.auth_token_file, config.auth_token_env)
   tls = bool(config.tls_cert)
@@ -120,67 +187,80 @@ def start(config: ServerConfig) -> RunningServer:
     log.warning('bearer tokens without TLS (--tls-cert/--tls-key): tokens cross the network '
                 'in the clear')
   _join_job(config)
-  metrics = Metrics()
-  checkpointer = _checkpointer(config)
-  engine = Engine(config, checkpointer=checkpointer, observer=metrics)
-  metrics.watch(engine)
-  restored = engine.restore()
-  if config.init_params:
-    specs, arrays = load_npz(config.init_params)
-    if restored:  # resume: the checkpoint wins, if it is of the same model
-      engine.check_same_model(specs)
-      log.info('resuming from the checkpoint; --init-params %s not used', config.init_params)
-    else:
-      engine.initialize(specs, arrays)
-  options = [('grpc.max_receive_message_length', MAX_RECEIVE_BYTES),
-             ('grpc.max_send_message_length', MAX_RECEIVE_BYTES),
-             ('grpc.max_metadata_size', MAX_METADATA_BYTES),
-             ('grpc.max_concurrent_streams', config.max_streams_per_connection)]
-  if config.keepalive_s > 0:
-    options += [('grpc.keepalive_time_ms', int(config.keepalive_s * 1000)),
-                ('grpc.keepalive_timeout_ms', 20_000)]
-  interceptor = auth.BearerAuthInterceptor(
-      tokens, on_refused=lambda method: metrics.rpcs_unauthenticated.inc()) if tokens else None
-  server = grpc.server(
-      concurrent.futures.ThreadPoolExecutor(max_workers=config.grpc_threads),
-      interceptors=[interceptor] if interceptor else None, options=options,
-      maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-  address = f'{config.host}:{config.port}'
-  port = (server.add_secure_port(address, credentials) if tls
-          else server.add_insecure_port(address))
-  if port == 0:
-    raise RuntimeError(f'could not bind {address}')
-  # A multi-process server's processes learn each other's endpoints through the job.
-  endpoints = (runtime.exchange('endpoint', _endpoint(config, port))
-               if config.num_processes > 1 else ())
-  servicer = OptimizerServicer(engine, metrics, endpoints)
-  add_servicer(servicer, server)
-  health_servicer = health.HealthServicer()
-  health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-  for name in ('', SERVICE_NAME):
-    health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-  reflection.enable_server_reflection(
-      (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-  health_server, health_port = None, None
-  if tls:  # probes (e.g. Kubernetes' gRPC probes) speak neither TLS nor tokens
-    health_server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-    health_port = health_server.add_insecure_port(f'{config.host}:{config.health_port}')
-    if health_port == 0:
-      raise RuntimeError(f'could not bind the health port {config.host}:{config.health_port}')
-  metrics_port = None
-  if config.metrics_port >= 0:
-    metrics_port = metrics.serve(config.host, config.metrics_port)
-    log.info('Prometheus metrics on http://%s:%d/metrics', config.host, metrics_port)
-  server.start()
-  if health_server is not None:
-    health_server.start()
-    log.info('health service (plaintext) on %s:%d', config.host, health_port)
+  with contextlib.ExitStack() as undo:  # popped (kept open) once everything is up
+    metrics = Metrics()
+    interceptor = auth.BearerAuthInterceptor(
+        tokens, on_refused=lambda method: metrics.rpcs_unauthenticated.inc()) if tokens else None
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=config.grpc_threads,
+                                                     thread_name_prefix='grpc-handler')
+    undo.callback(executor.shutdown, wait=False, cancel_futures=True)
+    server = grpc.server(
+        executor,
+        interceptors=[interceptor] if interceptor else None, options=_server_options(config),
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    undo.callback(lambda: server.stop(None))
+    port = _bind(server, config.host, config.port, '--port', credentials)
+    health_server, health_port = None, None
+    if tls:  # probes (e.g. Kubernetes' gRPC probes) speak neither TLS nor tokens
+      health_server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4),
+                                  options=[('grpc.so_reuseport', 0)])
+      undo.callback(lambda: health_server.stop(None))
+      health_port = _bind(health_server, config.host, config.health_port, '--health-port')
+    metrics_port = None
+    if config.metrics_port >= 0:
+      try:
+        metrics_port = metrics.serve(config.host, config.metrics_port)
+      except OSError as e:
+        raise StartupError(
+            f'--metrics-port {config.metrics_port}: cannot listen on '
+            f'{config.host}:{config.metrics_port}: '
+            f'{"the port is in use (another server?)" if e.errno == errno.EADDRINUSE else e}'
+            '; --metrics-port -1 serves no metrics') from None
+      undo.callback(metrics.close)
+    checkpointer = _checkpointer(config)
+    if checkpointer is not None:
+      undo.callback(checkpointer.close)
+    engine = Engine(config, checkpointer=checkpointer, observer=metrics)
+    undo.callback(engine.close)
+    metrics.watch(engine)
+    restored = engine.restore()
+    if config.init_params:
+      try:
+        specs, arrays = load_npz(config.init_params)
+      except Exception as e:  # pylint: disable=broad-except  # not an .npz, pickled, corrupt...
+        raise ConfigError(f'--init-params {config.init_params}: not a .npz of parameters '
+                          f'({type(e).__name__}: {e})') from None
+      if restored:  # resume: the checkpoint wins, if it is of the same model
+        engine.check_same_model(specs)
+        log.info('resuming from the checkpoint; --init-params %s not used', config.init_params)
+      else:
+        engine.initialize(specs, arrays)
+    # A multi-process server's processes learn each other's endpoints through the job.
+    endpoints = (runtime.exchange('endpoint', _endpoint(config, port))
+                 if config.num_processes > 1 else ())
+    servicer = OptimizerServicer(engine, metrics, endpoints)
+    undo.callback(servicer.close)
+    add_servicer(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ('', SERVICE_NAME):
+      health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if health_server is not None:
+      health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    if metrics_port is not None:
+      log.info('Prometheus metrics on http://%s:%d/metrics', config.host, metrics_port)
+    server.start()
+    if health_server is not None:
+      health_server.start()
+      log.info('health service (plaintext) on %s:%d', config.host, health_port)
+    undo.pop_all()
   log.info('serving %s on %s:%d (%s%s), mesh of %d devices', SERVICE_NAME, config.host, port,
            ('mutual TLS' if config.tls_client_ca else 'TLS') if tls else 'plaintext',
            ', bearer tokens' if tokens else '', engine.mesh.devices.size)
   return RunningServer(server, engine, port, health_servicer, servicer, metrics, metrics_port,
-                       health_server, health_port, checkpointer)
+                       health_server, health_port, checkpointer, executor)
 
 
 def serve_forever(config: ServerConfig) -> int:
@@ -192,15 +272,16 @@ def serve_forever(config: ServerConfig) -> int:
   if running.metrics_port is not None:
     extra.append(f'metrics: port {running.metrics_port}')
   detail = f' ({", ".join(extra)})' if extra else ''
-  print(f'lamb-sharded serving on {config.host}:{running.port}{detail}', flush=True)
-  stopped = threading.Event()
-
-  def on_signal(signum, frame):
-    del frame
-    log.info('signal %d: shutting down', signum)
-    stopped.set()
-  signal.signal(signal.SIGTERM, on_signal)
-  signal.signal(signal.SIGINT, on_signal)
-  stopped.wait()
+  with awaiting_signals(signal.SIGTERM, signal.SIGINT) as wait:
+    # The handlers are in place before the line that tells a supervisor we are up.
+    print(f'lamb-sharded serving on {config.host}:{running.port}{detail}', flush=True)
+    signum = wait()
+  log.info('signal %d (%s): shutting down', signum, signal.Signals(signum).name)
   running.stop()
+  # Nothing of the server may still run while the interpreter finalises (a thread
+  # inside XLA or TensorStore then aborts the process): say so if something does.
+  left = [t.name for t in threading.enumerate()
+          if t is not threading.main_thread() and t.is_alive()]
+  if left:
+    log.warning('threads still running at exit: %s', ', '.join(sorted(left)))
   return 0

@@ -298,14 +298,32 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
     try:
       request = _parsed(request, 'WaitForStep')
       timeout = min(context.time_remaining() or self._max_s, self._max_s)
-      if request.HasField('timeout') and request.timeout.ToTimedelta().total_seconds() > 0:
-        timeout = min(request.timeout.ToTimedelta().total_seconds(), timeout)
+      asked = _duration_seconds(request.timeout, 'timeout') if request.HasField('timeout') else 0
+      if asked > 0:
+        timeout = min(asked, timeout)
       context.add_callback(self._engine.wake)  # a cancelled long poll ends at once
       current, reached, model_id = self._engine.wait_for_step(
           request.step, timeout, gone=lambda: not context.is_active())
       return pb.WaitForStepResponse(current_step=current, reached=reached, model_id=model_id)
     except ServiceError as e:
       _abort(context, e)
+
+
+# google.protobuf.Duration's range: +-10,000 years (its documentation).
+_MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def _duration_seconds(d, name: str) -> float:
+  """A request's Duration field `name` as seconds >= 0; InvalidArgument if it is not one.
+
+  Not `ToTimedelta()`: it raises OverflowError (gRPC would answer UNKNOWN) for seconds
+  beyond timedelta's range, and accepts nanos of the wrong sign.
+  """
+  if not 0 <= d.seconds <= _MAX_DURATION_SECONDS or not 0 <= d.nanos < 1_000_000_000:
+    raise InvalidArgument(f'{name} must be a Duration >= 0 with seconds in [0, '
+                          f'{_MAX_DURATION_SECONDS}] and nanos in [0, 999999999], got '
+                          f'seconds={d.seconds} nanos={d.nanos}')
+  return d.seconds + d.nanos / 1e9
 
 
 def _push_header(message: pb.PushGradientsHeader) -> PushHeader:

@@ -1,4 +1,5 @@
-"""Hostile requests: 56 kinds of malformed, oversized, truncated or stalled calls.
+"""Hostile requests: 92 kinds of malformed, oversized, truncated or stalled calls, and
+extreme values (0, -1, int64/uint64 limits, huge Durations) of every numeric field.
 
 One table; every row is a request a broken or malicious client could send,
 the gRPC status code it must get and a pattern its message must match. For
@@ -199,6 +200,57 @@ def _unary(method, request, metadata=None):
   return run
 
 
+def _pull_header(**kwargs):
+  """A pull; its outcome's details describe what came: the header and the chunks' count."""
+  def run(running, step):
+    del step
+    def call():
+      msgs = list(stub(running.port).PullParameters(pb.PullParametersRequest(**kwargs),
+                                                    timeout=10))
+      h = msgs[0].header
+      return (f'step={h.step} not_modified={h.not_modified} '
+              f'chunks={sum(m.WhichOneof("kind") == "chunk" for m in msgs)}')
+    return _answer(call)
+  return run
+
+
+def _pull_if_current(newer_than):
+  """A pull with if_model_id the server's and if_newer_than_step `newer_than`."""
+  def run(running, step):
+    return _pull_header(if_newer_than_step=newer_than,
+                        if_model_id=running.engine.describe().model_id)(running, step)
+  return run
+
+
+def _wait(step_of, seconds=None, nanos=0):
+  """WaitForStep(step_of(step), timeout=Duration(seconds, nanos)); details: what it said."""
+  def run(running, step):
+    request = pb.WaitForStepRequest(step=step_of(step))
+    if seconds is not None:
+      request.timeout.seconds, request.timeout.nanos = seconds, nanos
+    return _answer(lambda: (lambda r: f'reached={r.reached} current_step={r.current_step}')(
+        stub(running.port).WaitForStep(request, timeout=10)))
+  return run
+
+
+def _answer(fn):
+  """Like _outcome, but an answer's details are what fn() returns."""
+  try:
+    return grpc.StatusCode.OK, fn()
+  except grpc.RpcError as e:
+    return e.code(), e.details()
+
+
+def _commit_field(**fields):
+  """A well-formed push whose commit has `fields` set to other values."""
+  def build(step):
+    msgs = push_messages(leaves=_grads(), worker_id='w0', step=step)
+    for k, v in fields.items():
+      setattr(msgs[-1].commit, k, v)
+    return msgs
+  return _push_messages(build)
+
+
 def _initialize_again(running, step):
   del step
   msgs = [pb.InitializeModelRequest(header=pb.InitializeModelHeader(leaves=SPECS))]
@@ -244,6 +296,89 @@ def _set(chunks, i, **fields):
 
 
 BIG = 'x' * 10_000
+I64_MAX, I64_MIN, U64_MAX = 2 ** 63 - 1, -2 ** 63, 2 ** 64 - 1
+DURATION_MAX_S = 315_576_000_000  # google.protobuf.Duration: +-10,000 years
+# Extreme values of every numeric and Duration field of every request (there are no
+# float fields in requests; NaN and Inf come in tensor data, see 'NaN in a gradient').
+EXTREMES = {
+    # PushGradientsHeader.step, .num_examples
+    'step: int64 max': (_push(step=I64_MAX), 'FAILED_PRECONDITION',
+                        rf'header.step {I64_MAX} is ahead of the server'),
+    'step: int64 min': (_push(step=I64_MIN), 'INVALID_ARGUMENT',
+                        rf'header.step must be >= 0, got {I64_MIN}'),
+    'num_examples: int64 min': (_push(num_examples=I64_MIN), 'INVALID_ARGUMENT',
+                                rf'header.num_examples must be > 0, got {I64_MIN}'),
+    # TensorSpec.shape, .dtype
+    'shape: a dimension of int64 max': (_push(specs=[spec("['w']", (I64_MAX,)), SPECS[1]]),
+                                        'INVALID_ARGUMENT', rf'shape \[{I64_MAX}\], over 1 TiB'),
+    'shape: a dimension of int64 min': (_push(specs=[spec("['w']", (I64_MIN, 4)), SPECS[1]]),
+                                        'INVALID_ARGUMENT', r'has a negative dimension'),
+    'shape: a dimension of 0': (_push(specs=[spec("['w']", (0, 4)), SPECS[1]]),
+                                'INVALID_ARGUMENT', r'has shape \[0, 4\], expected \[3, 4\]'),
+    'dtype: -1': (_push(specs=[spec("['w']", (3, 4), -1), SPECS[1]]), 'INVALID_ARGUMENT',
+                  r'unsupported dtype -1'),
+    # TensorChunk.offset, .sequence
+    'offset: -1': (_push(**_mutated(lambda c: _set(c, 0, offset=-1))), 'INVALID_ARGUMENT',
+                   r'has offset -1, expected 0'),
+    'offset: int64 max': (_push(**_mutated(lambda c: _set(c, 0, offset=I64_MAX))),
+                          'INVALID_ARGUMENT', rf'has offset {I64_MAX}, expected 0'),
+    'offset: int64 min': (_push(**_mutated(lambda c: _set(c, 0, offset=I64_MIN))),
+                          'INVALID_ARGUMENT', rf'has offset {I64_MIN}, expected 0'),
+    'sequence: -1': (_push(**_mutated(lambda c: _set(c, 0, sequence=-1))), 'INVALID_ARGUMENT',
+                     r'has sequence -1, expected 0'),
+    'sequence: int64 max': (_push(**_mutated(lambda c: _set(c, 0, sequence=I64_MAX))),
+                            'INVALID_ARGUMENT', rf'has sequence {I64_MAX}, expected 0'),
+    'sequence: int64 min': (_push(**_mutated(lambda c: _set(c, 0, sequence=I64_MIN))),
+                            'INVALID_ARGUMENT', rf'has sequence {I64_MIN}, expected 0'),
+    # StreamCommit.chunk_count, .total_bytes, .checksum
+    'chunk_count: -1': (_commit_field(chunk_count=-1), 'INVALID_ARGUMENT',
+                        r'commit says -1 chunks'),
+    'chunk_count: int64 max': (_commit_field(chunk_count=I64_MAX), 'INVALID_ARGUMENT',
+                               rf'commit says {I64_MAX} chunks'),
+    'chunk_count: int64 min': (_commit_field(chunk_count=I64_MIN), 'INVALID_ARGUMENT',
+                               rf'commit says {I64_MIN} chunks'),
+    'total_bytes: -1': (_commit_field(total_bytes=-1), 'INVALID_ARGUMENT',
+                        r'commit says \d+ chunks and -1 bytes'),
+    'total_bytes: int64 max': (_commit_field(total_bytes=I64_MAX), 'INVALID_ARGUMENT',
+                               rf'and {I64_MAX} bytes'),
+    'total_bytes: int64 min': (_commit_field(total_bytes=I64_MIN), 'INVALID_ARGUMENT',
+                               rf'and {I64_MIN} bytes'),
+    'checksum: uint64 max': (_commit_field(checksum=U64_MAX), 'DATA_LOSS',
+                             r'commit says 0xffffffffffffffff'),
+    'checksum: 0': (_commit_field(checksum=0), 'DATA_LOSS', r'commit says 0x0000000000000000'),
+    'Inf in a gradient': (_push(leaves=[_grads()[0], ("['b']", np.full(5, np.inf, np.float32))]),
+                          'INVALID_ARGUMENT', r"leaf \['b'\] of worker w0.*NaN or Inf"),
+    # PullParametersRequest.if_newer_than_step, .max_chunk_bytes, .dtype: sent, or not
+    # modified, never refused (chunk sizes are clamped to [4 KiB, 3 MiB]).
+    'pull: if_newer_than_step int64 max': (_pull_if_current(I64_MAX), 'OK',
+                                           r'not_modified=True chunks=0'),
+    'pull: if_newer_than_step int64 min': (_pull_if_current(I64_MIN), 'OK',
+                                           r'not_modified=False chunks=2'),
+    'pull: max_chunk_bytes -1': (_pull_header(max_chunk_bytes=-1), 'OK',
+                                 r'not_modified=False chunks=2'),
+    'pull: max_chunk_bytes int64 max': (_pull_header(max_chunk_bytes=I64_MAX), 'OK',
+                                        r'not_modified=False chunks=2'),
+    'pull: max_chunk_bytes int64 min': (_pull_header(max_chunk_bytes=I64_MIN), 'OK',
+                                        r'not_modified=False chunks=2'),
+    'pull: dtype -1': (_pull(dtype=-1), 'INVALID_ARGUMENT', r'request.dtype: unsupported dtype -1'),
+    # WaitForStepRequest.step, .timeout (a Duration)
+    'wait: step int64 max, 1 ms': (_wait(lambda s: I64_MAX, 0, 1_000_000), 'OK',
+                                   r'reached=False current_step=\d+'),
+    'wait: step int64 min': (_wait(lambda s: I64_MIN), 'INVALID_ARGUMENT',
+                             rf'step must be >= 0, got {I64_MIN}'),
+    'wait: timeout of -1 s': (_wait(lambda s: s + 1, -1), 'INVALID_ARGUMENT',
+                              r'timeout must be a Duration >= 0 .* got seconds=-1 nanos=0'),
+    'wait: timeout of int64 max s': (_wait(lambda s: s + 1, I64_MAX), 'INVALID_ARGUMENT',
+                                     rf'got seconds={I64_MAX}'),
+    'wait: timeout of int64 min s': (_wait(lambda s: s + 1, I64_MIN), 'INVALID_ARGUMENT',
+                                     rf'got seconds={I64_MIN}'),
+    'wait: timeout nanos -1': (_wait(lambda s: s + 1, 0, -1), 'INVALID_ARGUMENT',
+                               r'got seconds=0 nanos=-1'),
+    'wait: timeout nanos int32 max': (_wait(lambda s: s + 1, 0, 2 ** 31 - 1), 'INVALID_ARGUMENT',
+                                      rf'nanos={2 ** 31 - 1}'),
+    'wait: the longest timeout, step reached': (_wait(lambda s: s, DURATION_MAX_S, 999_999_999),
+                                                'OK', r'reached=True'),
+}
 CASES = {
     # Not protobuf, wrong types, wrong shapes of stream.
     'random bytes': (_raw_push([b'\x07' + bytes(range(200))]), 'INVALID_ARGUMENT',
@@ -379,6 +514,7 @@ CASES = {
     'an unknown method': (_raw_unary('DropAllTables', b''), 'UNIMPLEMENTED', r''),
     'save without a checkpoint dir': (_unary('SaveCheckpoint', pb.SaveCheckpointRequest()),
                                       'FAILED_PRECONDITION', r'no --checkpoint-dir'),
+    **EXTREMES,
 }
 
 
@@ -406,3 +542,17 @@ def test_hostile_request(srv, name):
     np.testing.assert_array_equal(after[k], before[k])
   # And the server still applies a well-formed step.
   _good_step(running, client)
+
+
+@pytest.mark.xfail(strict=True, reason='accepted today: the bound belongs in Engine._check_header '
+                   '(service/core/, not this branch to change); see the report of issue 16')
+def test_num_examples_of_int64_max_does_not_poison_the_model():
+  # The step's sum scales each push by its num_examples in float32: int64 max times a
+  # finite gradient is Inf, and the step turns every parameter into NaN.
+  with running_server(devices=1, num_workers=1) as (running, client):
+    client.initialize(PARAMS)
+    got_code, details = _push(num_examples=I64_MAX)(running, 0)
+    _, after = params_of(client)
+  assert all(np.isfinite(v).all() for v in after.values()), after
+  assert got_code == grpc.StatusCode.INVALID_ARGUMENT, (got_code, details)
+  assert 'header.num_examples' in details

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import urllib.request
@@ -306,3 +307,40 @@ def test_stream_reader_stops_when_closed_with_messages_queued():
   reader.close()
   pump.join(5)
   assert not pump.is_alive()
+
+
+def test_the_libraries_chatter_stays_out_of_the_servers_info_log(tmp_path):
+  """At --log-level INFO the server logs its own lines, not Orbax's per-save INFO lines
+  (absl) nor JAX's backend notes; --log-level DEBUG lets them through."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
+
+  def run(level, ckpt):
+    import re  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    from svc import ROOT  # pylint: disable=import-outside-toplevel
+    log_file = tmp_path / f'{level}.log'  # a file: DEBUG would fill a pipe nobody reads
+    with open(log_file, 'w', encoding='utf-8') as err:
+      proc = subprocess.Popen(
+          [sys.executable, '-m', 'service.cli', 'serve', '--host', '127.0.0.1', '--port', '0',
+           '--metrics-port', '-1', '--devices', '1', '--log-level', level,
+           '--checkpoint-dir', str(ckpt)], cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT},
+          stdout=subprocess.PIPE, stderr=err, text=True)
+      try:
+        port = int(re.search(r'serving on [^:]+:(\d+)', proc.stdout.readline()).group(1))
+        with OptimizerClient(f'127.0.0.1:{port}', timeout=60) as client:
+          client.initialize({"['w']": np.ones(4, np.float32)})  # a save
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+      finally:
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait(timeout=30)
+    return log_file.read_text()
+
+  info = run('INFO', tmp_path / 'a')
+  assert 'INFO service.server.app: serving' in info and 'final checkpoint' in info, info
+  assert ' absl' not in info and 'jax._src' not in info, info
+  debug = run('DEBUG', tmp_path / 'b')
+  assert ' absl' in debug or 'jax._src' in debug, debug

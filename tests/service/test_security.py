@@ -301,3 +301,18 @@ def test_worker_cli_with_mutual_tls_and_a_token(pki, tmp_path):
         capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert running.engine.describe().step == 2
+
+
+def test_a_health_port_in_use_refuses_to_start(pki):
+  from service.errors import StartupError  # pylint: disable=import-outside-toplevel
+  from service.server import app  # pylint: disable=import-outside-toplevel
+  with _tls_server(pki) as running:
+    taken = running.health_port
+    config = ServerConfig(host='127.0.0.1', port=0, metrics_port=-1, devices=1,
+                          tls_cert=pki['server.pem'], tls_key=pki['server.key'],
+                          health_port=taken).validate()
+    with pytest.raises(StartupError, match=rf'--health-port {taken}: cannot listen on '
+                       rf'127.0.0.1:{taken}: the port is in use'):
+      app.start(config)
+    assert _health(grpc.insecure_channel(f'127.0.0.1:{taken}')) == \
+        health_pb2.HealthCheckResponse.SERVING  # the first server's, untouched

@@ -1,0 +1,190 @@
+"""Every user mistake through the real CLI: one line naming the culprit, a non-zero exit.
+
+Each row runs `lamb-sharded ...` in a subprocess and checks: the exit code (2 for
+usage and settings, 1 for the rest), no traceback, and that the last line of stderr is
+`lamb-sharded <cmd>: error: ...` matching the row's pattern (which names the flag,
+key or file). Most rows fail before JAX is imported, so each takes a second or so.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from service.config import ServerConfig
+from service.server import app
+from svc import ROOT, running_server
+
+
+def _closed_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _files(tmp):
+  """The files the rows name, written into `tmp`."""
+  files = {
+      'bad_yaml': 'port: [1\n', 'unknown_key': 'nope: 1\n', 'wrong_type': 'port: abc\n',
+      'a_list': '- port\n', 'empty_tokens': '# no tokens here\n', 'not_npz': 'not a zip',
+  }
+  out = {}
+  for name, text in files.items():
+    path = os.path.join(tmp, name)
+    with open(path, 'w', encoding='utf-8') as fh:
+      fh.write(text)
+    out[name] = path
+  os.makedirs(os.path.join(tmp, 'empty_dir'))
+  out['empty_dir'] = os.path.join(tmp, 'empty_dir')
+  return out
+
+
+CLOSED = _closed_port()
+# name: (argv after `lamb-sharded`, with {file} placeholders; exit code; pattern)
+CASES = {
+    'no command': ([], 2, r'^lamb-sharded: error: the following arguments are required: command'),
+    'unknown command': (['bogus'], 2, r"invalid choice: 'bogus'"),
+    'unknown flag': (['serve', '--porrt', '1'], 2,
+                     r'^lamb-sharded serve: error: unrecognized arguments: --porrt 1'),
+    'flag not an int': (['serve', '--port', 'x'], 2, r'argument --port: invalid int value'),
+    'port out of range': (['serve', '--port', '70000'], 2, r'--port: 70000 is not in'),
+    'quorum over workers': (['serve', '--quorum', '3'], 2, r'--quorum: must be in \[0'),
+    'NaN learning rate': (['serve', '--learning-rate', 'nan'], 2,
+                          r'--learning-rate: must be a finite number, got nan'),
+    'b1 of 1.5': (['serve', '--b1', '1.5'], 2, r'--b1: must be in \[0, 1\)'),
+    'unknown step mode': (['serve', '--step-mode', 'fast'], 2, r'--step-mode: invalid choice'),
+    'a bad boolean': (['serve', '--async-checkpoints', 'maybe'], 2,
+                      r'--async-checkpoints: expected true or false'),
+    'config missing': (['serve', '--config', '{tmp}/missing.yaml'], 2,
+                       r'--config .*missing.yaml: No such file'),
+    'config not YAML': (['serve', '--config', '{bad_yaml}'], 2,
+                        r'--config .*bad_yaml, line 2: not valid YAML'),
+    'config unknown key': (['serve', '--config', '{unknown_key}'], 2,
+                           r"--config .*unknown_key: unknown setting 'nope'"),
+    'config wrong type': (['serve', '--config', '{wrong_type}'], 2,
+                          r"--port: expected int, got 'abc' \(a flag, or a key of --config"),
+    'config not a mapping': (['serve', '--config', '{a_list}'], 2,
+                             r'--config .*a_list: expected a mapping of settings, got list'),
+    'tls cert without key': (['serve', '--tls-cert', '{bad_yaml}'], 2,
+                             r'--tls-cert: --tls-cert and --tls-key go together'),
+    'tls files missing': (['serve', '--tls-cert', '/nope.pem', '--tls-key', '/nope.key'], 2,
+                          r'--tls-cert: no such file: /nope.pem'),
+    'token env unset': (['serve', '--auth-token-env', 'LAMB_TEST_UNSET_TOKEN'], 2,
+                        r'--auth-token-env: .*LAMB_TEST_UNSET_TOKEN is not set'),
+    'token file empty': (['serve', '--auth-token-file', '{empty_tokens}'], 2,
+                         r'--auth-token-file: .*holds no token'),
+    'init params missing': (['serve', '--init-params', '/nope.npz'], 2,
+                            r'--init-params: no such file: /nope.npz'),
+    'init params not npz': (['serve', '--port', '0', '--metrics-port', '-1', '--devices', '1',
+                             '--init-params', '{not_npz}'], 2,
+                            r'--init-params .*not_npz: not a .npz of parameters'),
+    'worker: server not host:port': (['worker', '--server', 'nohost', '--worker-index', '0',
+                                      '--steps', '1'], 2,
+                                     r"^lamb-sharded worker: error: --server: expected "
+                                     r"host:port, got 'nohost'"),
+    'worker: negative index': (['worker', '--server', 'h:1', '--worker-index', '-1',
+                                '--steps', '1'], 2, r'--worker-index: must be >= 0, got -1'),
+    'worker: zero batch': (['worker', '--server', 'h:1', '--worker-index', '0', '--steps', '1',
+                            '--batch-size', '0'], 2, r'--batch-size: must be >= 1, got 0'),
+    'worker: model not importable': (['worker', '--server', 'h:1', '--worker-index', '0',
+                                      '--steps', '1', '--model', 'nopkg.nomodel:make'], 2,
+                                     r'--model nopkg.nomodel:make: cannot import nopkg.nomodel'),
+    'worker: model no function': (['worker', '--server', 'h:1', '--worker-index', '0',
+                                   '--steps', '1', '--model', 'service.examples.models:nope'],
+                                  2, r'--model .*: service.examples.models has no function nope'),
+    'worker: model not a spec': (['worker', '--server', 'h:1', '--worker-index', '0',
+                                  '--steps', '1', '--model', 'resnet'], 2,
+                                 r"--model: 'resnet' is neither a built-in model"),
+    'worker: key without cert': (['worker', '--server', 'h:1', '--worker-index', '0',
+                                  '--steps', '1', '--tls-key', '{bad_yaml}'], 2,
+                                 r'--tls-key: --tls-cert and --tls-key go together'),
+    'worker: token file missing': (['worker', '--server', 'h:1', '--worker-index', '0',
+                                    '--steps', '1', '--token-file', '/nope'], 2,
+                                   r'--token-file: no such file: /nope'),
+    'export: no such dir': (['export', '--checkpoint-dir', '/nope', '--out', '{tmp}/p.npz'], 2,
+                            r'--checkpoint-dir: no such directory: /nope'),
+    'export: no checkpoint': (['export', '--checkpoint-dir', '{empty_dir}', '--out',
+                               '{tmp}/p.npz'], 2,
+                              r'--checkpoint-dir: no complete checkpoint in .*empty_dir'),
+    'export: out dir missing': (['export', '--checkpoint-dir', '{empty_dir}', '--out',
+                                 '/nope/p.npz'], 2, r'--out /nope/p.npz: no such directory'),
+    'checkpoint: no server': (['checkpoint', 'list', '--server', f'127.0.0.1:{CLOSED}',
+                               '--timeout', '1'], 1,
+                              rf'--server 127.0.0.1:{CLOSED}: no answer from the server'),
+    'status: no server': (['status', '--server', f'127.0.0.1:{CLOSED}', '--timeout', '1'], 1,
+                          rf'--server 127.0.0.1:{CLOSED}: no answer from the server within 1.0s'),
+    'status: metrics not host:port': (['status', '--server', 'h:1', '--metrics', '9090'], 2,
+                                      r"--metrics: expected host:port, got '9090'"),
+}
+
+
+def _run(argv, env=None, timeout=60):
+  return subprocess.run([sys.executable, '-m', 'service.cli', *argv], cwd=ROOT,
+                        env={**os.environ, 'PYTHONPATH': ROOT, **(env or {})},
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _check(proc, code, pattern, cmd):
+  assert proc.returncode == code, (proc.returncode, proc.stderr)
+  assert 'Traceback' not in proc.stderr, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert not any(line.startswith('usage:') for line in lines), proc.stderr
+  assert sum('error:' in line for line in lines) == 1, proc.stderr
+  last = lines[-1]
+  prefix = f'lamb-sharded {cmd}: error: ' if cmd else 'lamb-sharded: error: '
+  assert last.startswith(prefix), proc.stderr
+  assert re.search(pattern, last), (pattern, proc.stderr)
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_a_user_mistake_is_one_line_naming_it(tmp_path, name):
+  argv, code, pattern = CASES[name]
+  files = {'tmp': str(tmp_path), **_files(str(tmp_path))}
+  argv = [a.format(**files) for a in argv]
+  cmd = argv[0] if argv and argv[0] != 'bogus' else None
+  _check(_run(argv), code, pattern, cmd)
+
+
+def test_log_level_debug_shows_the_traceback(tmp_path):
+  proc = _run(['serve', '--config', str(tmp_path / 'missing.yaml'), '--log-level', 'DEBUG'])
+  assert proc.returncode != 0
+  assert 'Traceback' in proc.stderr and 'ConfigError' in proc.stderr
+
+
+def test_a_second_server_on_the_same_port_refuses_to_start():
+  with running_server(devices=1) as (running, _):
+    grpc_port, metrics_port = running.port, running.metrics_port
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      same_port = pool.submit(_run, ['serve', '--host', '127.0.0.1', '--port', str(grpc_port),
+                                     '--metrics-port', '-1', '--devices', '1'])
+      same_metrics = pool.submit(_run, ['serve', '--host', '127.0.0.1', '--port', '0',
+                                        '--metrics-port', str(metrics_port), '--devices', '1'])
+      _check(same_port.result(), 1,
+             rf'--port {grpc_port}: cannot listen on 127.0.0.1:{grpc_port}: the port is in use',
+             'serve')
+      _check(same_metrics.result(), 1,
+             rf'--metrics-port {metrics_port}: cannot listen on 127.0.0.1:{metrics_port}: the '
+             r'port is in use', 'serve')
+
+
+def test_grpc_servers_do_not_share_a_port():
+  # gRPC sets SO_REUSEPORT unless told not to: then a second server binds a port that
+  # is already served, and the kernel splits the connections between the two.
+  options = app._server_options(ServerConfig())  # pylint: disable=protected-access
+  first = grpc.server(concurrent.futures.ThreadPoolExecutor(1), options=options)
+  second = grpc.server(concurrent.futures.ThreadPoolExecutor(1), options=options)
+  try:
+    port = first.add_insecure_port('127.0.0.1:0')
+    first.start()
+    with pytest.raises(RuntimeError, match='Failed to bind'):
+      second.add_insecure_port(f'127.0.0.1:{port}')
+  finally:
+    first.stop(None)
+    second.stop(None)
