@@ -291,6 +291,7 @@ class OptimizerClient:
         The residuals are updated once the push is answered, not per retry.
     """
     push_id = push_id or uuid.uuid4().hex
+    encoding = _encoding_of(compression)
     job = self._processes()
     if job is not None:  # each process its parts, in parallel, under one push id
       if isinstance(error_feedback, ErrorFeedback):
@@ -302,9 +303,9 @@ class OptimizerClient:
           step, parts[i], num_examples, worker_id, model_id=model_id, push_id=push_id,
           wire_dtype=wire_dtype, compression=compression,
           error_feedback=bool(error_feedback)), range(len(clients))))
+      # Applied: this push completed the step on every process (else: wait for the step).
       return PushResult(min(r.accepted_step for r in results), all(r.applied for r in results),
                         min(r.current_step for r in results), all(r.duplicate for r in results))
-    encoding = _encoding_of(compression)
     if compression == 'bf16':
       if wire_dtype is not None:
         raise ValueError('give compression or wire_dtype, not both')

@@ -78,6 +78,7 @@ class Checkpointer:
         the copy of the arrays to host memory).
     """
     self.directory = os.path.abspath(directory)
+    self._writing: Optional[int] = None  # the step of the last save started
     policies = []
     if every_steps > 0:
       policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(every_steps))

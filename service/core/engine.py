@@ -68,6 +68,7 @@ from service.protocol.types import PushHeader, PushResult
 log = logging.getLogger(__name__)
 
 PARAM_DTYPES = (np.dtype(np.float32),)
+MAX_EXAMPLES = 2**31 - 1  # of one push: far beyond any batch, and safe to scale by in float32
 
 
 class EngineObserver:
@@ -275,7 +276,7 @@ class Engine:
       self._require_model()
       mid, step, specs = self._model_id, self._steps.step, self._plan.local_specs
       if newer_than is not None and model_id == mid and step <= newer_than:
-        header, reader = PullHeader(mid, step, (), not_modified=True), iter(())
+        header, reader = PullHeader(mid, step, (), not_modified=True), (x for x in ())
       else:
         specs = pull_lib.pulled_dtypes(specs, dtype)
         header = PullHeader(mid, step, specs)
@@ -406,8 +407,9 @@ class Engine:
       raise InvalidArgument(f'header.push_id has {len(h.push_id)} characters, over 128')
     if h.step < 0:
       raise InvalidArgument(f'header.step must be >= 0, got {h.step}')
-    if h.num_examples <= 0:
-      raise InvalidArgument(f'header.num_examples must be > 0, got {h.num_examples}')
+    if not 0 < h.num_examples <= MAX_EXAMPLES:  # the sum scales each push by it, in float32
+      raise InvalidArgument(f'header.num_examples must be in [1, {MAX_EXAMPLES}], got '
+                            f'{h.num_examples}')
 
   @staticmethod
   def _check_leaves(plan: ModelPlan, wire_specs: Sequence[LeafSpec]) -> None:

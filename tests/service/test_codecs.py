@@ -287,12 +287,23 @@ def test_parameters_cannot_be_initialised_encoded():
 # ----------------------------------------------------------------------------- the client
 
 
+class _NoServer:
+  """A stub with no server behind it: described as a single-process server."""
+
+  def DescribeModel(self, request, timeout=None):  # pylint: disable=invalid-name
+    del request, timeout
+    return pb.DescribeModelResponse(initialized=True)
+
+
 class _FlakyStub:
   """Records each PushGradients attempt's serialized messages; the first attempt fails
   with UNAVAILABLE after its stream was sent, the others go to the real stub."""
 
   def __init__(self, real):
     self.real, self.attempts = real, []
+
+  def __getattr__(self, name):  # every other call goes to the real stub
+    return getattr(self.real, name)
 
   def PushGradients(self, requests, timeout=None):  # pylint: disable=invalid-name
     msgs = [m if isinstance(m, bytes) else m.SerializeToString() for m in requests]
@@ -339,7 +350,7 @@ def test_a_retried_compressed_push_sends_the_same_bytes_and_counts_once(compress
     assert running.engine.stats['pushes_accepted'] == 1
 
 
-class _Recorder:
+class _Recorder(_NoServer):
   """A stub that decodes every push it is sent (no server): what a server would add."""
 
   def __init__(self):
@@ -397,7 +408,7 @@ def test_error_feedback_keeps_the_sum_within_one_steps_error(compression):
   assert without > 20 * bound, (without, bound)
 
 
-class _ByteCounter:
+class _ByteCounter(_NoServer):
   """A stub that counts the chunk bytes of each push it is sent (no server)."""
 
   def __init__(self):

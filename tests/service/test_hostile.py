@@ -306,8 +306,9 @@ EXTREMES = {
                         rf'header.step {I64_MAX} is ahead of the server'),
     'step: int64 min': (_push(step=I64_MIN), 'INVALID_ARGUMENT',
                         rf'header.step must be >= 0, got {I64_MIN}'),
-    'num_examples: int64 min': (_push(num_examples=I64_MIN), 'INVALID_ARGUMENT',
-                                rf'header.num_examples must be > 0, got {I64_MIN}'),
+    'num_examples: int64 min': (
+        _push(num_examples=I64_MIN), 'INVALID_ARGUMENT',
+        rf'header.num_examples must be in \[1, 2147483647\], got {I64_MIN}'),
     # TensorSpec.shape, .dtype
     'shape: a dimension of int64 max': (_push(specs=[spec("['w']", (I64_MAX,)), SPECS[1]]),
                                         'INVALID_ARGUMENT', rf'shape \[{I64_MAX}\], over 1 TiB'),
@@ -544,8 +545,6 @@ def test_hostile_request(srv, name):
   _good_step(running, client)
 
 
-@pytest.mark.xfail(strict=True, reason='accepted today: the bound belongs in Engine._check_header '
-                   '(service/core/, not this branch to change); see the report of issue 16')
 def test_num_examples_of_int64_max_does_not_poison_the_model():
   # The step's sum scales each push by its num_examples in float32: int64 max times a
   # finite gradient is Inf, and the step turns every parameter into NaN.

@@ -170,3 +170,11 @@ def test_several_workers_pull_the_same_step_over_grpc():
     for got in out:
       for k, v in P0.items():
         np.testing.assert_array_equal(got[k], v)
+
+
+def test_a_pull_of_the_step_the_caller_has_is_a_header_alone(engine):
+  mid = next(engine.pull()).model_id
+  items = list(engine.pull(newer_than=0, model_id=mid))
+  assert len(items) == 1 and items[0].not_modified and items[0].step == 0
+  assert engine._readers == 0  # pylint: disable=protected-access
+  assert len(list(engine.pull(newer_than=0, model_id='another'))) > 1  # another model: all

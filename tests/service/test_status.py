@@ -59,9 +59,6 @@ def test_status_of_a_server_without_a_model():
   assert 'model        none yet' in text and 'checkpoints  off (no --checkpoint-dir)' in text
 
 
-@pytest.mark.xfail(strict=True, reason="Checkpointer.list reads self._writing, which only "
-                   "save() sets: ListCheckpoints before the first save is UNKNOWN "
-                   "(AttributeError); service/core/checkpoint.py is not this branch's to change")
 def test_status_before_the_first_checkpoint(tmp_path):
   with running_server(devices=1, checkpoint_dir=str(tmp_path)) as (running, _):
     report = json.loads(_status('--server', f'127.0.0.1:{running.port}', '--json'))
