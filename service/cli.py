@@ -55,8 +55,17 @@ def _log_flag(parser: argparse.ArgumentParser) -> None:
 COMPRESSIONS = ('none', 'bf16', 'int8', 'int4')
 
 
+def _version() -> str:
+  import importlib.metadata  # pylint: disable=import-outside-toplevel
+  try:
+    return importlib.metadata.version('lamb-sharded')
+  except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+    return 'unknown (not installed)'
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+  parser.add_argument('--version', action='version', version=f'{PROG} {_version()}')
   sub = parser.add_subparsers(dest='command', required=True, parser_class=_Parser)
   parser.commands = sub.choices  # name -> its parser, for errors in its own name
 

@@ -262,10 +262,33 @@ def _flag(name: str) -> str:
   return '--' + name.replace('_', '-')
 
 
+# `serve --help` by topic; every field in exactly one (a test checks).
+GROUPS = {
+    'network': ('host', 'port', 'grpc_threads', 'metrics_port', 'health_port', 'keepalive_s'),
+    'logs': ('log_level', 'log_format'),
+    'security': ('allowed_workers', 'auth_token_file', 'auth_token_env', 'tls_cert', 'tls_key',
+                 'tls_client_ca'),
+    'limits': ('max_concurrent_rpcs', 'max_streams_per_connection', 'stream_idle_timeout_s',
+               'max_stream_seconds', 'max_inflight_pushes', 'max_inflight_bytes',
+               'admission_timeout_s'),
+    'checkpoints': ('checkpoint_dir', 'checkpoint_every_steps', 'checkpoint_every_seconds',
+                    'keep_checkpoints', 'async_checkpoints', 'shutdown_grace_s', 'init_params'),
+    'steps': ('num_workers', 'step_mode', 'quorum', 'straggler_timeout_s', 'staleness_bound',
+              'nonfinite'),
+    'mesh and processes': ('devices', 'num_processes', 'process_id', 'coordinator_address',
+                           'advertise_address'),
+    'optimizer (LAMB)': ('learning_rate', 'schedule', 'warmup_steps', 'decay_steps',
+                         'end_learning_rate', 'b1', 'b2', 'eps', 'eps_root', 'weight_decay',
+                         'max_grad_norm'),
+}
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
-  """Adds --config and one flag per ServerConfig field (defaults suppressed)."""
+  """Adds --config and one flag per ServerConfig field (defaults suppressed), by topic."""
   parser.add_argument('--config', help='YAML file of settings (keys: the flag names, '
                       'with - or _); flags given on the command line win')
+  group_of = {name: title for title, names in GROUPS.items() for name in names}
+  groups = {title: parser.add_argument_group(title) for title in GROUPS}
   for f in dataclasses.fields(ServerConfig):
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
@@ -280,7 +303,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                'log_format': LOG_FORMATS}
     if f.name in choices:
       kwargs['choices'] = choices[f.name]
-    parser.add_argument(_flag(f.name), **kwargs)
+    groups[group_of[f.name]].add_argument(_flag(f.name), **kwargs)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
