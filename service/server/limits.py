@@ -96,7 +96,8 @@ class PullWatch:
     self._pulls: dict[int, list] = {}
     self._ids = itertools.count()
     self._stopped = threading.Event()
-    threading.Thread(target=self._loop, name='pull-watch', daemon=True).start()
+    self._thread = threading.Thread(target=self._loop, name='pull-watch', daemon=True)
+    self._thread.start()
 
   def register(self, context) -> int:
     now = time.monotonic()
@@ -129,4 +130,7 @@ class PullWatch:
         context.cancel()
 
   def close(self) -> None:
+    """Stops the watchdog and waits for its thread (it wakes at least once a second)."""
     self._stopped.set()
+    if self._thread is not threading.current_thread():
+      self._thread.join(timeout=5)
