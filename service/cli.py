@@ -193,6 +193,7 @@ def _setup_logs(args) -> None:
 
 def _serve(args) -> int:
   config = config_lib.from_args(args).check_files()
+  config.job()  # a multi-process server's coordinator and index, before JAX loads
   args.log_level = config.log_level  # --log-level DEBUG (flag or YAML) shows tracebacks
   from service.protocol.tokens import load_tokens  # pylint: disable=import-outside-toplevel
   try:  # a misconfigured secret fails here, before JAX is even loaded

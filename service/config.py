@@ -206,6 +206,31 @@ class ServerConfig:
     need(self.checkpoint_every_seconds >= 0, 'checkpoint_every_seconds', 'must be >= 0')
     return self
 
+  def job(self, environ=None) -> Optional[tuple[str, int]]:
+    """(coordinator HOST:PORT, this process's index) of a multi-process server; None for one.
+
+    Read from the flags, else from $JAX_COORDINATOR_ADDRESS and $JOB_COMPLETION_INDEX
+    (a Kubernetes indexed Job); ConfigError naming the flag if they do not say.
+    """
+    if self.num_processes == 1:
+      return None
+    environ = os.environ if environ is None else environ
+    coordinator = self.coordinator_address or environ.get('JAX_COORDINATOR_ADDRESS')
+    if not coordinator:
+      raise ConfigError(f'--coordinator-address: needed with --num-processes '
+                        f'{self.num_processes} (or set $JAX_COORDINATOR_ADDRESS)')
+    host, _, port = coordinator.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ConfigError(f'--coordinator-address: {coordinator!r} is not HOST:PORT')
+    index = self.process_id
+    if index < 0:
+      text = environ.get('JOB_COMPLETION_INDEX', '0')
+      if not text.isdigit() or not int(text) < self.num_processes:
+        raise ConfigError(f'--process-id: not given, and $JOB_COMPLETION_INDEX {text!r} is not '
+                          f'in [0, {self.num_processes})')
+      index = int(text)
+    return coordinator, index
+
   def check_files(self) -> 'ServerConfig':
     """ConfigError naming the flag if a file it names does not exist (before anything loads)."""
     for name in ('auth_token_file', 'tls_cert', 'tls_key', 'tls_client_ca', 'init_params'):

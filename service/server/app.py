@@ -11,7 +11,6 @@ import concurrent.futures
 import contextlib
 import errno
 import logging
-import os
 import signal
 import socket
 import threading
@@ -42,13 +41,10 @@ HEARTBEAT_S = 10  # a server process silent this long is lost to the job
 
 def _join_job(config: ServerConfig) -> None:
   """Makes this process one of a multi-process server's (`jax.distributed`); no-op for one."""
-  if config.num_processes == 1:
+  job = config.job()
+  if job is None:
     return
-  coordinator = config.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
-  if not coordinator:
-    raise ValueError('num_processes > 1 needs coordinator_address (or $JAX_COORDINATOR_ADDRESS)')
-  index = (config.process_id if config.process_id >= 0
-           else int(os.environ.get('JOB_COMPLETION_INDEX', '0')))
+  coordinator, index = job
   bind = f'{config.host}:{coordinator.rsplit(":", 1)[1]}'
   runtime.initialize_distributed(coordinator, config.num_processes, index, bind_address=bind,
                                  heartbeat_timeout_s=HEARTBEAT_S)

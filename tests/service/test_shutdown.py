@@ -11,7 +11,6 @@ probability 1 - (2/3)**RUNS (over 96%).
 """
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import numpy as np
 
 from service.client import OptimizerClient
 from service.core.checkpoint import latest_step
-from svc import ROOT
+from svc import ROOT, start_server_process
 
 RUNS = 8
 # 2M parameters: big enough that a save is still being written at SIGTERM (the old wait
@@ -48,18 +47,10 @@ def test_a_signal_delivered_to_another_thread_is_not_lost():
 
 
 def _serve(checkpoint_dir):
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'service.cli', 'serve', '--host', '127.0.0.1', '--port', '0',
-       '--metrics-port', '-1', '--devices', '2', '--log-level', 'WARNING', '--checkpoint-dir',
-       checkpoint_dir, '--checkpoint-every-steps', '1', '--checkpoint-every-seconds', '0'],
-      cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT, 'PYTHONFAULTHANDLER': '1'},
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  line = proc.stdout.readline()
-  m = re.search(r'serving on [^:]+:(\d+)', line)
-  if not m:
-    proc.kill()
-    raise AssertionError(f'no server: {line!r} {proc.communicate(timeout=30)[1]}')
-  return proc, int(m.group(1))
+  return start_server_process(
+      '--metrics-port', '-1', '--devices', '2', '--checkpoint-dir', checkpoint_dir,
+      '--checkpoint-every-steps', '1', '--checkpoint-every-seconds', '0',
+      env={'PYTHONFAULTHANDLER': '1'})
 
 
 def test_sigterm_with_asynchronous_checkpoints_exits_0_every_time():
