@@ -80,11 +80,24 @@ def exchange(key: str, value: str, timeout_s: float = 60.0) -> list[str]:
   coordinator's key-value store and waits for the others' (e.g. the server
   processes' endpoints). In a single process: `[value]`.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  if jax.process_count() == 1:
+  client = coordinator_client()
+  if client is None:
     return [value]
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel
-  client = distributed.global_state.client  # the job's coordinator client (JAX's own)
+  import jax  # pylint: disable=import-outside-toplevel
   client.key_value_set(f'lamb_sharded/{key}/{jax.process_index()}', value)
   return [client.blocking_key_value_get(f'lamb_sharded/{key}/{i}', int(timeout_s * 1000))
           for i in range(jax.process_count())]
+
+
+def coordinator_client():
+  """The job's coordinator client (JAX's own; None in a single process): its key-value store.
+
+  JAX 0.10 has no public handle on it; `jax._src.distributed` is where
+  `jax.distributed.initialize` keeps it.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return None
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  return distributed.global_state.client
+

@@ -415,7 +415,13 @@ class OptimizerClient:
     return _as_pulled(header.model_id, header.step, by_path, like)
 
   def save_checkpoint(self, wait: bool = False) -> tuple[int, str]:
-    """Asks the server to checkpoint its current step now; returns (step, path)."""
+    """Asks the server to checkpoint its current step now; returns (step, path).
+
+    A multi-process server is asked through its process 0, which decides for all.
+    """
+    job = self._processes()
+    if job is not None:
+      return job[1][0].save_checkpoint(wait)
     r = self._stub.SaveCheckpoint(pb.SaveCheckpointRequest(wait=wait), timeout=self.timeout)
     return r.step, r.path
 

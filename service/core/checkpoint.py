@@ -101,6 +101,10 @@ class Checkpointer:
     """The complete checkpoints' steps, ascending."""
     return sorted(self._manager.all_steps())
 
+  def should_save(self, step: int) -> bool:
+    """Whether the policy saves `step` (a multi-process server asks process 0's)."""
+    return step not in self._manager.all_steps() and self._manager.should_save(step)
+
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
     """Saves `step` if the policy says so (always with `force`, unless it exists)."""
     if step in self._manager.all_steps():

@@ -25,9 +25,9 @@ Multi-process: the mesh may span the processes of a `jax.distributed` job.
 Each process then holds, receives, accumulates and sends only its own
 devices' blocks of each leaf (`ModelPlan.local_specs`), and every process
 dispatches the same steps in the same order, so the step's collectives meet.
-(In sync mode with every worker that holds by construction; what the
-processes must agree on beyond it -- stragglers, async steps, a push one of
-them refused -- is still to come.)
+What they must agree on -- which pushes a step counts, in which order, when
+the straggler timeout closes a step, which steps are checkpointed -- process 0
+decides and the others follow (core/agreement.py, through JAX's coordinator).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import numpy as np
 
 from service import runtime
 from service.config import WORKER_ID, WORKER_ID_RULE, ServerConfig
-from service.core import persistence, placement
+from service.core import agreement, persistence, placement
 from service.core import pull as pull_lib
 from service.core.accumulator import Accumulator
 from service.core.admission import Admission
@@ -58,7 +58,7 @@ from service.core.model import ModelPlan, ModelState
 from service.core.optimizer import make_schedule
 from service.core.push import PushSession
 from service.core.rules import StepRules, Steps
-from service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument,
+from service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, ServiceError,
                             PermissionDenied, Unavailable)
 from service.logs import fields
 from service.protocol.chunks import DEFAULT_CHUNK_BYTES
@@ -157,13 +157,16 @@ class Engine:
     self._adoptions = 0  # models adopted (initialised or restored) so far
     self._shared_pull: Optional[tuple] = None  # (key, pull.SharedStream) of the latest pull
     self._closed = False
+    self._job = agreement.Job.current()  # None: a single process
     self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
     # Off the step loop: the straggler timeout; timing each update from its dispatch
     # until it is computed; reporting each checkpoint once it is on disk.
     self._applied: queue.SimpleQueue = queue.SimpleQueue()
     self._saves: queue.SimpleQueue = queue.SimpleQueue()
+    follower = self._job is not None and not self._job.leader
     self._threads = [threading.Thread(target=fn, name=name, daemon=True) for fn, name in (
-        (self._straggler_loop, 'straggler'), (self._time_applies, 'apply-timer'),
+        (self._follow_loop, 'follower') if follower else (self._straggler_loop, 'straggler'),
+        (self._time_applies, 'apply-timer'),
         (self._report_saves, 'checkpoint-reporter'))]
     for t in self._threads:
       t.start()
@@ -370,7 +373,21 @@ class Engine:
 
     A retry of an answered push gets a session that is `answered` at once.
     Waits up to `timeout` (default admission_timeout_s) for room in flight.
+    In a multi-process job, a refusal here refuses the push on every process.
     """
+    try:
+      return self._open_push(header, timeout)
+    except ServiceError as e:
+      self._refuse_everywhere(header, e)
+      raise
+
+  def _refuse_everywhere(self, header: PushHeader, error: BaseException) -> None:
+    """Makes a push this process refused for good refused on every process (multi-process)."""
+    if self._job is not None and self._model_id and header.push_id and self._job.final(error):
+      self._job.refuse(self._job.push_key(self._model_id, header.worker_id, header.push_id),
+                       error)
+
+  def _open_push(self, header: PushHeader, timeout: Optional[float]) -> PushSession:
     self._check_header(header)
     timeout = self.config.admission_timeout_s if timeout is None else timeout
     with self._cond:
@@ -405,6 +422,9 @@ class Engine:
                              f'(allowed_workers)', reason='unknown_worker')
     if len(h.push_id) > 128:
       raise InvalidArgument(f'header.push_id has {len(h.push_id)} characters, over 128')
+    if not h.push_id and self._job is not None:
+      raise InvalidArgument('header.push_id is empty: a multi-process server matches the parts '
+                            'of a push by it')
     if h.step < 0:
       raise InvalidArgument(f'header.step must be >= 0, got {h.step}')
     if not 0 < h.num_examples <= MAX_EXAMPLES:  # the sum scales each push by it, in float32
@@ -438,8 +458,14 @@ class Engine:
     adm.check_size(nbytes)  # draining meanwhile
     return adm.admit(nbytes)
 
-  def _release(self, session: PushSession) -> None:
-    """Frees a session's slot and gives back buffers it still holds (not committed)."""
+  def _release(self, session: PushSession, error: Optional[BaseException] = None) -> None:
+    """Frees a session's slot and gives back buffers it still holds (not committed).
+
+    `error`: why the push ended before its commit, if it did (a refusal for
+    good refuses it on every process of a multi-process job).
+    """
+    if session.result is None and error is not None:
+      self._refuse_everywhere(session.header, error)
     with self._cond:
       self._release_locked(session)
 
@@ -455,6 +481,8 @@ class Engine:
 
     Consumes the session's buffers: the sum may adopt or scale them in place.
     """
+    if self._job is not None:
+      return self._commit_agreed(session)
     h = session.header
     with self._cond:
       self._require_model()
@@ -464,16 +492,56 @@ class Engine:
       self._steps.check(h.worker_id, h.step)  # the step may have moved meanwhile
       if session.nonfinite_leaf is not None:
         self._steps.poison(f'leaf {session.nonfinite_leaf} of worker {h.worker_id}')
-      self._sum.add(session.buffers, h.num_examples)
-      self._release_locked(session)  # its buffers are the sum's now, or back in the pool
-      self.stats['pushes_accepted'] += 1
-      accepted = self._steps.step
-      complete = self._steps.add(h.worker_id, h.push_id, time.monotonic())
-      if complete:
-        self._apply_locked()
-      result = PushResult(accepted, complete, self._steps.step)
-      self._ledger.record(h.worker_id, h.push_id, accepted, result)
-      return result
+      return self._count_locked(session)
+
+  def _commit_agreed(self, session: PushSession) -> PushResult:
+    """`_commit` in a multi-process job: the push counts once process 0 has every part."""
+    h, job = session.header, self._job
+    with self._cond:
+      self._require_model()
+      answered = self._ledger.answer(h.worker_id, h.push_id, self._steps.step)
+      if answered is not None:
+        return answered
+      key = job.push_key(self._model_id, h.worker_id, h.push_id)
+    if not job.leader:
+      job.offer(key, session.nonfinite_leaf)
+      decision = job.await_decision(key)
+    else:
+      decision, poisons = job.gather(key)
+    with self._cond:
+      if decision is None:  # the leader: every part is in; the rules decide, in order
+        try:
+          self._require_model()
+          self._steps.check(h.worker_id, h.step)
+        except ServiceError as e:
+          decision = job.refuse(key, e)
+        else:
+          poison = next((p for p in [session.nonfinite_leaf, *poisons] if p is not None), None)
+          decision = job.accept(key, self._steps.step, poison)
+      if not decision.accepted:
+        raise decision.error
+      # A follower counts pushes in the leader's order: step by step.
+      self._cond.wait_for(lambda: self._closed or self._steps.step >= decision.step)
+      if self._steps.step != decision.step:
+        raise Unavailable(f'the server is shutting down before step {decision.step}',
+                          reason='shutting_down')
+      if decision.poison is not None:
+        self._steps.poison(f'leaf {decision.poison} of worker {h.worker_id}')
+      return self._count_locked(session)
+
+  def _count_locked(self, session: PushSession) -> PushResult:
+    """Counts a push its rules (and the job) accepted into the current step."""
+    h = session.header
+    self._sum.add(session.buffers, h.num_examples)
+    self._release_locked(session)  # its buffers are the sum's now, or back in the pool
+    self.stats['pushes_accepted'] += 1
+    accepted = self._steps.step
+    complete = self._steps.add(h.worker_id, h.push_id, time.monotonic())
+    if complete:
+      self._apply_locked()
+    result = PushResult(accepted, complete, self._steps.step)
+    self._ledger.record(h.worker_id, h.push_id, accepted, result)
+    return result
 
   def _apply_locked(self) -> None:
     step = self._steps.step
@@ -493,6 +561,9 @@ class Engine:
       self.stats['steps_applied'] += 1
     self._steps.advance()
     self._ledger.forget_before(self._steps.step - self.config.staleness_bound - 2)
+    if self._job is not None and self._job.leader:  # every process has counted those
+      self._job.forget_before(self._steps.step - self.config.staleness_bound -
+                              self.config.max_inflight_pushes - 2)
     self._save_locked(force=False)
     self._cond.notify_all()
 
@@ -509,11 +580,40 @@ class Engine:
           self._cond.wait(wait)
         else:
           rules = self._steps.rules
+          if self._job is not None:  # the followers apply it too, with the same pushes
+            self._job.publish(self._model_id, 'close', self._steps.step,
+                              len(self._steps.contributors))
           log.warning('step %d applied with %d of %d workers after the %.1fs straggler timeout',
                       self._steps.step, len(self._steps.contributors), rules.num_workers,
                       rules.straggler_timeout_s,
                       extra=fields(step=self._steps.step, reason='straggler'))
           self._apply_locked()
+
+  def _follow_loop(self) -> None:
+    """A follower's part of the leader's decisions that no push carries (multi-process):
+    steps the straggler timeout closed, checkpoints asked for."""
+    while True:
+      with self._cond:
+        if self._closed:
+          return
+        model_id = self._model_id
+      if not model_id:
+        time.sleep(0.2)
+        continue
+      event = self._job.next_event(model_id, timeout_s=1.0)
+      if event is None:
+        continue
+      kind, step, *rest = event
+      with self._cond:
+        if kind == 'close':  # once the pushes the leader counted are counted here too
+          self._cond.wait_for(lambda: self._closed or self._steps.step > step or
+                              len(self._steps.contributors) >= rest[0])
+          if self._steps.step == step and not self._closed:
+            self._apply_locked()
+        elif kind == 'save':
+          self._cond.wait_for(lambda: self._closed or self._steps.step >= step)
+          if self._steps.step == step and not self._closed:
+            self._save_locked(force=True)
 
   def _time_applies(self) -> None:
     while (item := self._applied.get()) is not None:
@@ -530,6 +630,11 @@ class Engine:
     if self._checkpointer is None or self._plan is None:
       return False
     step, t0 = self._steps.step, time.monotonic()
+    if self._job is not None and not force:  # one decision for every process (its clock)
+      force = self._job.save_due(self._model_id, step,
+                                 lambda: self._checkpointer.should_save(step))
+      if not force:
+        return False
     saved = persistence.save(self._checkpointer, self.config, step, self._plan, self._state,
                              force=force)
     if saved:
@@ -577,8 +682,13 @@ class Engine:
     """Checkpoints the current step now (unless it is already saved)."""
     if self._checkpointer is None:
       raise FailedPrecondition('the server has no --checkpoint-dir')
+    if self._job is not None and not self._job.leader:
+      raise FailedPrecondition('server process 0 decides when a multi-process server '
+                               'checkpoints: send SaveCheckpoint to it', reason='not_leader')
     with self._cond:
       self._require_model()
+      if self._job is not None:
+        self._job.publish(self._model_id, 'save', self._steps.step)
       self._save_locked(force=True)
       step = self._steps.step
     if wait:
@@ -601,13 +711,26 @@ class Engine:
       if self._admission.pushes:
         log.warning('%d pushes still in flight after %.1fs; not waiting for them',
                     self._admission.pushes, grace)
-      saved = self._save_locked(force=True)
+      saved = self._save_locked(force=True) if self._same_step_everywhere() else False
     if self._checkpointer is not None:
       self._checkpointer.wait()
       if saved or self._plan is not None:
         log.info('final checkpoint of step %d written', self.step,
                  extra=fields(step=self.step))
     self.close()
+
+  def _same_step_everywhere(self) -> bool:
+    """Whether every process of the job is at this step (always, in one process): else a
+    final checkpoint cannot be written together."""
+    if self._job is None or self._plan is None:
+      return True
+    steps = self._job.same_step(self._model_id, self._steps.step)
+    if len(set(steps)) == 1:
+      return True
+    log.error('no final checkpoint: the server processes stopped at different steps (%s); '
+              'the last checkpoint stands', ', '.join(f'process {i}: {s}'
+                                                     for i, s in enumerate(steps)))
+    return False
 
   def close(self) -> None:
     """Ends the engine's threads (the checkpointer stays open: its creator closes it)."""

@@ -83,7 +83,7 @@ class PushSession:
                buffers: Optional[list[np.ndarray]] = None,
                views: Sequence[np.ndarray] = (), slot=None, reject_nonfinite: bool = True,
                commit: Optional[Callable[['PushSession'], PushResult]] = None,
-               release: Optional[Callable[['PushSession'], None]] = None):
+               release: Optional[Callable[['PushSession', Optional[BaseException]], None]] = None):
     """Made by `Engine.open_push`, not by hand.
 
     Args:
@@ -163,15 +163,18 @@ class PushSession:
                             f'{h.step} contains NaN or Inf', reason='nonfinite', leaf=spec.path)
     self.nonfinite_leaf = self.nonfinite_leaf or spec.path
 
-  def close(self) -> None:
-    """Frees the push's slot and buffers unless it committed (safe to call again)."""
+  def close(self, error: Optional[BaseException] = None) -> None:
+    """Frees the push's slot and buffers unless it committed (safe to call again).
+
+    `error`: what ended the push before its commit, if anything did.
+    """
     release, self._release = self._release, None
     if release is not None:
-      release(self)
+      release(self, error)
     self._views.clear()
 
   def __enter__(self) -> 'PushSession':
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, kind, error, traceback) -> None:
+    self.close(error)

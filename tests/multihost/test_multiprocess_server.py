@@ -113,10 +113,10 @@ def test_two_server_processes_each_take_only_their_part_and_train_like_one(tmp_p
         futures = []
         for w in range(mp_engine.WORKERS):
           g = mp_engine.grads(step, w)
-          for i, st in enumerate(stubs):  # each process gets only its part of each leaf
+          for i, st in enumerate(stubs):  # each process its part of each leaf, one push id
             leaves = [(k, np.ascontiguousarray(g[k][parts[k][i]])) for k in shapes]
             futures.append(pool.submit(st.PushGradients, iter(push_messages(
-                leaves, worker_id=f'worker-{w}', step=step, push_id=f'{step}-{w}-{i}')),
+                leaves, worker_id=f'worker-{w}', step=step, push_id=f'{step}-{w}')),
                 timeout=60))
         assert sum(f.result().applied for f in futures) == 2  # each process applied the step
     got = {k: np.empty(s, np.float32) for k, s in shapes.items()}
