@@ -180,6 +180,11 @@ class Engine:
                        float(self._schedule(step)), plan.placements if plan else ())
 
   @property
+  def job(self) -> Optional[agreement.Job]:
+    """The multi-process job this engine is a process of (None: a single process)."""
+    return self._job
+
+  @property
   def step(self) -> int:
     with self._cond:
       return self._steps.step

@@ -11,8 +11,10 @@ import concurrent.futures
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
+import sys
 import threading
 from typing import Optional
 
@@ -28,7 +30,7 @@ from service.core.persistence import load_npz
 from service.errors import ConfigError, StartupError
 from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME
 from service.protocol.tokens import load_tokens
-from service.server import auth
+from service.server import auth, peers
 from service.server.metrics import Metrics
 from service.server.servicer import OptimizerServicer, add_servicer
 from service.server.signals import awaiting_signals
@@ -73,7 +75,8 @@ class RunningServer:
                health_server: Optional[grpc.Server] = None,
                health_port: Optional[int] = None,
                checkpointer: Optional[Checkpointer] = None,
-               executor: Optional[concurrent.futures.Executor] = None):
+               executor: Optional[concurrent.futures.Executor] = None,
+               peer_watch: Optional[peers.PeerWatch] = None):
     self.server, self.engine, self.port = server, engine, port
     self._health = health_servicer
     self._servicer = servicer
@@ -81,9 +84,16 @@ class RunningServer:
     self.health_server, self.health_port = health_server, health_port
     self._checkpointer = checkpointer
     self._executor = executor
+    self._peer_watch = peer_watch
 
   def stop(self, grace: Optional[float] = None) -> None:
-    """Graceful: not serving any more, pushes in flight finish, final checkpoint, stop."""
+    """Graceful: not serving any more, pushes in flight finish, final checkpoint, stop.
+
+    In a multi-process server, every other process is asked to stop too: they
+    drain and write the final checkpoint together.
+    """
+    if self._peer_watch is not None:
+      self._peer_watch.request_stop()
     self._health.enter_graceful_shutdown()
     try:
       self.engine.shutdown(self.engine.config.shutdown_grace_s if grace is None else grace)
@@ -93,6 +103,8 @@ class RunningServer:
       self.metrics.close()
       if self.health_server is not None:
         self.health_server.stop(grace).wait()
+      if self._peer_watch is not None:
+        self._peer_watch.close()
       if self._checkpointer is not None:
         self._checkpointer.close()
       if self._executor is not None:  # the RPC handlers' threads: every call has ended
@@ -234,6 +246,9 @@ def start(config: ServerConfig) -> RunningServer:
     # A multi-process server's processes learn each other's endpoints through the job.
     endpoints = (runtime.exchange('endpoint', _endpoint(config, port))
                  if config.num_processes > 1 else ())
+    watch = peers.watch(engine.job, endpoints, _exit_lost, _stop_asked)
+    if watch is not None:
+      undo.callback(watch.close)
     servicer = OptimizerServicer(engine, metrics, endpoints)
     undo.callback(servicer.close)
     add_servicer(servicer, server)
@@ -256,7 +271,25 @@ def start(config: ServerConfig) -> RunningServer:
            ('mutual TLS' if config.tls_client_ca else 'TLS') if tls else 'plaintext',
            ', bearer tokens' if tokens else '', engine.mesh.devices.size)
   return RunningServer(server, engine, port, health_servicer, servicer, metrics, metrics_port,
-                       health_server, health_port, checkpointer, executor)
+                       health_server, health_port, checkpointer, executor, watch)
+
+
+def _exit_lost(message: str) -> None:
+  """Ends this process of a job that lost another one: one line, at once, `peers.LOST_EXIT`.
+
+  Nothing is drained or saved: the step's collectives would wait for the lost
+  process, and the job restarts from its last checkpoint anyway.
+  """
+  log.error('%s', message)
+  print(f'lamb-sharded serve: error: {message}', file=sys.stderr, flush=True)
+  logging.shutdown()
+  os._exit(peers.LOST_EXIT)  # pylint: disable=protected-access
+
+
+def _stop_asked(index: int) -> None:
+  """Another process of the job was asked to stop: this one stops as if signalled."""
+  log.info('server process %d was asked to stop: stopping with it', index)
+  os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve_forever(config: ServerConfig) -> int:

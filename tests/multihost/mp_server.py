@@ -1,0 +1,110 @@
+"""Real `lamb-sharded serve` processes of one multi-process job on 127.0.0.1, for the tests.
+
+Every process has 4 simulated CPU devices unless told otherwise, is started
+with PR_SET_PDEATHSIG (it dies with the test), and is ended by PID.
+"""
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'service'))
+import mp_engine  # noqa: E402  pylint: disable=wrong-import-position
+from svc import ROOT, free_port  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def die_with_parent():
+  """In the child: SIGKILL when the test process dies, whatever ends it (Linux)."""
+  import ctypes  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def init_file(tmp_path):
+  path = tmp_path / 'init.npz'
+  if not path.exists():
+    np.savez(path, **mp_engine.params())
+  return path
+
+
+def start(tmp_path, processes=2, devices=4, extra=(), init_params=True):
+  """Starts the job's processes; returns [(proc, port, metrics_port)] once all serve."""
+  init_flags = ['--init-params', str(init_file(tmp_path))] if init_params else []
+  coordinator = free_port()
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
+  job_flags = lambda i: (['--num-processes', str(processes), '--process-id', str(i),  # noqa: E731
+                          '--coordinator-address', f'127.0.0.1:{coordinator}']
+                         if processes > 1 else [])
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'service.cli', 'serve', '--host', '127.0.0.1', '--port', '0',
+       '--metrics-port', '0', '--devices', str(devices),
+       '--num-workers', str(mp_engine.WORKERS), '--learning-rate', '0.05',
+       '--weight-decay', '0.01', *init_flags, *job_flags(i), '--log-level', 'WARNING', *extra],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=die_with_parent) for i in range(processes)]
+  out = []
+  try:
+    for p in procs:  # each says so once the job has formed (after Gloo's lines, if any)
+      lines = []
+      while not (m := re.search(r'serving on [^:]+:(\d+).*metrics: port (\d+)',
+                                lines[-1] if lines else '')):
+        lines.append(p.stdout.readline())
+        assert lines[-1], (lines, p.poll(), p.stderr.read() if p.poll() is not None else '')
+      out.append((p, int(m.group(1)), int(m.group(2))))
+  except BaseException:
+    stop(procs)
+    raise
+  return out
+
+
+def stop(procs, timeout=30.0):
+  """SIGTERM to those still running, then SIGKILL after `timeout`; the exit codes."""
+  procs = [p[0] if isinstance(p, tuple) else p for p in procs]
+  for p in procs:
+    if p.poll() is None:
+      p.terminate()
+  deadline = time.monotonic() + timeout
+  for p in procs:
+    try:
+      p.wait(max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      p.kill()
+      p.wait()
+  return [p.returncode for p in procs]
+
+
+@contextlib.contextmanager
+def job(tmp_path, **kwargs):
+  """`start`, ended by PID whatever happens."""
+  procs = start(tmp_path, **kwargs)
+  try:
+    yield procs
+  finally:
+    stop(procs)
+
+
+def reference(pushes_per_step):
+  """The params after steps of the given workers' gradients (mp_engine.grads), by optax."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from service.config import ServerConfig  # pylint: disable=import-outside-toplevel
+  from service.core.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+  tx = make_optimizer(ServerConfig(**mp_engine.CONFIG), None, None)
+  params = mp_engine.params()
+  state = tx.init(params)
+  for step, workers in enumerate(pushes_per_step):
+    g = [mp_engine.grads(step, w) for w in workers]
+    updates, state = tx.update({k: sum(x[k] for x in g) / len(g) for k in params}, state,
+                               params)
+    params = optax.apply_updates(params, updates)
+  return {k: np.asarray(v) for k, v in params.items()}
+
+
+def assert_params(got, want):
+  for k, v in want.items():
+    np.testing.assert_allclose(got[k], v, rtol=2e-6, atol=2e-7, err_msg=k)

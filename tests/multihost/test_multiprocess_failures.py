@@ -1,0 +1,191 @@
+"""A multi-process server's processes agree, fail and stop together: real `serve` processes.
+
+Two processes of 4 simulated CPU devices each on 127.0.0.1 (`mp_server`), driven
+through real gRPC: a push one process refuses is refused by both; the
+straggler timeout closes the same step on both; `kill -9` of one ends the other
+with one line naming it, and the restarted group resumes from the checkpoint;
+SIGTERM to one stops both with one final checkpoint, which restores into one
+process of 8 devices, and back into two. The parameters are checked against
+optax's LAMB fed the same gradients.
+"""
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from service.client import OptimizerClient
+from service.protocol import pb
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'service'))
+import mp_engine  # noqa: E402  pylint: disable=wrong-import-position
+import mp_server  # noqa: E402  pylint: disable=wrong-import-position
+from svc import push_messages  # noqa: E402  pylint: disable=wrong-import-position
+
+BOTH = list(range(mp_engine.WORKERS))
+
+
+def _pool_map(fn, items):
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    return list(pool.map(fn, items))
+
+
+def _train(port, steps, workers=BOTH):
+  """Each of `workers` pushes mp_engine.grads(step, w) for each step, through the client."""
+  clients = [OptimizerClient(f'127.0.0.1:{port}', timeout=60) for _ in workers]
+  try:
+    for step in steps:
+      pulled = clients[0].pull()
+      assert pulled.step == step
+      _pool_map(lambda i: clients[i].push(step, mp_engine.grads(step, workers[i]), 1,
+                                          f'worker-{workers[i]}', model_id=pulled.model_id),
+                range(len(workers)))
+      clients[0].wait_for_step(step + 1, timeout=60)
+    return clients[0].pull()
+  finally:
+    for c in clients:
+      c.close()
+
+
+def _parts(stub_):
+  """Each process's index into every leaf, from the description's placements."""
+  d = stub_.DescribeModel(pb.DescribeModelRequest(), timeout=30)
+  shapes = {s.path: tuple(s.shape) for s in d.leaves}
+  parts = {}
+  for pl in d.placements:
+    shape = shapes[pl.path]
+    if not pl.HasField('split_dim'):
+      parts[pl.path] = [tuple(slice(None) for _ in shape)] * 2
+      continue
+    k, starts = pl.split_dim, list(pl.starts) + [shape[pl.split_dim]]
+    parts[pl.path] = [tuple(slice(starts[i], starts[i + 1]) if j == k else slice(None)
+                            for j in range(len(shape))) for i in range(2)]
+  return parts
+
+
+def _steps(stubs):
+  return [s.DescribeModel(pb.DescribeModelRequest(), timeout=30).step for s in stubs]
+
+
+def test_a_push_one_process_refuses_is_refused_by_every_process_and_changes_nothing(tmp_path):
+  with mp_server.job(tmp_path) as job:
+    stubs = [pb_grpc.OptimizerServiceStub(grpc.insecure_channel(f'127.0.0.1:{port}'))
+             for _, port, _ in job]
+    parts = _parts(stubs[0])
+    g = mp_engine.grads(0, 0)
+    leaf = "['rows']"
+
+    def push(mutate, push_id):
+      """Both processes their parts of g, process `i`'s part changed by mutate(i, leaves)."""
+      def one(i):
+        leaves = [(k, np.array(g[k][parts[k][i]])) for k in mp_engine.SHAPES]
+        leaves = mutate(i, leaves)
+        try:
+          stubs[i].PushGradients(iter(push_messages(leaves, worker_id='worker-0', step=0,
+                                                    push_id=push_id)), timeout=60)
+          return None
+        except grpc.RpcError as e:
+          return e
+      return _pool_map(one, range(2))
+
+    def nan_on_1(i, leaves):
+      if i == 1:
+        leaves[0][1][0, 0] = np.nan
+      return leaves
+
+    errors = push(nan_on_1, 'nan')
+    assert [e.code() for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT] * 2, errors
+    assert leaf in errors[1].details() and 'NaN' in errors[1].details()
+    assert 'server process 1 refused its part' in errors[0].details()
+    assert leaf in errors[0].details()
+
+    def bad_shape_on_0(i, leaves):  # refused by process 0 before it reads any data
+      return [(k, x[:1]) if i == 0 and k == leaf else (k, x) for k, x in leaves]
+
+    errors = push(bad_shape_on_0, 'shape')
+    assert [e.code() for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT] * 2, errors
+    assert 'server process 0 refused its part' in errors[1].details()
+    assert _steps(stubs) == [0, 0]
+    # Nothing of either push was counted: the next step is both workers' gradients alone.
+    pulled = _train(job[1][1], [0])
+    mp_server.assert_params(pulled.params, mp_server.reference([BOTH]))
+    assert _steps(stubs) == [1, 1]
+
+
+def test_the_straggler_timeout_closes_the_same_step_on_every_process(tmp_path):
+  with mp_server.job(tmp_path, extra=['--straggler-timeout-s', '1', '--quorum', '1']) as job:
+    stubs = [pb_grpc.OptimizerServiceStub(grpc.insecure_channel(f'127.0.0.1:{port}'))
+             for _, port, _ in job]
+    _train(job[0][1], [0], workers=[0])  # worker 1 never comes: process 0 closes the step
+    assert _steps(stubs) == [1, 1]
+    pulled = _train(job[1][1], [1])
+    mp_server.assert_params(pulled.params, mp_server.reference([[0], BOTH]))
+
+
+def _wait_exit(proc, timeout):
+  t0 = time.monotonic()
+  try:
+    proc.wait(timeout)
+  except subprocess.TimeoutExpired:
+    return None, timeout
+  return proc.returncode, time.monotonic() - t0
+
+
+def test_kill_9_of_one_process_ends_the_other_with_one_line_and_the_group_resumes(tmp_path):
+  ckpt = ['--checkpoint-dir', str(tmp_path / 'ckpt'), '--checkpoint-every-steps', '0',
+          '--checkpoint-every-seconds', '0']
+  job = mp_server.start(tmp_path, extra=ckpt)
+  try:
+    _train(job[0][1], [0, 1])
+    with OptimizerClient(f'127.0.0.1:{job[1][1]}') as c:  # through process 0, for both
+      assert c.save_checkpoint(wait=True)[0] == 2
+    os.kill(job[1][0].pid, signal.SIGKILL)
+    code, seconds = _wait_exit(job[0][0], 15)
+    err = job[0][0].stderr.read()
+    assert code == 3, (code, err[-2000:])
+    assert seconds < 15
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('lamb-sharded serve: error: server process 1 of 2 (127.0.0.1:'), last
+    assert 'Traceback' not in err
+  finally:
+    mp_server.stop(job)
+  with mp_server.job(tmp_path, extra=ckpt) as job:  # the group restarts: from step 2
+    assert _steps([pb_grpc.OptimizerServiceStub(grpc.insecure_channel(
+        f'127.0.0.1:{job[0][1]}'))]) == [2]
+    pulled = _train(job[1][1], [2, 3])
+  mp_server.assert_params(pulled.params, mp_server.reference([BOTH] * 4))
+
+
+def test_sigterm_to_one_process_stops_both_with_one_checkpoint_that_restores_in_1_and_2(
+    tmp_path):
+  from service.core.checkpoint import latest_step  # pylint: disable=import-outside-toplevel
+  ckpt = ['--checkpoint-dir', str(tmp_path / 'ckpt'), '--checkpoint-every-steps', '0',
+          '--checkpoint-every-seconds', '0']
+  job = mp_server.start(tmp_path, extra=ckpt)
+  try:
+    _train(job[0][1], [0])
+    job[1][0].send_signal(signal.SIGTERM)  # one pod told to stop: the job stops with it
+    codes = [_wait_exit(p, 60)[0] for p, _, _ in job]
+    errs = [p.stderr.read() for p, _, _ in job]
+    assert codes == [0, 0], (codes, [e[-2000:] for e in errs])
+  finally:
+    mp_server.stop(job)
+  assert latest_step(str(tmp_path / 'ckpt')) == 1
+  # Two processes' checkpoint, restored by one process of 8 devices: one more step there.
+  with mp_server.job(tmp_path, processes=1, devices=8, extra=ckpt) as one:
+    pulled = _train(one[0][1], [1])
+    assert mp_server.stop(one) == [0]
+  mp_server.assert_params(pulled.params, mp_server.reference([BOTH] * 2))
+  assert latest_step(str(tmp_path / 'ckpt')) == 2
+  # And one process's, restored by two.
+  with mp_server.job(tmp_path, extra=ckpt) as job:
+    pulled = _train(job[1][1], [2])
+  mp_server.assert_params(pulled.params, mp_server.reference([BOTH] * 3))
