@@ -193,7 +193,10 @@ def _setup_logs(args) -> None:
 
 def _serve(args) -> int:
   config = config_lib.from_args(args).check_files()
-  config.job()  # a multi-process server's coordinator and index, before JAX loads
+  job = config.job()  # a multi-process server's coordinator and index, before JAX loads
+  from service.server import supervise  # pylint: disable=import-outside-toplevel
+  if job is not None and not supervise.is_child():  # JAX runs in a child this one watches
+    return supervise.run(args.argv, job[1], config.num_processes, job[0])
   args.log_level = config.log_level  # --log-level DEBUG (flag or YAML) shows tracebacks
   from service.protocol.tokens import load_tokens  # pylint: disable=import-outside-toplevel
   try:  # a misconfigured secret fails here, before JAX is even loaded
@@ -336,6 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args, unknown = parser.parse_known_args(argv)
   if unknown:  # said by the command's parser: `lamb-sharded serve: error: ...`
     parser.commands[args.command].error(f'unrecognized arguments: {" ".join(unknown)}')
+  args.argv = list(sys.argv[1:] if argv is None else argv)
   try:
     return COMMANDS[args.command](args)
   except KeyboardInterrupt:  # Ctrl-C before a command's own handling of it (e.g. starting)

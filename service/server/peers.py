@@ -22,10 +22,11 @@ import threading
 from typing import Callable, Optional, Sequence
 
 from service.core.agreement import Job
+from service.server import supervise
 
 log = logging.getLogger(__name__)
 
-LOST_EXIT = 3  # the exit status of a process whose job lost another one
+LOST_EXIT = supervise.LOST_EXIT  # the exit status of a process whose job lost another one
 INTERVAL_S = 1.0  # how often the peers are checked
 MISSES = 3  # checks in a row a peer fails before it is lost (well inside JAX's heartbeat)
 

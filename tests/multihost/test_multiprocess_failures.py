@@ -189,3 +189,19 @@ def test_sigterm_to_one_process_stops_both_with_one_checkpoint_that_restores_in_
   with mp_server.job(tmp_path, extra=ckpt) as job:
     pulled = _train(job[1][1], [2])
   mp_server.assert_params(pulled.params, mp_server.reference([BOTH] * 3))
+
+
+def test_kill_9_of_process_0_ends_the_other_with_one_line_naming_the_coordinator(tmp_path):
+  # JAX aborts a process at once when the coordinator is gone: `serve` says so in one line.
+  job = mp_server.start(tmp_path)
+  try:
+    os.kill(job[0][0].pid, signal.SIGKILL)
+    code, seconds = _wait_exit(job[1][0], 15)
+    err = job[1][0].stderr.read()
+    assert code == 3, (code, err[-2000:])
+    assert seconds < 15
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('lamb-sharded serve: error: server process 1 of 2 was ended by JAX: '
+                           'the job lost its coordinator (process 0, 127.0.0.1:'), last
+  finally:
+    mp_server.stop(job)

@@ -1,0 +1,46 @@
+"""A process of a multi-process server, run as a child that `lamb-sharded serve` watches.
+
+JAX ends a process of a `jax.distributed` job by itself the moment the job's
+coordinator (process 0) is gone: SIGABRT from one of its threads, a C++
+stack trace, no Python to say why, and no handler can step in. The watch of
+the peers (service/server/peers.py) comes first in every other case, but not
+in that one. So in a multi-process server the command's own process imports
+no JAX: it runs the server as its child, passes its signals on, and turns
+such an abort into one line and `peers.LOST_EXIT`, like every other loss.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Sequence
+
+CHILD = 'LAMB_SHARDED_SERVER_PROCESS'  # set in the child's environment
+LOST_EXIT = 3  # = peers.LOST_EXIT (that module imports the core; this one must not)
+
+
+def is_child() -> bool:
+  return os.environ.get(CHILD) == '1'
+
+
+def _die_with_parent() -> None:  # in the child, before exec: SIGKILL once the parent is gone
+  import ctypes  # pylint: disable=import-outside-toplevel
+  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+
+
+def run(argv: Sequence[str], index: int, count: int, coordinator: str) -> int:
+  """Runs `lamb-sharded <argv>` as the child; its exit status (an abort: LOST_EXIT)."""
+  child = subprocess.Popen([sys.executable, '-m', 'service.cli', *argv],
+                           env={**os.environ, CHILD: '1'},
+                           preexec_fn=_die_with_parent if sys.platform == 'linux' else None)
+  for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(signum, lambda n, _frame: child.send_signal(n))
+  code = child.wait()
+  if code == -signal.SIGABRT:
+    print(f'lamb-sharded serve: error: server process {index} of {count} was ended by JAX: the '
+          f'job lost its coordinator (process 0, {coordinator}) or another process; exiting so '
+          f'that the job restarts from its last checkpoint', file=sys.stderr, flush=True)
+    return LOST_EXIT
+  return 128 - code if code < 0 else code
