@@ -14,6 +14,11 @@ Consistency with the code, through the real parsers: every container's args pars
 `service.cli.build_parser()` (after `$(VAR)` expansion as the kubelet does it), the server's
 ConfigMap loads with `service.config`, and the ports, the checkpoint directory, the number of
 workers and the server address agree everywhere they appear.
+
+The multihost overlay (the server as an indexed Job of N processes of one JAX job) is checked
+the same way, and more: `ServerConfig.job()` resolves in every process's environment to
+process 0's coordinator, each process advertises its own DNS name, and the init container
+that writes `--init-params` is run here.
 """
 
 from __future__ import annotations
@@ -38,7 +43,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / 'deploy'
 DOCKERFILE = DEPLOY / 'Dockerfile'
 TARGETS = ('base', 'overlays/cpu', 'overlays/gpu', 'overlays/tpu', 'overlays/dev',
-           'overlays/tls')
+           'overlays/tls', 'overlays/multihost')
+# The target whose server is several processes of one JAX job: an indexed Job, not the
+# StatefulSet, with no load-balanced Service (the workers dial process 0's own DNS name).
+MULTIHOST = 'overlays/multihost'
 # The oldest Kubernetes the manifests support (native gRPC probes are GA since 1.27,
 # podFailurePolicy is on by default since 1.26), kubectl's own, and the newest schemas known.
 K8S_VERSIONS = ('1.29', '1.32', kubernetes_validate.latest_version())
@@ -96,22 +104,54 @@ def is_headless(svc: dict) -> bool:
   return svc['spec'].get('clusterIP') == 'None'
 
 
+def component(obj: dict) -> str:
+  return obj['metadata'].get('labels', {}).get('app.kubernetes.io/component', '')
+
+
 class Deployment:
-  """The objects of one target, and what the checks need from them."""
+  """The objects of one target, and what the checks need from them.
+
+  `servers` is the server's workload: the StatefulSet of one server process, or (multihost)
+  the indexed Job of its processes; `workers` is the workers' Job. `service` is the
+  load-balanced server Service (None where there is none: multihost).
+  """
 
   def __init__(self, target: str):
     self.target = target
     self.objects = objects_of(target)
-    self.sts = one(self.objects, 'StatefulSet')
-    self.job = one(self.objects, 'Job')
-    self.service = one(self.objects, 'Service', lambda o: not is_headless(o))
+    self.multihost = target == MULTIHOST
+    if self.multihost:
+      assert not [o for o in self.objects if o['kind'] == 'StatefulSet'], \
+          f'deploy/{target} still has the single-host StatefulSet'
+      self.servers = one(self.objects, 'Job', lambda o: component(o) == 'server')
+      assert not [o for o in self.objects if o['kind'] == 'Service' and not is_headless(o)], \
+          f'deploy/{target} has a load-balanced server Service: it would mix the processes'
+      self.service = None
+    else:
+      self.servers = one(self.objects, 'StatefulSet')
+      self.service = one(self.objects, 'Service', lambda o: not is_headless(o))
+    self.workers = one(self.objects, 'Job', lambda o: component(o) == 'worker')
     self.headless = one(self.objects, 'Service', is_headless)
     self.pdb = one(self.objects, 'PodDisruptionBudget')
-    self.server = one_container(self.sts)
-    self.worker = one_container(self.job)
+    self.server = one_container(self.servers)
+    self.worker = one_container(self.workers)
 
   def configmap(self, name: str) -> dict:
     return one(self.objects, 'ConfigMap', lambda o: o['metadata']['name'] == name)
+
+  def server_env(self, index: int = 0) -> dict[str, str]:
+    """The server container's variables in process `index` (Kubernetes sets the index)."""
+    env = container_env(self.server)
+    if self.multihost:
+      assert 'JOB_COMPLETION_INDEX' not in env, 'JOB_COMPLETION_INDEX is set by Kubernetes'
+      env['JOB_COMPLETION_INDEX'] = str(index)
+    return env
+
+  def checkpoint_claims(self) -> set[str]:
+    """The volumes of the server pods that are persistent volume claims."""
+    claims = {t['metadata']['name'] for t in self.servers['spec'].get('volumeClaimTemplates', [])}
+    return claims | {v['name'] for v in self.servers['spec']['template']['spec'].get('volumes', [])
+                     if 'persistentVolumeClaim' in v}
 
 
 def one_container(workload: dict) -> dict:
@@ -163,15 +203,16 @@ def parse(container: dict, env: dict[str, str]):
                          f'is refused by the CLI') from e
 
 
-def server_config(dep: Deployment, tmp_path: pathlib.Path):
-  """The server's parsed args and effective ServerConfig, its ConfigMap file in tmp_path."""
-  args = parse(dep.server, container_env(dep.server))
+def server_config(dep: Deployment, tmp_path: pathlib.Path, index: int = 0):
+  """The server's parsed args and effective ServerConfig (of process `index` of a multi-process
+  server), its ConfigMap file in tmp_path."""
+  args = parse(dep.server, dep.server_env(index))
   assert args.command == 'serve'
   assert args.config, 'the server is not given --config'
   mount = next((m for m in dep.server['volumeMounts']
                 if args.config.startswith(m['mountPath'].rstrip('/') + '/')), None)
   assert mount, f'--config {args.config} is on no volume mount'
-  volume = next(v for v in dep.sts['spec']['template']['spec']['volumes']
+  volume = next(v for v in dep.servers['spec']['template']['spec']['volumes']
                 if v['name'] == mount['name'])
   assert 'configMap' in volume, f'--config {args.config} is not on a ConfigMap volume'
   key = args.config[len(mount['mountPath'].rstrip('/')) + 1:]
@@ -193,6 +234,9 @@ def test_renders_with_kubectl_kustomize(target):
     pytest.skip(NO_KUBECTL.format(f'the rendering of deploy/{target}'))
   kinds = sorted(o['kind'] for o in _render(target))
   expected = ['ConfigMap', 'Job', 'PodDisruptionBudget', 'Service', 'Service', 'StatefulSet']
+  if target == MULTIHOST:  # the server's Job and its shared claim, no StatefulSet, one Service
+    expected = ['ConfigMap', 'Job', 'Job', 'PersistentVolumeClaim', 'PodDisruptionBudget',
+                'Service']
   if target == DEV_SECRET_TARGET:
     expected = sorted(expected + ['Secret'])
   assert kinds == expected, kinds
@@ -223,7 +267,7 @@ def test_every_object_carries_the_common_labels(dep):
   for obj in dep.objects:
     labels = obj['metadata'].get('labels', {})
     assert COMMON_LABELS.items() <= labels.items(), (obj['kind'], labels)
-  for workload in (dep.sts, dep.job):
+  for workload in (dep.servers, dep.workers):
     template_labels = workload['spec']['template']['metadata']['labels']
     assert COMMON_LABELS.items() <= template_labels.items()
 
@@ -235,6 +279,8 @@ def test_server_args_and_config_are_accepted_by_the_server(dep, tmp_path):
   args, config = server_config(dep, tmp_path)
   assert config.host == '0.0.0.0', 'the server must listen on the pod IP (probes, Service)'
   assert config.step_mode in config_lib.STEP_MODES
+  # One process, or (multihost) a job whose coordinator and index the pod's environment gives.
+  assert (config.job(dep.server_env()) is None) == (not dep.multihost)
 
 
 def test_grpc_port_agrees_everywhere(dep, tmp_path):
@@ -253,7 +299,7 @@ def test_grpc_port_agrees_everywhere(dep, tmp_path):
     assert probe in dep.server, f'the server has no {probe}'
     assert dep.server[probe].get('grpc', {}).get('port') == probe_port, \
         f'{probe} is not a native gRPC probe on port {probe_port}'
-  for svc in (dep.service, dep.headless):
+  for svc in (s for s in (dep.service, dep.headless) if s):
     grpc_port = next(p for p in svc['spec']['ports'] if p['name'] == 'grpc')
     assert grpc_port['targetPort'] in ('grpc', config.port), svc['metadata']['name']
 
@@ -261,40 +307,47 @@ def test_grpc_port_agrees_everywhere(dep, tmp_path):
 def test_checkpoint_dir_is_the_persistent_volume(dep, tmp_path):
   _, config = server_config(dep, tmp_path)
   assert config.checkpoint_dir, 'the server is given no checkpoint directory'
-  claims = {t['metadata']['name'] for t in dep.sts['spec']['volumeClaimTemplates']}
   mount = next((m for m in dep.server['volumeMounts'] if m['mountPath'] == config.checkpoint_dir),
                None)
   assert mount, f'no volume is mounted at --checkpoint-dir {config.checkpoint_dir}'
-  assert mount['name'] in claims, f'{config.checkpoint_dir} is not on a volumeClaimTemplate'
+  assert mount['name'] in dep.checkpoint_claims(), \
+      f'{config.checkpoint_dir} is not on a persistent volume claim'
   assert not mount.get('readOnly')
 
 
 def test_termination_grace_leaves_room_for_the_final_checkpoint(dep, tmp_path):
   _, config = server_config(dep, tmp_path)
-  grace = dep.sts['spec']['template']['spec']['terminationGracePeriodSeconds']
+  grace = dep.servers['spec']['template']['spec']['terminationGracePeriodSeconds']
   assert grace >= config.shutdown_grace_s + FINAL_CHECKPOINT_MARGIN_S, \
       f'terminationGracePeriodSeconds {grace} < shutdown_grace_s {config.shutdown_grace_s} ' \
       f'+ {FINAL_CHECKPOINT_MARGIN_S} s for the final checkpoint'
 
 
-def test_services_pdb_and_statefulset_select_the_server_pods(dep):
-  pod_labels = dep.sts['spec']['template']['metadata']['labels']
-  selectors = {'StatefulSet': dep.sts['spec']['selector']['matchLabels'],
-               'Service': dep.service['spec']['selector'],
-               'headless Service': dep.headless['spec']['selector'],
+def test_services_pdb_and_server_workload_select_the_server_pods(dep):
+  pod_labels = dep.servers['spec']['template']['metadata']['labels']
+  selectors = {'headless Service': dep.headless['spec']['selector'],
                'PodDisruptionBudget': dep.pdb['spec']['selector']['matchLabels']}
+  if dep.service:
+    selectors['Service'] = dep.service['spec']['selector']
+  if not dep.multihost:  # a Job's selector is Kubernetes' own
+    selectors['StatefulSet'] = dep.servers['spec']['selector']['matchLabels']
   for what, selector in selectors.items():
     assert selector and selector.items() <= pod_labels.items(), (what, selector, pod_labels)
-  worker_labels = dep.job['spec']['template']['metadata']['labels']
-  assert not dep.service['spec']['selector'].items() <= worker_labels.items(), \
-      'the server Service also selects the workers'
-  assert dep.sts['spec']['serviceName'] == dep.headless['metadata']['name']
-  assert dep.sts['spec']['replicas'] == 1
-  assert dep.pdb['spec'].get('minAvailable') == 1 or dep.pdb['spec'].get('maxUnavailable') == 0
+  worker_labels = dep.workers['spec']['template']['metadata']['labels']
+  for svc in (s for s in (dep.service, dep.headless) if s):
+    assert not svc['spec']['selector'].items() <= worker_labels.items(), \
+        f'the server Service {svc["metadata"]["name"]} also selects the workers'
+  if dep.multihost:  # every process is needed: none may be evicted
+    assert dep.pdb['spec'].get('minAvailable') == dep.servers['spec']['parallelism'], \
+        'the PDB lets a server process be evicted (minAvailable != the processes)'
+  else:
+    assert dep.servers['spec']['serviceName'] == dep.headless['metadata']['name']
+    assert dep.servers['spec']['replicas'] == 1
+    assert dep.pdb['spec'].get('minAvailable') == 1 or dep.pdb['spec'].get('maxUnavailable') == 0
 
 
 def test_prometheus_port_is_annotated_declared_and_served(dep, tmp_path):
-  annotations = dep.sts['spec']['template']['metadata'].get('annotations', {})
+  annotations = dep.servers['spec']['template']['metadata'].get('annotations', {})
   assert annotations.get('prometheus.io/scrape') == 'true'
   ports = {p['name']: p['containerPort'] for p in dep.server['ports']}
   assert int(annotations['prometheus.io/port']) == ports['metrics']
@@ -309,7 +362,7 @@ def test_prometheus_port_is_annotated_declared_and_served(dep, tmp_path):
 
 def test_workers_are_an_indexed_job_that_parses_for_every_index(dep, tmp_path):
   _, config = server_config(dep, tmp_path)
-  spec = dep.job['spec']
+  spec = dep.workers['spec']
   assert spec['completionMode'] == 'Indexed'
   assert spec['completions'] == spec['parallelism'] == config.num_workers, \
       f'Job completions/parallelism {spec["completions"]}/{spec["parallelism"]} != ' \
@@ -322,22 +375,29 @@ def test_workers_are_an_indexed_job_that_parses_for_every_index(dep, tmp_path):
     assert args.worker_index == index
     assert args.num_workers == config.num_workers
     assert args.steps > 0
-    assert args.init or index != 0, 'worker 0 must initialise the model (--init)'
+    if dep.multihost:
+      assert not args.init, 'a multi-process server refuses InitializeModel (worker --init)'
+    else:
+      assert args.init or index != 0, 'worker 0 must initialise the model (--init)'
 
 
 def test_workers_reach_the_server_through_its_service(dep, tmp_path):
+  """The server Service; multihost: process 0's own DNS name (the client finds the others)."""
   _, config = server_config(dep, tmp_path)
   args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
   host, _, port = args.server.rpartition(':')
-  assert host == dep.service['metadata']['name'], \
-      f'--server {args.server} is not the server Service {dep.service["metadata"]["name"]}'
-  svc_port = next((p for p in dep.service['spec']['ports'] if p['port'] == int(port)), None)
-  assert svc_port, f'the Service has no port {port}'
+  if dep.multihost:
+    svc, name = dep.headless, pod_dns_name(dep, 0)
+  else:
+    svc, name = dep.service, dep.service['metadata']['name']
+  assert host == name, f'--server {args.server} is not {name}'
+  svc_port = next((p for p in svc['spec']['ports'] if p['port'] == int(port)), None)
+  assert svc_port, f'the Service {svc["metadata"]["name"]} has no port {port}'
   assert svc_port['targetPort'] in ('grpc', config.port)
 
 
 def test_the_job_replaces_evicted_workers(dep):
-  spec = dep.job['spec']
+  spec = dep.workers['spec']
   assert spec['template']['spec']['restartPolicy'] == 'Never'
   assert spec['backoffLimit'] >= spec['completions']
 
@@ -345,14 +405,14 @@ def test_the_job_replaces_evicted_workers(dep):
 # ------------------------------------------------------------------------------------------
 # Every pod.
 
-@pytest.mark.parametrize('kind', ['StatefulSet', 'Job'])
+@pytest.mark.parametrize('kind', ['server', 'worker'])
 def test_pods_are_locked_down(dep, kind):
-  workload = dep.sts if kind == 'StatefulSet' else dep.job
+  workload = dep.servers if kind == 'server' else dep.workers
   pod = workload['spec']['template']['spec']
   pod_sc = pod.get('securityContext', {})
   assert pod.get('automountServiceAccountToken') is False
   assert not any(pod.get(k) for k in ('hostNetwork', 'hostPID', 'hostIPC'))
-  claims = {t['metadata']['name'] for t in workload['spec'].get('volumeClaimTemplates', [])}
+  claims = dep.checkpoint_claims() if kind == 'server' else set()
   volumes = {v['name']: v for v in pod.get('volumes', [])}
   for c in pod['containers'] + pod.get('initContainers', []):
     sc = c.get('securityContext', {})
@@ -381,14 +441,136 @@ def test_pods_are_locked_down(dep, kind):
   assert not any('hostPath' in v for v in volumes.values())
 
 
-@pytest.mark.parametrize('kind', ['StatefulSet', 'Job'])
+@pytest.mark.parametrize('kind', ['server', 'worker'])
 def test_containers_have_requests_and_limits(dep, kind):
-  workload = dep.sts if kind == 'StatefulSet' else dep.job
+  workload = dep.servers if kind == 'server' else dep.workers
   for c in workload['spec']['template']['spec']['containers']:
     res = c.get('resources', {})
     for which in ('requests', 'limits'):
       for resource in ('cpu', 'memory'):
         assert resource in res.get(which, {}), f'{kind} {c["name"]}: no {which}.{resource}'
+
+
+# ------------------------------------------------------------------------------------------
+# The multi-host server (overlays/multihost): N processes of one JAX job, an indexed Job.
+
+def pod_dns_name(dep: Deployment, index: int) -> str:
+  """Server process `index`'s DNS name: <job>-<index>, the host name Kubernetes gives an
+  indexed Job's pod, in the headless Service's subdomain."""
+  return f'{dep.servers["metadata"]["name"]}-{index}.{dep.headless["metadata"]["name"]}'
+
+
+@pytest.fixture(scope='module')
+def multihost() -> Deployment:
+  return Deployment(MULTIHOST)
+
+
+def test_multihost_server_is_an_indexed_job_of_num_processes(multihost, tmp_path):
+  spec = multihost.servers['spec']
+  assert spec['completionMode'] == 'Indexed', 'the processes need an index (JOB_COMPLETION_INDEX)'
+  _, config = server_config(multihost, tmp_path)
+  assert config.num_processes > 1
+  assert spec['completions'] == spec['parallelism'] == config.num_processes, \
+      f'server Job completions/parallelism {spec["completions"]}/{spec["parallelism"]} != ' \
+      f'--num-processes {config.num_processes}'
+  assert config.process_id == -1, 'every pod is started alike: the index comes from the Job'
+
+
+def test_multihost_pods_have_stable_dns_names(multihost):
+  pod = multihost.servers['spec']['template']
+  assert pod['spec'].get('subdomain') == multihost.headless['metadata']['name'], \
+      'the server pods\' subdomain is not the headless Service: no DNS name per process'
+  assert 'hostname' not in pod['spec'], 'the Job names each pod\'s host <job>-<index>'
+  assert multihost.headless['spec']['selector'].items() <= pod['metadata']['labels'].items()
+  # The processes look each other up before any is ready (they are ready once all have joined).
+  assert multihost.headless['spec'].get('publishNotReadyAddresses') is True
+  for index in range(multihost.servers['spec']['completions']):
+    assert re.fullmatch(r'[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?',
+                        pod_dns_name(multihost, index).split('.')[0])
+
+
+def test_multihost_every_process_joins_process_0s_coordinator(multihost, tmp_path):
+  """ServerConfig.job() as serve calls it, in the environment of each pod."""
+  ports = {p['name']: p['containerPort'] for p in multihost.server['ports']}
+  assert 'coordinator' in ports, 'no containerPort "coordinator"'
+  coordinator = f'{pod_dns_name(multihost, 0)}:{ports["coordinator"]}'
+  for index in range(multihost.servers['spec']['completions']):
+    _, config = server_config(multihost, tmp_path, index)
+    assert config.job(multihost.server_env(index)) == (coordinator, index), \
+        f'process {index} does not join the coordinator {coordinator} as process {index}'
+  # Process 0 binds the coordinator on host:<its port> (service/server/app.py, _join_job).
+  assert config.host == '0.0.0.0'
+  assert ports['coordinator'] not in (config.port, config.metrics_port, config.health_port)
+  svc_port = next((p for p in multihost.headless['spec']['ports']
+                   if p['port'] == ports['coordinator']), None)
+  assert svc_port and svc_port['targetPort'] in ('coordinator', ports['coordinator']), \
+      f'the headless Service does not expose the coordinator port {ports["coordinator"]}'
+
+
+def test_multihost_each_process_advertises_its_own_dns_name(multihost, tmp_path):
+  grpc = next(p for p in multihost.headless['spec']['ports'] if p['name'] == 'grpc')
+  for index in range(multihost.servers['spec']['completions']):
+    _, config = server_config(multihost, tmp_path, index)
+    assert config.advertise_address == f'{pod_dns_name(multihost, index)}:{config.port}', \
+        f'process {index} advertises {config.advertise_address}'
+    assert grpc['port'] == config.port
+
+
+def test_multihost_checkpoints_are_on_one_shared_volume(multihost, tmp_path):
+  _, config = server_config(multihost, tmp_path)
+  mount = next(m for m in multihost.server['volumeMounts']
+               if m['mountPath'] == config.checkpoint_dir)
+  volume = next(v for v in multihost.servers['spec']['template']['spec']['volumes']
+                if v['name'] == mount['name'])
+  claim = volume['persistentVolumeClaim']['claimName']
+  pvc = one(multihost.objects, 'PersistentVolumeClaim', lambda o: o['metadata']['name'] == claim)
+  assert pvc['spec']['accessModes'] == ['ReadWriteMany'], \
+      f'{claim} is {pvc["spec"]["accessModes"]}: every process writes its shards into it'
+
+
+def test_multihost_init_container_writes_the_workers_initial_params(multihost, tmp_path,
+                                                                 monkeypatch):
+  """A multi-process server refuses InitializeModel: the init container's .npz, run here, is
+  --init-params, with the leaves (client's paths, shapes) of the model the workers train."""
+  from service.client import client as client_lib  # pylint: disable=import-outside-toplevel
+  from service.core import persistence  # pylint: disable=import-outside-toplevel
+  from service.examples import models  # pylint: disable=import-outside-toplevel
+  pod = multihost.servers['spec']['template']['spec']
+  inits = pod.get('initContainers', [])
+  assert len(inits) == 1, 'expected one init container, writing --init-params'
+  init = inits[0]
+  assert init['command'][:2] == ['python', '-c'] and len(init['command']) == 3
+  model, seed, out = init['args']
+  _, config = server_config(multihost, tmp_path)
+  assert out == config.init_params, f'the init container writes {out}, not --init-params'
+  mount = next(m for m in init['volumeMounts'] if out.startswith(m['mountPath'] + '/'))
+  assert any(m['name'] == mount['name'] and m['mountPath'] == mount['mountPath']
+             for m in multihost.server['volumeMounts']), f'the server does not see {out}'
+  worker = parse(multihost.worker, {**container_env(multihost.worker), 'JOB_COMPLETION_INDEX': '0'})
+  assert (model, int(seed)) == (worker.model, worker.seed), \
+      f'the init container writes model {model} seed {seed}, the workers train ' \
+      f'{worker.model} seed {worker.seed}'
+  written = tmp_path / 'init-params.npz'
+  monkeypatch.setattr(sys, 'argv', ['-c', model, seed, str(written)])
+  script = compile(init['command'][2], 'initContainer', 'exec')
+  exec(script, {'__name__': '__main__'})  # pylint: disable=exec-used
+  specs, _ = persistence.load_npz(str(written))
+  template = models.load_model(worker.model, worker.seed).init(worker.seed)
+  assert [(s.path, tuple(s.shape)) for s in specs] == \
+      [(p, x.shape) for p, x in client_lib._flatten(template)]  # pylint: disable=protected-access
+
+
+def test_multihost_a_failed_process_restarts_the_group(multihost):
+  spec = multihost.servers['spec']
+  # A lost process makes the others exit non-zero (the server's heartbeat); every failed index
+  # gets a new pod, once the old one is gone, and the new processes form a new job.
+  assert spec['template']['spec']['restartPolicy'] == 'Never'
+  assert spec.get('podReplacementPolicy') == 'Failed'
+  assert 'backoffLimitPerIndex' not in spec, 'one index failing for good must fail the group'
+  assert spec['backoffLimit'] >= 2 * spec['completions'], 'no room for one group restart'
+  rules = spec.get('podFailurePolicy', {}).get('rules', [])
+  assert {'action': 'Ignore', 'onPodConditions': [{'type': 'DisruptionTarget', 'status': 'True'}]
+          } in rules, 'an evicted or preempted process counts as a failure'
 
 
 # ------------------------------------------------------------------------------------------
@@ -402,7 +584,7 @@ def test_gpu_overlay_asks_for_gpus():
 
 def test_tpu_overlay_asks_for_tpus_on_tpu_nodes():
   dep = Deployment('overlays/tpu')
-  for workload, c in ((dep.sts, dep.server), (dep.job, dep.worker)):
+  for workload, c in ((dep.servers, dep.server), (dep.workers, dep.worker)):
     assert int(c['resources']['limits']['google.com/tpu']) >= 1, c['name']
     selector = workload['spec']['template']['spec']['nodeSelector']
     assert {'cloud.google.com/gke-tpu-accelerator',
@@ -415,7 +597,8 @@ def test_dev_overlay_is_small(tmp_path):
   assert 1 <= config.num_workers <= 2
   args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
   assert args.steps <= 1000
-  storage = dep.sts['spec']['volumeClaimTemplates'][0]['spec']['resources']['requests']['storage']
+  claim = dep.servers['spec']['volumeClaimTemplates'][0]
+  storage = claim['spec']['resources']['requests']['storage']
   assert storage.endswith('Gi') and int(storage[:-2]) <= 5
 
 
@@ -585,7 +768,7 @@ def test_tls_overlay_serves_tls_and_probes_the_health_port(tmp_path):
   dep = Deployment('overlays/tls')
   _, config = server_config(dep, tmp_path)
   assert config.tls_cert and config.tls_key
-  server_paths = secret_volume_paths(dep.sts, dep.server, TLS_SECRET)
+  server_paths = secret_volume_paths(dep.servers, dep.server, TLS_SECRET)
   for path in (config.tls_cert, config.tls_key, config.tls_client_ca):
     if path:
       assert path in server_paths, f'{path} is not a file of the Secret {TLS_SECRET}'
@@ -594,9 +777,9 @@ def test_tls_overlay_serves_tls_and_probes_the_health_port(tmp_path):
   for probe in ('startupProbe', 'readinessProbe', 'livenessProbe'):
     assert dep.server[probe]['grpc']['port'] in (config.health_port, 'health')
   args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
-  assert args.tls_ca in secret_volume_paths(dep.job, dep.worker, TLS_SECRET), \
+  assert args.tls_ca in secret_volume_paths(dep.workers, dep.worker, TLS_SECRET), \
       f'--tls-ca {args.tls_ca} is not a file of the Secret {TLS_SECRET}'
-  worker_paths = secret_volume_paths(dep.job, dep.worker, TLS_SECRET)
+  worker_paths = secret_volume_paths(dep.workers, dep.worker, TLS_SECRET)
   assert not any(p.endswith('tls.key') for p in worker_paths), 'the workers get the server key'
   for svc in (dep.service, dep.headless):
     grpc_port = next(p for p in svc['spec']['ports'] if p['name'] == 'grpc')
