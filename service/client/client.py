@@ -257,15 +257,32 @@ class OptimizerClient:
         r.hyperparameters.learning_rate)
 
   def initialize(self, params) -> str:
-    """Uploads the initial parameters (float32); returns the model_id."""
-    leaves = [(p, np.asarray(x, np.float32)) for p, x in _flatten(params)]
+    """Uploads the initial parameters (float32); returns the model_id.
 
+    A multi-process server is sent the same stream on every process, in
+    parallel, under one init id: each process keeps its part.
+    """
+    leaves = [(p, np.asarray(x, np.float32)) for p, x in _flatten(params)]
     header = pb.InitializeModelHeader(
-        leaves=[LeafSpec(p, x.shape, x.dtype).to_proto() for p, x in leaves])
+        leaves=[LeafSpec(p, x.shape, x.dtype).to_proto() for p, x in leaves],
+        init_id=uuid.uuid4().hex)
+
     def requests():
       yield pb.InitializeModelRequest(header=header)
       yield from encoded_chunk_messages(pb.InitializeModelRequest, leaves,
                                              self.chunk_bytes)
+
+    r = self._stub.DescribeModel(pb.DescribeModelRequest(), timeout=self.timeout)
+    if len(r.processes) > 1:
+      clients = [OptimizerClient(p.endpoint, **self._options) for p in r.processes]
+      try:
+        with concurrent.futures.ThreadPoolExecutor(len(clients), 'initialize') as pool:
+          ids = list(pool.map(lambda c: c._stub.InitializeModel(  # pylint: disable=protected-access
+              requests(), timeout=self.timeout).model_id, clients))
+      finally:
+        for c in clients:
+          c.close()
+      return ids[0]
     return self._stub.InitializeModel(requests(), timeout=self.timeout).model_id
 
   def push(self, step: int, grads, num_examples: int, worker_id: str, *,

@@ -61,7 +61,7 @@ from service.core.rules import StepRules, Steps
 from service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, ServiceError,
                             PermissionDenied, Unavailable)
 from service.logs import fields
-from service.protocol.chunks import DEFAULT_CHUNK_BYTES
+from service.protocol.chunks import DEFAULT_CHUNK_BYTES, HostParts
 from service.protocol.specs import LeafSpec
 from service.protocol.types import PushHeader, PushResult
 
@@ -314,17 +314,48 @@ class Engine:
 
   # ------------------------------------------------------------------ model
 
-  def initialize(self, specs: Sequence[LeafSpec], host_params: Sequence[np.ndarray]) -> str:
-    """Creates the model of leaves `specs` from host buffers; ALREADY_EXISTS if it exists.
-
-    `host_params`: one per leaf, row-major: the whole leaf, or the part of it
-    this process holds (in a multi-process job; see `ModelPlan.local_specs`).
-    """
-    for s, buf in zip(specs, host_params):
+  def initial_sink(self, specs: Sequence[LeafSpec], init_id: str = '') -> HostParts:
+    """Where the stream of an InitializeModel of the whole leaves `specs` goes: this
+    process keeps its part. Checks the header first (`init_id`: see `initialize`)."""
+    self._init_key(init_id)
+    for s in specs:
       if s.dtype not in PARAM_DTYPES:
         raise InvalidArgument(f'leaf {s.path}: parameters must be float32, got {s.dtype.name}')
-      if not all_finite(buf):
-        raise InvalidArgument(f'leaf {s.path} of the initial parameters contains NaN or Inf')
+    return HostParts(specs, ModelPlan(self.config, self.mesh, specs).slices)
+
+  def initialize(self, specs: Sequence[LeafSpec], host_params: Sequence[np.ndarray],
+                 init_id: Optional[str] = None) -> str:
+    """Creates the model of leaves `specs` from host buffers; ALREADY_EXISTS if it exists.
+
+    Args:
+      specs: the whole leaves.
+      host_params: one per leaf, row-major: the whole leaf, or the part of it
+        this process holds (in a multi-process job; see `ModelPlan.local_specs`).
+      init_id: names a client's InitializeModel (None: the server's own, from
+        --init-params). A multi-process job's processes each get the client's
+        stream and create the model together, or none of them does.
+    """
+    key = None if init_id is None else self._init_key(init_id)
+    try:
+      for s, buf in zip(specs, host_params):
+        if s.dtype not in PARAM_DTYPES:
+          raise InvalidArgument(f'leaf {s.path}: parameters must be float32, got '
+                                f'{s.dtype.name}')
+        if not all_finite(buf):
+          raise InvalidArgument(f'leaf {s.path} of the initial parameters contains NaN or Inf')
+    except ServiceError as e:
+      if key is not None:
+        self._job.refuse(key, e)
+      raise
+    if key is not None:  # every process has its part, checked: process 0 says so
+      if self._job.leader:
+        decision, _ = self._job.gather(key)
+        decision = decision or self._job.accept(key, 0, None)
+      else:
+        self._job.offer(key, None)
+        decision = self._job.await_decision(key)
+      if not decision.accepted:
+        raise decision.error
     with self._cond:
       if self._plan is not None:
         raise AlreadyExists(f'the model is already initialised (model_id {self._model_id}, '
@@ -346,6 +377,15 @@ class Engine:
                extra=fields(step=0, model_id=model_id))
     plan.compile()  # outside the lock; a step that comes first compiles it itself
     return model_id
+
+  def _init_key(self, init_id: str) -> Optional[str]:
+    """Where the job agrees on an InitializeModel (None: a single process needs no key)."""
+    if self._job is None:
+      return None
+    if not init_id:
+      raise InvalidArgument('header.init_id is empty: a multi-process server matches the '
+                            'streams its processes get by it')
+    return self._job.push_key('init', 'InitializeModel', init_id)
 
   def _adopt_locked(self, plan: ModelPlan, state: ModelState, step: int) -> str:
     """Makes (plan, state) of `step` the model, with a new model_id; returns it."""

@@ -280,6 +280,62 @@ class HostArrays:
     del leaf
 
 
+class HostParts:
+  """A sink that keeps only a part of each leaf: `slices[i]` (a range of at most one
+  dimension) of leaf i's row-major bytes, into new row-major arrays of the parts.
+
+  The bytes outside the parts are dropped as they arrive; no whole leaf is held.
+
+  Example:
+    >>> sink = HostParts([LeafSpec('x', (2, 4), np.dtype(np.float32))],
+    ...                  [(slice(None), slice(2, 4))])
+    >>> sink.write(0, 0, np.arange(8, dtype=np.float32).view(np.uint8))
+    >>> sink.arrays[0].tolist()
+    [[2.0, 3.0], [6.0, 7.0]]
+  """
+
+  def __init__(self, specs: Sequence[LeafSpec], slices: Sequence[tuple]):
+    self._specs = list(specs)
+    self._cuts = []  # per leaf: (row bytes: the split dimension's stride, its start, stop)
+    shapes = []
+    for s, index in zip(specs, slices):
+      dims = [d for d, sl in enumerate(index) if sl != slice(None)]
+      if not dims:
+        self._cuts.append(None)
+        shapes.append(s.shape)
+        continue
+      d = dims[0]
+      start, stop, _ = index[d].indices(s.shape[d])
+      stride = int(np.prod(s.shape[d + 1:], dtype=np.int64)) * s.dtype.itemsize
+      self._cuts.append((stride, s.shape[d], start, stop))
+      shapes.append(s.shape[:d] + (stop - start,) + s.shape[d + 1:])
+    raw = allocate([int(np.prod(sh, dtype=np.int64)) * s.dtype.itemsize
+                    for sh, s in zip(shapes, specs)])
+    self._bytes = raw
+    self.arrays = [b.view(s.dtype).reshape(sh) for b, s, sh in zip(raw, specs, shapes)]
+
+  def write(self, leaf: int, offset: int, data: np.ndarray) -> None:
+    cut = self._cuts[leaf]
+    if cut is None:
+      self._bytes[leaf][offset:offset + len(data)] = data
+      return
+    stride, rows, start, stop = cut
+    kept = (stop - start) * stride  # bytes kept of each run of `rows` rows
+    end = offset + len(data)
+    row = offset // stride  # the row (of the split dimension, counted over the outer ones)
+    while offset < end:
+      outer, r = divmod(row, rows)
+      row_end = min(end, (row + 1) * stride)
+      if start <= r < stop:
+        at = outer * kept + (r - start) * stride + offset - row * stride
+        self._bytes[leaf][at:at + row_end - offset] = data[offset - end + len(data):
+                                                           row_end - end + len(data)]
+      offset, row = row_end, row + 1
+
+  def leaf_complete(self, leaf: int) -> None:
+    del leaf
+
+
 class ChunkReceiver:
   """Checks a stream of chunks against its header and hands their bytes to a sink.
 

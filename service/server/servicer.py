@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Sequence
 import grpc
 
 from service.core.engine import Engine, PullHeader
-from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ServiceError
+from service.errors import AlreadyExists, InvalidArgument, ServiceError
 from service.logs import fields
 from service.protocol import SERVICE_NAME, pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
@@ -179,22 +179,20 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       if d.initialized:  # refuse before reading the stream (the engine checks again)
         raise AlreadyExists(f'the model is already initialised (model_id {d.model_id}, '
                             f'step {d.step})')
-      if len(self._endpoints) > 1:
-        raise FailedPrecondition('a multi-process server takes its initial parameters from '
-                                 '--init-params (or a checkpoint), not from InitializeModel')
       reader = self._reader(request_iterator, 'InitializeModel')
       header, chunks, commit = _read_stream(reader, 'InitializeModel')
       specs = specs_from_proto(header.leaves, 'header.leaves')
       if not specs:
         raise InvalidArgument('header.leaves is empty')
-      receiver = ChunkReceiver(specs, 'InitializeModel')
+      receiver = ChunkReceiver(specs, 'InitializeModel',
+                               self._engine.initial_sink(specs, header.init_id))
       try:
         for chunk in chunks:
           receiver.add(chunk)
       finally:
         self._metrics.received_bytes.labels('InitializeModel').inc(receiver.total_bytes)
       receiver.finish(commit[0] if commit else None)
-      model_id = self._engine.initialize(specs, receiver.sink.arrays)
+      model_id = self._engine.initialize(specs, receiver.sink.arrays, header.init_id)
       return pb.InitializeModelResponse(model_id=model_id, step=0)
     except ServiceError as e:
       if e.reason in ('idle', 'stream_too_long'):

@@ -177,13 +177,32 @@ def _scrape(port):
     return r.read().decode()
 
 
-def test_a_multi_process_server_takes_its_initial_params_from_a_file(tmp_path):
-  # InitializeModel would give one process whole leaves: refused, naming what to use.
+def test_initialize_model_on_a_multi_process_server_gives_each_process_its_part(tmp_path):
+  # The client sends the whole stream to every process (one init id); each keeps its part.
+  from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
   with _job(tmp_path, init_params=False) as job:
     stub_ = pb_grpc.OptimizerServiceStub(grpc.insecure_channel(f'127.0.0.1:{job[0][1]}'))
     assert not stub_.DescribeModel(pb.DescribeModelRequest(), timeout=30).initialized
-    with pytest.raises(grpc.RpcError) as e:
+    with pytest.raises(grpc.RpcError) as e:  # without an init id the streams cannot be matched
       stub_.InitializeModel(iter([pb.InitializeModelRequest(
           header=pb.InitializeModelHeader(leaves=[spec('x', (1,))]))]), timeout=30)
-    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert '--init-params' in e.value.details()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert 'header.init_id' in e.value.details()
+    client = OptimizerClient(f'127.0.0.1:{job[1][1]}', timeout=60)
+    bad = mp_engine.params()
+    bad["['rows']"][-1, 0] = np.nan  # in process 1's part only (rows are split on dim 0)
+    with pytest.raises(grpc.RpcError) as e:
+      client.initialize(bad)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "['rows']" in e.value.details() and 'NaN' in e.value.details()
+    assert not stub_.DescribeModel(pb.DescribeModelRequest(), timeout=30).initialized
+    model_id = client.initialize(mp_engine.params())
+    pulled = client.pull()
+    assert (pulled.model_id, pulled.step) == (model_id, 0)
+    for k, v in mp_engine.params().items():
+      np.testing.assert_array_equal(pulled.params[k], v)
+    client.close()
+    metrics = [sample(_scrape(m), 'lamb_sharded_received_bytes_total',
+                      {'rpc': 'InitializeModel'}) for _, _, m in job]
+  whole = sum(4 * np.prod(s) for s in mp_engine.SHAPES.values())
+  assert metrics == [2 * whole] * 2  # every process read both streams whole, kept its part

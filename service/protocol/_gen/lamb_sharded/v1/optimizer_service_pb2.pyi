@@ -98,10 +98,12 @@ class InitializeModelRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[InitializeModelHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[_tensor_pb2.StreamCommit, _Mapping]] = ...) -> None: ...
 
 class InitializeModelHeader(_message.Message):
-    __slots__ = ("leaves",)
+    __slots__ = ("leaves", "init_id")
     LEAVES_FIELD_NUMBER: _ClassVar[int]
+    INIT_ID_FIELD_NUMBER: _ClassVar[int]
     leaves: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
-    def __init__(self, leaves: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ...) -> None: ...
+    init_id: str
+    def __init__(self, leaves: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., init_id: _Optional[str] = ...) -> None: ...
 
 class InitializeModelResponse(_message.Message):
     __slots__ = ("model_id", "step")
