@@ -205,3 +205,31 @@ def test_kill_9_of_process_0_ends_the_other_with_one_line_naming_the_coordinator
                            'the job lost its coordinator (process 0, 127.0.0.1:'), last
   finally:
     mp_server.stop(job)
+
+
+def test_async_pushes_are_applied_in_one_order_on_every_process(tmp_path):
+  # Two workers push at once: process 0 orders them, and process 1 applies them in its order.
+  with mp_server.job(tmp_path, extra=['--step-mode', 'async', '--staleness-bound', '1']) as job:
+    clients = [OptimizerClient(f'127.0.0.1:{job[w][1]}', timeout=60) for w in BOTH]
+    try:
+      model_id = clients[0].pull().model_id
+      results = _pool_map(lambda w: clients[w].push(0, mp_engine.grads(0, w), 1, f'worker-{w}',
+                                                    model_id=model_id), BOTH)
+      clients[0].wait_for_step(2, timeout=60)
+      pulled = clients[1].pull()
+    finally:
+      for c in clients:
+        c.close()
+  order = sorted(BOTH, key=lambda w: results[w].accepted_step)
+  assert [results[w].accepted_step for w in order] == [0, 1]
+  import optax  # pylint: disable=import-outside-toplevel
+  from service.config import ServerConfig  # pylint: disable=import-outside-toplevel
+  from service.core.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+  tx = make_optimizer(ServerConfig(**mp_engine.CONFIG), None, None)
+  params = mp_engine.params()
+  state = tx.init(params)
+  for w in order:
+    updates, state = tx.update(mp_engine.grads(0, w), state, params)
+    params = optax.apply_updates(params, updates)
+  assert pulled.step == 2
+  mp_server.assert_params(pulled.params, {k: np.asarray(v) for k, v in params.items()})
