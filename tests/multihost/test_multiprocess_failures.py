@@ -75,7 +75,7 @@ def _steps(stubs):
   return [s.DescribeModel(pb.DescribeModelRequest(), timeout=30).step for s in stubs]
 
 
-def test_a_push_one_process_refuses_is_refused_by_every_process_and_changes_nothing(tmp_path):
+def test_a_push_one_process_refuses_is_refused_by_all_and_a_retry_counts_once(tmp_path):
   with mp_server.job(tmp_path) as job:
     stubs = [pb_grpc.OptimizerServiceStub(grpc.insecure_channel(f'127.0.0.1:{port}'))
              for _, port, _ in job]
@@ -118,6 +118,20 @@ def test_a_push_one_process_refuses_is_refused_by_every_process_and_changes_noth
     pulled = _train(job[1][1], [0])
     mp_server.assert_params(pulled.params, mp_server.reference([BOTH]))
     assert _steps(stubs) == [1, 1]
+    # A retry counts once, on each process and across them: worker 0's step-1 push, then its
+    # part retried on process 1 alone (its answer lost, say), then worker 1's push.
+    def part(w, i):
+      g = mp_engine.grads(1, w)
+      leaves = [(k, np.array(g[k][parts[k][i]])) for k in mp_engine.SHAPES]
+      return stubs[i].PushGradients(iter(push_messages(
+          leaves, worker_id=f'worker-{w}', step=1, push_id=f'retry-{w}')), timeout=60)
+    first = _pool_map(lambda i: part(0, i), range(2))
+    assert [(r.accepted_step, r.applied, r.duplicate) for r in first] == [(1, False, False)] * 2
+    again = part(0, 1)
+    assert (again.accepted_step, again.duplicate) == (1, True)
+    assert all(r.applied for r in _pool_map(lambda i: part(1, i), range(2)))
+    with OptimizerClient(f'127.0.0.1:{job[0][1]}', timeout=60) as c:
+      mp_server.assert_params(c.pull().params, mp_server.reference([BOTH, BOTH]))
 
 
 def test_the_straggler_timeout_closes_the_same_step_on_every_process(tmp_path):
