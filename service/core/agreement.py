@@ -7,6 +7,7 @@ the processes). Process 0, the leader, decides; the others follow; nobody
 guesses from its own view or clock. The record is the coordinator's key-value
 store (`jax.distributed`), where a key written once cannot be written again:
 
+  push/<model>/<push>/admitted   process 0 took the push in (the others admit it after)
   push/<model>/<push>/part/<i>   process i has its part, complete and checked
   push/<model>/<push>/decision   accepted into step t, or refused (and why)
   save/<model>/<t>               whether step t is checkpointed
@@ -99,6 +100,28 @@ class Job:
     """Where the push's record is (ids of any characters: hashed)."""
     digest = hashlib.sha256(f'{worker_id}\0{push_id}'.encode()).hexdigest()[:32]
     return f'lamb_sharded/push/{model_id}/{digest}'
+
+  def admitted(self, key: str) -> None:
+    """The leader admitted the push `key` (took it in flight): the followers may too."""
+    self._kv.key_value_set(f'{key}/admitted', '1', allow_overwrite=True)
+
+  def await_admitted(self, key: str, timeout_s: float) -> None:
+    """A follower's wait until the leader admitted `key`; the push's error if it was
+    refused meanwhile, ResourceExhausted if the leader did not admit it in time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+      try:
+        self._kv.blocking_key_value_get(f'{key}/admitted', _POLL_MS)
+        return
+      except Exception:  # pylint: disable=broad-except  # not yet
+        pass
+      found = self._try_get(f'{key}/decision')
+      if found is not None:
+        raise Decision.decode(found).error or errors.Aborted('the push was decided already')
+      if time.monotonic() > deadline:
+        raise errors.ResourceExhausted(
+            f'server process 0 did not admit this push within {timeout_s:.0f}s (it is busy, or '
+            f'its part never came); retry later', reason='busy')
 
   def offer(self, key: str, poison: Optional[str]) -> None:
     """This process has its part of the push `key`, complete and checked."""

@@ -449,9 +449,23 @@ class Engine:
         return PushSession(header, answered=answered)
       self._check_leaves(plan, header.leaves)
       self._steps.check(header.worker_id, header.step)
-      slot = self._admit_locked(header.nbytes, timeout)
-      buffers = self._sum.take_buffers([s.dtype for s in header.leaves])
-      views = self._sum.wire_views(buffers)
+      job = self._job
+      if job is None or job.leader:
+        return self._session_locked(header, timeout)
+      key = job.push_key(self._model_id, header.worker_id, header.push_id)
+    # A follower admits only pushes process 0 admitted: else each process could fill its
+    # room with pushes whose parts wait for room on the other, and none would ever count.
+    job.await_admitted(key, timeout)
+    with self._cond:
+      return self._session_locked(header, timeout)
+
+  def _session_locked(self, header: PushHeader, timeout: float) -> PushSession:
+    """Admits a checked push (waiting up to `timeout` for room): its session."""
+    slot = self._admit_locked(header.nbytes, timeout)
+    if self._job is not None and self._job.leader:  # the followers may admit it now
+      self._job.admitted(self._job.push_key(self._model_id, header.worker_id, header.push_id))
+    buffers = self._sum.take_buffers([s.dtype for s in header.leaves])
+    views = self._sum.wire_views(buffers)
     return PushSession(header, buffers=buffers, views=views, slot=slot,
                        reject_nonfinite=self.config.nonfinite == 'reject',
                        commit=self._commit, release=self._release)

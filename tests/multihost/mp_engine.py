@@ -16,7 +16,7 @@ import numpy as np
 
 from service import runtime
 
-STEPS, WORKERS = 3, 2
+STEPS, WORKERS = 3, 3
 SHAPES = {"['rows']": (64, 4), "['cols']": (3, 16), "['odd']": (7,)}  # dim 0, dim 1, replicated
 CONFIG = dict(num_workers=WORKERS, learning_rate=0.05, weight_decay=0.01)
 

@@ -108,7 +108,7 @@ def test_two_server_processes_each_take_only_their_part_and_train_like_one(tmp_p
     parts = {pl.path: _parts(pl, shapes[pl.path]) for pl in d.placements}
     assert not d.placements[2].HasField('split_dim')  # (7,): every process holds it whole
     assert [pl.split_dim for pl in d.placements[:2]] == [0, 1]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2 * mp_engine.WORKERS) as pool:
       for step in range(mp_engine.STEPS):
         futures = []
         for w in range(mp_engine.WORKERS):
@@ -118,7 +118,7 @@ def test_two_server_processes_each_take_only_their_part_and_train_like_one(tmp_p
             futures.append(pool.submit(st.PushGradients, iter(push_messages(
                 leaves, worker_id=f'worker-{w}', step=step, push_id=f'{step}-{w}')),
                 timeout=60))
-        assert sum(f.result().applied for f in futures) == 2  # each process applied the step
+        assert sum(f.result().applied for f in futures) == 2  # the last push's parts applied it
     got = {k: np.empty(s, np.float32) for k, s in shapes.items()}
     for i, st in enumerate(stubs):
       assert st.WaitForStep(pb.WaitForStepRequest(step=mp_engine.STEPS), timeout=60).reached
@@ -128,16 +128,16 @@ def test_two_server_processes_each_take_only_their_part_and_train_like_one(tmp_p
         got[k][parts[k][i]] = v
     # The client library does the same by itself, given one process's address: one more step.
     from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
-    workers = [OptimizerClient(f'127.0.0.1:{job[1][1]}', timeout=60) for _ in range(2)]
+    workers = [OptimizerClient(f'127.0.0.1:{job[1][1]}', timeout=60)
+               for _ in range(mp_engine.WORKERS)]
     pulled = workers[0].pull()
     assert pulled.step == mp_engine.STEPS
     for k in shapes:
       np.testing.assert_array_equal(pulled.params[k], got[k])
     results = list(pool_map(lambda w: workers[w].push(
         mp_engine.STEPS, mp_engine.grads(mp_engine.STEPS, w), 1, f'worker-{w}',
-        model_id=pulled.model_id), range(2)))
-    # Each process applies the step with one of the two pushes (not always the same one's).
-    assert [r.accepted_step for r in results] == [mp_engine.STEPS] * 2
+        model_id=pulled.model_id), range(mp_engine.WORKERS)))
+    assert [r.accepted_step for r in results] == [mp_engine.STEPS] * mp_engine.WORKERS
     workers[0].wait_for_step(mp_engine.STEPS + 1, timeout=60)
     after = workers[1].pull()
     assert after.step == mp_engine.STEPS + 1
@@ -167,7 +167,7 @@ def test_two_server_processes_each_take_only_their_part_and_train_like_one(tmp_p
 
 
 def pool_map(fn, items):
-  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
     return list(pool.map(fn, items))
 
 
