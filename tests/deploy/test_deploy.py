@@ -17,8 +17,9 @@ workers and the server address agree everywhere they appear.
 
 The multihost overlay (the server as an indexed Job of N processes of one JAX job) is checked
 the same way, and more: `ServerConfig.job()` resolves in every process's environment to
-process 0's coordinator, each process advertises its own DNS name, and the init container
-that writes `--init-params` is run here.
+process 0's coordinator, each process advertises its own DNS name, the workers initialise the
+model as in the base (`--init`), and the Job's podFailurePolicy, applied here as the Job
+controller applies it, fails the Job on the CLI's configuration-error status only.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import yaml
 
 from service import cli
 from service import config as config_lib
+from service.server import supervise
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / 'deploy'
@@ -375,10 +377,7 @@ def test_workers_are_an_indexed_job_that_parses_for_every_index(dep, tmp_path):
     assert args.worker_index == index
     assert args.num_workers == config.num_workers
     assert args.steps > 0
-    if dep.multihost:
-      assert not args.init, 'a multi-process server refuses InitializeModel (worker --init)'
-    else:
-      assert args.init or index != 0, 'worker 0 must initialise the model (--init)'
+    assert args.init or index != 0, 'worker 0 must initialise the model (--init)'
 
 
 def test_workers_reach_the_server_through_its_service(dep, tmp_path):
@@ -528,42 +527,86 @@ def test_multihost_checkpoints_are_on_one_shared_volume(multihost, tmp_path):
       f'{claim} is {pvc["spec"]["accessModes"]}: every process writes its shards into it'
 
 
-def test_multihost_init_container_writes_the_workers_initial_params(multihost, tmp_path,
-                                                                 monkeypatch):
-  """A multi-process server refuses InitializeModel: the init container's .npz, run here, is
-  --init-params, with the leaves (client's paths, shapes) of the model the workers train."""
-  from service.client import client as client_lib  # pylint: disable=import-outside-toplevel
-  from service.core import persistence  # pylint: disable=import-outside-toplevel
-  from service.examples import models  # pylint: disable=import-outside-toplevel
-  pod = multihost.servers['spec']['template']['spec']
-  inits = pod.get('initContainers', [])
-  assert len(inits) == 1, 'expected one init container, writing --init-params'
-  init = inits[0]
-  assert init['command'][:2] == ['python', '-c'] and len(init['command']) == 3
-  model, seed, out = init['args']
-  _, config = server_config(multihost, tmp_path)
-  assert out == config.init_params, f'the init container writes {out}, not --init-params'
-  mount = next(m for m in init['volumeMounts'] if out.startswith(m['mountPath'] + '/'))
-  assert any(m['name'] == mount['name'] and m['mountPath'] == mount['mountPath']
-             for m in multihost.server['volumeMounts']), f'the server does not see {out}'
-  worker = parse(multihost.worker, {**container_env(multihost.worker), 'JOB_COMPLETION_INDEX': '0'})
-  assert (model, int(seed)) == (worker.model, worker.seed), \
-      f'the init container writes model {model} seed {seed}, the workers train ' \
-      f'{worker.model} seed {worker.seed}'
-  written = tmp_path / 'init-params.npz'
-  monkeypatch.setattr(sys, 'argv', ['-c', model, seed, str(written)])
-  script = compile(init['command'][2], 'initContainer', 'exec')
-  exec(script, {'__name__': '__main__'})  # pylint: disable=exec-used
-  specs, _ = persistence.load_npz(str(written))
-  template = models.load_model(worker.model, worker.seed).init(worker.seed)
-  assert [(s.path, tuple(s.shape)) for s in specs] == \
-      [(p, x.shape) for p, x in client_lib._flatten(template)]  # pylint: disable=protected-access
+def test_multihost_workers_initialise_the_model_as_in_the_base(multihost, tmp_path):
+  """The workers' args are the base's but --server (process 0): --init included, which sends
+  InitializeModel to every process; the server has no --init-params to compete with it."""
+  base = one_container(one(objects_of('base'), 'Job', lambda o: component(o) == 'worker'))
+  server_flag = [a.startswith('--server=') for a in base['args']]
+  assert server_flag.count(True) == 1, f'base worker args {base["args"]}: one --server= expected'
+  assert len(multihost.worker['args']) == len(base['args']), \
+      f'multihost worker args {multihost.worker["args"]} are not the base\'s {base["args"]}'
+  for ours, theirs, is_server in zip(multihost.worker['args'], base['args'], server_flag):
+    assert is_server or ours == theirs, f'multihost worker arg {ours}, base {theirs}'
+  assert '--init' in base['args']
+  _, config = server_config(multihost, tmp_path)  # --init-params, or server.yaml's init_params
+  assert config.init_params is None, \
+      f'the server takes --init-params {config.init_params}: the workers\' --init initialises ' \
+      f'the model'
+
+
+# podFailurePolicy as the Job controller applies it; the API schemas (kubernetes-validate)
+# check only its fields and their types, not the rules below.
+POD_FAILURE_ACTIONS = ('FailJob', 'Ignore', 'Count')  # FailIndex needs backoffLimitPerIndex
+
+
+def check_pod_failure_rules(spec: dict) -> list[dict]:
+  """The rules of a Job's podFailurePolicy, checked as the API server checks them."""
+  pod = spec['template']['spec']
+  assert pod['restartPolicy'] == 'Never', 'podFailurePolicy needs restartPolicy Never'
+  names = {c['name'] for c in pod['containers'] + pod.get('initContainers', [])}
+  rules = spec.get('podFailurePolicy', {}).get('rules', [])
+  for rule in rules:
+    assert rule['action'] in POD_FAILURE_ACTIONS, rule
+    assert ('onExitCodes' in rule) != ('onPodConditions' in rule), f'{rule}: one of both'
+    codes = rule.get('onExitCodes')
+    if codes:
+      assert codes['operator'] in ('In', 'NotIn'), rule
+      assert codes.get('containerName', next(iter(names))) in names, f'{rule}: no such container'
+      assert codes['values'] == sorted(set(codes['values'])) and 0 < len(codes['values']) <= 255
+      assert codes['operator'] == 'NotIn' or 0 not in codes['values'], f'{rule}: In 0'
+  return rules
+
+
+def pod_failure_action(rules: list[dict], exit_codes: dict[str, int],
+                       conditions: tuple[str, ...] = ()) -> str:
+  """What the Job does with a failed pod (its containers' exit codes, its conditions with
+  status True): the first matching rule's action; Count (toward backoffLimit) if none."""
+  for rule in rules:
+    if 'onExitCodes' in rule:
+      req = rule['onExitCodes']
+      codes = [code for name, code in exit_codes.items()
+               if code != 0 and req.get('containerName', name) == name]
+      if any((code in req['values']) == (req['operator'] == 'In') for code in codes):
+        return rule['action']
+    elif any(c['type'] in conditions and c.get('status', 'True') == 'True'
+             for c in rule['onPodConditions']):
+      return rule['action']
+  return 'Count'
+
+
+def test_multihost_pod_failure_policy_fails_the_job_on_a_configuration_error(multihost):
+  """Status 2 (the CLI's usage or configuration error: every new pod would repeat it) fails
+  the Job at once; a lost peer (status 3) and any other failure count toward backoffLimit;
+  an evicted or preempted pod is ignored."""
+  rules = check_pod_failure_rules(multihost.servers['spec'])
+  server = multihost.server['name']
+  with pytest.raises(SystemExit) as usage:
+    cli.main(['serve', '--no-such-flag'])
+  config_error = cli.main(['serve', '--port=-5'])  # refused before anything starts
+  assert usage.value.code == config_error == 2
+  assert pod_failure_action(rules, {server: config_error}) == 'FailJob', \
+      f'a server exiting {config_error} (configuration error) does not fail the Job'
+  for lost in (supervise.LOST_EXIT, 1, 128 + 9):  # a lost peer, a startup error, kill -9/OOM
+    assert pod_failure_action(rules, {server: lost}) == 'Count', \
+        f'a server exiting {lost} does not count toward backoffLimit: the group cannot restart'
+  assert pod_failure_action(rules, {server: 128 + 9}, ('DisruptionTarget',)) == 'Ignore', \
+      'an evicted or preempted server process counts as a failure'
 
 
 def test_multihost_a_failed_process_restarts_the_group(multihost):
   spec = multihost.servers['spec']
-  # A lost process makes the others exit non-zero (the server's heartbeat); every failed index
-  # gets a new pod, once the old one is gone, and the new processes form a new job.
+  # A lost process makes the others exit with status 3; every failed index gets a new pod,
+  # once the old one is gone, and the new processes form a new job.
   assert spec['template']['spec']['restartPolicy'] == 'Never'
   assert spec.get('podReplacementPolicy') == 'Failed'
   assert 'backoffLimitPerIndex' not in spec, 'one index failing for good must fail the group'
