@@ -30,6 +30,7 @@ from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME
 from service.protocol.tokens import load_tokens
 from service.server import auth
 from service.server.metrics import Metrics
+from service.server.progress import ProgressLog
 from service.server.servicer import OptimizerServicer, add_servicer
 from service.server.signals import awaiting_signals
 
@@ -73,7 +74,8 @@ class RunningServer:
                health_server: Optional[grpc.Server] = None,
                health_port: Optional[int] = None,
                checkpointer: Optional[Checkpointer] = None,
-               executor: Optional[concurrent.futures.Executor] = None):
+               executor: Optional[concurrent.futures.Executor] = None,
+               progress: Optional[ProgressLog] = None):
     self.server, self.engine, self.port = server, engine, port
     self._health = health_servicer
     self._servicer = servicer
@@ -81,10 +83,13 @@ class RunningServer:
     self.health_server, self.health_port = health_server, health_port
     self._checkpointer = checkpointer
     self._executor = executor
+    self._progress = progress
 
   def stop(self, grace: Optional[float] = None) -> None:
     """Graceful: not serving any more, pushes in flight finish, final checkpoint, stop."""
     self._health.enter_graceful_shutdown()
+    if self._progress is not None:
+      self._progress.close()
     try:
       self.engine.shutdown(self.engine.config.shutdown_grace_s if grace is None else grace)
       self.server.stop(grace).wait()
@@ -255,8 +260,9 @@ def start(config: ServerConfig) -> RunningServer:
   log.info('serving %s on %s:%d (%s%s), mesh of %d devices', SERVICE_NAME, config.host, port,
            ('mutual TLS' if config.tls_client_ca else 'TLS') if tls else 'plaintext',
            ', bearer tokens' if tokens else '', engine.mesh.devices.size)
+  progress = ProgressLog(metrics, config.progress_every_seconds)  # its first line: later
   return RunningServer(server, engine, port, health_servicer, servicer, metrics, metrics_port,
-                       health_server, health_port, checkpointer, executor)
+                       health_server, health_port, checkpointer, executor, progress)
 
 
 def serve_forever(config: ServerConfig) -> int:
