@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from service import config as config_lib
 from service import runtime
-from service.errors import ConfigError, StartupError
+from service.errors import ConfigError, NoServer, StartupError
 
 
 PROG = 'lamb-sharded'
@@ -317,16 +317,16 @@ def _explain(error: Exception, args) -> tuple[int, str]:
   """(exit code, one line) for an error that ends a command."""
   if isinstance(error, ConfigError):
     return 2, str(error)
-  if isinstance(error, StartupError):
+  if isinstance(error, (StartupError, NoServer)):
     return 1, str(error)
   grpc = sys.modules.get('grpc')
   if grpc is not None and isinstance(error, grpc.RpcError):
-    code = error.code()
-    server = getattr(args, 'server', '?')
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-      return 1, (f'--server {server}: no answer from the server within '
-                 f'{getattr(args, "timeout", "?")}s ({code.name}: {error.details()})')
-    return 1, f'--server {server} refused the call: {code.name}: {error.details()}'
+    from service.client import hints  # pylint: disable=import-outside-toplevel
+    flag = lambda name: getattr(args, name, None)  # pylint: disable=unnecessary-lambda-assignment
+    return 1, hints.explain(error, flag('server') or '?', tls=bool(flag('tls_ca') or
+                                                               flag('tls_cert')),
+                            token=bool(flag('token_file') or flag('token_env')),
+                            ca_file=flag('tls_ca'), timeout=flag('timeout'))
   if isinstance(error, OSError) and error.filename is not None:
     return 1, f'{error.filename}: {error.strerror}'
   return 1, (f'{type(error).__name__}: {error} (--log-level DEBUG shows where)')

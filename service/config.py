@@ -43,6 +43,9 @@ class ServerConfig:
   # Logs on stderr: level, and 'text' or 'json' (one object a line).
   log_level: str = setting('INFO', 'logging level')
   log_format: str = setting('text', 'log lines as text, or as one JSON object a line')
+  progress_every_seconds: float = setting(
+      30.0, 'log a progress line this often: step, pushes/s, MB/s received, apply time, '
+      'last checkpoint (0: off)')
   # Limits, so that no client can exhaust the server. RPCs beyond max_concurrent_rpcs get
   # RESOURCE_EXHAUSTED; a push or initialisation stream with no message for
   # stream_idle_timeout_s, or any stream open longer than max_stream_seconds, is cut off
@@ -176,6 +179,7 @@ class ServerConfig:
     need(self.stream_idle_timeout_s > 0, 'stream_idle_timeout_s', 'must be > 0')
     need(self.max_stream_seconds > 0, 'max_stream_seconds', 'must be > 0')
     need(self.keepalive_s >= 0, 'keepalive_s', 'must be >= 0')
+    need(self.progress_every_seconds >= 0, 'progress_every_seconds', 'must be >= 0')
     for w in self.worker_allowlist or ():
       need(WORKER_ID.fullmatch(w) is not None, 'allowed_workers',
            f'{w!r} is not a valid worker id ({WORKER_ID_RULE})')
@@ -189,7 +193,8 @@ class ServerConfig:
     for name in ('learning_rate', 'b1', 'b2', 'eps', 'eps_root', 'weight_decay',
                  'max_grad_norm', 'end_learning_rate', 'straggler_timeout_s',
                  'checkpoint_every_seconds', 'keepalive_s', 'max_stream_seconds',
-                 'stream_idle_timeout_s', 'admission_timeout_s', 'shutdown_grace_s'):
+                 'stream_idle_timeout_s', 'admission_timeout_s', 'shutdown_grace_s',
+                 'progress_every_seconds'):
       need(math.isfinite(getattr(self, name)), name, f'must be a finite number, got '
            f'{getattr(self, name)}')
     need(self.learning_rate >= 0, 'learning_rate', 'must be >= 0')
@@ -290,7 +295,7 @@ def _flag(name: str) -> str:
 # `serve --help` by topic; every field in exactly one (a test checks).
 GROUPS = {
     'network': ('host', 'port', 'grpc_threads', 'metrics_port', 'health_port', 'keepalive_s'),
-    'logs': ('log_level', 'log_format'),
+    'logs': ('log_level', 'log_format', 'progress_every_seconds'),
     'security': ('allowed_workers', 'auth_token_file', 'auth_token_env', 'tls_cert', 'tls_key',
                  'tls_client_ca'),
     'limits': ('max_concurrent_rpcs', 'max_streams_per_connection', 'stream_idle_timeout_s',

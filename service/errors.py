@@ -72,6 +72,11 @@ class ConfigError(ValueError):
   """
 
 
+class NoServer(ConnectionError):
+  """No server answered at an address within the time a client waits for one (a worker's
+  --connect-timeout). The message names the address and why; `lamb-sharded` exits 1."""
+
+
 class StartupError(RuntimeError):
   """The server cannot start as configured although its settings are valid (a port is in
   use, say). The message names what and its flag; `lamb-sharded` exits 1."""

@@ -77,10 +77,14 @@ def quiet_libraries(level: str, libraries: str = 'WARNING') -> None:
   """Keeps the libraries' own chatter below `libraries` (Orbax's per-save INFO lines, its
   notes on read-only managers, JAX's backend notes) out of a process's logs, unless
   `level` is DEBUG: absl's verbosity (Orbax logs through absl), JAX's logger, and XLA's
-  C++ logging (TF_CPP_MIN_LOG_LEVEL, before JAX loads, unless already set)."""
+  C++ logging (TF_CPP_MIN_LOG_LEVEL, before JAX loads, unless already set) and gRPC's
+  (GRPC_VERBOSITY, before gRPC loads, unless already set: its notes on each failed TLS
+  handshake, say)."""
   debug = level.upper() == 'DEBUG'
   if 'jax' not in sys.modules:
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '0' if debug else '1')
+  if 'grpc' not in sys.modules:
+    os.environ.setdefault('GRPC_VERBOSITY', 'INFO' if debug else 'ERROR')
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity('debug' if debug else libraries.lower())
   # JAX's own notes ("Unable to initialize backend 'tpu'") go to its Python logger.

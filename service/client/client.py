@@ -175,6 +175,9 @@ class OptimizerClient:
         ('grpc.service_config', json.dumps(_SERVICE_CONFIG)),
         ('grpc.enable_retries', 1),
         ('grpc.max_receive_message_length', MAX_RECEIVE_BYTES),
+        # A server not up yet is tried again every 5 s at most (gRPC's default backs off
+        # to 2 min): a worker waiting for it proceeds soon after it is up.
+        ('grpc.max_reconnect_backoff_ms', 5000),
     ]
     if channel is None and tls:
       if server_name_override:

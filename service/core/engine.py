@@ -32,6 +32,7 @@ decides and the others follow (core/agreement.py, through JAX's coordinator).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 
 PARAM_DTYPES = (np.dtype(np.float32),)
 MAX_EXAMPLES = 2**31 - 1  # of one push: far beyond any batch, and safe to scale by in float32
+MAX_WORKERS_SEEN = 1024  # the workers `workers_seen` remembers: the most recently seen ones
 
 
 class EngineObserver:
@@ -159,6 +161,8 @@ class Engine:
     self._closed = False
     self._job = agreement.Job.current()  # None: a single process
     self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
+    # worker_id -> (step its last counted push went into, time.monotonic() then).
+    self._seen: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
     # Off the step loop: the straggler timeout; timing each update from its dispatch
     # until it is computed; reporting each checkpoint once it is on disk.
     self._applied: queue.SimpleQueue = queue.SimpleQueue()
@@ -178,6 +182,16 @@ class Engine:
       plan, step, mid = self._plan, self._steps.step, self._model_id
     return Description(plan is not None, mid, plan.specs if plan else (), step,
                        float(self._schedule(step)), plan.placements if plan else ())
+
+  def workers_seen(self) -> list[tuple[str, int, float]]:
+    """(worker_id, step of its last counted push, seconds since), most recent last.
+
+    The last `MAX_WORKERS_SEEN` workers whose pushes were counted into a step.
+    """
+    with self._cond:
+      seen = list(self._seen.items())
+    now = time.monotonic()
+    return [(w, step, now - t) for w, (step, t) in seen]
 
   @property
   def job(self) -> Optional[agreement.Job]:
@@ -595,6 +609,10 @@ class Engine:
     self._release_locked(session)  # its buffers are the sum's now, or back in the pool
     self.stats['pushes_accepted'] += 1
     accepted = self._steps.step
+    self._seen[h.worker_id] = (accepted, time.monotonic())
+    self._seen.move_to_end(h.worker_id)
+    if len(self._seen) > MAX_WORKERS_SEEN:
+      self._seen.popitem(last=False)
     complete = self._steps.add(h.worker_id, h.push_id, time.monotonic())
     if complete:
       self._apply_locked()

@@ -20,9 +20,11 @@ pushes of the step it averages them weighted by their examples, applies one
 sharded LAMB step (warmup + cosine decay) on its mesh, and answers the workers'
 `WaitForStep` long polls. This process watches the same way: it long-polls
 `WaitForStep` for the progress bar, reads the workers' JSON progress lines
-(step, loss, examples) for the loss curve, and at the end pulls the final
-parameters and measures the held-out accuracy. It writes OUT/summary.json,
-OUT/loss.png, and keeps the processes' logs in OUT/logs/.
+(step, loss, examples) for the loss curve, pulls the parameters every few steps
+(EVAL_POINTS times a run) to measure the held-out loss, and at the end pulls the
+final parameters and measures the held-out accuracy. It writes OUT/summary.json,
+OUT/loss.png, OUT/history.json (the train and held-out loss curves, kept across
+resumes and written as the run goes), and keeps the processes' logs in OUT/logs/.
 
 Straggler policy: the server runs with `--quorum workers-1
 --straggler-timeout-s 2`, and this process supervises the workers. A worker
@@ -37,8 +39,12 @@ records the restarts and every PID that ran.
 
 Resume: the server restores the newest checkpoint in --checkpoint-dir by itself
 when it starts, so `--resume` only means: do not wipe OUT/checkpoints and do not
-initialise the model. Without `--resume` the checkpoints of an earlier run are
-deleted first. With no checkpoint there, `--resume` fails before starting anything.
+initialise the model, and carry on OUT/history.json (its points before the
+restored step; the plot and the summary then cover the whole run). Without
+`--resume` the checkpoints and history of an earlier run are deleted first. With
+no checkpoint there, `--resume` fails before starting anything. Interrupted
+(Ctrl-C, SIGTERM, SIGHUP), the demo stops everything -- the server writes a final
+checkpoint -- and prints the command that resumes the run, and exits 130.
 
 Clean exit: the children run in their own sessions (process groups), so a
 Ctrl-C reaches only this process, which then stops them in order (workers,
@@ -56,6 +62,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -74,6 +81,8 @@ STRAGGLER_TIMEOUT_S = 2.0
 READY_TIMEOUT_S = 300.0  # server start, and workers loading data + compiling
 STALL_TIMEOUT_S = 120.0  # no step applied for this long: give up
 MODEL = 'digits'
+EVAL_POINTS = 20  # held-out loss evaluations per run (every steps // EVAL_POINTS steps)
+HISTORY = 'history.json'
 
 
 def server_config(steps: int) -> dict[str, Any]:
@@ -206,6 +215,11 @@ class _Run:
     self.pushes = 0
     self.examples = 0
     self.server_step = 0
+    self.start_step = 0
+    # The curves of the runs before this one (a resume), and this run's held-out losses.
+    self.history_before: dict[str, list] = {'train_loss': [], 'test_loss': [], 'resumed_at': []}
+    self.test_losses: list[tuple[int, float]] = []
+    self.history_ready = False  # history_before is read (resume) or history.json removed
 
   # ------------------------------------------------------------------ processes
 
@@ -358,12 +372,69 @@ class _Run:
     return sum(loss * e for loss, e in pushes) / sum(e for _, e in pushes)
 
   def loss_curve(self) -> list[tuple[int, float]]:
-    return [(step, self.step_loss(step)) for step in sorted(self.losses)]
+    """The training loss of every step, of this run and the ones it resumes."""
+    before = [(int(s), float(v)) for s, v in self.history_before['train_loss']]
+    return before + [(step, self.step_loss(step)) for step in sorted(self.losses)
+                     if step >= self.start_step]
+
+  def test_curve(self) -> list[tuple[int, float]]:
+    before = [(int(s), float(v)) for s, v in self.history_before['test_loss']]
+    return before + self.test_losses
+
+  def history(self) -> dict[str, list]:
+    resumed_at = self.history_before['resumed_at'] + (
+        [self.start_step] if self.start_step else [])
+    return {'train_loss': [[s, round(v, 6)] for s, v in self.loss_curve()],
+            'test_loss': [[s, round(v, 6)] for s, v in self.test_curve()],
+            'resumed_at': resumed_at}
+
+  def save_history(self) -> None:
+    """OUT/history.json, as far as the run got (the next `--resume` carries it on)."""
+    if self.history_ready:
+      _write_json(os.path.join(self.out, HISTORY), self.history())
 
 
-def _plot(curve: list[tuple[int, float]], path: str, title: str, test_loss: float,
-          config: dict[str, Any], restarts: list[dict]) -> None:
-  """The training loss per step, the held-out loss at the end, the learning rate behind."""
+def load_history(path: str, before_step: int) -> dict[str, list]:
+  """The curves of OUT/history.json before `before_step` (the restored step of a resume).
+
+  {'train_loss': [[step, loss]...], 'test_loss': [[step, loss]...], 'resumed_at': [step...]};
+  empty lists if there is no (readable) history.
+  """
+  history: dict[str, list] = {'train_loss': [], 'test_loss': [], 'resumed_at': []}
+  with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+    with open(path, encoding='utf-8') as fh:
+      saved = json.load(fh)
+    for key in history:
+      history[key] = [p for p in saved[key]
+                      if (p[0] if isinstance(p, list) else p) < before_step]
+  return history
+
+
+def _write_json(path: str, data: Any) -> None:
+  """Writes `data` to `path` whole or not at all (a temporary file, renamed)."""
+  with open(path + '.tmp', 'w', encoding='utf-8') as fh:
+    json.dump(data, fh, indent=1)
+    fh.write('\n')
+  os.replace(path + '.tmp', path)
+
+
+def resume_command(out: str, workers: int, devices: int, steps: int, batch_size: int,
+                   port: int, seed: int, compression: str) -> str:
+  """The command that resumes this run."""
+  argv = ['lamb-sharded', 'demo', '--out', out, '--workers', str(workers), '--devices',
+          str(devices), '--steps', str(steps), '--batch-size', str(batch_size), '--seed',
+          str(seed)]
+  if port:
+    argv += ['--port', str(port)]
+  if compression != 'none':
+    argv += ['--compression', compression]
+  return shlex.join(argv + ['--resume'])
+
+
+def _plot(curve: list[tuple[int, float]], path: str, title: str,
+          test_curve: list[tuple[int, float]], config: dict[str, Any], restarts: list[dict],
+          resumed_at: list[int]) -> None:
+  """The training loss per step, the held-out loss every few steps, the learning rate behind."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -373,11 +444,15 @@ def _plot(curve: list[tuple[int, float]], path: str, title: str, test_loss: floa
   if curve:
     steps, losses = zip(*curve)
     ax.plot(steps, losses, lw=1.4, color='tab:blue', label='training loss (global batch)')
-    ax.scatter([steps[-1] + 1], [test_loss], marker='o', color='tab:red', zorder=3,
-               label=f'held-out test loss ({test_loss:.3f})')
+    if test_curve:
+      ax.plot(*zip(*test_curve), lw=1.4, color='tab:red', marker='o', ms=3, zorder=3,
+              label=f'held-out test loss (last {test_curve[-1][1]:.3f})')
     for i, r in enumerate(restarts):
       ax.axvline(r['step'], color='tab:orange', ls=':', lw=1.2,
                  label='a worker died, restarted' if i == 0 else None)
+    for i, s in enumerate(resumed_at):
+      ax.axvline(s, color='tab:green', ls='--', lw=1.0,
+                 label='resumed from a checkpoint' if i == 0 else None)
     ax.set_yscale('log')
     lr = ax.twinx()
     schedule, _ = make_schedule(ServerConfig(**config))
@@ -392,9 +467,9 @@ def _plot(curve: list[tuple[int, float]], path: str, title: str, test_loss: floa
   ax.set_ylabel('cross-entropy')
   ax.set_title(title, fontsize=10)
   ax.grid(True, which='both', alpha=0.3)
-  ax.legend(loc='upper right')
-  fig.tight_layout()
-  fig.savefig(path)
+  # Below the axes, clear of every curve.
+  ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
+  fig.savefig(path, bbox_inches='tight')
   plt.close(fig)
 
 
@@ -416,6 +491,7 @@ def run(workers: int = 4, devices: int = 8, steps: int = 200, batch_size: int = 
   for sig in (signal.SIGTERM, signal.SIGHUP):
     handlers[sig] = signal.signal(sig, interrupted)
   state = None
+  stopped_by = None
   try:
     state = _Run(out, workers, devices, steps, batch_size, seed, compression)
     return _main(state, port, resume, t0)
@@ -432,8 +508,9 @@ def run(workers: int = 4, devices: int = 8, steps: int = 200, batch_size: int = 
           f'{_tail(state.server_log)}', file=sys.stderr)
     return 1
   except (KeyboardInterrupt, _Interrupted) as e:
-    print(f'\nlamb-sharded demo interrupted ({str(e) or "SIGINT"}): stopping the server and '
-          f'the workers', file=sys.stderr)
+    stopped_by = str(e) or 'SIGINT'
+    print(f'\nlamb-sharded demo interrupted ({stopped_by}): stopping the server and '
+          f'the workers', file=sys.stderr, flush=True)
     return 130
   finally:
     # A second Ctrl-C must not cut the clean-up short (it is bounded: SIGKILL after a grace).
@@ -442,10 +519,26 @@ def run(workers: int = 4, devices: int = 8, steps: int = 200, batch_size: int = 
       signal.signal(sig, signal.SIG_IGN)
     try:
       if state is not None:
+        state.save_history()
         state.stop_all()
+        if stopped_by is not None:
+          _say_how_to_resume(state, port)
     finally:
       for sig, handler in handlers.items():
         signal.signal(sig, handler)
+
+
+def _say_how_to_resume(state: '_Run', port: int) -> None:
+  """After an interrupted run: the command that continues it, if a checkpoint is there."""
+  step = _latest_checkpoint(os.path.join(state.out, 'checkpoints'))
+  if step is None:
+    print('lamb-sharded demo: no checkpoint was written yet: nothing to resume; run it again',
+          file=sys.stderr)
+    return
+  command = resume_command(state.out, state.num_workers, state.devices, state.steps,
+                           state.batch_size, port, state.seed, state.compression)
+  print(f'lamb-sharded demo: stopped at step {step} (checkpointed); to resume:\n  {command}',
+        file=sys.stderr)
 
 
 def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
@@ -460,6 +553,8 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
   os.makedirs(state.logs, exist_ok=True)
   if not resume:  # else the server would restore the previous run's newest checkpoint
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(out, HISTORY))
   for name in os.listdir(state.logs):
     if re.fullmatch(r'(server|worker-\d+)\.log', name):
       os.remove(os.path.join(state.logs, name))
@@ -503,12 +598,28 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
     start_step = info.step if resume else 0
     if resume:  # the workers could not start before: the restored step is the start
       state.tell_workers_the_address()
-    state.server_step = start_step
+      state.history_before = load_history(os.path.join(out, HISTORY), start_step)
+    state.server_step = state.start_step = start_step
+    state.history_ready = True
     state.wait_until_ready()
     phases['workers_ready'] = time.monotonic() - t0 - phases['server_start']
     t_train = time.monotonic()
-    if not resume:
+    every = max(1, steps // EVAL_POINTS)
+
+    def evaluate(params=None) -> int:
+      """The held-out loss of the server's current params; the step to evaluate next."""
+      at = 0
+      if params is None:
+        pulled = client.pull(like=model.init(state.seed))
+        at, params = pulled.step, pulled.params
+      state.test_losses.append((at, float(model.evaluate(params)[1])))
+      state.save_history()
+      return (at // every + 1) * every
+    if not resume:  # step 0's held-out loss is the initial params'
+      next_eval = evaluate(model.init(state.seed))
       client.initialize(model.init(state.seed))  # wakes every worker at once
+    else:
+      next_eval = evaluate()
     step = start_step
     last_progress = time.monotonic()
     bar = tqdm(total=steps, initial=start_step, unit='step', desc='training', dynamic_ncols=True,
@@ -521,6 +632,8 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
           bar.update(reached_step - step)
           step = state.server_step = reached_step
           last_progress = time.monotonic()
+          if next_eval <= step < steps:
+            next_eval = evaluate()
         elif time.monotonic() - last_progress > STALL_TIMEOUT_S:
           raise DemoError(f'no step applied for {STALL_TIMEOUT_S:g} s (at step {step}); see '
                           f'{state.logs}')
@@ -549,24 +662,22 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
     phases['workers_exit'] = time.monotonic() - t_end
     pulled = client.pull(like=model.init(state.seed))
     accuracy, test_loss = model.evaluate(pulled.params)
+    state.test_losses.append((pulled.step, float(test_loss)))
     phases['evaluation'] = time.monotonic() - t_end - phases['workers_exit']
 
   t_stop = time.monotonic()
   state.stop_all()
   phases['server_shutdown'] = time.monotonic() - t_stop
   server_rc = state.server.returncode
-  curve = state.loss_curve()
+  state.save_history()
+  curve, test_curve = state.loss_curve(), state.test_curve()
   summary_path = os.path.join(out, 'summary.json')
   png_path = os.path.join(out, 'loss.png')
-  if resume:  # keep the curve of the steps before the checkpoint, if the last run left it
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-      with open(summary_path, encoding='utf-8') as fh:
-        before = [(int(s), float(v)) for s, v in json.load(fh)['loss_curve']]
-      curve = [p for p in before if p[0] < start_step] + curve
   x_train, _, x_test, _ = model.data()
   n_params = sum(int(v.size) for layer in model.init(0).values() for v in layer.values())
   _plot(curve, png_path, f'digits MLP, {workers} workers -> optimizer server on {state.devices} '
-        f'devices: test accuracy {accuracy:.1%}', test_loss, server_config(steps), state.restarts)
+        f'devices: test accuracy {accuracy:.1%}', test_curve, server_config(steps), state.restarts,
+        state.history()['resumed_at'])
   wall = time.monotonic() - t0
   summary = {
       'accuracy': accuracy,
@@ -598,6 +709,8 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
       'server': state.address,
       'checkpoint_dir': os.path.join(out, 'checkpoints'),
       'loss_curve': [[s, round(v, 6)] for s, v in curve],
+      'test_loss_curve': [[s, round(v, 6)] for s, v in test_curve],
+      'resumed_at': state.history()['resumed_at'],
   }
   with open(summary_path, 'w', encoding='utf-8') as fh:
     json.dump(summary, fh, indent=2)
@@ -620,6 +733,9 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
                     f'{cfg["weight_decay"]:g}'),
       ('steps', f'{start_step} -> {pulled.step}' if resume else f'{pulled.step}'),
       ('train loss', loss_text),
+      ('held-out loss', (f'{test_curve[0][1]:.4f} -> {test_curve[-1][1]:.4f} (step '
+                         f'{test_curve[0][0]} -> {test_curve[-1][0]}, {len(test_curve)} points)')
+       if test_curve else 'not measured'),
       ('test accuracy', f'{accuracy:.2%} (test loss {test_loss:.4f})'),
       ('throughput', f'{state.examples / train_seconds:,.0f} examples/s, '
                      f'{state.pushes / train_seconds:.1f} pushes/s'),

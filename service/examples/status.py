@@ -1,11 +1,11 @@
 """`lamb-sharded status`: what a running server is doing, from what it tells today.
 
-DescribeModel (the model, its step, the step rules, the learning rate now),
-ListCheckpoints (which steps are on disk, one being written) and, given its
-metrics port, the Prometheus metrics (pushes in flight, long polls waiting --
-between steps, that is the workers waiting for the next one --, counters of
-steps, pushes accepted and refused). Which workers pushed when is in no RPC or
-metric yet, so it is not shown.
+DescribeModel (the model, its step, the step rules, the learning rate now, the
+workers expected and, per worker seen, the step of its last counted push and how
+long ago), ListCheckpoints (which steps are on disk, one being written) and,
+given its metrics port, the Prometheus metrics (pushes in flight, long polls
+waiting -- between steps, that is the workers waiting for the next one --,
+counters of steps, pushes accepted and refused).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Optional
 import grpc
 
 from service.client import OptimizerClient
+from service.protocol import pb
 
 # The metrics shown, by the name they have in the report.
 _METRICS = {
@@ -35,14 +36,19 @@ def gather(server: str, metrics: Optional[str] = None, *, timeout: float = 10.0,
            **client_options) -> dict[str, Any]:
   """The report of the server at `server` (and of its metrics at host:port `metrics`)."""
   with OptimizerClient(server, timeout=timeout, retries=1, **client_options) as client:
-    info = client.describe()
+    # The description as sent (OptimizerClient.describe leaves out the workers seen).
+    info = client._stub.DescribeModel(pb.DescribeModelRequest(), timeout=timeout)  # pylint: disable=protected-access
     report: dict[str, Any] = {
         'server': server, 'initialized': info.initialized, 'model_id': info.model_id,
         'step': info.step, 'leaves': len(info.leaves),
         'parameters': sum(math.prod(s.shape) for s in info.leaves),
-        'step_mode': 'sync' if info.synchronous else 'async',
+        'step_mode': 'sync' if info.step_mode == pb.STEP_MODE_SYNCHRONOUS else 'async',
         'num_workers': info.num_workers, 'quorum': info.quorum,
-        'staleness_bound': info.staleness_bound, 'learning_rate': info.learning_rate}
+        'staleness_bound': info.staleness_bound,
+        'learning_rate': info.hyperparameters.learning_rate,
+        'workers_seen': [{'worker_id': w.worker_id, 'last_step': w.last_step,
+                          'seconds_ago': round(w.seconds_ago, 3)}
+                         for w in sorted(info.workers, key=lambda w: w.seconds_ago)]}
     try:
       report['checkpoints'] = [
           {'step': c.step, 'complete': c.complete, 'size_bytes': c.size_bytes, 'path': c.path}
@@ -96,6 +102,12 @@ def as_text(report: dict[str, Any]) -> str:
            if r['step_mode'] == 'sync' else
            f'asynchronous, staleness bound {r["staleness_bound"]}')
   lines.append(('steps', rules))
+  seen = r['workers_seen']
+  lines.append(('workers', f'{r["num_workers"]} expected, {len(seen)} seen since start'
+                + (' (newest first):' if seen else '')))
+  width = max((len(w['worker_id']) for w in seen), default=0)
+  lines += [('', f'{w["worker_id"]:<{width}}  last push into step {w["last_step"]}, '
+                 f'{w["seconds_ago"]:.1f}s ago') for w in seen]
   ckpts = r['checkpoints']
   if ckpts is None:
     lines.append(('checkpoints', 'off (no --checkpoint-dir)'))

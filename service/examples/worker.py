@@ -33,12 +33,15 @@ import grpc
 import jax
 import numpy as np
 
-from service.client import OptimizerClient
+from service.client import OptimizerClient, hints
+from service.errors import NoServer
 from service.examples.models import load_model
 from service.examples.progress import Progress
 from service.logs import fields
 
 log = logging.getLogger(__name__)
+
+WAITING_EVERY_S = 5.0  # how often a worker waiting for its server says so
 
 
 def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size: int,
@@ -78,10 +81,16 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
     threading.Thread(target=_exit_at_stdin_eof, args=(worker_id,), name='lifeline',
                      daemon=True).start()
   report('ready', server=server)
+  options = client_options or {}
+  tls = any(options.get(k) is not None for k in ('root_certificates', 'client_cert'))
+
+  def wait_for_server():
+    return wait_for(client, server, connect_timeout, worker_id, tls=tls,
+                    ca_file=options.get('root_certificates'))
 
   def ensure_model():
     """Waits for the server to have a model; with --init, gives it one if it has none."""
-    if client.describe(wait_for_ready=True, timeout=connect_timeout).initialized:
+    if wait_for_server().initialized:
       return
     if init:
       try:
@@ -92,7 +101,7 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
           raise
     client.wait_for_step(0, timeout=connect_timeout)
 
-  with OptimizerClient(server, timeout=timeout, **(client_options or {})) as client:
+  with OptimizerClient(server, timeout=timeout, **options) as client:
     while True:
       step = None
       try:
@@ -112,9 +121,35 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
         if not r.applied:
           client.wait_for_step(r.accepted_step + 1, timeout=timeout)
       except grpc.RpcError as e:
-        _recover(client, e, worker_id, step, connect_timeout)
+        _recover(client, e, worker_id, step, connect_timeout, wait_for_server)
   report('done', step=step)
   return 0
+
+
+def wait_for(client: OptimizerClient, address: str, connect_timeout: float, worker_id: str, *,
+             tls: bool = False, ca_file: Optional[str] = None,
+             every: float = WAITING_EVERY_S):
+  """The server's description, once it answers (gRPC's wait_for_ready: no polling).
+
+  Logs `waiting for the server at ADDRESS` every `every` seconds while it does not;
+  after `connect_timeout` seconds, NoServer saying why (`hints.unreachable`: no server
+  there, a TLS mismatch...) and naming the address.
+  """
+  deadline = time.monotonic() + connect_timeout
+  while True:
+    left = deadline - time.monotonic()
+    try:
+      return client.describe(wait_for_ready=True, timeout=max(min(every, left), 0.01))
+    except grpc.RpcError as e:
+      if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        raise
+      if time.monotonic() >= deadline:
+        why = (hints.unreachable(address, tls=tls, ca_file=ca_file)
+               or f'the server at {address} did not answer ({e.code().name})')
+        raise NoServer(f'{why}; gave up after --connect-timeout {connect_timeout:g}s') from None
+    log.warning('%s: waiting for the server at %s (%.0fs, up to --connect-timeout %gs)',
+                worker_id, address, connect_timeout - max(deadline - time.monotonic(), 0),
+                connect_timeout, extra=fields(worker=worker_id))
 
 
 _RECOVERABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION,
@@ -122,7 +157,7 @@ _RECOVERABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION
 
 
 def _recover(client: OptimizerClient, error: grpc.RpcError, worker_id: str,
-             step: Optional[int], connect_timeout: float) -> None:
+             step: Optional[int], connect_timeout: float, wait_for_server) -> None:
   """What a worker does about a refused or failed call before it pulls again.
 
   ABORTED: the step moved on without this push (a straggler). ALREADY_EXISTS:
@@ -136,13 +171,13 @@ def _recover(client: OptimizerClient, error: grpc.RpcError, worker_id: str,
   step's gradients again -- data is deterministic by step, so nothing is lost.
   """
   code = error.code()
+  if code not in _RECOVERABLE:  # the CLI says what it means (service.client.hints)
+    raise error
   log.info('%s: %s (%s); pulling again', worker_id, code.name, error.details(),
            extra=fields(step=step, worker=worker_id, code=code.name))
-  if code not in _RECOVERABLE:
-    raise error
   try:
     if code == grpc.StatusCode.UNAVAILABLE:
-      client.describe(wait_for_ready=True, timeout=connect_timeout)
+      wait_for_server()
     elif code == grpc.StatusCode.ALREADY_EXISTS and step is not None:
       client.wait_for_step(step + 1, timeout=connect_timeout)
   except grpc.RpcError as again:  # the server went away again meanwhile: start over

@@ -32,6 +32,7 @@ from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME
 from service.protocol.tokens import load_tokens
 from service.server import auth, peers
 from service.server.metrics import Metrics
+from service.server.progress import ProgressLog
 from service.server.servicer import OptimizerServicer, add_servicer
 from service.server.signals import awaiting_signals
 
@@ -76,6 +77,7 @@ class RunningServer:
                health_port: Optional[int] = None,
                checkpointer: Optional[Checkpointer] = None,
                executor: Optional[concurrent.futures.Executor] = None,
+               progress: Optional[ProgressLog] = None,
                peer_watch: Optional[peers.PeerWatch] = None):
     self.server, self.engine, self.port = server, engine, port
     self._health = health_servicer
@@ -84,6 +86,7 @@ class RunningServer:
     self.health_server, self.health_port = health_server, health_port
     self._checkpointer = checkpointer
     self._executor = executor
+    self._progress = progress
     self._peer_watch = peer_watch
 
   def stop(self, grace: Optional[float] = None) -> None:
@@ -95,6 +98,8 @@ class RunningServer:
     if self._peer_watch is not None:
       self._peer_watch.request_stop()
     self._health.enter_graceful_shutdown()
+    if self._progress is not None:
+      self._progress.close()
     try:
       self.engine.shutdown(self.engine.config.shutdown_grace_s if grace is None else grace)
       self.server.stop(grace).wait()
@@ -270,8 +275,9 @@ def start(config: ServerConfig) -> RunningServer:
   log.info('serving %s on %s:%d (%s%s), mesh of %d devices', SERVICE_NAME, config.host, port,
            ('mutual TLS' if config.tls_client_ca else 'TLS') if tls else 'plaintext',
            ', bearer tokens' if tokens else '', engine.mesh.devices.size)
+  progress = ProgressLog(metrics, config.progress_every_seconds)  # its first line: later
   return RunningServer(server, engine, port, health_servicer, servicer, metrics, metrics_port,
-                       health_server, health_port, checkpointer, executor, watch)
+                       health_server, health_port, checkpointer, executor, progress, watch)
 
 
 def _exit_lost(message: str) -> None:

@@ -30,6 +30,7 @@ The metrics (`lamb_sharded_` omitted; counters end in `_total` on the wire):
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional
 
 import numpy as np
@@ -117,6 +118,7 @@ class Metrics:
     for reason in ('invalid_argument', 'nonfinite', 'stale_step'):
       self.pushes_rejected.labels(reason)  # the common ones show as 0 from the start
     self._httpd = None
+    self.last_checkpoint: Optional[tuple[int, float]] = None  # (step, time.time()) on disk
     if engine is not None:
       self.watch(engine)
 
@@ -134,8 +136,8 @@ class Metrics:
     self.checkpoint_blocking_seconds.observe(blocking_seconds)
 
   def checkpoint_saved(self, step: int, seconds: float) -> None:
-    del step
     self.checkpoint_seconds.observe(seconds)
+    self.last_checkpoint = (step, time.time())
 
   # HTTP.
   def serve(self, host: str, port: int) -> int:

@@ -170,7 +170,9 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
             learning_rate=d.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
             eps_root=cfg.eps_root, weight_decay=cfg.weight_decay),
         processes=[pb.ServerProcess(index=i, endpoint=e) for i, e in enumerate(self._endpoints)],
-        placements=[_placement(s.path, p) for s, p in zip(d.leaves, d.placements)])
+        placements=[_placement(s.path, p) for s, p in zip(d.leaves, d.placements)],
+        workers=[pb.WorkerSeen(worker_id=w, last_step=step, seconds_ago=ago)
+                 for w, step, ago in self._engine.workers_seen()])
 
   def InitializeModel(self, request_iterator, context):
     reader = None

@@ -9,6 +9,9 @@ key or file). Most rows fail before JAX is imported, so each takes a second or s
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import datetime
+import ipaddress
 import os
 import re
 import socket
@@ -22,6 +25,8 @@ from service.config import ServerConfig
 from service.server import app
 from svc import ROOT, running_server
 
+TOKEN = 'tok-cli-7e2b'
+
 
 def _closed_port() -> int:
   with socket.socket() as s:
@@ -34,6 +39,7 @@ def _files(tmp):
   files = {
       'bad_yaml': 'port: [1\n', 'unknown_key': 'nope: 1\n', 'wrong_type': 'port: abc\n',
       'a_list': '- port\n', 'empty_tokens': '# no tokens here\n', 'not_npz': 'not a zip',
+      'wrong_token': 'not-the-token\n',
   }
   out = {}
   for name, text in files.items():
@@ -123,9 +129,41 @@ CASES = {
                                  '/nope/p.npz'], 2, r'--out /nope/p.npz: no such directory'),
     'checkpoint: no server': (['checkpoint', 'list', '--server', f'127.0.0.1:{CLOSED}',
                                '--timeout', '1'], 1,
-                              rf'--server 127.0.0.1:{CLOSED}: no answer from the server'),
+                              rf'no server at 127.0.0.1:{CLOSED} \(connection refused\)$'),
     'status: no server': (['status', '--server', f'127.0.0.1:{CLOSED}', '--timeout', '1'], 1,
-                          rf'--server 127.0.0.1:{CLOSED}: no answer from the server within 1.0s'),
+                          rf'no server at 127.0.0.1:{CLOSED} \(connection refused\)$'),
+    'worker: no server': (['worker', '--server', f'127.0.0.1:{CLOSED}', '--worker-index', '0',
+                           '--steps', '1', '--connect-timeout', '1'], 1,
+                          rf'no server at 127.0.0.1:{CLOSED} \(connection refused\); gave up '
+                          r'after --connect-timeout 1s$'),
+    'status: host does not resolve': (['status', '--server', 'no-such-host.invalid:1',
+                                       '--timeout', '1'], 1,
+                                      r'no server at no-such-host.invalid:1 \(the host does not '
+                                      r'resolve'),
+    # Real servers ({auth}: plaintext with bearer tokens; {tls}: TLS; {silent}: a port that
+    # accepts connections and never answers).
+    'status: wrong token': (['status', '--server', '{auth}', '--token-file', '{wrong_token}'], 1,
+                            r'the server at 127.0.0.1:\d+ refused the token: check '
+                            r'--token-env/--token-file$'),
+    'worker: wrong token': (['worker', '--server', '{auth}', '--worker-index', '0', '--steps',
+                             '1', '--token-file', '{wrong_token}'], 1,
+                            r'the server at 127.0.0.1:\d+ refused the token'),
+    'checkpoint: no token': (['checkpoint', 'list', '--server', '{auth}'], 1,
+                             r'the server at 127.0.0.1:\d+ wants a bearer token: give '
+                             r'--token-env or --token-file'),
+    'status: plaintext to TLS': (['status', '--server', '{tls}', '--timeout', '1'], 1,
+                                 r'the server at 127.0.0.1:\d+ speaks TLS and this client '
+                                 r'plaintext: give --tls-ca'),
+    'status: TLS to plaintext': (['status', '--server', '{auth}', '--tls-ca', '{tls_cert}',
+                                  '--timeout', '1'], 1,
+                                 r'the server at 127.0.0.1:\d+ speaks plaintext, not TLS'),
+    'status: another CA': (['status', '--server', '{tls}', '--tls-ca', '{other_cert}',
+                            '--timeout', '1'], 1,
+                           r'the certificate of the server at 127.0.0.1:\d+ does not verify '
+                           r'\(.*\): check --tls-ca'),
+    'status: no answer': (['status', '--server', '{silent}', '--timeout', '1'], 1,
+                          r'the server at 127.0.0.1:\d+ did not answer within --timeout 1s '
+                          r'\(DEADLINE_EXCEEDED'),
     'status: metrics not host:port': (['status', '--server', 'h:1', '--metrics', '9090'], 2,
                                       r"--metrics: expected host:port, got '9090'"),
 }
@@ -149,10 +187,57 @@ def _check(proc, code, pattern, cmd):
   assert re.search(pattern, last), (pattern, proc.stderr)
 
 
+def _self_signed(directory, name):
+  """A self-signed certificate for 127.0.0.1 and its key: (cert path, key path)."""
+  from cryptography import x509  # pylint: disable=import-outside-toplevel
+  from cryptography.hazmat.primitives import hashes, serialization  # pylint: disable=import-outside-toplevel
+  from cryptography.hazmat.primitives.asymmetric import ec  # pylint: disable=import-outside-toplevel
+  key = ec.generate_private_key(ec.SECP256R1())
+  subject = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name)])
+  now = datetime.datetime.now(datetime.timezone.utc)
+  cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+          .public_key(key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.SubjectAlternativeName(
+              [x509.IPAddress(ipaddress.ip_address('127.0.0.1'))]), critical=False)
+          .sign(key, hashes.SHA256()))
+  paths = (os.path.join(directory, f'{name}.pem'), os.path.join(directory, f'{name}.key'))
+  with open(paths[0], 'wb') as fh:
+    fh.write(cert.public_bytes(serialization.Encoding.PEM))
+  with open(paths[1], 'wb') as fh:
+    fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption()))
+  return paths
+
+
+@pytest.fixture(scope='module')
+def servers(tmp_path_factory):
+  """{auth}, {tls}, {silent}: real servers for the rows that call one, and the certificates."""
+  d = str(tmp_path_factory.mktemp('servers'))
+  tokens = os.path.join(d, 'tokens')
+  with open(tokens, 'w', encoding='utf-8') as fh:
+    fh.write(TOKEN + '\n')
+  cert, key = _self_signed(d, 'server')
+  other, _ = _self_signed(d, 'other')
+  with contextlib.ExitStack() as stack:
+    auth, _ = stack.enter_context(running_server(devices=1, auth_token_file=tokens))
+    tls, _ = stack.enter_context(running_server(devices=1, tls_cert=cert, tls_key=key,
+                                                health_port=0))
+    silent = stack.enter_context(socket.socket())
+    silent.bind(('127.0.0.1', 0))
+    silent.listen()
+    yield {'auth': f'127.0.0.1:{auth.port}', 'tls': f'127.0.0.1:{tls.port}',
+           'silent': f'127.0.0.1:{silent.getsockname()[1]}', 'tls_cert': cert,
+           'other_cert': other}
+
+
 @pytest.mark.parametrize('name', list(CASES))
-def test_a_user_mistake_is_one_line_naming_it(tmp_path, name):
+def test_a_user_mistake_is_one_line_naming_it(tmp_path, request, name):
   argv, code, pattern = CASES[name]
   files = {'tmp': str(tmp_path), **_files(str(tmp_path))}
+  if any(f'{{{k}}}' in a for a in argv for k in ('auth', 'tls', 'silent')):
+    files.update(request.getfixturevalue('servers'))
   argv = [a.format(**files) for a in argv]
   cmd = argv[0] if argv and argv[0] != 'bogus' else None
   _check(_run(argv), code, pattern, cmd)
@@ -194,3 +279,46 @@ def test_grpc_servers_do_not_share_a_port():
   finally:
     first.stop(None)
     second.stop(None)
+
+
+# --- A worker waiting for its server ---
+
+def _worker(address, *extra):
+  return subprocess.Popen(
+      [sys.executable, '-m', 'service.cli', 'worker', '--server', address, '--worker-index', '0',
+       '--steps', '2', '--init', '--log-level', 'WARNING', *extra], cwd=ROOT,
+      env={**os.environ, 'PYTHONPATH': ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True)
+
+
+def test_a_worker_says_it_waits_for_no_server_then_names_the_address():
+  port = _closed_port()
+  proc = _worker(f'127.0.0.1:{port}', '--connect-timeout', '6')
+  try:
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  waiting = [line for line in err.splitlines()
+             if f'waiting for the server at 127.0.0.1:{port}' in line]
+  assert waiting, err
+  _check(subprocess.CompletedProcess(proc.args, proc.returncode, '', err), 1,
+         rf'no server at 127.0.0.1:{port} \(connection refused\); gave up after '
+         r'--connect-timeout 6s$', 'worker')
+
+
+def test_a_worker_started_before_its_server_proceeds_once_it_is_up():
+  port = _closed_port()
+  proc = _worker(f'127.0.0.1:{port}', '--connect-timeout', '120')
+  try:
+    first = proc.stderr.readline()  # after WAITING_EVERY_S without a server
+    assert f'waiting for the server at 127.0.0.1:{port}' in first, first
+    config = ServerConfig(host='127.0.0.1', port=port, metrics_port=-1, devices=1).validate()
+    running = app.start(config)
+    try:
+      _, err = proc.communicate(timeout=120)
+      assert proc.returncode == 0, err
+      assert running.engine.step == 2
+    finally:
+      running.stop(grace=0)
+  finally:
+    proc.kill()

@@ -75,6 +75,19 @@ def test_short_demo_trains_and_leaves_nothing_behind(tmp_path):
   assert resumed['resumed'] and resumed['start_step'] == 30 and resumed['steps'] == 40
   _, server_pid, worker_pids = _started(stdout.splitlines()[0])
   _assert_gone([server_pid, *worker_pids])
+  # The history, the summary and the plot cover both runs: every step's training loss,
+  # the held-out loss measured in each run, and where the second run resumed.
+  history = json.loads((out / 'history.json').read_text())
+  assert [s for s, _ in history['train_loss']] == list(range(40))
+  assert history['train_loss'][:30] == summary['loss_curve']
+  test_steps = [s for s, _ in history['test_loss']]
+  assert test_steps == sorted(set(test_steps)) and test_steps[0] == 0 and test_steps[-1] == 40
+  assert any(s < 30 for s in test_steps) and any(30 <= s < 40 for s in test_steps)
+  assert history['resumed_at'] == [30]
+  assert resumed['loss_curve'] == history['train_loss']
+  assert resumed['test_loss_curve'] == history['test_loss']
+  assert history['test_loss'][-1][1] < 0.5 * history['test_loss'][0][1]
+  assert 'held-out loss' in stdout and 'step 0 -> 40' in stdout
 
 
 def test_a_killed_worker_is_restarted_and_the_run_finishes(tmp_path):
@@ -104,6 +117,32 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(tmp_path):
   assert summary['pids']['workers'] == worker_pids + [restart['replacement_pid']]
   assert summary['final_loss'] < 0.5 * summary['first_loss']
   _assert_gone([server_pid, *summary['pids']['workers']])
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path):
+  out = tmp_path / 'demo'
+  proc = _demo(out, '--workers', '2', '--steps', '1000', '--batch-size', '256',
+               stderr=subprocess.PIPE)
+  try:
+    port, server_pid, worker_pids = _started(proc.stdout.readline())
+    with OptimizerClient(f'127.0.0.1:{port}') as client:
+      assert client.wait_for_step(5, timeout=120)[1]
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, stderr
+  assert 'Traceback' not in stderr, stderr
+  m = re.search(r'stopped at step (\d+) \(checkpointed\); to resume:\n  (.*)\n', stderr)
+  assert m, stderr
+  assert m.group(2) == (f'lamb-sharded demo --out {out} --workers 2 --devices 8 --steps 1000 '
+                        '--batch-size 256 --seed 0 --resume')
+  step = int(m.group(1))
+  assert step >= 5 and demo._latest_checkpoint(str(out / 'checkpoints')) == step  # pylint: disable=protected-access
+  history = json.loads((out / 'history.json').read_text())  # what a resume carries on
+  assert [s for s, _ in history['train_loss']][:5] == list(range(5))
+  _assert_gone([server_pid, *worker_pids])
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):

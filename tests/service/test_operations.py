@@ -344,3 +344,55 @@ def test_the_libraries_chatter_stays_out_of_the_servers_info_log(tmp_path):
   assert ' absl' not in info and 'jax._src' not in info, info
   debug = run('DEBUG', tmp_path / 'b')
   assert ' absl' in debug or 'jax._src' in debug, debug
+
+
+def test_the_progress_line_says_what_happened_since_the_last():
+  from service.server.progress import Totals, line  # pylint: disable=import-outside-toplevel
+  before = Totals(at=100.0, step=10, steps_applied=10, pushes_accepted=20, push_bytes=0,
+                  apply_count=10, apply_seconds=1.0)
+  now = Totals(at=110.0, step=50, steps_applied=50, pushes_accepted=100, push_bytes=20e6,
+               apply_count=50, apply_seconds=1.2)
+  assert line(before, now, (40, 1000.0), wall_now=1012.0) == (
+      'progress: step 50 (+40 applied), 8.0 pushes/s, 2.0 MB/s received, apply 5.0 ms '
+      '(mean of 40), last checkpoint step 40 (12s ago)')
+  assert line(now, now, None).endswith('0.0 pushes/s, 0.0 MB/s received, no step applied, '
+                                       'no checkpoint yet')
+
+
+def test_a_server_logs_its_progress_every_few_seconds(tmp_path):
+  """A real `serve --progress-every-seconds 0.5`: after the start-up lines, progress lines
+  with the step applied, the pushes and bytes received, and the last checkpoint."""
+  import re  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
+  from svc import ROOT  # pylint: disable=import-outside-toplevel
+  log_file = tmp_path / 'server.log'
+  with open(log_file, 'w', encoding='utf-8') as err:
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'service.cli', 'serve', '--host', '127.0.0.1', '--port', '0',
+         '--metrics-port', '-1', '--devices', '1', '--log-level', 'INFO',
+         '--progress-every-seconds', '0.5', '--checkpoint-dir', str(tmp_path / 'ckpt')],
+        cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT}, stdout=subprocess.PIPE, stderr=err,
+        text=True)
+    try:
+      port = int(re.search(r'serving on [^:]+:(\d+)', proc.stdout.readline()).group(1))
+      with OptimizerClient(f'127.0.0.1:{port}', timeout=60) as client:
+        client.initialize(PARAMS)  # checkpoint of step 0
+        for step in range(3):
+          assert client.push(step, _grads(step), 2, 'w0').applied
+      until(lambda: 'progress: step 3 ' in log_file.read_text(), timeout=30)
+    finally:
+      proc.kill()
+      proc.wait(timeout=30)
+  text = log_file.read_text()
+  progress = [x for x in text.splitlines() if 'progress: ' in x]
+  assert text.index('service.server.app: serving') < text.index('progress: '), text
+  assert all(re.search(r'INFO service.server.progress: progress: step \d+ \(\+\d+ applied\), '
+                       r'[\d.]+ pushes/s, [\d.]+ MB/s received, .*, (last checkpoint step 0 '
+                       r'\(\d+s ago\)|no checkpoint yet) \[step=\d+\]$', x) for x in progress), text
+  # Every step applied is in some line, and so are the pushes and their bytes.
+  assert sum(int(re.search(r'\(\+(\d+) applied', x).group(1)) for x in progress) == 3, text
+  assert any(re.search(r' [1-9][\d.]* pushes/s, [\d.]+ MB/s received, apply [\d.]+ ms '
+                       r'\(mean of [1-3]\)', x) for x in progress), text
+  assert 'last checkpoint step 0' in progress[-1], text

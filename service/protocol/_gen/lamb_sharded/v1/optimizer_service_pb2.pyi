@@ -44,7 +44,7 @@ class DescribeModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("initialized", "model_id", "leaves", "step", "step_mode", "num_workers", "quorum", "staleness_bound", "hyperparameters", "processes", "placements")
+    __slots__ = ("initialized", "model_id", "leaves", "step", "step_mode", "num_workers", "quorum", "staleness_bound", "hyperparameters", "processes", "placements", "workers")
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LEAVES_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class DescribeModelResponse(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     initialized: bool
     model_id: str
     leaves: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
@@ -67,7 +68,18 @@ class DescribeModelResponse(_message.Message):
     hyperparameters: LambHyperparameters
     processes: _containers.RepeatedCompositeFieldContainer[ServerProcess]
     placements: _containers.RepeatedCompositeFieldContainer[LeafPlacement]
-    def __init__(self, initialized: _Optional[bool] = ..., model_id: _Optional[str] = ..., leaves: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., step: _Optional[int] = ..., step_mode: _Optional[_Union[StepMode, str]] = ..., num_workers: _Optional[int] = ..., quorum: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., hyperparameters: _Optional[_Union[LambHyperparameters, _Mapping]] = ..., processes: _Optional[_Iterable[_Union[ServerProcess, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[LeafPlacement, _Mapping]]] = ...) -> None: ...
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerSeen]
+    def __init__(self, initialized: _Optional[bool] = ..., model_id: _Optional[str] = ..., leaves: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., step: _Optional[int] = ..., step_mode: _Optional[_Union[StepMode, str]] = ..., num_workers: _Optional[int] = ..., quorum: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., hyperparameters: _Optional[_Union[LambHyperparameters, _Mapping]] = ..., processes: _Optional[_Iterable[_Union[ServerProcess, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[LeafPlacement, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerSeen, _Mapping]]] = ...) -> None: ...
+
+class WorkerSeen(_message.Message):
+    __slots__ = ("worker_id", "last_step", "seconds_ago")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_AGO_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    last_step: int
+    seconds_ago: float
+    def __init__(self, worker_id: _Optional[str] = ..., last_step: _Optional[int] = ..., seconds_ago: _Optional[float] = ...) -> None: ...
 
 class ServerProcess(_message.Message):
     __slots__ = ("index", "endpoint")
