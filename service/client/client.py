@@ -41,9 +41,13 @@ from service.protocol.specs import LeafSpec, specs_from_proto
 from service.protocol.types import PushResult
 
 T = TypeVar('T')
+# gRPC's retry policy, for the unary calls. Not for the streams: with it, a pull whose
+# server died mid-stream (a multi-process server's process lost) waited past its deadline,
+# forever (grpcio 1.85, measured); `OptimizerClient._retrying` retries those.
 _SERVICE_CONFIG = {
     'methodConfig': [{
-        'name': [{'service': SERVICE_NAME}],
+        'name': [{'service': SERVICE_NAME, 'method': m}
+                 for m in ('DescribeModel', 'WaitForStep', 'SaveCheckpoint', 'ListCheckpoints')],
         'retryPolicy': {
             'maxAttempts': 5,
             'initialBackoff': '0.2s',
@@ -230,6 +234,20 @@ class OptimizerClient:
                    concurrent.futures.ThreadPoolExecutor(len(clients), 'process'))
     return self._job
 
+  def _forget_processes(self, error: grpc.RpcError) -> None:
+    """After a multi-process server's process failed a call: describe it afresh next time.
+
+    A group that restarted (UNAVAILABLE meanwhile, a new model_id after) may
+    serve from other endpoints, and the old channels' connections are of no use.
+    """
+    if self._job is None or error.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                                 grpc.StatusCode.FAILED_PRECONDITION):
+      return
+    job, self._job = self._job, None
+    for c in job[1]:
+      c.close()
+    job[2].shutdown(wait=False)
+
   def __enter__(self):
     return self
 
@@ -319,10 +337,14 @@ class OptimizerClient:
                          'residuals (error_feedback=True), not one given')
       placements, clients, pool = job
       parts = placements.split(_flatten(grads))
-      results = list(pool.map(lambda i: clients[i].push(
-          step, parts[i], num_examples, worker_id, model_id=model_id, push_id=push_id,
-          wire_dtype=wire_dtype, compression=compression,
-          error_feedback=bool(error_feedback)), range(len(clients))))
+      try:
+        results = list(pool.map(lambda i: clients[i].push(
+            step, parts[i], num_examples, worker_id, model_id=model_id, push_id=push_id,
+            wire_dtype=wire_dtype, compression=compression,
+            error_feedback=bool(error_feedback)), range(len(clients))))
+      except grpc.RpcError as e:
+        self._forget_processes(e)
+        raise
       # Applied: this push completed the step on every process (else: wait for the step).
       return PushResult(min(r.accepted_step for r in results), all(r.applied for r in results),
                         min(r.current_step for r in results), all(r.duplicate for r in results))
@@ -387,7 +409,11 @@ class OptimizerClient:
       request.if_newer_than_step = if_newer_than
     job = self._processes()
     if job is not None:
-      return self._pull_parts(job, request, like)
+      try:
+        return self._pull_parts(job, request, like)
+      except grpc.RpcError as e:
+        self._forget_processes(e)
+        raise
     return self._retrying(lambda: self._pull_once(request, like))
 
   def _pull_parts(self, job, request, like) -> Optional[Pulled]:

@@ -16,7 +16,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'service'))
 import mp_engine  # noqa: E402  pylint: disable=wrong-import-position
-from svc import ROOT, free_port  # noqa: E402  pylint: disable=wrong-import-position
+from svc import ROOT  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def die_with_parent():
@@ -26,6 +26,25 @@ def die_with_parent():
   ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def job_port() -> int:
+  """A free port below the kernel's ephemeral range (ip_local_port_range: 32768 and up).
+
+  A port from `bind(0)` is free only until someone else binds an ephemeral one,
+  and the other tests' servers do that all the time: a coordinator port taken
+  meanwhile leaves the job waiting for JAX's 300 s initialisation timeout.
+  """
+  import random  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  while True:
+    port = random.randrange(20000, 32000)
+    with socket.socket() as s:
+      try:
+        s.bind(('127.0.0.1', port))
+      except OSError:
+        continue
+    return port
+
+
 def init_file(tmp_path):
   path = tmp_path / 'init.npz'
   if not path.exists():
@@ -33,16 +52,18 @@ def init_file(tmp_path):
   return path
 
 
-def start(tmp_path, processes=2, devices=4, extra=(), init_params=True):
-  """Starts the job's processes; returns [(proc, port, metrics_port)] once all serve."""
+def start(tmp_path, processes=2, devices=4, extra=(), init_params=True, ports=None):
+  """Starts the job's processes (on `ports`, default ephemeral ones); returns
+  [(proc, port, metrics_port)] once all serve."""
   init_flags = ['--init-params', str(init_file(tmp_path))] if init_params else []
-  coordinator = free_port()
+  coordinator = job_port()
   env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
   job_flags = lambda i: (['--num-processes', str(processes), '--process-id', str(i),  # noqa: E731
                           '--coordinator-address', f'127.0.0.1:{coordinator}']
                          if processes > 1 else [])
   procs = [subprocess.Popen(
-      [sys.executable, '-m', 'service.cli', 'serve', '--host', '127.0.0.1', '--port', '0',
+      [sys.executable, '-m', 'service.cli', 'serve', '--host', '127.0.0.1',
+       '--port', str(ports[i] if ports else 0),
        '--metrics-port', '0', '--devices', str(devices),
        '--num-workers', str(mp_engine.WORKERS), '--learning-rate', '0.05',
        '--weight-decay', '0.01', *init_flags, *job_flags(i), '--log-level', 'WARNING', *extra],

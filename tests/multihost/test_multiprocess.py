@@ -21,17 +21,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import mp_engine  # noqa: E402  pylint: disable=wrong-import-position
 import mp_lamb  # noqa: E402  pylint: disable=wrong-import-position
-
-
-def _free_port() -> int:
-  import socket  # pylint: disable=import-outside-toplevel
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+import mp_server  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _run_job(out: pathlib.Path, script: str = 'mp_lamb.py', timeout: float = 120.0) -> list[str]:
-  port = _free_port()
+  port = mp_server.job_port()
   env = {**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu'}
   runtime.simulate_cpu_devices(4, env)
   procs = [subprocess.Popen([sys.executable, str(ROOT / 'tests' / 'multihost' / script),

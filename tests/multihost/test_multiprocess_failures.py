@@ -249,3 +249,47 @@ def test_async_pushes_are_applied_in_one_order_on_every_process(tmp_path):
     params = optax.apply_updates(params, updates)
   assert pulled.step == len(EVERY)
   mp_server.assert_params(pulled.params, {k: np.asarray(v) for k, v in params.items()})
+
+
+def _final_params(port):
+  with OptimizerClient(f'127.0.0.1:{port}', timeout=60) as c:
+    return c.pull()
+
+
+def test_real_workers_wait_through_a_group_restart_and_end_as_an_uninterrupted_run(tmp_path):
+  # `lamb-sharded worker` processes (the model and data deterministic by step) train a
+  # 2-process server; process 1 is killed mid-run, the group restarts on its ports from the
+  # last checkpoint, and the workers, which waited, finish: as one process of 8 devices ends.
+  from svc import start_workers  # pylint: disable=import-outside-toplevel
+  steps, batch = 12, {w: 16 for w in EVERY}
+
+  def finish(workers, timeout=240):
+    for w in workers:
+      out = w.communicate(timeout=timeout)[0]
+      assert w.returncode == 0, out[-3000:]
+
+  with mp_server.job(tmp_path, processes=1, devices=8, init_params=False) as one:
+    finish(start_workers(one[0][1], batch, steps))
+    want = _final_params(one[0][1])
+  ports = [mp_server.job_port(), mp_server.job_port()]
+  ckpt = ['--checkpoint-dir', str(tmp_path / 'ckpt'), '--checkpoint-every-steps', '1',
+          '--checkpoint-every-seconds', '0']
+  job = mp_server.start(tmp_path, extra=ckpt, init_params=False, ports=ports)
+  workers = start_workers(ports[0], batch, steps)
+  try:
+    with OptimizerClient(f'127.0.0.1:{ports[0]}', timeout=60) as c:
+      c.wait_for_step(steps // 2, timeout=120)
+    os.kill(job[1][0].pid, signal.SIGKILL)
+    assert _wait_exit(job[0][0], 15)[0] == 3
+    mp_server.stop(job)
+    job = mp_server.start(tmp_path, extra=ckpt, init_params=False, ports=ports)
+    finish(workers)
+    got = _final_params(ports[0])
+  finally:
+    for w in workers:
+      if w.poll() is None:
+        w.kill()
+    mp_server.stop(job)
+  assert got.step == want.step == steps
+  for k, v in want.params.items():
+    np.testing.assert_allclose(got.params[k], v, rtol=1e-5, atol=1e-6, err_msg=k)

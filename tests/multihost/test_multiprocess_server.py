@@ -8,12 +8,9 @@ Every process is bounded by timeouts and ended by PID.
 """
 
 import concurrent.futures
-import contextlib
 import os
 import re
-import subprocess
 import sys
-import time
 
 import grpc
 import numpy as np
@@ -26,51 +23,8 @@ from service.server.metrics import sample
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'service'))
 import mp_engine  # noqa: E402  pylint: disable=wrong-import-position
-from svc import ROOT, free_port, push_messages, spec  # noqa: E402  pylint: disable=wrong-import-position
-
-
-def _die_with_parent():
-  """In the child: SIGKILL when the test process dies, whatever ends it (Linux)."""
-  import ctypes  # pylint: disable=import-outside-toplevel
-  import signal  # pylint: disable=import-outside-toplevel
-  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-@contextlib.contextmanager
-def _job(tmp_path, processes=2, init_params=True):
-  """`processes` server processes of one job; yields [(proc, port, metrics_port)]."""
-  init = tmp_path / 'init.npz'
-  np.savez(init, **mp_engine.params())
-  init_flags = ['--init-params', str(init)] if init_params else []
-  coordinator = free_port()
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'service.cli', 'serve', '--host', '127.0.0.1', '--port', '0',
-       '--metrics-port', '0', '--devices', '4', '--num-workers', str(mp_engine.WORKERS),
-       '--learning-rate', '0.05', '--weight-decay', '0.01', *init_flags,
-       '--num-processes', str(processes), '--process-id', str(i),
-       '--coordinator-address', f'127.0.0.1:{coordinator}', '--log-level', 'WARNING'],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      preexec_fn=_die_with_parent) for i in range(processes)]
-  try:
-    out = []
-    for p in procs:  # every process prints its first line once the job has formed
-      line = p.stdout.readline()
-      m = re.search(r'serving on [^:]+:(\d+).*metrics: port (\d+)', line)
-      assert m, (line, p.poll(), p.stderr.read() if p.poll() is not None else '')
-      out.append((p, int(m.group(1)), int(m.group(2))))
-    yield out
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.terminate()
-    deadline = time.monotonic() + 30
-    for p in procs:
-      try:
-        p.wait(max(1.0, deadline - time.monotonic()))
-      except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
+import mp_server  # noqa: E402  pylint: disable=wrong-import-position
+from svc import push_messages, spec  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _parts(placement, shape):
@@ -98,7 +52,7 @@ def _pull(stub_):
 
 
 def test_two_server_processes_each_take_only_their_part_and_train_like_one(tmp_path):
-  with _job(tmp_path) as job:
+  with mp_server.job(tmp_path) as job:
     stubs = [pb_grpc.OptimizerServiceStub(grpc.insecure_channel(f'127.0.0.1:{port}'))
              for _, port, _ in job]
     d = stubs[1].DescribeModel(pb.DescribeModelRequest(), timeout=30)
@@ -180,7 +134,7 @@ def _scrape(port):
 def test_initialize_model_on_a_multi_process_server_gives_each_process_its_part(tmp_path):
   # The client sends the whole stream to every process (one init id); each keeps its part.
   from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
-  with _job(tmp_path, init_params=False) as job:
+  with mp_server.job(tmp_path, init_params=False) as job:
     stub_ = pb_grpc.OptimizerServiceStub(grpc.insecure_channel(f'127.0.0.1:{job[0][1]}'))
     assert not stub_.DescribeModel(pb.DescribeModelRequest(), timeout=30).initialized
     with pytest.raises(grpc.RpcError) as e:  # without an init id the streams cannot be matched
