@@ -240,19 +240,22 @@ class LeafDecoder:
     # values = codes * scales: cast to float32, then scaled in place, block by block (a
     # cast and an in-place product beat numpy's mixed int8 x float32 product). No
     # overflow: the scales were checked to be at most float32's max / QMAX.
+    # (np.multiply with `out=`: `v.reshape(...)[...] *= s` would copy the product back.)
     v = self._values[:m] if out is None else out[e0:e0 + m]
-    v[...] = codes[:m]
+    np.copyto(v, codes[:m], casting='unsafe')
     s, b = self._scales, e0 // BLOCK
     head = min(m, -e0 % BLOCK)  # the rest of a block the run starts inside
     if head:
-      v[:head] *= s[b]
+      np.multiply(v[:head], s[b], out=v[:head])
       b += 1
     whole = (m - head) // BLOCK
     if whole:
-      v[head:head + whole * BLOCK].reshape(whole, BLOCK)[...] *= s[b:b + whole, None]
+      blocks = v[head:head + whole * BLOCK].reshape(whole, BLOCK)
+      np.multiply(blocks, s[b:b + whole, None], out=blocks)
       b += whole
     if head + whole * BLOCK < m:
-      v[head + whole * BLOCK:] *= s[b]
+      tail = v[head + whole * BLOCK:]
+      np.multiply(tail, s[b], out=tail)
     return 4 * e0, v
 
   def _bad_code(self, element: int, code: int) -> None:

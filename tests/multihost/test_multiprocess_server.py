@@ -37,10 +37,13 @@ def _die_with_parent():
 
 
 @contextlib.contextmanager
-def _job(tmp_path, processes=2, init_params=True):
-  """`processes` server processes of one job; yields [(proc, port, metrics_port)]."""
+def _job(tmp_path, processes=2, init_params=True, params=None):
+  """`processes` server processes of one job; yields [(proc, port, metrics_port)].
+
+  `params`: the initial params (path -> array; default mp_engine's).
+  """
   init = tmp_path / 'init.npz'
-  np.savez(init, **mp_engine.params())
+  np.savez(init, **(mp_engine.params() if params is None else params))
   init_flags = ['--init-params', str(init)] if init_params else []
   coordinator = free_port()
   env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
