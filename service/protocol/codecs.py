@@ -48,6 +48,10 @@ _MAX_SCALE = {e: np.nextafter(np.float32(float(np.finfo(np.float32).max) / q), n
               for e, q in QMAX.items()}
 
 
+# The smallest absmax whose qmax / absmax is finite in float32.
+_MIN_ABSMAX = {e: np.float32(q / float(np.finfo(np.float32).max)) for e, q in QMAX.items()}
+
+
 def num_blocks(n: int) -> int:
   return -(-n // BLOCK)
 
@@ -95,8 +99,12 @@ def encode(x: np.ndarray, encoding: int,
     b0 = start // BLOCK
     s = scales[b0:b0 + len(absmax)]
     np.divide(absmax, qmax, out=s)
-    with np.errstate(divide='ignore', invalid='ignore'):  # NaN/Inf in: a scale receivers refuse
-      inv = np.where(absmax > 0, qmax / absmax, np.float32(0))
+    with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
+      # NaN/Inf in: a scale receivers refuse. A block whose largest value is so small
+      # (< ~4e-37, subnormal) that qmax / absmax overflows is sent as codes 0: its values
+      # stay in the residual (an infinite factor would make them NaN there, and NaN the
+      # next push's scale).
+      inv = np.where(absmax > _MIN_ABSMAX[encoding], qmax / absmax, np.float32(0))
       q = blocks * inv[:, None]
       np.rint(q, out=q)
       np.clip(q, -qmax, qmax, out=q)
