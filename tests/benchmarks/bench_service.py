@@ -86,12 +86,31 @@ Columns:
 Targets (for orientation): ingestion / raw >= 0.8; pull / raw >= 0.8;
 RSS / (state + overhead) <= 1.3.
 
+The workers stay threads of one process: what had made four pulling threads
+slow was the kernel faulting in fresh memory for every pull (they queue on
+the process's memory map), which the client now avoids by reusing the memory
+of a pull nothing holds (service.protocol.chunks.Recycler), not the GIL
+(threads that only count the bytes ran as fast as the raw clients).
+
+Processes axis (`--processes 1 2`, the default): one worker, OptimizerClient
+given process 0's address, pushing the gradient to a server of P processes
+x 8/P simulated devices (a jax.distributed job on 127.0.0.1, started from an
+--init-params .npz; --num-workers 100000 so that no step completes: every
+push is received, checked and added into the step's float32 sum). Per push:
+push s (the call, the client's split into each process's parts included),
+ingestion MB/s (gradient bytes / push s), each process's server CPU; beside
+the raw baseline in the same run, one stream of the whole gradient and one
+stream per process of its part at once. All processes share this machine's
+cores with the client and the baseline, so the cores, not the processes,
+bound the figure: it shows what splitting costs, not how it scales.
+
 How to run
 ----------
     python tests/benchmarks/bench_service.py                  # 100M params, 5 reps
     python tests/benchmarks/bench_service.py --size 10m --reps 3
     python tests/benchmarks/bench_service.py --json /tmp/bench_service.json
     python tests/benchmarks/bench_service.py --server-arg=--max-inflight-pushes=4
+    python tests/benchmarks/bench_service.py --workers --processes 1 2  # the processes axis only
 
 `--raw-server` runs only the baseline's sink (used by the script itself).
 Every process the script starts is stopped (SIGTERM, then SIGKILL) when the
