@@ -300,10 +300,14 @@ class OptimizerClient:
         raise ValueError('a multi-process server: each process\'s client keeps its own '
                          'residuals (error_feedback=True), not one given')
       placements, clients, pool = job
-      parts = placements.split(_flatten(grads))
+      leaves = _flatten(grads)
+      for path, _ in leaves:
+        if path not in placements.parts:
+          raise ValueError(f'leaf {path} is not a leaf of the server\'s model')
+      # Each process's thread cuts its own parts (the copies run in parallel).
       results = list(pool.map(lambda i: clients[i].push(
-          step, parts[i], num_examples, worker_id, model_id=model_id, push_id=push_id,
-          wire_dtype=wire_dtype, compression=compression,
+          step, placements.part(leaves, i), num_examples, worker_id, model_id=model_id,
+          push_id=push_id, wire_dtype=wire_dtype, compression=compression,
           error_feedback=bool(error_feedback)), range(len(clients))))
       # Applied: this push completed the step on every process (else: wait for the step).
       return PushResult(min(r.accepted_step for r in results), all(r.applied for r in results),
