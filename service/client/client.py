@@ -34,8 +34,8 @@ from service.client.feedback import ErrorFeedback
 from service.client.sharded import Placements
 from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME, codecs, pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
-from service.protocol.chunks import (DEFAULT_CHUNK_BYTES, ChunkReceiver, chunk_parser,
-                                     clamp_chunk_bytes, encoded_chunk_messages)
+from service.protocol.chunks import (DEFAULT_CHUNK_BYTES, ChunkReceiver, HostArrays, Recycler,
+                                     chunk_parser, clamp_chunk_bytes, encoded_chunk_messages)
 from service.protocol.dtypes import as_wire_array, wire_dtype as to_wire_dtype
 from service.protocol.specs import LeafSpec, specs_from_proto
 from service.protocol.types import PushResult
@@ -201,6 +201,8 @@ class OptimizerClient:
     self.retries = retries
     self.chunk_bytes = clamp_chunk_bytes(chunk_bytes)
     self._feedback: dict[str, ErrorFeedback] = {}
+    # Pulled params go into the memory of a pull whose arrays are all gone (no page faults).
+    self._recycler = Recycler(keep=2)
     # For the other processes of a multi-process server: the same options, a client each.
     self._options = dict(timeout=timeout, retries=retries, chunk_bytes=chunk_bytes, token=token,
                          root_certificates=root_certificates, client_cert=client_cert,
@@ -336,11 +338,15 @@ class OptimizerClient:
         raise ValueError('a multi-process server: each process\'s client keeps its own '
                          'residuals (error_feedback=True), not one given')
       placements, clients, pool = job
-      parts = placements.split(_flatten(grads))
+      leaves = _flatten(grads)
+      for path, _ in leaves:
+        if path not in placements.parts:
+          raise ValueError(f'leaf {path} is not a leaf of the server\'s model')
+      # Each process's thread cuts its own parts (the copies run in parallel).
       try:
         results = list(pool.map(lambda i: clients[i].push(
-            step, parts[i], num_examples, worker_id, model_id=model_id, push_id=push_id,
-            wire_dtype=wire_dtype, compression=compression,
+            step, placements.part(leaves, i), num_examples, worker_id, model_id=model_id,
+            push_id=push_id, wire_dtype=wire_dtype, compression=compression,
             error_feedback=bool(error_feedback)), range(len(clients))))
       except grpc.RpcError as e:
         self._forget_processes(e)
@@ -449,7 +455,7 @@ class OptimizerClient:
     if header.not_modified:
       return None
     specs = specs_from_proto(header.leaves, 'pull header')
-    receiver = ChunkReceiver(specs, 'PullParameters')
+    receiver = ChunkReceiver(specs, 'PullParameters', HostArrays(specs, self._recycler))
     commit = None
     for msg in stream:
       if msg.WhichOneof('kind') == 'chunk':

@@ -54,13 +54,16 @@ class Placements:
 
   def split(self, leaves: Sequence[tuple[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Each process's parts of `leaves` ((path, whole leaf) pairs), as path -> array."""
-    out = [{} for _ in self.endpoints]
-    for path, x in leaves:
+    return [self.part(leaves, i) for i in range(len(self.endpoints))]
+
+  def part(self, leaves: Sequence[tuple[str, np.ndarray]], i: int) -> dict[str, np.ndarray]:
+    """Process i's parts of `leaves`, as path -> array (contiguous: a copy where a leaf is split
+    along a dimension other than the first). Processes' parts can be made in parallel threads
+    (NumPy's copies let go of the GIL)."""
+    for path, _ in leaves:
       if path not in self.parts:
         raise ValueError(f'leaf {path} is not a leaf of the server\'s model')
-      for i, index in enumerate(self.parts[path]):
-        out[i][path] = np.ascontiguousarray(x[index])
-    return out
+    return {path: np.ascontiguousarray(x[self.parts[path][i]]) for path, x in leaves}
 
   def join(self, parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Whole leaves from every process's parts (path -> array, by process)."""

@@ -43,30 +43,38 @@ def encode(specs: Sequence[LeafSpec], arrays: Sequence[jax.Array],
 
 
 class SharedStream:
-  """A stream of items made once, lazily, and read by several readers at their own pace.
+  """A stream of items made once, ahead of its readers, and read by several at their own pace.
+
+  A thread of the stream's own makes the items, at most `ahead` past the
+  fastest reader, so that making the next item overlaps the readers' sending
+  of the last ones (a reader that made each item itself would leave the
+  others waiting meanwhile: with 4 pullers, every message's encoding stalled
+  all of them).
 
   Args:
-    source: the items (made on demand by whichever reader needs the next one).
+    source: the items.
     release: called once when the stream is done with its source: every item
       made, or every reader gone (the source is then closed).
+    ahead: how many items the stream makes past the fastest reader.
 
   Example:
-    >>> stream = SharedStream(iter('abc'), release=lambda: print('released'))
+    >>> stream = SharedStream(iter('abc'), release=lambda: None)
     >>> a, b = stream.join(), stream.join()
     >>> next(a), next(b), next(a), list(a), list(b)
-    released
     ('a', 'a', 'b', ['c'], ['b', 'c'])
     >>> stream.join() is None  # too late: its first item was dropped
     True
   """
 
-  def __init__(self, source: Iterator, release: Callable[[], None]):
-    self._source, self._release = source, release
+  def __init__(self, source: Iterator, release: Callable[[], None], ahead: int = 4):
+    self._source, self._release, self._ahead = source, release, ahead
     self._cond = threading.Condition(threading.Lock())
+    self._source_lock = threading.Lock()  # held while an item is made, and to close the source
     self._items: dict[int, object] = {}
     self._made = 0  # items taken from the source
     self._dropped = 0  # items [0, dropped) are gone
-    self._making = False
+    self._maker: Optional[threading.Thread] = None
+    self._stop = False  # every reader is gone: make nothing more
     self._done = False  # the source is exhausted (or failed: `_error`)
     self._error: Optional[BaseException] = None
     self._readers: dict[int, int] = {}  # reader -> the index it reads next
@@ -79,7 +87,7 @@ class SharedStream:
     Close the reader when done with it (or read it to its end).
     """
     with self._cond:
-      if self._dropped or self._released:
+      if self._dropped or self._released or self._stop:
         return None
       rid = next(self._ids)
       self._readers[rid] = 0
@@ -87,40 +95,52 @@ class SharedStream:
 
   def _get(self, i: int):
     with self._cond:
+      if self._maker is None:
+        self._maker = threading.Thread(target=self._make, name='pull-encode', daemon=True)
+        self._maker.start()
       while True:
         if i in self._items:
           return self._items[i]
         if self._error is not None:
           raise self._error
-        if self._done and i >= self._made:
+        if (self._done or self._stop) and i >= self._made:
           return _END
-        if not self._making:
-          self._making = True
-          break
         self._cond.wait()
-    try:  # make the next item outside the lock: the others send theirs meanwhile
-      item = next(self._source, _END)
-    except BaseException as e:  # pylint: disable=broad-except
-      item, error = _END, e
-    else:
-      error = None
-    with self._cond:
-      self._making = False
+
+  def _make(self) -> None:
+    """The stream's thread: makes items until the source ends or every reader is gone."""
+    while True:
+      with self._cond:
+        while not self._stop and self._made - max(self._readers.values(), default=0) >= \
+            self._ahead:
+          self._cond.wait()
+        if self._stop:
+          return
+      with self._source_lock:
+        if self._released:
+          return
+        try:
+          item, error = next(self._source, _END), None
+        except BaseException as e:  # pylint: disable=broad-except
+          item, error = _END, e
       if item is _END:
-        self._done, self._error = True, error
-      else:
-        self._items[self._made] = item
-        self._made += 1
-      self._cond.notify_all()
-    if item is _END:
-      self._finish()
-    return self._get(i)
+        self._finish()  # released before any reader sees the end
+        with self._cond:
+          self._done, self._error = True, error
+          self._cond.notify_all()
+        return
+      with self._cond:
+        if not self._stop:
+          self._items[self._made] = item
+          self._made += 1
+          self._cond.notify_all()
 
   def _passed(self, rid: int, i: int) -> None:
     with self._cond:
       if rid in self._readers:
         self._readers[rid] = i
         self._drop_locked()
+        self._cond.notify_all()  # the maker may go on
 
   def _leave(self, rid: int) -> None:
     with self._cond:
@@ -130,6 +150,8 @@ class SharedStream:
       if last:
         self._items.clear()
         self._dropped = max(self._dropped, 1)  # nobody may join a stream cut short
+        self._stop = True
+      self._cond.notify_all()
     if last:
       self._finish()
 
@@ -140,16 +162,18 @@ class SharedStream:
     self._dropped = max(self._dropped, low)
 
   def _finish(self) -> None:
-    with self._cond:
-      if self._released:
-        return
-      self._released = True
-    try:
-      close = getattr(self._source, 'close', None)
-      if close is not None:
-        close()
-    finally:
-      self._release()
+    """Closes the source (after the item being made, if any) and releases, once."""
+    with self._source_lock:
+      with self._cond:
+        if self._released:
+          return
+        self._released = True
+      try:
+        close = getattr(self._source, 'close', None)
+        if close is not None:
+          close()
+      finally:
+        self._release()
 
 
 class _Reader:

@@ -15,6 +15,8 @@ and the push changes nothing.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -30,25 +32,40 @@ from service.protocol.types import PushHeader, PushResult
 
 class _BlockSink:
   """A receiver's sink into a push's buffers (through their wire views); `on_leaf` checks
-  each leaf as it completes.
+  each raw leaf as it completes.
 
   A raw leaf's bytes are copied in as they are; a block-encoded leaf's are
-  decoded as they arrive (`codecs.LeafDecoder`), a piece at a time, into the
-  leaf's float32 buffer: straight into it where its layout is the row-major
-  one, else through the same wire view, at their float32 byte offsets.
+  decoded (`codecs.LeafDecoder`), a piece at a time, into the leaf's float32
+  buffer: straight into it where its layout is the row-major one, else
+  through the same wire view, at their float32 byte offsets. Decoding runs on
+  a thread of the sink's own, in the stream's order, while the receiving
+  thread takes the next chunks from gRPC (NumPy lets go of the GIL): at most
+  `_QUEUE` chunks wait for it. A decoding error (a bad scale or code) is
+  raised by the next `write`, `leaf_complete` or by `drain`, which the push's
+  commit calls; `close` waits for the thread before the buffers go back.
   """
+
+  _QUEUE = 8
 
   def __init__(self, views: list[np.ndarray], specs: Sequence[LeafSpec], what: str,
                on_leaf: Callable[[int], None]):
     self._views, self._specs, self._what, self._on_leaf = views, specs, what, on_leaf
     self._decoder: Optional[tuple[int, codecs.LeafDecoder]] = None  # (leaf, its decoder)
     self._scratch: Optional[codecs.Scratch] = None  # the decoders', made on first use
+    self._thread: Optional[concurrent.futures.ThreadPoolExecutor] = None
+    self._pending: collections.deque = collections.deque()
 
   def write(self, leaf: int, offset: int, data: np.ndarray) -> None:
-    spec = self._specs[leaf]
-    if spec.encoding == codecs.RAW:
+    if self._specs[leaf].encoding == codecs.RAW:
       layout.write(self._views[leaf], offset, data)
       return
+    if self._thread is None:
+      self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='decode')
+    self._pending.append(self._thread.submit(self._decode, leaf, offset, data))
+    self._collect(self._QUEUE)
+
+  def _decode(self, leaf: int, offset: int, data: np.ndarray) -> None:
+    spec = self._specs[leaf]
     if self._decoder is None or self._decoder[0] != leaf:
       self._scratch = self._scratch or codecs.Scratch()
       self._decoder = (leaf, codecs.LeafDecoder(spec.size, spec.encoding,
@@ -62,10 +79,30 @@ class _BlockSink:
     for at, values in self._decoder[1].feed(offset, data):  # scattered into the blocks
       layout.write(view, at, values.view(np.uint8))
 
+  def _collect(self, keep: int) -> None:
+    """Waits until at most `keep` chunks are queued; raises the first decoding error."""
+    while self._pending and (len(self._pending) > keep or self._pending[0].done()):
+      self._pending.popleft().result()
+
   def leaf_complete(self, leaf: int) -> None:
-    if self._decoder is not None and self._decoder[0] == leaf:
-      self._decoder = None
-    self._on_leaf(leaf)
+    # An encoded leaf needs no NaN/Inf pass: its scales were checked to be finite and at
+    # most float32's max / QMAX, its codes to be within +-QMAX, so every value is finite.
+    if self._specs[leaf].encoding == codecs.RAW:
+      self._on_leaf(leaf)
+    self._collect(self._QUEUE)
+
+  def drain(self) -> None:
+    """Waits for every queued chunk to be decoded; raises the first decoding error."""
+    self._collect(0)
+
+  def close(self) -> None:
+    """Stops the decoding thread (queued chunks are dropped or finished, errors ignored)."""
+    for f in self._pending:
+      f.cancel()
+    self._pending.clear()
+    if self._thread is not None:
+      self._thread.shutdown(wait=True)
+      self._thread = None
 
 
 class PushSession:
@@ -151,6 +188,7 @@ class PushSession:
       return self.result
     if not self._filled:
       self._receiver.finish(stream_commit)
+    self._sink.drain()
     self.result = self._commit(self)
     return self.result
 
@@ -168,6 +206,7 @@ class PushSession:
 
     `error`: what ended the push before its commit, if anything did.
     """
+    self._sink.close()  # before the buffers go back: its thread may still write into them
     release, self._release = self._release, None
     if release is not None:
       release(self, error)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import sys
+import threading
 from typing import Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
@@ -152,13 +154,17 @@ def allocate(nbytes: Sequence[int]) -> list[np.ndarray]:
   array goes; many leaf-sized ones are recycled inside the allocator's
   per-thread arenas and keep the process's resident memory high.
   """
-  offsets, total = [], 0
+  total = sum(-(-n // ALIGN) * ALIGN for n in nbytes)
+  return _cut(np.empty(total + ALIGN, np.uint8), nbytes)
+
+
+def _cut(raw: np.ndarray, nbytes: Sequence[int]) -> list[np.ndarray]:
+  """`allocate`'s buffers, cut out of its allocation `raw`."""
+  views, off = [], -raw.ctypes.data % ALIGN
   for n in nbytes:
-    offsets.append(total)
-    total += -(-n // ALIGN) * ALIGN
-  raw = np.empty(total + ALIGN, np.uint8)
-  base = -raw.ctypes.data % ALIGN
-  return [raw[base + off:base + off + n] for off, n in zip(offsets, nbytes)]
+    views.append(raw[off:off + n])
+    off += -(-n // ALIGN) * ALIGN
+  return views
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,11 +271,51 @@ class Sink(Protocol):
     """Every byte of leaf number `leaf` was written."""
 
 
-class HostArrays:
-  """A sink into new row-major arrays of the specs' shapes and dtypes (one allocation)."""
+class Recycler:
+  """Allocations for `HostArrays`, reused once nothing outside holds them (a client's pulls).
 
-  def __init__(self, specs: Sequence[LeafSpec]):
-    raw = allocate([s.nbytes for s in specs])
+  Writing a pull into fresh memory makes the kernel fault in and zero every
+  page first: about as costly as receiving the bytes, and worse with several
+  pulling threads in one process (they take turns on its memory map). A
+  recycler keeps the last `keep` allocations and hands one out again when no
+  array of it is alive any more (every array a pull returned is a view of its
+  allocation, so holds a reference to it; anything that aliases the memory,
+  e.g. a zero-copy `jax.device_put`, holds one too). `keep=2` serves a worker
+  that holds step t's params while it pulls step t+1 (t-1's are free by
+  then); it costs up to `keep` copies of the params while the worker holds
+  none of them.
+  """
+
+  def __init__(self, keep: int = 2):
+    self._keep = keep
+    self._kept: list[np.ndarray] = []
+    self._lock = threading.Lock()
+
+  def allocate(self, nbytes: Sequence[int]) -> list[np.ndarray]:
+    """As `allocate`, in a kept allocation of the same sizes if one is free."""
+    sizes = tuple(nbytes)
+    with self._lock:
+      for i, (kept_sizes, raw) in enumerate(self._kept):
+        # References: the list's tuple, `raw`, getrefcount's argument. Any view adds one.
+        if kept_sizes == sizes and sys.getrefcount(raw) == 3:
+          del self._kept[i]
+          break
+      else:
+        raw = None
+    views = allocate(sizes) if raw is None else _cut(raw, sizes)
+    with self._lock:
+      self._kept.append((sizes, views[0].base if views else np.empty(0, np.uint8)))
+      del self._kept[:-self._keep]
+    return views
+
+
+class HostArrays:
+  """A sink into row-major arrays of the specs' shapes and dtypes (one allocation: new, or
+  a free one of `recycler`'s)."""
+
+  def __init__(self, specs: Sequence[LeafSpec], recycler: Optional[Recycler] = None):
+    nbytes = [s.nbytes for s in specs]
+    raw = allocate(nbytes) if recycler is None else recycler.allocate(nbytes)
     self._bytes = raw
     self.arrays = [b.view(s.dtype).reshape(s.shape) for b, s in zip(raw, specs)]
 

@@ -48,6 +48,10 @@ _MAX_SCALE = {e: np.nextafter(np.float32(float(np.finfo(np.float32).max) / q), n
               for e, q in QMAX.items()}
 
 
+# The smallest absmax whose qmax / absmax is finite in float32.
+_MIN_ABSMAX = {e: np.float32(q / float(np.finfo(np.float32).max)) for e, q in QMAX.items()}
+
+
 def num_blocks(n: int) -> int:
   return -(-n // BLOCK)
 
@@ -95,8 +99,12 @@ def encode(x: np.ndarray, encoding: int,
     b0 = start // BLOCK
     s = scales[b0:b0 + len(absmax)]
     np.divide(absmax, qmax, out=s)
-    with np.errstate(divide='ignore', invalid='ignore'):  # NaN/Inf in: a scale receivers refuse
-      inv = np.where(absmax > 0, qmax / absmax, np.float32(0))
+    with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
+      # NaN/Inf in: a scale receivers refuse. A block whose largest value is so small
+      # (< ~4e-37, subnormal) that qmax / absmax overflows is sent as codes 0: its values
+      # stay in the residual (an infinite factor would make them NaN there, and NaN the
+      # next push's scale).
+      inv = np.where(absmax > _MIN_ABSMAX[encoding], qmax / absmax, np.float32(0))
       q = blocks * inv[:, None]
       np.rint(q, out=q)
       np.clip(q, -qmax, qmax, out=q)
@@ -240,19 +248,22 @@ class LeafDecoder:
     # values = codes * scales: cast to float32, then scaled in place, block by block (a
     # cast and an in-place product beat numpy's mixed int8 x float32 product). No
     # overflow: the scales were checked to be at most float32's max / QMAX.
+    # (np.multiply with `out=`: `v.reshape(...)[...] *= s` would copy the product back.)
     v = self._values[:m] if out is None else out[e0:e0 + m]
-    v[...] = codes[:m]
+    np.copyto(v, codes[:m], casting='unsafe')
     s, b = self._scales, e0 // BLOCK
     head = min(m, -e0 % BLOCK)  # the rest of a block the run starts inside
     if head:
-      v[:head] *= s[b]
+      np.multiply(v[:head], s[b], out=v[:head])
       b += 1
     whole = (m - head) // BLOCK
     if whole:
-      v[head:head + whole * BLOCK].reshape(whole, BLOCK)[...] *= s[b:b + whole, None]
+      blocks = v[head:head + whole * BLOCK].reshape(whole, BLOCK)
+      np.multiply(blocks, s[b:b + whole, None], out=blocks)
       b += whole
     if head + whole * BLOCK < m:
-      v[head + whole * BLOCK:] *= s[b]
+      tail = v[head + whole * BLOCK:]
+      np.multiply(tail, s[b], out=tail)
     return 4 * e0, v
 
   def _bad_code(self, element: int, code: int) -> None:

@@ -86,12 +86,31 @@ Columns:
 Targets (for orientation): ingestion / raw >= 0.8; pull / raw >= 0.8;
 RSS / (state + overhead) <= 1.3.
 
+The workers stay threads of one process: what had made four pulling threads
+slow was the kernel faulting in fresh memory for every pull (they queue on
+the process's memory map), which the client now avoids by reusing the memory
+of a pull nothing holds (service.protocol.chunks.Recycler), not the GIL
+(threads that only count the bytes ran as fast as the raw clients).
+
+Processes axis (`--processes 1 2`, the default): one worker, OptimizerClient
+given process 0's address, pushing the gradient to a server of P processes
+x 8/P simulated devices (a jax.distributed job on 127.0.0.1, started from an
+--init-params .npz; --num-workers 100000 so that no step completes: every
+push is received, checked and added into the step's float32 sum). Per push:
+push s (the call, the client's split into each process's parts included),
+ingestion MB/s (gradient bytes / push s), each process's server CPU; beside
+the raw baseline in the same run, one stream of the whole gradient and one
+stream per process of its part at once. All processes share this machine's
+cores with the client and the baseline, so the cores, not the processes,
+bound the figure: it shows what splitting costs, not how it scales.
+
 How to run
 ----------
     python tests/benchmarks/bench_service.py                  # 100M params, 5 reps
     python tests/benchmarks/bench_service.py --size 10m --reps 3
     python tests/benchmarks/bench_service.py --json /tmp/bench_service.json
     python tests/benchmarks/bench_service.py --server-arg=--max-inflight-pushes=4
+    python tests/benchmarks/bench_service.py --workers --processes 1 2  # the processes axis only
 
 `--raw-server` runs only the baseline's sink (used by the script itself).
 Every process the script starts is stopped (SIGTERM, then SIGKILL) when the
@@ -147,6 +166,7 @@ WARMUP_STEPS = 2  # first-touch effects (buffers, transfers) of the first steps
 RAW_PULL_METHOD = '/bench.RawSink/Pull'
 RAW_METHOD = '/bench.RawSink/Push'
 TARGETS = {'ingestion_vs_raw': 0.8, 'pull_vs_raw': 0.8, 'rss_ratio': 1.3}
+PROCESS_AXIS_WORKERS = 100_000  # a step never completes: every push is added into the sum
 
 
 # ----------------------------------------------------------------------------- model
@@ -316,18 +336,24 @@ class RawClients:
     spans = [f.result() for f in [self.pool.submit(one, c) for c in self.pulls]]
     return max(e for _, e in spans) - min(s for s, _ in spans)
 
-  def round(self, grads: dict[str, np.ndarray]) -> float:
-    """Seconds from the first stream's start until every stream returned."""
-    expected = tree_bytes(grads)
+  def round(self, grads: dict[str, np.ndarray],
+            parts: Optional[Sequence[dict[str, np.ndarray]]] = None) -> float:
+    """Seconds from the first stream's start until every stream returned.
 
-    def one(call):
+    Every channel streams `grads`, or channel i streams `parts[i]`.
+    """
+    trees = list(parts) if parts is not None else [grads] * len(self.calls)
+
+    def one(call, tree):
+      expected = tree_bytes(tree)
       t = time.perf_counter()
-      count, total = map(int, call(raw_chunks(grads), timeout=CALL_TIMEOUT_S).split())
+      count, total = map(int, call(raw_chunks(tree), timeout=CALL_TIMEOUT_S).split())
       if total != expected:
         raise RuntimeError(f'raw sink counted {total} bytes in {count} messages, sent {expected}')
       return t, time.perf_counter()
 
-    spans = [f.result() for f in [self.pool.submit(one, c) for c in self.calls]]
+    spans = [f.result() for f in [self.pool.submit(one, c, tree)
+                                  for c, tree in zip(self.calls, trees)]]
     return max(e for _, e in spans) - min(s for s, _ in spans)
 
   def close(self) -> None:
@@ -468,6 +494,139 @@ def run_server(workers: int, params: dict, grads: dict, reps: int, extra_flags: 
             'raw_pull_s': raw_pull_s}
 
 
+# ----------------------------------------------------------------------------- processes axis
+
+
+@contextlib.contextmanager
+def server_job(processes: int, init: str, extra: Sequence[str]) -> Iterator[list[tuple]]:
+  """`processes` serve processes of one job (8 / processes simulated devices each), started
+  from the .npz `init`, accumulating without ever completing a step; yields [(proc, port)]."""
+  devices = 8 // processes
+  flags = ['--init-params', init, *extra]
+  if processes > 1:
+    coordinator = _free_port()
+    flags += ['--num-processes', str(processes), '--coordinator-address',
+              f'127.0.0.1:{coordinator}']
+  with contextlib.ExitStack() as stack:
+    argvs = [service_argv(PROCESS_AXIS_WORKERS, [*flags] + (
+        ['--process-id', str(i)] if processes > 1 else [])) for i in range(processes)]
+    for argv in argvs:
+      argv[argv.index('--devices') + 1] = str(devices)
+    # Every process must be started before any prints its line (the job forms first).
+    jobs = [stack.enter_context(_started(argv, f'server process {i} of {processes}'))
+            for i, argv in enumerate(argvs)]
+    yield [job() for job in jobs]
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _started(argv: Sequence[str], what: str):
+  """Starts `argv` now; yields a function that waits for its 'serving on' line."""
+  with tempfile.TemporaryFile(mode='w+') as err:
+    proc = subprocess.Popen(list(argv), cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                            env={**os.environ, 'PYTHONPATH': ROOT})
+
+    def ready() -> tuple[subprocess.Popen, int]:
+      ok, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+      line = proc.stdout.readline() if ok else ''
+      m = re.search(r'serving on [^:\s]+:(\d+)', line)
+      if not m:
+        err.seek(0)
+        raise RuntimeError(f'{what} did not start: {line!r}\n{err.read()[-4000:]}')
+      return proc, int(m.group(1))
+    try:
+      yield ready
+    finally:
+      stop_process(proc)
+
+
+def run_processes(processes: int, params: dict, grads: dict, reps: int,
+                  extra_flags: Sequence[str], raw: RawClients,
+                  log: Callable[[str], None] = print) -> dict:
+  """One worker's pushes to a job of `processes` server processes, and raw rounds, interleaved.
+
+  Every push is for step 0 under a new worker id, so each is received, checked and
+  added into the step's sum, and no step completes (no LAMB update in the figure);
+  OptimizerClient, given process 0's address, sends each process its parts in parallel.
+  """
+  from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
+  from service.client.sharded import Placements  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+    init = os.path.join(tmp, 'init.npz')
+    np.savez(init, **params)
+    job = stack.enter_context(server_job(processes, init, extra_flags))
+    client = stack.enter_context(OptimizerClient(f'127.0.0.1:{job[0][1]}',
+                                                 timeout=CALL_TIMEOUT_S))
+    d = client._stub.DescribeModel(pb_describe(), timeout=60)  # pylint: disable=protected-access
+    placements = Placements.of(d)
+    parts = placements.split(list(grads.items())) if placements else [grads]
+    count = [0]
+
+    def push() -> tuple[float, list[float]]:
+      count[0] += 1
+      cpu = [proc_cpu_seconds(p.pid) for p, _ in job]
+      t = time.perf_counter()
+      r = client.push(0, grads, 1, f'bench-{count[0]}', model_id=d.model_id)
+      dt = time.perf_counter() - t
+      if r.accepted_step != 0 or r.applied:
+        raise RuntimeError(f'push {count[0]}: expected it added into step 0, got {r}')
+      return dt, [proc_cpu_seconds(p.pid) - c for (p, _), c in zip(job, cpu)]
+
+    for _ in range(WARMUP_STEPS):  # the first push becomes the sum; first touches
+      push()
+    raw.round(grads)
+    push_s, cpu_s, raw_s, raw_split_s = [], [], [], []
+    for rep in range(reps):
+      dt, cpu = push()
+      push_s.append(dt)
+      cpu_s.append(cpu)
+      raw_s.append(raw.round(grads, [grads]))
+      raw_split_s.append(raw.round(grads, parts) if len(parts) > 1 else raw_s[-1])
+      log(f'    rep {rep}: push {dt:.3f}s (server CPU {", ".join(f"{c:.2f}" for c in cpu)} s), '
+          f'raw 1 stream {raw_s[-1]:.3f}s, raw {len(parts)} streams {raw_split_s[-1]:.3f}s')
+    bytes_per_process = [tree_bytes(p) for p in parts]
+    return {'processes': processes, 'push_s': push_s, 'server_cpu_s': cpu_s, 'raw_s': raw_s,
+            'raw_split_s': raw_split_s, 'bytes_per_process': bytes_per_process}
+
+
+def pb_describe():
+  from service.protocol import pb  # pylint: disable=import-outside-toplevel
+  return pb.DescribeModelRequest()
+
+
+def summarize_processes(run: dict, grad_bytes: int) -> dict:
+  push_s = statistics.median(run['push_s'])
+  raw_s, split_s = statistics.median(run['raw_s']), statistics.median(run['raw_split_s'])
+  return {'processes': run['processes'], 'push_s': push_s, 'ingestion_Bps': grad_bytes / push_s,
+          'raw_Bps': grad_bytes / raw_s, 'raw_split_Bps': grad_bytes / split_s,
+          'ingestion_vs_raw': raw_s / push_s, 'ingestion_vs_raw_split': split_s / push_s,
+          'server_cpu_s': [statistics.median(c[i] for c in run['server_cpu_s'])
+                           for i in range(run['processes'])],
+          'bytes_per_process': run['bytes_per_process']}
+
+
+def processes_table(rows: list[dict]) -> str:
+  lines = ['| server processes x devices | push s | ingestion MB/s | raw 1 stream MB/s | '
+           'ingestion / raw | raw, a stream per process MB/s | ingestion / that | '
+           'MB per process per push | server CPU s per push, by process |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---|']
+  for r in rows:
+    p = r['processes']
+    lines.append(
+        f"| {p} x {8 // p} | {r['push_s']:.3f} | {r['ingestion_Bps'] / 1e6:.0f} | "
+        f"{r['raw_Bps'] / 1e6:.0f} | {r['ingestion_vs_raw']:.2f} | "
+        f"{r['raw_split_Bps'] / 1e6:.0f} | {r['ingestion_vs_raw_split']:.2f} | "
+        f"{', '.join(f'{b / 1e6:.0f}' for b in r['bytes_per_process'])} | "
+        f"{', '.join(f'{c:.2f}' for c in r['server_cpu_s'])} |")
+  return '\n'.join(lines)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -553,8 +712,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--size', choices=sorted(SIZES), default='100m')
   p.add_argument('--reps', type=int, default=5, help='timed steps per worker count (median)')
-  p.add_argument('--workers', type=int, nargs='+', default=list(WORKER_COUNTS),
+  p.add_argument('--workers', type=int, nargs='*', default=list(WORKER_COUNTS),
                  help='worker counts to measure (default 1 4)')
+  p.add_argument('--processes', type=int, nargs='*', default=[1, 2], choices=(1, 2, 4, 8),
+                 help='server process counts of the processes axis (default 1 2; none: skip)')
   p.add_argument('--server-arg', action='append', default=[], metavar='FLAG',
                  help='extra flag for the server, e.g. --server-arg=--max-inflight-pushes=4')
   p.add_argument('--json', metavar='PATH', help='also write all figures here')
@@ -607,7 +768,20 @@ def main(argv=None) -> int:
           runs.append(run_server(w, params, grads, args.reps, args.server_arg, raw=raw))
         finally:
           raw.close()
+    process_runs = []
+    if args.processes:
+      print(f'processes axis: one worker, {", ".join(f"{p} x {8 // p}" for p in args.processes)} '
+            f'(server processes x simulated devices each)')
+    for p in args.processes:
+      print(f'P={p}:')
+      with concurrent.futures.ThreadPoolExecutor(p) as pool:
+        raw = RawClients(raw_port, p, pool)
+        try:
+          process_runs.append(run_processes(p, params, grads, args.reps, args.server_arg, raw))
+        finally:
+          raw.close()
   rows = [summarize(r, grad_bytes, state_bytes, overhead) for r in runs]
+  process_rows = [summarize_processes(r, grad_bytes) for r in process_runs]
 
   print()
   print_details(rows, state_bytes, overhead)
@@ -616,6 +790,13 @@ def main(argv=None) -> int:
         f'simulated 8-device CPU mesh, median of {args.reps}:\n')
   print(markdown_table(rows))
   print_targets(rows)
+  if process_rows:
+    print(f'\nprocesses axis: one worker pushing {grad_bytes / 1e6:.0f} MB (OptimizerClient '
+          f'sends each process its parts in parallel), added into a step that never completes; '
+          f'median of {args.reps}. All processes share this machine\'s {os.cpu_count()} cores '
+          f'(with the client and the baseline): the cores, not the processes, bound these '
+          f'figures -- on N hosts each process would have its own.\n')
+    print(processes_table(process_rows))
   wall = time.perf_counter() - t_start
   print(f'\nwall time {wall:.0f}s')
   if args.json:
@@ -624,7 +805,8 @@ def main(argv=None) -> int:
                  'leaves': len(shapes), 'grad_bytes': grad_bytes, 'reps': args.reps,
                  'server_args': args.server_arg, 'state_bytes': state_bytes,
                  'overhead_bytes': overhead, 'overhead_run': overhead_run, 'runs': runs,
-                 'rows': rows, 'targets': TARGETS, 'wall_s': wall}, f, indent=2)
+                 'rows': rows, 'targets': TARGETS, 'wall_s': wall,
+                 'process_runs': process_runs, 'process_rows': process_rows}, f, indent=2)
     print(f'wrote {args.json}')
   return 0
 

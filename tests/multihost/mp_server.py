@@ -45,17 +45,19 @@ def job_port() -> int:
     return port
 
 
-def init_file(tmp_path):
+def init_file(tmp_path, params=None):
+  """The --init-params file: `params` (path -> array; default mp_engine's)."""
   path = tmp_path / 'init.npz'
-  if not path.exists():
-    np.savez(path, **mp_engine.params())
+  if params is not None or not path.exists():
+    np.savez(path, **(mp_engine.params() if params is None else params))
   return path
 
 
-def start(tmp_path, processes=2, devices=4, extra=(), init_params=True, ports=None):
+def start(tmp_path, processes=2, devices=4, extra=(), init_params=True, ports=None,
+          params=None):
   """Starts the job's processes (on `ports`, default ephemeral ones); returns
-  [(proc, port, metrics_port)] once all serve."""
-  init_flags = ['--init-params', str(init_file(tmp_path))] if init_params else []
+  [(proc, port, metrics_port)] once all serve. `params`: the initial params (init_file)."""
+  init_flags = ['--init-params', str(init_file(tmp_path, params))] if init_params else []
   coordinator = job_port()
   env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
   job_flags = lambda i: (['--num-processes', str(processes), '--process-id', str(i),  # noqa: E731

@@ -9,7 +9,6 @@ Every process is bounded by timeouts and ended by PID.
 
 import concurrent.futures
 import os
-import re
 import sys
 
 import grpc

@@ -85,6 +85,24 @@ def test_round_trip_within_half_a_step(name, n, kind):
     assert scales[0] == 0
 
 
+@pytest.mark.parametrize('name', list(ENCODINGS))
+def test_a_block_of_subnormal_values_keeps_them_in_the_residual(name):
+  # qmax / absmax overflows float32 for absmax < ~4e-37: once it made the block's codes
+  # NaN * inf and its residual NaN, and the next push's scale NaN (a demo worker died so).
+  enc = ENCODINGS[name]
+  x = np.zeros(768, np.float32)
+  x[:256] = np.float32(1e-40) * np.arange(256, dtype=np.float32) / 255  # subnormal block
+  x[256:512] = np.float32(1e-37) * np.linspace(-1, 1, 256, dtype=np.float32)  # int8: too
+  x[512:] = np.linspace(-1, 1, 256, dtype=np.float32)  # a normal block beside them
+  r = x.copy()
+  data = codecs.encode(r, enc, residual_out=r)
+  y = codecs.decode(data, x.size, enc)
+  assert np.all(np.isfinite(y)) and np.all(np.isfinite(r))
+  np.testing.assert_array_equal(r, x - y)  # what was not sent is kept for the next push
+  np.testing.assert_array_equal(y[:256], 0)
+  assert np.abs(x[512:] - y[512:]).max() <= _scales(data, x.size)[2] / 2 * (1 + 1e-6)
+
+
 def test_int4_packing_is_the_documented_one():
   # Block scale 1 (absmax 7): element 2i in the low nibble, 2i+1 in the high one.
   x = np.array([7, -1, 2, -7, 3], np.float32)

@@ -178,3 +178,30 @@ def test_a_pull_of_the_step_the_caller_has_is_a_header_alone(engine):
   assert len(items) == 1 and items[0].not_modified and items[0].step == 0
   assert engine._readers == 0  # pylint: disable=protected-access
   assert len(list(engine.pull(newer_than=0, model_id='another'))) > 1  # another model: all
+
+
+def _memory(pulled) -> set:
+  return {a.__array_interface__['data'][0] for a in pulled.params.values()}
+
+
+def test_a_pull_reuses_the_memory_of_an_earlier_one_only_once_it_is_dropped():
+  with running_server(devices=8, learning_rate=0.1) as (_, client):
+    client.initialize(P0)
+    held = client.pull()
+    second = client.pull()
+    assert not _memory(held) & _memory(second)  # `held` is alive: fresh memory
+    client.push(0, {k: np.ones_like(v) for k, v in P0.items()}, 1, 'w')
+    del second  # free: the next pull may write into it
+    view = held.params["['rows']"][3:5]  # any view keeps the whole allocation alive
+    jax_alias = [np.asarray(held.params["['cols']"])]
+    del held
+    third = client.pull()
+    assert third.step == 1
+    assert not _memory(third) & {view.__array_interface__['data'][0] - 3 * 96 * 4}
+    for k, v in P0.items():
+      assert not np.array_equal(third.params[k], v)  # the step changed every leaf
+    np.testing.assert_array_equal(view, P0["['rows']"][3:5])  # untouched by the third pull
+    np.testing.assert_array_equal(jax_alias[0], P0["['cols']"])
+    kept = _memory(third)
+    del third
+    assert _memory(client.pull()) == kept  # dropped: reused
