@@ -6,9 +6,11 @@ with PR_SET_PDEATHSIG (it dies with the test), and is ended by PID.
 
 import contextlib
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -77,13 +79,42 @@ def start(tmp_path, processes=2, devices=4, extra=(), init_params=True, ports=No
       lines = []
       while not (m := re.search(r'serving on [^:]+:(\d+).*metrics: port (\d+)',
                                 lines[-1] if lines else '')):
-        lines.append(p.stdout.readline())
+        lines.append(_next_line(p, procs))
         assert lines[-1], (lines, p.poll(), p.stderr.read() if p.poll() is not None else '')
       out.append((p, int(m.group(1)), int(m.group(2))))
   except BaseException:
     stop(procs)
     raise
   return out
+
+
+def wait_free(ports, timeout=30.0):
+  """Waits until every port of `ports` can be bound again (a process ends after its parent)."""
+  import socket  # pylint: disable=import-outside-toplevel
+  deadline = time.monotonic() + timeout
+  for port in ports:
+    while True:
+      with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+          s.bind(('127.0.0.1', port))
+          break
+        except OSError:
+          assert time.monotonic() < deadline, f'port {port} still in use'
+      time.sleep(0.1)
+
+
+def _next_line(proc, procs) -> str:
+  """proc's next stdout line; fails at once if one of `procs` ends meanwhile (else the
+  others would wait for it: JAX's 300 s)."""
+  lines = queue.Queue()
+  threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+  while True:
+    try:
+      return lines.get(timeout=0.5)
+    except queue.Empty:
+      ended = [q for q in procs if q.poll() is not None]
+      assert not ended, (ended[0].args, ended[0].returncode, ended[0].stderr.read())
 
 
 def stop(procs, timeout=30.0):

@@ -282,6 +282,7 @@ def test_real_workers_wait_through_a_group_restart_and_end_as_an_uninterrupted_r
     os.kill(job[1][0].pid, signal.SIGKILL)
     assert _wait_exit(job[0][0], 15)[0] == 3
     mp_server.stop(job)
+    mp_server.wait_free(ports)  # the killed process's JAX child may still hold its port
     job = mp_server.start(tmp_path, extra=ckpt, init_params=False, ports=ports)
     finish(workers)
     got = _final_params(ports[0])
