@@ -197,6 +197,8 @@ def _serve(args) -> int:
   from service.server import supervise  # pylint: disable=import-outside-toplevel
   if job is not None and not supervise.is_child():  # JAX runs in a child this one watches
     return supervise.run(args.argv, job[1], config.num_processes, job[0])
+  if supervise.is_child():
+    supervise.die_with_parent()
   args.log_level = config.log_level  # --log-level DEBUG (flag or YAML) shows tracebacks
   from service.protocol.tokens import load_tokens  # pylint: disable=import-outside-toplevel
   try:  # a misconfigured secret fails here, before JAX is even loaded

@@ -18,6 +18,7 @@ import sys
 from typing import Sequence
 
 CHILD = 'LAMB_SHARDED_SERVER_PROCESS'  # set in the child's environment
+PARENT = 'LAMB_SHARDED_SERVER_PARENT'  # the parent's pid, there
 LOST_EXIT = 3  # = peers.LOST_EXIT (that module imports the core; this one must not)
 
 
@@ -25,16 +26,25 @@ def is_child() -> bool:
   return os.environ.get(CHILD) == '1'
 
 
-def _die_with_parent() -> None:  # in the child, before exec: SIGKILL once the parent is gone
+def die_with_parent() -> None:
+  """In the child, first thing: SIGKILL once the parent is gone (Linux), even if it already is.
+
+  Set by the child itself rather than in a `preexec_fn`: that would make
+  `subprocess` fork a parent that has gRPC loaded, whose poller then aborted it
+  now and then ("epoll_wait error: Bad file descriptor").
+  """
+  if sys.platform != 'linux':
+    return
   import ctypes  # pylint: disable=import-outside-toplevel
-  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  if os.getppid() != int(os.environ.get(PARENT, '0')):  # it went before the prctl
+    os._exit(1)  # pylint: disable=protected-access
 
 
 def run(argv: Sequence[str], index: int, count: int, coordinator: str) -> int:
   """Runs `lamb-sharded <argv>` as the child; its exit status (an abort: LOST_EXIT)."""
   child = subprocess.Popen([sys.executable, '-m', 'service.cli', *argv],
-                           env={**os.environ, CHILD: '1'},
-                           preexec_fn=_die_with_parent if sys.platform == 'linux' else None)
+                           env={**os.environ, CHILD: '1', PARENT: str(os.getpid())})
   for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(signum, lambda n, _frame: child.send_signal(n))
   code = child.wait()

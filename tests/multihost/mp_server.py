@@ -21,11 +21,14 @@ import mp_engine  # noqa: E402  pylint: disable=wrong-import-position
 from svc import ROOT  # noqa: E402  pylint: disable=wrong-import-position
 
 
-def die_with_parent():
-  """In the child: SIGKILL when the test process dies, whatever ends it (Linux)."""
-  import ctypes  # pylint: disable=import-outside-toplevel
-  import signal  # pylint: disable=import-outside-toplevel
-  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+# `lamb-sharded ARGS` that gets SIGKILL when the test process dies, whatever ends it (Linux):
+# PR_SET_PDEATHSIG survives the exec. Not a `preexec_fn`: the test process has gRPC loaded,
+# and a fork of it (which a preexec_fn forces) was now and then aborted by gRPC's poller.
+DYING_WITH_PARENT = [sys.executable, '-c',
+                     'import ctypes, os, signal, sys; '
+                     'ctypes.CDLL(None).prctl(1, signal.SIGKILL); '
+                     'os.execv(sys.executable, [sys.executable, "-m", "service.cli", '
+                     '*sys.argv[1:]])']
 
 
 def job_port() -> int:
@@ -66,13 +69,13 @@ def start(tmp_path, processes=2, devices=4, extra=(), init_params=True, ports=No
                           '--coordinator-address', f'127.0.0.1:{coordinator}']
                          if processes > 1 else [])
   procs = [subprocess.Popen(
-      [sys.executable, '-m', 'service.cli', 'serve', '--host', '127.0.0.1',
+      [*DYING_WITH_PARENT, 'serve', '--host', '127.0.0.1',
        '--port', str(ports[i] if ports else 0),
        '--metrics-port', '0', '--devices', str(devices),
        '--num-workers', str(mp_engine.WORKERS), '--learning-rate', '0.05',
        '--weight-decay', '0.01', *init_flags, *job_flags(i), '--log-level', 'WARNING', *extra],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      preexec_fn=die_with_parent) for i in range(processes)]
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(processes)]
   out = []
   try:
     for p in procs:  # each says so once the job has formed (after Gloo's lines, if any)
