@@ -155,6 +155,19 @@ def _wait_exit(proc, timeout):
   return proc.returncode, time.monotonic() - t0
 
 
+def _kill_one(job, victim):
+  """kill -9 of process `victim`: the other must exit 3 within 15 s, without a traceback;
+  its last line of stderr."""
+  survivor = job[1 - victim][0]
+  os.kill(job[victim][0].pid, signal.SIGKILL)
+  code, seconds = _wait_exit(survivor, 15)
+  err = survivor.stderr.read()
+  assert code == 3, (code, err[-2000:])
+  assert seconds < 15
+  assert 'Traceback' not in err
+  return err.strip().splitlines()[-1]
+
+
 def test_kill_9_of_one_process_ends_the_other_with_one_line_and_the_group_resumes(tmp_path):
   ckpt = ['--checkpoint-dir', str(tmp_path / 'ckpt'), '--checkpoint-every-steps', '0',
           '--checkpoint-every-seconds', '0']
@@ -163,14 +176,8 @@ def test_kill_9_of_one_process_ends_the_other_with_one_line_and_the_group_resume
     _train(job[0][1], [0, 1])
     with OptimizerClient(f'127.0.0.1:{job[1][1]}') as c:  # through process 0, for both
       assert c.save_checkpoint(wait=True)[0] == 2
-    os.kill(job[1][0].pid, signal.SIGKILL)
-    code, seconds = _wait_exit(job[0][0], 15)
-    err = job[0][0].stderr.read()
-    assert code == 3, (code, err[-2000:])
-    assert seconds < 15
-    last = err.strip().splitlines()[-1]
+    last = _kill_one(job, victim=1)
     assert last.startswith('lamb-sharded serve: error: server process 1 of 2 (127.0.0.1:'), last
-    assert 'Traceback' not in err
   finally:
     mp_server.stop(job)
   with mp_server.job(tmp_path, extra=ckpt) as job:  # the group restarts: from step 2
@@ -211,12 +218,7 @@ def test_kill_9_of_process_0_ends_the_other_with_one_line_naming_the_coordinator
   # JAX aborts a process at once when the coordinator is gone: `serve` says so in one line.
   job = mp_server.start(tmp_path)
   try:
-    os.kill(job[0][0].pid, signal.SIGKILL)
-    code, seconds = _wait_exit(job[1][0], 15)
-    err = job[1][0].stderr.read()
-    assert code == 3, (code, err[-2000:])
-    assert seconds < 15
-    last = err.strip().splitlines()[-1]
+    last = _kill_one(job, victim=0)
     assert last.startswith('lamb-sharded serve: error: server process 1 of 2 was ended by JAX: '
                            'the job lost its coordinator (process 0, 127.0.0.1:'), last
   finally:
