@@ -5,18 +5,91 @@ a step (the only one, with one worker) becomes the sum as it is -- no copy,
 no pass -- while later ones are added to it in place. Only the sum goes onto
 the mesh, once per step; on a CPU mesh the devices wrap its blocks without a
 copy (service/core/layout.py). Every model-sized gradient buffer, the pushes'
-and the sum's, comes from one `placement.BufferPool`.
+and the sum's, comes from one `placement.BufferPool`. A block-encoded push
+(int8, int4) is decoded straight into the sum when it counts, on several
+threads.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import concurrent.futures
+import functools
+import os
+import threading
+from typing import Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
-from service.core import placement
+from service.core import layout, placement
 from service.core.model import ModelPlan
+from service.protocol import codecs
+
+_RANGE = 1 << 22  # elements per piece of a leaf's add (16 MiB of float32)
+_PARALLEL_MIN = 1 << 20  # below this many elements a push is added on the calling thread
+_scratch = threading.local()  # per thread: its codecs.Scratch
+
+
+def _ranges(a: np.ndarray, op: Callable, b: Optional[np.ndarray] = None) -> list:
+  """(elements, work) pieces applying op(a_piece, b_piece) over `a` (and `b`), same layout."""
+  x, y = a.reshape(-1), (a if b is None else b).reshape(-1)
+  return [(min(_RANGE, x.size - i),
+           functools.partial(op, x[i:i + _RANGE], y[i:i + _RANGE]))
+          for i in range(0, x.size, _RANGE)]
+
+
+def add_jobs(a: np.ndarray, b: np.ndarray, weight: np.float32 = np.float32(1),
+             write: bool = False) -> list:
+  """(elements, work) jobs doing a += weight * b (a = weight * b if `write`), in float32;
+  `a` and `b` in the same layout."""
+  if write:
+    op = lambda x, y: np.multiply(y, weight, out=x, dtype=np.float32)
+  elif weight == 1:
+    op = lambda x, y: np.add(x, y, out=x, dtype=np.float32)
+  else:  # a piece-sized temporary at most
+    op = lambda x, y: np.add(x, np.multiply(y, weight, dtype=np.float32), out=x)
+  return _ranges(a, op, b)
+
+
+_threads: Optional[concurrent.futures.ThreadPoolExecutor] = None
+_threads_lock = threading.Lock()
+
+
+def run_jobs(jobs: list) -> None:
+  """Runs (elements, work) jobs on the process's adding threads (one per core, at most 4),
+  largest first so that the threads end together; small pushes on the calling thread."""
+  global _threads  # pylint: disable=global-statement
+  workers = min(4, os.cpu_count() or 1)
+  if workers < 2 or sum(size for size, _ in jobs) < _PARALLEL_MIN:
+    for _, work in jobs:
+      work()
+    return
+  with _threads_lock:
+    if _threads is None:
+      _threads = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='add')
+  for f in [_threads.submit(work) for _, work in sorted(jobs, key=lambda j: -j[0])]:
+    f.result()
+
+
+def decode_jobs(leaf: codecs.EncodedLeaf, view: np.ndarray, weight: np.float32,
+                add: bool) -> list:
+  """(elements, work) jobs decoding `leaf` into `view` (its wire-order float32 view of a
+  buffer): view = weight * values, or view += weight * values. A job per received run."""
+  return [(run[1].size, functools.partial(_decode_run, leaf, run, view, weight, add))
+          for run in leaf.runs()]
+
+
+def _decode_run(leaf: codecs.EncodedLeaf, run, view: np.ndarray, weight: np.float32,
+                add: bool) -> None:
+  """Decodes one run of an encoded leaf into its wire-order float32 `view` of the sum:
+  view = weight * values, or view += weight * values."""
+  scratch = getattr(_scratch, 'value', None)
+  if scratch is None:
+    scratch = _scratch.value = codecs.Scratch()
+  for e0, values in leaf.values(run, scratch):
+    if weight != 1:
+      np.multiply(values, weight, out=values)
+    layout.write(view, e0, values, add)
 
 
 class Accumulator:
@@ -46,30 +119,42 @@ class Accumulator:
     """A push's buffers that were not added (the push failed): kept for the next one."""
     self.pool.give(buffers)
 
-  def add(self, buffers: list[np.ndarray], num_examples: int) -> None:
-    """sum += num_examples * buffers, consuming `buffers` (the list is emptied).
+  def add(self, buffers: list[np.ndarray], num_examples: int,
+          encoded: Optional[Mapping[int, codecs.EncodedLeaf]] = None) -> None:
+    """sum += num_examples * push, consuming `buffers` (the list is emptied).
 
-    The first push of a step becomes the sum itself when it is float32
-    (scaled in place unless its weight is 1): no copy, no pass. Later pushes
-    are added in place, leaf by leaf, so no model-sized temporary is made.
+    The push: `buffers`, one per leaf in the wire dtypes, and `encoded`, the
+    checked bytes of its block-encoded leaves (whose buffers are then unused),
+    decoded here straight into the sum: no float32 copy of them is made.
+
+    The first push of a step becomes the sum itself when its buffers are
+    float32 (scaled in place unless its weight is 1; its encoded leaves
+    decoded into them): no copy, no pass. Later pushes are added in place, a
+    piece at a time, so no model-sized temporary is made. The work is cut
+    into independent pieces (leaf ranges, encoded runs) that the process's
+    adding threads share (`run_jobs`; NumPy lets go of the GIL in its loops).
     """
+    encoded = encoded or {}
     n = np.float32(num_examples)
+    layouts = self._plan.layouts
+    jobs = []  # (elements, work)
     if self._sum is None and all(b.dtype == np.float32 for b in buffers):
+      self._sum, first, adopted = buffers[:], True, True
       if n != 1:
-        for b in buffers:
-          b *= n
-      self._sum = buffers[:]
-    elif self._sum is None:  # bfloat16 or float16 on the wire
-      self._sum = self.pool.take()
-      for a, b in zip(self._sum, buffers):
-        np.multiply(b, n, out=a, dtype=np.float32)
-      self.pool.give(buffers)
+        jobs += [job for i, b in enumerate(buffers) if i not in encoded
+                 for job in _ranges(b, lambda x, _: np.multiply(x, n, out=x))]
     else:
-      for a, b in zip(self._sum, buffers):
-        if n == 1:
-          np.add(a, b, out=a, dtype=np.float32)
-        else:  # a leaf-sized temporary at most
-          a += np.multiply(b, n, dtype=np.float32)
+      first, adopted = self._sum is None, False
+      if first:  # bfloat16 or float16 on the wire
+        self._sum = self.pool.take()
+      for i, (a, b) in enumerate(zip(self._sum, buffers)):
+        if i in encoded:
+          continue
+        jobs += add_jobs(a, b, n, first)
+    for i, leaf in encoded.items():
+      jobs += decode_jobs(leaf, layouts[i].wire_view(self._sum[i], np.float32), n, not first)
+    run_jobs(jobs)
+    if not adopted:  # the push was added into the sum
       self.pool.give(buffers)
     buffers.clear()
     self.weight += num_examples

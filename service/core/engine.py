@@ -605,7 +605,7 @@ class Engine:
   def _count_locked(self, session: PushSession) -> PushResult:
     """Counts a push its rules (and the job) accepted into the current step."""
     h = session.header
-    self._sum.add(session.buffers, h.num_examples)
+    self._sum.add(session.buffers, h.num_examples, session.encoded)
     self._release_locked(session)  # its buffers are the sum's now, or back in the pool
     self.stats['pushes_accepted'] += 1
     accepted = self._steps.step

@@ -75,13 +75,14 @@ class LeafLayout:
     """True when the blocked layout is the row-major one (nothing to scatter)."""
     return self.dim is None or self.parts == 1 or math.prod(self.shape[:self.dim]) == 1
 
-  def wire_view(self, buffer: np.ndarray) -> np.ndarray:
-    """A uint8 view of `buffer` whose row-major order is the leaf's row-major byte order.
+  def wire_view(self, buffer: np.ndarray, dtype=np.uint8) -> np.ndarray:
+    """A view of `buffer` whose row-major order is the leaf's row-major byte order (uint8),
+    or element order (`dtype`: the buffer's own).
 
-    1-D (a plain byte view) when the layout is contiguous; otherwise 3-D:
-    (rows before the split dimension, parts, bytes of one block's row).
+    1-D (a plain view) when the layout is contiguous; otherwise 3-D:
+    (rows before the split dimension, parts, bytes (elements) of one block's row).
     """
-    raw = buffer.reshape(-1).view(np.uint8)
+    raw = buffer.reshape(-1).view(dtype)
     if self.contiguous or self.size == 0:
       return raw
     outer = math.prod(self.shape[:self.dim])
@@ -107,31 +108,40 @@ class LeafLayout:
     return out
 
 
-def write(dst: np.ndarray, start: int, src: np.ndarray) -> None:
-  """dst.flat[start:start + len(src)] = src, for a strided `dst`, without copying `dst`.
+def write(dst: np.ndarray, start: int, src: np.ndarray, add: bool = False) -> None:
+  """dst.flat[start:start + len(src)] = src (or += src), for a strided `dst`, without
+  copying `dst`.
 
   `dst` is any (non-contiguous) view, addressed in its row-major order; `src`
   is 1-D. The range is cut into at most two partial rows per dimension and
-  whole sub-arrays in between, each one NumPy assignment.
+  whole sub-arrays in between, each one NumPy assignment (or in-place add).
   """
   n = len(src)
   if dst.ndim == 1:
-    dst[start:start + n] = src
+    if add:
+      part = dst[start:start + n]
+      np.add(part, src, out=part)
+    else:
+      dst[start:start + n] = src
     return
   inner = math.prod(dst.shape[1:])
   i, rem = divmod(start, inner)
   pos = 0
   if rem:
     pos = min(inner - rem, n)
-    write(dst[i], rem, src[:pos])
+    write(dst[i], rem, src[:pos], add)
     i += 1
   whole = (n - pos) // inner
   if whole:
-    dst[i:i + whole] = src[pos:pos + whole * inner].reshape((whole, *dst.shape[1:]))
+    part, values = dst[i:i + whole], src[pos:pos + whole * inner].reshape((whole, *dst.shape[1:]))
+    if add:
+      np.add(part, values, out=part)
+    else:
+      part[...] = values
     pos += whole * inner
     i += whole
   if pos < n:
-    write(dst[i], 0, src[pos:])
+    write(dst[i], 0, src[pos:], add)
 
 
 def host_buffers(layouts: Sequence[LeafLayout], dtypes: Sequence[np.dtype]) -> list[np.ndarray]:

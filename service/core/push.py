@@ -15,8 +15,6 @@ and the push changes nothing.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -34,75 +32,35 @@ class _BlockSink:
   """A receiver's sink into a push's buffers (through their wire views); `on_leaf` checks
   each raw leaf as it completes.
 
-  A raw leaf's bytes are copied in as they are; a block-encoded leaf's are
-  decoded (`codecs.LeafDecoder`), a piece at a time, into the leaf's float32
-  buffer: straight into it where its layout is the row-major one, else
-  through the same wire view, at their float32 byte offsets. Decoding runs on
-  a thread of the sink's own, in the stream's order, while the receiving
-  thread takes the next chunks from gRPC (NumPy lets go of the GIL): at most
-  `_QUEUE` chunks wait for it. A decoding error (a bad scale or code) is
-  raised by the next `write`, `leaf_complete` or by `drain`, which the push's
-  commit calls; `close` waits for the thread before the buffers go back.
+  A raw leaf's bytes are copied in as they are. A block-encoded leaf's are
+  checked as they arrive and kept as they came (`codecs.EncodedLeaf`: its
+  scales copied, its codes views of the received messages): they are decoded
+  only when the push counts, straight into the step's sum (the accumulator's
+  `add`), so an encoded push holds its wire bytes, not a float32 copy, and a
+  malformed one is refused before anything was decoded.
   """
-
-  _QUEUE = 8
 
   def __init__(self, views: list[np.ndarray], specs: Sequence[LeafSpec], what: str,
                on_leaf: Callable[[int], None]):
     self._views, self._specs, self._what, self._on_leaf = views, specs, what, on_leaf
-    self._decoder: Optional[tuple[int, codecs.LeafDecoder]] = None  # (leaf, its decoder)
-    self._scratch: Optional[codecs.Scratch] = None  # the decoders', made on first use
-    self._thread: Optional[concurrent.futures.ThreadPoolExecutor] = None
-    self._pending: collections.deque = collections.deque()
+    self.encoded: dict[int, codecs.EncodedLeaf] = {}  # leaf -> its checked, kept bytes
 
   def write(self, leaf: int, offset: int, data: np.ndarray) -> None:
-    if self._specs[leaf].encoding == codecs.RAW:
+    spec = self._specs[leaf]
+    if spec.encoding == codecs.RAW:
       layout.write(self._views[leaf], offset, data)
       return
-    if self._thread is None:
-      self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='decode')
-    self._pending.append(self._thread.submit(self._decode, leaf, offset, data))
-    self._collect(self._QUEUE)
-
-  def _decode(self, leaf: int, offset: int, data: np.ndarray) -> None:
-    spec = self._specs[leaf]
-    if self._decoder is None or self._decoder[0] != leaf:
-      self._scratch = self._scratch or codecs.Scratch()
-      self._decoder = (leaf, codecs.LeafDecoder(spec.size, spec.encoding,
-                                                f'{self._what}: leaf {spec.path}',
-                                                self._scratch))
-    view = self._views[leaf]
-    if view.ndim == 1:  # the row-major layout: decoded straight into the buffer
-      for _ in self._decoder[1].feed(offset, data, out=view.view(np.float32)):
-        pass
-      return
-    for at, values in self._decoder[1].feed(offset, data):  # scattered into the blocks
-      layout.write(view, at, values.view(np.uint8))
-
-  def _collect(self, keep: int) -> None:
-    """Waits until at most `keep` chunks are queued; raises the first decoding error."""
-    while self._pending and (len(self._pending) > keep or self._pending[0].done()):
-      self._pending.popleft().result()
+    enc = self.encoded.get(leaf)
+    if enc is None:
+      enc = self.encoded[leaf] = codecs.EncodedLeaf(spec.size, spec.encoding,
+                                                    f'{self._what}: leaf {spec.path}')
+    enc.feed(offset, data)
 
   def leaf_complete(self, leaf: int) -> None:
     # An encoded leaf needs no NaN/Inf pass: its scales were checked to be finite and at
     # most float32's max / QMAX, its codes to be within +-QMAX, so every value is finite.
     if self._specs[leaf].encoding == codecs.RAW:
       self._on_leaf(leaf)
-    self._collect(self._QUEUE)
-
-  def drain(self) -> None:
-    """Waits for every queued chunk to be decoded; raises the first decoding error."""
-    self._collect(0)
-
-  def close(self) -> None:
-    """Stops the decoding thread (queued chunks are dropped or finished, errors ignored)."""
-    for f in self._pending:
-      f.cancel()
-    self._pending.clear()
-    if self._thread is not None:
-      self._thread.shutdown(wait=True)
-      self._thread = None
 
 
 class PushSession:
@@ -114,6 +72,9 @@ class PushSession:
       is that answer, and nothing needs to be written or committed.
     result: the answer, once committed (or answered).
     nonfinite_leaf: the first leaf that carried NaN/Inf (with nonfinite=skip_step).
+    encoded: leaf index -> `codecs.EncodedLeaf`, the checked bytes of each
+      block-encoded leaf, decoded into the sum when the push counts (its
+      buffer in `buffers` is then unused, unless the push becomes the sum).
   """
 
   def __init__(self, header: PushHeader, *, answered: Optional[PushResult] = None,
@@ -144,6 +105,7 @@ class PushSession:
     self._reject_nonfinite = reject_nonfinite
     self._commit, self._release = commit, release
     self._sink = _BlockSink(self._views, header.leaves, header.what, self._check_finite)
+    self.encoded = self._sink.encoded  # leaf -> its block-encoded bytes, checked
     self._receiver = ChunkReceiver(header.leaves, header.what, self._sink)
     self._filled = False
 
@@ -169,7 +131,6 @@ class PushSession:
         if x.size != spec.nbytes:
           raise ValueError(f'leaf {spec.path}: {x.size} bytes, expected {spec.nbytes}')
         self._sink.write(i, 0, x)
-        self._sink.leaf_complete(i)
         continue
       x = np.ascontiguousarray(x, spec.dtype).reshape(-1)
       if x.size * spec.dtype.itemsize != spec.nbytes:
@@ -188,7 +149,6 @@ class PushSession:
       return self.result
     if not self._filled:
       self._receiver.finish(stream_commit)
-    self._sink.drain()
     self.result = self._commit(self)
     return self.result
 
@@ -206,11 +166,11 @@ class PushSession:
 
     `error`: what ended the push before its commit, if anything did.
     """
-    self._sink.close()  # before the buffers go back: its thread may still write into them
     release, self._release = self._release, None
     if release is not None:
       release(self, error)
     self._views.clear()
+    self.encoded.clear()  # the received messages' bytes they kept
 
   def __enter__(self) -> 'PushSession':
     return self

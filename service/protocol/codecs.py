@@ -12,12 +12,14 @@ Blocks count from the first element the stream carries, so a codec works on
 any contiguous run of a leaf's elements (a whole leaf today; a per-process
 slice of it on a multi-host server).
 
-`LeafDecoder` decodes as the bytes arrive, at any byte cut: the scales are
-gathered (4 bytes per block, 1/64 of the leaf's float32 size), checked once
-complete, then each run of codes becomes float32 values in pieces of at
-most `PIECE` elements (a scratch buffer reused for the whole leaf: no
-float32 temporary of the leaf is ever made), which the caller writes where
-they belong (the server: through its wire view, in its mesh's block layout).
+`EncodedLeaf` takes a leaf's bytes as they arrive, at any byte cut, and checks
+them at once: the scales are gathered (4 bytes per block, 1/64 of the leaf's
+float32 size) and checked once complete, the codes are range-checked and kept
+as the views they came in. Once every byte is in (the leaf well formed), each
+run of codes becomes float32 values in pieces of at most `PIECE` elements (a
+thread's scratch buffer: no float32 temporary of the leaf is ever made),
+which the caller writes or adds where they belong (the server: into its
+step's sum, in its mesh's block layout).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ INT4 = tensor_pb2.ENCODING_INT4_BLOCKS
 # 2048 the scales would be 8x cheaper, but a block's step size set by its largest of
 # 2048 heavy-tailed gradient values would round most of the others to 0 in int4).
 BLOCK = 256
-PIECE = 1 << 16  # elements decoded (and encoded) at a time: a multiple of BLOCK, cache-sized
+PIECE = 1 << 17  # elements decoded (and encoded) at a time: a multiple of BLOCK, L2-sized
 QMAX = {INT8: 127, INT4: 7}
 NAMES = {RAW: 'raw', INT8: 'int8', INT4: 'int4'}
 BY_NAME = {v: k for k, v in NAMES.items()}
@@ -125,20 +127,22 @@ def encode(x: np.ndarray, encoding: int,
 
 def decode(data, n: int, encoding: int, what: str = 'leaf') -> np.ndarray:
   """The n float32 values of a block-encoded leaf's bytes (a new array)."""
-  out = np.empty(n, np.float32)
-  dec = LeafDecoder(n, encoding, what)
   raw = np.frombuffer(data, np.uint8)
   if raw.size != nbytes(n, encoding):
     raise InvalidArgument(f'{what}: {raw.size} bytes, expected {nbytes(n, encoding)} for '
                           f'{n} elements in {NAMES[encoding]} blocks')
-  for _ in dec.feed(0, raw, out=out):
-    pass
+  leaf = EncodedLeaf(n, encoding, what)
+  leaf.feed(0, raw)
+  out = np.empty(n, np.float32)
+  scratch = Scratch()
+  for run in leaf.runs():
+    for e0, values in leaf.values(run, scratch):
+      out[e0:e0 + values.size] = values
   return out
 
 
 class Scratch:
-  """A decoder's working memory: one piece of values and codes, and the scales of a leaf
-  (grown as needed). One per push being received; decoders of its leaves take turns."""
+  """A decoding thread's working memory: one piece of values and of codes."""
 
   def __init__(self):
     self.values = np.empty(PIECE, np.float32)
@@ -146,49 +150,73 @@ class Scratch:
     self.tmp = np.empty(PIECE // 2, np.int8)
     self.lo = np.empty(PIECE // 2, _I16)
     self.hi = np.empty(PIECE // 2, _I16)
-    self._scales = np.empty(0, np.uint8)
-
-  def scales(self, nbytes: int) -> np.ndarray:
-    """A uint8 buffer of `nbytes` for a leaf's scales (4-byte aligned)."""
-    if self._scales.size < nbytes:
-      self._scales = np.empty(max(nbytes, 2 * self._scales.size), np.uint8)
-    return self._scales[:nbytes]
 
 
-class LeafDecoder:
-  """Decodes one block-encoded leaf of n elements as its bytes arrive, in order.
+_NIBBLES = np.uint64(0x1111111111111111)
+_HIGH_BITS = np.uint64(0x8888888888888888)
 
-  `feed(offset, data)` takes the next bytes (offset: where they start in the
-  leaf's encoded bytes; consecutive, as a ChunkReceiver checked them) and
-  yields (byte offset in the leaf's float32 bytes, float32 values): views of
-  a scratch buffer, to be used before the next one is asked for. Malformed
-  data raises InvalidArgument naming `what` (the leaf): a scale that is NaN,
-  infinite, negative or so large that its values would overflow float32; a
-  code out of range (int8 -128, int4 -8, or a nonzero
-  padding nibble).
+
+def _has_nibble_8(raw: np.ndarray) -> bool:
+  """Whether any nibble of the bytes `raw` is 0x8 (int4's -8), without unpacking them:
+  x ^ 0x88.. turns such nibbles into 0, and (x - 0x11..) & ~x & 0x88.. is nonzero exactly
+  when some nibble of x is 0 (the classic has-a-zero test, a nibble wide)."""
+  whole = raw.size - raw.size % 8
+  if raw.size - whole and np.any(((raw[whole:] & 0x0F) == 8) | ((raw[whole:] & 0xF0) == 0x80)):
+    return True
+  if not whole:
+    return False
+  words = raw[:whole].view('<u8')
+  x, y = np.empty(min(words.size, 1 << 15), '<u8'), np.empty(min(words.size, 1 << 15), '<u8')
+  for i in range(0, words.size, x.size):  # a piece at a time: two piece-sized temporaries
+    w = words[i:i + x.size]
+    xp, yp = x[:w.size], y[:w.size]
+    np.bitwise_xor(w, _HIGH_BITS, out=xp)
+    np.subtract(xp, _NIBBLES, out=yp)
+    np.invert(xp, out=xp)
+    np.bitwise_and(xp, yp, out=xp)
+    if np.bitwise_and(xp, _HIGH_BITS, out=xp).any():
+      return True
+  return False
+
+
+class EncodedLeaf:
+  """One block-encoded leaf (or run of a leaf) as it arrives: checked, kept, decoded later.
+
+  `feed(offset, data)` takes the leaf's next bytes as they arrive (offset:
+  where they start in its encoded bytes; consecutive, as a ChunkReceiver
+  checked them) and checks them at once, raising InvalidArgument naming
+  `what` (the leaf) for a scale that is NaN, infinite, negative or so large
+  that its values would overflow float32 (checked when the last scale is in),
+  or a code out of range (int8 -128, int4 -8, or a nonzero padding nibble).
+  The scales are copied (4 bytes a block: 1/64 of the leaf's float32 size);
+  the codes are kept as the views they came in (the received messages' bytes:
+  no copy). So once every byte is fed, the leaf is known to be well formed,
+  and `values` turns it into float32 values, a piece of at most `PIECE`
+  elements at a time, in a scratch buffer: where they go (written, or added
+  into a sum) is the caller's.
+
+  Example:
+    >>> leaf = EncodedLeaf(3, INT8, 'leaf x')
+    >>> leaf.feed(0, encode(np.array([1., -2., 4.], np.float32), INT8))
+    >>> [(e0, v.tolist()) for run in leaf.runs() for e0, v in leaf.values(run, Scratch())]
+    [(0, [1.0, -2.0, 4.0])]
   """
 
-  def __init__(self, n: int, encoding: int, what: str, scratch: Optional[Scratch] = None):
+  def __init__(self, n: int, encoding: int, what: str):
     """Args:
       n: the elements of the run the stream carries (the leaf's).
       encoding: INT8 or INT4.
       what: names the leaf in error messages.
-      scratch: working memory to use (reuse one across the leaves of a push: fresh pages
-        cost the kernel a zeroing pass); default: a new one.
     """
-    self._n, self._enc, self._what = n, encoding, what
+    self.n, self.encoding, self._what = n, encoding, what
     self._nb = num_blocks(n)
     self._scale_bytes = 4 * self._nb
-    scratch = scratch if scratch is not None else Scratch()
-    self._scales_raw = scratch.scales(self._scale_bytes)
-    self._scales = self._scales_raw.view(_F32)
-    self._values, self._codes, self._tmp = scratch.values, scratch.codes, scratch.tmp
-    self._lo, self._hi = scratch.lo, scratch.hi
+    self.scales = np.empty(self._nb, _F32)
+    self._scales_raw = self.scales.view(np.uint8)
+    self._runs: list[tuple[int, np.ndarray]] = []  # (first element, its code bytes)
 
-  def feed(self, offset: int, data: np.ndarray,
-           out: Optional[np.ndarray] = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Decodes the next bytes; see the class. With `out` (the run's n float32 elements,
-    a contiguous array), the values go straight into it and nothing is yielded."""
+  def feed(self, offset: int, data: np.ndarray) -> None:
+    """Checks and keeps the next bytes (a view of them: leave them unchanged); see the class."""
     data = np.asarray(data, np.uint8).reshape(-1)
     sb = self._scale_bytes
     if offset < sb:
@@ -197,62 +225,79 @@ class LeafDecoder:
       offset, data = offset + k, data[k:]
       if offset == sb:
         self._check_scales()
-    if data.size:
-      codes = data.view(np.int8)
-      c0 = offset - sb
-      per_byte = 1 if self._enc == INT8 else 2
-      step = PIECE // per_byte
-      for i in range(0, codes.size, step):
-        e0 = per_byte * (c0 + i)
-        if out is None:
-          yield self._decode_run(e0, codes[i:i + step], None)
-        else:
-          self._decode_run(e0, codes[i:i + step], out)
+    if not data.size:
+      return
+    codes = data.view(np.int8)
+    c0 = offset - sb
+    if self.encoding == INT8:
+      if codes.min() == -128:  # a reduction: cheaper than a compare
+        self._bad_code(c0 + int(np.argmax(codes == -128)), -128)
+      self._runs.append((c0, codes))
+      return
+    if _has_nibble_8(data):
+      e = 2 * c0 + int(np.argmax(self._unpack(codes, Scratch())[:2 * codes.size] == -8))
+      self._bad_code(e, -8)
+    if self.n % 2 and c0 + codes.size == -(-self.n // 2) and data[-1] >> 4:
+      raise InvalidArgument(f'{self._what}: the padding nibble after the last of its '
+                            f'{self.n} elements is {int(codes[-1] >> 4)}, expected 0')
+    self._runs.append((2 * c0, codes))
+
+  def runs(self) -> list[tuple[int, np.ndarray]]:
+    """The code runs kept, as (first element, code bytes): decode each with `values`
+    (independent of each other: several threads may decode a leaf's runs at once)."""
+    return list(self._runs)
+
+  def values(self, run: tuple[int, np.ndarray],
+             scratch: Scratch) -> Iterator[tuple[int, np.ndarray]]:
+    """(first element, float32 values) of a run, a piece at a time: views of `scratch`,
+    to be used before the next piece is asked for."""
+    e0, codes = run
+    per_byte = 1 if self.encoding == INT8 else 2
+    step = PIECE // per_byte
+    for i in range(0, codes.size, step):
+      yield self._decode_piece(e0 + per_byte * i, codes[i:i + step], scratch)
 
   def _check_scales(self) -> None:
-    s, top = self._scales, _MAX_SCALE[self._enc]
+    s, top = self.scales, _MAX_SCALE[self.encoding]
     bad = ~((s >= 0) & (s <= top))  # NaN fails both
     if bad.any():
       b = int(np.argmax(bad))
       raise InvalidArgument(
           f'{self._what}: block {b} of {self._nb} has scale {float(s[b])!r} '
-          f'({NAMES[self._enc]} block scales must be finite, >= 0 and <= {top:.6g}, '
-          f'float32\'s max / {QMAX[self._enc]})')
+          f'({NAMES[self.encoding]} block scales must be finite, >= 0 and <= {top:.6g}, '
+          f'float32\'s max / {QMAX[self.encoding]})')
 
-  def _decode_run(self, e0: int, raw: np.ndarray,
-                  out: Optional[np.ndarray]) -> tuple[int, np.ndarray]:
-    """Values of the elements from e0 whose code bytes are `raw` (at most PIECE elements):
-    into out[e0:], or into the scratch (then returned as (byte offset, values))."""
-    m = min(raw.size * (1 if self._enc == INT8 else 2), self._n - e0)
-    if self._enc == INT8:
-      codes = raw
-      if raw.min(initial=0) == -128:  # a reduction: cheaper than a compare
-        self._bad_code(e0 + int(np.argmax(raw == -128)), -128)
-    else:  # each byte -> a little-endian int16 holding its two sign-extended nibbles
-      k = raw.size  # (contiguous int16 passes: strided int8 writes are 2-3x slower)
-      tmp, lo, hi, codes = self._tmp[:k], self._lo[:k], self._hi[:k], self._codes[:2 * k]
-      lo[...] = raw.view(np.uint8)
-      np.left_shift(lo, 12, out=lo)
-      np.right_shift(lo, 12, out=lo)  # the low nibble, sign-extended (arithmetic shift)
-      np.bitwise_and(lo, 0xFF, out=lo)
-      np.right_shift(raw, 4, out=tmp)  # the high nibble, sign-extended
-      hi[...] = tmp
-      np.left_shift(hi, 8, out=hi)
-      np.bitwise_or(lo, hi, out=codes.view(_I16))
-      if m < 2 * k and codes[m] != 0:  # the padding nibble of an odd leaf
-        raise InvalidArgument(f'{self._what}: the padding nibble after the last of its '
-                              f'{self._n} elements is {int(codes[m])}, expected 0')
-      codes = codes[:m]
-      if codes.min(initial=0) == -8:
-        self._bad_code(e0 + int(np.argmax(codes == -8)), -8)
+  @staticmethod
+  def _unpack(raw: np.ndarray, scratch: Scratch) -> np.ndarray:
+    """int4 code bytes -> their codes, one int8 each (element 2i from byte i's low nibble).
+
+    Each byte becomes a little-endian int16 holding its two sign-extended nibbles
+    (contiguous int16 passes: strided int8 writes are 2-3x slower).
+    """
+    k = raw.size
+    tmp, lo, hi, codes = scratch.tmp[:k], scratch.lo[:k], scratch.hi[:k], scratch.codes[:2 * k]
+    lo[...] = raw.view(np.uint8)
+    np.left_shift(lo, 12, out=lo)
+    np.right_shift(lo, 12, out=lo)  # the low nibble, sign-extended (arithmetic shift)
+    np.bitwise_and(lo, 0xFF, out=lo)
+    np.right_shift(raw, 4, out=tmp)  # the high nibble, sign-extended
+    hi[...] = tmp
+    np.left_shift(hi, 8, out=hi)
+    np.bitwise_or(lo, hi, out=codes.view(_I16))
+    return codes
+
+  def _decode_piece(self, e0: int, raw: np.ndarray, scratch: Scratch) -> tuple[int, np.ndarray]:
+    """The values of the elements from e0 whose code bytes are `raw` (at most PIECE)."""
+    m = min(raw.size * (1 if self.encoding == INT8 else 2), self.n - e0)
+    codes = raw if self.encoding == INT8 else self._unpack(raw, scratch)
     # values = codes * scales: cast to float32, then scaled in place, block by block (a
     # cast and an in-place product beat numpy's mixed int8 x float32 product). No
     # overflow: the scales were checked to be at most float32's max / QMAX.
     # (np.multiply with `out=`: `v.reshape(...)[...] *= s` would copy the product back.)
-    v = self._values[:m] if out is None else out[e0:e0 + m]
+    v = scratch.values[:m]
     np.copyto(v, codes[:m], casting='unsafe')
-    s, b = self._scales, e0 // BLOCK
-    head = min(m, -e0 % BLOCK)  # the rest of a block the run starts inside
+    s, b = self.scales, e0 // BLOCK
+    head = min(m, -e0 % BLOCK)  # the rest of a block the piece starts inside
     if head:
       np.multiply(v[:head], s[b], out=v[:head])
       b += 1
@@ -264,9 +309,9 @@ class LeafDecoder:
     if head + whole * BLOCK < m:
       tail = v[head + whole * BLOCK:]
       np.multiply(tail, s[b], out=tail)
-    return 4 * e0, v
+    return e0, v
 
   def _bad_code(self, element: int, code: int) -> None:
-    q = QMAX[self._enc]
+    q = QMAX[self.encoding]
     raise InvalidArgument(f'{self._what}: element {element} has code {code}, outside '
-                          f'[-{q}, {q}] ({NAMES[self._enc]} blocks)')
+                          f'[-{q}, {q}] ({NAMES[self.encoding]} blocks)')

@@ -91,7 +91,7 @@ def _median_s(fn, reps: int) -> float:
 def server_costs(grads: dict[str, np.ndarray], reps: int) -> dict[str, float]:
   """ns per parameter of the server's per-push work, by kind."""
   import ml_dtypes  # pylint: disable=import-outside-toplevel
-  from service.core import layout, placement  # pylint: disable=import-outside-toplevel
+  from service.core import accumulator, layout, placement  # pylint: disable=import-outside-toplevel
   from service.protocol import codecs  # pylint: disable=import-outside-toplevel
   layouts = [placement.layout_of(g.shape, placement.partition_spec(g.shape, DEVICES), DEVICES)
              for g in grads.values()]
@@ -111,21 +111,29 @@ def server_costs(grads: dict[str, np.ndarray], reps: int) -> dict[str, float]:
         layout.write(v, off, raw[off:off + CHUNK])
   out['f32 receive (copy into the block layout)'] = _median_s(receive_f32, reps)
 
+  threads = min(4, os.cpu_count() or 1)
+  sums = [lay.wire_view(b, np.float32) for lay, b in zip(layouts, acc)]
   for name in ('int8', 'int4'):
     enc = codecs.BY_NAME[name]
-    encoded = [codecs.encode(g, enc) if g.size >= codecs.BLOCK else None for g in flat]
+    encoded = [codecs.encode(g, enc) for g in flat if g.size >= codecs.BLOCK]
+    big = [i for i, g in enumerate(flat) if g.size >= codecs.BLOCK]
+    leaves = []
 
-    def decode(enc=enc, encoded=encoded):
-      scratch = codecs.Scratch()  # one per push, as a push session has
-      for v, g, data in zip(views, flat, encoded):
-        if data is None:  # a leaf under one block travels raw
-          layout.write(v, 0, g.view(np.uint8))
-          continue
-        dec = codecs.LeafDecoder(g.size, enc, 'leaf', scratch)
+    def receive(enc=enc, encoded=encoded, big=big, leaves=leaves):
+      leaves.clear()  # as the server receives a push: 1 MiB chunks, checked, kept
+      for i, data in zip(big, encoded):
+        leaf = codecs.EncodedLeaf(flat[i].size, enc, 'leaf')
         for off in range(0, data.size, CHUNK):
-          for at, values in dec.feed(off, data[off:off + CHUNK]):
-            layout.write(v, at, values.view(np.uint8))
-    out[f'{name} decode (into the block layout)'] = _median_s(decode, reps)
+          leaf.feed(off, data[off:off + CHUNK])
+        leaves.append(leaf)
+
+    def decode(add, big=big, leaves=leaves):  # then, as it counts: into the sum
+      accumulator.run_jobs([job for i, leaf in zip(big, leaves)
+                            for job in accumulator.decode_jobs(leaf, sums[i], np.float32(1),
+                                                               add)])
+    out[f'{name} receive (scales and codes checked)'] = _median_s(receive, reps)
+    out[f'{name} decode into the sum (its first push)'] = _median_s(lambda: decode(False), reps)
+    out[f'{name} decode-add into the sum (sum += push)'] = _median_s(lambda: decode(True), reps)
     t = time.perf_counter()
     for g in flat:
       codecs.encode(g, enc)
@@ -134,9 +142,12 @@ def server_costs(grads: dict[str, np.ndarray], reps: int) -> dict[str, float]:
   def accumulate(src=dst):
     for a, b in zip(acc, src):
       np.add(a, b, out=a, dtype=np.float32)
-  out['f32 accumulate (sum += push)'] = _median_s(accumulate, reps)
+  out['f32 accumulate (sum += push, one thread)'] = _median_s(accumulate, reps)
+  jobs = [job for a, b in zip(acc, dst) for job in accumulator.add_jobs(a, b)]
+  out[f'f32 accumulate (sum += push, {threads} threads)'] = _median_s(
+      lambda: accumulator.run_jobs(jobs), reps)
   bf = [b.astype(ml_dtypes.bfloat16) for b in dst]
-  out['bf16 accumulate (sum += push)'] = _median_s(lambda: accumulate(bf), reps)
+  out['bf16 accumulate (sum += push, one thread)'] = _median_s(lambda: accumulate(bf), reps)
   return {k: v / n * 1e9 for k, v in out.items()}
 
 

@@ -121,45 +121,48 @@ def test_int4_packing_is_the_documented_one():
 @pytest.mark.parametrize('seed', [0, 1])
 def test_decodes_at_any_byte_cut_into_the_block_layout(name, shape, dim, parts, seed):
   # The stream cut at random byte counts (inside a scale, between scales and codes,
-  # inside a block, a byte at a time) lands, decoded, where `from_array` would put the
-  # decoded leaf.
+  # inside a block, a byte at a time), kept, then decoded run by run in any order: the
+  # values land where `from_array` would put the decoded leaf, written or added.
   enc = ENCODINGS[name]
   lay = layout.LeafLayout(shape, dim, parts)
   x = _values(int(np.prod(shape)), seed)
   data = codecs.encode(x, enc)
   want = lay.from_array(codecs.decode(data, x.size, enc).reshape(shape))
-  buf = np.full((parts, *lay.block_shape), np.nan, np.float32)
-  view, rng, off = lay.wire_view(buf), np.random.default_rng(seed + 10), 0
-  dec = codecs.LeafDecoder(x.size, enc, 'leaf')
+  rng, off = np.random.default_rng(seed + 10), 0
+  leaf = codecs.EncodedLeaf(x.size, enc, 'leaf')
   while off < data.size:
     n = int(rng.choice([1, 2, 3, 5, 17, 61, 384, 1000]))
-    for at, values in dec.feed(off, data[off:off + n]):
-      layout.write(view, at, values.view(np.uint8))
+    leaf.feed(off, data[off:off + n])
     off += n
-  np.testing.assert_array_equal(buf, want)
-  # Straight into a row-major float32 array (what a push does for a contiguous layout).
-  flat, off, dec = np.full(x.size, np.nan, np.float32), 0, codecs.LeafDecoder(x.size, enc, 'l')
-  while off < data.size:
-    n = int(rng.choice([1, 2, 3, 5, 17, 61, 384, 1000]))
-    assert not list(dec.feed(off, data[off:off + n], out=flat))
-    off += n
-  np.testing.assert_array_equal(flat, lay.to_array(want).reshape(-1))
+  runs = leaf.runs()
+  assert sum(r[1].size for r in runs) == data.size - 4 * codecs.num_blocks(x.size)
+  start = rng.normal(size=(parts, *lay.block_shape)).astype(np.float32)
+  for add in (False, True):
+    buf = start.copy()
+    view, scratch = lay.wire_view(buf, np.float32), codecs.Scratch()
+    for i in rng.permutation(len(runs)):
+      for e0, values in leaf.values(runs[i], scratch):
+        layout.write(view, e0, values, add)
+    np.testing.assert_array_equal(buf, start + want if add else want)
 
 
 @pytest.mark.parametrize('name', list(ENCODINGS))
 def test_decoding_makes_no_leaf_sized_temporary(name):
-  # 8M elements (32 MB in float32) decoded in 1 MiB chunks into an existing buffer:
-  # the decoder's own memory is its scales (1/64 of the float32 leaf) and one piece.
+  # 8M elements (32 MB in float32) received in 1 MiB chunks, then added into an existing
+  # buffer: what the leaf keeps is its scales (1/64 of the float32 leaf) and views of
+  # the chunks (no copy); decoding takes one piece of scratch.
   enc, n = ENCODINGS[name], 1 << 23
   data = codecs.encode(_values(n, 0), enc)
-  out = np.empty(n, np.float32)
-  view = out.view(np.uint8)
+  out = np.zeros(n, np.float32)
   tracemalloc.start()
   try:
-    dec = codecs.LeafDecoder(n, enc, 'leaf')
+    leaf = codecs.EncodedLeaf(n, enc, 'leaf')
     for off in range(0, data.size, 1 << 20):
-      for at, values in dec.feed(off, data[off:off + (1 << 20)]):
-        layout.write(view, at, values.view(np.uint8))
+      leaf.feed(off, data[off:off + (1 << 20)])
+    scratch = codecs.Scratch()
+    for run in leaf.runs():
+      for e0, values in leaf.values(run, scratch):
+        layout.write(out, e0, values, add=True)
     _, peak = tracemalloc.get_traced_memory()
   finally:
     tracemalloc.stop()
@@ -263,6 +266,71 @@ def test_compressed_pushes_train_like_lamb_on_what_was_decoded():
     got = client.pull().params
   for k in P0:  # the float32 sums' order differs: a few ulps of the update (lr 0.1)
     np.testing.assert_allclose(got[k], want[k], rtol=2e-6, atol=1e-6, err_msg=k)
+
+
+def test_a_refused_encoded_push_adds_nothing_to_its_step():
+  # Worker a's int8 push counts; worker b's first push carries a code out of range in
+  # its LAST leaf (every other leaf well formed, already received) and is refused; its
+  # second push counts. The step is LAMB on the mean of a's and b's second push only:
+  # nothing of the refused push reached the sum (its leaves are decoded only once the
+  # whole push was checked).
+  ga, gb, gc = _g(1), _g(2), _g(3)
+  tx = lamb_sharded.lamb(0.1)
+  a, c = _decoded(ga, codecs.INT8), _decoded(gc, codecs.INT8)
+  u, _ = tx.update({k: (a[k] + c[k]) / 2 for k in P0}, tx.init(P0), P0)
+  want = optax.apply_updates(P0, u)
+  bad = [(k, codecs.encode(v, codecs.INT8)) for k, v in gb.items()]
+  assert bad[-1][0] == "['odd']"
+  bad[-1][1][4 + 3] = 0x80  # element 3 of the last leaf: code -128
+  specs = [LeafSpec(k, v.shape, np.dtype(np.float32), codecs.INT8).to_proto()
+           for k, v in gb.items()]
+  with running_server(devices=8, num_workers=2, learning_rate=0.1) as (running, client):
+    model_id = client.initialize(P0)
+    st = stub(running.port)
+    assert not st.PushGradients(iter(_encoded_push(ga, codecs.INT8, worker_id='a', step=0,
+                                                   model_id=model_id, chunk_bytes=500))).applied
+    with pytest.raises(grpc.RpcError) as e:
+      st.PushGradients(iter(push_messages(bad, specs=specs, worker_id='b', step=0,
+                                          model_id=model_id, chunk_bytes=500)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "leaf ['odd']: element 3 has code -128" in e.value.details()
+    assert st.PushGradients(iter(_encoded_push(gc, codecs.INT8, worker_id='b', step=0,
+                                               model_id=model_id, chunk_bytes=500))).applied
+    got = client.pull().params
+  for k in P0:
+    np.testing.assert_allclose(got[k], want[k], rtol=2e-6, atol=1e-6, err_msg=k)
+
+
+def test_a_large_push_is_added_on_several_threads_as_on_one():
+  # Leaves big enough for the accumulator's threads (over 1M elements, each cut into
+  # pieces and runs): an int8 push (weight 3) that becomes the step's sum, then int4 and
+  # float32 pushes added into it, then the step: LAMB on the weighted mean of what was
+  # decoded, as in the small test above.
+  params = {"['emb']": np.linspace(-1, 1, 2048 * 768, dtype=np.float32).reshape(2048, 768),
+            "['ff']": np.linspace(1, 2, 96 * 3 * 1024, dtype=np.float32).reshape(96, 3 * 1024)}
+  rng = np.random.default_rng(0)
+  g = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+       for _ in range(3)]
+  a, b = _decoded(g[0], codecs.INT8), _decoded(g[1], codecs.INT4)
+  mean = {k: (3 * a[k] + b[k] + 2 * g[2][k]) / 6 for k in params}
+  tx = lamb_sharded.lamb(0.1)
+  u, _ = tx.update(mean, tx.init(params), params)
+  want = optax.apply_updates(params, u)
+  engine = Engine(ServerConfig(devices=8, num_workers=3, learning_rate=0.1))
+  try:
+    engine.initialize([LeafSpec(k, v.shape, v.dtype) for k, v in params.items()],
+                      [v.copy() for v in params.values()])
+    for w, (enc, n) in enumerate([(codecs.INT8, 3), (codecs.INT4, 1), (codecs.RAW, 2)]):
+      specs = tuple(LeafSpec(k, v.shape, np.dtype(np.float32), enc) for k, v in params.items())
+      with engine.open_push(PushHeader(f'w{w}', '', 0, n, '', specs), 5.0) as push:
+        push.fill([codecs.encode(v, enc) if enc else v for v in g[w].values()])
+        assert push.commit().applied == (w == 2)
+    with engine.reading() as snap:
+      got = [np.asarray(a) for a in snap.arrays]
+  finally:
+    engine.close()
+  for k, v in zip(params, got):
+    np.testing.assert_allclose(np.asarray(v), want[k], rtol=2e-6, atol=1e-6, err_msg=k)
 
 
 def test_admission_counts_wire_bytes_and_buffers_stay_float32():
