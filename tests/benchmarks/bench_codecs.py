@@ -8,15 +8,17 @@ gradient pushed as OptimizerClient.push sends it with each `compression`:
 
   1. Wire bytes per push: float32, bf16, int8, int4 (leaves of fewer than one
      block, 256 elements, travel as float32), and the ratio to float32.
-  2. The server's decode cost in ns per parameter, beside its float32
-     accumulate cost: each leaf's encoded bytes fed in 1 MiB chunks to the
-     same decoder and wire-view writes a push session uses
-     (service.core.push), into a float32 buffer in the 8-device mesh's block
-     layout (service.core.layout); the accumulate is the accumulator's add of
-     a float32 push into the step's sum, leaf by leaf (np.add, in place). For
-     reference also the float32 receive copy (the wire bytes written through
-     the same views) and the bf16 accumulate. Buffers are touched before
-     timing (the server recycles its buffers); median of `--reps`.
+  2. The server's per-push work in ns per parameter: the receive checks of
+     an int8 / int4 push (each leaf's encoded bytes fed in 1 MiB chunks to
+     `codecs.EncodedLeaf`, as a push session does: scales gathered and
+     checked, codes range-checked and kept), then its decode into the step's
+     float32 sum in the 8-device mesh's block layout, as the accumulator
+     does it when the push counts (`accumulator.decode_jobs` on its adding
+     threads: written, for a step's first push; added, for the others).
+     Beside them the float32 receive copy (the wire bytes written through the
+     buffers' wire views), the float32 accumulate (sum += push, on one thread
+     and on the adding threads) and the bf16 accumulate. Buffers are touched
+     before timing (the server recycles its buffers); median of `--reps`.
   3. Ingestion through the real server, started as a process:
 
          python -m service.cli serve --host 127.0.0.1 --port 0 --devices 8 \\
@@ -32,7 +34,10 @@ gradient pushed as OptimizerClient.push sends it with each `compression`:
      encode" from the call. The baseline: bench_service.py's bare grpcio
      client-streaming sink (`--raw-server`, a separate process) receiving the
      float32 bytes in 1 MiB messages, interleaved in the same run. Median of
-     `--reps`.
+     `--reps`. Beside it, the same sink fed as many bytes as an int8 (int4)
+     push sends: its time bounds what any server could reach on those bytes
+     (the "bound" column: the ratio if receiving, checking and decoding cost
+     nothing beyond gRPC's receive).
 
 Usage:
     python tests/benchmarks/bench_codecs.py --size 10m --reps 3    # quick
@@ -175,6 +180,11 @@ def ingestion(params: dict, grads: dict, reps: int, log=print) -> dict[str, dict
   names = ('f32', 'int8', 'int4')
   times = {k: {'server': [], 'total': [], 'cpu': []} for k in names}
   raw_s = []
+  # The raw sink fed as many bytes as an int8 / int4 push sends: the rate a push of those
+  # bytes would have if receiving, checking and decoding them cost nothing.
+  wire = wire_bytes({k: v.shape for k, v in grads.items()})
+  floors = {k: {'x': np.zeros(wire[k] // 4, np.float32)} for k in ('int8', 'int4')}
+  floor_s = {k: [] for k in floors}
   argv = bs.service_argv(100_000, [])
   raw_argv = [sys.executable, os.path.abspath(bs.__file__), '--raw-server']
   with contextlib.ExitStack() as stack:
@@ -212,9 +222,14 @@ def ingestion(params: dict, grads: dict, reps: int, log=print) -> dict[str, dict
         times[name]['cpu'].append(cpu_s)
         line.append(f'{name} {server_s:.3f}s')
       raw_s.append(raw.round(grads))
-      log(f'  rep {rep}: ' + ', '.join(line) + f', raw f32 {raw_s[-1]:.3f}s')
+      for k, tree in floors.items():
+        floor_s[k].append(raw.round(tree))
+      log(f'  rep {rep}: ' + ', '.join(line) + f', raw f32 {raw_s[-1]:.3f}s, raw of the int8 '
+          f'bytes {floor_s["int8"][-1]:.3f}s, of the int4 bytes {floor_s["int4"][-1]:.3f}s')
   out = {k: {m: statistics.median(v) for m, v in t.items()} for k, t in times.items()}
   out['raw'] = {'server': statistics.median(raw_s)}
+  for k, v in floor_s.items():
+    out[k]['floor'] = statistics.median(v)
   return out
 
 
@@ -239,7 +254,7 @@ def main(argv: Optional[list] = None) -> int:
     print(f'| {name} | {b:,} | {b / n:.3f} | {b / wire["f32"]:.3f} | {wire["f32"] / b:.2f}x |')
 
   costs = server_costs(grads, args.reps)
-  print(f'\nserver per push, ns per parameter (median of {args.reps}; one thread):\n')
+  print(f'\nserver per push, ns per parameter (median of {args.reps}):\n')
   print('| work | ns / param |')
   print('|---|---:|')
   for k, v in costs.items():
@@ -252,14 +267,20 @@ def main(argv: Optional[list] = None) -> int:
     raw_rate = f32_mb / t['raw']['server']
     print(f'\nraw grpcio client stream of the f32 bytes: {raw_rate:,.0f} MB/s '
           f'({t["raw"]["server"]:.3f} s per push), median of {args.reps}\n')
-    print('| pushes | server s | f32-equiv MB/s (server) | / raw f32 | server CPU ns/param | '
-          'with client encode s | f32-equiv MB/s | / raw f32 |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|')
+    print('| pushes | server s | f32-equiv MB/s (server) | / raw f32 | raw of its bytes s | '
+          'bound: / raw f32 at that | server CPU ns/param | with client encode s | '
+          'f32-equiv MB/s | / raw f32 |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     for name in ('f32', 'int8', 'int4'):
       s, tot, cpu = t[name]['server'], t[name]['total'], t[name]['cpu']
+      floor = t[name].get('floor', t['raw']['server'])
       print(f'| {name} | {s:.3f} | {f32_mb / s:,.0f} | {f32_mb / s / raw_rate:.2f} | '
+            f'{floor:.3f} | {t["raw"]["server"] / floor:.2f} | '
             f'{cpu / n * 1e9:.1f} | {tot:.3f} | {f32_mb / tot:,.0f} | '
             f'{f32_mb / tot / raw_rate:.2f} |')
+    print('\n("raw of its bytes": the raw sink fed as many bytes as the push sends; "bound": the '
+          'ratio the push would reach if\nreceiving, checking and decoding it cost no more than '
+          'the raw sink\'s counting of those bytes.)')
   return 0
 
 
