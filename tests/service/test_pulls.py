@@ -155,6 +155,38 @@ def test_a_failing_source_fails_every_reader():
   assert released == [True]
 
 
+def test_a_lone_reader_makes_its_items_and_a_second_reader_starts_the_thread():
+  # One reader: each item is made on the reader's own thread when it asks (no thread
+  # switch per message). A second reader that joins in time starts the stream's thread,
+  # which makes the rest ahead of both; every reader gets every item, in order.
+  makers = []
+
+  def source():
+    for i in range(40):
+      makers.append(threading.current_thread().name)
+      yield i
+  released = []
+  stream = pull_lib.SharedStream(source(), release=lambda: released.append(True), ahead=4)
+  a = stream.join()
+  assert next(a) == 0 and makers == [threading.current_thread().name]
+  b = stream.join()  # item 0 is still there: a has not passed it yet
+  assert b is not None and next(b) == 0
+  assert [next(a) for _ in range(3)] == [1, 2, 3]
+  assert set(makers[1:]) == {'pull-encode'}
+  assert list(a) == list(range(4, 40)) and [next(b) for _ in range(39)] == list(range(1, 40))
+  assert released == [True] and len(makers) == 40
+  # Alone to the end, with a failing source: the reader gets the error, the source is let go.
+  def failing():
+    yield 'x'
+    raise RuntimeError('device read failed')
+  stream = pull_lib.SharedStream(failing(), release=lambda: released.append(True))
+  c = stream.join()
+  assert next(c) == 'x'
+  with pytest.raises(RuntimeError, match='device read failed'):
+    next(c)
+  assert released == [True, True]
+
+
 def test_several_workers_pull_the_same_step_over_grpc():
   with running_server(devices=8) as (running, client):
     client.initialize(P0)
