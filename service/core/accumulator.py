@@ -59,7 +59,8 @@ def run_jobs(jobs: list) -> None:
   """Runs (elements, work) jobs on the process's adding threads (one per core, at most 4),
   largest first so that the threads end together; small pushes on the calling thread."""
   global _threads  # pylint: disable=global-statement
-  workers = min(4, os.cpu_count() or 1)
+  workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                else os.cpu_count() or 1)
   if workers < 2 or sum(size for size, _ in jobs) < _PARALLEL_MIN:
     for _, work in jobs:
       work()
