@@ -197,9 +197,9 @@ class EncodedLeaf:
 
   Example:
     >>> leaf = EncodedLeaf(3, INT8, 'leaf x')
-    >>> leaf.feed(0, encode(np.array([1., -2., 4.], np.float32), INT8))
+    >>> leaf.feed(0, encode(np.array([127., -64., 2.], np.float32), INT8))  # scale 1
     >>> [(e0, v.tolist()) for run in leaf.runs() for e0, v in leaf.values(run, Scratch())]
-    [(0, [1.0, -2.0, 4.0])]
+    [(0, [127.0, -64.0, 2.0])]
   """
 
   def __init__(self, n: int, encoding: int, what: str):
