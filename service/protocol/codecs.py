@@ -234,12 +234,12 @@ class EncodedLeaf:
         self._bad_code(c0 + int(np.argmax(codes == -128)), -128)
       self._runs.append((c0, codes))
       return
-    if _has_nibble_8(data):
-      e = 2 * c0 + int(np.argmax(self._unpack(codes, Scratch())[:2 * codes.size] == -8))
-      self._bad_code(e, -8)
     if self.n % 2 and c0 + codes.size == -(-self.n // 2) and data[-1] >> 4:
       raise InvalidArgument(f'{self._what}: the padding nibble after the last of its '
                             f'{self.n} elements is {int(codes[-1] >> 4)}, expected 0')
+    if _has_nibble_8(data):
+      e = 2 * c0 + int(np.argmax(self._unpack(codes, Scratch())[:2 * codes.size] == -8))
+      self._bad_code(e, -8)
     self._runs.append((2 * c0, codes))
 
   def runs(self) -> list[tuple[int, np.ndarray]]:

@@ -193,6 +193,11 @@ def test_bad_int4_codes_are_refused():
   bad[-1] |= 0x10  # the padding nibble of an odd leaf
   with pytest.raises(InvalidArgument, match=r'padding nibble after the last of its 701'):
     codecs.decode(bad, 701, codecs.INT4)
+  bad = data.copy()
+  bad[-1] |= 0x80  # a padding nibble of 8 is the padding's fault, not element 701's code
+  with pytest.raises(InvalidArgument, match=r'padding nibble after the last of its 701 '
+                                            r'elements is -8, expected 0'):
+    codecs.decode(bad, 701, codecs.INT4)
   with pytest.raises(InvalidArgument, match=r'364 bytes, expected 363'):
     codecs.decode(np.append(data, np.uint8(0)), 701, codecs.INT4)
 
