@@ -202,6 +202,18 @@ def test_bad_int4_codes_are_refused():
     codecs.decode(np.append(data, np.uint8(0)), 701, codecs.INT4)
 
 
+def test_int4_minus_8_is_found_in_every_byte_value_at_every_position():
+  # The receive check finds an int4 code -8 (a nibble 0x8) eight bytes at a time without
+  # unpacking; checked against unpacking for every byte value, at every position of a
+  # 17-byte run (two whole words and a tail), among bytes with no such nibble.
+  for b in range(256):
+    want = (b & 0x0F) == 8 or (b >> 4) == 8
+    for pos in range(17):
+      raw = np.array([0x77, 0x00, 0xF1, 0x9E] * 5, np.uint8)[:17]
+      raw[pos] = b
+      assert codecs._has_nibble_8(raw) == want, (hex(b), pos)  # pylint: disable=protected-access
+
+
 def test_specs_carry_the_encoding_and_refuse_what_they_cannot_decode():
   s = LeafSpec("['w']", (3, 700), np.dtype(np.float32), codecs.INT4)
   assert s.nbytes == 4 * 9 + 1050 and s.described == 'float32[3, 700] in int4 blocks'
