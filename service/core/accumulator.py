@@ -30,9 +30,9 @@ _PARALLEL_MIN = 1 << 20  # below this many elements a push is added on the calli
 _scratch = threading.local()  # per thread: its codecs.Scratch
 
 
-def _ranges(a: np.ndarray, op: Callable, b: Optional[np.ndarray] = None) -> list:
-  """(elements, work) pieces applying op(a_piece, b_piece) over `a` (and `b`), same layout."""
-  x, y = a.reshape(-1), (a if b is None else b).reshape(-1)
+def _ranges(a: np.ndarray, op: Callable, b: np.ndarray) -> list:
+  """(elements, work) pieces applying op(a_piece, b_piece) over `a` and `b`, same layout."""
+  x, y = a.reshape(-1), b.reshape(-1)
   return [(min(_RANGE, x.size - i),
            functools.partial(op, x[i:i + _RANGE], y[i:i + _RANGE]))
           for i in range(0, x.size, _RANGE)]
@@ -55,12 +55,17 @@ _threads: Optional[concurrent.futures.ThreadPoolExecutor] = None
 _threads_lock = threading.Lock()
 
 
+def adding_threads() -> int:
+  """How many threads add pushes into the sum: one per CPU this process may use, at most 4."""
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return min(4, cpus or 1)
+
+
 def run_jobs(jobs: list) -> None:
-  """Runs (elements, work) jobs on the process's adding threads (one per core, at most 4),
-  largest first so that the threads end together; small pushes on the calling thread."""
+  """Runs (elements, work) jobs on the process's adding threads (`adding_threads`), largest
+  first so that the threads end together; small pushes on the calling thread."""
   global _threads  # pylint: disable=global-statement
-  workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-                else os.cpu_count() or 1)
+  workers = adding_threads()
   if workers < 2 or sum(size for size, _ in jobs) < _PARALLEL_MIN:
     for _, work in jobs:
       work()
@@ -141,9 +146,9 @@ class Accumulator:
     jobs = []  # (elements, work)
     if self._sum is None and all(b.dtype == np.float32 for b in buffers):
       self._sum, first, adopted = buffers[:], True, True
-      if n != 1:
+      if n != 1:  # scaled in place
         jobs += [job for i, b in enumerate(buffers) if i not in encoded
-                 for job in _ranges(b, lambda x, _: np.multiply(x, n, out=x))]
+                 for job in add_jobs(b, b, n, write=True)]
     else:
       first, adopted = self._sum is None, False
       if first:  # bfloat16 or float16 on the wire

@@ -116,7 +116,7 @@ def server_costs(grads: dict[str, np.ndarray], reps: int) -> dict[str, float]:
         layout.write(v, off, raw[off:off + CHUNK])
   out['f32 receive (copy into the block layout)'] = _median_s(receive_f32, reps)
 
-  threads = min(4, os.cpu_count() or 1)
+  threads = accumulator.adding_threads()
   sums = [lay.wire_view(b, np.float32) for lay, b in zip(layouts, acc)]
   for name in ('int8', 'int4'):
     enc = codecs.BY_NAME[name]
