@@ -299,11 +299,18 @@ class _Run:
     self.events.put(('exit', index, proc, None))
 
   def stop_all(self) -> None:
-    """Workers first (SIGTERM, then SIGKILL), then the server (SIGTERM: graceful)."""
+    """Workers first (SIGTERM, then SIGKILL), then the server (SIGTERM: graceful).
+
+    The losses the workers reported before they stopped are counted in between, so that
+    the history an interrupted run saves has every step the workers saw applied.
+    """
     for w in self.workers.values():
       _stop(w.proc, signal.SIGTERM, 5.0)
       with contextlib.suppress(OSError):
         w.proc.stdin.close()
+    for w in self.workers.values():
+      w.reader.join(timeout=5.0)  # their stdout is closed: the readers end
+    self._count_reported_pushes()
     if self.server is not None:
       _stop(self.server, signal.SIGTERM, 30.0)
 
@@ -321,6 +328,16 @@ class _Run:
         event = self.events.get_nowait()
       except queue.Empty:
         return
+
+  def _count_reported_pushes(self) -> None:
+    """The queued 'push' reports only (no restarts: the workers are being stopped)."""
+    while True:
+      try:
+        event = self.events.get_nowait()
+      except queue.Empty:
+        return
+      if event[0] == 'push':
+        self._handle(*event, say=print)
 
   def _handle(self, kind: str, index: int, proc: subprocess.Popen, msg: Optional[Progress],
               say) -> None:
@@ -519,8 +536,8 @@ def run(workers: int = 4, devices: int = 8, steps: int = 200, batch_size: int = 
       signal.signal(sig, signal.SIG_IGN)
     try:
       if state is not None:
-        state.save_history()
         state.stop_all()
+        state.save_history()
         if stopped_by is not None:
           _say_how_to_resume(state, port)
     finally:

@@ -6,10 +6,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import psutil
 
 from service.examples import demo
+from service.examples.progress import Progress
 from service.client import OptimizerClient
 from svc import ROOT
 
@@ -143,6 +146,26 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
   history = json.loads((out / 'history.json').read_text())  # what a resume carries on
   assert [s for s, _ in history['train_loss']][:5] == list(range(5))
   _assert_gone([server_pid, *worker_pids])
+
+
+def test_stopping_counts_the_losses_the_workers_reported_before_they_stopped(tmp_path):
+  """An interrupted run saves its history after stop_all: the pushes still queued count."""
+  state = demo._Run(str(tmp_path), workers=1, devices=1, steps=10, batch_size=4, seed=0)  # pylint: disable=protected-access
+  line = Progress('push', 0, 0, 0.0, step=4, loss=0.25, examples=4, applied=True).line()
+  proc = subprocess.Popen(  # a worker that reported one push, then waits to be stopped
+      [sys.executable, '-c', f'import time; print({line!r}, flush=True); time.sleep(60)'],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+  reader = threading.Thread(target=state._read_worker, args=(0, proc, str(tmp_path / 'w.log')),  # pylint: disable=protected-access
+                            daemon=True)
+  state.workers[0] = demo._Worker(0, proc, str(tmp_path / 'w.log'), reader)  # pylint: disable=protected-access
+  reader.start()
+  deadline = time.monotonic() + 30
+  while state.events.qsize() == 0 and time.monotonic() < deadline:  # queued, not handled
+    time.sleep(0.01)
+  state.stop_all()
+  assert proc.returncode is not None
+  assert state.losses == {4: {0: (0.25, 4)}}
+  assert state.restarts == []  # its exit while stopping starts no replacement
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
