@@ -218,10 +218,19 @@ def proc_status_bytes(pid: int, key: str) -> int:
 
 
 def proc_cpu_seconds(pid: int) -> float:
-  """utime + stime of a process (all its threads)."""
-  with open(f'/proc/{pid}/stat', encoding='ascii') as f:
-    fields = f.read().rsplit(')', 1)[1].split()
-  return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+  """utime + stime of a process (all its threads) and of its live descendants.
+
+  A process of a multi-process server is `serve` watching its JAX child
+  (service/server/supervise.py), which does the work.
+  """
+  import psutil  # pylint: disable=import-outside-toplevel
+  total = 0.0
+  root = psutil.Process(pid)
+  for proc in [root, *root.children(recursive=True)]:
+    with contextlib.suppress(psutil.NoSuchProcess):
+      t = proc.cpu_times()
+      total += t.user + t.system
+  return total
 
 
 def self_cpu_seconds() -> float:
