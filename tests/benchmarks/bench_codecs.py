@@ -38,6 +38,13 @@ gradient pushed as OptimizerClient.push sends it with each `compression`:
      push sends: its time bounds what any server could reach on those bytes
      (the "bound" column: the ratio if receiving, checking and decoding cost
      nothing beyond gRPC's receive).
+  4. Ingestion with `--workers` W clients pushing at once (default 4; 0 leaves
+     it out): each codec's push is recorded once, then replayed by W client
+     threads on their own channels under fresh worker and push ids, so no
+     client encodes during a round (a worker does that on its own CPU) and
+     the server's receives overlap each other's decoding. Rate: W x params
+     x 4 bytes / round s, against W raw streams of the float32 bytes at
+     once, interleaved. Median of `--reps`.
 
 Usage:
     python tests/benchmarks/bench_codecs.py --size 10m --reps 3    # quick
@@ -233,11 +240,86 @@ def ingestion(params: dict, grads: dict, reps: int, log=print) -> dict[str, dict
   return out
 
 
+class _Recorder:
+  """Wraps the client's stub: keeps the request messages of the last push it sent."""
+
+  def __init__(self, stub):
+    self._stub, self.messages = stub, None
+
+  def PushGradients(self, requests, **kwargs):  # pylint: disable=invalid-name
+    self.messages = list(requests)
+    return self._stub.PushGradients(iter(self.messages), **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._stub, name)
+
+
+def concurrent_ingestion(params: dict, grads: dict, workers: int, reps: int,
+                         log=print) -> dict[str, float]:
+  """W clients pushing at once, each a push already encoded; seconds per round of W pushes.
+
+  Each codec's push is recorded once (as `OptimizerClient.push` sends it, int8/int4 with
+  error feedback), then replayed by W client threads on their own channels under fresh
+  worker and push ids: the server receives, checks, decodes and adds W pushes at once,
+  and no client encodes during the round (a worker does that on its own CPU). Beside
+  them, W raw streams of the float32 bytes at once, interleaved.
+  """
+  import uuid  # pylint: disable=import-outside-toplevel
+  from service.client import ErrorFeedback, OptimizerClient  # pylint: disable=import-outside-toplevel
+  from service.protocol import pb  # pylint: disable=import-outside-toplevel
+  names = ('f32', 'int8', 'int4')
+  times: dict[str, list] = {k: [] for k in (*names, 'raw')}
+  with contextlib.ExitStack() as stack:
+    _, port = stack.enter_context(bs.child_process(bs.service_argv(100_000, []), 'server'))
+    _, raw_port = stack.enter_context(bs.child_process(
+        [sys.executable, os.path.abspath(bs.__file__), '--raw-server'], 'raw gRPC sink'))
+    pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(workers))
+    raw = bs.RawClients(raw_port, workers, pool)
+    stack.callback(raw.close)
+    clients = [stack.enter_context(OptimizerClient(f'127.0.0.1:{port}', timeout=600))
+               for _ in range(workers)]
+    model_id = clients[0].initialize(params)
+    recorder = _Recorder(clients[0]._stub)  # pylint: disable=protected-access
+    clients[0]._stub = recorder  # pylint: disable=protected-access
+    recorded = {}
+    for name in names:  # the first push becomes the sum; the others are added to it
+      clients[0].push(0, grads, 1, f'record-{name}', model_id=model_id,
+                      compression=COMPRESSION[name], error_feedback=ErrorFeedback())
+      recorded[name] = recorder.messages
+    clients[0]._stub = recorder._stub  # pylint: disable=protected-access
+
+    def replay(client, name: str) -> None:
+      header, *rest = recorded[name]
+      fresh = pb.PushGradientsRequest()
+      fresh.CopyFrom(header)
+      fresh.header.worker_id, fresh.header.push_id = uuid.uuid4().hex, uuid.uuid4().hex
+      r = client._stub.PushGradients(iter([fresh, *rest]), timeout=600)  # pylint: disable=protected-access
+      assert r.accepted_step == 0 and not r.applied, r
+
+    def one_round(name: str) -> float:
+      t = time.perf_counter()
+      for f in [pool.submit(replay, c, name) for c in clients]:
+        f.result()
+      return time.perf_counter() - t
+
+    for name in names:  # warm-up: first touches
+      one_round(name)
+    raw.round(grads)
+    for rep in range(reps):
+      for name in names:
+        times[name].append(one_round(name))
+      times['raw'].append(raw.round(grads))
+      log(f'  rep {rep}: ' + ', '.join(f'{k} {v[-1]:.3f}s' for k, v in times.items()))
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main(argv: Optional[list] = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--size', choices=sorted(bs.SIZES), default='100m')
   p.add_argument('--reps', type=int, default=5)
   p.add_argument('--skip-ingestion', action='store_true', help='tables 1 and 2 only')
+  p.add_argument('--workers', type=int, default=4,
+                 help='concurrent pushers of the last table (0: leave it out)')
   args = p.parse_args(argv)
   print('command: python tests/benchmarks/bench_codecs.py ' + ' '.join(sys.argv[1:]))
   print(f'machine: {bs.machine_facts()}')
@@ -281,6 +363,19 @@ def main(argv: Optional[list] = None) -> int:
     print('\n("raw of its bytes": the raw sink fed as many bytes as the push sends; "bound": the '
           'ratio the push would reach if\nreceiving, checking and decoding it cost no more than '
           'the raw sink\'s counting of those bytes.)')
+    if args.workers:
+      w = args.workers
+      print(f'\n{w} clients pushing at once, each push already encoded (f32-equivalent '
+            f'MB/s = {w} x params / round s x 4):')
+      c = concurrent_ingestion(params, grads, w, args.reps)
+      raw_rate = w * f32_mb / c['raw']
+      print(f'\n{w} raw grpcio client streams of the f32 bytes at once: {raw_rate:,.0f} MB/s '
+            f'({c["raw"]:.3f} s per round), median of {args.reps}\n')
+      print(f'| {w} pushes at once | s per round | f32-equiv MB/s | / raw f32 |')
+      print('|---|---:|---:|---:|')
+      for name in ('f32', 'int8', 'int4'):
+        rate = w * f32_mb / c[name]
+        print(f'| {name} | {c[name]:.3f} | {rate:,.0f} | {rate / raw_rate:.2f} |')
   return 0
 
 
