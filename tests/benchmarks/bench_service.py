@@ -69,6 +69,11 @@ Columns:
     service's client parses each chunk and copies it into the pulled arrays,
     and checks the checksum.
   * pull / raw: the service's pull rate as a fraction of that baseline.
+  * raw with the copy (printed under the table): both baselines again, the
+    sink copying each message into a buffer of its own and the pulling
+    clients each message into an array of theirs (reused, as the service's
+    buffers are): the least a server that keeps what it receives, or a
+    client that keeps what it pulls, does beyond gRPC's own work.
   * peak RSS GB: VmHWM of the server process (/proc/<pid>/status) at the end
     of its run (initialisation included; VmHWM right after InitializeModel
     is in the details).
@@ -126,6 +131,7 @@ import dataclasses
 import json
 import os
 import platform
+import queue
 import re
 import resource
 import select
@@ -165,6 +171,7 @@ START_TIMEOUT_S = 180.0
 WARMUP_STEPS = 2  # first-touch effects (buffers, transfers) of the first steps
 RAW_PULL_METHOD = '/bench.RawSink/Pull'
 RAW_METHOD = '/bench.RawSink/Push'
+RAW_COPY_METHOD = '/bench.RawSink/PushCopy'
 TARGETS = {'ingestion_vs_raw': 0.8, 'pull_vs_raw': 0.8, 'rss_ratio': 1.3}
 PROCESS_AXIS_WORKERS = 100_000  # a step never completes: every push is added into the sum
 
@@ -282,6 +289,7 @@ def serve_raw(size: str) -> int:
   server-streaming source (`Pull`) that sends a model of `size`'s bytes as the service's pulls
   cut them, each message a copy out of the arrays (`raw_chunks`)."""
   model = random_tree(leaf_shapes(**SIZES[size]), 3, 0.02)
+  free: queue.SimpleQueue = queue.SimpleQueue()  # PushCopy's buffers, reused (pages touched)
 
   def push(request_iterator, context):
     del context
@@ -291,12 +299,33 @@ def serve_raw(size: str) -> int:
       total += len(msg)
     return f'{count} {total}'.encode()
 
+  def push_copy(request_iterator, context):
+    """`push`, each message also copied into a buffer of the stream's: the least a server
+    does that keeps what it receives."""
+    del context
+    try:
+      buf = free.get_nowait()
+    except queue.Empty:
+      buf = np.zeros(tree_bytes(model), np.uint8)
+    count = total = 0
+    try:
+      for msg in request_iterator:
+        n = len(msg)
+        if total + n <= buf.size:
+          buf[total:total + n] = np.frombuffer(msg, np.uint8)
+        count += 1
+        total += n
+    finally:
+      free.put(buf)
+    return f'{count} {total}'.encode()
+
   def pull(request, context):
     del request, context
     yield from raw_chunks(model)
 
   handler = grpc.method_handlers_generic_handler(
       'bench.RawSink', {'Push': grpc.stream_unary_rpc_method_handler(push),
+                        'PushCopy': grpc.stream_unary_rpc_method_handler(push_copy),
                         'Pull': grpc.unary_stream_rpc_method_handler(pull)})
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=GRPC_THREADS),
                        options=[('grpc.max_receive_message_length', MAX_MESSAGE),
@@ -329,29 +358,43 @@ class RawClients:
     self.channels = [grpc.insecure_channel(f'127.0.0.1:{port}', options=[
         ('grpc.max_receive_message_length', MAX_MESSAGE)]) for _ in range(workers)]
     self.calls = [ch.stream_unary(RAW_METHOD) for ch in self.channels]
+    self.copy_calls = [ch.stream_unary(RAW_COPY_METHOD) for ch in self.channels]
     self.pulls = [ch.unary_stream(RAW_PULL_METHOD) for ch in self.channels]
     self.pool = pool
+    self._into: dict[int, np.ndarray] = {}  # channel -> its pulls' buffer (pages touched)
 
-  def pull_round(self, expected: int) -> float:
-    """Seconds from the first pull's start until every pull received `expected` bytes."""
+  def pull_round(self, expected: int, copy: bool = False) -> float:
+    """Seconds from the first pull's start until every pull received `expected` bytes;
+    with `copy`, each message is also copied into an array of the channel's (reused): the
+    least a client does that keeps what it pulls."""
 
-    def one(call):
+    def one(i, call):
+      into = self._into.get(i) if copy else None
+      if copy and (into is None or into.size != expected):
+        into = self._into[i] = np.zeros(expected, np.uint8)
       t = time.perf_counter()
-      total = sum(len(m) for m in call(b'', timeout=CALL_TIMEOUT_S))
+      total = 0
+      for m in call(b'', timeout=CALL_TIMEOUT_S):
+        if into is not None and total + len(m) <= expected:
+          into[total:total + len(m)] = np.frombuffer(m, np.uint8)
+        total += len(m)
       if total != expected:
         raise RuntimeError(f'raw source sent {total} bytes, expected {expected}')
       return t, time.perf_counter()
 
-    spans = [f.result() for f in [self.pool.submit(one, c) for c in self.pulls]]
+    spans = [f.result() for f in [self.pool.submit(one, i, c)
+                                  for i, c in enumerate(self.pulls)]]
     return max(e for _, e in spans) - min(s for s, _ in spans)
 
   def round(self, grads: dict[str, np.ndarray],
-            parts: Optional[Sequence[dict[str, np.ndarray]]] = None) -> float:
+            parts: Optional[Sequence[dict[str, np.ndarray]]] = None, copy: bool = False) -> float:
     """Seconds from the first stream's start until every stream returned.
 
-    Every channel streams `grads`, or channel i streams `parts[i]`.
+    Every channel streams `grads`, or channel i streams `parts[i]`; with `copy`, to the
+    sink that also copies each message into a buffer (`PushCopy`).
     """
     trees = list(parts) if parts is not None else [grads] * len(self.calls)
+    calls = self.copy_calls if copy else self.calls
 
     def one(call, tree):
       expected = tree_bytes(tree)
@@ -362,7 +405,7 @@ class RawClients:
       return t, time.perf_counter()
 
     spans = [f.result() for f in [self.pool.submit(one, c, tree)
-                                  for c, tree in zip(self.calls, trees)]]
+                                  for c, tree in zip(calls, trees)]]
     return max(e for _, e in spans) - min(s for s, _ in spans)
 
   def close(self) -> None:
@@ -485,22 +528,27 @@ def run_server(workers: int, params: dict, grads: dict, reps: int, extra_flags: 
       sync_step(clients, pool, step, model_id, grads, proc.pid)
     warmup_s = time.perf_counter() - t
     if raw is not None:
-      raw.round(grads)  # warm-up
-      raw.pull_round(tree_bytes(params))
-    steps, raw_s, raw_pull_s = [], [], []
-    for rep in range(reps):  # service step, raw round, service step, ...
+      for copy in (False, True):  # warm-up
+        raw.round(grads, copy=copy)
+        raw.pull_round(tree_bytes(params), copy=copy)
+    steps, raw_s, raw_pull_s, raw_copy_s, raw_pull_copy_s = [], [], [], [], []
+    for rep in range(reps):  # service step, raw rounds, service step, ...
       steps.append(sync_step(clients, pool, WARMUP_STEPS + rep, model_id, grads, proc.pid))
       if raw is not None:
         raw_s.append(raw.round(grads))
         raw_pull_s.append(raw.pull_round(tree_bytes(params)))
+        raw_copy_s.append(raw.round(grads, copy=True))
+        raw_pull_copy_s.append(raw.pull_round(tree_bytes(params), copy=True))
       s = steps[-1]
       log(f'    rep {rep}: push {s.push_s:.3f}s apply {s.apply_s:.3f}s pull {s.pull_s:.3f}s'
-          + (f', raw push {raw_s[-1]:.3f}s pull {raw_pull_s[-1]:.3f}s' if raw_s else ''))
+          + (f', raw push {raw_s[-1]:.3f}s pull {raw_pull_s[-1]:.3f}s, with the copy: push '
+             f'{raw_copy_s[-1]:.3f}s pull {raw_pull_copy_s[-1]:.3f}s' if raw_s else ''))
     return {'workers': workers, 'pid': proc.pid, 'init_s': init_s, 'warmup_s': warmup_s,
             'vmhwm_after_init': hwm_init, 'vmhwm': proc_status_bytes(proc.pid, 'VmHWM'),
             'vmrss_end': proc_status_bytes(proc.pid, 'VmRSS'),
             'steps': [dataclasses.asdict(s) for s in steps], 'raw_s': raw_s,
-            'raw_pull_s': raw_pull_s}
+            'raw_pull_s': raw_pull_s, 'raw_copy_s': raw_copy_s,
+            'raw_pull_copy_s': raw_pull_copy_s}
 
 
 # ----------------------------------------------------------------------------- processes axis
@@ -648,9 +696,13 @@ def summarize(run: dict, grad_bytes: int, state_bytes: int, overhead: int) -> di
   raw = w * grad_bytes / statistics.median(run['raw_s'])
   pull = w * grad_bytes / med('pull_s')  # the params have the gradients' bytes (float32)
   raw_pull = w * grad_bytes / statistics.median(run['raw_pull_s'])
+  raw_copy = w * grad_bytes / statistics.median(run['raw_copy_s'])
+  raw_pull_copy = w * grad_bytes / statistics.median(run['raw_pull_copy_s'])
   return {'workers': w, 'push_s': push_s, 'apply_s': med('apply_s'), 'pull_s': med('pull_s'),
           'ingestion_Bps': ingest, 'raw_Bps': raw, 'ingestion_vs_raw': ingest / raw,
           'pull_Bps': pull, 'raw_pull_Bps': raw_pull, 'pull_vs_raw': pull / raw_pull,
+          'raw_copy_Bps': raw_copy, 'ingestion_vs_raw_copy': ingest / raw_copy,
+          'raw_pull_copy_Bps': raw_pull_copy, 'pull_vs_raw_copy': pull / raw_pull_copy,
           'peak_rss': run['vmhwm'], 'rss_ratio': run['vmhwm'] / (state_bytes + overhead),
           'commit_tail_s': statistics.median(tails) if tails else None,
           'apply_rpc_s': med('apply_rpc_s'), 'first_pull_s': med('first_pull_s'),
@@ -686,7 +738,11 @@ def print_details(rows: list[dict], state_bytes: int, overhead: int) -> None:
           f"server CPU {r['server_cpu_s']:.2f}s/step, client (this process) CPU "
           f"{r['client_cpu_s']:.2f}s/step; VmHWM after init {r['vmhwm_after_init'] / 1e9:.2f} GB, "
           f"VmRSS at end {r['vmrss_end'] / 1e9:.2f} GB; initialize {r['init_s']:.1f}s, "
-          f"warm-up steps {r['warmup_s']:.1f}s")
+          f"warm-up steps {r['warmup_s']:.1f}s;\n       "
+          f"raw with the copy (the sink / the pulling client copies each message into a "
+          f"buffer of its own): push {r['raw_copy_Bps'] / 1e6:.0f} MB/s (ingestion / that "
+          f"{r['ingestion_vs_raw_copy']:.2f}), pull {r['raw_pull_copy_Bps'] / 1e6:.0f} MB/s "
+          f"(pull / that {r['pull_vs_raw_copy']:.2f})")
 
 
 def print_targets(rows: list[dict]) -> None:
