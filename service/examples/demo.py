@@ -69,7 +69,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -318,26 +318,28 @@ class _Run:
 
   def handle_events(self, timeout: Optional[float] = None, say=print) -> None:
     """Processes what the workers reported; blocks up to `timeout` for the first event."""
-    try:
-      event = self.events.get(timeout=timeout) if timeout else self.events.get_nowait()
-    except queue.Empty:
-      return
-    while True:
-      self._handle(*event, say=say)
+    if timeout:
       try:
-        event = self.events.get_nowait()
+        first = self.events.get(timeout=timeout)
       except queue.Empty:
         return
+      self._handle(*first, say=say)
+    for event in self._queued():
+      self._handle(*event, say=say)
 
   def _count_reported_pushes(self) -> None:
     """The queued 'push' reports only (no restarts: the workers are being stopped)."""
-    while True:
-      try:
-        event = self.events.get_nowait()
-      except queue.Empty:
-        return
+    for event in self._queued():
       if event[0] == 'push':
         self._handle(*event, say=print)
+
+  def _queued(self) -> Iterator[tuple]:
+    """The events queued now, without waiting."""
+    while True:
+      try:
+        yield self.events.get_nowait()
+      except queue.Empty:
+        return
 
   def _handle(self, kind: str, index: int, proc: subprocess.Popen, msg: Optional[Progress],
               say) -> None:

@@ -316,9 +316,9 @@ def concurrent_ingestion(params: dict, grads: dict, workers: int, reps: int,
 def main(argv: Optional[list] = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--size', choices=sorted(bs.SIZES), default='100m')
-  p.add_argument('--reps', type=int, default=5)
+  p.add_argument('--reps', type=bs.at_least(1), default=5)
   p.add_argument('--skip-ingestion', action='store_true', help='tables 1 and 2 only')
-  p.add_argument('--workers', type=int, default=4,
+  p.add_argument('--workers', type=bs.at_least(0), default=4,
                  help='concurrent pushers of the last table (0: leave it out)')
   args = p.parse_args(argv)
   print('command: python tests/benchmarks/bench_codecs.py ' + ' '.join(sys.argv[1:]))

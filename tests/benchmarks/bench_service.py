@@ -773,11 +773,25 @@ def machine_facts() -> str:
 # ----------------------------------------------------------------------------- main
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+  """An argparse type: an integer >= `minimum` (else argparse's one-line error)."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      value = None
+    if value is None or value < minimum:
+      raise argparse.ArgumentTypeError(f'expected an integer >= {minimum}, got {text!r}')
+    return value
+  return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--size', choices=sorted(SIZES), default='100m')
-  p.add_argument('--reps', type=int, default=5, help='timed steps per worker count (median)')
-  p.add_argument('--workers', type=int, nargs='*', default=list(WORKER_COUNTS),
+  p.add_argument('--reps', type=at_least(1), default=5,
+                 help='timed steps per worker count (median)')
+  p.add_argument('--workers', type=at_least(1), nargs='*', default=list(WORKER_COUNTS),
                  help='worker counts to measure (default 1 4)')
   p.add_argument('--processes', type=int, nargs='*', default=[1, 2], choices=(1, 2, 4, 8),
                  help='server process counts of the processes axis (default 1 2; none: skip)')
