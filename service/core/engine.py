@@ -144,6 +144,7 @@ class Engine:
     self.mesh = placement.make_mesh(config.devices, devices)
     self._schedule, self.schedule_description = make_schedule(config)
     self._cond = threading.Condition()
+    self._listeners: list[Callable[[], None]] = []  # told of every change (`add_listener`)
     # The model, once it exists: its plan, its state, the step's sum.
     self._plan: Optional[ModelPlan] = None
     self._state: Optional[ModelState] = None
@@ -251,7 +252,20 @@ class Engine:
   def wake(self) -> None:
     """Wakes every waiter to re-check its condition."""
     with self._cond:
-      self._cond.notify_all()
+      self._changed_locked()
+
+  def add_listener(self, listener: Callable[[], None]) -> None:
+    """Calls `listener()` after every change a waiter may wait for: a step applied, a
+    model adopted, room freed for a push, the engine closing. It is called under the
+    engine's lock and must only schedule work (e.g. `loop.call_soon_threadsafe`), never
+    block: waiters that hold no thread (the asyncio server's) wait on it."""
+    with self._cond:
+      self._listeners.append(listener)
+
+  def _changed_locked(self) -> None:
+    self._cond.notify_all()
+    for listener in self._listeners:
+      listener()
 
   # ------------------------------------------------------------------ pulls
 
@@ -410,7 +424,7 @@ class Engine:
     self._adoptions += 1
     self._model_id = runtime.exchange(f'model_id/{self._adoptions}', uuid.uuid4().hex)[0]
     self._params_replaced_locked()
-    self._cond.notify_all()
+    self._changed_locked()
     return self._model_id
 
   def _require_model(self) -> ModelPlan:
@@ -547,7 +561,7 @@ class Engine:
       self._sum.give_back(session.buffers)
     session.buffers = []
     if self._admission.release(session.slot):
-      self._cond.notify_all()
+      self._changed_locked()
 
   def _commit(self, session: PushSession) -> PushResult:
     """Adds a complete, checked push to its step; applies the step when it is complete.
@@ -642,7 +656,7 @@ class Engine:
       self._job.forget_before(self._steps.step - self.config.staleness_bound -
                               self.config.max_inflight_pushes - 2)
     self._save_locked(force=False)
-    self._cond.notify_all()
+    self._changed_locked()
 
   def _straggler_loop(self) -> None:
     """Applies a sync step once the straggler timeout passed with a quorum of pushes."""
@@ -783,7 +797,7 @@ class Engine:
     """Stops admitting pushes, lets those in flight finish (up to `grace` s), saves, waits."""
     with self._cond:
       self._admission.draining = True
-      self._cond.notify_all()
+      self._changed_locked()
       self._cond.wait_for(lambda: self._admission.pushes == 0, grace)
       if self._admission.pushes:
         log.warning('%d pushes still in flight after %.1fs; not waiting for them',
@@ -813,7 +827,7 @@ class Engine:
     """Ends the engine's threads (the checkpointer stays open: its creator closes it)."""
     with self._cond:
       self._closed = True
-      self._cond.notify_all()
+      self._changed_locked()
     self._applied.put(None)
     self._saves.put(None)
     for t in self._threads:
