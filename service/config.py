@@ -37,7 +37,10 @@ class ServerConfig:
   # Network.
   host: str = setting('0.0.0.0', 'address to listen on')
   port: int = setting(50051, 'gRPC port (0: an ephemeral port, printed on start)')
-  grpc_threads: int = setting(32, 'threads serving RPCs')
+  # RPCs are coroutines of one event loop (grpc.aio): a waiting RPC holds no thread.
+  # What may block (engine calls, copying a large push's chunks, encoding a pull) runs
+  # on a pool of grpc_threads threads (at least max_inflight_pushes + 4).
+  grpc_threads: int = setting(16, 'threads doing the RPCs\' blocking work (waiting RPCs hold none)')
   # Prometheus metrics over HTTP on host:metrics_port (0: ephemeral; -1: off).
   metrics_port: int = setting(9090, 'HTTP port of the Prometheus metrics (0: ephemeral, -1: off)')
   # Logs on stderr: level, and 'text' or 'json' (one object a line).
@@ -51,7 +54,9 @@ class ServerConfig:
   # stream_idle_timeout_s, or any stream open longer than max_stream_seconds, is cut off
   # (a push's partial data is discarded). keepalive_s: how often the server pings an idle
   # connection to find dead peers (0: never).
-  max_concurrent_rpcs: int = setting(256, 'RPCs served at once; more get RESOURCE_EXHAUSTED')
+  max_concurrent_rpcs: int = setting(
+      4096, 'RPCs served at once, long polls included (a fleet of N workers needs N); '
+      'more get RESOURCE_EXHAUSTED')
   max_streams_per_connection: int = setting(64, 'concurrent streams one client connection may open')
   stream_idle_timeout_s: float = setting(
       30.0, 'cut off a push/initialisation stream silent this long')

@@ -40,6 +40,7 @@ import math
 import queue
 import threading
 import time
+import typing
 import uuid
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -102,6 +103,14 @@ class Description:
   placements: tuple = ()
 
 
+class Position(typing.NamedTuple):
+  """Where the engine is: whether a model exists, its id, its step; closed: shutting down."""
+  initialized: bool
+  model_id: str
+  step: int
+  closed: bool
+
+
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
   """The params of one step, readable while `Engine.reading` holds them."""
@@ -144,7 +153,8 @@ class Engine:
     self.mesh = placement.make_mesh(config.devices, devices)
     self._schedule, self.schedule_description = make_schedule(config)
     self._cond = threading.Condition()
-    self._listeners: list[Callable[[], None]] = []  # told of every change (`add_listener`)
+    self._listeners: list[Callable[[Position], None]] = []  # told of changes (`add_listener`)
+    self._waiting_lock = threading.Lock()  # guards `_waiting`
     # The model, once it exists: its plan, its state, the step's sum.
     self._plan: Optional[ModelPlan] = None
     self._state: Optional[ModelState] = None
@@ -219,7 +229,7 @@ class Engine:
   @property
   def waiting(self) -> int:
     """Callers blocked in `wait_for_step` (long polls)."""
-    with self._cond:
+    with self._waiting_lock:
       return self._waiting
 
   def trust_ratios(self) -> Optional[np.ndarray]:
@@ -238,14 +248,10 @@ class Engine:
     """
     if step < 0:
       raise InvalidArgument(f'step must be >= 0, got {step}')
-    with self._cond:
-      self._waiting += 1
-      try:
-        self._cond.wait_for(
-            lambda: self._closed or (gone is not None and gone()) or (
-                self._plan is not None and self._steps.step >= step), timeout)
-      finally:
-        self._waiting -= 1
+    with self.waiter(), self._cond:
+      self._cond.wait_for(
+          lambda: self._closed or (gone is not None and gone()) or (
+              self._plan is not None and self._steps.step >= step), timeout)
       reached = self._plan is not None and self._steps.step >= step
       return self._steps.step, reached, self._model_id
 
@@ -254,18 +260,44 @@ class Engine:
     with self._cond:
       self._changed_locked()
 
-  def add_listener(self, listener: Callable[[], None]) -> None:
-    """Calls `listener()` after every change a waiter may wait for: a step applied, a
-    model adopted, room freed for a push, the engine closing. It is called under the
-    engine's lock and must only schedule work (e.g. `loop.call_soon_threadsafe`), never
-    block: waiters that hold no thread (the asyncio server's) wait on it."""
+  def position(self) -> Position:
+    """Where the engine is now: its model, its step, whether it is closed."""
+    with self._cond:
+      return self._position_locked()
+
+  def _position_locked(self) -> Position:
+    return Position(self._plan is not None, self._model_id, self._steps.step, self._closed)
+
+  def add_listener(self, listener: Callable[[Position], None]) -> None:
+    """Calls `listener(position)` after every change a waiter may wait for: a step
+    applied, a model adopted, room freed for a push, the engine closing.
+
+    It is called under the engine's lock and must only schedule work (e.g.
+    `loop.call_soon_threadsafe`), never block or call the engine: waiters that
+    hold no thread (the asyncio server's) wait on it.
+    """
     with self._cond:
       self._listeners.append(listener)
+      listener(self._position_locked())
 
   def _changed_locked(self) -> None:
     self._cond.notify_all()
-    for listener in self._listeners:
-      listener()
+    if self._listeners:
+      position = self._position_locked()
+      for listener in self._listeners:
+        listener(position)
+
+  @contextlib.contextmanager
+  def waiter(self) -> Iterator[None]:
+    """Counts a caller waiting for a step elsewhere (e.g. an asyncio long poll) in
+    `waiting`, while the block runs."""
+    with self._waiting_lock:
+      self._waiting += 1
+    try:
+      yield
+    finally:
+      with self._waiting_lock:
+        self._waiting -= 1
 
   # ------------------------------------------------------------------ pulls
 

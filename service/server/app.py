@@ -3,13 +3,19 @@ interceptors, health, reflection and metrics -- and taking it down again.
 
 `start(config)` returns a `RunningServer` at once; `serve_forever(config)` runs one
 until SIGTERM/SIGINT. Whoever creates a resource here also closes it.
+
+The server is `grpc.aio`'s, on an event loop of its own thread (`_Loop`): the
+RPCs are coroutines, and their blocking work runs on a pool of
+`--grpc-threads` threads (service.server.offload).
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -63,6 +69,33 @@ def _endpoint(config: ServerConfig, port: int) -> str:
   return f'{host}:{port}'
 
 
+class _Loop:
+  """An asyncio event loop on a thread of its own: the server's RPCs run on it."""
+
+  def __init__(self):
+    self.loop = asyncio.new_event_loop()
+    self._thread = threading.Thread(target=self.loop.run_forever, name='grpc-loop',
+                                    daemon=True)
+    self._thread.start()
+
+  def run(self, coroutine, timeout: Optional[float] = None):
+    """Runs `coroutine` on the loop and returns its result (from another thread)."""
+    return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+  def call(self, fn, *args):
+    """`fn(*args)` on the loop's thread (objects of grpc.aio are made and used there)."""
+    async def call():
+      return fn(*args)
+    return self.run(call())
+
+  def close(self) -> None:
+    if self._thread.is_alive():
+      self.loop.call_soon_threadsafe(self.loop.stop)
+      self._thread.join(timeout=30)
+    if not self._thread.is_alive():
+      self.loop.close()
+
+
 class RunningServer:
   """A started server: its port, its engine; `stop()` shuts it down.
 
@@ -70,53 +103,60 @@ class RunningServer:
   (None without TLS: the health service is then on `port`).
   """
 
-  def __init__(self, server: grpc.Server, engine: Engine, port: int,
-               health_servicer: health.HealthServicer, servicer: OptimizerServicer,
-               metrics: Metrics, metrics_port: Optional[int] = None,
-               health_server: Optional[grpc.Server] = None,
+  def __init__(self, loop: _Loop, server: grpc.aio.Server, engine: Engine, port: int,
+               health_servicer: health.aio.HealthServicer, metrics: Metrics,
+               metrics_port: Optional[int] = None,
+               health_server: Optional[grpc.aio.Server] = None,
                health_port: Optional[int] = None,
                checkpointer: Optional[Checkpointer] = None,
-               executor: Optional[concurrent.futures.Executor] = None,
+               pool: Optional[concurrent.futures.Executor] = None,
                progress: Optional[ProgressLog] = None,
                peer_watch: Optional[peers.PeerWatch] = None):
+    self._loop = loop
     self.server, self.engine, self.port = server, engine, port
     self._health = health_servicer
-    self._servicer = servicer
     self.metrics, self.metrics_port = metrics, metrics_port
     self.health_server, self.health_port = health_server, health_port
     self._checkpointer = checkpointer
-    self._executor = executor
+    self._pool = pool
     self._progress = progress
     self._peer_watch = peer_watch
+    self._stopped = False
 
   def stop(self, grace: Optional[float] = None) -> None:
     """Graceful: not serving any more, pushes in flight finish, final checkpoint, stop.
 
     In a multi-process server, every other process is asked to stop too: they
-    drain and write the final checkpoint together.
+    drain and write the final checkpoint together. Stopping again does nothing.
     """
+    if self._stopped:
+      return
+    self._stopped = True
     if self._peer_watch is not None:
       self._peer_watch.request_stop()
-    self._health.enter_graceful_shutdown()
+    self._loop.run(self._health.enter_graceful_shutdown())
     if self._progress is not None:
       self._progress.close()
     try:
       self.engine.shutdown(self.engine.config.shutdown_grace_s if grace is None else grace)
-      self.server.stop(grace).wait()
+      self._loop.run(self.server.stop(grace))
     finally:
-      self._servicer.close()
       self.metrics.close()
       if self.health_server is not None:
-        self.health_server.stop(grace).wait()
+        self._loop.run(self.health_server.stop(grace))
       if self._peer_watch is not None:
         self._peer_watch.close()
       if self._checkpointer is not None:
         self._checkpointer.close()
-      if self._executor is not None:  # the RPC handlers' threads: every call has ended
-        self._executor.shutdown(wait=True)
+      if self._pool is not None:  # every call has ended: nothing is left to run on it
+        self._pool.shutdown(wait=True)
+      # grpc.aio's poller thread runs while a server object lives: let them go.
+      self.server = self.health_server = None
+      self._loop.close()
+      gc.collect()
 
   def wait(self) -> None:
-    self.server.wait_for_termination()
+    self._loop.run(self.server.wait_for_termination())
 
 
 def _checkpointer(config: ServerConfig) -> Optional[Checkpointer]:
@@ -127,7 +167,7 @@ def _checkpointer(config: ServerConfig) -> Optional[Checkpointer]:
                       keep=config.keep_checkpoints, asynchronous=config.async_checkpoints)
 
 
-def _bind(server: grpc.Server, host: str, port: int, flag: str,
+def _bind(server: grpc.aio.Server, host: str, port: int, flag: str,
           credentials: Optional[grpc.ServerCredentials] = None) -> int:
   """Binds `server` to host:port (0: ephemeral); StartupError naming the port and its flag.
 
@@ -204,21 +244,23 @@ def start(config: ServerConfig) -> RunningServer:
     metrics = Metrics()
     interceptor = auth.BearerAuthInterceptor(
         tokens, on_refused=lambda method: metrics.rpcs_unauthenticated.inc()) if tokens else None
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=config.grpc_threads,
-                                                     thread_name_prefix='grpc-handler')
-    undo.callback(executor.shutdown, wait=False, cancel_futures=True)
-    server = grpc.server(
-        executor,
+    loop = _Loop()
+    undo.callback(loop.close)
+    pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(config.grpc_threads, config.max_inflight_pushes + 4),
+        thread_name_prefix='grpc-work')
+    undo.callback(pool.shutdown, wait=False, cancel_futures=True)
+    server = loop.call(lambda: grpc.aio.server(
         interceptors=[interceptor] if interceptor else None, options=_server_options(config),
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-    undo.callback(lambda: server.stop(None))
-    port = _bind(server, config.host, config.port, '--port', credentials)
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs))
+    undo.callback(lambda: loop.run(server.stop(None)))
+    port = loop.call(_bind, server, config.host, config.port, '--port', credentials)
     health_server, health_port = None, None
     if tls:  # probes (e.g. Kubernetes' gRPC probes) speak neither TLS nor tokens
-      health_server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4),
-                                  options=[('grpc.so_reuseport', 0)])
-      undo.callback(lambda: health_server.stop(None))
-      health_port = _bind(health_server, config.host, config.health_port, '--health-port')
+      health_server = loop.call(lambda: grpc.aio.server(options=[('grpc.so_reuseport', 0)]))
+      undo.callback(lambda: loop.run(health_server.stop(None)))
+      health_port = loop.call(_bind, health_server, config.host, config.health_port,
+                              '--health-port')
     metrics_port = None
     if config.metrics_port >= 0:
       try:
@@ -254,30 +296,37 @@ def start(config: ServerConfig) -> RunningServer:
     watch = peers.watch(engine.job, endpoints, _exit_lost, _stop_asked)
     if watch is not None:
       undo.callback(watch.close)
-    servicer = OptimizerServicer(engine, metrics, endpoints)
-    undo.callback(servicer.close)
-    add_servicer(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ('', SERVICE_NAME):
-      health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if health_server is not None:
-      health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    servicer = loop.call(OptimizerServicer, engine, pool, metrics, endpoints)
+    health_servicer = loop.call(health.aio.HealthServicer)
+    loop.run(_add_services(server, servicer, health_servicer, health_server))
     if metrics_port is not None:
       log.info('Prometheus metrics on http://%s:%d/metrics', config.host, metrics_port)
-    server.start()
+    loop.run(server.start())
     if health_server is not None:
-      health_server.start()
+      loop.run(health_server.start())
       log.info('health service (plaintext) on %s:%d', config.host, health_port)
     undo.pop_all()
   log.info('serving %s on %s:%d (%s%s), mesh of %d devices', SERVICE_NAME, config.host, port,
            ('mutual TLS' if config.tls_client_ca else 'TLS') if tls else 'plaintext',
            ', bearer tokens' if tokens else '', engine.mesh.devices.size)
   progress = ProgressLog(metrics, config.progress_every_seconds)  # its first line: later
-  return RunningServer(server, engine, port, health_servicer, servicer, metrics, metrics_port,
-                       health_server, health_port, checkpointer, executor, progress, watch)
+  return RunningServer(loop, server, engine, port, health_servicer, metrics, metrics_port,
+                       health_server, health_port, checkpointer, pool, progress, watch)
+
+
+async def _add_services(server: grpc.aio.Server, servicer: OptimizerServicer,
+                        health_servicer: health.aio.HealthServicer,
+                        health_server: Optional[grpc.aio.Server]) -> None:
+  """The optimizer service, health and reflection on `server` (and health alone on the
+  plaintext `health_server`, with TLS)."""
+  add_servicer(servicer, server)
+  health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+  for name in ('', SERVICE_NAME):
+    await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+  reflection.enable_server_reflection(
+      (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+  if health_server is not None:
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
 
 
 def _exit_lost(message: str) -> None:

@@ -40,13 +40,13 @@ def check_bearer(value: Optional[str], tokens: Sequence[bytes]) -> bool:
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
   """A handler of the same kind as `handler` that only aborts with UNAUTHENTICATED."""
-  def deny(request_or_iterator, context):
+  async def deny(request_or_iterator, context):
     del request_or_iterator
-    context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-  def deny_stream(request_or_iterator, context):
-    deny(request_or_iterator, context)
-    yield  # pragma: no cover  (a generator, as the streaming kinds need)
+  async def deny_stream(request_or_iterator, context):
+    await deny(request_or_iterator, context)
+    yield  # pragma: no cover  (an async generator, as the streaming kinds need)
 
   kwargs = dict(request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
@@ -59,7 +59,7 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
   return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
 
 
-class BearerAuthInterceptor(grpc.ServerInterceptor):
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
   """Refuses calls without `authorization: Bearer <one of tokens>` (except public methods)."""
 
   def __init__(self, tokens: Sequence[str],
@@ -76,18 +76,18 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
     self._public = tuple(public_prefixes)
     self._on_refused = on_refused
 
-  def intercept_service(self, continuation, handler_call_details):
+  async def intercept_service(self, continuation, handler_call_details):
     method = handler_call_details.method or ''
     if method.startswith(self._public):
-      return continuation(handler_call_details)
+      return await continuation(handler_call_details)
     value = None
     for key, v in handler_call_details.invocation_metadata or ():
       if key == tokens_lib.METADATA_KEY:
         value = v if isinstance(v, str) else None
         break
     if check_bearer(value, self._tokens):
-      return continuation(handler_call_details)
-    handler = continuation(handler_call_details)  # only looks the method up
+      return await continuation(handler_call_details)
+    handler = await continuation(handler_call_details)  # only looks the method up
     if handler is None:
       return None  # UNIMPLEMENTED, as without auth
     log.warning('refused %s: %s', method,

@@ -6,19 +6,28 @@ errors become gRPC status codes. A push is one session object from the engine
 (`open_push`), a pull one generator (`pull`). The servicer counts and logs
 what it answers (metrics); the server's assembly (ports, credentials,
 interceptors, health, reflection) is in `service.server.app`.
+
+It serves on `grpc.aio`: an RPC that waits (a long poll, a push waiting for
+room) is a coroutine and holds no thread, so a fleet of workers waiting for a
+step costs memory, not threads. What may block -- the engine's calls, copying
+a large push's chunks, encoding a pull -- runs on a bounded pool
+(`offload.Lane`), so one large message never stalls the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import grpc
 
 from service.core.engine import Engine, PullHeader
-from service.errors import AlreadyExists, InvalidArgument, ServiceError
+from service.core.push import PushSession
+from service.errors import AlreadyExists, InvalidArgument, ResourceExhausted, ServiceError
 from service.logs import fields
 from service.protocol import SERVICE_NAME, pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
@@ -26,14 +35,15 @@ from service.protocol.chunks import ChunkReceiver, clamp_chunk_bytes, chunk_pars
 from service.protocol.dtypes import numpy_dtype
 from service.protocol.specs import specs_from_proto
 from service.protocol.types import PushHeader, PushResult
-from service.server import limits
+from service.server import offload
+from service.server.limits import StreamLimits
 from service.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-
-def _abort(context: grpc.ServicerContext, err: ServiceError):
-  context.abort(getattr(grpc.StatusCode, err.code), str(err))
+# A push of at most this many bytes is written on the event loop as it arrives (no hop to
+# a thread per chunk); a bigger one's chunks are copied on the pool.
+_INLINE_BYTES = 256 << 10
 
 
 class _Unparsable:
@@ -101,19 +111,22 @@ def _passing_bytes(message) -> bytes:
   return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def _read_stream(requests: Iterator, what: str):
-  """Splits a header/chunks/commit stream: returns (header, chunk iterator, commit holder)."""
-  try:
-    first = _parsed(next(requests), f'{what}: message 1')
-  except StopIteration:
-    raise InvalidArgument(f'{what}: empty stream (expected a header first)') from None
+async def _read_stream(limits: StreamLimits, context, what: str):
+  """Splits a header/chunks/commit stream: returns (header, async chunk iterator, commit
+  holder). Every read is bounded by the stream's limits."""
+  first = await limits.read(context)
+  if first is None:
+    raise InvalidArgument(f'{what}: empty stream (expected a header first)')
+  first = _parsed(first, f'{what}: message 1')
   if first.WhichOneof('kind') != 'header':
     raise InvalidArgument(f'{what}: the first message must be a header, got '
                           f'{first.WhichOneof("kind") or "an empty message"}')
   commit: list = []
 
-  def chunks():
-    for i, msg in enumerate(requests, start=2):
+  async def chunks():
+    i = 1
+    while (msg := await limits.read(context)) is not None:
+      i += 1
       kind = _parsed(msg, f'{what}: message {i}').WhichOneof('kind')
       if commit:
         raise InvalidArgument(f'{what}: a message ({kind}) after the commit')
@@ -127,36 +140,44 @@ def _read_stream(requests: Iterator, what: str):
   return first.header, chunks(), commit
 
 
-class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
-  """lamb_sharded.v1.OptimizerService over an Engine."""
+async def _abort(context: grpc.aio.ServicerContext, err: ServiceError):
+  await context.abort(getattr(grpc.StatusCode, err.code), str(err))
 
-  def __init__(self, engine: Engine, metrics: Optional[Metrics] = None,
-               endpoints: Sequence[str] = ()):
+
+class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
+  """lamb_sharded.v1.OptimizerService over an Engine, for a `grpc.aio` server.
+
+  Made on the server's event loop. Waits (long polls, a push waiting for room)
+  hold no thread; engine calls and byte work run on `pool` (`offload.Lane`).
+  """
+
+  def __init__(self, engine: Engine, pool: concurrent.futures.Executor,
+               metrics: Optional[Metrics] = None, endpoints: Sequence[str] = ()):
     """`endpoints`: of a multi-process server, every process's HOST:PORT, by index."""
     self._engine = engine
+    self._pool = pool
     self._endpoints = tuple(endpoints)
     self._metrics = metrics or Metrics()
     cfg = engine.config
     self._idle_s, self._max_s = cfg.stream_idle_timeout_s, cfg.max_stream_seconds
-    self._pulls = limits.PullWatch(self._idle_s, self._max_s, self._pull_cut_off)
+    self._watch = offload.EngineWatch(engine, asyncio.get_running_loop())
+    # Pushes trying for room at once: a fleet's pushes queue here (FIFO, no thread), and
+    # only these few retry when room is freed.
+    self._trying = asyncio.Semaphore(max(1, cfg.max_inflight_pushes))
+    job = engine.job
+    self._follower = job is not None and not job.leader
 
-  def close(self) -> None:
-    self._pulls.close()
+  def _lane(self) -> offload.Lane:
+    return offload.Lane(self._pool)
 
-  def _reader(self, request_iterator, what: str) -> limits.StreamReader:
-    return limits.StreamReader(request_iterator, what, self._idle_s,
-                                time.monotonic() + self._max_s)
+  def _limits(self, what: str) -> StreamLimits:
+    return StreamLimits(what, self._idle_s, self._max_s)
 
-  def _pull_cut_off(self, reason: str, seconds: float) -> None:
-    self._metrics.streams_cut_off.labels('PullParameters', reason).inc()
-    log.warning('pull cut off after %.1fs: %s', seconds,
-                'the client stopped reading' if reason == 'idle' else 'open too long',
-                extra=fields(rpc='PullParameters', reason=reason))
-
-  def DescribeModel(self, request, context):
+  async def DescribeModel(self, request, context):
     if isinstance(request, _Unparsable):
-      _abort(context, InvalidArgument(f'DescribeModel: {request.description}'))
-    d = self._engine.describe()
+      await _abort(context, InvalidArgument(f'DescribeModel: {request.description}'))
+    d, seen = await self._lane().run(lambda: (self._engine.describe(),
+                                              self._engine.workers_seen()))
     cfg = self._engine.config
     return pb.DescribeModelResponse(
         initialized=d.initialized, model_id=d.model_id,
@@ -172,58 +193,60 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
         processes=[pb.ServerProcess(index=i, endpoint=e) for i, e in enumerate(self._endpoints)],
         placements=[_placement(s.path, p) for s, p in zip(d.leaves, d.placements)],
         workers=[pb.WorkerSeen(worker_id=w, last_step=step, seconds_ago=ago)
-                 for w, step, ago in self._engine.workers_seen()])
+                 for w, step, ago in seen])
 
-  def InitializeModel(self, request_iterator, context):
-    reader = None
+  async def InitializeModel(self, request_iterator, context):
+    del request_iterator  # read through `context`, with limits
+    limits = self._limits('InitializeModel')
+    lane = self._lane()
     try:
-      d = self._engine.describe()
-      if d.initialized:  # refuse before reading the stream (the engine checks again)
-        raise AlreadyExists(f'the model is already initialised (model_id {d.model_id}, '
-                            f'step {d.step})')
-      reader = self._reader(request_iterator, 'InitializeModel')
-      header, chunks, commit = _read_stream(reader, 'InitializeModel')
+      position = self._watch.position
+      if position.initialized:  # refuse before reading the stream (the engine checks again)
+        raise AlreadyExists(f'the model is already initialised (model_id {position.model_id}, '
+                            f'step {position.step})')
+      header, chunks, commit = await _read_stream(limits, context, 'InitializeModel')
       specs = specs_from_proto(header.leaves, 'header.leaves')
       if not specs:
         raise InvalidArgument('header.leaves is empty')
-      receiver = ChunkReceiver(specs, 'InitializeModel',
-                               self._engine.initial_sink(specs, header.init_id))
+      sink = await lane.run(self._engine.initial_sink, specs, header.init_id)
+      receiver = ChunkReceiver(specs, 'InitializeModel', sink)
       try:
-        for chunk in chunks:
-          receiver.add(chunk)
+        async for chunk in chunks:
+          await lane.run(receiver.add, chunk)
       finally:
         self._metrics.received_bytes.labels('InitializeModel').inc(receiver.total_bytes)
-      receiver.finish(commit[0] if commit else None)
-      model_id = self._engine.initialize(specs, receiver.sink.arrays, header.init_id)
+      await lane.run(receiver.finish, commit[0] if commit else None)
+      model_id = await lane.run(self._engine.initialize, specs, receiver.sink.arrays,
+                                header.init_id)
       return pb.InitializeModelResponse(model_id=model_id, step=0)
     except ServiceError as e:
       if e.reason in ('idle', 'stream_too_long'):
         self._metrics.streams_cut_off.labels('InitializeModel', e.reason).inc()
       log.warning('InitializeModel refused: %s', e,
                   extra=fields(rpc='InitializeModel', code=e.code, reason=e.reason, leaf=e.leaf))
-      _abort(context, e)
-    finally:
-      if reader is not None:
-        reader.close()
+      await _abort(context, e)
 
-  def PushGradients(self, request_iterator, context):
+  async def PushGradients(self, request_iterator, context):
+    del request_iterator  # read through `context`, with limits
     t0 = time.monotonic()
-    header, received = None, 0
-    reader = self._reader(request_iterator, 'PushGradients')
+    header, session, error = None, None, None
+    limits = self._limits('PushGradients')
+    lane = self._lane()
     try:
-      message, chunks, commit = _read_stream(reader, 'PushGradients')
+      message, chunks, commit = await _read_stream(limits, context, 'PushGradients')
       header = _push_header(message)
-      reader.what = header.what
-      with self._engine.open_push(header) as push:
-        if not push.answered:
-          try:
-            for chunk in chunks:
-              push.write(chunk)
-          finally:
-            received = push.received_bytes
-          push.commit(commit[0] if commit else None)
-          self._metrics.push_seconds.observe(time.monotonic() - t0)
-        result = push.result
+      limits.what = header.what
+      session = await self._open_push(header, lane)
+      if not session.answered:
+        small = header.nbytes <= _INLINE_BYTES  # written on the loop: no hop to a thread
+        async for chunk in chunks:
+          if small:
+            session.write(chunk)
+          else:
+            await lane.run(session.write, chunk)
+        await lane.run(session.commit, commit[0] if commit else None)
+        self._metrics.push_seconds.observe(time.monotonic() - t0)
+      result = session.result
       if result.duplicate:  # a retry of an answered push: answered again, not counted
         self._metrics.pushes_duplicate.inc()
       log.debug('push accepted (step %s)', 'applied' if result.applied else 'pending',
@@ -231,14 +254,40 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
                              push_id=header.push_id or None))
       return _push_response(result)
     except ServiceError as e:
+      error = e
       self._push_refused(e, header)
-      _abort(context, e)
-    except grpc.RpcError:  # the client went away mid-stream
+      await _abort(context, e)
+    except asyncio.CancelledError as e:  # the client went away mid-stream
+      error = e
       self._push_refused(None, header)
       raise
     finally:
-      reader.close()
-      self._metrics.received_bytes.labels('PushGradients').inc(received)
+      if session is not None:
+        self._metrics.received_bytes.labels('PushGradients').inc(session.received_bytes)
+        closed = lane.then(session.close, error)  # after a write still running, if any
+        if not isinstance(error, asyncio.CancelledError):
+          await asyncio.shield(closed)
+
+  async def _open_push(self, header: PushHeader, lane: offload.Lane) -> PushSession:
+    """Admits a push, waiting (without a thread) up to admission_timeout_s for room.
+
+    A few pushes at a time try (`_trying`); the others queue for their turn. A
+    follower of a multi-process job does not queue: it polls for process 0's
+    admission of the push, which frees its room in the order process 0 chose.
+    """
+    deadline = time.monotonic() + self._engine.config.admission_timeout_s
+    delay = 0.005
+    async with contextlib.nullcontext() if self._follower else self._trying:
+      while True:
+        changed = self._watch.changed()
+        try:
+          return await lane.run(self._engine.open_push, header, 0)
+        except ResourceExhausted as e:
+          left = deadline - time.monotonic()
+          if e.reason != 'busy' or left <= 0:
+            raise
+        await offload.wait_changed(changed, min(left, delay if self._follower else 1.0))
+        delay = min(delay * 2, 0.2)
 
   def _push_refused(self, e: Optional[ServiceError], header: Optional[PushHeader]) -> None:
     """Counts and logs a push that was not accepted (e None: cancelled by the client)."""
@@ -253,9 +302,11 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
             extra=fields(step=step, worker=worker or None, leaf=getattr(e, 'leaf', None),
                          reason=reason, code=e.code if e is not None else 'CANCELLED'))
 
-  def PullParameters(self, request, context):
+  async def PullParameters(self, request, context):
     t0 = time.monotonic()
-    watch = self._pulls.register(context)
+    limits = self._limits('PullParameters')
+    lane = self._lane()
+    stream = None
     try:
       request = _parsed(request, 'PullParameters')
       dtype = None if request.dtype == 0 else numpy_dtype(request.dtype, 'request.dtype')
@@ -263,50 +314,63 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
           dtype, newer_than=(request.if_newer_than_step
                              if request.HasField('if_newer_than_step') else None),
           model_id=request.if_model_id, chunk_bytes=clamp_chunk_bytes(request.max_chunk_bytes))
-      with contextlib.closing(stream):
-        header = next(stream)
-        yield _pull_header(header)
-        for message in stream:  # already serialized, each chunk's data copied once
-          yield message
-          self._pulls.progress(watch)
+      header = await lane.run(next, stream)
+      await limits.write(context, _pull_header(header))
+      while (message := await lane.run(next, stream, None)) is not None:
+        await limits.write(context, message)  # already serialized, each chunk's data copied once
       self._metrics.sent_bytes.labels('PullParameters').inc(sum(s.nbytes for s in header.leaves))
       self._metrics.pull_seconds.observe(time.monotonic() - t0)
     except ServiceError as e:
-      _abort(context, e)
+      if e.reason in ('idle', 'stream_too_long'):  # the client stopped reading, or too slowly
+        self._pull_cut_off(e.reason, time.monotonic() - t0)
+        await context.abort(grpc.StatusCode.CANCELLED, str(e))
+      else:
+        await _abort(context, e)
     finally:
-      self._pulls.unregister(watch)
+      if stream is not None:
+        lane.then(stream.close)  # the step's params are held until then
 
-  def SaveCheckpoint(self, request, context):
+  def _pull_cut_off(self, reason: str, seconds: float) -> None:
+    self._metrics.streams_cut_off.labels('PullParameters', reason).inc()
+    log.warning('pull cut off after %.1fs: %s', seconds,
+                'the client stopped reading' if reason == 'idle' else 'open too long',
+                extra=fields(rpc='PullParameters', reason=reason))
+
+  async def SaveCheckpoint(self, request, context):
     try:
       request = _parsed(request, 'SaveCheckpoint')
-      step, path = self._engine.save_now(wait=request.wait)
+      step, path = await self._lane().run(self._engine.save_now, request.wait)
       return pb.SaveCheckpointResponse(step=step, path=path)
     except ServiceError as e:
-      _abort(context, e)
+      await _abort(context, e)
 
-  def ListCheckpoints(self, request, context):
+  async def ListCheckpoints(self, request, context):
     try:
       _parsed(request, 'ListCheckpoints')
+      checkpoints = await self._lane().run(self._engine.list_checkpoints)
       return pb.ListCheckpointsResponse(checkpoints=[
           pb.CheckpointInfo(step=c.step, path=c.path, complete=c.complete,
                             size_bytes=c.size_bytes)
-          for c in self._engine.list_checkpoints()])
+          for c in checkpoints])
     except ServiceError as e:
-      _abort(context, e)
+      await _abort(context, e)
 
-  def WaitForStep(self, request, context):
+  async def WaitForStep(self, request, context):
+    """A long poll: an `await` on the engine's position, no thread held."""
     try:
       request = _parsed(request, 'WaitForStep')
+      if request.step < 0:
+        raise InvalidArgument(f'step must be >= 0, got {request.step}')
       timeout = min(context.time_remaining() or self._max_s, self._max_s)
       asked = _duration_seconds(request.timeout, 'timeout') if request.HasField('timeout') else 0
       if asked > 0:
         timeout = min(asked, timeout)
-      context.add_callback(self._engine.wake)  # a cancelled long poll ends at once
-      current, reached, model_id = self._engine.wait_for_step(
-          request.step, timeout, gone=lambda: not context.is_active())
-      return pb.WaitForStepResponse(current_step=current, reached=reached, model_id=model_id)
+      with self._engine.waiter():
+        p = await self._watch.wait_for_step(request.step, timeout)
+      return pb.WaitForStepResponse(current_step=p.step, model_id=p.model_id,
+                                    reached=p.initialized and p.step >= request.step)
     except ServiceError as e:
-      _abort(context, e)
+      await _abort(context, e)
 
 
 # google.protobuf.Duration's range: +-10,000 years (its documentation).

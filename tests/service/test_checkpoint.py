@@ -180,6 +180,9 @@ def test_kill_9_five_times_loses_nothing(tmp_path):
   server, _ = start_server_process(*args)
   workers = start_workers(port, batch, steps, extra=('--timeout', '120'))
   kills, during_save = 0, 0
+  # The later kills land at random steps (and a random moment after), all before the
+  # last: the workers are still there to carry the run on (they end at step `steps`).
+  targets = sorted(rng.sample(range(6, steps - 2), 4))
   try:
     with OptimizerClient(f'127.0.0.1:{port}', timeout=120) as client:
       while kills < 5:
@@ -189,7 +192,8 @@ def test_kill_9_five_times_loses_nothing(tmp_path):
             time.sleep(0.002)
           during_save += bool(glob.glob(str(ckpt / '*tmp*')))
         else:
-          time.sleep(rng.uniform(0.2, 1.5))
+          client.wait_for_step(targets[kills - 1], timeout=120)
+          time.sleep(rng.uniform(0, 0.05))
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=30)
         kills += 1

@@ -19,6 +19,7 @@ import pytest
 
 from service import logs
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2 as pb
+from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service.server.metrics import sample
 from svc import params_of, push_messages, running_server, start_server_process, stub, until
 
@@ -142,9 +143,9 @@ def test_text_logs_append_the_fields():
 
 # ----------------------------------------------------------------------------- limits
 
-def _stalled_push(port, step, gate, *, every=None):
+def _stalled_push(port, step, gate, *, every=None, worker='slow'):
   """A push that sends its header and one chunk, then stalls (or trickles every `every` s)."""
-  msgs = push_messages(leaves=list(_grads(0).items()), worker_id='slow', step=step,
+  msgs = push_messages(leaves=list(_grads(0).items()), worker_id=worker, step=step,
                        chunk_bytes=8)
 
   def requests():
@@ -176,8 +177,6 @@ def test_a_push_open_too_long_is_cut_off():
     assert sample(text, 'lamb_sharded_streams_cut_off_total',
                   {'rpc': 'PushGradients', 'reason': 'stream_too_long'}) == 1
     assert sample(text, 'lamb_sharded_pushes_rejected_total', {'reason': 'stream_too_long'}) == 1
-    # Its reading thread is gone too.
-    until(lambda: not [t for t in threading.enumerate() if t.name == 'stream-reader'])
 
 
 def test_a_pull_whose_client_stops_reading_is_cancelled():
@@ -294,19 +293,34 @@ def test_worker_json_logs_name_worker_and_step():
 
 
 
-def test_stream_reader_stops_when_closed_with_messages_queued():
-  """A handler that gives up on a stream closes its reader: the reading thread ends even
-  though nobody takes the messages it has queued."""
-  from service.server.limits import StreamReader  # pylint: disable=import-outside-toplevel
-  before = set(threading.enumerate())
-  reader = StreamReader(iter(range(100)), 'test', idle_s=5, deadline=time.monotonic() + 60)
-  assert next(reader) == 0
-  (pump,) = [t for t in set(threading.enumerate()) - before if t.name == 'stream-reader']
-  time.sleep(0.3)
-  assert pump.is_alive()  # blocked: its queue is full
-  reader.close()
-  pump.join(5)
-  assert not pump.is_alive()
+def test_waiting_rpcs_hold_no_thread():
+  """100 long polls and 10 pushes stalled half-way hold no thread of the server's: the
+  process's threads stay as they were, and the server still answers at once."""
+  with running_server(devices=1, num_workers=2, max_inflight_pushes=16) as (running, client):
+    client.initialize(PARAMS)
+    client.describe()
+    before = threading.active_count()
+    stubs = [pb_grpc.OptimizerServiceStub(grpc.insecure_channel(  # a connection each
+        f'127.0.0.1:{running.port}', options=[('grpc.use_local_subchannel_pool', 1)]))
+             for _ in range(4)]  # (at most max_streams_per_connection streams on one)
+    waits = [stubs[i % 4].WaitForStep.future(pb.WaitForStepRequest(step=99), timeout=60)
+             for i in range(100)]
+    gate = threading.Event()
+    pushes = [_stalled_push(running.port, 0, gate, worker=f'w{i}')
+              for i in range(10)]
+    try:
+      until(lambda: running.engine.waiting == 100 and running.engine.pushes_in_flight == 10)
+      # A thread per waiting RPC would be 110 more; the pool's threads are at most its size
+      # (16), and the pushes' 10 senders are the test's own.
+      assert threading.active_count() - before < 40, threading.active_count() - before
+      t0 = time.monotonic()
+      client.describe()
+      assert time.monotonic() - t0 < 1.0
+    finally:
+      gate.set()
+      for w in waits:
+        w.cancel()
+    until(lambda: running.engine.waiting == 0)
 
 
 def test_the_libraries_chatter_stays_out_of_the_servers_info_log(tmp_path):
