@@ -48,6 +48,11 @@ the processes from DescribeModel). Columns:
   * RPC failures: pushes and waits that failed (by status code under the
     table), and waits that ended without the step.
 
+Under the table, per row: the TCP connections established to the server's
+gRPC port(s) once the workers connected (N for one process; 3N for two: each
+worker's client of process 0, for describe and the waits, and its client of
+each process, for the pushes), the health checks made, and the failures by kind.
+
 Goals (issue 21; printed under the table, met or not): every step applied with
 no RPC failed at every N; server CPU per push at the largest N <= 1.5x that at
 the smallest; Health.Check p99 <= 1 s; server threads independent of N (here:
@@ -354,7 +359,7 @@ def run_client(args: argparse.Namespace) -> int:
       if r.applied:
         continue
       try:
-        current, reached = client.wait_for_step(t + 1, timeout=client.timeout)
+        _, reached = client.wait_for_step(t + 1, timeout=client.timeout)
       except grpc.RpcError as e:
         fail(f'wait {e.code().name}')
         return False
