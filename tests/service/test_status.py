@@ -101,8 +101,7 @@ def test_the_engine_remembers_the_most_recently_seen_workers(monkeypatch):
 def test_status_of_a_fleet_counts_workers_by_state():
   # 40 workers push step 0 (it completes), then 30 of them step 1: 10 are due.
   fleet = 40
-  with running_server(devices=1, num_workers=fleet, max_concurrent_rpcs=4 * fleet) as (
-      running, client):
+  with running_server(devices=1, num_workers=fleet) as (running, client):
     client.initialize(P0)
     grads = {k: np.full_like(v, 0.1) for k, v in P0.items()}
     for step, workers in ((0, range(fleet)), (1, range(10, fleet))):
