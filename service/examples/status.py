@@ -6,6 +6,11 @@ long ago), ListCheckpoints (which steps are on disk, one being written) and,
 given its metrics port, the Prometheus metrics (pushes in flight, long polls
 waiting -- between steps, that is the workers waiting for the next one --,
 counters of steps, pushes accepted and refused).
+
+Up to FEW_WORKERS workers seen, the text has a line per worker; a fleet is
+summarised: how many workers are in each state (`worker_state`: pushed into the
+current step, into the one before, behind by more, silent) and the SLOWEST
+furthest behind by name. The JSON keeps every worker seen, and the counts.
 """
 
 from __future__ import annotations
@@ -31,6 +36,43 @@ _METRICS = {
     'pushes_duplicate': 'lamb_sharded_pushes_duplicate_total',
 }
 
+FEW_WORKERS = 10  # up to this many workers seen: a line each; more: counts by state
+SLOWEST = 5  # the workers furthest behind named in a fleet's summary
+SILENT_S = 60.0  # a worker not in the current step with no push counted this long: silent
+FAR_BEHIND = 10  # steps behind the server from which a worker is far behind
+# The states of a worker seen, in the order the text shows them.
+STATES = ('current', 'previous', 'behind', 'far_behind', 'silent')
+
+
+def worker_state(last_step: int, seconds_ago: float, step: int) -> str:
+  """The state of a worker whose last counted push went into `last_step`, `seconds_ago`.
+
+  'current': pushed into the server's current `step` (in sync mode: waiting for
+  the others); else 'silent' if that was more than SILENT_S ago; else by how far
+  behind: 'previous' (its last push went into the step before: its push for this
+  one is due), 'behind' (2 to FAR_BEHIND - 1 steps), 'far_behind'.
+  """
+  lag = step - last_step
+  if lag <= 0:
+    return 'current'
+  if seconds_ago > SILENT_S:
+    return 'silent'
+  return 'previous' if lag == 1 else 'behind' if lag < FAR_BEHIND else 'far_behind'
+
+
+def worker_states(workers: list[dict[str, Any]], step: int) -> dict[str, int]:
+  """How many of `workers` (workers_seen entries) are in each of STATES."""
+  counts = dict.fromkeys(STATES, 0)
+  for w in workers:
+    counts[worker_state(w['last_step'], w['seconds_ago'], step)] += 1
+  return counts
+
+
+def slowest(workers: list[dict[str, Any]], step: int, n: int = SLOWEST) -> list[dict[str, Any]]:
+  """The `n` workers furthest behind `step` (the longest silent first among equals)."""
+  behind = [w for w in workers if w['last_step'] < step]
+  return sorted(behind, key=lambda w: (w['last_step'], -w['seconds_ago'], w['worker_id']))[:n]
+
 
 def gather(server: str, metrics: Optional[str] = None, *, timeout: float = 10.0,
            **client_options) -> dict[str, Any]:
@@ -49,6 +91,8 @@ def gather(server: str, metrics: Optional[str] = None, *, timeout: float = 10.0,
         'workers_seen': [{'worker_id': w.worker_id, 'last_step': w.last_step,
                           'seconds_ago': round(w.seconds_ago, 3)}
                          for w in sorted(info.workers, key=lambda w: w.seconds_ago)]}
+    report['worker_states'] = worker_states(report['workers_seen'], info.step)
+    report['silent_after_s'] = SILENT_S
     try:
       report['checkpoints'] = [
           {'step': c.step, 'complete': c.complete, 'size_bytes': c.size_bytes, 'path': c.path}
@@ -102,12 +146,7 @@ def as_text(report: dict[str, Any]) -> str:
            if r['step_mode'] == 'sync' else
            f'asynchronous, staleness bound {r["staleness_bound"]}')
   lines.append(('steps', rules))
-  seen = r['workers_seen']
-  lines.append(('workers', f'{r["num_workers"]} expected, {len(seen)} seen since start'
-                + (' (newest first):' if seen else '')))
-  width = max((len(w['worker_id']) for w in seen), default=0)
-  lines += [('', f'{w["worker_id"]:<{width}}  last push into step {w["last_step"]}, '
-                 f'{w["seconds_ago"]:.1f}s ago') for w in seen]
+  lines += _workers(r)
   ckpts = r['checkpoints']
   if ckpts is None:
     lines.append(('checkpoints', 'off (no --checkpoint-dir)'))
@@ -132,3 +171,35 @@ def as_text(report: dict[str, Any]) -> str:
                or 'none')]
   width = max(len(k) for k, _ in lines)
   return '\n'.join(f'{k:<{width}}  {v}' for k, v in lines)
+
+
+def _workers(r: dict[str, Any]) -> list[tuple[str, str]]:
+  """The workers' lines: one per worker seen, or for a fleet the counts by state and the
+  slowest few."""
+  seen, step = r['workers_seen'], r['step']
+  width = max((len(w['worker_id']) for w in seen), default=0)
+
+  def line(w):
+    return ('', f'{w["worker_id"]:<{width}}  last push into step {w["last_step"]}, '
+                f'{w["seconds_ago"]:.1f}s ago')
+  head = f'{r["num_workers"]} expected, {len(seen)} seen since start'
+  if len(seen) <= FEW_WORKERS:
+    return [('workers', head + (' (newest first):' if seen else ''))] + [line(w) for w in seen]
+  states = r.get('worker_states') or worker_states(seen, step)
+  silent_s = r.get('silent_after_s', SILENT_S)
+  text = {
+      'current': f'pushed into the current step {step}',
+      'previous': f'last pushed into step {step - 1}, their push for step {step} is due',
+      'behind': f'behind by 2 to {FAR_BEHIND - 1} steps',
+      'far_behind': f'behind by {FAR_BEHIND} steps or more',
+      'silent': f'silent: not in the current step, nothing counted for over {silent_s:.0f}s',
+  }
+  count_width = len(str(max(states.values())))
+  lines = [('workers', head + ':')]
+  lines += [('', f'{states[s]:>{count_width}} {text[s]}') for s in STATES if states[s]]
+  late = slowest(seen, step)
+  if late:
+    behind = sum(states.values()) - states['current']
+    lines.append(('', f'furthest behind ({len(late)} of {behind}):'))
+    lines += [line(w) for w in late]
+  return lines

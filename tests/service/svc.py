@@ -179,3 +179,17 @@ def until(cond, timeout: float = 20.0) -> None:
   while not cond():
     assert time.monotonic() < deadline, 'timed out'
     time.sleep(0.01)
+
+
+def own_connection(target: str) -> grpc.Channel:
+  """A channel to `target` with a TCP connection of its own, for OptimizerClient(channel=...).
+
+  gRPC Python shares one connection between the channels of a process that have
+  the same target and options; a fleet of workers in one process would then be
+  one connection (at most max_streams_per_connection streams at once), unlike
+  workers on hosts of their own. A local subchannel pool gives each its own.
+  """
+  from service.protocol import MAX_RECEIVE_BYTES  # pylint: disable=import-outside-toplevel
+  return grpc.insecure_channel(target, options=[
+      ('grpc.use_local_subchannel_pool', 1),
+      ('grpc.max_receive_message_length', MAX_RECEIVE_BYTES)])

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from service.examples import status
 from svc import ROOT, running_server
 
 P0 = {"['w']": np.ones((16, 4), np.float32), "['b']": np.ones(8, np.float32)}
@@ -95,3 +96,57 @@ def test_the_engine_remembers_the_most_recently_seen_workers(monkeypatch):
   # The last 3 distinct workers, most recent last; w0 was forgotten, w9 never counted.
   assert [(w, step) for w, step, _ in seen] == [('w2', 2), ('w3', 3), ('w1', 4)]
   assert seen[0][2] >= seen[1][2] >= seen[2][2] >= 0
+
+
+def test_status_of_a_fleet_counts_workers_by_state():
+  # 40 workers push step 0 (it completes), then 30 of them step 1: 10 are due.
+  fleet = 40
+  with running_server(devices=1, num_workers=fleet) as (running, client):
+    client.initialize(P0)
+    grads = {k: np.full_like(v, 0.1) for k, v in P0.items()}
+    for step, workers in ((0, range(fleet)), (1, range(10, fleet))):
+      for i in workers:
+        client.push(step, grads, 1 + i % 3, f'worker-{i:02d}')
+    server = f'127.0.0.1:{running.port}'
+    report = json.loads(_status('--server', server, '--json'))
+    text = _status('--server', server)
+  # The JSON keeps every worker seen, and the counts.
+  assert len(report['workers_seen']) == fleet
+  assert report['worker_states'] == {'current': 30, 'previous': 10, 'behind': 0,
+                                     'far_behind': 0, 'silent': 0}
+  assert report['silent_after_s'] == status.SILENT_S
+  # The text: counts by state and the 5 furthest behind (the first to push step 0), not
+  # a line per worker.
+  assert 'workers      40 expected, 40 seen since start:\n' in text
+  assert re.search(r'\n {13}30 pushed into the current step 1\n {13}10 last pushed into step 0, '
+                   r'their push for step 1 is due\n {13}furthest behind \(5 of 10\):\n', text), text
+  named = re.findall(r'\n {13}(worker-\d\d)  last push into step 0, \d+\.\ds ago', text)
+  assert named == [f'worker-{i:02d}' for i in range(5)], text
+  assert len(text.splitlines()) < 20
+
+
+def test_worker_states_and_the_slowest():
+  step = 20
+  seen = [{'worker_id': f'w{i}', 'last_step': last, 'seconds_ago': ago}
+          for i, (last, ago) in enumerate([(20, 500.0), (19, 1.0), (19, 2.0), (15, 3.0),
+                                           (11, 4.0), (10, 5.0), (3, 6.0), (19, 61.0),
+                                           (5, 600.0), (20, 0.5), (20, 0.1), (18, 0.2)])]
+  assert status.worker_states(seen, step) == {'current': 3, 'previous': 2, 'behind': 3,
+                                              'far_behind': 2, 'silent': 2}
+  assert [w['worker_id'] for w in status.slowest(seen, step)] == ['w6', 'w8', 'w5', 'w4', 'w3']
+  report = {'server': 's', 'initialized': True, 'model_id': 'm', 'leaves': 2, 'parameters': 9,
+            'step': step, 'learning_rate': 0.1, 'step_mode': 'sync', 'num_workers': 16,
+            'quorum': 12, 'staleness_bound': 0, 'workers_seen': seen, 'checkpoints': None}
+  text = status.as_text(report)
+  assert ('workers      16 expected, 12 seen since start:\n'
+          '             3 pushed into the current step 20\n'
+          '             2 last pushed into step 19, their push for step 20 is due\n'
+          '             3 behind by 2 to 9 steps\n'
+          '             2 behind by 10 steps or more\n'
+          '             2 silent: not in the current step, nothing counted for over 60s\n'
+          '             furthest behind (5 of 9):\n'
+          '             w6   last push into step 3, 6.0s ago\n') in text, text
+  # Up to FEW_WORKERS: a line each, as before.
+  report['workers_seen'] = seen[:status.FEW_WORKERS]
+  assert 'seen since start (newest first):\n' in status.as_text(report)
+  assert len(status.as_text(report).splitlines()) == 6 + status.FEW_WORKERS
