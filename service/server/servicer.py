@@ -239,11 +239,16 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       session = await self._open_push(header, lane)
       if not session.answered:
         small = header.nbytes <= _INLINE_BYTES  # written on the loop: no hop to a thread
+        writing = None  # the chunk being copied on the pool while the next one arrives
         async for chunk in chunks:
           if small:
             session.write(chunk)
-          else:
-            await lane.run(session.write, chunk)
+            continue
+          if writing is not None:
+            await asyncio.shield(writing)  # its error, if it broke the rules
+          writing = lane.then(session.write, chunk)
+        if writing is not None:
+          await asyncio.shield(writing)
         await lane.run(session.commit, commit[0] if commit else None)
         self._metrics.push_seconds.observe(time.monotonic() - t0)
       result = session.result
@@ -315,8 +320,10 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
                              if request.HasField('if_newer_than_step') else None),
           model_id=request.if_model_id, chunk_bytes=clamp_chunk_bytes(request.max_chunk_bytes))
       header = await lane.run(next, stream)
+      coming = lane.then(next, stream, None)  # the next message is encoded while one is sent
       await limits.write(context, _pull_header(header))
-      while (message := await lane.run(next, stream, None)) is not None:
+      while (message := await asyncio.shield(coming)) is not None:
+        coming = lane.then(next, stream, None)
         await limits.write(context, message)  # already serialized, each chunk's data copied once
       self._metrics.sent_bytes.labels('PullParameters').inc(sum(s.nbytes for s in header.leaves))
       self._metrics.pull_seconds.observe(time.monotonic() - t0)
