@@ -97,7 +97,8 @@ class EngineObserver:
     """Step `step`'s update was computed, `seconds` after it was dispatched."""
 
   def checkpoint_started(self, step: int, blocking_seconds: float) -> None:
-    """A save of `step` began; it held the step loop for `blocking_seconds`."""
+    """A save of `step` began; starting it (writing it, if synchronous) took the checkpoint
+    writer `blocking_seconds`, while the state was held (the step loop goes on meanwhile)."""
 
   def checkpoint_saved(self, step: int, seconds: float) -> None:
     """The save of `step` is on disk, `seconds` after it began."""
