@@ -202,6 +202,7 @@ class Engine:
     self._waiting = 0  # callers blocked in wait_for_step
     self._readers = 0  # open `reading` blocks on the current params
     self._saving = 0  # checkpoints queued or being written from the current state
+    self._unwritten = 0  # checkpoints queued or being written, of any state
     self._adopting = False  # a model is being adopted (its id agreed on)
     self._params_version = 0  # bumped whenever the current params are replaced
     self._adoptions = 0  # models adopted (initialised or restored) so far
@@ -702,7 +703,8 @@ class Engine:
     h = session.header
     with self._cond:
       self._cond.wait_for(lambda: self._closed or (
-          self._steps.step >= decision.step and self._sum.fence_to_add(session.buffers) is None))
+          self._steps.step >= decision.step and self._may_step_locked() and
+          self._sum.fence_to_add(session.buffers) is None))
       answered = self._ledger.answer(h.worker_id, h.push_id, self._steps.step)
       if answered is not None:  # a retry of it was counted meanwhile
         return answered
@@ -712,6 +714,12 @@ class Engine:
       if decision.poison is not None:
         self._steps.poison(f'leaf {decision.poison} of worker {h.worker_id}')
       return self._count_locked(session)
+
+  def _may_step_locked(self) -> bool:
+    """Whether a step may be applied now. In a job, not while a checkpoint is being written:
+    a multi-process save runs collectives of its own (Orbax's), which must meet the steps'
+    in the same order on every process."""
+    return self._co.alone or self._unwritten == 0
 
   def _tell(self) -> None:
     """Does the I/O the decisions taken under the lock owe (the leader's votes, cleanups), in
@@ -777,13 +785,13 @@ class Engine:
         if self._closed:
           return
         wait = self._steps.straggler_wait(time.monotonic())
-        if wait is None or wait > 0:
-          self._cond.wait(1.0 if wait is None else wait)
+        if wait is None or wait > 0 or not self._may_step_locked():
+          self._cond.wait(1.0 if wait is None or wait <= 0 else wait)
           continue
       with self._order:  # no push is decided meanwhile: the step and its pushes stay
         with self._cond:
           wait = self._steps.straggler_wait(time.monotonic())
-          if self._closed or wait is None or wait > 0:
+          if self._closed or wait is None or wait > 0 or not self._may_step_locked():
             continue
           step, pushes, model_id = (self._steps.step, len(self._steps.contributors),
                                     self._model_id)
@@ -815,8 +823,8 @@ class Engine:
       kind, step, *rest = event
       with self._cond:
         if kind == 'close':  # once the pushes the leader counted are counted here too
-          self._cond.wait_for(lambda: self._closed or self._steps.step > step or
-                              len(self._steps.contributors) >= rest[0])
+          self._cond.wait_for(lambda: self._closed or self._steps.step > step or (
+              len(self._steps.contributors) >= rest[0] and self._may_step_locked()))
           if self._steps.step == step and not self._closed:
             self._apply_locked()
         elif kind == 'save':
@@ -861,6 +869,7 @@ class Engine:
     save = _Save(self._model_id, self._steps.step, self._plan, self._state,
                  self._params_version, ask)
     self._saving += 1
+    self._unwritten += 1
     self._to_write.put(save)
     return save
 
@@ -892,6 +901,8 @@ class Engine:
         with self._cond:
           if save.version == self._params_version:
             self._saving -= 1
+          self._unwritten -= 1
+          self._changed_locked()
         save.state = None  # its arrays may go
         save.done.set()
 
