@@ -372,7 +372,12 @@ class Engine:
           reader = self._start_pull(key, specs, chunk_bytes).join()
     with contextlib.closing(reader):
       yield header
-      yield from reader
+      try:
+        yield from reader
+      except jax.errors.JaxRuntimeError as e:  # the step's computation failed (a lost peer)
+        raise Unavailable(f'the parameters of step {step} could not be read ({e}); retry '
+                          f'(the server restarts from its last checkpoint)',
+                          reason='step_failed') from e
 
   def _start_pull(self, key, specs, chunk_bytes) -> pull_lib.SharedStream:
     """A shared encoding of the current params (under the lock); they are held meanwhile."""
