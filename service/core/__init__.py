@@ -2,6 +2,7 @@
 
   engine        the facade: owns the lock and the threads, calls the parts below
   rules         step rules: sync/async, staleness, straggler quorum (pure Python)
+  coordination  what the processes agree on: a lone process, or a job over a key-value store
   admission     pushes and bytes in flight, draining
   ledger        answered pushes: idempotent retries
   push          `PushSession`: one push being received

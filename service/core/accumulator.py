@@ -117,6 +117,17 @@ class Accumulator:
     """Host buffers for a push in its wire dtypes, in the mesh's block layout, recycled."""
     return self.pool.take(dtypes)
 
+  def fence_to_take(self, dtypes: Sequence[np.dtype]) -> Optional[tuple]:
+    """What `take_buffers(dtypes)` would wait for on the devices (None: nothing)."""
+    return self.pool.fence_to_wait(dtypes)
+
+  def fence_to_add(self, buffers: Sequence[np.ndarray]) -> Optional[tuple]:
+    """What `add(buffers, ...)` would wait for on the devices (None: nothing): a push
+    that is not float32 and starts the sum takes a float32 buffer for it."""
+    if self._sum is not None or all(b.dtype == np.float32 for b in buffers):
+      return None
+    return self.pool.fence_to_wait()
+
   def wire_views(self, buffers: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Per buffer, the view a receiver writes the leaf's wire bytes into."""
     return [lay.wire_view(b) for lay, b in zip(self._plan.layouts, buffers)]

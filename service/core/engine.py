@@ -27,7 +27,23 @@ devices' blocks of each leaf (`ModelPlan.local_specs`), and every process
 dispatches the same steps in the same order, so the step's collectives meet.
 What they must agree on -- which pushes a step counts, in which order, when
 the straggler timeout closes a step, which steps are checkpointed -- process 0
-decides and the others follow (core/agreement.py, through JAX's coordinator).
+decides and the others follow. The engine asks one seam, whatever the process
+(core/coordination.py: `Coordination` for a lone process, `Job` over the
+coordinator's key-value store).
+
+The lock (`_cond`) guards the engine's state and is held only to decide and
+to change it: never across a call to the coordinator, a disk write or a wait
+on the devices (etcd raft's pattern: decide under the lock, do the I/O
+outside). Such calls take what they need under the lock, release it, do the
+I/O, and re-take it to re-check and apply what was decided:
+  - the leader's decisions and the I/O that publishes them are serialized by
+    a lock of their own (`_order`), so that their order is the order of the
+    steps, while describes, pulls and long polls go on;
+  - checkpoints are written by a thread of their own (`_write_checkpoints`),
+    one at a time and in step order, from a state that is held meanwhile (no
+    step donates its arrays until the save is written);
+  - a wait for a recycled buffer's update to be computed is a wait on the
+    condition (the apply-timer thread notifies it), which releases the lock.
 """
 
 from __future__ import annotations
@@ -35,6 +51,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import queue
@@ -47,9 +64,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 
-from service import runtime
 from service.config import WORKER_ID, WORKER_ID_RULE, ServerConfig
-from service.core import agreement, persistence, placement
+from service.core import coordination as coordination_lib
+from service.core import persistence, placement
 from service.core import pull as pull_lib
 from service.core.accumulator import Accumulator
 from service.core.admission import Admission
@@ -81,7 +98,8 @@ class EngineObserver:
     """Step `step`'s update was computed, `seconds` after it was dispatched."""
 
   def checkpoint_started(self, step: int, blocking_seconds: float) -> None:
-    """A save of `step` began; it held the step loop for `blocking_seconds`."""
+    """A save of `step` began; starting it (writing it, if synchronous) took the checkpoint
+    writer `blocking_seconds`, while the state was held (the step loop goes on meanwhile)."""
 
   def checkpoint_saved(self, step: int, seconds: float) -> None:
     """The save of `step` is on disk, `seconds` after it began."""
@@ -120,6 +138,24 @@ class Snapshot:
   arrays: tuple[jax.Array, ...]
 
 
+@dataclasses.dataclass(eq=False)
+class _Save:
+  """A checkpoint for the writer thread: `state` of `step`, held (not donated) until written.
+
+  `ask`: whether the leader's vote decides it (a follower's); else it is due.
+  `done` is set once it is written (started, for an asynchronous checkpointer)
+  or skipped; `error`, what failed.
+  """
+  model_id: str
+  step: int
+  plan: ModelPlan
+  state: ModelState
+  version: int
+  ask: bool
+  done: threading.Event = dataclasses.field(default_factory=threading.Event)
+  error: Optional[BaseException] = None
+
+
 @dataclasses.dataclass(frozen=True)
 class PullHeader:
   """What a pull yields first: the step it serves, and its leaves in the pull's dtypes.
@@ -142,17 +178,26 @@ class Engine:
     checkpointer: where checkpoints go (None: none). The engine uses it and
       waits for its saves, but does not close it: its creator does.
     observer: told of applied steps and checkpoints (the server's metrics).
+    coordination: what the processes agree on (default: this process's job
+      if JAX runs several, else a lone process's); tests pass a
+      `coordination.Job` over a `coordination.MemoryStore`.
   """
 
   def __init__(self, config: ServerConfig, devices: Optional[Sequence[jax.Device]] = None,
                checkpointer: Optional[Checkpointer] = None,
-               observer: Optional[EngineObserver] = None):
+               observer: Optional[EngineObserver] = None,
+               coordination: Optional[coordination_lib.Coordination] = None):
     self.config = config
     self.observer = observer or EngineObserver()
     self._checkpointer = checkpointer
     self.mesh = placement.make_mesh(config.devices, devices)
     self._schedule, self.schedule_description = make_schedule(config)
     self._cond = threading.Condition()
+    # The leader's decisions with the I/O that publishes them, one at a time, in step order;
+    # taken before `_cond`, never while holding it.
+    self._order = threading.Lock()
+    self._co = coordination if coordination is not None else coordination_lib.current()
+    self._told: list[Callable[[], None]] = []  # I/O owed after a decision (`_tell`)
     self._listeners: list[Callable[[Position], None]] = []  # told of changes (`add_listener`)
     self._waiting_lock = threading.Lock()  # guards `_waiting`
     # The model, once it exists: its plan, its state, the step's sum.
@@ -166,11 +211,13 @@ class Engine:
     self._allowed = config.worker_allowlist
     self._waiting = 0  # callers blocked in wait_for_step
     self._readers = 0  # open `reading` blocks on the current params
+    self._saving = 0  # checkpoints queued or being written from the current state
+    self._unwritten = 0  # checkpoints queued or being written, of any state
+    self._adopting = False  # a model is being adopted (its id agreed on)
     self._params_version = 0  # bumped whenever the current params are replaced
     self._adoptions = 0  # models adopted (initialised or restored) so far
     self._shared_pull: Optional[tuple] = None  # (key, pull.SharedStream) of the latest pull
     self._closed = False
-    self._job = agreement.Job.current()  # None: a single process
     self.stats = {'steps_applied': 0, 'steps_skipped': 0, 'pushes_accepted': 0}
     # worker_id -> (step its last counted push went into, time.monotonic() then).
     self._seen: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
@@ -178,10 +225,12 @@ class Engine:
     # until it is computed; reporting each checkpoint once it is on disk.
     self._applied: queue.SimpleQueue = queue.SimpleQueue()
     self._saves: queue.SimpleQueue = queue.SimpleQueue()
-    follower = self._job is not None and not self._job.leader
+    self._to_write: queue.SimpleQueue = queue.SimpleQueue()  # `_Save`s, in step order
     self._threads = [threading.Thread(target=fn, name=name, daemon=True) for fn, name in (
-        (self._follow_loop, 'follower') if follower else (self._straggler_loop, 'straggler'),
+        (self._straggler_loop, 'straggler') if self._co.leader else
+        (self._follow_loop, 'follower'),
         (self._time_applies, 'apply-timer'),
+        (self._write_checkpoints, 'checkpoint-writer'),
         (self._report_saves, 'checkpoint-reporter'))]
     for t in self._threads:
       t.start()
@@ -205,9 +254,9 @@ class Engine:
     return [(w, step, now - t) for w, (step, t) in seen]
 
   @property
-  def job(self) -> Optional[agreement.Job]:
+  def job(self) -> Optional[coordination_lib.Coordination]:
     """The multi-process job this engine is a process of (None: a single process)."""
-    return self._job
+    return None if self._co.alone else self._co
 
   @property
   def step(self) -> int:
@@ -355,7 +404,12 @@ class Engine:
           reader = self._start_pull(key, specs, chunk_bytes).join()
     with contextlib.closing(reader):
       yield header
-      yield from reader
+      try:
+        yield from reader
+      except jax.errors.JaxRuntimeError as e:  # the step's computation failed (a lost peer)
+        raise Unavailable(f'the parameters of step {step} could not be read ({e}); retry '
+                          f'(the server restarts from its last checkpoint)',
+                          reason='step_failed') from e
 
   def _start_pull(self, key, specs, chunk_bytes) -> pull_lib.SharedStream:
     """A shared encoding of the current params (under the lock); they are held meanwhile."""
@@ -405,59 +459,74 @@ class Engine:
           raise InvalidArgument(f'leaf {s.path} of the initial parameters contains NaN or Inf')
     except ServiceError as e:
       if key is not None:
-        self._job.refuse(key, e)
+        self._co.refuse(key, e)
       raise
     if key is not None:  # every process has its part, checked: process 0 says so
-      if self._job.leader:
-        decision, _ = self._job.gather(key)
-        decision = decision or self._job.accept(key, 0, None)
-      else:
-        self._job.offer(key, None)
-        decision = self._job.await_decision(key)
+      decision = self._co.rule(key, None).decision or self._co.accept(key, 0, None)
       if not decision.accepted:
         raise decision.error
     with self._cond:
-      if self._plan is not None:
-        raise AlreadyExists(f'the model is already initialised (model_id {self._model_id}, '
-                            f'step {self._steps.step})')
-      plan = ModelPlan(self.config, self.mesh, specs)
-      local = []
-      for s, here, sl, buf in zip(plan.specs, plan.local_specs, plan.slices, host_params):
-        if tuple(buf.shape) == here.shape:
-          local.append(buf)
-        elif tuple(buf.shape) == s.shape:  # the whole leaf: this process's part of it
-          local.append(buf[sl])
-        else:
-          raise InvalidArgument(f'leaf {s.path}: shape {list(buf.shape)}, expected '
-                                f'{list(s.shape)} (or this process\'s part, {list(here.shape)})')
-      model_id = self._adopt_locked(plan, plan.place(local), 0)
-      self._save_locked(force=True)  # the initial params are state too
-      log.info('model initialised: %d leaves, %d parameters, model_id %s', len(specs),
-               sum(math.prod(s.shape) for s in specs), model_id,
-               extra=fields(step=0, model_id=model_id))
+      self._check_no_model_locked()
+    plan = ModelPlan(self.config, self.mesh, specs)
+    local = []
+    for s, here, sl, buf in zip(plan.specs, plan.local_specs, plan.slices, host_params):
+      if tuple(buf.shape) == here.shape:
+        local.append(buf)
+      elif tuple(buf.shape) == s.shape:  # the whole leaf: this process's part of it
+        local.append(buf[sl])
+      else:
+        raise InvalidArgument(f'leaf {s.path}: shape {list(buf.shape)}, expected '
+                              f'{list(s.shape)} (or this process\'s part, {list(here.shape)})')
+    model_id = self._adopt(plan, plan.place(local), 0, initial=True)
+    log.info('model initialised: %d leaves, %d parameters, model_id %s', len(specs),
+             sum(math.prod(s.shape) for s in specs), model_id,
+             extra=fields(step=0, model_id=model_id))
     plan.compile()  # outside the lock; a step that comes first compiles it itself
     return model_id
 
   def _init_key(self, init_id: str) -> Optional[str]:
-    """Where the job agrees on an InitializeModel (None: a single process needs no key)."""
-    if self._job is None:
-      return None
-    if not init_id:
-      raise InvalidArgument('header.init_id is empty: a multi-process server matches the '
-                            'streams its processes get by it')
-    return self._job.push_key('init', 'InitializeModel', init_id)
+    """Where the job agrees on an InitializeModel (None: a lone process needs no key)."""
+    return self._co.init_key(init_id)
 
-  def _adopt_locked(self, plan: ModelPlan, state: ModelState, step: int) -> str:
-    """Makes (plan, state) of `step` the model, with a new model_id; returns it."""
-    self._plan, self._state = plan, state
-    self._sum = Accumulator(plan, self.config.max_inflight_pushes)
-    self._steps = Steps(self._steps.rules, step)
-    # One id for the whole job: every process adopts its model at the same point (start).
-    self._adoptions += 1
-    self._model_id = runtime.exchange(f'model_id/{self._adoptions}', uuid.uuid4().hex)[0]
-    self._params_replaced_locked()
-    self._changed_locked()
-    return self._model_id
+  def _check_no_model_locked(self) -> None:
+    if self._plan is not None:
+      raise AlreadyExists(f'the model is already initialised (model_id {self._model_id}, '
+                          f'step {self._steps.step})')
+    if self._adopting:
+      raise AlreadyExists('the model is being initialised (or restored) by another call')
+
+  def _adopt(self, plan: ModelPlan, state: ModelState, step: int, initial: bool) -> str:
+    """Makes (plan, state) of `step` the model, with a new model_id; returns it.
+
+    `initial`: a new model (not one restored): ALREADY_EXISTS if there is one;
+    its initial params are checkpointed (they are state too).
+    """
+    with self._cond:
+      if initial:
+        self._check_no_model_locked()
+      elif self._adopting:
+        raise AlreadyExists('a model is being initialised by another call')
+      self._adopting = True
+      self._adoptions += 1
+      adoption = self._adoptions
+    try:  # one id for the whole job: every process adopts its model at the same point
+      model_id = self._co.model_id(adoption, uuid.uuid4().hex)
+    finally:
+      with self._cond:
+        self._adopting = False
+    with self._cond:
+      if initial:
+        self._check_no_model_locked()
+      self._plan, self._state = plan, state
+      self._sum = Accumulator(plan, self.config.max_inflight_pushes)
+      self._steps = Steps(self._steps.rules, step)
+      self._model_id = model_id
+      self._params_replaced_locked()
+      save = self._queue_save_locked(ask=False) if initial else None
+      self._changed_locked()
+    if save is not None:  # started before the model is answered as initialised
+      save.done.wait()
+    return model_id
 
   def _require_model(self) -> ModelPlan:
     if self._plan is None:
@@ -470,6 +539,7 @@ class Engine:
     """The current params are new arrays: nobody reads them yet."""
     self._params_version += 1
     self._readers = 0
+    self._saving = 0
 
   # ------------------------------------------------------------------ pushes
 
@@ -477,7 +547,9 @@ class Engine:
     """Checks a push's header and admits it: the session to write its data into.
 
     A retry of an answered push gets a session that is `answered` at once.
-    Waits up to `timeout` (default admission_timeout_s) for room in flight.
+    Waits up to `timeout` (default admission_timeout_s) for room in flight;
+    with 0, never waits: ResourceExhausted (busy) at once if there is no room
+    (and, on a follower, if process 0 has not admitted the push yet).
     In a multi-process job, a refusal here refuses the push on every process.
     """
     try:
@@ -488,43 +560,59 @@ class Engine:
 
   def _refuse_everywhere(self, header: PushHeader, error: BaseException) -> None:
     """Makes a push this process refused for good refused on every process (multi-process)."""
-    if self._job is not None and self._model_id and header.push_id and self._job.final(error):
-      self._job.refuse(self._job.push_key(self._model_id, header.worker_id, header.push_id),
-                       error)
+    model_id = self._model_id
+    if model_id and header.push_id and self._co.final(error):
+      self._co.refuse(self._co.push_key(model_id, header.worker_id, header.push_id), error)
 
   def _open_push(self, header: PushHeader, timeout: Optional[float]) -> PushSession:
     self._check_header(header)
     timeout = self.config.admission_timeout_s if timeout is None else timeout
     with self._cond:
-      if self._admission.draining:
-        raise Unavailable('the server is shutting down; retry against its successor',
-                          reason='shutting_down')
-      plan = self._require_model()
-      if header.model_id and header.model_id != self._model_id:
-        raise FailedPrecondition(f'header.model_id {header.model_id} is not the server\'s model '
-                                 f'{self._model_id}: pull the parameters again',
-                                 reason='wrong_model')
-      answered = self._ledger.answer(header.worker_id, header.push_id, self._steps.step)
-      if answered is not None:
-        return PushSession(header, answered=answered)
-      self._check_leaves(plan, header.leaves)
-      self._steps.check(header.worker_id, header.step)
-      job = self._job
-      if job is None or job.leader:
-        return self._session_locked(header, timeout)
-      key = job.push_key(self._model_id, header.worker_id, header.push_id)
+      answered = self._check_push_locked(header)
+      model_id = self._model_id
+    if answered is not None:
+      return PushSession(header, answered=answered)
+    key = self._co.push_key(model_id, header.worker_id, header.push_id)
     # A follower admits only pushes process 0 admitted: else each process could fill its
     # room with pushes whose parts wait for room on the other, and none would ever count.
-    job.await_admitted(key, timeout)
+    self._co.await_admitted(key, timeout)
     with self._cond:
-      return self._session_locked(header, timeout)
+      answered = self._check_push_locked(header)  # the lock was released: again
+      if answered is not None:
+        return PushSession(header, answered=answered)
+      if self._model_id != model_id:
+        raise Unavailable('the model changed meanwhile; retry', reason='busy')
+      session = self._session_locked(header, timeout)
+    try:
+      self._co.admitted(key)  # the leader's: the followers may admit it now
+    except BaseException:
+      with self._cond:
+        self._release_locked(session)
+      raise
+    return session
+
+  def _check_push_locked(self, header: PushHeader) -> Optional[PushResult]:
+    """Checks a push against the model and its step; its answer if it is a retry."""
+    if self._admission.draining:
+      raise Unavailable('the server is shutting down; retry against its successor',
+                        reason='shutting_down')
+    plan = self._require_model()
+    if header.model_id and header.model_id != self._model_id:
+      raise FailedPrecondition(f'header.model_id {header.model_id} is not the server\'s model '
+                               f'{self._model_id}: pull the parameters again',
+                               reason='wrong_model')
+    answered = self._ledger.answer(header.worker_id, header.push_id, self._steps.step)
+    if answered is not None:
+      return answered
+    self._check_leaves(plan, header.leaves)
+    self._steps.check(header.worker_id, header.step)
+    return None
 
   def _session_locked(self, header: PushHeader, timeout: float) -> PushSession:
     """Admits a checked push (waiting up to `timeout` for room): its session."""
-    slot = self._admit_locked(header.nbytes, timeout)
-    if self._job is not None and self._job.leader:  # the followers may admit it now
-      self._job.admitted(self._job.push_key(self._model_id, header.worker_id, header.push_id))
-    buffers = self._sum.take_buffers([s.dtype for s in header.leaves])
+    dtypes = [s.dtype for s in header.leaves]
+    slot = self._admit_locked(header.nbytes, dtypes, timeout)
+    buffers = self._sum.take_buffers(dtypes)  # at once: `_admit_locked` waited for them
     views = self._sum.wire_views(buffers)
     return PushSession(header, buffers=buffers, views=views, slot=slot,
                        reject_nonfinite=self.config.nonfinite == 'reject',
@@ -541,7 +629,7 @@ class Engine:
                              f'(allowed_workers)', reason='unknown_worker')
     if len(h.push_id) > 128:
       raise InvalidArgument(f'header.push_id has {len(h.push_id)} characters, over 128')
-    if not h.push_id and self._job is not None:
+    if not h.push_id and self._co.requires_ids:
       raise InvalidArgument('header.push_id is empty: a multi-process server matches the parts '
                             'of a push by it')
     if h.step < 0:
@@ -567,12 +655,14 @@ class Engine:
         raise InvalidArgument(f'header.leaves: leaf {s.path} has shape {list(s.shape)}, '
                               f'expected {list(plan.local_specs[j].shape)}')
 
-  def _admit_locked(self, nbytes: int, timeout: float):
-    """Waits for room for a push of `nbytes`; its admission slot."""
+  def _admit_locked(self, nbytes: int, dtypes: Sequence[np.dtype], timeout: float):
+    """Waits for room for a push of `nbytes` (and for buffers in `dtypes` that no update
+    still reads); its admission slot."""
     adm = self._admission
     adm.check_size(nbytes)
     if not self._cond.wait_for(
-        lambda: adm.draining or adm.has_room(nbytes, self._sum.held), timeout):
+        lambda: adm.draining or (adm.has_room(nbytes, self._sum.held) and
+                                 self._sum.fence_to_take(dtypes) is None), timeout):
       raise adm.busy(self._sum.held)
     adm.check_size(nbytes)  # draining meanwhile
     return adm.admit(nbytes)
@@ -599,54 +689,85 @@ class Engine:
     """Adds a complete, checked push to its step; applies the step when it is complete.
 
     Consumes the session's buffers: the sum may adopt or scale them in place.
+    The push counts once the processes agree (a lone process at once): a
+    follower in the step the leader decided; the leader (or a lone process)
+    decides under its lock, publishes the decision with the lock released and
+    counts it after, its decisions one at a time (`_order`).
     """
-    if self._job is not None:
-      return self._commit_agreed(session)
     h = session.header
     with self._cond:
       self._require_model()
       answered = self._ledger.answer(h.worker_id, h.push_id, self._steps.step)
       if answered is not None:
         return answered
-      self._steps.check(h.worker_id, h.step)  # the step may have moved meanwhile
-      if session.nonfinite_leaf is not None:
-        self._steps.poison(f'leaf {session.nonfinite_leaf} of worker {h.worker_id}')
-      return self._count_locked(session)
-
-  def _commit_agreed(self, session: PushSession) -> PushResult:
-    """`_commit` in a multi-process job: the push counts once process 0 has every part."""
-    h, job = session.header, self._job
-    with self._cond:
-      self._require_model()
-      answered = self._ledger.answer(h.worker_id, h.push_id, self._steps.step)
-      if answered is not None:
-        return answered
-      key = job.push_key(self._model_id, h.worker_id, h.push_id)
-    if not job.leader:
-      job.offer(key, session.nonfinite_leaf)
-      decision = job.await_decision(key)
-    else:
-      decision, poisons = job.gather(key)
-    with self._cond:
-      if decision is None:  # the leader: every part is in; the rules decide, in order
+      model_id = self._model_id
+    key = self._co.push_key(model_id, h.worker_id, h.push_id)
+    ruling = self._co.rule(key, session.nonfinite_leaf)  # the other parts: may wait
+    if ruling.decision is not None:  # decided by the leader (or refused by someone)
+      # The leader counts only under `_order` (a retry may find its push accepted already).
+      with self._order if self._co.leader else contextlib.nullcontext():
+        try:
+          return self._count_decided(session, ruling.decision)
+        finally:
+          self._tell()
+    with self._order:
+      with self._cond:
+        error = None
         try:
           self._require_model()
-          self._steps.check(h.worker_id, h.step)
+          answered = self._ledger.answer(h.worker_id, h.push_id, self._steps.step)
+          if answered is not None:
+            return answered
+          if self._model_id != model_id:
+            raise Unavailable('the model changed meanwhile; retry', reason='busy')
+          self._steps.check(h.worker_id, h.step)  # the step may have moved meanwhile
         except ServiceError as e:
-          decision = job.refuse(key, e)
-        else:
-          poison = next((p for p in [session.nonfinite_leaf, *poisons] if p is not None), None)
-          decision = job.accept(key, self._steps.step, poison)
-      if not decision.accepted:
-        raise decision.error
-      # A follower counts pushes in the leader's order: step by step.
-      self._cond.wait_for(lambda: self._closed or self._steps.step >= decision.step)
+          error = e
+        step = self._steps.step
+      decision = (self._co.refuse(key, error) if error is not None else
+                  self._co.accept(key, step, ruling.poison))
+      try:
+        return self._count_decided(session, decision)
+      finally:
+        self._tell()
+
+  def _count_decided(self, session: PushSession, decision: coordination_lib.Decision
+                     ) -> PushResult:
+    """Counts a push the processes accepted into `decision.step`, once this process is at
+    that step (a follower counts pushes in the leader's order: step by step)."""
+    if not decision.accepted:
+      raise decision.error
+    h = session.header
+    with self._cond:
+      self._cond.wait_for(lambda: self._closed or (
+          self._steps.step >= decision.step and self._may_step_locked() and
+          self._sum.fence_to_add(session.buffers) is None))
+      answered = self._ledger.answer(h.worker_id, h.push_id, self._steps.step)
+      if answered is not None:  # a retry of it was counted meanwhile
+        return answered
       if self._steps.step != decision.step:
         raise Unavailable(f'the server is shutting down before step {decision.step}',
                           reason='shutting_down')
       if decision.poison is not None:
         self._steps.poison(f'leaf {decision.poison} of worker {h.worker_id}')
       return self._count_locked(session)
+
+  def _may_step_locked(self) -> bool:
+    """Whether a step may be applied now. In a job, not while a checkpoint is being written:
+    a multi-process save runs collectives of its own (Orbax's), which must meet the steps'
+    in the same order on every process."""
+    return self._co.alone or self._unwritten == 0
+
+  def _tell(self) -> None:
+    """Does the I/O the decisions taken under the lock owe (the leader's votes, cleanups), in
+    their order, with the lock released (the leader's under `_order`)."""
+    with self._cond:
+      told, self._told = self._told, []
+    for fn in told:
+      try:
+        fn()
+      except Exception as e:  # pylint: disable=broad-except  # the coordinator is going away
+        log.warning('could not tell the other server processes: %s: %s', type(e).__name__, e)
 
   def _count_locked(self, session: PushSession) -> PushResult:
     """Counts a push its rules (and the job) accepted into the current step."""
@@ -677,40 +798,50 @@ class Engine:
       t0 = time.monotonic()
       weight = self._sum.weight
       self._state = self._plan.step(self._state, self._sum.to_mesh(), weight,
-                                    keep_params=self._readers > 0)
+                                    keep_params=self._readers > 0 or self._saving > 0,
+                                    keep_state=self._saving > 0)
       self._sum.retire((self._state.trust_ratios,))
       self._params_replaced_locked()
       self._applied.put((step, t0, self._state.trust_ratios))
       self.stats['steps_applied'] += 1
     self._steps.advance()
     self._ledger.forget_before(self._steps.step - self.config.staleness_bound - 2)
-    if self._job is not None and self._job.leader:  # every process has counted those
-      self._job.forget_before(self._steps.step - self.config.staleness_bound -
-                              self.config.max_inflight_pushes - 2)
-    self._save_locked(force=False)
+    # The leader's records of pushes every process has counted (a no-op elsewhere).
+    self._told.append(functools.partial(
+        self._co.forget_before,
+        self._steps.step - self.config.staleness_bound - self.config.max_inflight_pushes - 2))
+    self._checkpoint_if_due_locked()
     self._changed_locked()
 
   def _straggler_loop(self) -> None:
     """Applies a sync step once the straggler timeout passed with a quorum of pushes."""
     if not self._steps.rules.has_straggler_timeout:
       return
-    with self._cond:
-      while not self._closed:
+    while True:
+      with self._cond:
+        if self._closed:
+          return
         wait = self._steps.straggler_wait(time.monotonic())
-        if wait is None:
-          self._cond.wait(1.0)
-        elif wait > 0:
-          self._cond.wait(wait)
-        else:
-          rules = self._steps.rules
-          if self._job is not None:  # the followers apply it too, with the same pushes
-            self._job.publish(self._model_id, 'close', self._steps.step,
-                              len(self._steps.contributors))
-          log.warning('step %d applied with %d of %d workers after the %.1fs straggler timeout',
-                      self._steps.step, len(self._steps.contributors), rules.num_workers,
-                      rules.straggler_timeout_s,
-                      extra=fields(step=self._steps.step, reason='straggler'))
-          self._apply_locked()
+        if wait is None or wait > 0 or not self._may_step_locked():
+          self._cond.wait(1.0 if wait is None or wait <= 0 else wait)
+          continue
+      with self._order:  # no push is decided meanwhile: the step and its pushes stay
+        with self._cond:
+          wait = self._steps.straggler_wait(time.monotonic())
+          if self._closed or wait is None or wait > 0 or not self._may_step_locked():
+            continue
+          step, pushes, model_id = (self._steps.step, len(self._steps.contributors),
+                                    self._model_id)
+        # The followers apply it too, with the same pushes.
+        self._co.close_step(model_id, step, pushes)
+        with self._cond:
+          if not self._closed and self._steps.step == step and self._model_id == model_id:
+            rules = self._steps.rules
+            log.warning('step %d applied with %d of %d workers after the %.1fs straggler '
+                        'timeout', step, pushes, rules.num_workers, rules.straggler_timeout_s,
+                        extra=fields(step=step, reason='straggler'))
+            self._apply_locked()
+        self._tell()
 
   def _follow_loop(self) -> None:
     """A follower's part of the leader's decisions that no push carries (multi-process):
@@ -723,20 +854,21 @@ class Engine:
       if not model_id:
         time.sleep(0.2)
         continue
-      event = self._job.next_event(model_id, timeout_s=1.0)
+      event = self._co.next_event(model_id, timeout_s=1.0)
       if event is None:
         continue
       kind, step, *rest = event
       with self._cond:
         if kind == 'close':  # once the pushes the leader counted are counted here too
-          self._cond.wait_for(lambda: self._closed or self._steps.step > step or
-                              len(self._steps.contributors) >= rest[0])
+          self._cond.wait_for(lambda: self._closed or self._steps.step > step or (
+              len(self._steps.contributors) >= rest[0] and self._may_step_locked()))
           if self._steps.step == step and not self._closed:
             self._apply_locked()
         elif kind == 'save':
           self._cond.wait_for(lambda: self._closed or self._steps.step >= step)
           if self._steps.step == step and not self._closed:
-            self._save_locked(force=True)
+            self._queue_save_locked(ask=False)
+      self._tell()
 
   def _time_applies(self) -> None:
     while (item := self._applied.get()) is not None:
@@ -745,29 +877,71 @@ class Engine:
         marker.block_until_ready()
       except Exception:  # pylint: disable=broad-except
         continue  # never computed (e.g. the process is exiting)
+      with self._cond:  # buffers the update read may be handed out now
+        self._changed_locked()
       self.observer.step_applied(step, time.monotonic() - t0)
 
   # ------------------------------------------------------------------ checkpoints
 
-  def _save_locked(self, force: bool) -> bool:
+  def _checkpoint_if_due_locked(self) -> None:
+    """After a step: its checkpoint, if due. The leader (or a lone process) asks its
+    checkpointer's policy (in memory) and tells the followers; a follower's writer
+    thread waits for that vote, holding the state meanwhile."""
     if self._checkpointer is None or self._plan is None:
-      return False
-    step, t0 = self._steps.step, time.monotonic()
-    if self._job is not None and not force:  # one decision for every process (its clock)
-      force = self._job.save_due(self._model_id, step,
-                                 lambda: self._checkpointer.should_save(step))
-      if not force:
-        return False
-    saved = persistence.save(self._checkpointer, self.config, step, self._plan, self._state,
-                             force=force)
-    if saved:
-      blocked = time.monotonic() - t0
-      self.stats['checkpoint_blocking_s'] = blocked
-      log.info('checkpoint of step %d started (step loop blocked %.3fs)', step, blocked,
-               extra=fields(step=step, seconds=round(blocked, 4)))
-      self.observer.checkpoint_started(step, blocked)
-      self._saves.put((step, t0))
-    return saved
+      return
+    step, model_id = self._steps.step, self._model_id
+    if self._co.leader:
+      due = self._checkpointer.should_save(step)
+      self._told.append(functools.partial(self._co.vote_save, model_id, step, due))
+      if due:
+        self._queue_save_locked(ask=False)
+    else:
+      self._queue_save_locked(ask=True)
+
+  def _queue_save_locked(self, ask: bool) -> Optional[_Save]:
+    """Queues a checkpoint of the current state for the writer thread (None: there is
+    nothing to save); the state is held (never donated) until it is written."""
+    if self._checkpointer is None or self._plan is None:
+      return None
+    save = _Save(self._model_id, self._steps.step, self._plan, self._state,
+                 self._params_version, ask)
+    self._saving += 1
+    self._unwritten += 1
+    self._to_write.put(save)
+    return save
+
+  def _write_checkpoints(self) -> None:
+    """Writes the queued checkpoints, one at a time, in step order, without the lock."""
+    last = None  # (model_id, step) of the last save started
+    while (save := self._to_write.get()) is not None:
+      try:
+        if save.ask and not self._co.save_due(save.model_id, save.step):
+          continue
+        if last == (save.model_id, save.step):
+          continue
+        t0 = time.monotonic()
+        if persistence.save(self._checkpointer, self.config, save.step, save.plan, save.state,
+                            force=True):
+          last = (save.model_id, save.step)
+          took = time.monotonic() - t0
+          self.stats['checkpoint_blocking_s'] = took
+          log.info('checkpoint of step %d started (%.3fs to write or start it, beside the '
+                   'step loop)', save.step, took, extra=fields(step=save.step,
+                                                                seconds=round(took, 4)))
+          self.observer.checkpoint_started(save.step, took)
+          self._saves.put((save.step, t0))
+      except Exception as e:  # pylint: disable=broad-except
+        save.error = e
+        log.error('checkpoint of step %d failed: %s: %s', save.step, type(e).__name__, e,
+                  extra=fields(step=save.step))
+      finally:
+        with self._cond:
+          if save.version == self._params_version:
+            self._saving -= 1
+          self._unwritten -= 1
+          self._changed_locked()
+        save.state = None  # its arrays may go
+        save.done.set()
 
   def _report_saves(self) -> None:
     """Reports each save once it is on disk (an asynchronous one finishes later)."""
@@ -789,8 +963,7 @@ class Engine:
     if found is None:
       return False
     step, plan, state = found
-    with self._cond:
-      model_id = self._adopt_locked(plan, state, step)
+    model_id = self._adopt(plan, state, step, initial=False)
     log.info('restored step %d from %s (%d leaves), model_id %s', step,
              self._checkpointer.path(step), len(plan.specs), model_id,
              extra=fields(step=step, model_id=model_id))
@@ -802,21 +975,27 @@ class Engine:
     persistence.check_same_model(self._plan.specs, specs)
 
   def save_now(self, wait: bool) -> tuple[int, str]:
-    """Checkpoints the current step now (unless it is already saved)."""
+    """Checkpoints the current step now (unless it is already saved).
+
+    Returns once the save is started (written, with `wait`). The engine goes
+    on meanwhile: the save is written from the step's state, held for it.
+    """
     if self._checkpointer is None:
       raise FailedPrecondition('the server has no --checkpoint-dir')
-    if self._job is not None and not self._job.leader:
+    if not self._co.leader:
       raise FailedPrecondition('server process 0 decides when a multi-process server '
                                'checkpoints: send SaveCheckpoint to it', reason='not_leader')
-    with self._cond:
-      self._require_model()
-      if self._job is not None:
-        self._job.publish(self._model_id, 'save', self._steps.step)
-      self._save_locked(force=True)
-      step = self._steps.step
+    with self._order:  # in the order of the steps, for the followers too
+      with self._cond:
+        self._require_model()
+        save = self._queue_save_locked(ask=False)
+      self._co.ask_save(save.model_id, save.step)
+    save.done.wait()
+    if save.error is not None:
+      raise save.error
     if wait:
       self._checkpointer.wait()
-    return step, self._checkpointer.path(step)
+    return save.step, self._checkpointer.path(save.step)
 
   def list_checkpoints(self) -> list[CheckpointInfo]:
     if self._checkpointer is None:
@@ -834,20 +1013,29 @@ class Engine:
       if self._admission.pushes:
         log.warning('%d pushes still in flight after %.1fs; not waiting for them',
                     self._admission.pushes, grace)
-      saved = self._save_locked(force=True) if self._same_step_everywhere() else False
+      model_id, step, has_model = self._model_id, self._steps.step, self._plan is not None
+    save = None
+    if self._checkpointer is not None and has_model and self._same_step_everywhere(model_id,
+                                                                                     step):
+      with self._cond:
+        if self._steps.step == step:
+          save = self._queue_save_locked(ask=False)
+        else:
+          log.error('no final checkpoint: step %d was applied while the processes agreed on '
+                    'step %d', self._steps.step, step)
+      if save is not None:
+        save.done.wait()
     if self._checkpointer is not None:
       self._checkpointer.wait()
-      if saved or self._plan is not None:
+      if save is not None or has_model:
         log.info('final checkpoint of step %d written', self.step,
                  extra=fields(step=self.step))
     self.close()
 
-  def _same_step_everywhere(self) -> bool:
-    """Whether every process of the job is at this step (always, in one process): else a
+  def _same_step_everywhere(self, model_id: str, step: int) -> bool:
+    """Whether every process of the job is at `step` (always, in one process): else a
     final checkpoint cannot be written together."""
-    if self._job is None or self._plan is None:
-      return True
-    steps = self._job.same_step(self._model_id, self._steps.step)
+    steps = self._co.same_step(model_id, step)
     if len(set(steps)) == 1:
       return True
     log.error('no final checkpoint: the server processes stopped at different steps (%s); '
@@ -861,6 +1049,10 @@ class Engine:
       self._closed = True
       self._changed_locked()
     self._applied.put(None)
+    self._to_write.put(None)
+    for t in self._threads:
+      if t.name == 'checkpoint-writer':
+        t.join(timeout=30)
     self._saves.put(None)
     for t in self._threads:
       t.join(timeout=30)

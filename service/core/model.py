@@ -93,6 +93,8 @@ class ModelPlan:
                                  (state['params'], state['opt_state'])) + (self.replicated,)
     self._apply = jax.jit(apply, donate_argnums=(0, 1), out_shardings=out_shardings)
     self._apply_keeping_params = jax.jit(apply, donate_argnums=1, out_shardings=out_shardings)
+    # While a checkpoint is being written from the state, none of it is donated.
+    self._apply_keeping_state = jax.jit(apply, out_shardings=out_shardings)
 
   def abstract_state(self) -> dict:
     """The checkpointed state as ShapeDtypeStructs with this mesh's shardings."""
@@ -143,13 +145,17 @@ class ModelPlan:
     placement.trim_heap()
 
   def step(self, state: ModelState, grads: list[jax.Array], weight: int,
-           keep_params: bool) -> ModelState:
+           keep_params: bool, keep_state: bool = False) -> ModelState:
     """Dispatches one LAMB step with the gradient sum `grads` of `weight` examples.
 
     `state`'s arrays are donated to the new state (its params too, unless
-    `keep_params`: a pull is reading them).
+    `keep_params`: a pull is reading them; none of them with `keep_state`: a
+    checkpoint is being written from them).
     """
-    apply = self._apply_keeping_params if keep_params else self._apply
+    if keep_state:
+      apply = self._apply_keeping_state
+    else:
+      apply = self._apply_keeping_params if keep_params else self._apply
     params, opt_state, ratios = apply(state.params, state.opt_state, grads,
                                       jnp.float32(1.0 / weight))
     return ModelState(params, opt_state, ratios)

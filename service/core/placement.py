@@ -216,9 +216,25 @@ class BufferPool:
       del self._idle[others.pop()]  # make room: drop an idle buffer of other dtypes
     if self._out + len(self._idle) <= self._limit or not self._idle:
       return layout.host_buffers(self._layouts, key)
-    _, buffers, fence = self._idle.pop(0)  # all are being read: wait for the oldest update
+    # All are being read: wait for the oldest update (the engine waits for
+    # `fence_to_wait` first, without its lock, so that this returns at once).
+    _, buffers, fence = self._idle.pop(0)
     jax.block_until_ready(fence)
     return buffers
+
+  def fence_to_wait(self, dtypes: Optional[Sequence[np.dtype]] = None) -> Optional[tuple]:
+    """What `take(dtypes)` would wait for now (None: it would not wait): the fence of the
+    idle buffer it would hand out once that update is computed."""
+    key = tuple(np.dtype(d) for d in dtypes) if dtypes is not None else (
+        (np.dtype(np.float32),) * len(self._layouts))
+    out = self._out + 1
+    if any(k == key and all(x.is_ready() for x in fence) for k, _, fence in self._idle):
+      return None
+    others = sum(1 for k, _, _ in self._idle if k != key)
+    idle = len(self._idle) - min(others, max(0, out + len(self._idle) - self._limit))
+    if out + idle <= self._limit or not idle:
+      return None
+    return next(fence for k, _, fence in self._idle if k == key)
 
   def give(self, buffers: list[np.ndarray], fence: Sequence[jax.Array] = ()) -> None:
     """Takes back a buffer from `take` that fell idle (kept if within the limit).

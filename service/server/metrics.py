@@ -19,7 +19,7 @@ The metrics (`lamb_sharded_` omitted; counters end in `_total` on the wire):
   received_bytes{rpc}, sent_bytes{rpc}  tensor bytes in pushes/initialisation and pulls
   push_seconds, pull_seconds            RPC latency histograms, first message to answer
   apply_seconds                         a step's update, dispatch to computed
-  checkpoint_blocking_seconds           how long a save held the step loop
+  checkpoint_blocking_seconds           how long starting a save took its writer thread (the step loop is not held)
   checkpoint_seconds                    a save from its start until it is on disk
   streams_cut_off{rpc,reason}           streams the server ended: idle, too long
   rpcs_unauthenticated                  calls refused for a missing or wrong token
@@ -105,7 +105,8 @@ class Metrics:
                                    'a step\'s LAMB update, dispatch to computed',
                                    buckets=_SECONDS, registry=r)
     self.checkpoint_blocking_seconds = Histogram(
-        PREFIX + 'checkpoint_blocking_seconds', 'how long a checkpoint save held the step loop',
+        PREFIX + 'checkpoint_blocking_seconds',
+        'how long starting a checkpoint save took its writer thread (the step loop is not held)',
         buckets=_SECONDS, registry=r)
     self.checkpoint_seconds = Histogram(
         PREFIX + 'checkpoint_seconds', 'a checkpoint from its start until it is on disk',
