@@ -93,6 +93,11 @@ class _SlowLeader(coordination.MemoryStore):
     self.voting = threading.Event()
     self.set('lamb_sharded/model_id/1/0', 'a1b2c3', overwrite=True)
 
+  def try_get(self, key):
+    if key.endswith('/admitted'):  # the asyncio server's quick look (open_push(timeout=0))
+      return '1'
+    return super().try_get(key)
+
   def blocking_get(self, key, timeout_s):
     if key.endswith('/admitted'):
       return '1'
