@@ -168,6 +168,55 @@ class PullHeader:
   not_modified: bool = False
 
 
+class PullStream:
+  """One pull: an iterator of its `PullHeader`, then its encoded messages; close it when done.
+
+  `poll()` takes the next message only if it needs no wait for another thread
+  (a lone puller encodes it itself), so that an event loop can take it.
+  """
+
+  def __init__(self, header: PullHeader, reader):
+    self._header, self._reader, self._step = header, reader, header.step
+
+  def __iter__(self) -> 'PullStream':
+    return self
+
+  def __next__(self):
+    if self._header is not None:
+      header, self._header = self._header, None
+      return header
+    return self._read(next, self._reader)
+
+  def poll(self):
+    """The next message, or `pull.NOT_READY` if it would have to be waited for."""
+    if self._header is not None:
+      return next(self)
+    poll = getattr(self._reader, 'poll', None)
+    return self._read(poll) if poll is not None else next(self)
+
+  def _read(self, take, *args):
+    try:
+      return take(*args)
+    except jax.errors.JaxRuntimeError as e:  # the step's computation failed (a lost peer)
+      self.close()
+      raise Unavailable(f'the parameters of step {self._step} could not be read ({e}); retry '
+                        f'(the server restarts from its last checkpoint)',
+                        reason='step_failed') from e
+    except BaseException:
+      self.close()
+      raise
+
+  def close(self) -> None:
+    """Ends the pull: the step's params are no longer held for it."""
+    self._header = None
+    close = getattr(self._reader, 'close', None)
+    if close is not None:
+      close()
+
+  def __del__(self):  # a pull dropped unfinished (as a generator's end closes it)
+    self.close()
+
+
 class Engine:
   """The optimizer's state machine. Thread-safe; every public method may block briefly.
 
@@ -373,7 +422,7 @@ class Engine:
           self._readers -= 1
 
   def pull(self, dtype: Optional[np.dtype] = None, *, newer_than: Optional[int] = None,
-           model_id: str = '', chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator:
+           model_id: str = '', chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> 'PullStream':
     """The current params as a stream: a `PullHeader`, then the encoded messages.
 
     Args:
@@ -383,8 +432,8 @@ class Engine:
       model_id: the model of the caller's copy.
       chunk_bytes: data bytes per chunk.
 
-    Yields `PullHeader`, then the serialized PullParametersResponse messages of
-    the chunks and the commit (`pull.encode`). Pulls of the same step, dtype
+    Returns a `PullStream`: it yields `PullHeader`, then the serialized
+    PullParametersResponse messages of the chunks and the commit (`pull.encode`). Pulls of the same step, dtype
     and chunk size that run at once share one encoding (`pull.SharedStream`).
     The step's params are held (not donated to the next step) until the
     encoding is done or every puller is gone.
@@ -402,14 +451,7 @@ class Engine:
         reader = shared[1].join() if shared is not None and shared[0] == key else None
         if reader is None:
           reader = self._start_pull(key, specs, chunk_bytes).join()
-    with contextlib.closing(reader):
-      yield header
-      try:
-        yield from reader
-      except jax.errors.JaxRuntimeError as e:  # the step's computation failed (a lost peer)
-        raise Unavailable(f'the parameters of step {step} could not be read ({e}); retry '
-                          f'(the server restarts from its last checkpoint)',
-                          reason='step_failed') from e
+    return PullStream(header, reader)
 
   def _start_pull(self, key, specs, chunk_bytes) -> pull_lib.SharedStream:
     """A shared encoding of the current params (under the lock); they are held meanwhile."""

@@ -25,6 +25,7 @@ from service.protocol.chunks import encoded_chunk_messages
 from service.protocol.specs import LeafSpec
 
 _END = object()
+NOT_READY = object()  # `_Reader.poll`: the next item would have to be waited for
 
 
 def encode(specs: Sequence[LeafSpec], arrays: Sequence[jax.Array],
@@ -97,7 +98,9 @@ class SharedStream:
       self._readers[rid] = 0
     return _Reader(self, rid)
 
-  def _get(self, i: int):
+  def _get(self, i: int, block: bool = True):
+    """Item `i` (`_END` past the last); with `block` False, `NOT_READY` where it would wait
+    for the stream's thread (a lone reader makes its items itself: it never waits)."""
     while True:
       with self._cond:
         while True:
@@ -112,7 +115,11 @@ class SharedStream:
               break  # a single reader makes its items itself: no thread, no switch per item
             self._maker = threading.Thread(target=self._make, name='pull-encode', daemon=True)
             self._maker.start()
+          if not block:
+            return NOT_READY
           self._cond.wait()
+      if not block and self._source_lock.locked():
+        return NOT_READY  # being made (or closed) by another: that would wait
       self._make_one()
 
   def _make(self) -> None:
@@ -210,15 +217,25 @@ class _Reader:
     return self
 
   def __next__(self):
+    return self._take(block=True)
+
+  def poll(self):
+    """The next item if it can be had without waiting for another thread (a lone
+    reader makes it here), else `NOT_READY`; StopIteration at the end."""
+    return self._take(block=False)
+
+  def _take(self, block: bool):
     if self._closed:
       raise StopIteration
     if self._next:  # the previous item was passed on
       self._stream._passed(self._rid, self._next)  # pylint: disable=protected-access
     try:
-      item = self._stream._get(self._next)  # pylint: disable=protected-access
+      item = self._stream._get(self._next, block)  # pylint: disable=protected-access
     except BaseException:
       self.close()
       raise
+    if item is NOT_READY:
+      return item
     if item is _END:
       self.close()
       raise StopIteration

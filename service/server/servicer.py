@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import grpc
 
 from service.core.engine import Engine, PullHeader
+from service.core.pull import NOT_READY
 from service.core.push import PushSession
 from service.errors import AlreadyExists, InvalidArgument, ResourceExhausted, ServiceError
 from service.logs import fields
@@ -41,8 +42,7 @@ from service.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# A push of at most this many bytes is written on the event loop as it arrives (no hop to
-# a thread per chunk); a bigger one's chunks are copied on the pool.
+# A leaf of at most this many bytes is checked for NaN/Inf on the event loop.
 _INLINE_BYTES = 256 << 10
 
 
@@ -238,17 +238,16 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       limits.what = header.what
       session = await self._open_push(header, lane)
       if not session.answered:
-        small = header.nbytes <= _INLINE_BYTES  # written on the loop: no hop to a thread
-        writing = None  # the chunk being copied on the pool while the next one arrives
+        # A chunk is copied into its buffer on the loop as it arrives (at most 4 MiB: a
+        # hop to a thread per chunk cost more, in the GIL's hand-offs, than the copy); the
+        # chunk that completes a leaf of a large push goes to the pool, as the leaf's
+        # NaN/Inf check then reads the whole leaf.
+        big = {s.path: s.nbytes for s in header.leaves if s.nbytes > _INLINE_BYTES}
         async for chunk in chunks:
-          if small:
+          if chunk.path in big and chunk.offset + len(chunk.data) >= big[chunk.path]:
+            await lane.run(session.write, chunk)
+          else:
             session.write(chunk)
-            continue
-          if writing is not None:
-            await asyncio.shield(writing)  # its error, if it broke the rules
-          writing = lane.then(session.write, chunk)
-        if writing is not None:
-          await asyncio.shield(writing)
         await lane.run(session.commit, commit[0] if commit else None)
         self._metrics.push_seconds.observe(time.monotonic() - t0)
       result = session.result
@@ -319,11 +318,20 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
           dtype, newer_than=(request.if_newer_than_step
                              if request.HasField('if_newer_than_step') else None),
           model_id=request.if_model_id, chunk_bytes=clamp_chunk_bytes(request.max_chunk_bytes))
-      header = await lane.run(next, stream)
-      coming = lane.then(next, stream, None)  # the next message is encoded while one is sent
+      header = await lane.run(next, stream)  # takes the engine's lock
       await limits.write(context, _pull_header(header))
-      while (message := await asyncio.shield(coming)) is not None:
-        coming = lane.then(next, stream, None)
+      while True:
+        # A lone puller encodes its next message here, between sends (a hop to a thread
+        # per message cost more, in the GIL's hand-offs, than encoding it: pulls ran at
+        # 0.6-0.7 of raw gRPC so, 0.8 so); one waiting for a shared encoding waits on the pool.
+        try:
+          message = stream.poll()
+        except StopIteration:
+          break
+        if message is NOT_READY:
+          message = await lane.run(next, stream, None)
+        if message is None:
+          break
         await limits.write(context, message)  # already serialized, each chunk's data copied once
       self._metrics.sent_bytes.labels('PullParameters').inc(sum(s.nbytes for s in header.leaves))
       self._metrics.pull_seconds.observe(time.monotonic() - t0)

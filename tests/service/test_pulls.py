@@ -7,6 +7,7 @@ shared stream actually made.
 
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -237,3 +238,26 @@ def test_a_pull_reuses_the_memory_of_an_earlier_one_only_once_it_is_dropped():
     kept = _memory(third)
     del third
     assert _memory(client.pull()) == kept  # dropped: reused
+
+
+def test_poll_takes_only_what_needs_no_wait():
+  """`poll` (what the asyncio server calls on its event loop) never waits for another
+  thread: a lone reader makes its item itself; a reader of a shared stream whose item
+  is still being made gets NOT_READY, and the item once it is there."""
+  lone = pull_lib.SharedStream(iter([b'one', b'two']), release=lambda: None).join()
+  assert [lone.poll(), lone.poll()] == [b'one', b'two']
+  with pytest.raises(StopIteration):
+    lone.poll()
+  gate = threading.Event()
+
+  def slow():
+    gate.wait(30)
+    yield b'one'
+  stream = pull_lib.SharedStream(slow(), release=lambda: None)
+  a, b = stream.join(), stream.join()
+  t0 = time.monotonic()
+  assert a.poll() is pull_lib.NOT_READY and b.poll() is pull_lib.NOT_READY
+  assert time.monotonic() - t0 < 1
+  gate.set()
+  assert next(a) == b'one'
+  assert b.poll() == b'one'
