@@ -10,7 +10,7 @@ Two things end a process of the job besides its own signal:
   one stops answering it exits at once with one line naming it (`LOST_EXIT`):
   the group is restarted from the last checkpoint, and the workers wait for it.
 - A stop asked of another process (SIGTERM on one pod): it is published in the
-  coordinator's store (`agreement.Job.request_shutdown`) and every process
+  coordinator's store (`coordination.Job.request_shutdown`) and every process
   then drains and writes the final checkpoint together.
 """
 
@@ -21,7 +21,7 @@ import socket
 import threading
 from typing import Callable, Optional, Sequence
 
-from service.core.agreement import Job
+from service.core.coordination import Job
 from service.server import supervise
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ server process on 127.0.0.1, started from an --init-params .npz:
 
     python -m service.cli serve --host 127.0.0.1 --port 0 --metrics-port 0 \\
         --log-level WARNING --devices 1 --num-workers N --init-params INIT.npz \\
-        --max-inflight-pushes 4 --max-concurrent-rpcs max(256, 4N) --shutdown-grace-s 5
+        --max-inflight-pushes 4 --shutdown-grace-s 5
 
-(the flags used are printed; --max-concurrent-rpcs leaves room for N waiting
-workers and N pushes at once, since today's default of 256 would refuse a
-fleet of 1,000 by itself; the handler pool stays at its default). N
+(the flags used are printed; everything else at its default: the RPC limit,
+4,096, leaves room for a fleet of 1,000 synchronous workers, each with at most
+one RPC at once, and the pool of --grpc-threads 16 does the blocking work). N
 synchronous workers then run `--steps` steps each: push the gradient for step
 t, then `wait_for_step(t + 1)` unless that push completed the step. Each
 worker is a thread with its own OptimizerClient and its own TCP connection
@@ -56,7 +56,9 @@ each process, for the pushes), the health checks made, and the failures by kind.
 Goals (issue 21; printed under the table, met or not): every step applied with
 no RPC failed at every N; server CPU per push at the largest N <= 1.5x that at
 the smallest; Health.Check p99 <= 1 s; server threads independent of N (here:
-the most at the largest N within 25% of the most at the smallest).
+the most at the largest N at most the most at the smallest plus the server's
+pool of --grpc-threads, 16, which grows as work comes and then stays: a thread
+per waiting worker would add N).
 
 How to run
 ----------
@@ -107,7 +109,7 @@ START_TIMEOUT_S = 180.0  # a server (or a job) to serve; client processes to con
 HEALTH_EVERY_S = 0.05
 HEALTH_TIMEOUT_S = 5.0
 SAMPLE_EVERY_S = 0.1
-GOALS = {'cpu_ratio': 1.5, 'health_p99_s': 1.0, 'threads_ratio': 1.25}
+GOALS = {'cpu_ratio': 1.5, 'health_p99_s': 1.0, 'pool_threads': 16}  # --grpc-threads' default
 # A process that gets SIGKILL when this script dies, whatever ends it (Linux): the
 # PR_SET_PDEATHSIG survives the exec (as tests/multihost/mp_server.py starts servers).
 DYING_WITH_PARENT = [sys.executable, '-c',
@@ -122,7 +124,7 @@ DYING_WITH_PARENT = [sys.executable, '-c',
 def server_flags(workers: int) -> list[str]:
   """The flags of every server process of a row of `workers` workers (not the job's)."""
   return ['--devices', '1', '--num-workers', str(workers), '--max-inflight-pushes', '4',
-          '--max-concurrent-rpcs', str(max(256, 4 * workers)), '--shutdown-grace-s', '5']
+          '--shutdown-grace-s', '5']
 
 
 def _job_port() -> int:
@@ -567,10 +569,10 @@ def goals(rows: list[dict]) -> list[tuple[bool, str]]:
               f"Health.Check p99 <= {GOALS['health_p99_s']:.0f} s: the worst row's "
               f"{_ms(worst['health_p99_s'])} ms (N={worst['workers']} x {worst['processes']})"))
   if len(lone) >= 2:
-    ratio = lone[-1]['threads_max'] / max(lone[0]['threads_max'], 1)
-    out.append((ratio <= GOALS['threads_ratio'],
-                f"server threads independent of N (the most at N={lone[-1]['workers']} within "
-                f"{GOALS['threads_ratio'] - 1:.0%} of N={lone[0]['workers']}'s): "
+    bound = lone[0]['threads_max'] + GOALS['pool_threads']
+    out.append((lone[-1]['threads_max'] <= bound,
+                f"server threads independent of N (the most at N={lone[-1]['workers']} at most "
+                f"N={lone[0]['workers']}'s + the pool's {GOALS['pool_threads']}): "
                 f"{lone[-1]['threads_max']} vs {lone[0]['threads_max']}"))
   else:
     out.append((False, 'server threads independent of N: not measured (two single-process '
@@ -628,8 +630,7 @@ def main(argv=None) -> int:
         f'parameters; {args.steps} steps per row')
   print('server: python -m service.cli serve --host 127.0.0.1 --port 0 --metrics-port 0 '
         '--log-level WARNING --init-params INIT.npz ' + ' '.join(server_flags(0)).replace(
-            '--num-workers 0', '--num-workers N').replace(
-            '--max-concurrent-rpcs 256', '--max-concurrent-rpcs max(256, 4N)')
+            '--num-workers 0', '--num-workers N')
         + (' (2-process row: + --num-processes 2 --process-id I --coordinator-address '
            '127.0.0.1:PORT)' if args.mp_workers else ''))
   print(f'workers: threads of ceil(N / {args.workers_per_client}) client processes, each '
