@@ -45,9 +45,22 @@ NAMES = {RAW: 'raw', INT8: 'int8', INT4: 'int4'}
 BY_NAME = {v: k for k, v in NAMES.items()}
 _F32 = np.dtype('<f4')
 _I16 = np.dtype('<i2')
-# The largest scale whose values (up to QMAX times it) are finite in float32.
-_MAX_SCALE = {e: np.nextafter(np.float32(float(np.finfo(np.float32).max) / q), np.float32(0))
-              for e, q in QMAX.items()}
+def _max_scale(qmax: int) -> np.float32:
+  """The largest float32 scale whose values (up to `qmax` times it, in float32) are finite.
+
+  float32(max / qmax) is one for int4 (7 x it rounds to max) but not for int8 (127 x it
+  rounds up to inf): the bound is found, not assumed one ulp below.
+  """
+  s, q, top = np.float32(float(np.finfo(np.float32).max) / qmax), np.float32(qmax), np.float32(np.inf)
+  with np.errstate(over='ignore'):
+    while np.isfinite(q * np.nextafter(s, top)):
+      s = np.nextafter(s, top)
+    while not np.isfinite(q * s):
+      s = np.nextafter(s, np.float32(0))
+  return s
+
+
+_MAX_SCALE = {e: _max_scale(q) for e, q in QMAX.items()}
 
 
 # The smallest absmax whose qmax / absmax is finite in float32.

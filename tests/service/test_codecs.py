@@ -202,6 +202,29 @@ def test_bad_int4_codes_are_refused():
     codecs.decode(np.append(data, np.uint8(0)), 701, codecs.INT4)
 
 
+@pytest.mark.parametrize('name', ['int8', 'int4'])
+def test_the_largest_scale_the_proto_allows_is_accepted(name):
+  """tensor.proto: a scale is valid while qmax times it is finite in float32. For int4,
+  float32(max / 7) is such a scale (7 x it rounds to max) and the encoder makes it from a
+  block whose largest value is float32's max; for int8 float32(max / 127) is not (127 x it
+  rounds to inf), one ulp below it is."""
+  enc = codecs.BY_NAME[name]
+  qmax, top = np.float32(codecs.QMAX[enc]), np.float32(np.finfo(np.float32).max)
+  x = np.zeros(256, np.float32)
+  x[3] = top  # the encoder's own scale for this block: top / qmax
+  data = codecs.encode(x, enc)
+  scale = data[:4].view('<f4')[0]
+  with np.errstate(over='ignore'):
+    largest = scale if np.isfinite(qmax * scale) else np.nextafter(scale, np.float32(0))
+  data[:4].view('<f4')[0] = largest
+  y = codecs.decode(data, 256, enc, "leaf ['w']")
+  assert np.isfinite(y).all() and y[3] == qmax * largest
+  with np.errstate(over='ignore'):
+    data[:4].view('<f4')[0] = np.nextafter(largest, np.float32(np.inf))  # qmax x it: inf
+  with pytest.raises(InvalidArgument, match=r"^leaf \['w'\]: block 0 of 1 has scale"):
+    codecs.decode(data, 256, enc, "leaf ['w']")
+
+
 def test_int4_minus_8_is_found_in_every_byte_value_at_every_position():
   # The receive check finds an int4 code -8 (a nibble 0x8) eight bytes at a time without
   # unpacking; checked against unpacking for every byte value, at every position of a
