@@ -19,6 +19,11 @@ from service.errors import ConfigError
 from service.logs import FORMATS as LOG_FORMATS
 
 STEP_MODES = ('sync', 'async')
+# Settings that are durations in seconds, and the longest any may be.
+DURATIONS = ('straggler_timeout_s', 'checkpoint_every_seconds', 'keepalive_s',
+             'max_stream_seconds', 'stream_idle_timeout_s', 'admission_timeout_s',
+             'shutdown_grace_s', 'progress_every_seconds')
+MAX_DURATION_S = 365 * 24 * 3600.0
 SCHEDULES = ('constant', 'warmup_cosine')
 NONFINITE_POLICIES = ('reject', 'skip_step')
 LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
@@ -196,12 +201,12 @@ class ServerConfig:
     need(-1 <= self.process_id < self.num_processes, 'process_id',
          f'must be in [0, num_processes={self.num_processes}) (or -1), got {self.process_id}')
     for name in ('learning_rate', 'b1', 'b2', 'eps', 'eps_root', 'weight_decay',
-                 'max_grad_norm', 'end_learning_rate', 'straggler_timeout_s',
-                 'checkpoint_every_seconds', 'keepalive_s', 'max_stream_seconds',
-                 'stream_idle_timeout_s', 'admission_timeout_s', 'shutdown_grace_s',
-                 'progress_every_seconds'):
+                 'max_grad_norm', 'end_learning_rate', *DURATIONS):
       need(math.isfinite(getattr(self, name)), name, f'must be a finite number, got '
            f'{getattr(self, name)}')
+    for name in DURATIONS:  # beyond, a deadline leaves the platform's time range
+      need(getattr(self, name) <= MAX_DURATION_S, name,
+           f'must be at most {MAX_DURATION_S:.0f} seconds (a year), got {getattr(self, name)}')
     need(self.learning_rate >= 0, 'learning_rate', 'must be >= 0')
     need(0 <= self.b1 < 1 and 0 <= self.b2 < 1, 'b1' if not 0 <= self.b1 < 1 else 'b2',
          f'must be in [0, 1), got {self.b1 if not 0 <= self.b1 < 1 else self.b2}')
@@ -358,12 +363,27 @@ def load_yaml(path: str) -> dict[str, Any]:
                       f'{type(data).__name__}')
   names = {f.name for f in dataclasses.fields(ServerConfig)}
   out = {}
+  floats = {f.name for f in dataclasses.fields(ServerConfig)
+             if 'float' in (f.type if isinstance(f.type, str) else f.type.__name__)}
   for key, value in data.items():
     name = str(key).replace('-', '_')
     if name not in names:
       raise ConfigError(f'--config {path}: unknown setting {key!r}')
+    if name in floats and isinstance(value, str):
+      value = _yaml_number(value)
     out[name] = value
   return out
+
+
+def _yaml_number(text: str) -> Any:
+  """A number as users write it (YAML 1.1 reads `1e10`, without a dot, as a string)."""
+  try:
+    return float(text) if _NUMBER.fullmatch(text.strip()) else text
+  except ValueError:
+    return text
+
+
+_NUMBER = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?')
 
 
 def from_args(args: argparse.Namespace) -> ServerConfig:

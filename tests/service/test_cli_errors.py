@@ -40,6 +40,7 @@ def _files(tmp):
       'bad_yaml': 'port: [1\n', 'unknown_key': 'nope: 1\n', 'wrong_type': 'port: abc\n',
       'a_list': '- port\n', 'empty_tokens': '# no tokens here\n', 'not_npz': 'not a zip',
       'wrong_token': 'not-the-token\n',
+      'huge_duration': 'max_stream_seconds: 1e10\n',
   }
   out = {}
   for name, text in files.items():
@@ -82,6 +83,11 @@ CASES = {
                            r"--config .*unknown_key: unknown setting 'nope'"),
     'config wrong type': (['serve', '--config', '{wrong_type}'], 2,
                           r"--port: expected int, got 'abc' \(a flag, or a key of --config"),
+    'duration beyond a year': (['serve', '--max-stream-seconds', '1e10'], 2,
+                               r'--max-stream-seconds: must be at most 31536000 seconds \(a '
+                               r'year\), got 10000000000.0'),
+    'YAML number without a dot': (['serve', '--config', '{huge_duration}'], 2,
+                                  r'--max-stream-seconds: must be at most 31536000 seconds'),
     'config not a mapping': (['serve', '--config', '{a_list}'], 2,
                              r'--config .*a_list: expected a mapping of settings, got list'),
     'tls cert without key': (['serve', '--tls-cert', '{bad_yaml}'], 2,
@@ -322,3 +328,13 @@ def test_a_worker_started_before_its_server_proceeds_once_it_is_up():
       running.stop(grace=0)
   finally:
     proc.kill()
+
+
+def test_yaml_numbers_are_read_as_users_write_them(tmp_path):
+  """YAML 1.1 reads `1e1` (no dot) as a string; a float setting takes it as the number."""
+  from service.config import ServerConfig, load_yaml  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'server.yaml'
+  path.write_text('stream_idle_timeout_s: 1e1\nadmission_timeout_s: 2.5E+1\nhost: 1e3\n')
+  values = load_yaml(str(path))
+  assert values == {'stream_idle_timeout_s': 10.0, 'admission_timeout_s': 25.0, 'host': '1e3'}
+  ServerConfig(**values).validate()
