@@ -80,6 +80,7 @@ from service.core.rules import StepRules, Steps
 from service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, ServiceError,
                             PermissionDenied, Unavailable)
 from service.logs import fields
+from service.protocol import ids
 from service.protocol.chunks import DEFAULT_CHUNK_BYTES, HostParts
 from service.protocol.specs import LeafSpec
 from service.protocol.types import PushHeader, PushResult
@@ -528,7 +529,7 @@ class Engine:
 
   def _init_key(self, init_id: str) -> Optional[str]:
     """Where the job agrees on an InitializeModel (None: a lone process needs no key)."""
-    return self._co.init_key(init_id)
+    return self._co.init_key(ids.check_id(init_id, 'header.init_id', ids.PUSH_ID_MAX))
 
   def _check_no_model_locked(self) -> None:
     if self._plan is not None:
@@ -669,8 +670,8 @@ class Engine:
     if self._allowed is not None and h.worker_id not in self._allowed:
       raise PermissionDenied(f'worker {h.worker_id} is not one of the allowed workers '
                              f'(allowed_workers)', reason='unknown_worker')
-    if len(h.push_id) > 128:
-      raise InvalidArgument(f'header.push_id has {len(h.push_id)} characters, over 128')
+    ids.check_id(h.push_id, 'header.push_id', ids.PUSH_ID_MAX)
+    ids.check_id(h.model_id, 'header.model_id', ids.MODEL_ID_MAX)
     if not h.push_id and self._co.requires_ids:
       raise InvalidArgument('header.push_id is empty: a multi-process server matches the parts '
                             'of a push by it')

@@ -13,6 +13,7 @@ from service.errors import InvalidArgument
 from service.protocol import codecs
 from service.protocol._gen.lamb_sharded.v1 import tensor_pb2
 from service.protocol.dtypes import numpy_dtype, wire_dtype
+from service.protocol.ids import check_path
 
 MAX_LEAF_BYTES = 1 << 40  # a declared shape bigger than this is refused (1 TiB)
 
@@ -55,8 +56,7 @@ class LeafSpec:
 
     `encoded_ok`: block encodings are allowed (pushed gradients); else only raw.
     """
-    if not spec.path:
-      raise InvalidArgument(f'{what}: a leaf has an empty path')
+    check_path(spec.path, what)
     if any(d < 0 for d in spec.shape):
       raise InvalidArgument(f'{what}: leaf {spec.path} has a negative dimension '
                             f'{list(spec.shape)}')

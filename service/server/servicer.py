@@ -30,7 +30,7 @@ from service.core.pull import NOT_READY
 from service.core.push import PushSession
 from service.errors import AlreadyExists, InvalidArgument, ResourceExhausted, ServiceError
 from service.logs import fields
-from service.protocol import SERVICE_NAME, pb
+from service.protocol import SERVICE_NAME, ids, pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service.protocol.chunks import ChunkReceiver, clamp_chunk_bytes, chunk_parser
 from service.protocol.dtypes import numpy_dtype
@@ -314,6 +314,7 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
     try:
       request = _parsed(request, 'PullParameters')
       dtype = None if request.dtype == 0 else numpy_dtype(request.dtype, 'request.dtype')
+      ids.check_id(request.if_model_id, 'request.if_model_id', ids.MODEL_ID_MAX)
       stream = self._engine.pull(
           dtype, newer_than=(request.if_newer_than_step
                              if request.HasField('if_newer_than_step') else None),

@@ -462,6 +462,19 @@ CASES = {
                           'INVALID_ARGUMENT', r"leaf \['w'\] of worker w0.*NaN or Inf"),
     'a wrong model id': (_push(model_id='0' * 32), 'FAILED_PRECONDITION',
                          r'model_id 0{32} is not the server'),
+    # Identifiers are bounded and printable: none is echoed whole into the details or a log.
+    'a model id of 1 MiB': (_push(model_id='m' * (1 << 20)), 'INVALID_ARGUMENT',
+                            r"^header.model_id has 1048576 characters, over 64: 'm{40}'\.\.\. "
+                            r'\(1048576 characters\)$'),
+    'a push id with a newline': (_push(push_id='p1\nFAKE LOG LINE'), 'INVALID_ARGUMENT',
+                                 r"header.push_id 'p1\\nFAKE LOG LINE' is not printable ASCII"),
+    'a leaf path with a newline': (
+        _push(specs=[spec("['w']\nFAKE LOG LINE", (3, 4)), SPECS[1]]), 'INVALID_ARGUMENT',
+        r'leaf path .*FAKE LOG LINE. has a character that is not printable'),
+    'a leaf path of 1 MiB': (_push(specs=[spec('x' * (1 << 20), (3, 4)), SPECS[1]]),
+                             'INVALID_ARGUMENT', r'a leaf path has 1048576 characters, over 1024'),
+    'pull: a model id of 10 kB': (_pull(if_model_id=BIG, if_newer_than_step=0),
+                                  'INVALID_ARGUMENT', r'request.if_model_id has 10000 characters'),
     # Block-encoded leaves (int8/int4): bad scales, codes and byte counts.
     'int8: a NaN scale': (_encoded(codecs.INT8, _scale(np.nan)), 'INVALID_ARGUMENT',
                           r"leaf \['w'\]: block 0 of 1 has scale nan \(int8 block scales must "
@@ -555,3 +568,19 @@ def test_num_examples_of_int64_max_does_not_poison_the_model():
   assert all(np.isfinite(v).all() for v in after.values()), after
   assert got_code == grpc.StatusCode.INVALID_ARGUMENT, (got_code, details)
   assert 'header.num_examples' in details
+
+
+def test_an_initialisation_with_a_bad_leaf_path_or_init_id_creates_nothing():
+  """InitializeModel checks the leaf paths and the init id as pushes do: a newline in a
+  path, an init id of 10 kB -- INVALID_ARGUMENT naming the field, and no model."""
+  with running_server(devices=1) as (running, _):
+    for header, pattern in (
+        (pb.InitializeModelHeader(leaves=[spec("['w']\nFAKE LOG LINE", (3, 4))]),
+         r'leaf path .* has a character that is not printable'),
+        (pb.InitializeModelHeader(leaves=SPECS, init_id=BIG),
+         r'header.init_id has 10000 characters, over 128')):
+      msgs = [pb.InitializeModelRequest(header=header)]
+      code, details = _outcome(lambda: stub(running.port).InitializeModel(iter(msgs), timeout=10))
+      assert code == grpc.StatusCode.INVALID_ARGUMENT and re.search(pattern, details), details
+      assert len(details) < 300
+    assert not running.engine.describe().initialized
