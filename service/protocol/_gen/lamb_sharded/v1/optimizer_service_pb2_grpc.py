@@ -121,6 +121,12 @@ class OptimizerServiceServicer:
         """Streams one consistent version of the parameters: a header (its step and
         leaf specs), the chunks of every leaf, then a commit. With
         if_newer_than_step the stream may be only a header saying "not modified".
+        A process of a multi-process server streams its part (placements) of its
+        current step. The processes apply the same steps in the same order but not
+        at the same instant: to get one version, pull every process at once; if
+        their headers' steps differ, WaitForStep(the newest) on the processes
+        behind and pull those again, then join the parts (the reference client,
+        OptimizerClient.pull, does this).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,7 +146,10 @@ class OptimizerServiceServicer:
 
     def SaveCheckpoint(self, request, context):
         """Saves a checkpoint of the parameters and optimizer state at the current
-        step. UNAVAILABLE: the server has no checkpoint directory configured.
+        step. FAILED_PRECONDITION: the server has no checkpoint directory
+        configured (reason no --checkpoint-dir), or, on a multi-process server,
+        the call went to a process other than process 0, which decides for every
+        process (send it to processes[0].endpoint).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,7 +157,8 @@ class OptimizerServiceServicer:
 
     def ListCheckpoints(self, request, context):
         """Lists the checkpoints in the server's checkpoint directory, including
-        ones still being written.
+        ones still being written (complete false).
+        FAILED_PRECONDITION: the server has no checkpoint directory configured.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
