@@ -66,6 +66,9 @@ class ServerConfig:
   stream_idle_timeout_s: float = setting(
       30.0, 'cut off a push/initialisation stream silent this long')
   max_stream_seconds: float = setting(900.0, 'cut off any stream open this long')
+  min_push_bytes_per_second: float = setting(
+      1 << 20, 'cut off a push/initialisation stream that sends its announced bytes slower '
+      'than this, beyond stream_idle_timeout_s (0: no bound)')
   keepalive_s: float = setting(
       60.0, 'ping idle connections this often to find dead peers (0: never)')
   # Worker ids allowed to push, comma-separated (none: any well-formed id).
@@ -188,6 +191,8 @@ class ServerConfig:
     need(self.max_streams_per_connection >= 1, 'max_streams_per_connection', 'must be >= 1')
     need(self.stream_idle_timeout_s > 0, 'stream_idle_timeout_s', 'must be > 0')
     need(self.max_stream_seconds > 0, 'max_stream_seconds', 'must be > 0')
+    need(math.isfinite(self.min_push_bytes_per_second) and self.min_push_bytes_per_second >= 0,
+         'min_push_bytes_per_second', 'must be a finite number >= 0')
     need(self.keepalive_s >= 0, 'keepalive_s', 'must be >= 0')
     need(self.progress_every_seconds >= 0, 'progress_every_seconds', 'must be >= 0')
     for w in self.worker_allowlist or ():
@@ -309,6 +314,7 @@ GROUPS = {
     'security': ('allowed_workers', 'auth_token_file', 'auth_token_env', 'tls_cert', 'tls_key',
                  'tls_client_ca'),
     'limits': ('max_concurrent_rpcs', 'max_streams_per_connection', 'stream_idle_timeout_s',
+               'min_push_bytes_per_second',
                'max_stream_seconds', 'max_inflight_pushes', 'max_inflight_bytes',
                'admission_timeout_s'),
     'checkpoints': ('checkpoint_dir', 'checkpoint_every_steps', 'checkpoint_every_seconds',

@@ -28,12 +28,29 @@ class StreamLimits:
     self._idle_s = idle_s
     self.started = time.monotonic()
     self._deadline = self.started + max_s
+    self._rate: Optional[tuple[int, float]] = None  # (bytes announced, the least rate)
+
+  def expect(self, nbytes: int, min_rate: float) -> None:
+    """The stream announced `nbytes`: it must send them at `min_rate` bytes/s at least,
+    beyond the idle allowance (0: no bound) -- bounded by progress, not by silence, so
+    that a client dripping a byte now and then cannot hold its push's slot for long."""
+    if min_rate > 0:
+      deadline = self.started + self._idle_s + nbytes / min_rate
+      if deadline < self._deadline:
+        self._deadline, self._rate = deadline, (nbytes, min_rate)
 
   def _wait(self) -> float:
     return max(min(self._idle_s, self._deadline - time.monotonic()), 0.0)
 
   def error(self) -> DeadlineExceeded:
     """Why the stream was cut off (the limit it broke), for its client."""
+    if time.monotonic() >= self._deadline and self._rate is not None:
+      nbytes, rate = self._rate
+      return DeadlineExceeded(
+          f'{self.what}: too slow: {nbytes} bytes announced, not sent within '
+          f'{self._deadline - self.started:.1f}s (stream_idle_timeout_s + the bytes at '
+          f'min_push_bytes_per_second {rate:g}); cut off, its data discarded',
+          reason='too_slow')
     if time.monotonic() >= self._deadline:
       return DeadlineExceeded(f'{self.what}: the stream was open too long (max_stream_seconds); '
                               f'cut off, its data discarded', reason='stream_too_long')

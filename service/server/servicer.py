@@ -42,6 +42,7 @@ from service.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+_CUT_OFF = ('idle', 'stream_too_long', 'too_slow')  # reasons a stream's limits cut it off
 # A leaf of at most this many bytes is checked for NaN/Inf on the event loop.
 _INLINE_BYTES = 256 << 10
 
@@ -208,6 +209,7 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       specs = specs_from_proto(header.leaves, 'header.leaves')
       if not specs:
         raise InvalidArgument('header.leaves is empty')
+      limits.expect(sum(s.nbytes for s in specs), self._engine.config.min_push_bytes_per_second)
       sink = await lane.run(self._engine.initial_sink, specs, header.init_id)
       receiver = ChunkReceiver(specs, 'InitializeModel', sink)
       try:
@@ -220,7 +222,7 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
                                 header.init_id)
       return pb.InitializeModelResponse(model_id=model_id, step=0)
     except ServiceError as e:
-      if e.reason in ('idle', 'stream_too_long'):
+      if e.reason in _CUT_OFF:
         self._metrics.streams_cut_off.labels('InitializeModel', e.reason).inc()
       log.warning('InitializeModel refused: %s', e,
                   extra=fields(rpc='InitializeModel', code=e.code, reason=e.reason, leaf=e.leaf))
@@ -236,6 +238,7 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       message, chunks, commit = await _read_stream(limits, context, 'PushGradients')
       header = _push_header(message)
       limits.what = header.what
+      limits.expect(header.nbytes, self._engine.config.min_push_bytes_per_second)
       session = await self._open_push(header, lane)
       if not session.answered:
         # A chunk is copied into its buffer on the loop as it arrives (at most 4 MiB: a
@@ -297,7 +300,7 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
     """Counts and logs a push that was not accepted (e None: cancelled by the client)."""
     reason = e.reason if e is not None else 'cancelled'
     self._metrics.pushes_rejected.labels(reason).inc()
-    if reason in ('idle', 'stream_too_long'):
+    if reason in _CUT_OFF:
       self._metrics.streams_cut_off.labels('PushGradients', reason).inc()
     worker = header.worker_id if header is not None else None
     step = header.step if header is not None else None

@@ -179,6 +179,31 @@ def test_a_push_open_too_long_is_cut_off():
     assert sample(text, 'lamb_sharded_pushes_rejected_total', {'reason': 'stream_too_long'}) == 1
 
 
+def test_a_drip_fed_push_is_cut_off_by_its_rate_and_starves_no_other():
+  """A client that sends a byte now and then (never idle) holds its push's slot only for
+  stream_idle_timeout_s + its announced bytes at min_push_bytes_per_second, not for
+  max_stream_seconds; meanwhile and after, the other worker's push counts."""
+  with running_server(devices=1, num_workers=2, stream_idle_timeout_s=2,
+                      max_inflight_pushes=2, min_push_bytes_per_second=1024) as (running, client):
+    client.initialize(PARAMS)
+    gate = threading.Event()
+    t0 = time.monotonic()
+    call = _stalled_push(running.port, 0, gate, every=1.5, worker='dripping')
+    try:
+      until(call.done, timeout=30)
+    finally:
+      gate.set()
+    took = time.monotonic() - t0
+    assert call.code() == grpc.StatusCode.DEADLINE_EXCEEDED, call.details()
+    assert 'too slow' in call.details() and 'min_push_bytes_per_second' in call.details()
+    assert took < 10, took  # 2 s + its ~100 bytes at 1 KiB/s, not max_stream_seconds (900)
+    r = client.push(0, _grads(1), 1, 'prompt')
+    assert r.accepted_step == 0 and running.engine.pushes_in_flight == 0
+    text = _scrape(running.metrics_port)
+    assert sample(text, 'lamb_sharded_streams_cut_off_total',
+                  {'rpc': 'PushGradients', 'reason': 'too_slow'}) == 1
+
+
 def test_a_pull_whose_client_stops_reading_is_cancelled():
   big = {"['w']": np.ones((2048, 2048), np.float32)}  # 16 MiB: more than gRPC buffers
   with running_server(devices=1, stream_idle_timeout_s=1.0) as (running, client):
