@@ -26,7 +26,7 @@ class StreamLimits:
   def __init__(self, what: str, idle_s: float, max_s: float):
     self.what = what
     self._idle_s = idle_s
-    self.started = time.monotonic()
+    self.started = self._last = time.monotonic()  # the stream's start, its last progress
     self._deadline = self.started + max_s
     self._rate: Optional[tuple[int, float]] = None  # (bytes announced, the least rate)
 
@@ -44,7 +44,10 @@ class StreamLimits:
 
   def error(self) -> DeadlineExceeded:
     """Why the stream was cut off (the limit it broke), for its client."""
-    if time.monotonic() >= self._deadline and self._rate is not None:
+    now = time.monotonic()
+    if now - self._last >= self._idle_s * 0.999:  # silent: say so, whatever else it broke
+      return self._idle()
+    if now >= self._deadline and self._rate is not None:
       nbytes, rate = self._rate
       return DeadlineExceeded(
           f'{self.what}: too slow: {nbytes} bytes announced, not sent within '
@@ -54,6 +57,9 @@ class StreamLimits:
     if time.monotonic() >= self._deadline:
       return DeadlineExceeded(f'{self.what}: the stream was open too long (max_stream_seconds); '
                               f'cut off, its data discarded', reason='stream_too_long')
+    return self._idle()
+
+  def _idle(self) -> DeadlineExceeded:
     return DeadlineExceeded(f'{self.what}: no message for {self._idle_s:g}s '
                             f'(stream_idle_timeout_s); cut off, its data discarded',
                             reason='idle')
@@ -66,6 +72,7 @@ class StreamLimits:
         message = await context.read()
     except TimeoutError:
       raise self.error() from None
+    self._last = time.monotonic()
     return None if message is grpc.aio.EOF else message
 
   async def write(self, context: grpc.aio.ServicerContext, message) -> None:
@@ -76,3 +83,4 @@ class StreamLimits:
         await context.write(message)
     except TimeoutError:
       raise self.error() from None
+    self._last = time.monotonic()
