@@ -169,6 +169,31 @@ class PullHeader:
   not_modified: bool = False
 
 
+class InitSession:
+  """One InitializeModel being received (`Engine.open_init`): its stream goes into `sink`;
+  `commit()` creates the model. Closing it (also after a commit) lets another
+  initialisation in."""
+
+  def __init__(self, sink: HostParts, commit: Callable[[], str], release: Callable[[], None]):
+    self.sink = sink
+    self._commit, self._release = commit, release
+
+  def commit(self) -> str:
+    """Creates the model from what the sink received; its model_id."""
+    return self._commit()
+
+  def close(self) -> None:
+    release, self._release = self._release, None
+    if release is not None:
+      release()
+
+  def __enter__(self) -> 'InitSession':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
 class PullStream:
   """One pull: an iterator of its `PullHeader`, then its encoded messages; close it when done.
 
@@ -264,6 +289,7 @@ class Engine:
     self._saving = 0  # checkpoints queued or being written from the current state
     self._unwritten = 0  # checkpoints queued or being written, of any state
     self._adopting = False  # a model is being adopted (its id agreed on)
+    self._init_claim: Optional[object] = None  # the InitializeModel being received
     self._params_version = 0  # bumped whenever the current params are replaced
     self._adoptions = 0  # models adopted (initialised or restored) so far
     self._shared_pull: Optional[tuple] = None  # (key, pull.SharedStream) of the latest pull
@@ -471,14 +497,44 @@ class Engine:
 
   # ------------------------------------------------------------------ model
 
-  def initial_sink(self, specs: Sequence[LeafSpec], init_id: str = '') -> HostParts:
-    """Where the stream of an InitializeModel of the whole leaves `specs` goes: this
-    process keeps its part. Checks the header first (`init_id`: see `initialize`)."""
-    self._init_key(init_id)
+  def open_init(self, specs: Sequence[LeafSpec], init_id: str = '') -> 'InitSession':
+    """An InitializeModel of the whole leaves `specs` being received: its session.
+
+    Checks the header first (`init_id`: see `initialize`). One initialisation is
+    received at a time: while one is, or once the model exists, another gets
+    ALREADY_EXISTS here, before a byte of its model is allocated. In a job,
+    process 0 chooses that one and the others take only the stream it took
+    (as with pushes), so every process creates the same model or none does.
+    """
+    key = self._init_key(init_id)
     for s in specs:
       if s.dtype not in PARAM_DTYPES:
         raise InvalidArgument(f'leaf {s.path}: parameters must be float32, got {s.dtype.name}')
-    return HostParts(specs, ModelPlan(self.config, self.mesh, specs).slices)
+    if key is not None:  # a follower takes the stream process 0 took, or its refusal
+      self._co.await_admitted(key, self.config.admission_timeout_s)
+    claim = object()
+    try:
+      with self._cond:
+        self._check_no_model_locked()
+        if self._init_claim is not None:
+          raise AlreadyExists('another InitializeModel is being received: once it is done, '
+                              'pull the parameters (WaitForStep(0) waits for them)',
+                              reason='init_in_progress')
+        self._init_claim = claim
+    except ServiceError as e:
+      if key is not None:
+        self._co.refuse(key, e)
+      raise
+    if key is not None:
+      self._co.admitted(key)  # (process 0's) the others may take this stream now
+    sink = HostParts(specs, ModelPlan(self.config, self.mesh, specs).slices)
+    return InitSession(sink, lambda: self.initialize(specs, sink.arrays, init_id),
+                       lambda: self._end_init(claim))
+
+  def _end_init(self, claim: object) -> None:
+    with self._cond:
+      if self._init_claim is claim:
+        self._init_claim = None
 
   def initialize(self, specs: Sequence[LeafSpec], host_params: Sequence[np.ndarray],
                  init_id: Optional[str] = None) -> str:

@@ -210,16 +210,18 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       if not specs:
         raise InvalidArgument('header.leaves is empty')
       limits.expect(sum(s.nbytes for s in specs), self._engine.config.min_push_bytes_per_second)
-      sink = await lane.run(self._engine.initial_sink, specs, header.init_id)
-      receiver = ChunkReceiver(specs, 'InitializeModel', sink)
+      session = await lane.run(self._engine.open_init, specs, header.init_id)
       try:
-        async for chunk in chunks:
-          await lane.run(receiver.add, chunk)
+        receiver = ChunkReceiver(specs, 'InitializeModel', session.sink)
+        try:
+          async for chunk in chunks:
+            await lane.run(receiver.add, chunk)
+        finally:
+          self._metrics.received_bytes.labels('InitializeModel').inc(receiver.total_bytes)
+        await lane.run(receiver.finish, commit[0] if commit else None)
+        model_id = await lane.run(session.commit)
       finally:
-        self._metrics.received_bytes.labels('InitializeModel').inc(receiver.total_bytes)
-      await lane.run(receiver.finish, commit[0] if commit else None)
-      model_id = await lane.run(self._engine.initialize, specs, receiver.sink.arrays,
-                                header.init_id)
+        lane.then(session.close)  # after a call still running, if the RPC was cancelled
       return pb.InitializeModelResponse(model_id=model_id, step=0)
     except ServiceError as e:
       if e.reason in _CUT_OFF:

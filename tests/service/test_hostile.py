@@ -584,3 +584,42 @@ def test_an_initialisation_with_a_bad_leaf_path_or_init_id_creates_nothing():
       assert code == grpc.StatusCode.INVALID_ARGUMENT and re.search(pattern, details), details
       assert len(details) < 300
     assert not running.engine.describe().initialized
+
+
+def test_one_initialisation_at_a_time_the_others_already_exists_at_once():
+  """Four InitializeModel streams at once (the base deployment's --init workers): the
+  first is received, the others get ALREADY_EXISTS at once -- before their streams
+  end, so before any of their model is allocated -- and the first creates the model."""
+  params = {"['w']": np.arange(12, dtype=np.float32).reshape(3, 4),
+            "['b']": np.ones(5, np.float32)}
+  msgs = push_messages(list(params.items()), chunk_bytes=16)
+  header = pb.InitializeModelRequest(header=pb.InitializeModelHeader(
+      leaves=[spec(p, a.shape) for p, a in params.items()], init_id='first'))
+  body = [pb.InitializeModelRequest(chunk=m.chunk) for m in msgs[1:-1]]
+  commit = pb.InitializeModelRequest(commit=msgs[-1].commit)
+  gates = [threading.Event() for _ in range(4)]
+
+  def stream(gate):
+    yield header
+    yield body[0]
+    gate.wait(30)  # held open half-way
+    yield from body[1:]
+    yield commit
+  with running_server(devices=1) as (running, client):
+    first = stub(running.port).InitializeModel.future(stream(gates[0]), timeout=60)
+    until(lambda: running.engine._init_claim is not None)  # pylint: disable=protected-access
+    others = [stub(running.port).InitializeModel.future(stream(g), timeout=60)
+              for g in gates[1:]]
+    try:
+      for call in others:
+        until(call.done, timeout=10)  # their streams are still held open
+        assert call.code() == grpc.StatusCode.ALREADY_EXISTS, call.details()
+        assert 'another InitializeModel is being received' in call.details()
+    finally:
+      for g in gates:
+        g.set()
+    assert first.result().step == 0
+    step, got = params_of(client)
+  assert step == 0
+  for k, v in params.items():
+    np.testing.assert_array_equal(got[k], v)
