@@ -20,7 +20,7 @@ from service.logs import FORMATS as LOG_FORMATS
 
 STEP_MODES = ('sync', 'async')
 # Settings that are durations in seconds, and the longest any may be.
-DURATIONS = ('straggler_timeout_s', 'checkpoint_every_seconds', 'keepalive_s',
+DURATIONS = ('straggler_timeout_s', 'checkpoint_every_seconds', 'keepalive_s', 'health_stuck_s',
              'max_stream_seconds', 'stream_idle_timeout_s', 'admission_timeout_s',
              'shutdown_grace_s', 'progress_every_seconds')
 MAX_DURATION_S = 365 * 24 * 3600.0
@@ -69,6 +69,9 @@ class ServerConfig:
   min_push_bytes_per_second: float = setting(
       1 << 20, 'cut off a push/initialisation stream that sends its announced bytes slower '
       'than this, beyond stream_idle_timeout_s (0: no bound)')
+  health_stuck_s: float = setting(
+      60.0, 'Health.Check answers NOT_SERVING while the engine\'s lock has been held this long '
+      '(a stuck step) or a thread it needs has ended')
   keepalive_s: float = setting(
       60.0, 'ping idle connections this often to find dead peers (0: never)')
   # Worker ids allowed to push, comma-separated (none: any well-formed id).
@@ -194,6 +197,7 @@ class ServerConfig:
     need(math.isfinite(self.min_push_bytes_per_second) and self.min_push_bytes_per_second >= 0,
          'min_push_bytes_per_second', 'must be a finite number >= 0')
     need(self.keepalive_s >= 0, 'keepalive_s', 'must be >= 0')
+    need(self.health_stuck_s > 0, 'health_stuck_s', 'must be > 0')
     need(self.progress_every_seconds >= 0, 'progress_every_seconds', 'must be >= 0')
     for w in self.worker_allowlist or ():
       need(WORKER_ID.fullmatch(w) is not None, 'allowed_workers',
@@ -309,7 +313,8 @@ def _flag(name: str) -> str:
 
 # `serve --help` by topic; every field in exactly one (a test checks).
 GROUPS = {
-    'network': ('host', 'port', 'grpc_threads', 'metrics_port', 'health_port', 'keepalive_s'),
+    'network': ('host', 'port', 'grpc_threads', 'metrics_port', 'health_port', 'keepalive_s',
+                'health_stuck_s'),
     'logs': ('log_level', 'log_format', 'progress_every_seconds'),
     'security': ('allowed_workers', 'auth_token_file', 'auth_token_env', 'tls_cert', 'tls_key',
                  'tls_client_ca'),

@@ -313,6 +313,21 @@ class Engine:
 
   # ------------------------------------------------------------------ queries
 
+  def health(self, stuck_s: float) -> Optional[str]:
+    """Why the engine cannot serve, or None if it can: a thread it needs has ended, or
+    its lock was not free within `stuck_s` seconds (a step or a call is wedged).
+
+    Blocks up to `stuck_s` (call it off any thread that must not wait).
+    """
+    for t in self._threads:
+      needed = t.name != 'straggler' or self._steps.rules.has_straggler_timeout
+      if needed and not t.is_alive() and not self._closed:
+        return f'its {t.name} thread has ended'
+    if not self._cond.acquire(timeout=stuck_s):
+      return f'its lock has been held for over {stuck_s:g}s (a step or a call is stuck)'
+    self._cond.release()
+    return None
+
   def describe(self) -> Description:
     with self._cond:
       plan, step, mid = self._plan, self._steps.step, self._model_id

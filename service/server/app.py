@@ -36,7 +36,7 @@ from service.core.persistence import load_npz
 from service.errors import ConfigError, StartupError
 from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME
 from service.protocol.tokens import load_tokens
-from service.server import auth, peers
+from service.server import auth, offload, peers
 from service.server.metrics import Metrics
 from service.server.progress import ProgressLog
 from service.server.servicer import OptimizerServicer, add_servicer
@@ -111,8 +111,10 @@ class RunningServer:
                checkpointer: Optional[Checkpointer] = None,
                pool: Optional[concurrent.futures.Executor] = None,
                progress: Optional[ProgressLog] = None,
-               peer_watch: Optional[peers.PeerWatch] = None):
+               peer_watch: Optional[peers.PeerWatch] = None,
+               health_watch: Optional[asyncio.Task] = None):
     self._loop = loop
+    self._health_watch = health_watch
     self.server, self.engine, self.port = server, engine, port
     self._health = health_servicer
     self.metrics, self.metrics_port = metrics, metrics_port
@@ -134,6 +136,8 @@ class RunningServer:
     self._stopped = True
     if self._peer_watch is not None:
       self._peer_watch.request_stop()
+    if self._health_watch is not None:
+      self._loop.loop.call_soon_threadsafe(self._health_watch.cancel)
     self._loop.run(self._health.enter_graceful_shutdown())
     if self._progress is not None:
       self._progress.close()
@@ -302,6 +306,8 @@ def start(config: ServerConfig) -> RunningServer:
     if metrics_port is not None:
       log.info('Prometheus metrics on http://%s:%d/metrics', config.host, metrics_port)
     loop.run(server.start())
+    health_watch = loop.call(lambda: loop.loop.create_task(offload.watch_health(
+        engine, health_servicer, pool, config.health_stuck_s, ('', SERVICE_NAME), log)))
     if health_server is not None:
       loop.run(health_server.start())
       log.info('health service (plaintext) on %s:%d', config.host, health_port)
@@ -311,7 +317,8 @@ def start(config: ServerConfig) -> RunningServer:
            ', bearer tokens' if tokens else '', engine.mesh.devices.size)
   progress = ProgressLog(metrics, config.progress_every_seconds)  # its first line: later
   return RunningServer(loop, server, engine, port, health_servicer, metrics, metrics_port,
-                       health_server, health_port, checkpointer, pool, progress, watch)
+                       health_server, health_port, checkpointer, pool, progress, watch,
+                       health_watch)
 
 
 async def _add_services(server: grpc.aio.Server, servicer: OptimizerServicer,

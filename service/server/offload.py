@@ -111,3 +111,29 @@ def _copy(source: asyncio.Future, target: asyncio.Future) -> None:
     target.set_exception(source.exception())
   else:
     target.set_result(source.result())
+
+
+async def watch_health(engine: Engine, health_servicer, pool: concurrent.futures.Executor,
+                       stuck_s: float, names: tuple[str, ...], log) -> None:
+  """Keeps the health service's status the engine's: NOT_SERVING while `engine.health`
+  says why it cannot serve (a wedged step, a needed thread gone), SERVING again after.
+
+  Runs until cancelled; each check runs on the pool (it may wait up to `stuck_s`).
+  """
+  from grpc_health.v1 import health_pb2  # pylint: disable=import-outside-toplevel
+  loop = asyncio.get_running_loop()
+  serving, every = True, min(2.0, stuck_s / 2)
+  while True:
+    await asyncio.sleep(every)
+    why = await loop.run_in_executor(pool, engine.health, stuck_s)
+    if (why is None) == serving:
+      continue
+    serving = why is None
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in names:
+      await health_servicer.set(name, status)
+    if serving:
+      log.warning('health: SERVING again (the engine answers)')
+    else:
+      log.error('health: NOT_SERVING: the engine is not serving: %s', why)

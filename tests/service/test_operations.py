@@ -435,3 +435,35 @@ def test_a_server_logs_its_progress_every_few_seconds(tmp_path):
   assert any(re.search(r' [1-9][\d.]* pushes/s, [\d.]+ MB/s received, apply [\d.]+ ms '
                        r'\(mean of [1-3]\)', x) for x in progress), text
   assert 'last checkpoint step 0' in progress[-1], text
+
+
+def _health(port):
+  from grpc_health.v1 import health_pb2, health_pb2_grpc  # pylint: disable=import-outside-toplevel
+  stub_ = health_pb2_grpc.HealthStub(grpc.insecure_channel(f'127.0.0.1:{port}'))
+  return health_pb2.HealthCheckResponse.ServingStatus.Name(
+      stub_.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+
+
+def test_health_reflects_a_wedged_engine():
+  """Health.Check is the engine's: NOT_SERVING while its lock stays held past
+  --health-stuck-s (a wedged step) or a thread it needs has ended; SERVING again once
+  it answers. The probe itself always answers at once."""
+  with running_server(devices=1, health_stuck_s=1.0) as (running, client):
+    client.initialize(PARAMS)
+    assert _health(running.port) == 'SERVING'
+    engine = running.engine
+    release = threading.Event()
+
+    def wedge():
+      with engine._cond:  # pylint: disable=protected-access  # a step that never ends
+        release.wait(30)
+    threading.Thread(target=wedge, daemon=True).start()
+    try:
+      until(lambda: _health(running.port) == 'NOT_SERVING', timeout=10)
+    finally:
+      release.set()
+    until(lambda: _health(running.port) == 'SERVING', timeout=10)
+    # A thread the engine needs ends (here: its apply timer, told to stop).
+    engine._applied.put(None)  # pylint: disable=protected-access
+    until(lambda: _health(running.port) == 'NOT_SERVING', timeout=10)
+    assert 'NOT_SERVING' == _health(running.port)
