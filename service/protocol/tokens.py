@@ -16,18 +16,45 @@ METADATA_KEY = 'authorization'
 SCHEME = 'Bearer'
 
 
-def parse_tokens(text: str, source: str) -> list[str]:
-  """The tokens of a token file's text: one per line, blank lines and #comments ignored."""
-  tokens = []
+WORKERS = 'workers='  # a server's token line: `TOKEN workers=ID[,ID...]` binds it
+
+
+def parse_entries(text: str, source: str) -> list[tuple[str, Optional[frozenset[str]]]]:
+  """The (token, the worker ids it is bound to or None) of a token file's text: one per
+  line, blank lines and #comments ignored.
+
+  A line is a token, or (on a server) a token and `workers=ID[,ID...]`: the only
+  worker ids that token may push as.
+
+  Example:
+    >>> parse_entries("# ops\\nabc\\ndef workers=w0,w1\\n", "f")
+    [('abc', None), ('def', frozenset({'w0', 'w1'}))]
+  """
+  entries = []
   for number, raw in enumerate(text.splitlines(), 1):
     line = raw.strip()
     if not line or line.startswith('#'):
       continue
-    if any(c.isspace() for c in line) or not line.isascii() or not line.isprintable():
+    token, _, rest = line.partition(' ')
+    rest = rest.strip()
+    if not token.isascii() or not token.isprintable():
       raise ValueError(f'{source}, line {number}: a token must be printable ASCII without '
                        f'spaces')
-    tokens.append(line)
-  return tokens
+    workers = None
+    if rest:
+      if not rest.startswith(WORKERS) or any(c.isspace() for c in rest):
+        raise ValueError(f'{source}, line {number}: after the token, only '
+                         f'{WORKERS}ID[,ID...] (the worker ids it may push as)')
+      workers = frozenset(w for w in rest[len(WORKERS):].split(',') if w)
+      if not workers:
+        raise ValueError(f'{source}, line {number}: {WORKERS} names no worker id')
+    entries.append((token, workers))
+  return entries
+
+
+def parse_tokens(text: str, source: str) -> list[str]:
+  """The tokens of a token file's text (`parse_entries`, without the workers they bind)."""
+  return [token for token, _ in parse_entries(text, source)]
 
 
 def load_tokens(token_file: Optional[str] = None, token_env: Optional[str] = None,
@@ -37,11 +64,17 @@ def load_tokens(token_file: Optional[str] = None, token_env: Optional[str] = Non
   Raises ValueError if a source is named but yields no token (a misconfigured secret
   must not silently turn authentication off).
   """
+  return [token for token, _ in load_entries(token_file, token_env, environ)]
+
+
+def load_entries(token_file: Optional[str] = None, token_env: Optional[str] = None,
+                 environ=None) -> list[tuple[str, Optional[frozenset[str]]]]:
+  """`load_tokens`, each token with the worker ids it is bound to (None: any)."""
   environ = os.environ if environ is None else environ
-  tokens: list[str] = []
+  tokens: list = []
   if token_file:
     with open(token_file, encoding='utf-8') as fh:
-      from_file = parse_tokens(fh.read(), token_file)
+      from_file = parse_entries(fh.read(), token_file)
     if not from_file:
       raise ValueError(f'auth token file {token_file} holds no token')
     tokens += from_file
@@ -49,7 +82,7 @@ def load_tokens(token_file: Optional[str] = None, token_env: Optional[str] = Non
     value = environ.get(token_env)
     if value is None:
       raise ValueError(f'auth token environment variable {token_env} is not set')
-    from_env = parse_tokens(value, f'${token_env}')
+    from_env = parse_entries(value, f'${token_env}')
     if not from_env:
       raise ValueError(f'auth token environment variable {token_env} holds no token')
     tokens += from_env

@@ -35,7 +35,7 @@ from service.core.engine import Engine
 from service.core.persistence import load_npz
 from service.errors import ConfigError, StartupError
 from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME
-from service.protocol.tokens import load_tokens
+from service.protocol.tokens import load_entries
 from service.server import auth, offload, peers
 from service.server.metrics import Metrics
 from service.server.progress import ProgressLog
@@ -233,7 +233,9 @@ def start(config: ServerConfig) -> RunningServer:
   failure is closed again.
   """
   # Security settings first: a misconfigured secret fails before any state is touched.
-  tokens = load_tokens(config.auth_token_file, config.auth_token_env)
+  entries = load_entries(config.auth_token_file, config.auth_token_env)
+  tokens = [token for token, _ in entries]
+  bindings = {token: workers for token, workers in entries if workers is not None}
   tls = bool(config.tls_cert)
   credentials = (auth.server_credentials(config.tls_cert, config.tls_key,
                                          config.tls_client_ca) if tls else None)
@@ -300,7 +302,7 @@ def start(config: ServerConfig) -> RunningServer:
     watch = peers.watch(engine.job, endpoints, _exit_lost, _stop_asked)
     if watch is not None:
       undo.callback(watch.close)
-    servicer = loop.call(OptimizerServicer, engine, pool, metrics, endpoints)
+    servicer = loop.call(OptimizerServicer, engine, pool, metrics, endpoints, bindings)
     health_servicer = loop.call(health.aio.HealthServicer)
     loop.run(_add_services(server, servicer, health_servicer, health_server))
     if metrics_port is not None:

@@ -2,7 +2,8 @@
 
 * Bearer tokens (`service.protocol.tokens`): `BearerAuthInterceptor` refuses any
   call without one of the configured tokens with UNAUTHENTICATED before it reaches
-  the servicer. `grpc.health.v1.Health` needs no token, so that probes work.
+  the servicer. `grpc.health.v1.Health` needs no token, so that probes work. A
+  token may be bound to worker ids (`bound_workers`): it may push as no other.
 * TLS / mutual TLS: `server_credentials` builds `grpc.ssl_server_credentials` from
   PEM files; with a client CA the server requires and verifies client certificates.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import grpc
 
@@ -36,6 +37,18 @@ def check_bearer(value: Optional[str], tokens: Sequence[bytes]) -> bool:
   for token in tokens:  # every token, no early exit
     ok |= hmac.compare_digest(candidate, token)
   return ok
+
+
+def bound_workers(metadata, bindings: Mapping[str, frozenset]) -> Optional[frozenset]:
+  """The worker ids the call's bearer token may push as (None: any, or no binding)."""
+  if not bindings:
+    return None
+  for key, value in metadata or ():
+    if key == tokens_lib.METADATA_KEY and isinstance(value, str):
+      scheme, _, presented = value.strip().partition(' ')
+      if scheme.lower() == tokens_lib.SCHEME.lower():
+        return bindings.get(presented.strip())
+  return None
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

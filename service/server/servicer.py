@@ -21,14 +21,15 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import grpc
 
 from service.core.engine import Engine, PullHeader
 from service.core.pull import NOT_READY
 from service.core.push import PushSession
-from service.errors import AlreadyExists, InvalidArgument, ResourceExhausted, ServiceError
+from service.errors import (AlreadyExists, InvalidArgument, PermissionDenied, ResourceExhausted,
+                            ServiceError)
 from service.logs import fields
 from service.protocol import SERVICE_NAME, ids, pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
@@ -36,7 +37,7 @@ from service.protocol.chunks import ChunkReceiver, clamp_chunk_bytes, chunk_pars
 from service.protocol.dtypes import numpy_dtype
 from service.protocol.specs import specs_from_proto
 from service.protocol.types import PushHeader, PushResult
-from service.server import offload
+from service.server import auth, offload
 from service.server.limits import StreamLimits
 from service.server.metrics import Metrics
 
@@ -153,9 +154,12 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
   """
 
   def __init__(self, engine: Engine, pool: concurrent.futures.Executor,
-               metrics: Optional[Metrics] = None, endpoints: Sequence[str] = ()):
-    """`endpoints`: of a multi-process server, every process's HOST:PORT, by index."""
+               metrics: Optional[Metrics] = None, endpoints: Sequence[str] = (),
+               bindings: Optional[Mapping[str, frozenset]] = None):
+    """`endpoints`: of a multi-process server, every process's HOST:PORT, by index;
+    `bindings`: bearer token -> the only worker ids it may push as."""
     self._engine = engine
+    self._bindings = dict(bindings or {})
     self._pool = pool
     self._endpoints = tuple(endpoints)
     self._metrics = metrics or Metrics()
@@ -240,6 +244,12 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       message, chunks, commit = await _read_stream(limits, context, 'PushGradients')
       header = _push_header(message)
       limits.what = header.what
+      bound = auth.bound_workers(context.invocation_metadata(), self._bindings)
+      if bound is not None and header.worker_id not in bound:
+        raise PermissionDenied(
+            f'this token may push as {", ".join(sorted(bound)[:5])}'
+            f'{" ..." if len(bound) > 5 else ""} only, not as worker {header.worker_id}',
+            reason='worker_not_bound')
       limits.expect(header.nbytes, self._engine.config.min_push_bytes_per_second)
       session = await self._open_push(header, lane)
       if not session.answered:

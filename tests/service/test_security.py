@@ -316,3 +316,25 @@ def test_a_health_port_in_use_refuses_to_start(pki):
       app.start(config)
     assert _health(grpc.insecure_channel(f'127.0.0.1:{taken}')) == \
         health_pb2.HealthCheckResponse.SERVING  # the first server's, untouched
+
+
+def test_a_token_bound_to_workers_pushes_as_them_only(tmp_path):
+  """A token line `TOKEN workers=ID,...` binds it: pushing as another worker id is
+  PERMISSION_DENIED, naming the worker, and changes nothing; an unbound token may push
+  as any worker."""
+  tokens = _token_file(tmp_path, 'tok-bound workers=w0,w1', 'tok-free')
+  with server(auth_token_file=tokens, num_workers=3) as running:
+    target = f'127.0.0.1:{running.port}'
+    with OptimizerClient(target, timeout=30, token='tok-bound') as bound, \
+        OptimizerClient(target, timeout=30, token='tok-free') as free:
+      bound.initialize(P0)
+      assert bound.push(0, G, 1, 'w0').accepted_step == 0
+      with pytest.raises(grpc.RpcError) as e:
+        bound.push(0, G, 1, 'w2')
+      assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+      assert 'this token may push as w0, w1 only, not as worker w2' in e.value.details()
+      assert running.engine.pushes_in_flight == 0
+      assert free.push(0, G, 1, 'w2').accepted_step == 0  # unbound: any worker
+      assert bound.push(0, G, 1, 'w1').applied  # the step: w0, w2 and w1, nothing else
+  with pytest.raises(ValueError, match=r'line 1: after the token, only workers='):
+    parse_tokens('tok group=w0\n', 'f')
