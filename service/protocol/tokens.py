@@ -27,8 +27,8 @@ def parse_entries(text: str, source: str) -> list[tuple[str, Optional[frozenset[
   worker ids that token may push as.
 
   Example:
-    >>> parse_entries("# ops\\nabc\\ndef workers=w0,w1\\n", "f")
-    [('abc', None), ('def', frozenset({'w0', 'w1'}))]
+    >>> [(t, sorted(w) if w else w) for t, w in parse_entries("abc\\ndef workers=w0,w1", "f")]
+    [('abc', None), ('def', ['w0', 'w1'])]
   """
   entries = []
   for number, raw in enumerate(text.splitlines(), 1):
