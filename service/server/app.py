@@ -154,9 +154,10 @@ class RunningServer:
         self._checkpointer.close()
       if self._pool is not None:  # every call has ended: nothing is left to run on it
         self._pool.shutdown(wait=True)
-      # grpc.aio's poller thread runs while a server object lives: let them go.
-      self.server = self.health_server = None
+      # grpc.aio's poller thread runs while a server object lives: let them go, once the
+      # loop has stopped (the poller's fd, closed under a running loop, was read closed).
       self._loop.close()
+      self.server = self.health_server = None
       gc.collect()
 
   def wait(self) -> None:
