@@ -55,7 +55,8 @@ def _join_job(config: ServerConfig) -> None:
     return
   coordinator, index = job
   bind = f'{config.host}:{coordinator.rsplit(":", 1)[1]}'
-  runtime.initialize_distributed(coordinator, config.num_processes, index, bind_address=bind,
+  runtime.initialize_distributed(coordinator, config.num_processes, index,
+                                 secret=config.job_secret(), bind_address=bind,
                                  heartbeat_timeout_s=HEARTBEAT_S)
   log.info('process %d of %d of the job coordinated at %s', index, config.num_processes,
            coordinator)

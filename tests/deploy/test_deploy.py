@@ -141,9 +141,12 @@ class Deployment:
   def configmap(self, name: str) -> dict:
     return one(self.objects, 'ConfigMap', lambda o: o['metadata']['name'] == name)
 
-  def server_env(self, index: int = 0) -> dict[str, str]:
-    """The server container's variables in process `index` (Kubernetes sets the index)."""
+  def server_env(self, index: int = 0, secrets: bool = True) -> dict[str, str]:
+    """The server container's variables in process `index` (Kubernetes sets the index); with
+    `secrets`, those set from a Secret's key too (a placeholder of 32 characters)."""
     env = container_env(self.server)
+    if secrets:
+      env.update({name: f'{name} from a Secret'.ljust(32, '.') for name in secret_env(self.server)})
     if self.multihost:
       assert 'JOB_COMPLETION_INDEX' not in env, 'JOB_COMPLETION_INDEX is set by Kubernetes'
       env['JOB_COMPLETION_INDEX'] = str(index)
@@ -504,6 +507,25 @@ def test_multihost_every_process_joins_process_0s_coordinator(multihost, tmp_pat
                    if p['port'] == ports['coordinator']), None)
   assert svc_port and svc_port['targetPort'] in ('coordinator', ports['coordinator']), \
       f'the headless Service does not expose the coordinator port {ports["coordinator"]}'
+
+
+JOB_SECRET = 'lamb-sharded-job'
+
+
+def test_multihost_processes_sign_with_one_secret_from_a_kubernetes_secret(multihost, tmp_path):
+  """Every process reads the job's secret (what signs the values in the coordinator's store)
+  from the same Secret key, never as a plain value; without it, serve refuses to start."""
+  refs = set()
+  for index in range(multihost.servers['spec']['completions']):
+    _, config = server_config(multihost, tmp_path, index)
+    assert config.job_secret_env and not config.job_secret_file, 'no --job-secret-env'
+    assert config.job_secret_env not in container_env(multihost.server), 'a secret as a value'
+    refs.add(secret_env(multihost.server).get(config.job_secret_env))
+    with pytest.raises(config_lib.ConfigError, match='--job-secret-env'):
+      config.job(multihost.server_env(index, secrets=False))  # unset: refused, naming it
+  assert refs == {(JOB_SECRET, 'secret')}, refs
+  assert JOB_SECRET not in {ref[0] for ref in secret_env(multihost.worker).values()}, \
+      'the workers get the job\'s secret'
 
 
 def test_multihost_each_process_advertises_its_own_dns_name(multihost, tmp_path):

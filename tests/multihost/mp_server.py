@@ -31,6 +31,11 @@ DYING_WITH_PARENT = [sys.executable, '-c',
                      '*sys.argv[1:]])']
 
 
+# The job's secret (every process signs what it writes to the coordinator's store with it).
+SECRET_ENV = 'LAMB_SHARDED_TEST_JOB_SECRET'
+SECRET = 'a test job secret, not a secret'
+
+
 def job_port() -> int:
   """A free port below the kernel's ephemeral range (ip_local_port_range: 32768 and up).
 
@@ -64,9 +69,10 @@ def start(tmp_path, processes=2, devices=4, extra=(), init_params=True, ports=No
   [(proc, port, metrics_port)] once all serve. `params`: the initial params (init_file)."""
   init_flags = ['--init-params', str(init_file(tmp_path, params))] if init_params else []
   coordinator = job_port()
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu', SECRET_ENV: SECRET}
   job_flags = lambda i: (['--num-processes', str(processes), '--process-id', str(i),  # noqa: E731
-                          '--coordinator-address', f'127.0.0.1:{coordinator}']
+                          '--coordinator-address', f'127.0.0.1:{coordinator}',
+                          '--job-secret-env', SECRET_ENV]
                          if processes > 1 else [])
   procs = [subprocess.Popen(
       [*DYING_WITH_PARENT, 'serve', '--host', '127.0.0.1',
