@@ -238,10 +238,11 @@ def test_renders_with_kubectl_kustomize(target):
   if not KUBECTL:
     pytest.skip(NO_KUBECTL.format(f'the rendering of deploy/{target}'))
   kinds = sorted(o['kind'] for o in _render(target))
-  expected = ['ConfigMap', 'Job', 'PodDisruptionBudget', 'Service', 'Service', 'StatefulSet']
+  expected = ['ConfigMap', 'Job', 'NetworkPolicy', 'PodDisruptionBudget', 'Service', 'Service',
+              'StatefulSet']
   if target == MULTIHOST:  # the server's Job and its shared claim, no StatefulSet, one Service
-    expected = ['ConfigMap', 'Job', 'Job', 'PersistentVolumeClaim', 'PodDisruptionBudget',
-                'Service']
+    expected = ['ConfigMap', 'Job', 'Job', 'NetworkPolicy', 'PersistentVolumeClaim',
+                'PodDisruptionBudget', 'Service']
   if target == DEV_SECRET_TARGET:
     expected = sorted(expected + ['Secret'])
   assert kinds == expected, kinds
@@ -636,6 +637,78 @@ def test_multihost_a_failed_process_restarts_the_group(multihost):
   rules = spec.get('podFailurePolicy', {}).get('rules', [])
   assert {'action': 'Ignore', 'onPodConditions': [{'type': 'DisruptionTarget', 'status': 'True'}]
           } in rules, 'an evicted or preempted process counts as a failure'
+
+
+# ------------------------------------------------------------------------------------------
+# Who may reach the server pods: NetworkPolicy, applied here as a network plugin applies it.
+
+MONITORING = {'kubernetes.io/metadata.name': 'monitoring'}  # Prometheus' namespace (documented)
+HERE = {'kubernetes.io/metadata.name': 'lamb-sharded'}  # the namespace the target is applied to
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+  """Whether a LabelSelector (matchLabels, matchExpressions In/NotIn/Exists) selects `labels`."""
+  if not selector.get('matchLabels', {}).items() <= labels.items():
+    return False
+  for e in selector.get('matchExpressions', []):
+    has, value = e['key'] in labels, labels.get(e['key'])
+    ok = {'In': has and value in e.get('values', []),
+          'NotIn': not has or value not in e.get('values', []),
+          'Exists': has, 'DoesNotExist': not has}[e['operator']]
+    if not ok:
+      return False
+  return True
+
+
+def admitted(dep: Deployment, port: str, pod: dict, namespace: dict = HERE) -> bool:
+  """Whether a connection to the server pods' container port named `port` from a pod with
+  labels `pod` in a namespace with labels `namespace` is let in (no policy: everything is)."""
+  server_labels = dep.servers['spec']['template']['metadata']['labels']
+  numbers = {p['name']: p['containerPort'] for p in dep.server['ports']}
+  policies = [o for o in dep.objects if o['kind'] == 'NetworkPolicy'
+              and 'Ingress' in o['spec'].get('policyTypes', ['Ingress'])
+              and _selects(o['spec']['podSelector'], server_labels)]
+  if not policies:
+    return True
+  for policy in policies:
+    for rule in policy['spec'].get('ingress', []):
+      ports = rule.get('ports')
+      if ports and not any(p.get('port') in (port, numbers[port]) for p in ports):
+        continue
+      peers = rule.get('from')
+      if not peers:
+        return True
+      for peer in peers:
+        if 'ipBlock' in peer:
+          return True  # any address (a pod's too) may be in it: treat as open
+        in_ns = (_selects(peer['namespaceSelector'], namespace) if 'namespaceSelector' in peer
+                 else namespace == HERE)
+        if in_ns and _selects(peer.get('podSelector', {}), pod):
+          return True
+  return False
+
+
+def test_every_target_admits_only_the_expected_clients(dep):
+  worker = dep.workers['spec']['template']['metadata']['labels']
+  server = dep.servers['spec']['template']['metadata']['labels']
+  stranger = {'app': 'something-else'}
+  assert not admitted(dep, 'grpc', stranger), 'any pod of the namespace reaches the gRPC port'
+  assert not admitted(dep, 'grpc', worker, MONITORING), 'a pod of another namespace gets in'
+  assert admitted(dep, 'grpc', worker), 'the workers cannot reach the gRPC port'
+  assert admitted(dep, 'grpc', server), 'the server processes cannot watch each other'
+  assert admitted(dep, 'metrics', {'app': 'prometheus'}, MONITORING), 'Prometheus is kept out'
+  assert not admitted(dep, 'metrics', stranger) and not admitted(dep, 'metrics', worker)
+  if 'coordinator' in {p['name'] for p in dep.server['ports']}:
+    assert admitted(dep, 'coordinator', server), 'the processes cannot reach the coordinator'
+    for labels, namespace in ((worker, HERE), (stranger, HERE), (server, MONITORING),
+                              ({'app': 'prometheus'}, MONITORING)):
+      assert not admitted(dep, 'coordinator', labels, namespace), \
+          f'{labels} in {namespace} reaches the JAX coordinator (no authentication)'
+
+
+def test_multihost_has_a_coordinator_port_behind_the_policy(multihost):
+  assert 'coordinator' in {p['name'] for p in multihost.server['ports']}
+  assert [o for o in multihost.objects if o['kind'] == 'NetworkPolicy']
 
 
 # ------------------------------------------------------------------------------------------
