@@ -25,7 +25,8 @@ cannot be written again (JAX's coordinator; `MemoryStore` in tests):
                                  every follower has read)
   model_id/<n>/0                 the leader's id of the n-th model adopted
   final/<model>/<i>              process i's step before its final checkpoint
-  shutdown                       some process was asked to stop
+  shutdown                       process i was asked to stop: "<i> final" (for good) or
+                                 "<i> restart" (preempted: the job is to be started again)
 
 Anyone who reaches the coordinator's port can write and delete keys (JAX's
 coordinator has no authentication): so a job's store is a `SignedStore`,
@@ -216,11 +217,12 @@ class Coordination:
     """Every process's step, by index, before a final checkpoint (they must all be equal)."""
     return [step]
 
-  def request_shutdown(self) -> None:
-    """Asks every process of the job to drain and stop (this one was signalled)."""
+  def request_shutdown(self, final: bool = False) -> None:
+    """Asks every process of the job to drain and stop (this one was signalled): for good if
+    `final` (the operator's stop), else to be started again (preempted)."""
 
-  def shutdown_requested(self) -> Optional[int]:
-    """The process that asked the job to stop, if one did."""
+  def shutdown_requested(self) -> Optional[tuple[int, bool]]:
+    """(the process that asked the job to stop, whether for good), if one did."""
     return None
 
 
@@ -708,18 +710,20 @@ class Job(Coordination):
         steps.append(-1)
     return steps
 
-  def request_shutdown(self) -> None:
-    self._kv.set(f'{_PREFIX}/shutdown', str(self.index), overwrite=True)
+  def request_shutdown(self, final: bool = False) -> None:
+    self._kv.set(f'{_PREFIX}/shutdown', f'{self.index} {"final" if final else "restart"}',
+                 overwrite=True)
 
-  def shutdown_requested(self) -> Optional[int]:
+  def shutdown_requested(self) -> Optional[tuple[int, bool]]:
     value = self._kv.try_get(f'{_PREFIX}/shutdown')
     if value is None:
       return None
     try:
-      index = int(value)
-      if not 0 <= index < self.count:
-        raise ValueError(f'no process {index}')
-      return index
+      text, kind = value.split(' ')
+      index = int(text)
+      if not 0 <= index < self.count or kind not in ('final', 'restart'):
+        raise ValueError(f'no process {index}, or not final/restart')
+      return index, kind == 'final'
     except ValueError:
       log.warning('ignoring a malformed shutdown request in the job\'s store: %s',
                   _quoted(value))

@@ -609,8 +609,8 @@ def pod_failure_action(rules: list[dict], exit_codes: dict[str, int],
 
 def test_multihost_pod_failure_policy_fails_the_job_on_a_configuration_error(multihost):
   """Status 2 (the CLI's usage or configuration error: every new pod would repeat it) fails
-  the Job at once; a lost peer (status 3) and any other failure count toward backoffLimit;
-  an evicted or preempted pod is ignored."""
+  the Job at once; a lost peer (status 3) and a stop by SIGTERM (status 4) are ignored, any
+  other failure counts toward backoffLimit; an evicted or preempted pod is ignored."""
   rules = check_pod_failure_rules(multihost.servers['spec'])
   server = multihost.server['name']
   with pytest.raises(SystemExit) as usage:
@@ -619,11 +619,57 @@ def test_multihost_pod_failure_policy_fails_the_job_on_a_configuration_error(mul
   assert usage.value.code == config_error == 2
   assert pod_failure_action(rules, {server: config_error}) == 'FailJob', \
       f'a server exiting {config_error} (configuration error) does not fail the Job'
-  for lost in (supervise.LOST_EXIT, 1, 128 + 9):  # a lost peer, a startup error, kill -9/OOM
-    assert pod_failure_action(rules, {server: lost}) == 'Count', \
-        f'a server exiting {lost} does not count toward backoffLimit: the group cannot restart'
+  for failed in (1, 128 + 9):  # a startup error, kill -9/OOM: the one process that failed
+    assert pod_failure_action(rules, {server: failed}) == 'Count', \
+        f'a server exiting {failed} does not count toward backoffLimit: it may fail forever'
+  for not_its_fault in (supervise.LOST_EXIT, supervise.STOPPED_EXIT):
+    assert pod_failure_action(rules, {server: not_its_fault}) == 'Ignore', \
+        f'a server exiting {not_its_fault} (a lost peer, a stop by SIGTERM) burns backoffLimit'
   assert pod_failure_action(rules, {server: 128 + 9}, ('DisruptionTarget',)) == 'Ignore', \
       'an evicted or preempted server process counts as a failure'
+
+
+def job_controller(spec: dict, container: str, runs: list[list[tuple[int, tuple]]]):
+  """The Job's state after `runs` of its indexed pods, as the Job controller sees them: each
+  run is every index's (exit code, pod conditions); a failed pod is replaced (one run after
+  another) unless the policy fails the Job. ('Complete' | 'Failed' | 'Running', pods counted)."""
+  rules = check_pod_failure_rules(spec)
+  counted, succeeded = 0, set()
+  for run in runs:
+    for index, (code, conditions) in enumerate(run):
+      if code == 0:
+        succeeded.add(index)  # a succeeded index is never run again
+        continue
+      action = pod_failure_action(rules, {container: code}, conditions)
+      if action == 'FailJob':
+        return 'Failed', counted
+      counted += action == 'Count'
+      if counted > spec['backoffLimit']:
+        return 'Failed', counted
+    if len(succeeded) == spec['completions']:
+      return 'Complete', counted
+  return 'Running', counted
+
+
+def test_multihost_preemption_never_ends_training_only_the_operators_stop_does(multihost):
+  """SIGTERM to one process (a spot preemption, a node drain, a deleted pod) stops every
+  process with a final checkpoint and STOPPED_EXIT: however often, the Job goes on (a new
+  group resumes) and counts nothing. A lost peer counts once per group restart (the process
+  that failed), not N times. Only SIGINT, the operator's stop, ends every process with 0:
+  the Job is then Complete (tests/multihost: the real processes' exit statuses)."""
+  spec, server = multihost.servers['spec'], multihost.server['name']
+  n = spec['completions']
+  stopped, lost = supervise.STOPPED_EXIT, supervise.LOST_EXIT
+  preempted = [(stopped, ('DisruptionTarget',))] + [(stopped, ())] * (n - 1)
+  deleted = [(stopped, ())] * n  # `kubectl delete pod`: no DisruptionTarget
+  assert job_controller(spec, server, [preempted, deleted] * 50) == ('Running', 0)
+  killed = [(137, ())] + [(lost, ())] * (n - 1)  # one OOM-killed: the others lose it
+  limit = spec['backoffLimit']
+  assert job_controller(spec, server, [killed] * limit) == ('Running', limit), \
+      'a group restart burns more than the one failed pod'
+  assert job_controller(spec, server, [killed] * (limit + 1))[0] == 'Failed'
+  assert job_controller(spec, server, [preempted, [(0, ())] * n]) == ('Complete', 0)
+  assert job_controller(spec, server, [[(2, ())] * n])[0] == 'Failed'
 
 
 def test_multihost_a_failed_process_restarts_the_group(multihost):

@@ -173,7 +173,9 @@ def test_model_id_same_step_and_shutdown_are_shared():
   assert out['value'] == [9, 9]
   assert leader.shutdown_requested() is None
   follower.request_shutdown()
-  assert leader.shutdown_requested() == 1
+  assert leader.shutdown_requested() == (1, False)  # preempted: the job is to go on
+  leader.request_shutdown(final=True)
+  assert follower.shutdown_requested() == (0, True)  # the operator's stop
 
 
 def test_forget_before_drops_the_records_of_old_pushes():
@@ -298,9 +300,10 @@ def test_a_forged_shutdown_is_not_acted_on():
     raw.set('lamb_sharded/shutdown', forged, overwrite=True)
     assert leader.shutdown_requested() is None and follower.shutdown_requested() is None
   follower.request_shutdown()  # the real one
-  assert leader.shutdown_requested() == 1
-  leader._kv.set('lamb_sharded/shutdown', '7', overwrite=True)  # pylint: disable=protected-access
-  assert follower.shutdown_requested() is None  # signed, but names no process of the job
+  assert leader.shutdown_requested() == (1, False)
+  for malformed in ('7 final', '1', '1 final ', '-1 restart', '0 maybe'):
+    leader._kv.set('lamb_sharded/shutdown', malformed, overwrite=True)  # pylint: disable=protected-access
+    assert follower.shutdown_requested() is None  # signed, but malformed
 
 
 def test_a_forged_decision_is_never_acted_on():
