@@ -82,6 +82,8 @@ def start(tmp_path, processes=2, devices=4, extra=(), init_params=True, ports=No
        '--weight-decay', '0.01', *init_flags, *job_flags(i), '--log-level', 'WARNING', *extra],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(processes)]
+  for p in procs:
+    p.coordinator_port = coordinator  # for `forge`
   out = []
   try:
     for p in procs:  # each says so once the job has formed (after Gloo's lines, if any)
@@ -95,6 +97,40 @@ def start(tmp_path, processes=2, devices=4, extra=(), init_params=True, ports=No
     stop(procs)
     raise
   return out
+
+
+def forge(coordinator_port: int, key: str, value: str) -> None:
+  """Writes `key` = `value` into the job's coordinator store as an outsider would: raw gRPC
+  to JAX's coordination service, no secret, no part in the job (the service's incarnation,
+  which every request must name, is in its own refusal of a request without it)."""
+  import struct  # pylint: disable=import-outside-toplevel
+  import grpc  # pylint: disable=import-outside-toplevel
+
+  def varint(n):
+    out = b''
+    while True:
+      b, n = n & 0x7f, n >> 7
+      if not n:
+        return out + bytes([b])
+      out += bytes([b | 0x80])
+
+  def field(number, payload):  # length-delimited
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+  # xla.coordination.InsertKeyValueRequest: incarnations = 1, kv = 2 (key 1, value 2),
+  # allow_overwrite = 3; Incarnations.service_incarnation = 3 (fixed64).
+  entry = field(2, field(1, key.encode()) + field(2, value.encode())) + varint(3 << 3) + b'\x01'
+  with grpc.insecure_channel(f'127.0.0.1:{coordinator_port}') as channel:
+    insert = channel.unary_unary('/xla.coordination.CoordinationService/InsertKeyValue',
+                                 request_serializer=bytes, response_deserializer=bytes)
+    try:
+      insert(entry, timeout=10)
+      return
+    except grpc.RpcError as e:
+      found = re.search(r'currently (\d+)', e.details() or '')
+      assert found, e.details()
+    insert(field(1, varint(3 << 3 | 1) + struct.pack('<Q', int(found.group(1)))) + entry,
+           timeout=10)
 
 
 def wait_free(ports, timeout=30.0):

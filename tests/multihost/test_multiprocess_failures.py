@@ -221,6 +221,29 @@ def test_sigterm_to_one_process_stops_both_with_one_checkpoint_that_restores_in_
   assert latest_step(str(tmp_path / 'ckpt')) == 3
 
 
+def test_an_outsiders_shutdown_in_the_coordinators_store_stops_nothing(tmp_path):
+  # A third process holding no secret writes `shutdown` into the real coordinator (raw gRPC,
+  # as issue 22 did: before, both processes drained and exited 0, the Job Complete). It is
+  # not signed: logged, ignored, and the job trains on.
+  job = mp_server.start(tmp_path)
+  try:
+    _train(job[0][1], [0])
+    coordinator = job[0][0].coordinator_port
+    for forged in ('1', '1 final', '0' * 64 + ':1 final'):
+      mp_server.forge(coordinator, 'lamb_sharded/shutdown', forged)
+      time.sleep(2.5)  # the processes look every second
+      assert [p.poll() for p, _, _ in job] == [None, None]
+    pulled = _train(job[1][1], [1])
+    assert pulled.step == 2
+    mp_server.assert_params(pulled.params, mp_server.reference([EVERY] * 2))
+  finally:
+    codes = mp_server.stop(job)
+  errs = [p.stderr.read() for p, _, _ in job]
+  assert all("unauthenticated value in the job's store at 'lamb_sharded/shutdown'" in e
+             for e in errs), [e[-2000:] for e in errs]
+  assert codes == [supervise.STOPPED_EXIT] * 2, codes  # the real stop: SIGTERM, restartable
+
+
 def test_kill_9_of_process_0_ends_the_other_with_one_line_naming_the_coordinator(tmp_path):
   # JAX aborts a process at once when the coordinator is gone: `serve` says so in one line.
   job = mp_server.start(tmp_path)
