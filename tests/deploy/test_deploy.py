@@ -892,15 +892,30 @@ def test_server_reads_its_tokens_from_the_auth_secret(dep, tmp_path):
   assert config.auth_token_env not in container_env(dep.server), 'a token given as a value'
 
 
-def test_workers_send_a_token_from_the_same_secret_key(dep, tmp_path):
+WORKER_TOKEN_KEY = 'worker-token'
+
+
+def test_workers_get_only_their_own_token(dep, tmp_path):
+  """The workers send the Secret's key worker-token (one token, theirs); the server's key
+  tokens (every token it accepts) is in no worker container, by variable or by volume."""
   _, config = server_config(dep, tmp_path)
   args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
   assert args.token_env and not args.token_file, 'the workers are given no --token-env'
   refs = secret_env(dep.worker)
   assert args.token_env in refs, \
       f'--token-env {args.token_env} is not set from a Secret in the worker container'
-  assert refs[args.token_env] == secret_env(dep.server)[config.auth_token_env], \
-      'the workers and the server read different Secret keys'
+  server_ref = secret_env(dep.server)[config.auth_token_env]
+  assert refs[args.token_env] == (server_ref[0], WORKER_TOKEN_KEY), \
+      f'the workers read {refs[args.token_env]}, not their own key of the server\'s Secret'
+  assert server_ref not in refs.values(), 'the workers get every token the server accepts'
+  volumes = dep.workers['spec']['template']['spec'].get('volumes', [])
+  assert not [v for v in volumes if v.get('secret', {}).get('secretName') == server_ref[0]], \
+      'the workers mount the auth Secret (every token)'
+  if dep.target == DEV_SECRET_TARGET and KUBECTL:  # the worker's token is one the server takes
+    import base64  # pylint: disable=import-outside-toplevel
+    data = {k: base64.b64decode(v).decode()
+            for k, v in one(dep.objects, 'Secret')['data'].items()}
+    assert data[WORKER_TOKEN_KEY] in data[AUTH_KEY].splitlines()
 
 
 def test_no_secret_with_real_data_is_committed():
