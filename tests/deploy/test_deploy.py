@@ -45,10 +45,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / 'deploy'
 DOCKERFILE = DEPLOY / 'Dockerfile'
 TARGETS = ('base', 'overlays/cpu', 'overlays/gpu', 'overlays/tpu', 'overlays/dev',
-           'overlays/tls', 'overlays/multihost')
+           'overlays/tls', 'overlays/mtls', 'overlays/multihost', 'overlays/multihost-tls')
 # The target whose server is several processes of one JAX job: an indexed Job, not the
-# StatefulSet, with no load-balanced Service (the workers dial process 0's own DNS name).
+# StatefulSet, with no load-balanced Service (the workers dial process 0's own DNS name);
+# and the same with TLS.
 MULTIHOST = 'overlays/multihost'
+MULTIHOST_TARGETS = (MULTIHOST, 'overlays/multihost-tls')
+# The targets whose server speaks TLS (components/tls), and mutual TLS (components/mtls).
+TLS_TARGETS = ('overlays/tls', 'overlays/mtls', 'overlays/multihost-tls')
+MTLS_TARGETS = ('overlays/mtls',)
 # The oldest Kubernetes the manifests support (native gRPC probes are GA since 1.27,
 # podFailurePolicy is on by default since 1.26), kubectl's own, and the newest schemas known.
 K8S_VERSIONS = ('1.29', '1.32', kubernetes_validate.latest_version())
@@ -121,7 +126,7 @@ class Deployment:
   def __init__(self, target: str):
     self.target = target
     self.objects = objects_of(target)
-    self.multihost = target == MULTIHOST
+    self.multihost = target in MULTIHOST_TARGETS
     if self.multihost:
       assert not [o for o in self.objects if o['kind'] == 'StatefulSet'], \
           f'deploy/{target} still has the single-host StatefulSet'
@@ -240,7 +245,7 @@ def test_renders_with_kubectl_kustomize(target):
   kinds = sorted(o['kind'] for o in _render(target))
   expected = ['ConfigMap', 'Job', 'NetworkPolicy', 'PodDisruptionBudget', 'Service', 'Service',
               'StatefulSet']
-  if target == MULTIHOST:  # the server's Job and its shared claim, no StatefulSet, one Service
+  if target in MULTIHOST_TARGETS:  # the server's Job, its shared claim, no StatefulSet, one Service
     expected = ['ConfigMap', 'Job', 'Job', 'NetworkPolicy', 'PersistentVolumeClaim',
                 'PodDisruptionBudget', 'Service']
   if target == DEV_SECRET_TARGET:
@@ -963,8 +968,9 @@ def secret_volume_paths(workload: dict, container: dict, secret: str) -> set[str
   return paths
 
 
-def test_tls_overlay_serves_tls_and_probes_the_health_port(tmp_path):
-  dep = Deployment('overlays/tls')
+@pytest.mark.parametrize('target', TLS_TARGETS)
+def test_tls_overlay_serves_tls_and_probes_the_health_port(target, tmp_path):
+  dep = Deployment(target)
   _, config = server_config(dep, tmp_path)
   assert config.tls_cert and config.tls_key
   server_paths = secret_volume_paths(dep.servers, dep.server, TLS_SECRET)
@@ -980,12 +986,40 @@ def test_tls_overlay_serves_tls_and_probes_the_health_port(tmp_path):
       f'--tls-ca {args.tls_ca} is not a file of the Secret {TLS_SECRET}'
   worker_paths = secret_volume_paths(dep.workers, dep.worker, TLS_SECRET)
   assert not any(p.endswith('tls.key') for p in worker_paths), 'the workers get the server key'
-  for svc in (dep.service, dep.headless):
+  for svc in (s for s in (dep.service, dep.headless) if s is not None):
     grpc_port = next(p for p in svc['spec']['ports'] if p['name'] == 'grpc')
     assert grpc_port.get('appProtocol') != 'kubernetes.io/h2c', 'TLS is not h2c'
 
 
-@pytest.mark.parametrize('target', [t for t in TARGETS if t != 'overlays/tls'])
+def test_tls_of_the_multihost_server_covers_every_process(tmp_path):
+  """Every process of multihost-tls serves TLS, and the names the clients dial (each
+  process's advertised DNS name) are all under the headless Service's subdomain, which one
+  wildcard certificate names (deploy/README.md)."""
+  dep = Deployment('overlays/multihost-tls')
+  names = set()
+  for index in range(dep.servers['spec']['completions']):
+    _, config = server_config(dep, tmp_path, index)
+    assert config.tls_cert and config.tls_key, f'process {index} serves no TLS'
+    names.add(config.advertise_address.rsplit(':', 1)[0].split('.', 1)[1])
+  assert names == {dep.headless['metadata']['name']}, names
+  args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
+  assert args.tls_ca and args.server.split(':')[0].split('.', 1)[1] in names
+
+
+def test_mtls_overlay_asks_for_and_presents_client_certificates(tmp_path):
+  for target in MTLS_TARGETS:
+    dep = Deployment(target)
+    _, config = server_config(dep, tmp_path)
+    assert config.tls_client_ca in secret_volume_paths(dep.servers, dep.server, TLS_SECRET)
+    args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
+    worker_paths = secret_volume_paths(dep.workers, dep.worker, 'lamb-sharded-worker-tls')
+    assert args.tls_cert in worker_paths and args.tls_key in worker_paths, \
+        'the workers present no client certificate from lamb-sharded-worker-tls'
+    assert not secret_volume_paths(dep.servers, dep.server, 'lamb-sharded-worker-tls'), \
+        'the server holds the workers\' key'
+
+
+@pytest.mark.parametrize('target', [t for t in TARGETS if t not in TLS_TARGETS])
 def test_no_tls_where_none_is_configured(target, tmp_path):
   dep = Deployment(target)
   _, config = server_config(dep, tmp_path)
