@@ -81,7 +81,7 @@ _ERRORS = {cls.code: cls for cls in vars(errors).values()
            if isinstance(cls, type) and issubclass(cls, errors.ServiceError)}
 _PREFIX = 'lamb_sharded'
 _MODEL_ID = re.compile(r'[A-Za-z0-9_.-]{1,128}')
-EVENT_SKIP_S = 5.0  # a follower skips an event absent (deleted, forged) this long while the next is there
+EVENT_SKIP_S = 5.0  # how long an event may be absent (or forged) once the next is in: passed over
 
 
 @dataclasses.dataclass(frozen=True)

@@ -256,7 +256,8 @@ def signed_job(count=2, secret=SECRET, session='run 1', **kw):
 def forgeries(key, value):
   """What an outsider can write at `key` for `value`: unsigned, a made-up MAC, the MAC of
   another secret, of another session (a replay of an earlier run), of another key."""
-  other_secret = coordination.SignedStore(MemoryStore(), b'another secret, 32 bytes long..', 'run 1')
+  other_secret = coordination.SignedStore(MemoryStore(), b'another secret, 32 bytes long.',
+                                          'run 1')
   other_run = coordination.SignedStore(MemoryStore(), SECRET, 'run 0')
   same = coordination.SignedStore(MemoryStore(), SECRET, 'run 1')
   out = [value, '0' * 64 + ':' + value, ':' + value, 'x' * 5000]
@@ -301,8 +302,9 @@ def test_a_forged_shutdown_is_not_acted_on():
     assert leader.shutdown_requested() is None and follower.shutdown_requested() is None
   follower.request_shutdown()  # the real one
   assert leader.shutdown_requested() == (1, False)
+  signed = leader._kv  # pylint: disable=protected-access
   for malformed in ('7 final', '1', '1 final ', '-1 restart', '0 maybe'):
-    leader._kv.set('lamb_sharded/shutdown', malformed, overwrite=True)  # pylint: disable=protected-access
+    signed.set('lamb_sharded/shutdown', malformed, overwrite=True)
     assert follower.shutdown_requested() is None  # signed, but malformed
 
 
@@ -350,7 +352,8 @@ def test_forged_votes_steps_model_ids_and_parts_are_absent():
   assert not follower.save_due('m', 1)
   raw.set('lamb_sharded/final/m/1', '3', overwrite=True)
   assert leader.same_step('m', 3) == [3, -1]
-  leader._kv.set('lamb_sharded/model_id/1/0', 'bad id\n' * 3, overwrite=True)  # pylint: disable=protected-access
+  signed = leader._kv  # pylint: disable=protected-access
+  signed.set('lamb_sharded/model_id/1/0', 'bad id\n' * 3, overwrite=True)
   with pytest.raises(errors.Unavailable):
     follower.model_id(1, 'mine')
 
