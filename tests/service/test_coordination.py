@@ -391,3 +391,24 @@ def test_the_stores_keys_stay_bounded_over_many_steps():
     sizes.append(len(store.keys()))
   assert max(sizes) <= 40, (max(sizes), store.keys())
   assert sizes[-1] <= sizes[20] + 2, sizes
+
+
+def test_a_multi_process_server_needs_a_job_secret_from_a_file_or_the_environment(tmp_path):
+  from service.config import ServerConfig  # pylint: disable=import-outside-toplevel
+  from service.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  job = dict(num_processes=2, coordinator_address='host0:8476', process_id=1)
+  assert ServerConfig().job_secret({}) is None  # one process: none needed
+  with pytest.raises(ConfigError, match='--job-secret-file: needed with --num-processes 2'):
+    ServerConfig(**job).job({})
+  with pytest.raises(ConfigError, match=r'--job-secret-env: .*\$S is empty'):
+    ServerConfig(**job, job_secret_env='S').job({})
+  with pytest.raises(ConfigError, match='--job-secret-env: .* is 5 bytes; it needs at least 16'):
+    ServerConfig(**job, job_secret_env='S').job({'S': 'short'})
+  assert ServerConfig(**job, job_secret_env='S').job_secret({'S': ' 0123456789abcdef \n'}) == \
+      b'0123456789abcdef'
+  path = tmp_path / 'secret'
+  path.write_bytes(b'0123456789abcdef\n')
+  assert ServerConfig(**job, job_secret_file=str(path)).job_secret({}) == b'0123456789abcdef'
+  assert ServerConfig(**job, job_secret_file=str(path)).job({}) == ('host0:8476', 1)
+  with pytest.raises(ConfigError, match='--job-secret-file: .*missing'):
+    ServerConfig(**job, job_secret_file=str(tmp_path / 'missing')).job_secret({})
