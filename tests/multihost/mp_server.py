@@ -117,20 +117,26 @@ def forge(coordinator_port: int, key: str, value: str) -> None:
   def field(number, payload):  # length-delimited
     return varint(number << 3 | 2) + varint(len(payload)) + payload
 
-  # xla.coordination.InsertKeyValueRequest: incarnations = 1, kv = 2 (key 1, value 2),
-  # allow_overwrite = 3; Incarnations.service_incarnation = 3 (fixed64).
+  # jaxlib 0.10's xla/tsl/protobuf/coordination_service.proto (package xla.coordination):
+  # InsertKeyValueRequest: incarnations = 1, kv = 2 (key 1, value 2), allow_overwrite = 3;
+  # TryGetKeyValueRequest: incarnations = 1, key = 2; Incarnations.service_incarnation = 3
+  # (fixed64). Should a JAX upgrade change them, this fails loudly (an RPC error, or the
+  # value not read back), never passes without having written.
   entry = field(2, field(1, key.encode()) + field(2, value.encode())) + varint(3 << 3) + b'\x01'
   with grpc.insecure_channel(f'127.0.0.1:{coordinator_port}') as channel:
-    insert = channel.unary_unary('/xla.coordination.CoordinationService/InsertKeyValue',
+    def rpc(name):
+      return channel.unary_unary(f'/xla.coordination.CoordinationService/{name}',
                                  request_serializer=bytes, response_deserializer=bytes)
+    incarnations = b''
     try:
-      insert(entry, timeout=10)
-      return
+      rpc('InsertKeyValue')(entry, timeout=10)
     except grpc.RpcError as e:
       found = re.search(r'currently (\d+)', e.details() or '')
       assert found, e.details()
-    insert(field(1, varint(3 << 3 | 1) + struct.pack('<Q', int(found.group(1)))) + entry,
-           timeout=10)
+      incarnations = field(1, varint(3 << 3 | 1) + struct.pack('<Q', int(found.group(1))))
+      rpc('InsertKeyValue')(incarnations + entry, timeout=10)
+    read = rpc('TryGetKeyValue')(incarnations + field(2, key.encode()), timeout=10)
+    assert field(2, value.encode()) in read, read
 
 
 def wait_free(ports, timeout=30.0):
