@@ -113,6 +113,13 @@ class ServerConfig:
       None, 'HOST:PORT of process 0\'s JAX coordinator (default: $JAX_COORDINATOR_ADDRESS)')
   advertise_address: Optional[str] = setting(
       None, 'HOST:PORT clients reach this process at (default: this host\'s name and port)')
+  # The job's secret (the same in every process): every value the processes exchange through
+  # the coordinator's store is signed with it (HMAC-SHA256), since anyone who reaches the
+  # coordinator's port can write there. Needed with num_processes > 1; at least 16 bytes.
+  job_secret_file: Optional[str] = setting(
+      None, 'file holding the job\'s secret (num_processes > 1: this or --job-secret-env)')
+  job_secret_env: Optional[str] = setting(
+      None, 'environment variable holding the job\'s secret (num_processes > 1)')
   # The mesh: 0 for every local device.
   devices: int = setting(
       0, 'devices of the mesh, per process (0: every local device; on a CPU host: simulated)')
@@ -246,6 +253,7 @@ class ServerConfig:
     host, _, port = coordinator.rpartition(':')
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
       raise ConfigError(f'--coordinator-address: {coordinator!r} is not HOST:PORT')
+    self.job_secret(environ)
     index = self.process_id
     if index < 0:
       text = environ.get('JOB_COMPLETION_INDEX', '0')
@@ -255,9 +263,39 @@ class ServerConfig:
       index = int(text)
     return coordinator, index
 
+  def job_secret(self, environ=None) -> Optional[bytes]:
+    """The job's secret (surrounding whitespace stripped): from --job-secret-file, else
+    --job-secret-env; ConfigError naming the setting if a multi-process server has none, or
+    one shorter than 16 bytes. None for a single process."""
+    if self.num_processes == 1:
+      return None
+    environ = os.environ if environ is None else environ
+    if self.job_secret_file:
+      name = 'job_secret_file'
+      try:
+        with open(self.job_secret_file, 'rb') as fh:
+          secret = fh.read().strip()
+      except OSError as e:
+        raise ConfigError(f'--job-secret-file: {self.job_secret_file}: {e.strerror}') from None
+    elif self.job_secret_env:
+      name = 'job_secret_env'
+      secret = environ.get(self.job_secret_env, '').strip().encode()
+    else:
+      raise ConfigError(f'--job-secret-file: needed with --num-processes {self.num_processes} '
+                        '(or --job-secret-env): the processes sign what they exchange through '
+                        'the coordinator with it')
+    if len(secret) < 16:
+      where = (self.job_secret_file if name == 'job_secret_file'
+               else f'${self.job_secret_env}')
+      raise ConfigError(f'{_flag(name)}: the job\'s secret in {where} is '
+                        f'{"empty" if not secret else f"{len(secret)} bytes"}; it needs at '
+                        'least 16 (e.g. `head -c 32 /dev/urandom | base64`)')
+    return secret
+
   def check_files(self) -> 'ServerConfig':
     """ConfigError naming the flag if a file it names does not exist (before anything loads)."""
-    for name in ('auth_token_file', 'tls_cert', 'tls_key', 'tls_client_ca', 'init_params'):
+    for name in ('auth_token_file', 'tls_cert', 'tls_key', 'tls_client_ca', 'init_params',
+                 'job_secret_file'):
       path = getattr(self, name)
       if path is not None and not os.path.isfile(path):
         raise ConfigError(f'{_flag(name)}: no such file: {path}')
@@ -327,7 +365,7 @@ GROUPS = {
     'steps': ('num_workers', 'step_mode', 'quorum', 'straggler_timeout_s', 'staleness_bound',
               'nonfinite'),
     'mesh and processes': ('devices', 'num_processes', 'process_id', 'coordinator_address',
-                           'advertise_address'),
+                           'advertise_address', 'job_secret_file', 'job_secret_env'),
     'optimizer (LAMB)': ('learning_rate', 'schedule', 'warmup_steps', 'decay_steps',
                          'end_learning_rate', 'b1', 'b2', 'eps', 'eps_root', 'weight_decay',
                          'max_grad_norm'),

@@ -42,7 +42,11 @@ def simulate_cpu_devices(count: Optional[int],
     environ.pop('XLA_FLAGS', None)
 
 
+_store = None  # the job's SignedStore, once initialize_distributed has joined one
+
+
 def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, *,
+                           secret: Optional[bytes] = None,
                            bind_address: Optional[str] = None,
                            heartbeat_timeout_s: int = 100,
                            initialization_timeout_s: int = 300) -> None:
@@ -58,6 +62,9 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
     coordinator_address: HOST:PORT of process 0's coordinator service.
     num_processes: how many processes the job has.
     process_id: this one's index, in [0, num_processes).
+    secret: the job's secret, the same in every process: every value the processes
+      exchange through the coordinator's store is signed with it (`job_store`).
+      Without one, no `Job` can be made (a job whose store anyone could write).
     bind_address: where process 0 binds the coordinator (default: JAX's, every
       interface); e.g. '127.0.0.1:PORT' for a job on one machine.
     heartbeat_timeout_s: after how long without a heartbeat a process is lost.
@@ -71,6 +78,39 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
       process_id=process_id, cluster_detection_method='deactivate',
       coordinator_bind_address=bind_address, heartbeat_timeout_seconds=heartbeat_timeout_s,
       initialization_timeout=initialization_timeout_s)
+  if secret:
+    _start_session(secret, num_processes, process_id, float(initialization_timeout_s))
+
+
+def _start_session(secret: bytes, count: int, index: int, timeout_s: float) -> None:
+  """This run's signed store: each process publishes a random nonce (signed) and the session
+  is their digest, so that a value signed in an earlier run of the job never verifies in this
+  one. A nonce key someone wrote first (a replay) makes this process fail: it never signs
+  under a session an outsider chose."""
+  global _store  # pylint: disable=global-statement
+  import secrets  # pylint: disable=import-outside-toplevel
+  from service.core import coordination  # pylint: disable=import-outside-toplevel
+  base = coordination.CoordinatorStore(coordinator_client())
+  opening = coordination.SignedStore(base, secret)
+  if not opening.set(f'lamb_sharded/session/{index}', secrets.token_hex(16), overwrite=False):
+    raise RuntimeError(f'the job\'s store already holds process {index}\'s nonce: someone else '
+                       f'wrote it (the coordinator\'s port is reachable from outside the job?)')
+  nonces = [opening.blocking_get(f'lamb_sharded/session/{i}', timeout_s) for i in range(count)]
+  missing = [i for i, n in enumerate(nonces) if n is None]
+  if missing:
+    raise RuntimeError(f'no signed nonce from server processes {missing} within {timeout_s:.0f}s '
+                       f'(a different job secret?)')
+  _store = coordination.SignedStore(base, secret, coordination.session_of(nonces))
+
+
+def job_store():
+  """The job's signed store (a `coordination.SignedStore`); RuntimeError if the job was joined
+  without a secret."""
+  if _store is None:
+    raise RuntimeError('this process joined its job without a secret '
+                       '(initialize_distributed(secret=...), --job-secret-file/--job-secret-env): '
+                       'the processes cannot authenticate what they exchange')
+  return _store
 
 
 def exchange(key: str, value: str, timeout_s: float = 60.0) -> list[str]:
@@ -80,13 +120,20 @@ def exchange(key: str, value: str, timeout_s: float = 60.0) -> list[str]:
   coordinator's key-value store and waits for the others' (e.g. the server
   processes' endpoints). In a single process: `[value]`.
   """
-  client = coordinator_client()
-  if client is None:
+  if coordinator_client() is None:
     return [value]
   import jax  # pylint: disable=import-outside-toplevel
-  client.key_value_set(f'lamb_sharded/{key}/{jax.process_index()}', value)
-  return [client.blocking_key_value_get(f'lamb_sharded/{key}/{i}', int(timeout_s * 1000))
-          for i in range(jax.process_count())]
+  store = job_store()
+  if not store.set(f'lamb_sharded/{key}/{jax.process_index()}', value, overwrite=False):
+    raise RuntimeError(f'the job\'s store already holds {key!r} of process '
+                       f'{jax.process_index()}: someone else wrote it')
+  values = [store.blocking_get(f'lamb_sharded/{key}/{i}', timeout_s)
+            for i in range(jax.process_count())]
+  missing = [i for i, v in enumerate(values) if v is None]
+  if missing:
+    raise RuntimeError(f'no signed {key!r} from server processes {missing} within '
+                       f'{timeout_s:.0f}s')
+  return values
 
 
 def coordinator_client():

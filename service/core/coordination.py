@@ -21,9 +21,28 @@ cannot be written again (JAX's coordinator; `MemoryStore` in tests):
   events/<model>/<n>             the leader's other decisions, in order: "close t n"
                                  (the straggler timeout applied step t with n
                                  pushes), "save t" (checkpoint step t now)
-  model_id/<n>/<i>               process i's candidate id of the n-th model adopted
+  events/<model>/read/<i>        how many events follower i has read (the leader deletes those
+                                 every follower has read)
+  model_id/<n>/0                 the leader's id of the n-th model adopted
   final/<model>/<i>              process i's step before its final checkpoint
-  shutdown                       some process was asked to stop
+  shutdown                       process i was asked to stop: "<i> final" (for good) or
+                                 "<i> restart" (preempted: the job is to be started again)
+
+Anyone who reaches the coordinator's port can write and delete keys (JAX's
+coordinator has no authentication): so a job's store is a `SignedStore`,
+where every value carries an HMAC-SHA256 of the job's session, its key and
+itself under a secret every process reads from the same file or environment
+variable (never from the store). A value that is unsigned, forged or signed
+under another secret or session (a replay from an earlier run of the job) is
+logged once and read as absent; every value that verifies is still parsed
+defensively (a malformed one is logged and ignored), so no entry in the
+store is ever acted on unverified or kills a thread.
+
+The store's keys stay bounded: the leader deletes the records of accepted
+pushes once every process counted them (`forget_before`) and the events every
+follower has read; whoever settles a push as refused deletes its record after
+`linger_s` (every process is done waiting on it by then); votes older than 8
+steps and the previous adoption's model id go as new ones are written.
 
 A push is accepted only by the leader, once every process has offered its
 part: so it is counted everywhere or nowhere. Any process that refuses its
@@ -39,10 +58,13 @@ not parse is logged and ignored (treated as not there).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
+import re
 import threading
 import time
 from typing import Optional, Protocol
@@ -58,6 +80,8 @@ _PASSING = ('RESOURCE_EXHAUSTED', 'UNAVAILABLE', 'DEADLINE_EXCEEDED')  # a retry
 _ERRORS = {cls.code: cls for cls in vars(errors).values()
            if isinstance(cls, type) and issubclass(cls, errors.ServiceError)}
 _PREFIX = 'lamb_sharded'
+_MODEL_ID = re.compile(r'[A-Za-z0-9_.-]{1,128}')
+EVENT_SKIP_S = 5.0  # how long an event may be absent (or forged) once the next is in: passed over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +104,8 @@ class Decision:
     try:
       d = json.loads(text)
       if 'step' in d:
-        if not isinstance(d['step'], int) or not isinstance(d.get('poison'), (str, type(None))):
+        if (type(d['step']) is not int or d['step'] < 0  # pylint: disable=unidiomatic-typecheck
+            or not isinstance(d.get('poison'), (str, type(None)))):
           raise ValueError('bad step or poison')
         return cls(True, d['step'], d.get('poison'))
       error = _ERRORS.get(d['code'], errors.ServiceError)(
@@ -192,11 +217,12 @@ class Coordination:
     """Every process's step, by index, before a final checkpoint (they must all be equal)."""
     return [step]
 
-  def request_shutdown(self) -> None:
-    """Asks every process of the job to drain and stop (this one was signalled)."""
+  def request_shutdown(self, final: bool = False) -> None:
+    """Asks every process of the job to drain and stop (this one was signalled): for good if
+    `final` (the operator's stop), else to be started again (preempted)."""
 
-  def shutdown_requested(self) -> Optional[int]:
-    """The process that asked the job to stop, if one did."""
+  def shutdown_requested(self) -> Optional[tuple[int, bool]]:
+    """(the process that asked the job to stop, whether for good), if one did."""
     return None
 
 
@@ -286,6 +312,90 @@ class MemoryStore:
       return sorted(self._values)
 
 
+def _quoted(text: Optional[str], limit: int = 80) -> str:
+  """`text` for a log line: quoted (no newline or control character), at most `limit` chars."""
+  if text is None:
+    return 'None'
+  return repr(text[:limit]) + ('...' if len(text) > limit else '')
+
+
+class SignedStore:
+  """A `Store` whose values are authenticated: HMAC-SHA256 under the job's secret.
+
+  Every value is written as `<hex mac>:<value>`, the MAC over the session, the key
+  and the value; a value read that does not verify (unsigned, forged, another
+  secret's or session's) is logged once per key and read as absent.
+
+  Args:
+    store: the store beneath (JAX's coordinator's, or a `MemoryStore`).
+    secret: the job's secret, the same in every process (from a file or the
+      environment, never from the store).
+    session: what this run of the job signs under besides (`session_of` the
+      processes' nonces): a value recorded in an earlier run does not verify.
+    poll_s: how often `blocking_get` looks again while the key holds a forgery.
+  """
+  MAX_LOGGED = 1024  # keys whose forgery is logged; beyond, one line says there are more
+
+  def __init__(self, store, secret: bytes, session: str = '', poll_s: float = 0.05):
+    if not secret:
+      raise ValueError('a job\'s store needs a secret')
+    self._store, self._secret, self.session, self._poll_s = store, secret, session, poll_s
+    self._logged: set[str] = set()
+    self._log_lock = threading.Lock()
+
+  def _mac(self, key: str, value: str) -> str:
+    message = '\0'.join((self.session, key, value)).encode('utf-8', 'surrogatepass')
+    return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+  def _open(self, key: str, signed: Optional[str]) -> Optional[str]:
+    """The value `signed` carries if its MAC verifies; None (logged once per key) if not."""
+    if signed is None:
+      return None
+    mac, sep, value = signed.partition(':') if isinstance(signed, str) else ('', '', '')
+    if sep and len(mac) == 64 and hmac.compare_digest(mac, self._mac(key, value)):
+      return value
+    with self._log_lock:
+      if key in self._logged or len(self._logged) > self.MAX_LOGGED:
+        return None
+      self._logged.add(key)
+      more = len(self._logged) > self.MAX_LOGGED
+    log.warning('ignoring an unauthenticated value in the job\'s store at %s: %s (not signed '
+                'with the job\'s secret%s)%s', _quoted(key, 200),
+                _quoted(signed if isinstance(signed, str) else repr(signed)),
+                ' in this run' if self.session else '',
+                '; more keys hold such values, no longer logged' if more else '')
+    return None
+
+  def set(self, key: str, value: str, overwrite: bool) -> bool:
+    return self._store.set(key, f'{self._mac(key, value)}:{value}', overwrite)
+
+  def try_get(self, key: str) -> Optional[str]:
+    return self._open(key, self._store.try_get(key))
+
+  def blocking_get(self, key: str, timeout_s: float) -> Optional[str]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+      signed = self._store.blocking_get(key, max(0.0, deadline - time.monotonic()))
+      if signed is None:
+        return None
+      value = self._open(key, signed)
+      left = deadline - time.monotonic()
+      if value is not None or left <= 0:
+        return value
+      time.sleep(min(self._poll_s, left))  # a forgery: until the deadline, as if absent
+
+  def delete(self, key: str) -> None:
+    self._store.delete(key)
+
+  def keys(self) -> list[str]:
+    return self._store.keys()
+
+
+def session_of(nonces) -> str:
+  """The session every process signs under: a digest of each process's nonce, by index."""
+  return hashlib.sha256('\0'.join(nonces).encode()).hexdigest()[:32]
+
+
 class Job(Coordination):
   """Process `index` of a job of `count` processes, agreeing through `store`.
 
@@ -296,29 +406,59 @@ class Job(Coordination):
     part_timeout_s: how long the leader waits for a push's other parts, and a
       follower for a decision or a vote (plus 10 s).
     poll_s: how often the leader's waits re-check for a refusal.
+    linger_s: how long the record of a refused push stays (default: twice the longest
+      wait on it, 2 * (part_timeout_s + 10)), for the processes still waiting on it.
   """
   requires_ids = True
 
   def __init__(self, store, index: int, count: int, *, part_timeout_s: float = PART_TIMEOUT_S,
-               poll_s: float = POLL_S):
+               poll_s: float = POLL_S, linger_s: Optional[float] = None):
     if not hasattr(store, 'blocking_get'):
       store = CoordinatorStore(store)
     self._kv, self.index, self.count = store, index, count
     self.part_timeout_s, self.poll_s = part_timeout_s, poll_s
+    self.linger_s = 2 * (part_timeout_s + 10) if linger_s is None else linger_s
     self._lock = threading.Lock()
     self._events_read: dict[str, int] = {}  # model id -> events read so far (a follower's)
     self._events_written: dict[str, int] = {}  # model id -> events written so far (the leader's)
+    self._events_deleted: dict[str, int] = {}  # model id -> events deleted so far (the leader's)
+    self._skip_since: dict[str, float] = {}  # model id -> when the next event was seen first
     self._decided: list[tuple[int, str]] = []  # (step, push key) decided, to clean up
+    self._litter: collections.deque = collections.deque()  # (when, keys) to delete then
 
   @classmethod
   def current(cls) -> Optional['Job']:
-    """This process's job (None: JAX runs a single process)."""
+    """This process's job (None: JAX runs a single process), over its signed store."""
     import jax  # pylint: disable=import-outside-toplevel
     if jax.process_count() == 1:
       return None
     from service import runtime  # pylint: disable=import-outside-toplevel
-    return cls(CoordinatorStore(runtime.coordinator_client()), jax.process_index(),
-               jax.process_count())
+    return cls(runtime.job_store(), jax.process_index(), jax.process_count())
+
+  # ---------------------------------------------------------------- cleaning up
+
+  def _drop_later(self, *keys: str) -> None:
+    """Deletes `keys` after `linger_s` (and whatever else is due now)."""
+    with self._lock:
+      self._litter.append((time.monotonic() + self.linger_s, keys))
+    self._sweep()
+
+  def _sweep(self) -> None:
+    now, due = time.monotonic(), []
+    with self._lock:
+      while self._litter and self._litter[0][0] <= now:
+        due.extend(self._litter.popleft()[1])
+    for key in due:
+      self._kv.delete(key)
+
+  def _settled(self, key: str, decision: Decision) -> Decision:
+    """`decision` stands for `key`: a refusal's record (and this process's part) go later;
+    an accepted push's go with `forget_before`, the leader's."""
+    if not decision.accepted:
+      parts = range(1, self.count) if self.leader else (self.index,)
+      self._drop_later(f'{key}/decision', f'{key}/admitted',
+                       *(f'{key}/part/{i}' for i in parts))
+    return decision
 
   # ---------------------------------------------------------------- pushes
 
@@ -336,6 +476,7 @@ class Job(Coordination):
   def admitted(self, key: str) -> None:
     if self.leader:
       self._kv.set(f'{key}/admitted', '1', overwrite=True)
+      self._drop_later(f'{key}/admitted')  # a push that never gets decided leaves none
 
   def await_admitted(self, key: str, timeout_s: float) -> None:
     """The push's error if it was refused meanwhile; ResourceExhausted (busy) if the leader
@@ -353,6 +494,7 @@ class Job(Coordination):
         return
       decision = self._decision(key)
       if decision is not None:
+        self._settled(key, decision)
         raise decision.error or errors.Aborted('the push was decided already')
       if time.monotonic() >= deadline:
         raise errors.ResourceExhausted(
@@ -364,7 +506,7 @@ class Job(Coordination):
       return self._gather(key, poison)
     self._kv.set(f'{key}/part/{self.index}', json.dumps({'poison': poison}),
                  overwrite=True)  # a retry of the part offers it again
-    return Ruling(self._await_decision(key))
+    return Ruling(self._settled(key, self._await_decision(key)))
 
   def _gather(self, key: str, poison: Optional[str]) -> Ruling:
     """The leader's wait for every other process's part of `key`; a part that does not come
@@ -375,7 +517,7 @@ class Job(Coordination):
       while True:
         decision = self._decision(key)
         if decision is not None:  # refused by someone meanwhile
-          return Ruling(decision)
+          return Ruling(self._settled(key, decision))
         part = self._kv.blocking_get(f'{key}/part/{i}', self.poll_s)
         if part is not None:
           try:
@@ -383,8 +525,8 @@ class Job(Coordination):
             if not isinstance(found, (str, type(None))):
               raise ValueError(f'poison {found!r}')
           except (TypeError, KeyError, ValueError) as e:
-            log.warning('ignoring a malformed part in the job\'s store at %s/part/%d: %s',
-                        key, i, e)
+            log.warning('ignoring a malformed part in the job\'s store at %s/part/%d: %s (%s)',
+                        key, i, _quoted(part), e)
           else:
             poisons.append(found)
             break
@@ -406,6 +548,7 @@ class Job(Coordination):
         return Decision.decode(text)
       except ValueError as e:
         log.warning('ignoring a malformed decision in the job\'s store at %s: %s', key, e)
+        self._drop_later(f'{key}/part/{self.index}')
         time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
     return self.refuse(key, errors.Unavailable(
         f'no decision from server process 0 within {timeout_s:.0f}s', reason='no_decision'))
@@ -435,13 +578,13 @@ class Job(Coordination):
   def _decide(self, key: str, decision: Decision) -> Decision:
     """Writes `decision` unless one is written already: the one that stands."""
     if self._kv.set(f'{key}/decision', decision.encode(), overwrite=False):
-      return decision
+      return self._settled(key, decision)
     found = self._decision(key)
-    if found is None:  # what was written first does not parse: nothing can be accepted
-      return Decision(False, error=errors.Aborted(
+    if found is None:  # what was written first does not parse or verify: nothing can be accepted
+      return self._settled(key, Decision(False, error=errors.Aborted(
           'the push\'s decision in the job\'s store is unreadable; retry with a new push id',
-          reason='no_decision'))
-    return found
+          reason='no_decision')))
+    return self._settled(key, found)
 
   def forget_before(self, step: int) -> None:
     with self._lock:
@@ -451,6 +594,7 @@ class Job(Coordination):
       self._kv.delete(f'{key}/decision')
       for suffix in ('admitted', *(f'part/{i}' for i in range(1, self.count))):
         self._kv.delete(f'{key}/{suffix}')
+    self._sweep()
 
   # ---------------------------------------------------------------- steps
 
@@ -462,8 +606,8 @@ class Job(Coordination):
     key = f'{_PREFIX}/save/{model_id}/{step}'
     value = self._kv.blocking_get(key, self.part_timeout_s)
     if value not in ('yes', 'no'):
-      log.warning('no checkpoint vote for step %d from server process 0 (%r); not saving it',
-                  step, value)
+      log.warning('no checkpoint vote for step %d from server process 0 (%s); not saving it',
+                  step, _quoted(value))
     return value == 'yes'
 
   def close_step(self, model_id: str, step: int, pushes: int) -> None:
@@ -473,34 +617,78 @@ class Job(Coordination):
     self._publish(model_id, 'save', step)
 
   def _publish(self, model_id: str, *event) -> None:
+    """Writes the leader's next event; an index someone else wrote first (a forgery: the
+    followers skip it) is passed over. Then deletes the events every follower has read."""
+    prefix = f'{_PREFIX}/events/{model_id}'
+    for _ in range(100):
+      with self._lock:
+        n = self._events_written.get(model_id, 0)
+        self._events_written[model_id] = n + 1
+      if self._kv.set(f'{prefix}/{n}', ' '.join(map(str, event)), overwrite=False):
+        break
+      log.warning('event %d of model %s was written by someone else: writing the next one',
+                  n, _quoted(model_id))
+    read = [self._count(f'{prefix}/read/{i}') for i in range(1, self.count)]
     with self._lock:
-      n = self._events_written.get(model_id, 0)
-      self._events_written[model_id] = n + 1
-    self._kv.set(f'{_PREFIX}/events/{model_id}/{n}', ' '.join(map(str, event)),
-                 overwrite=False)
+      start = self._events_deleted.get(model_id, 0)
+      end = max(start, min(read, default=0))
+      self._events_deleted[model_id] = end
+    for i in range(start, end):
+      self._kv.delete(f'{prefix}/{i}')
+
+  def _count(self, key: str) -> int:
+    """The count (an int >= 0) at `key`; 0 if there is none or it is malformed."""
+    text = self._kv.try_get(key)
+    if text is None:
+      return 0
+    if not (text.isascii() and text.isdigit() and len(text) < 19):
+      log.warning('ignoring a malformed count in the job\'s store at %s: %s', key, _quoted(text))
+      return 0
+    return int(text)
 
   def next_event(self, model_id: str, timeout_s: float) -> Optional[tuple]:
+    prefix = f'{_PREFIX}/events/{model_id}'
     n = self._events_read.get(model_id, 0)
-    text = self._kv.blocking_get(f'{_PREFIX}/events/{model_id}/{n}', timeout_s)
+    text = self._kv.blocking_get(f'{prefix}/{n}', timeout_s)
     if text is None:
+      # Absent, or a forgery: passed over once the leader's next one has been there a while.
+      if self._kv.try_get(f'{prefix}/{n + 1}') is None:
+        self._skip_since.pop(model_id, None)
+        return None
+      since = self._skip_since.setdefault(model_id, time.monotonic())
+      if time.monotonic() - since < EVENT_SKIP_S:
+        return None
+      log.warning('event %d of model %s is missing or unauthenticated while event %d is there: '
+                  'passed over', n, _quoted(model_id), n + 1)
+      self._read(model_id, n)
       return None
-    self._events_read[model_id] = n + 1
+    self._read(model_id, n)
     try:
       kind, *args = text.split()
       event = (kind, *map(int, args))
-      if (kind, len(args)) not in (('close', 2), ('save', 1)):
+      if (kind, len(args)) not in (('close', 2), ('save', 1)) or min(event[1:]) < 0:
         raise ValueError('unknown event')
       return event
     except ValueError as e:
-      log.warning('ignoring a malformed event %d in the job\'s store: %r (%s)', n, text[:80], e)
+      log.warning('ignoring a malformed event %d in the job\'s store: %s (%s)', n, _quoted(text),
+                  e)
       return None
 
+  def _read(self, model_id: str, n: int) -> None:
+    """Event `n` is read (or passed over): the leader may delete it once every follower did."""
+    self._skip_since.pop(model_id, None)
+    self._events_read[model_id] = n + 1
+    self._kv.set(f'{_PREFIX}/events/{model_id}/read/{self.index}', str(n + 1), overwrite=True)
+
   def model_id(self, adoption: int, candidate: str) -> str:
-    key = f'{_PREFIX}/model_id/{adoption}'
-    self._kv.set(f'{key}/{self.index}', candidate, overwrite=True)
     if self.leader:
+      self._kv.set(f'{_PREFIX}/model_id/{adoption}/0', candidate, overwrite=True)
+      self._kv.delete(f'{_PREFIX}/model_id/{adoption - 2}/0')  # every follower read it
       return candidate
-    found = self._kv.blocking_get(f'{key}/0', 60.0)
+    found = self._kv.blocking_get(f'{_PREFIX}/model_id/{adoption}/0', 60.0)
+    if found is not None and not _MODEL_ID.fullmatch(found):
+      log.warning('ignoring a malformed model id in the job\'s store: %s', _quoted(found))
+      found = None
     if not found:
       raise errors.Unavailable('server process 0 did not adopt the model within 60s',
                                reason='no_decision')
@@ -517,22 +705,28 @@ class Job(Coordination):
       try:
         steps.append(int(value))
       except (TypeError, ValueError):
-        log.warning('no step from server process %d before the final checkpoint (%r)', i,
-                    value)
+        log.warning('no step from server process %d before the final checkpoint (%s)', i,
+                    _quoted(value))
         steps.append(-1)
     return steps
 
-  def request_shutdown(self) -> None:
-    self._kv.set(f'{_PREFIX}/shutdown', str(self.index), overwrite=True)
+  def request_shutdown(self, final: bool = False) -> None:
+    self._kv.set(f'{_PREFIX}/shutdown', f'{self.index} {"final" if final else "restart"}',
+                 overwrite=True)
 
-  def shutdown_requested(self) -> Optional[int]:
+  def shutdown_requested(self) -> Optional[tuple[int, bool]]:
     value = self._kv.try_get(f'{_PREFIX}/shutdown')
     if value is None:
       return None
     try:
-      return int(value)
+      text, kind = value.split(' ')
+      index = int(text)
+      if not 0 <= index < self.count or kind not in ('final', 'restart'):
+        raise ValueError(f'no process {index}, or not final/restart')
+      return index, kind == 'final'
     except ValueError:
-      log.warning('ignoring a malformed shutdown request in the job\'s store: %r', value[:80])
+      log.warning('ignoring a malformed shutdown request in the job\'s store: %s',
+                  _quoted(value))
       return None
 
 

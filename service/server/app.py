@@ -55,7 +55,8 @@ def _join_job(config: ServerConfig) -> None:
     return
   coordinator, index = job
   bind = f'{config.host}:{coordinator.rsplit(":", 1)[1]}'
-  runtime.initialize_distributed(coordinator, config.num_processes, index, bind_address=bind,
+  runtime.initialize_distributed(coordinator, config.num_processes, index,
+                                 secret=config.job_secret(), bind_address=bind,
                                  heartbeat_timeout_s=HEARTBEAT_S)
   log.info('process %d of %d of the job coordinated at %s', index, config.num_processes,
            coordinator)
@@ -125,17 +126,18 @@ class RunningServer:
     self._peer_watch = peer_watch
     self._stopped = False
 
-  def stop(self, grace: Optional[float] = None) -> None:
+  def stop(self, grace: Optional[float] = None, final: bool = True) -> None:
     """Graceful: not serving any more, pushes in flight finish, final checkpoint, stop.
 
-    In a multi-process server, every other process is asked to stop too: they
-    drain and write the final checkpoint together. Stopping again does nothing.
+    In a multi-process server, every other process is asked to stop too (for good if
+    `final`, else to be started again): they drain and write the final checkpoint
+    together. Stopping again does nothing.
     """
     if self._stopped:
       return
     self._stopped = True
     if self._peer_watch is not None:
-      self._peer_watch.request_stop()
+      self._peer_watch.request_stop(final)
     if self._health_watch is not None:
       self._loop.loop.call_soon_threadsafe(self._health_watch.cancel)
     self._loop.run(self._health.enter_graceful_shutdown())
@@ -351,14 +353,22 @@ def _exit_lost(message: str) -> None:
   os._exit(peers.LOST_EXIT)  # pylint: disable=protected-access
 
 
-def _stop_asked(index: int) -> None:
-  """Another process of the job was asked to stop: this one stops as if signalled."""
-  log.info('server process %d was asked to stop: stopping with it', index)
-  os.kill(os.getpid(), signal.SIGTERM)
+def _stop_asked(index: int, final: bool) -> None:
+  """Another process of the job was asked to stop: this one stops as if signalled alike
+  (SIGINT: for good; SIGTERM: to be started again)."""
+  log.info('server process %d was asked to stop%s: stopping with it', index,
+           ' for good' if final else '')
+  os.kill(os.getpid(), signal.SIGINT if final else signal.SIGTERM)
 
 
 def serve_forever(config: ServerConfig) -> int:
-  """Runs until SIGTERM/SIGINT; prints the bound port first (for callers using port 0)."""
+  """Runs until SIGTERM/SIGINT; prints the bound port first (for callers using port 0).
+
+  Returns the exit status: 0, except for a process of a multi-process server stopped by
+  SIGTERM (preempted, drained, its pod deleted): `peers.STOPPED_EXIT`, a failure its
+  indexed Job restarts (and whose podFailurePolicy ignores), since the job is not done.
+  SIGINT (Ctrl-C, `kill -INT`: the operator's stop) ends every process with 0.
+  """
   running = start(config)
   extra = []
   if running.health_port is not None:
@@ -370,12 +380,15 @@ def serve_forever(config: ServerConfig) -> int:
     # The handlers are in place before the line that tells a supervisor we are up.
     print(f'lamb-sharded serving on {config.host}:{running.port}{detail}', flush=True)
     signum = wait()
-  log.info('signal %d (%s): shutting down', signum, signal.Signals(signum).name)
-  running.stop()
+  final = signum != signal.SIGTERM or config.num_processes == 1
+  log.info('signal %d (%s): shutting down%s', signum, signal.Signals(signum).name,
+           '' if final else '; exiting with status %d so that the job is started again '
+           '(SIGINT stops it for good)' % peers.STOPPED_EXIT)
+  running.stop(final=final)
   # Nothing of the server may still run while the interpreter finalises (a thread
   # inside XLA or TensorStore then aborts the process): say so if something does.
   left = [t.name for t in threading.enumerate()
           if t is not threading.main_thread() and t.is_alive()]
   if left:
     log.warning('threads still running at exit: %s', ', '.join(sorted(left)))
-  return 0
+  return 0 if final else peers.STOPPED_EXIT

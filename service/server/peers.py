@@ -9,9 +9,12 @@ Two things end a process of the job besides its own signal:
   the others' endpoints itself, far more often than the heartbeat, and once
   one stops answering it exits at once with one line naming it (`LOST_EXIT`):
   the group is restarted from the last checkpoint, and the workers wait for it.
-- A stop asked of another process (SIGTERM on one pod): it is published in the
-  coordinator's store (`coordination.Job.request_shutdown`) and every process
-  then drains and writes the final checkpoint together.
+- A stop asked of another process (a signal to one pod): it is published in the
+  coordinator's store (`coordination.Job.request_shutdown`), with whether it is
+  final, and every process then drains and writes the final checkpoint together.
+  A final stop (SIGINT: the operator's) ends every process with 0; any other
+  (SIGTERM: preemption, a node drain, a pod deleted) with `STOPPED_EXIT`, so
+  that the Job starts the group again and it resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from service.server import supervise
 log = logging.getLogger(__name__)
 
 LOST_EXIT = supervise.LOST_EXIT  # the exit status of a process whose job lost another one
+STOPPED_EXIT = supervise.STOPPED_EXIT  # stopped by SIGTERM, with a final checkpoint: restart
 INTERVAL_S = 1.0  # how often the peers are checked
 MISSES = 3  # checks in a row a peer fails before it is lost (well inside JAX's heartbeat)
 
@@ -49,11 +53,12 @@ class PeerWatch:
     endpoints: every process's endpoint, by index.
     on_lost: called once with a message naming the lost process (it should end
       this process).
-    on_stop: called once when another process asked the job to stop.
+    on_stop: called once when another process asked the job to stop, with its index and
+      whether the stop is final.
   """
 
   def __init__(self, job: Job, endpoints: Sequence[str], on_lost: Callable[[str], None],
-               on_stop: Callable[[int], None], interval_s: float = INTERVAL_S,
+               on_stop: Callable[[int, bool], None], interval_s: float = INTERVAL_S,
                misses: int = MISSES):
     self._job, self._endpoints = job, list(endpoints)
     self._on_lost, self._on_stop = on_lost, on_stop
@@ -79,16 +84,16 @@ class PeerWatch:
         asked = self._job.shutdown_requested()
       except Exception:  # pylint: disable=broad-except  # the coordinator is going away
         asked = None
-      if asked is not None and asked != self._job.index and not self._done.is_set():
+      if asked is not None and asked[0] != self._job.index and not self._done.is_set():
         self._done.set()
-        self._on_stop(asked)
+        self._on_stop(*asked)
         return
 
-  def request_stop(self) -> None:
-    """This process was asked to stop: so is every other one of the job."""
+  def request_stop(self, final: bool = False) -> None:
+    """This process was asked to stop (for good if `final`): so is every other one."""
     self._done.set()
     try:
-      self._job.request_shutdown()
+      self._job.request_shutdown(final)
     except Exception as e:  # pylint: disable=broad-except
       log.warning('could not tell the other server processes to stop: %s', e)
 

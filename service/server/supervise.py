@@ -20,6 +20,11 @@ from typing import Sequence
 CHILD = 'LAMB_SHARDED_SERVER_PROCESS'  # set in the child's environment
 PARENT = 'LAMB_SHARDED_SERVER_PARENT'  # the parent's pid, there
 LOST_EXIT = 3  # = peers.LOST_EXIT (that module imports the core; this one must not)
+# A multi-process server stopped by SIGTERM (preempted, drained, its pod deleted): every
+# process drained and wrote the final checkpoint, and the job is to go on: a status that is
+# not success, so that an indexed Job starts the group again (its podFailurePolicy ignores
+# it). Only SIGINT, an operator's explicit stop, ends a multi-process server with 0.
+STOPPED_EXIT = 4
 
 
 def is_child() -> bool:

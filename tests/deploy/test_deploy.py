@@ -45,10 +45,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / 'deploy'
 DOCKERFILE = DEPLOY / 'Dockerfile'
 TARGETS = ('base', 'overlays/cpu', 'overlays/gpu', 'overlays/tpu', 'overlays/dev',
-           'overlays/tls', 'overlays/multihost')
+           'overlays/tls', 'overlays/mtls', 'overlays/multihost', 'overlays/multihost-tls')
 # The target whose server is several processes of one JAX job: an indexed Job, not the
-# StatefulSet, with no load-balanced Service (the workers dial process 0's own DNS name).
+# StatefulSet, with no load-balanced Service (the workers dial process 0's own DNS name);
+# and the same with TLS.
 MULTIHOST = 'overlays/multihost'
+MULTIHOST_TARGETS = (MULTIHOST, 'overlays/multihost-tls')
+# The targets whose server speaks TLS (components/tls), and mutual TLS (components/mtls).
+TLS_TARGETS = ('overlays/tls', 'overlays/mtls', 'overlays/multihost-tls')
+MTLS_TARGETS = ('overlays/mtls',)
 # The oldest Kubernetes the manifests support (native gRPC probes are GA since 1.27,
 # podFailurePolicy is on by default since 1.26), kubectl's own, and the newest schemas known.
 K8S_VERSIONS = ('1.29', '1.32', kubernetes_validate.latest_version())
@@ -121,7 +126,7 @@ class Deployment:
   def __init__(self, target: str):
     self.target = target
     self.objects = objects_of(target)
-    self.multihost = target == MULTIHOST
+    self.multihost = target in MULTIHOST_TARGETS
     if self.multihost:
       assert not [o for o in self.objects if o['kind'] == 'StatefulSet'], \
           f'deploy/{target} still has the single-host StatefulSet'
@@ -141,9 +146,12 @@ class Deployment:
   def configmap(self, name: str) -> dict:
     return one(self.objects, 'ConfigMap', lambda o: o['metadata']['name'] == name)
 
-  def server_env(self, index: int = 0) -> dict[str, str]:
-    """The server container's variables in process `index` (Kubernetes sets the index)."""
+  def server_env(self, index: int = 0, secrets: bool = True) -> dict[str, str]:
+    """The server container's variables in process `index` (Kubernetes sets the index); with
+    `secrets`, those set from a Secret's key too (a placeholder of 32 characters)."""
     env = container_env(self.server)
+    if secrets:
+      env.update({name: f'{name} from a Secret'.ljust(32, '.') for name in secret_env(self.server)})
     if self.multihost:
       assert 'JOB_COMPLETION_INDEX' not in env, 'JOB_COMPLETION_INDEX is set by Kubernetes'
       env['JOB_COMPLETION_INDEX'] = str(index)
@@ -235,10 +243,11 @@ def test_renders_with_kubectl_kustomize(target):
   if not KUBECTL:
     pytest.skip(NO_KUBECTL.format(f'the rendering of deploy/{target}'))
   kinds = sorted(o['kind'] for o in _render(target))
-  expected = ['ConfigMap', 'Job', 'PodDisruptionBudget', 'Service', 'Service', 'StatefulSet']
-  if target == MULTIHOST:  # the server's Job and its shared claim, no StatefulSet, one Service
-    expected = ['ConfigMap', 'Job', 'Job', 'PersistentVolumeClaim', 'PodDisruptionBudget',
-                'Service']
+  expected = ['ConfigMap', 'Job', 'NetworkPolicy', 'PodDisruptionBudget', 'Service', 'Service',
+              'StatefulSet']
+  if target in MULTIHOST_TARGETS:  # the server's Job, its shared claim, no StatefulSet, one Service
+    expected = ['ConfigMap', 'Job', 'Job', 'NetworkPolicy', 'PersistentVolumeClaim',
+                'PodDisruptionBudget', 'Service']
   if target == DEV_SECRET_TARGET:
     expected = sorted(expected + ['Secret'])
   assert kinds == expected, kinds
@@ -506,6 +515,25 @@ def test_multihost_every_process_joins_process_0s_coordinator(multihost, tmp_pat
       f'the headless Service does not expose the coordinator port {ports["coordinator"]}'
 
 
+JOB_SECRET = 'lamb-sharded-job'
+
+
+def test_multihost_processes_sign_with_one_secret_from_a_kubernetes_secret(multihost, tmp_path):
+  """Every process reads the job's secret (what signs the values in the coordinator's store)
+  from the same Secret key, never as a plain value; without it, serve refuses to start."""
+  refs = set()
+  for index in range(multihost.servers['spec']['completions']):
+    _, config = server_config(multihost, tmp_path, index)
+    assert config.job_secret_env and not config.job_secret_file, 'no --job-secret-env'
+    assert config.job_secret_env not in container_env(multihost.server), 'a secret as a value'
+    refs.add(secret_env(multihost.server).get(config.job_secret_env))
+    with pytest.raises(config_lib.ConfigError, match='--job-secret-env'):
+      config.job(multihost.server_env(index, secrets=False))  # unset: refused, naming it
+  assert refs == {(JOB_SECRET, 'secret')}, refs
+  assert JOB_SECRET not in {ref[0] for ref in secret_env(multihost.worker).values()}, \
+      'the workers get the job\'s secret'
+
+
 def test_multihost_each_process_advertises_its_own_dns_name(multihost, tmp_path):
   grpc = next(p for p in multihost.headless['spec']['ports'] if p['name'] == 'grpc')
   for index in range(multihost.servers['spec']['completions']):
@@ -586,8 +614,8 @@ def pod_failure_action(rules: list[dict], exit_codes: dict[str, int],
 
 def test_multihost_pod_failure_policy_fails_the_job_on_a_configuration_error(multihost):
   """Status 2 (the CLI's usage or configuration error: every new pod would repeat it) fails
-  the Job at once; a lost peer (status 3) and any other failure count toward backoffLimit;
-  an evicted or preempted pod is ignored."""
+  the Job at once; a lost peer (status 3) and a stop by SIGTERM (status 4) are ignored, any
+  other failure counts toward backoffLimit; an evicted or preempted pod is ignored."""
   rules = check_pod_failure_rules(multihost.servers['spec'])
   server = multihost.server['name']
   with pytest.raises(SystemExit) as usage:
@@ -596,11 +624,57 @@ def test_multihost_pod_failure_policy_fails_the_job_on_a_configuration_error(mul
   assert usage.value.code == config_error == 2
   assert pod_failure_action(rules, {server: config_error}) == 'FailJob', \
       f'a server exiting {config_error} (configuration error) does not fail the Job'
-  for lost in (supervise.LOST_EXIT, 1, 128 + 9):  # a lost peer, a startup error, kill -9/OOM
-    assert pod_failure_action(rules, {server: lost}) == 'Count', \
-        f'a server exiting {lost} does not count toward backoffLimit: the group cannot restart'
+  for failed in (1, 128 + 9):  # a startup error, kill -9/OOM: the one process that failed
+    assert pod_failure_action(rules, {server: failed}) == 'Count', \
+        f'a server exiting {failed} does not count toward backoffLimit: it may fail forever'
+  for not_its_fault in (supervise.LOST_EXIT, supervise.STOPPED_EXIT):
+    assert pod_failure_action(rules, {server: not_its_fault}) == 'Ignore', \
+        f'a server exiting {not_its_fault} (a lost peer, a stop by SIGTERM) burns backoffLimit'
   assert pod_failure_action(rules, {server: 128 + 9}, ('DisruptionTarget',)) == 'Ignore', \
       'an evicted or preempted server process counts as a failure'
+
+
+def job_controller(spec: dict, container: str, runs: list[list[tuple[int, tuple]]]):
+  """The Job's state after `runs` of its indexed pods, as the Job controller sees them: each
+  run is every index's (exit code, pod conditions); a failed pod is replaced (one run after
+  another) unless the policy fails the Job. ('Complete' | 'Failed' | 'Running', pods counted)."""
+  rules = check_pod_failure_rules(spec)
+  counted, succeeded = 0, set()
+  for run in runs:
+    for index, (code, conditions) in enumerate(run):
+      if code == 0:
+        succeeded.add(index)  # a succeeded index is never run again
+        continue
+      action = pod_failure_action(rules, {container: code}, conditions)
+      if action == 'FailJob':
+        return 'Failed', counted
+      counted += action == 'Count'
+      if counted > spec['backoffLimit']:
+        return 'Failed', counted
+    if len(succeeded) == spec['completions']:
+      return 'Complete', counted
+  return 'Running', counted
+
+
+def test_multihost_preemption_never_ends_training_only_the_operators_stop_does(multihost):
+  """SIGTERM to one process (a spot preemption, a node drain, a deleted pod) stops every
+  process with a final checkpoint and STOPPED_EXIT: however often, the Job goes on (a new
+  group resumes) and counts nothing. A lost peer counts once per group restart (the process
+  that failed), not N times. Only SIGINT, the operator's stop, ends every process with 0:
+  the Job is then Complete (tests/multihost: the real processes' exit statuses)."""
+  spec, server = multihost.servers['spec'], multihost.server['name']
+  n = spec['completions']
+  stopped, lost = supervise.STOPPED_EXIT, supervise.LOST_EXIT
+  preempted = [(stopped, ('DisruptionTarget',))] + [(stopped, ())] * (n - 1)
+  deleted = [(stopped, ())] * n  # `kubectl delete pod`: no DisruptionTarget
+  assert job_controller(spec, server, [preempted, deleted] * 50) == ('Running', 0)
+  killed = [(137, ())] + [(lost, ())] * (n - 1)  # one OOM-killed: the others lose it
+  limit = spec['backoffLimit']
+  assert job_controller(spec, server, [killed] * limit) == ('Running', limit), \
+      'a group restart burns more than the one failed pod'
+  assert job_controller(spec, server, [killed] * (limit + 1))[0] == 'Failed'
+  assert job_controller(spec, server, [preempted, [(0, ())] * n]) == ('Complete', 0)
+  assert job_controller(spec, server, [[(2, ())] * n])[0] == 'Failed'
 
 
 def test_multihost_a_failed_process_restarts_the_group(multihost):
@@ -614,6 +688,78 @@ def test_multihost_a_failed_process_restarts_the_group(multihost):
   rules = spec.get('podFailurePolicy', {}).get('rules', [])
   assert {'action': 'Ignore', 'onPodConditions': [{'type': 'DisruptionTarget', 'status': 'True'}]
           } in rules, 'an evicted or preempted process counts as a failure'
+
+
+# ------------------------------------------------------------------------------------------
+# Who may reach the server pods: NetworkPolicy, applied here as a network plugin applies it.
+
+MONITORING = {'kubernetes.io/metadata.name': 'monitoring'}  # Prometheus' namespace (documented)
+HERE = {'kubernetes.io/metadata.name': 'lamb-sharded'}  # the namespace the target is applied to
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+  """Whether a LabelSelector (matchLabels, matchExpressions In/NotIn/Exists) selects `labels`."""
+  if not selector.get('matchLabels', {}).items() <= labels.items():
+    return False
+  for e in selector.get('matchExpressions', []):
+    has, value = e['key'] in labels, labels.get(e['key'])
+    ok = {'In': has and value in e.get('values', []),
+          'NotIn': not has or value not in e.get('values', []),
+          'Exists': has, 'DoesNotExist': not has}[e['operator']]
+    if not ok:
+      return False
+  return True
+
+
+def admitted(dep: Deployment, port: str, pod: dict, namespace: dict = HERE) -> bool:
+  """Whether a connection to the server pods' container port named `port` from a pod with
+  labels `pod` in a namespace with labels `namespace` is let in (no policy: everything is)."""
+  server_labels = dep.servers['spec']['template']['metadata']['labels']
+  numbers = {p['name']: p['containerPort'] for p in dep.server['ports']}
+  policies = [o for o in dep.objects if o['kind'] == 'NetworkPolicy'
+              and 'Ingress' in o['spec'].get('policyTypes', ['Ingress'])
+              and _selects(o['spec']['podSelector'], server_labels)]
+  if not policies:
+    return True
+  for policy in policies:
+    for rule in policy['spec'].get('ingress', []):
+      ports = rule.get('ports')
+      if ports and not any(p.get('port') in (port, numbers[port]) for p in ports):
+        continue
+      peers = rule.get('from')
+      if not peers:
+        return True
+      for peer in peers:
+        if 'ipBlock' in peer:
+          return True  # any address (a pod's too) may be in it: treat as open
+        in_ns = (_selects(peer['namespaceSelector'], namespace) if 'namespaceSelector' in peer
+                 else namespace == HERE)
+        if in_ns and _selects(peer.get('podSelector', {}), pod):
+          return True
+  return False
+
+
+def test_every_target_admits_only_the_expected_clients(dep):
+  worker = dep.workers['spec']['template']['metadata']['labels']
+  server = dep.servers['spec']['template']['metadata']['labels']
+  stranger = {'app': 'something-else'}
+  assert not admitted(dep, 'grpc', stranger), 'any pod of the namespace reaches the gRPC port'
+  assert not admitted(dep, 'grpc', worker, MONITORING), 'a pod of another namespace gets in'
+  assert admitted(dep, 'grpc', worker), 'the workers cannot reach the gRPC port'
+  assert admitted(dep, 'grpc', server), 'the server processes cannot watch each other'
+  assert admitted(dep, 'metrics', {'app': 'prometheus'}, MONITORING), 'Prometheus is kept out'
+  assert not admitted(dep, 'metrics', stranger) and not admitted(dep, 'metrics', worker)
+  if 'coordinator' in {p['name'] for p in dep.server['ports']}:
+    assert admitted(dep, 'coordinator', server), 'the processes cannot reach the coordinator'
+    for labels, namespace in ((worker, HERE), (stranger, HERE), (server, MONITORING),
+                              ({'app': 'prometheus'}, MONITORING)):
+      assert not admitted(dep, 'coordinator', labels, namespace), \
+          f'{labels} in {namespace} reaches the JAX coordinator (no authentication)'
+
+
+def test_multihost_has_a_coordinator_port_behind_the_policy(multihost):
+  assert 'coordinator' in {p['name'] for p in multihost.server['ports']}
+  assert [o for o in multihost.objects if o['kind'] == 'NetworkPolicy']
 
 
 # ------------------------------------------------------------------------------------------
@@ -751,15 +897,30 @@ def test_server_reads_its_tokens_from_the_auth_secret(dep, tmp_path):
   assert config.auth_token_env not in container_env(dep.server), 'a token given as a value'
 
 
-def test_workers_send_a_token_from_the_same_secret_key(dep, tmp_path):
+WORKER_TOKEN_KEY = 'worker-token'
+
+
+def test_workers_get_only_their_own_token(dep, tmp_path):
+  """The workers send the Secret's key worker-token (one token, theirs); the server's key
+  tokens (every token it accepts) is in no worker container, by variable or by volume."""
   _, config = server_config(dep, tmp_path)
   args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
   assert args.token_env and not args.token_file, 'the workers are given no --token-env'
   refs = secret_env(dep.worker)
   assert args.token_env in refs, \
       f'--token-env {args.token_env} is not set from a Secret in the worker container'
-  assert refs[args.token_env] == secret_env(dep.server)[config.auth_token_env], \
-      'the workers and the server read different Secret keys'
+  server_ref = secret_env(dep.server)[config.auth_token_env]
+  assert refs[args.token_env] == (server_ref[0], WORKER_TOKEN_KEY), \
+      f'the workers read {refs[args.token_env]}, not their own key of the server\'s Secret'
+  assert server_ref not in refs.values(), 'the workers get every token the server accepts'
+  volumes = dep.workers['spec']['template']['spec'].get('volumes', [])
+  assert not [v for v in volumes if v.get('secret', {}).get('secretName') == server_ref[0]], \
+      'the workers mount the auth Secret (every token)'
+  if dep.target == DEV_SECRET_TARGET and KUBECTL:  # the worker's token is one the server takes
+    import base64  # pylint: disable=import-outside-toplevel
+    data = {k: base64.b64decode(v).decode()
+            for k, v in one(dep.objects, 'Secret')['data'].items()}
+    assert data[WORKER_TOKEN_KEY] in data[AUTH_KEY].splitlines()
 
 
 def test_no_secret_with_real_data_is_committed():
@@ -807,8 +968,9 @@ def secret_volume_paths(workload: dict, container: dict, secret: str) -> set[str
   return paths
 
 
-def test_tls_overlay_serves_tls_and_probes_the_health_port(tmp_path):
-  dep = Deployment('overlays/tls')
+@pytest.mark.parametrize('target', TLS_TARGETS)
+def test_tls_overlay_serves_tls_and_probes_the_health_port(target, tmp_path):
+  dep = Deployment(target)
   _, config = server_config(dep, tmp_path)
   assert config.tls_cert and config.tls_key
   server_paths = secret_volume_paths(dep.servers, dep.server, TLS_SECRET)
@@ -824,12 +986,40 @@ def test_tls_overlay_serves_tls_and_probes_the_health_port(tmp_path):
       f'--tls-ca {args.tls_ca} is not a file of the Secret {TLS_SECRET}'
   worker_paths = secret_volume_paths(dep.workers, dep.worker, TLS_SECRET)
   assert not any(p.endswith('tls.key') for p in worker_paths), 'the workers get the server key'
-  for svc in (dep.service, dep.headless):
+  for svc in (s for s in (dep.service, dep.headless) if s is not None):
     grpc_port = next(p for p in svc['spec']['ports'] if p['name'] == 'grpc')
     assert grpc_port.get('appProtocol') != 'kubernetes.io/h2c', 'TLS is not h2c'
 
 
-@pytest.mark.parametrize('target', [t for t in TARGETS if t != 'overlays/tls'])
+def test_tls_of_the_multihost_server_covers_every_process(tmp_path):
+  """Every process of multihost-tls serves TLS, and the names the clients dial (each
+  process's advertised DNS name) are all under the headless Service's subdomain, which one
+  wildcard certificate names (deploy/README.md)."""
+  dep = Deployment('overlays/multihost-tls')
+  names = set()
+  for index in range(dep.servers['spec']['completions']):
+    _, config = server_config(dep, tmp_path, index)
+    assert config.tls_cert and config.tls_key, f'process {index} serves no TLS'
+    names.add(config.advertise_address.rsplit(':', 1)[0].split('.', 1)[1])
+  assert names == {dep.headless['metadata']['name']}, names
+  args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
+  assert args.tls_ca and args.server.split(':')[0].split('.', 1)[1] in names
+
+
+def test_mtls_overlay_asks_for_and_presents_client_certificates(tmp_path):
+  for target in MTLS_TARGETS:
+    dep = Deployment(target)
+    _, config = server_config(dep, tmp_path)
+    assert config.tls_client_ca in secret_volume_paths(dep.servers, dep.server, TLS_SECRET)
+    args = parse(dep.worker, {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'})
+    worker_paths = secret_volume_paths(dep.workers, dep.worker, 'lamb-sharded-worker-tls')
+    assert args.tls_cert in worker_paths and args.tls_key in worker_paths, \
+        'the workers present no client certificate from lamb-sharded-worker-tls'
+    assert not secret_volume_paths(dep.servers, dep.server, 'lamb-sharded-worker-tls'), \
+        'the server holds the workers\' key'
+
+
+@pytest.mark.parametrize('target', [t for t in TARGETS if t not in TLS_TARGETS])
 def test_no_tls_where_none_is_configured(target, tmp_path):
   dep = Deployment(target)
   _, config = server_config(dep, tmp_path)

@@ -33,6 +33,7 @@ def grads(step, worker):
 
 def main(port: str, process_id: str, out: str) -> int:
   runtime.initialize_distributed(f'127.0.0.1:{port}', 2, int(process_id),
+                                 secret=b'a test job secret, not a secret',
                                  bind_address=f'127.0.0.1:{port}', heartbeat_timeout_s=10,
                                  initialization_timeout_s=60)
   # pylint: disable=import-outside-toplevel

@@ -31,6 +31,11 @@ DYING_WITH_PARENT = [sys.executable, '-c',
                      '*sys.argv[1:]])']
 
 
+# The job's secret (every process signs what it writes to the coordinator's store with it).
+SECRET_ENV = 'LAMB_SHARDED_TEST_JOB_SECRET'
+SECRET = 'a test job secret, not a secret'
+
+
 def job_port() -> int:
   """A free port below the kernel's ephemeral range (ip_local_port_range: 32768 and up).
 
@@ -64,9 +69,10 @@ def start(tmp_path, processes=2, devices=4, extra=(), init_params=True, ports=No
   [(proc, port, metrics_port)] once all serve. `params`: the initial params (init_file)."""
   init_flags = ['--init-params', str(init_file(tmp_path, params))] if init_params else []
   coordinator = job_port()
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu', SECRET_ENV: SECRET}
   job_flags = lambda i: (['--num-processes', str(processes), '--process-id', str(i),  # noqa: E731
-                          '--coordinator-address', f'127.0.0.1:{coordinator}']
+                          '--coordinator-address', f'127.0.0.1:{coordinator}',
+                          '--job-secret-env', SECRET_ENV]
                          if processes > 1 else [])
   procs = [subprocess.Popen(
       [*DYING_WITH_PARENT, 'serve', '--host', '127.0.0.1',
@@ -76,6 +82,8 @@ def start(tmp_path, processes=2, devices=4, extra=(), init_params=True, ports=No
        '--weight-decay', '0.01', *init_flags, *job_flags(i), '--log-level', 'WARNING', *extra],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(processes)]
+  for p in procs:
+    p.coordinator_port = coordinator  # for `forge`
   out = []
   try:
     for p in procs:  # each says so once the job has formed (after Gloo's lines, if any)
@@ -89,6 +97,46 @@ def start(tmp_path, processes=2, devices=4, extra=(), init_params=True, ports=No
     stop(procs)
     raise
   return out
+
+
+def forge(coordinator_port: int, key: str, value: str) -> None:
+  """Writes `key` = `value` into the job's coordinator store as an outsider would: raw gRPC
+  to JAX's coordination service, no secret, no part in the job (the service's incarnation,
+  which every request must name, is in its own refusal of a request without it)."""
+  import struct  # pylint: disable=import-outside-toplevel
+  import grpc  # pylint: disable=import-outside-toplevel
+
+  def varint(n):
+    out = b''
+    while True:
+      b, n = n & 0x7f, n >> 7
+      if not n:
+        return out + bytes([b])
+      out += bytes([b | 0x80])
+
+  def field(number, payload):  # length-delimited
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+  # jaxlib 0.10's xla/tsl/protobuf/coordination_service.proto (package xla.coordination):
+  # InsertKeyValueRequest: incarnations = 1, kv = 2 (key 1, value 2), allow_overwrite = 3;
+  # TryGetKeyValueRequest: incarnations = 1, key = 2; Incarnations.service_incarnation = 3
+  # (fixed64). Should a JAX upgrade change them, this fails loudly (an RPC error, or the
+  # value not read back), never passes without having written.
+  entry = field(2, field(1, key.encode()) + field(2, value.encode())) + varint(3 << 3) + b'\x01'
+  with grpc.insecure_channel(f'127.0.0.1:{coordinator_port}') as channel:
+    def rpc(name):
+      return channel.unary_unary(f'/xla.coordination.CoordinationService/{name}',
+                                 request_serializer=bytes, response_deserializer=bytes)
+    incarnations = b''
+    try:
+      rpc('InsertKeyValue')(entry, timeout=10)
+    except grpc.RpcError as e:
+      found = re.search(r'currently (\d+)', e.details() or '')
+      assert found, e.details()
+      incarnations = field(1, varint(3 << 3 | 1) + struct.pack('<Q', int(found.group(1))))
+      rpc('InsertKeyValue')(incarnations + entry, timeout=10)
+    read = rpc('TryGetKeyValue')(incarnations + field(2, key.encode()), timeout=10)
+    assert field(2, value.encode()) in read, read
 
 
 def wait_free(ports, timeout=30.0):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from service.client import OptimizerClient
+from service.server import supervise
 from service.protocol import pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 
@@ -189,6 +190,8 @@ def test_kill_9_of_one_process_ends_the_other_with_one_line_and_the_group_resume
 
 def test_sigterm_to_one_process_stops_both_with_one_checkpoint_that_restores_in_1_and_2(
     tmp_path):
+  # SIGTERM (a preemption, a node drain) stops both with a checkpoint and a status the Job
+  # restarts (supervise.STOPPED_EXIT): training is not over. SIGINT (the operator) ends it: 0.
   from service.core.checkpoint import latest_step  # pylint: disable=import-outside-toplevel
   ckpt = ['--checkpoint-dir', str(tmp_path / 'ckpt'), '--checkpoint-every-steps', '0',
           '--checkpoint-every-seconds', '0']
@@ -198,7 +201,7 @@ def test_sigterm_to_one_process_stops_both_with_one_checkpoint_that_restores_in_
     job[1][0].send_signal(signal.SIGTERM)  # one pod told to stop: the job stops with it
     codes = [_wait_exit(p, 60)[0] for p, _, _ in job]
     errs = [p.stderr.read() for p, _, _ in job]
-    assert codes == [0, 0], (codes, [e[-2000:] for e in errs])
+    assert codes == [supervise.STOPPED_EXIT] * 2, (codes, [e[-2000:] for e in errs])
   finally:
     mp_server.stop(job)
   assert latest_step(str(tmp_path / 'ckpt')) == 1
@@ -211,7 +214,34 @@ def test_sigterm_to_one_process_stops_both_with_one_checkpoint_that_restores_in_
   # And one process's, restored by two.
   with mp_server.job(tmp_path, extra=ckpt) as job:
     pulled = _train(job[1][1], [2])
+    job[0][0].send_signal(signal.SIGINT)  # the operator's stop, to one process: both end, 0
+    codes = [_wait_exit(p, 60)[0] for p, _, _ in job]
+    assert codes == [0, 0], (codes, [p.stderr.read()[-2000:] for p, _, _ in job])
   mp_server.assert_params(pulled.params, mp_server.reference([EVERY] * 3))
+  assert latest_step(str(tmp_path / 'ckpt')) == 3
+
+
+def test_an_outsiders_shutdown_in_the_coordinators_store_stops_nothing(tmp_path):
+  # A third process holding no secret writes `shutdown` into the real coordinator (raw gRPC,
+  # as issue 22 did: before, both processes drained and exited 0, the Job Complete). It is
+  # not signed: logged, ignored, and the job trains on.
+  job = mp_server.start(tmp_path)
+  try:
+    _train(job[0][1], [0])
+    coordinator = job[0][0].coordinator_port
+    for forged in ('1', '1 final', '0' * 64 + ':1 final'):
+      mp_server.forge(coordinator, 'lamb_sharded/shutdown', forged)
+      time.sleep(2.5)  # the processes look every second
+      assert [p.poll() for p, _, _ in job] == [None, None]
+    pulled = _train(job[1][1], [1])
+    assert pulled.step == 2
+    mp_server.assert_params(pulled.params, mp_server.reference([EVERY] * 2))
+  finally:
+    codes = mp_server.stop(job)
+  errs = [p.stderr.read() for p, _, _ in job]
+  assert all("unauthenticated value in the job's store at 'lamb_sharded/shutdown'" in e
+             for e in errs), [e[-2000:] for e in errs]
+  assert codes == [supervise.STOPPED_EXIT] * 2, codes  # the real stop: SIGTERM, restartable
 
 
 def test_kill_9_of_process_0_ends_the_other_with_one_line_naming_the_coordinator(tmp_path):

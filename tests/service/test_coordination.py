@@ -173,7 +173,9 @@ def test_model_id_same_step_and_shutdown_are_shared():
   assert out['value'] == [9, 9]
   assert leader.shutdown_requested() is None
   follower.request_shutdown()
-  assert leader.shutdown_requested() == 1
+  assert leader.shutdown_requested() == (1, False)  # preempted: the job is to go on
+  leader.request_shutdown(final=True)
+  assert follower.shutdown_requested() == (0, True)  # the operator's stop
 
 
 def test_forget_before_drops_the_records_of_old_pushes():
@@ -236,3 +238,177 @@ def test_a_lone_process_decides_everything_at_once():
   assert not alone.refuse(key, errors.Aborted('no')).accepted
   assert alone.model_id(1, 'x') == 'x' and alone.same_step('m', 4) == [4]
   assert alone.shutdown_requested() is None
+
+
+# ------------------------------------------------------------------------------------------
+# Authenticated values: a job's store is a SignedStore; what anyone else writes is not acted on.
+
+SECRET = b'the job secret, 32 bytes long...'
+
+
+def signed_job(count=2, secret=SECRET, session='run 1', **kw):
+  """The raw store beneath, and `count` processes' views of a job over it, signed."""
+  raw = MemoryStore()
+  signed = coordination.SignedStore(raw, secret, session, poll_s=0.005)
+  return raw, [Job(signed, i, count, **{**FAST, **kw}) for i in range(count)]
+
+
+def forgeries(key, value):
+  """What an outsider can write at `key` for `value`: unsigned, a made-up MAC, the MAC of
+  another secret, of another session (a replay of an earlier run), of another key."""
+  other_secret = coordination.SignedStore(MemoryStore(), b'another secret, 32 bytes long.',
+                                          'run 1')
+  other_run = coordination.SignedStore(MemoryStore(), SECRET, 'run 0')
+  same = coordination.SignedStore(MemoryStore(), SECRET, 'run 1')
+  out = [value, '0' * 64 + ':' + value, ':' + value, 'x' * 5000]
+  for store, at in ((other_secret, key), (other_run, key), (same, key + '/other')):
+    store.set(at, value, overwrite=True)
+    out.append(store._store.try_get(at))  # pylint: disable=protected-access
+  return out
+
+
+def test_a_signed_value_reads_back_and_nothing_else_does(caplog):
+  raw = MemoryStore()
+  store = coordination.SignedStore(raw, SECRET, 'run 1', poll_s=0.005)
+  assert store.set('k', 'v:with:colons\n', overwrite=False)
+  assert store.try_get('k') == 'v:with:colons\n' and raw.try_get('k') != 'v:with:colons\n'
+  assert store.blocking_get('k', 0.1) == 'v:with:colons\n'
+  for forged in forgeries('k2', 'v'):
+    raw.set('k2', forged, overwrite=True)
+    assert store.try_get('k2') is None
+    t0 = time.monotonic()
+    assert store.blocking_get('k2', 0.05) is None  # waited as for an absent key
+    assert time.monotonic() - t0 >= 0.05
+  assert not store.set('k2', 'v', overwrite=False)  # written first by someone: not ours
+  with pytest.raises(ValueError):
+    coordination.SignedStore(raw, b'')
+
+
+def test_a_forged_value_is_logged_once_per_key_quoted_and_bounded(caplog):
+  raw, (leader, _) = signed_job()
+  raw.set('lamb_sharded/shutdown', '1\nFAKE LOG LINE' + 'x' * 10_000, overwrite=True)
+  for _ in range(5):
+    assert leader.shutdown_requested() is None
+  lines = [r.getMessage() for r in caplog.records if 'unauthenticated' in r.getMessage()]
+  assert len(lines) == 1, lines
+  assert "'lamb_sharded/shutdown'" in lines[0] and '\n' not in lines[0]
+  assert len(lines[0]) < 500
+
+
+def test_a_forged_shutdown_is_not_acted_on():
+  raw, (leader, follower) = signed_job()
+  for forged in forgeries('lamb_sharded/shutdown', '1'):
+    raw.set('lamb_sharded/shutdown', forged, overwrite=True)
+    assert leader.shutdown_requested() is None and follower.shutdown_requested() is None
+  follower.request_shutdown()  # the real one
+  assert leader.shutdown_requested() == (1, False)
+  signed = leader._kv  # pylint: disable=protected-access
+  for malformed in ('7 final', '1', '1 final ', '-1 restart', '0 maybe'):
+    signed.set('lamb_sharded/shutdown', malformed, overwrite=True)
+    assert follower.shutdown_requested() is None  # signed, but malformed
+
+
+def test_a_forged_decision_is_never_acted_on():
+  raw, (leader, follower) = signed_job()
+  for n, forged in enumerate(forgeries('x', '{"step": 99, "poison": null}')):
+    key = leader.push_key('m', 'w0', f'p{n}')
+    raw.set(f'{key}/decision', forged.replace('/x', key) if forged else forged, overwrite=False)
+    # The follower does not take the forged step: it finds no decision and refuses.
+    follower.part_timeout_s = -9.95
+    decision = follower.rule(key, None).decision
+    assert not decision.accepted and decision.step != 99
+    # The leader cannot accept over it either: the push is refused everywhere, never half.
+    late = leader.accept(key, 3, None)
+    assert not late.accepted and late.error.reason == 'no_decision'
+  # A forged accept of a push the leader refuses: the refusal stands.
+  key = leader.push_key('m', 'w0', 'q')
+  raw.set(f'{key}/part/1', '{"poison": null}', overwrite=True)  # a forged part: not a part
+  assert leader.rule(key, None).decision.error.reason == 'part_missing'
+
+
+def test_a_forged_or_malformed_event_is_passed_over_and_the_leaders_next_one_read(monkeypatch):
+  monkeypatch.setattr(coordination, 'EVENT_SKIP_S', 0.05)
+  raw, (leader, follower) = signed_job()
+  raw.set('lamb_sharded/events/m/0', 'close 999999 0', overwrite=False)  # an outsider's, first
+  leader.close_step('m', 3, 2)  # written as event 1: 0 is taken
+  got, deadline = [], time.monotonic() + 2
+  while not got and time.monotonic() < deadline:
+    event = follower.next_event('m', 0.02)
+    if event is not None:
+      got.append(event)
+  assert got == [('close', 3, 2)]
+  # Signed but malformed (a bug, not an outsider): logged, ignored, the thread goes on.
+  for text in ('close', 'close x 1', 'save -1', 'save 1 2', '', '\x00' * 100, 'save ' + '9' * 5000):
+    leader._publish('m', text)  # pylint: disable=protected-access
+    assert follower.next_event('m', 0.5) is None
+  leader.ask_save('m', 4)
+  assert follower.next_event('m', 0.5) == ('save', 4)
+
+
+def test_forged_votes_steps_model_ids_and_parts_are_absent():
+  raw, (leader, follower) = signed_job()
+  follower.part_timeout_s = leader.part_timeout_s = 0.02
+  raw.set('lamb_sharded/save/m/1', 'yes', overwrite=True)
+  assert not follower.save_due('m', 1)
+  raw.set('lamb_sharded/final/m/1', '3', overwrite=True)
+  assert leader.same_step('m', 3) == [3, -1]
+  signed = leader._kv  # pylint: disable=protected-access
+  signed.set('lamb_sharded/model_id/1/0', 'bad id\n' * 3, overwrite=True)
+  with pytest.raises(errors.Unavailable):
+    follower.model_id(1, 'mine')
+
+
+def test_the_stores_keys_stay_bounded_over_many_steps():
+  """Accepted and refused pushes, events, votes and adoptions, step after step: the store
+  holds a bounded number of keys (every record goes once every process is done with it)."""
+  store, (leader, follower) = job(linger_s=0.02)
+  sizes = []
+  for step in range(100):
+    key = leader.push_key('m', 'w0', f'a{step}')
+    leader.admitted(key)
+    follower.await_admitted(key, 0)
+    t, out = in_thread(follower.rule, key, None)
+    assert leader.rule(key, None).decision is None and leader.accept(key, step, None).accepted
+    t.join(2)
+    assert out['value'].decision.accepted
+    refused = leader.push_key('m', 'w1', f'r{step}')
+    leader.admitted(refused)
+    follower.refuse(refused, errors.InvalidArgument('malformed', reason='bad'))
+    assert not leader.rule(refused, None).decision.accepted
+    leader.close_step('m', step, 1)
+    leader.ask_save('m', step)
+    assert follower.next_event('m', 0.5) == ('close', step, 1)
+    assert follower.next_event('m', 0.5) == ('save', step)
+    leader.vote_save('m', step, step % 2 == 0)
+    assert follower.save_due('m', step) == (step % 2 == 0)
+    if step % 10 == 0:
+      t, out = in_thread(follower.model_id, step // 10 + 1, 'theirs')
+      leader.model_id(step // 10 + 1, f'id{step}')
+      t.join(2)
+    time.sleep(0.021)  # the refusals' linger_s
+    leader.forget_before(step - 2)
+    follower.forget_before(step - 2)
+    sizes.append(len(store.keys()))
+  assert max(sizes) <= 40, (max(sizes), store.keys())
+  assert sizes[-1] <= sizes[20] + 2, sizes
+
+
+def test_a_multi_process_server_needs_a_job_secret_from_a_file_or_the_environment(tmp_path):
+  from service.config import ServerConfig  # pylint: disable=import-outside-toplevel
+  from service.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  job = dict(num_processes=2, coordinator_address='host0:8476', process_id=1)
+  assert ServerConfig().job_secret({}) is None  # one process: none needed
+  with pytest.raises(ConfigError, match='--job-secret-file: needed with --num-processes 2'):
+    ServerConfig(**job).job({})
+  with pytest.raises(ConfigError, match=r'--job-secret-env: .*\$S is empty'):
+    ServerConfig(**job, job_secret_env='S').job({})
+  with pytest.raises(ConfigError, match='--job-secret-env: .* is 5 bytes; it needs at least 16'):
+    ServerConfig(**job, job_secret_env='S').job({'S': 'short'})
+  assert ServerConfig(**job, job_secret_env='S').job_secret({'S': ' 0123456789abcdef \n'}) == \
+      b'0123456789abcdef'
+  path = tmp_path / 'secret'
+  path.write_bytes(b'0123456789abcdef\n')
+  assert ServerConfig(**job, job_secret_file=str(path)).job_secret({}) == b'0123456789abcdef'
+  assert ServerConfig(**job, job_secret_file=str(path)).job({}) == ('host0:8476', 1)
+  with pytest.raises(ConfigError, match='--job-secret-file: .*missing'):
+    ServerConfig(**job, job_secret_file=str(tmp_path / 'missing')).job_secret({})
