@@ -109,6 +109,8 @@ START_TIMEOUT_S = 180.0  # a server (or a job) to serve; client processes to con
 HEALTH_EVERY_S = 0.05
 HEALTH_TIMEOUT_S = 5.0
 SAMPLE_EVERY_S = 0.1
+# A 2-process server's job secret (its processes sign what they write to the coordinator).
+JOB_SECRET_ENV, JOB_SECRET = 'LAMB_SHARDED_BENCH_JOB_SECRET', 'the benchmark job, no secret'
 GOALS = {'cpu_ratio': 1.5, 'health_p99_s': 1.0, 'pool_threads': 16}  # --grpc-threads' default
 # A process that gets SIGKILL when this script dies, whatever ends it (Linux): the
 # PR_SET_PDEATHSIG survives the exec (as tests/multihost/mp_server.py starts servers).
@@ -167,7 +169,7 @@ def servers(workers: int, processes: int, init: str) -> Iterator[list[tuple]]:
   job = []
   if processes > 1:
     job = ['--num-processes', str(processes), '--coordinator-address',
-           f'127.0.0.1:{_job_port()}']
+           f'127.0.0.1:{_job_port()}', '--job-secret-env', JOB_SECRET_ENV]
   procs, errs = [], []
   try:
     for i in range(processes):
@@ -177,7 +179,8 @@ def servers(workers: int, processes: int, init: str) -> Iterator[list[tuple]]:
               '--init-params', init, *server_flags(workers), *job,
               *(['--process-id', str(i)] if processes > 1 else [])]
       procs.append(subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=errs[-1],
-                                    text=True, env={**os.environ, 'PYTHONPATH': ROOT}))
+                                    text=True, env={**os.environ, 'PYTHONPATH': ROOT,
+                                                    JOB_SECRET_ENV: JOB_SECRET}))
     out = []
     deadline = time.monotonic() + START_TIMEOUT_S
     for i, p in enumerate(procs):  # each says so once the job has formed

@@ -145,6 +145,8 @@ import time
 from typing import Callable, Iterator, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A multi-process server's job secret (its processes sign what they write to the coordinator).
+JOB_SECRET_ENV, JOB_SECRET = 'LAMB_SHARDED_BENCH_JOB_SECRET', 'the benchmark job, no secret'
 if ROOT not in sys.path:  # run from a checkout without PYTHONPATH
   sys.path.insert(0, ROOT)
 
@@ -261,7 +263,7 @@ def child_process(argv: Sequence[str], what: str) -> Iterator[tuple[subprocess.P
   """Starts `argv`, reads 'serving on HOST:PORT' from its first stdout line; stops it at exit."""
   with tempfile.TemporaryFile(mode='w+') as err:
     proc = subprocess.Popen(list(argv), cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
-                            env={**os.environ, 'PYTHONPATH': ROOT})
+                            env={**os.environ, 'PYTHONPATH': ROOT, JOB_SECRET_ENV: JOB_SECRET})
     try:
       ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
       line = proc.stdout.readline() if ready else ''
@@ -563,7 +565,7 @@ def server_job(processes: int, init: str, extra: Sequence[str]) -> Iterator[list
   if processes > 1:
     coordinator = _free_port()
     flags += ['--num-processes', str(processes), '--coordinator-address',
-              f'127.0.0.1:{coordinator}']
+              f'127.0.0.1:{coordinator}', '--job-secret-env', JOB_SECRET_ENV]
   with contextlib.ExitStack() as stack:
     argvs = [service_argv(PROCESS_AXIS_WORKERS, [*flags] + (
         ['--process-id', str(i)] if processes > 1 else [])) for i in range(processes)]
@@ -587,7 +589,7 @@ def _started(argv: Sequence[str], what: str):
   """Starts `argv` now; yields a function that waits for its 'serving on' line."""
   with tempfile.TemporaryFile(mode='w+') as err:
     proc = subprocess.Popen(list(argv), cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
-                            env={**os.environ, 'PYTHONPATH': ROOT})
+                            env={**os.environ, 'PYTHONPATH': ROOT, JOB_SECRET_ENV: JOB_SECRET})
 
     def ready() -> tuple[subprocess.Popen, int]:
       ok, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
