@@ -175,7 +175,7 @@ def as_text(report: dict[str, Any]) -> str:
               ('refused', ', '.join(f'{k} {v}' for k, v in m['pushes_rejected'].items())
                or 'none')]
     if ckpts is not None and m.get('checkpoint_failures') is not None:
-      lines.append(('checkpoint saves', _saves(m)))
+      lines.append(('saving', _saves(m)))
   width = max(len(k) for k, _ in lines)
   return '\n'.join(f'{k:<{width}}  {v}' for k, v in lines)
 
