@@ -157,7 +157,11 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_decision_policy=policy,
             enable_async_checkpointing=asynchronous, create=True,
-            cleanup_tmp_directories=True))
+            cleanup_tmp_directories=True,
+            # A save that failed leaves Orbax's "in progress" mark set (0.12.8, synchronous
+            # saves), which would stop the time policy from ever saving again; saves are
+            # one at a time anyway (the engine's writer thread).
+            enable_should_save_is_saving_in_progress_check=False))
 
   def steps(self) -> list[int]:
     """The complete (finalised) checkpoints' steps, ascending.
@@ -188,6 +192,10 @@ class Checkpointer:
     """Saves `step` if the policy says so (always with `force`, unless it exists)."""
     if step in self._manager.all_steps():
       return False
+    try:  # a previous save's failure is its own (its waiter reports it), not this one's
+      self._manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
     meta = {'format': FORMAT, 'step': step, **meta}
     return self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

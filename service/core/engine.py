@@ -995,7 +995,9 @@ class Engine:
       step, t0 = item
       try:
         self._checkpointer.wait()
-        if not self._checkpointer.written(step):  # its error went to another waiter
+        # Its error may have gone to another waiter (SaveCheckpoint's); the leader's view
+        # of the directory is the one that finalises it.
+        if self._co.leader and not self._checkpointer.written(step):
           raise OSError(f'the save of step {step} ended without a checkpoint on disk')
       except Exception as e:  # pylint: disable=broad-except
         self._save_failed(step, e)

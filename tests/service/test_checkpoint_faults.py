@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 
+import grpc
 import numpy as np
 import pytest
 
@@ -18,7 +19,7 @@ from service.core import checkpoint as checkpoint_lib
 from service.core.checkpoint import Checkpointer
 from service.examples import status
 from service.server.metrics import sample
-from svc import ROOT, running_server, start_server_process, until
+from svc import ROOT, pb, running_server, start_server_process, stub, until
 
 P0 = {"['w']": np.linspace(-1, 1, 64, dtype=np.float32).reshape(16, 4),
       "['b']": np.linspace(0.5, 1, 8, dtype=np.float32)}
@@ -163,6 +164,11 @@ def test_a_failing_save_never_fails_a_push_is_logged_once_counted_and_retried(
     report = status.gather(f'127.0.0.1:{running.port}', f'127.0.0.1:{running.metrics_port}')
     text = status.as_text(report)
     assert re.search(r'\nsaving +failing: \d+ in a row', text), text
+    # Asked for explicitly, a failing save is UNAVAILABLE (retry later), not UNKNOWN.
+    with pytest.raises(grpc.RpcError) as refused:
+      stub(running.port).SaveCheckpoint(pb.SaveCheckpointRequest(wait=True), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+    assert 'could not be written' in refused.value.details()
     # The disk is back: the next save point writes.
     ckpt.unlink()
     os.rename(away, ckpt)
