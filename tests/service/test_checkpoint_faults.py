@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -213,3 +214,26 @@ def test_list_checkpoints_lists_a_save_in_flight_as_not_complete(tmp_path, monke
       release.set()
     until(lambda: [(c.step, c.complete) for c in client.list_checkpoints()] ==
           [(0, True), (1, True)])
+
+
+def test_a_failed_synchronous_save_does_not_stop_the_time_policy(tmp_path):
+  """Orbax leaves its "saving in progress" mark set after a failed synchronous save; its time
+  policy would then never save again (--checkpoint-every-seconds with --async-checkpoints false)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  ckpt = tmp_path / 'ckpt'
+  checkpointer = Checkpointer(str(ckpt), every_seconds=0.1, asynchronous=False)
+  state = {'params': [jnp.ones(4)], 'opt_state': [jnp.zeros(4)]}
+  try:
+    assert checkpointer.save(0, state, {'leaves': []}, force=True)
+    os.rename(ckpt, tmp_path / 'away')
+    ckpt.write_text('not a directory')
+    with pytest.raises(OSError):
+      checkpointer.save(1, state, {'leaves': []}, force=True)
+    ckpt.unlink()
+    os.rename(tmp_path / 'away', ckpt)
+    time.sleep(0.3)
+    assert checkpointer.should_save(2)
+    assert checkpointer.save(2, state, {'leaves': []})
+    assert checkpointer.steps() == [0, 2]
+  finally:
+    checkpointer.close()
