@@ -99,6 +99,12 @@ class ServerConfig:
       600.0, 'save when this long passed since the last save (0: not by time)')
   keep_checkpoints: int = setting(3, 'how many checkpoints to keep')
   async_checkpoints: bool = setting(True, 'write checkpoints in the background (true/false)')
+  # If --checkpoint-dir holds checkpoints and none of them can be restored, the server
+  # refuses to start (a new run's saves would make Orbax delete them); true: delete them
+  # and start without a model. A checkpoint of a newer format is refused whatever this says.
+  discard_unreadable_checkpoints: bool = setting(
+      False, 'if no checkpoint in --checkpoint-dir can be restored, delete them all and '
+      'start afresh (default: refuse to start) (true/false)')
   shutdown_grace_s: float = setting(
       30.0, 'on SIGTERM: how long pushes in flight may finish before the final save')
   # A .npz file of initial parameters (keys: leaf paths); else InitializeModel.
@@ -361,7 +367,8 @@ GROUPS = {
                'max_stream_seconds', 'max_inflight_pushes', 'max_inflight_bytes',
                'admission_timeout_s'),
     'checkpoints': ('checkpoint_dir', 'checkpoint_every_steps', 'checkpoint_every_seconds',
-                    'keep_checkpoints', 'async_checkpoints', 'shutdown_grace_s', 'init_params'),
+                    'keep_checkpoints', 'async_checkpoints', 'discard_unreadable_checkpoints',
+                    'shutdown_grace_s', 'init_params'),
     'steps': ('num_workers', 'step_mode', 'quorum', 'straggler_timeout_s', 'staleness_bound',
               'nonfinite'),
     'mesh and processes': ('devices', 'num_processes', 'process_id', 'coordinator_address',

@@ -9,6 +9,13 @@ and `meta` (JSON: the step, the model's leaves, the hyperparameters). Orbax
 writes a step into a temporary directory and renames it when complete, so a
 crash at any moment -- in the middle of an asynchronous save too -- never
 leaves a directory that is then restored as if it were complete.
+
+What a directory may hold, and what becomes of it (README, "Checkpoint faults"):
+a checkpoint that cannot be read is skipped for an older one; if none of them
+can be read, `restore_latest` raises UnreadableCheckpoints (the server does not
+start a new run over them, unless told to discard them); a checkpoint of a
+newer FORMAT raises NewerFormat. Entries that are not Orbax step directories
+are neither read nor deleted (Orbax only lists, writes and deletes its own).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 from typing import Any, Callable, Optional
 
 import jax
@@ -31,6 +39,56 @@ FORMAT = 1
 
 class IncompatibleCheckpoint(ValueError):
   """A checkpoint that does not fit the model it would be restored into."""
+
+
+class UnreadableCheckpoints(ValueError):
+  """A directory holds checkpoints and none of them can be restored.
+
+  `steps`: theirs; the message says why the newest could not be read.
+  """
+
+  def __init__(self, message: str, steps: list[int]):
+    super().__init__(message)
+    self.steps = steps
+
+
+class NewerFormat(ValueError):
+  """A checkpoint written by a newer lamb-sharded (its `format` is above FORMAT)."""
+
+
+def check_writable(directory: str) -> None:
+  """Creates `directory` if missing and writes (then removes) a file in it.
+
+  Raises OSError (with the OS's reason) if it cannot: e.g. a file where a
+  directory is expected, a read-only filesystem, no permission, no space.
+  """
+  os.makedirs(directory, exist_ok=True)
+  fd, probe = tempfile.mkstemp(prefix='.lamb-sharded-write-probe-', dir=directory)
+  try:
+    os.write(fd, b'probe')
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+    os.remove(probe)
+
+
+class _QuietOrbaxTracebacks(logging.Filter):
+  """Drops Orbax's own tracebacks of a failed save (several per save, ~100 lines each):
+  every such failure reaches the engine as an exception from `save` or `wait`, and is
+  logged there once per streak of failures. At DEBUG they are kept."""
+
+  _ORBAX = os.path.dirname(os.path.abspath(ocp.__file__))
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if (record.exc_info and record.levelno >= logging.ERROR
+        and record.pathname.startswith(self._ORBAX)
+        and not logging.getLogger().isEnabledFor(logging.DEBUG)):
+      return False
+    return True
+
+
+if not any(isinstance(f, _QuietOrbaxTracebacks) for f in logging.getLogger('absl').filters):
+  logging.getLogger('absl').addFilter(_QuietOrbaxTracebacks())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +109,11 @@ def latest_step(directory: str) -> Optional[int]:
     return manager.latest_step()
   finally:
     manager.close()
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  text = str(e).strip().splitlines()
+  return text[0][:limit] if text else ''
 
 
 def _dir_size(path: str) -> int:
@@ -78,7 +141,6 @@ class Checkpointer:
         the copy of the arrays to host memory).
     """
     self.directory = os.path.abspath(directory)
-    self._writing: Optional[int] = None  # the step of the last save started
     policies = []
     if every_steps > 0:
       policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(every_steps))
@@ -95,11 +157,32 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_decision_policy=policy,
             enable_async_checkpointing=asynchronous, create=True,
-            cleanup_tmp_directories=True))
+            cleanup_tmp_directories=True,
+            # A save that failed leaves Orbax's "in progress" mark set (0.12.8, synchronous
+            # saves), which would stop the time policy from ever saving again; saves are
+            # one at a time anyway (the engine's writer thread).
+            enable_should_save_is_saving_in_progress_check=False))
 
   def steps(self) -> list[int]:
-    """The complete checkpoints' steps, ascending."""
-    return sorted(self._manager.all_steps())
+    """The complete (finalised) checkpoints' steps, ascending.
+
+    The manager's steps include a save still being written; Orbax says which
+    of them are finalised (renamed from their temporary directory, or with
+    their commit marker, as the filesystem does it).
+    """
+    return [s for s in sorted(self._manager.all_steps()) if self._finalized(s)]
+
+  def written(self, step: int) -> bool:
+    """Whether the save of `step` (started earlier) ended on disk: finalised, or since
+    deleted as older than the `keep` newest."""
+    steps = self._manager.all_steps()
+    return self._finalized(step) or (bool(steps) and step < min(steps))
+
+  def _finalized(self, step: int) -> bool:
+    try:
+      return ocp.step.is_path_finalized(self.path(step))
+    except (OSError, ValueError):  # not there (yet, or any more)
+      return False
 
   def should_save(self, step: int) -> bool:
     """Whether the policy saves `step` (a multi-process server asks process 0's)."""
@@ -109,13 +192,14 @@ class Checkpointer:
     """Saves `step` if the policy says so (always with `force`, unless it exists)."""
     if step in self._manager.all_steps():
       return False
+    try:  # a previous save's failure is its own (its waiter reports it), not this one's
+      self._manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
     meta = {'format': FORMAT, 'step': step, **meta}
-    saved = self._manager.save(
+    return self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)), force=force)
-    if saved:
-      self._writing = step
-    return saved
 
   def wait(self) -> None:
     """Blocks until the asynchronous save in progress (if any) is on disk."""
@@ -124,37 +208,66 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-  def restore_latest(self, target_for: Callable[[dict], Any]
-                     ) -> Optional[tuple[int, Any, dict]]:
+  def restore_latest(self, target_for: Callable[[dict], Any], *,
+                     discard_unreadable: bool = False) -> Optional[tuple[int, Any, dict]]:
     """Restores the newest readable checkpoint: (step, state, meta), or None if none.
 
     Args:
       target_for: meta -> the abstract target (`jax.ShapeDtypeStruct`s with the
         shardings to restore onto). It raises IncompatibleCheckpoint when the
         checkpoint does not fit; that error propagates (nothing is loaded).
+      discard_unreadable: if no checkpoint can be read, delete them all (through
+        Orbax) and return None, instead of raising UnreadableCheckpoints.
 
     A checkpoint that cannot be read (truncated, corrupted) is skipped with a
-    warning in the log, falling back to the previous one.
+    warning in the log, falling back to the previous one. If none can be read,
+    UnreadableCheckpoints: a new run started over them would have Orbax delete
+    them as it keeps the newest. A checkpoint of a newer format raises NewerFormat
+    (whichever is newest: this server would overwrite a newer server's run).
     """
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    first_error = None
+    for step in steps:
       try:
         meta = self.read_meta(step)
+        fmt = meta.get('format') if isinstance(meta, dict) else None
+        if not isinstance(fmt, int) or not isinstance(meta.get('leaves'), list):
+          raise ValueError(f'its meta is not a lamb-sharded one (format {fmt!r})')
       except Exception as e:  # pylint: disable=broad-except
-        log.warning('checkpoint %d in %s is unreadable (%s: %s); falling back to the previous '
-                    'one', step, self.directory, type(e).__name__, e,
-                    extra=logs.fields(step=step, reason='unreadable_checkpoint'))
+        first_error = first_error or (step, e)
+        self._skipped(step, e)
         continue
+      if fmt > FORMAT:
+        raise NewerFormat(f'checkpoint {step} is of format {fmt}, and this lamb-sharded reads '
+                          f'format {FORMAT} (it was written by a newer version): run that '
+                          f'version, or move the directory away to start a new run')
       target = target_for(meta)
       try:
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
       except Exception as e:  # pylint: disable=broad-except
-        log.warning('checkpoint %d in %s is unreadable (%s: %s); falling back to the previous '
-                    'one', step, self.directory, type(e).__name__, e,
-                    extra=logs.fields(step=step, reason='unreadable_checkpoint'))
+        first_error = first_error or (step, e)
+        self._skipped(step, e)
         continue
       return step, restored.state, meta
-    return None
+    if not steps:
+      return None
+    step, e = first_error
+    if discard_unreadable:
+      for s in steps:
+        self._manager.delete(s)
+      log.warning('none of the %d checkpoints in %s can be restored: deleted them (steps %s), '
+                  'as asked; starting without a model', len(steps), self.directory,
+                  sorted(steps), extra=logs.fields(reason='unreadable_checkpoints_discarded'))
+      return None
+    raise UnreadableCheckpoints(
+        f'none of its {len(steps)} checkpoints (steps {sorted(steps)}) can be restored '
+        f'(step {step}: {type(e).__name__}: {_first_line(e)})', sorted(steps))
+
+  def _skipped(self, step: int, e: Exception) -> None:
+    log.warning('checkpoint %d in %s is unreadable (%s: %s); falling back to the previous '
+                'one', step, self.directory, type(e).__name__, _first_line(e),
+                extra=logs.fields(step=step, reason='unreadable_checkpoint'))
 
   def load_params(self, step: Optional[int] = None) -> tuple[int, dict[str, np.ndarray]]:
     """The parameters of a checkpoint (default: the newest) as host arrays by leaf path."""
@@ -174,14 +287,14 @@ class Checkpointer:
                   for leaf, a in zip(meta['leaves'], state['params'])}
 
   def list(self) -> list[CheckpointInfo]:
-    """The complete checkpoints, and the one still being written (if any), by step."""
-    out = [CheckpointInfo(step, self.path(step), True, _dir_size(self.path(step)))
-           for step in self.steps()]
-    writing = self._writing
-    if (writing is not None and writing not in self._manager.all_steps()
-        and self._manager.is_saving_in_progress()):
-      out.append(CheckpointInfo(writing, self.path(writing), False, 0))
-    return sorted(out, key=lambda c: c.step)
+    """The finalised checkpoints, and those still being written (complete=False), by step."""
+    out = []
+    for step in sorted(self._manager.all_steps()):
+      if self._finalized(step):
+        out.append(CheckpointInfo(step, self.path(step), True, _dir_size(self.path(step))))
+      else:
+        out.append(CheckpointInfo(step, self.path(step), False, 0))
+    return out
 
   def path(self, step: int) -> str:
     """Where the checkpoint of `step` is (once complete), as Orbax names it."""

@@ -105,6 +105,9 @@ class EngineObserver:
   def checkpoint_saved(self, step: int, seconds: float) -> None:
     """The save of `step` is on disk, `seconds` after it began."""
 
+  def checkpoint_failed(self, step: int, error: BaseException, in_a_row: int) -> None:
+    """The save of `step` failed (`in_a_row`: failed saves since the last one written)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Description:
@@ -302,6 +305,8 @@ class Engine:
     self._applied: queue.SimpleQueue = queue.SimpleQueue()
     self._saves: queue.SimpleQueue = queue.SimpleQueue()
     self._to_write: queue.SimpleQueue = queue.SimpleQueue()  # `_Save`s, in step order
+    self._save_failures = 0  # failed saves since the last one written (a streak)
+    self._save_failures_lock = threading.Lock()
     self._threads = [threading.Thread(target=fn, name=name, daemon=True) for fn, name in (
         (self._straggler_loop, 'straggler') if self._co.leader else
         (self._follow_loop, 'follower'),
@@ -1046,8 +1051,7 @@ class Engine:
           self._saves.put((save.step, t0))
       except Exception as e:  # pylint: disable=broad-except
         save.error = e
-        log.error('checkpoint of step %d failed: %s: %s', save.step, type(e).__name__, e,
-                  extra=fields(step=save.step))
+        self._save_failed(save.step, e)
       finally:
         with self._cond:
           if save.version == self._params_version:
@@ -1063,11 +1067,37 @@ class Engine:
       step, t0 = item
       try:
         self._checkpointer.wait()
+        # Its error may have gone to another waiter (SaveCheckpoint's); the leader's view
+        # of the directory is the one that finalises it.
+        if self._co.leader and not self._checkpointer.written(step):
+          raise OSError(f'the save of step {step} ended without a checkpoint on disk')
       except Exception as e:  # pylint: disable=broad-except
-        log.warning('checkpoint of step %d failed: %s: %s', step, type(e).__name__, e,
-                    extra=fields(step=step))
+        self._save_failed(step, e)
         continue
+      with self._save_failures_lock:
+        failed, self._save_failures = self._save_failures, 0
+      if failed:
+        log.warning('checkpoints are written again (step %d), after %d failed saves', step,
+                    failed, extra=fields(step=step, reason='checkpoint_recovered'))
       self.observer.checkpoint_saved(step, time.monotonic() - t0)
+
+  def _save_failed(self, step: int, e: BaseException) -> None:
+    """A save that failed: logged once per streak of failures (the first), counted in the
+    metrics; the next save point (or the final save) tries again. Pushes never see it."""
+    with self._save_failures_lock:
+      self._save_failures += 1
+      in_a_row = self._save_failures
+    text = str(e).strip().splitlines()
+    why = f'{type(e).__name__}: {text[0][:300] if text else ""}'
+    if in_a_row == 1:
+      log.error('checkpoint of step %d failed: %s; the server goes on, and tries again at the '
+                'next save point (further failures are counted in '
+                'lamb_sharded_checkpoint_failures_total, not logged, until one succeeds)',
+                step, why, extra=fields(step=step, reason='checkpoint_failed'))
+    else:
+      log.debug('checkpoint of step %d failed (%d in a row): %s', step, in_a_row, why,
+                extra=fields(step=step, reason='checkpoint_failed'))
+    self.observer.checkpoint_failed(step, e, in_a_row)
 
   def restore(self) -> bool:
     """Restores the newest readable checkpoint onto this mesh; False if there is none."""
@@ -1105,10 +1135,15 @@ class Engine:
         save = self._queue_save_locked(ask=False)
       self._co.ask_save(save.model_id, save.step)
     save.done.wait()
-    if save.error is not None:
-      raise save.error
-    if wait:
-      self._checkpointer.wait()
+    try:
+      if save.error is not None:
+        raise save.error
+      if wait:
+        self._checkpointer.wait()
+    except Exception as e:  # pylint: disable=broad-except  # the disk: full, gone, read-only
+      raise Unavailable(f'the checkpoint of step {save.step} could not be written '
+                        f'({type(e).__name__}: {e}); the server goes on and saves again at '
+                        f'the next save point', reason='checkpoint_failed') from e
     return save.step, self._checkpointer.path(save.step)
 
   def list_checkpoints(self) -> list[CheckpointInfo]:

@@ -46,14 +46,20 @@ def save(checkpointer: Checkpointer, config: ServerConfig, step: int, plan: Mode
 
 def restore_latest(checkpointer: Checkpointer, config: ServerConfig, mesh: jax.sharding.Mesh
                    ) -> Optional[tuple[int, ModelPlan, ModelState]]:
-  """The newest readable checkpoint onto `mesh`: (step, plan, state); None if there is none."""
+  """The newest readable checkpoint onto `mesh`: (step, plan, state); None if there is none.
+
+  UnreadableCheckpoints if there are checkpoints and none can be read (unless
+  `config.discard_unreadable_checkpoints`: then they are deleted, and None);
+  NewerFormat for one written by a newer version.
+  """
   plans = {}
 
   def target_for(m: dict):
     plans['plan'] = plan = ModelPlan(config, mesh, specs_from_meta(m['leaves']))
     return plan.abstract_state()
 
-  found = checkpointer.restore_latest(target_for)
+  found = checkpointer.restore_latest(
+      target_for, discard_unreadable=config.discard_unreadable_checkpoints)
   if found is None:
     return None
   step, tree, _ = found

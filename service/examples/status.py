@@ -5,7 +5,8 @@ workers expected and, per worker seen, the step of its last counted push and how
 long ago), ListCheckpoints (which steps are on disk, one being written) and,
 given its metrics port, the Prometheus metrics (pushes in flight, long polls
 waiting -- between steps, that is the workers waiting for the next one --,
-counters of steps, pushes accepted and refused).
+counters of steps, pushes accepted and refused, checkpoint saves failing and
+the last one written).
 
 Up to FEW_WORKERS workers seen, the text has a line per worker; a fleet is
 summarised: how many workers are in each state (`worker_state`: pushed into the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import urllib.request
 from typing import Any, Optional
 
@@ -34,6 +36,9 @@ _METRICS = {
     'steps_skipped': 'lamb_sharded_steps_skipped_total',
     'pushes_accepted': 'lamb_sharded_pushes_accepted_total',
     'pushes_duplicate': 'lamb_sharded_pushes_duplicate_total',
+    'checkpoint_failures': 'lamb_sharded_checkpoint_failures_total',
+    'checkpoint_failing': 'lamb_sharded_checkpoint_failing',
+    'checkpoint_last_success': 'lamb_sharded_checkpoint_last_success_timestamp_seconds',
 }
 
 FEW_WORKERS = 10  # up to this many workers seen: a line each; more: counts by state
@@ -169,8 +174,22 @@ def as_text(report: dict[str, Any]) -> str:
                               f'{n("pushes_duplicate")} duplicates'),
               ('refused', ', '.join(f'{k} {v}' for k, v in m['pushes_rejected'].items())
                or 'none')]
+    if ckpts is not None and m.get('checkpoint_failures') is not None:
+      lines.append(('saving', _saves(m)))
   width = max(len(k) for k, _ in lines)
   return '\n'.join(f'{k:<{width}}  {v}' for k, v in lines)
+
+
+def _saves(m: dict[str, Any]) -> str:
+  """How the checkpoint saves go, from the metrics: failing or not, the last one written."""
+  last = m.get('checkpoint_last_success') or 0
+  written = (f'last written {max(0.0, time.time() - last):.0f}s ago' if last > 0
+             else 'none written since start')
+  failures, failing = int(m['checkpoint_failures'] or 0), int(m.get('checkpoint_failing') or 0)
+  if failing:
+    return (f'failing: {failing} in a row ({failures} since start), {written}; retried at '
+            'each save point (see the server\'s log)')
+  return f'{written}; {failures} failed since start'
 
 
 def _workers(r: dict[str, Any]) -> list[tuple[str, str]]:

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service import runtime
 from service.config import ServerConfig
+from service.core import checkpoint
 from service.core.checkpoint import Checkpointer
 from service.core.engine import Engine
 from service.core.persistence import load_npz
@@ -167,8 +168,14 @@ class RunningServer:
 
 
 def _checkpointer(config: ServerConfig) -> Optional[Checkpointer]:
+  """The checkpointer of --checkpoint-dir (None: none), once a file could be written there."""
   if not config.checkpoint_dir:
     return None
+  try:
+    checkpoint.check_writable(config.checkpoint_dir)
+  except OSError as e:
+    raise StartupError(f'--checkpoint-dir {config.checkpoint_dir}: cannot write there '
+                       f'({e.strerror or e}); checkpoints could not be saved') from None
   return Checkpointer(config.checkpoint_dir, every_steps=config.checkpoint_every_steps,
                       every_seconds=config.checkpoint_every_seconds,
                       keep=config.keep_checkpoints, asynchronous=config.async_checkpoints)
@@ -287,7 +294,15 @@ def start(config: ServerConfig) -> RunningServer:
     engine = Engine(config, checkpointer=checkpointer, observer=metrics)
     undo.callback(engine.close)
     metrics.watch(engine)
-    restored = engine.restore()
+    try:
+      restored = engine.restore()
+    except checkpoint.UnreadableCheckpoints as e:  # a new run would have Orbax delete them
+      raise StartupError(
+          f'--checkpoint-dir {config.checkpoint_dir}: {e}; not starting a new run over them '
+          f'(its saves would delete them): repair or move them, or pass '
+          f'--discard-unreadable-checkpoints true to delete them and start afresh') from None
+    except checkpoint.NewerFormat as e:
+      raise StartupError(f'--checkpoint-dir {config.checkpoint_dir}: {e}') from None
     if config.init_params:
       try:
         specs, arrays = load_npz(config.init_params)

@@ -21,6 +21,10 @@ The metrics (`lamb_sharded_` omitted; counters end in `_total` on the wire):
   apply_seconds                         a step's update, dispatch to computed
   checkpoint_blocking_seconds           how long starting a save took its writer thread (the step loop is not held)
   checkpoint_seconds                    a save from its start until it is on disk
+  checkpoint_failures                   saves that failed (disk full, directory gone...)
+  checkpoint_failing                    failed saves since the last one written (0: healthy)
+  checkpoint_last_success_timestamp_seconds  when the last save was on disk (unix time;
+                                        0: none since this server started)
   streams_cut_off{rpc,reason}           streams the server ended: idle, too long
   rpcs_unauthenticated                  calls refused for a missing or wrong token
   trust_ratio{stat=min|median|max}      the per-layer trust ratios of the last step
@@ -35,7 +39,7 @@ from typing import Optional
 
 import numpy as np
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
@@ -111,6 +115,16 @@ class Metrics:
     self.checkpoint_seconds = Histogram(
         PREFIX + 'checkpoint_seconds', 'a checkpoint from its start until it is on disk',
         buckets=_SECONDS, registry=r)
+    self.checkpoint_failures = Counter(
+        PREFIX + 'checkpoint_failures', 'checkpoint saves that failed (retried at the next '
+        'save point)', registry=r)
+    self.checkpoint_failing = Gauge(
+        PREFIX + 'checkpoint_failing', 'checkpoint saves failed since the last one written '
+        '(0: saves are being written)', registry=r)
+    self.checkpoint_last_success = Gauge(
+        PREFIX + 'checkpoint_last_success_timestamp_seconds',
+        'when the last checkpoint save was on disk (unix time; 0: none since start)',
+        registry=r)
     self.streams_cut_off = Counter(PREFIX + 'streams_cut_off',
                                    'streams the server ended (idle or too long)',
                                    ['rpc', 'reason'], registry=r)
@@ -139,6 +153,13 @@ class Metrics:
   def checkpoint_saved(self, step: int, seconds: float) -> None:
     self.checkpoint_seconds.observe(seconds)
     self.last_checkpoint = (step, time.time())
+    self.checkpoint_last_success.set(self.last_checkpoint[1])
+    self.checkpoint_failing.set(0)
+
+  def checkpoint_failed(self, step: int, error: BaseException, in_a_row: int) -> None:
+    del step, error
+    self.checkpoint_failures.inc()
+    self.checkpoint_failing.set(in_a_row)
 
   # HTTP.
   def serve(self, host: str, port: int) -> int:
