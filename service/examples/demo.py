@@ -116,7 +116,14 @@ class DemoError(Exception):
 
 
 class _Interrupted(BaseException):
-  """SIGTERM or SIGHUP, turned into an exception so that `finally` stops the children."""
+  """SIGINT, SIGTERM or SIGHUP, turned into an exception so that `finally` stops the
+  children."""
+
+
+# The signals received, by name: the training loop checks it at every turn, since the
+# exception a handler raises inside a blocking gRPC call can be lost there (a Ctrl-C that
+# the demo ignored, seen under load).
+_SIGNALLED: list[str] = []
 
 
 def _child_env(simulated_devices: bool = True) -> dict[str, str]:
@@ -506,8 +513,10 @@ def run(workers: int = 4, devices: int = 8, steps: int = 200, batch_size: int = 
 
   def interrupted(signum, frame):
     del frame
+    _SIGNALLED.append(signal.Signals(signum).name)
     raise _Interrupted(signal.Signals(signum).name)
-  for sig in (signal.SIGTERM, signal.SIGHUP):
+  _SIGNALLED.clear()
+  for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     handlers[sig] = signal.signal(sig, interrupted)
   state = None
   stopped_by = None
@@ -533,8 +542,7 @@ def run(workers: int = 4, devices: int = 8, steps: int = 200, batch_size: int = 
     return 130
   finally:
     # A second Ctrl-C must not cut the clean-up short (it is bounded: SIGKILL after a grace).
-    handlers.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, signal.SIG_IGN))
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
       signal.signal(sig, signal.SIG_IGN)
     try:
       if state is not None:
@@ -645,6 +653,8 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
                file=sys.stderr, smoothing=0.1)
     try:
       while step < steps:
+        if _SIGNALLED:  # its exception was lost inside a blocking call
+          raise _Interrupted(_SIGNALLED[0])
         reached_step, _ = client.wait_for_step(step + 1, timeout=1.0)  # a long poll
         state.handle_events(say=bar.write)
         if reached_step > step:
