@@ -691,6 +691,8 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
     phases['workers_exit'] = time.monotonic() - t_end
     pulled = client.pull(like=model.init(state.seed))
     accuracy, test_loss = model.evaluate(pulled.params)
+    if state.test_losses and state.test_losses[-1][0] == pulled.step:
+      state.test_losses.pop()  # the loop's last evaluation pulled the final step already
     state.test_losses.append((pulled.step, float(test_loss)))
     phases['evaluation'] = time.monotonic() - t_end - phases['workers_exit']
 
