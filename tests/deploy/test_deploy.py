@@ -45,14 +45,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / 'deploy'
 DOCKERFILE = DEPLOY / 'Dockerfile'
 TARGETS = ('base', 'overlays/cpu', 'overlays/gpu', 'overlays/tpu', 'overlays/dev',
-           'overlays/tls', 'overlays/mtls', 'overlays/multihost', 'overlays/multihost-tls')
+           'overlays/mtls', 'overlays/multihost')
 # The target whose server is several processes of one JAX job: an indexed Job, not the
-# StatefulSet, with no load-balanced Service (the workers dial process 0's own DNS name);
-# and the same with TLS.
+# StatefulSet, with no load-balanced Service (the workers dial process 0's own DNS name).
 MULTIHOST = 'overlays/multihost'
-MULTIHOST_TARGETS = (MULTIHOST, 'overlays/multihost-tls')
-# The targets whose server speaks TLS (components/tls), and mutual TLS (components/mtls).
-TLS_TARGETS = ('overlays/tls', 'overlays/mtls', 'overlays/multihost-tls')
+MULTIHOST_TARGETS = (MULTIHOST,)
+# The targets whose server speaks TLS (components/tls): every overlay but dev (a laptop
+# cluster's, plaintext) -- the base is what overlays build on, not a target to apply; and
+# mutual TLS (components/mtls).
+PLAINTEXT_TARGETS = ('base', 'overlays/dev')
+TLS_TARGETS = tuple(t for t in TARGETS if t not in PLAINTEXT_TARGETS)
 MTLS_TARGETS = ('overlays/mtls',)
 # The oldest Kubernetes the manifests support (native gRPC probes are GA since 1.27,
 # podFailurePolicy is on by default since 1.26), kubectl's own, and the newest schemas known.
@@ -556,9 +558,11 @@ def test_multihost_checkpoints_are_on_one_shared_volume(multihost, tmp_path):
 
 
 def test_multihost_workers_initialise_the_model_as_in_the_base(multihost, tmp_path):
-  """The workers' args are the base's but --server (process 0): --init included, which sends
-  InitializeModel to every process; the server has no --init-params to compete with it."""
-  base = one_container(one(objects_of('base'), 'Job', lambda o: component(o) == 'worker'))
+  """The workers' args are the cpu overlay's (the base's, with TLS) but --server (process 0):
+  --init included, which sends InitializeModel to every process; the server has no
+  --init-params to compete with it."""
+  base = one_container(one(objects_of('overlays/cpu'), 'Job',
+                           lambda o: component(o) == 'worker'))
   server_flag = [a.startswith('--server=') for a in base['args']]
   assert server_flag.count(True) == 1, f'base worker args {base["args"]}: one --server= expected'
   assert len(multihost.worker['args']) == len(base['args']), \
@@ -948,7 +952,7 @@ def test_no_secret_with_real_data_is_committed():
 
 
 # ------------------------------------------------------------------------------------------
-# TLS (deploy/components/tls, in deploy/overlays/tls).
+# TLS (deploy/components/tls, in every overlay but dev).
 
 TLS_SECRET = 'lamb-sharded-tls'
 
@@ -992,10 +996,10 @@ def test_tls_overlay_serves_tls_and_probes_the_health_port(target, tmp_path):
 
 
 def test_tls_of_the_multihost_server_covers_every_process(tmp_path):
-  """Every process of multihost-tls serves TLS, and the names the clients dial (each
+  """Every process of multihost serves TLS, and the names the clients dial (each
   process's advertised DNS name) are all under the headless Service's subdomain, which one
   wildcard certificate names (deploy/README.md)."""
-  dep = Deployment('overlays/multihost-tls')
+  dep = Deployment(MULTIHOST)
   names = set()
   for index in range(dep.servers['spec']['completions']):
     _, config = server_config(dep, tmp_path, index)
@@ -1019,7 +1023,16 @@ def test_mtls_overlay_asks_for_and_presents_client_certificates(tmp_path):
         'the server holds the workers\' key'
 
 
-@pytest.mark.parametrize('target', [t for t in TARGETS if t not in TLS_TARGETS])
+def test_only_dev_sends_the_token_in_the_clear():
+  """The overlays an operator applies to a shared network speak TLS: a worker's bearer token
+  never crosses it in plaintext. Only dev (a laptop cluster, a well-known token) does."""
+  overlays = sorted(str(p.parent.relative_to(DEPLOY)) for p in
+                    DEPLOY.glob('overlays/*/kustomization.yaml'))
+  assert set(overlays) == set(TARGETS) - {'base'}, 'a new overlay: add it to TARGETS'
+  assert [t for t in overlays if t not in TLS_TARGETS] == ['overlays/dev']
+
+
+@pytest.mark.parametrize('target', PLAINTEXT_TARGETS)
 def test_no_tls_where_none_is_configured(target, tmp_path):
   dep = Deployment(target)
   _, config = server_config(dep, tmp_path)
