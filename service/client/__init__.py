@@ -3,8 +3,10 @@
     from service.client import OptimizerClient
 """
 
-from service.client.client import COMPRESSIONS, ModelInfo, OptimizerClient, Pulled
+from service.client.client import (COMPRESSIONS, ModelInfo, ModelMismatch, OptimizerClient,
+                                   Pulled, model_difference)
 from service.client.feedback import ErrorFeedback
 from service.protocol.types import PushResult
 
-__all__ = ['COMPRESSIONS', 'ErrorFeedback', 'ModelInfo', 'OptimizerClient', 'Pulled', 'PushResult']
+__all__ = ['COMPRESSIONS', 'ErrorFeedback', 'ModelInfo', 'ModelMismatch', 'OptimizerClient',
+           'Pulled', 'PushResult', 'model_difference']

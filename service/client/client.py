@@ -21,7 +21,7 @@ import json
 import random
 import time
 import uuid
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import grpc
 import jax
@@ -32,6 +32,7 @@ from google.protobuf import duration_pb2
 from service.client import credentials
 from service.client.feedback import ErrorFeedback
 from service.client.sharded import Placements
+from service.errors import ConfigError
 from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME, codecs, pb
 from service.protocol._gen.lamb_sharded.v1 import optimizer_service_pb2_grpc as pb_grpc
 from service.protocol.chunks import (DEFAULT_CHUNK_BYTES, ChunkReceiver, HostArrays, Recycler,
@@ -125,15 +126,62 @@ def _flatten(tree) -> list[tuple[str, np.ndarray]]:
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+class ModelMismatch(ConfigError):
+  """This client's model is not the server's: a leaf it lacks or has in excess, or of
+  another shape or dtype. The message names the first leaf that differs (server vs
+  this client) and how many do."""
+
+
+def _described(shape, dtype) -> str:
+  return f'{np.dtype(dtype).name}{list(shape)}'
+
+
+def model_difference(server: Sequence[LeafSpec], like, *, dtypes: bool = True) -> Optional[str]:
+  """How `like` (a pytree, or a dict path -> array) differs from the server's leaves, in
+  one line naming the first leaf that does; None if it does not.
+
+  >>> server = [LeafSpec("['b']", (3,), np.dtype('float32'))]
+  >>> model_difference(server, {'b': np.zeros(3, np.float32)}) is None
+  True
+  >>> model_difference(server, {'b': np.zeros(4, np.float32)})
+  "leaf ['b']: the server's is float32[3], this worker's float32[4]"
+  """
+  ours = {p: _described(np.shape(x), getattr(x, 'dtype', np.float32) if dtypes else
+                        np.float32) for p, x in _flatten_lazily(like)}
+  theirs = {s.path: _described(s.shape, s.dtype if dtypes else np.float32) for s in server}
+  differences = []
+  for path, spec in theirs.items():
+    if path not in ours:
+      differences.append(f'leaf {path} ({spec}) is the server\'s, not this worker\'s')
+    elif ours[path] != spec:
+      differences.append(f'leaf {path}: the server\'s is {spec}, this worker\'s {ours[path]}')
+  differences += [f'leaf {path} ({spec}) is this worker\'s, not the server\'s'
+                  for path, spec in ours.items() if path not in theirs]
+  if not differences:
+    return None
+  more = len(differences) - 1
+  return differences[0] + (f' (and {more} more leaf difference{"s" if more > 1 else ""})'
+                           if more else '')
+
+
+def _flatten_lazily(tree) -> list[tuple[str, Any]]:
+  """(path, leaf) without copying the leaves (their shape and dtype are what is asked)."""
+  if isinstance(tree, dict) and all(isinstance(k, str) and k.startswith('[') for k in tree):
+    return list(tree.items())
+  return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def _as_pulled(model_id: str, step: int, by_path: dict[str, np.ndarray], like) -> Pulled:
-  """The pulled leaves, unflattened into `like`'s structure if given."""
+  """The pulled leaves, unflattened into `like`'s structure if given (ModelMismatch if its
+  leaves' paths or shapes are not the pulled ones)."""
   if like is None:
     return Pulled(model_id, step, by_path)
   flat, treedef = jax.tree_util.tree_flatten_with_path(like)
   paths = [jax.tree_util.keystr(p) for p, _ in flat]
-  if set(paths) != set(by_path):
-    raise ValueError(f'the server\'s leaves {sorted(by_path)} are not those of `like` '
-                     f'{sorted(paths)}')
+  specs = [LeafSpec(p, a.shape, a.dtype) for p, a in by_path.items()]
+  difference = model_difference(specs, like, dtypes=False)  # a pull may ask another dtype
+  if difference is not None:
+    raise ModelMismatch(f'the server\'s model is not `like`\'s: {difference}')
   return Pulled(model_id, step, jax.tree_util.tree_unflatten(treedef, [by_path[p] for p in paths]))
 
 

@@ -66,7 +66,7 @@ import numpy as np
 
 from service.config import WORKER_ID, WORKER_ID_RULE, ServerConfig
 from service.core import coordination as coordination_lib
-from service.core import persistence, placement
+from service.core import optimizer, persistence, placement
 from service.core import pull as pull_lib
 from service.core.accumulator import Accumulator
 from service.core.admission import Admission
@@ -530,6 +530,8 @@ class Engine:
     for s in specs:
       if s.dtype not in PARAM_DTYPES:
         raise InvalidArgument(f'leaf {s.path}: parameters must be float32, got {s.dtype.name}')
+    # Every process refuses alike, before any claim: the settings are the same everywhere.
+    optimizer.check_patterns(self.config, [s.path for s in specs])
     if key is not None:  # a follower takes the stream process 0 took, or its refusal
       self._co.await_admitted(key, self.config.admission_timeout_s)
     claim = object()
@@ -746,6 +748,13 @@ class Engine:
     if self._allowed is not None and h.worker_id not in self._allowed:
       raise PermissionDenied(f'worker {h.worker_id} is not one of the allowed workers '
                              f'(allowed_workers)', reason='unknown_worker')
+    index = ids.worker_index(h.worker_id)
+    if index is not None and index >= self.config.num_workers:
+      n = self.config.num_workers
+      which = ids.worker_name(0) + (f' .. {ids.worker_name(n - 1)}' if n > 1 else '')
+      raise InvalidArgument(f'header.worker_id {h.worker_id}: this server trains with {n} '
+                            f'worker(s), {which}: the worker\'s --worker-index or --num-workers '
+                            f'is not the server\'s', reason='unknown_worker')
     ids.check_id(h.push_id, 'header.push_id', ids.PUSH_ID_MAX)
     ids.check_id(h.model_id, 'header.model_id', ids.MODEL_ID_MAX)
     if not h.push_id and self._co.requires_ids:

@@ -33,8 +33,8 @@ import grpc
 import jax
 import numpy as np
 
-from service.client import OptimizerClient, hints
-from service.errors import NoServer
+from service.client import ModelMismatch, OptimizerClient, hints, model_difference
+from service.errors import ConfigError, NoServer
 from service.examples.models import load_model
 from service.examples.progress import Progress
 from service.logs import fields
@@ -99,13 +99,25 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
       except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.ALREADY_EXISTS:
           raise
-    client.wait_for_step(0, timeout=connect_timeout)
+      client.wait_for_step(0, timeout=connect_timeout)
+    else:
+      wait_for_model(client, server, worker_id)
 
+  checked = False
   with OptimizerClient(server, timeout=timeout, **options) as client:
     while True:
       step = None
       try:
         ensure_model()
+        if not checked:  # once: the worker's flags and model against the server's
+          info = client.describe()
+          check_fits(info, template, worker_index, num_workers)
+          checked = True
+          if info.step >= steps:
+            log.warning('%s: the server is at step %d, at or past --steps %d: nothing to '
+                        'train', worker_id, info.step, steps, extra=fields(worker=worker_id))
+            step = info.step
+            break
         pulled = client.pull(like=template)
         step = pulled.step
         if pulled.step >= steps:
@@ -150,6 +162,37 @@ def wait_for(client: OptimizerClient, address: str, connect_timeout: float, work
     log.warning('%s: waiting for the server at %s (%.0fs, up to --connect-timeout %gs)',
                 worker_id, address, connect_timeout - max(deadline - time.monotonic(), 0),
                 connect_timeout, extra=fields(worker=worker_id))
+
+
+WAITING_FOR_MODEL_EVERY_S = 60.0  # how often a worker without --init says it still waits
+
+
+def wait_for_model(client: OptimizerClient, address: str, worker_id: str, *,
+                   every: float = WAITING_FOR_MODEL_EVERY_S) -> None:
+  """Waits (server side, no polling) for the server at `address` to have a model: says once,
+  at once, how it gets one, then a line every `every` seconds while it has none."""
+  log.warning('%s: the server at %s has no model yet: start one worker with --init (or the '
+              'server with --init-params); waiting for one', worker_id, address,
+              extra=fields(worker=worker_id, reason='no_model'))
+  t0 = time.monotonic()
+  while not client.wait_for_step(0, timeout=every)[1]:
+    log.info('%s: still no model on the server at %s (%.0fs)', worker_id, address,
+             time.monotonic() - t0, extra=fields(worker=worker_id, reason='no_model'))
+
+
+def check_fits(info, template, worker_index: int, num_workers: int) -> None:
+  """ConfigError (one line naming the flag) if this worker does not fit the server described
+  by `info`: its --num-workers, its --worker-index, or its model's leaves."""
+  n = info.num_workers
+  if num_workers != n:
+    raise ConfigError(f'--num-workers {num_workers}: the server trains with {n} worker(s) '
+                      f'(its num_workers): start every worker with --num-workers {n}')
+  if worker_index >= n:
+    raise ConfigError(f'--worker-index {worker_index}: the server trains with {n} worker(s), '
+                      f'indices 0 .. {n - 1}')
+  difference = model_difference(info.leaves, template)
+  if difference is not None:
+    raise ModelMismatch(f'--model: this worker\'s model is not the server\'s: {difference}')
 
 
 _RECOVERABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION,

@@ -55,3 +55,22 @@ def check_path(path: str, what: str) -> str:
     raise InvalidArgument(f'{what}: leaf path {quoted(path, 40)} has a character that is not '
                           f'printable (a newline, a control character)')
   return path
+
+
+_INDEXED_WORKER = re.compile(r'worker-(0|[1-9][0-9]{0,8})')
+
+
+def worker_name(index: int) -> str:
+  """The worker id of `lamb-sharded worker --worker-index index`: `worker-<index>`."""
+  return f'worker-{index}'
+
+
+def worker_index(worker_id: str) -> int | None:
+  """N of a worker id `worker-N` (what `lamb-sharded worker` sends), else None: a server
+  that trains with `num_workers` workers refuses N >= num_workers.
+
+  >>> worker_index('worker-2'), worker_index('worker-02'), worker_index('trainer-a')
+  (2, None, None)
+  """
+  match = _INDEXED_WORKER.fullmatch(worker_id)
+  return int(match.group(1)) if match else None

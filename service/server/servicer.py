@@ -25,6 +25,7 @@ from typing import Mapping, Optional, Sequence
 
 import grpc
 
+from service.core import optimizer
 from service.core.engine import Engine, PullHeader
 from service.core.pull import NOT_READY
 from service.core.push import PushSession
@@ -194,7 +195,12 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
         hyperparameters=pb.LambHyperparameters(
             learning_rate_schedule=self._engine.schedule_description,
             learning_rate=d.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-            eps_root=cfg.eps_root, weight_decay=cfg.weight_decay),
+            eps_root=cfg.eps_root, weight_decay=cfg.weight_decay,
+            exclude_from_weight_decay=cfg.exclude_from_weight_decay or (),
+            exclude_from_layer_adaptation=cfg.exclude_from_layer_adaptation or (),
+            leaves_without_weight_decay=_selected(cfg, 'exclude_from_weight_decay', d.leaves),
+            leaves_without_layer_adaptation=_selected(cfg, 'exclude_from_layer_adaptation',
+                                                      d.leaves)),
         processes=[pb.ServerProcess(index=i, endpoint=e) for i, e in enumerate(self._endpoints)],
         placements=[_placement(s.path, p) for s, p in zip(d.leaves, d.placements)],
         workers=[pb.WorkerSeen(worker_id=w, last_step=step, seconds_ago=ago)
@@ -230,8 +236,11 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
     except ServiceError as e:
       if e.reason in _CUT_OFF:
         self._metrics.streams_cut_off.labels('InitializeModel', e.reason).inc()
-      log.warning('InitializeModel refused: %s', e,
-                  extra=fields(rpc='InitializeModel', code=e.code, reason=e.reason, leaf=e.leaf))
+      # Several workers started with --init (the Kubernetes pattern): all but the first
+      # find a model, the normal case, not a warning.
+      level = logging.INFO if isinstance(e, AlreadyExists) else logging.WARNING
+      log.log(level, 'InitializeModel refused: %s', e,
+              extra=fields(rpc='InitializeModel', code=e.code, reason=e.reason, leaf=e.leaf))
       await _abort(context, e)
 
   async def PushGradients(self, request_iterator, context):
@@ -419,6 +428,12 @@ def _duration_seconds(d, name: str) -> float:
                           f'{_MAX_DURATION_SECONDS}] and nanos in [0, 999999999], got '
                           f'seconds={d.seconds} nanos={d.nanos}')
   return d.seconds + d.nanos / 1e9
+
+
+def _selected(config, name: str, leaves) -> list[str]:
+  """The paths of `leaves` that setting `name` (exclude_from_*) selects."""
+  paths = [s.path for s in leaves]
+  return [p for p, e in zip(paths, optimizer.excluded(config, name, paths)) if e]
 
 
 def _push_header(message: pb.PushGradientsHeader) -> PushHeader:

@@ -306,7 +306,7 @@ def test_worker_json_logs_name_worker_and_step():
   with running_server(devices=1) as (running, _):
     proc = subprocess.run(
         [sys.executable, '-m', 'service.cli', 'worker', '--server', f'127.0.0.1:{running.port}',
-         '--worker-index', '3', '--steps', '2', '--init', '--batch-size', '8',
+         '--worker-index', '0', '--steps', '2', '--init', '--batch-size', '8',
          '--log-format', 'json', '--log-level', 'INFO', '--connect-timeout', '30'],
         cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True,
         timeout=240, check=False)
@@ -314,7 +314,7 @@ def test_worker_json_logs_name_worker_and_step():
   records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith('{')]
   steps = [r for r in records if r['logger'] == 'service.examples.worker' and 'loss' in r['message']]
   assert [r['step'] for r in steps] == [0, 1], records
-  assert all(r['worker'] == 'worker-3' for r in steps)
+  assert all(r['worker'] == 'worker-0' for r in steps)
 
 
 

@@ -22,7 +22,7 @@ STEP_MODE_SYNCHRONOUS: StepMode
 STEP_MODE_ASYNCHRONOUS: StepMode
 
 class LambHyperparameters(_message.Message):
-    __slots__ = ("learning_rate_schedule", "learning_rate", "b1", "b2", "eps", "eps_root", "weight_decay")
+    __slots__ = ("learning_rate_schedule", "learning_rate", "b1", "b2", "eps", "eps_root", "weight_decay", "exclude_from_weight_decay", "exclude_from_layer_adaptation", "leaves_without_weight_decay", "leaves_without_layer_adaptation")
     LEARNING_RATE_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     B1_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,10 @@ class LambHyperparameters(_message.Message):
     EPS_FIELD_NUMBER: _ClassVar[int]
     EPS_ROOT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FROM_WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FROM_LAYER_ADAPTATION_FIELD_NUMBER: _ClassVar[int]
+    LEAVES_WITHOUT_WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    LEAVES_WITHOUT_LAYER_ADAPTATION_FIELD_NUMBER: _ClassVar[int]
     learning_rate_schedule: str
     learning_rate: float
     b1: float
@@ -37,7 +41,11 @@ class LambHyperparameters(_message.Message):
     eps: float
     eps_root: float
     weight_decay: float
-    def __init__(self, learning_rate_schedule: _Optional[str] = ..., learning_rate: _Optional[float] = ..., b1: _Optional[float] = ..., b2: _Optional[float] = ..., eps: _Optional[float] = ..., eps_root: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+    exclude_from_weight_decay: _containers.RepeatedScalarFieldContainer[str]
+    exclude_from_layer_adaptation: _containers.RepeatedScalarFieldContainer[str]
+    leaves_without_weight_decay: _containers.RepeatedScalarFieldContainer[str]
+    leaves_without_layer_adaptation: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, learning_rate_schedule: _Optional[str] = ..., learning_rate: _Optional[float] = ..., b1: _Optional[float] = ..., b2: _Optional[float] = ..., eps: _Optional[float] = ..., eps_root: _Optional[float] = ..., weight_decay: _Optional[float] = ..., exclude_from_weight_decay: _Optional[_Iterable[str]] = ..., exclude_from_layer_adaptation: _Optional[_Iterable[str]] = ..., leaves_without_weight_decay: _Optional[_Iterable[str]] = ..., leaves_without_layer_adaptation: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DescribeModelRequest(_message.Message):
     __slots__ = ()
