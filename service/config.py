@@ -19,6 +19,8 @@ from service.errors import ConfigError
 from service.logs import FORMATS as LOG_FORMATS
 
 STEP_MODES = ('sync', 'async')
+# Settings that are lists of regular expressions on leaf paths.
+PATTERNS = ('exclude_from_weight_decay', 'exclude_from_layer_adaptation')
 # Settings that are durations in seconds, and the longest any may be.
 DURATIONS = ('straggler_timeout_s', 'checkpoint_every_seconds', 'keepalive_s', 'health_stuck_s',
              'max_stream_seconds', 'stream_idle_timeout_s', 'admission_timeout_s',
@@ -166,12 +168,21 @@ class ServerConfig:
   eps_root: float = setting(0.0, 'LAMB: added inside the square root')
   weight_decay: float = setting(0.0, 'LAMB: decoupled weight decay')
   max_grad_norm: float = setting(0.0, 'global gradient-norm clipping before the moments (0: off)')
+  # Per leaf, by regular expressions searched in the leaves' paths (e.g. "\\['b'\\]$",
+  # "LayerNorm"), as TF Addons' LAMB takes them: the flag once per pattern, a YAML list.
+  # Each pattern must match a leaf of the model (checked when the model is known).
+  exclude_from_weight_decay: Optional[list[str]] = setting(
+      None, 'LAMB: no weight decay for the leaves whose path matches this regular expression '
+      '(repeat the flag for more)')
+  exclude_from_layer_adaptation: Optional[list[str]] = setting(
+      None, 'LAMB: trust ratio fixed at 1 for the leaves whose path matches this regular '
+      'expression (repeat the flag for more)')
 
   def validate(self) -> 'ServerConfig':
     """Checks every setting; ConfigError names the flag."""
     def need(cond, name, msg):
       if not cond:
-        raise ConfigError(f'{_flag(name)}: {msg}')
+        raise ConfigError(f'{_flag(name)}: {msg}', name)
     for f in dataclasses.fields(self):  # YAML may hold a value of any type
       _check_type(f, getattr(self, f.name))
     need(0 <= self.port < 65536, 'port', f'{self.port} is not in [0, 65535]')
@@ -236,6 +247,13 @@ class ServerConfig:
          'must be >= 0')
     need(self.weight_decay >= 0, 'weight_decay', 'must be >= 0')
     need(self.max_grad_norm >= 0, 'max_grad_norm', 'must be >= 0')
+    for name in PATTERNS:
+      for pattern in getattr(self, name) or ():
+        try:
+          re.compile(pattern)
+        except re.error as e:
+          raise ConfigError(f'{_flag(name)}: {pattern!r} is not a regular expression '
+                            f'({e})', name) from None
     need(self.warmup_steps >= 0, 'warmup_steps', 'must be >= 0')
     need(self.decay_steps >= 1, 'decay_steps', f'must be >= 1, got {self.decay_steps}')
     need(self.keep_checkpoints >= 1, 'keep_checkpoints', 'must be >= 1')
@@ -299,12 +317,16 @@ class ServerConfig:
     return secret
 
   def check_files(self) -> 'ServerConfig':
-    """ConfigError naming the flag if a file it names does not exist (before anything loads)."""
+    """ConfigError naming the flag if a file it names does not exist, or a PEM file holds
+    not what the flag wants (before anything loads)."""
     for name in ('auth_token_file', 'tls_cert', 'tls_key', 'tls_client_ca', 'init_params',
                  'job_secret_file'):
       path = getattr(self, name)
       if path is not None and not os.path.isfile(path):
         raise ConfigError(f'{_flag(name)}: no such file: {path}')
+    for name, kind in (('tls_cert', 'certificate'), ('tls_key', 'key'),
+                       ('tls_client_ca', 'certificate')):
+      check_pem(getattr(self, name), kind, _flag(name))
     if self.checkpoint_dir and os.path.exists(self.checkpoint_dir) and not os.path.isdir(
         self.checkpoint_dir):
       raise ConfigError(f'--checkpoint-dir: {self.checkpoint_dir} is not a directory')
@@ -324,12 +346,36 @@ class ServerConfig:
 
 
 
+_PEM_MARKERS = {'certificate': (b'-----BEGIN CERTIFICATE-----',),
+                'key': (b'PRIVATE KEY-----',)}
+
+
+def check_pem(path: Optional[str], kind: str, flag: str) -> None:
+  """ConfigError naming `flag` unless the file at `path` (if any) holds a PEM `kind`
+  ('certificate' or 'key'): gRPC's own complaint is C++ log lines, then a failure that
+  says nothing of the file."""
+  if path is None:
+    return
+  try:
+    with open(path, 'rb') as fh:
+      data = fh.read(1 << 20)
+  except OSError as e:
+    raise ConfigError(f'{flag}: {path}: {e.strerror}') from None
+  if not any(m in data for m in _PEM_MARKERS[kind]):
+    other = 'key' if kind == 'certificate' else 'certificate'
+    holds = (f'a PEM {other}' if any(m in data for m in _PEM_MARKERS[other])
+             else 'no PEM data')
+    raise ConfigError(f'{flag}: {path} holds {holds}, not a PEM {kind}')
+
+
 def _check_type(f: dataclasses.Field, value: Any) -> None:
   """ConfigError unless `value` (from a flag or YAML) is of field `f`'s type."""
   kind = f.type if isinstance(f.type, str) else f.type.__name__
   if value is None and 'Optional' in kind:
     return
-  if 'bool' in kind:
+  if 'list' in kind:
+    ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+  elif 'bool' in kind:
     ok = isinstance(value, bool)
   elif 'int' in kind:
     ok = isinstance(value, int) and not isinstance(value, bool)
@@ -339,7 +385,7 @@ def _check_type(f: dataclasses.Field, value: Any) -> None:
     ok = isinstance(value, str)
   if not ok:
     raise ConfigError(f'{_flag(f.name)}: expected {kind.replace("Optional[", "").rstrip("]")}, '
-                      f'got {value!r}')
+                      f'got {value!r}', f.name)
 
 
 def _boolean(text: str) -> bool:
@@ -375,7 +421,8 @@ GROUPS = {
                            'advertise_address', 'job_secret_file', 'job_secret_env'),
     'optimizer (LAMB)': ('learning_rate', 'schedule', 'warmup_steps', 'decay_steps',
                          'end_learning_rate', 'b1', 'b2', 'eps', 'eps_root', 'weight_decay',
-                         'max_grad_norm'),
+                         'max_grad_norm', 'exclude_from_weight_decay',
+                         'exclude_from_layer_adaptation'),
 }
 
 
@@ -389,7 +436,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
                                   help=f'{f.metadata["help"]} (default: {f.default})')
-    if 'bool' in kind:
+    if 'list' in kind:
+      kwargs['action'] = 'append'
+      kwargs['metavar'] = 'REGEX'
+    elif 'bool' in kind:
       kwargs['type'] = _boolean
     elif 'int' in kind:
       kwargs['type'] = int
@@ -418,7 +468,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     raise ConfigError(f'--config {path}: expected a mapping of settings, got '
                       f'{type(data).__name__}')
   names = {f.name for f in dataclasses.fields(ServerConfig)}
-  out = {}
+  out = _Settings(path, _key_lines(path))
   floats = {f.name for f in dataclasses.fields(ServerConfig)
              if 'float' in (f.type if isinstance(f.type, str) else f.type.__name__)}
   for key, value in data.items():
@@ -427,8 +477,35 @@ def load_yaml(path: str) -> dict[str, Any]:
       raise ConfigError(f'--config {path}: unknown setting {key!r}')
     if name in floats and isinstance(value, str):
       value = _yaml_number(value)
+    if name in PATTERNS and isinstance(value, str):  # one pattern, not in a list
+      value = [value]
     out[name] = value
   return out
+
+
+class _Settings(dict):
+  """The settings of a YAML file, and where each is: `where(name)`, 'FILE, line N: KEY'."""
+
+  def __init__(self, path: str, lines: dict[str, tuple[str, int]]):
+    super().__init__()
+    self.path, self.lines = path, lines
+
+  def where(self, name: str) -> str:
+    key, line = self.lines.get(name, (name, None))
+    return f'--config {self.path}' + (f', line {line}' if line else '') + f': {key}'
+
+
+def _key_lines(path: str) -> dict[str, tuple[str, int]]:
+  """Setting name -> (its key as written, its 1-based line) in the YAML file `path`."""
+  try:
+    with open(path, encoding='utf-8') as fh:
+      node = yaml.compose(fh)
+  except (OSError, yaml.YAMLError):
+    return {}
+  if not isinstance(node, yaml.MappingNode):
+    return {}
+  return {str(k.value).replace('-', '_'): (str(k.value), k.start_mark.line + 1)
+          for k, _ in node.value}
 
 
 def _yaml_number(text: str) -> Any:
@@ -445,17 +522,21 @@ _NUMBER = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?')
 def from_args(args: argparse.Namespace) -> ServerConfig:
   """The config from --config (if any) overridden by the explicit flags."""
   values: dict[str, Any] = {}
-  if getattr(args, 'config', None):
-    values.update(load_yaml(args.config))
+  from_yaml = load_yaml(args.config) if getattr(args, 'config', None) else None
+  values.update(from_yaml or {})
   names = {f.name for f in dataclasses.fields(ServerConfig)}
-  values.update({k: v for k, v in vars(args).items() if k in names})
+  flags = {k: v for k, v in vars(args).items() if k in names}
+  values.update(flags)
   config = ServerConfig(**values)
-  if getattr(args, 'config', None):
-    try:
-      return config.validate()
-    except ConfigError as e:
-      raise ConfigError(f'{e} (a flag, or a key of --config {args.config})') from None
-  return config.validate()
+  try:
+    return config.validate()
+  except ConfigError as e:
+    if from_yaml is None or e.setting is None or e.setting in flags or e.setting not in from_yaml:
+      raise
+    # The value is the file's: say its key as written, the file and the line.
+    flag = _flag(e.setting)
+    text = str(e)[len(flag) + 2:] if str(e).startswith(flag + ': ') else str(e)
+    raise ConfigError(f'{from_yaml.where(e.setting)}: {text}', e.setting) from None
 
 
 def parse(argv: Sequence[str]) -> ServerConfig:

@@ -68,8 +68,14 @@ class ConfigError(ValueError):
   """A setting that cannot work, raised before anything starts.
 
   The message names the flag (`--port`), YAML key or file at fault;
-  `lamb-sharded` prints it as one line and exits 2 (a usage error).
+  `lamb-sharded` prints it as one line and exits 2 (a usage error). `setting`:
+  the ServerConfig field at fault, if one is (so that a value from a YAML file
+  is reported as its key, file and line).
   """
+
+  def __init__(self, message: str, setting: Optional[str] = None):
+    super().__init__(message)
+    self.setting = setting
 
 
 class NoServer(ConnectionError):

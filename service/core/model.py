@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from service.config import ServerConfig
 from service.core import placement
-from service.core.optimizer import make_optimizer
+from service.core.optimizer import check_patterns, make_optimizer
 from service.protocol.specs import LeafSpec
 
 
@@ -74,7 +74,8 @@ class ModelPlan:
     self.placements = (tuple(placement.process_starts(s.shape, p, mesh)
                              for s, p in zip(self.specs, self.pspecs))
                        if jax.process_count() > 1 else ())
-    self.tx = make_optimizer(config, mesh, self.pspecs)
+    check_patterns(config, [s.path for s in self.specs])  # FailedPrecondition
+    self.tx = make_optimizer(config, mesh, self.pspecs, [s.path for s in self.specs])
 
     def apply(params, opt_state, acc, inv_weight):
       grads = [(a * inv_weight).astype(p.dtype) for a, p in zip(acc, params)]

@@ -93,6 +93,15 @@ def gather(server: str, metrics: Optional[str] = None, *, timeout: float = 10.0,
         'num_workers': info.num_workers, 'quorum': info.quorum,
         'staleness_bound': info.staleness_bound,
         'learning_rate': info.hyperparameters.learning_rate,
+        'weight_decay': info.hyperparameters.weight_decay,
+        'exclusions': {
+            'weight_decay': {
+                'patterns': list(info.hyperparameters.exclude_from_weight_decay),
+                'leaves': list(info.hyperparameters.leaves_without_weight_decay)},
+            'layer_adaptation': {
+                'patterns': list(info.hyperparameters.exclude_from_layer_adaptation),
+                'leaves': list(info.hyperparameters.leaves_without_layer_adaptation)}},
+        'processes': [{'index': p.index, 'endpoint': p.endpoint} for p in info.processes],
         'workers_seen': [{'worker_id': w.worker_id, 'last_step': w.last_step,
                           'seconds_ago': round(w.seconds_ago, 3)}
                          for w in sorted(info.workers, key=lambda w: w.seconds_ago)]}
@@ -151,6 +160,16 @@ def as_text(report: dict[str, Any]) -> str:
            if r['step_mode'] == 'sync' else
            f'asynchronous, staleness bound {r["staleness_bound"]}')
   lines.append(('steps', rules))
+  if len(r.get('processes', ())) > 1:
+    lines.append(('processes', f'{len(r["processes"])}: ' + ', '.join(
+        f'{p["index"]} {p["endpoint"]}' for p in r['processes'])))
+  for what, e in r.get('exclusions', {}).items():
+    if e['patterns']:
+      leaves = ', '.join(e['leaves'][:6]) + (f' ... ({len(e["leaves"])})'
+                                              if len(e['leaves']) > 6 else '')
+      lines.append((f'no {what.replace("_", " ")}',
+                    (f'{len(e["leaves"])} leaves: {leaves}' if r['initialized'] else
+                     'no model yet') + f' (matching {", ".join(e["patterns"])})'))
   lines += _workers(r)
   ckpts = r['checkpoints']
   if ckpts is None:

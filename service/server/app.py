@@ -34,7 +34,7 @@ from service.core import checkpoint
 from service.core.checkpoint import Checkpointer
 from service.core.engine import Engine
 from service.core.persistence import load_npz
-from service.errors import ConfigError, StartupError
+from service.errors import ConfigError, FailedPrecondition, StartupError
 from service.protocol import MAX_RECEIVE_BYTES, SERVICE_NAME
 from service.protocol.tokens import load_entries
 from service.server import auth, offload, peers
@@ -303,6 +303,8 @@ def start(config: ServerConfig) -> RunningServer:
           f'--discard-unreadable-checkpoints true to delete them and start afresh') from None
     except checkpoint.NewerFormat as e:
       raise StartupError(f'--checkpoint-dir {config.checkpoint_dir}: {e}') from None
+    except FailedPrecondition as e:  # a setting that does not fit the restored model
+      raise ConfigError(f'{e} (the model of the checkpoint in {config.checkpoint_dir})') from None
     if config.init_params:
       try:
         specs, arrays = load_npz(config.init_params)
@@ -313,7 +315,10 @@ def start(config: ServerConfig) -> RunningServer:
         engine.check_same_model(specs)
         log.info('resuming from the checkpoint; --init-params %s not used', config.init_params)
       else:
-        engine.initialize(specs, arrays)
+        try:
+          engine.initialize(specs, arrays)
+        except FailedPrecondition as e:
+          raise ConfigError(f'{e} (the model of --init-params {config.init_params})') from None
     # A multi-process server's processes learn each other's endpoints through the job.
     endpoints = (runtime.exchange('endpoint', _endpoint(config, port))
                  if config.num_processes > 1 else ())

@@ -150,3 +150,14 @@ def test_worker_states_and_the_slowest():
   report['workers_seen'] = seen[:status.FEW_WORKERS]
   assert 'seen since start (newest first):\n' in status.as_text(report)
   assert len(status.as_text(report).splitlines()) == 6 + status.FEW_WORKERS
+
+
+def test_status_of_a_multi_process_server_shows_its_processes():
+  report = {'server': 's', 'initialized': False, 'step': 0, 'step_mode': 'sync',
+            'num_workers': 2, 'quorum': 2, 'staleness_bound': 0, 'workers_seen': [],
+            'checkpoints': None,
+            'processes': [{'index': 0, 'endpoint': 'h-0:50051'},
+                          {'index': 1, 'endpoint': 'h-1:50051'}]}
+  assert 'processes    2: 0 h-0:50051, 1 h-1:50051\n' in status.as_text(report)
+  report['processes'] = []  # a single process: nothing to say
+  assert 'processes' not in status.as_text(report)
