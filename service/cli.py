@@ -63,6 +63,16 @@ def _version() -> str:
     return 'unknown (not installed)'
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+  """Appends `(default X)` to the help of every flag with a default that does not say it."""
+  for action in parser._actions:  # pylint: disable=protected-access
+    default = action.default
+    if (action.help and 'default' not in action.help and default is not None
+        and default is not False and default is not argparse.SUPPRESS
+        and action.option_strings):
+      action.help += f' (default {default})'
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
   parser.add_argument('--version', action='version', version=f'{PROG} {_version()}')
@@ -146,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument('--compression', default='none', choices=COMPRESSIONS,
                     help='the workers\' --compression (default none)')
   _log_flag(demo)
+  for name, command in sub.choices.items():
+    if name != 'serve':  # serve's flags say their defaults (service.config.add_flags)
+      _show_defaults(command)
   return parser
 
 
@@ -170,6 +183,8 @@ def _client_security(args) -> dict:
   if bool(args.tls_cert) != bool(args.tls_key):
     raise ConfigError(f'{"--tls-cert" if args.tls_cert else "--tls-key"}: --tls-cert and '
                       '--tls-key go together')
+  for flag, kind in (('tls_ca', 'certificate'), ('tls_cert', 'certificate'), ('tls_key', 'key')):
+    config_lib.check_pem(getattr(args, flag), kind, '--' + flag.replace('_', '-'))
   if args.tls_cert:
     options['client_cert'], options['client_key'] = args.tls_cert, args.tls_key
   return options
@@ -305,6 +320,13 @@ def _status(args) -> int:
 
 
 def _demo(args) -> int:  # the server process simulates the devices, not this one
+  for flag, value in (('--workers', args.workers), ('--devices', args.devices),
+                      ('--steps', args.steps), ('--batch-size', args.batch_size)):
+    if value < 1:
+      raise ConfigError(f'{flag}: must be >= 1, got {value}')
+  if args.batch_size % args.workers:
+    raise ConfigError(f'--batch-size: {args.batch_size} is not a multiple of --workers '
+                      f'{args.workers}')
   from service.examples import demo  # pylint: disable=import-outside-toplevel
   return demo.run(workers=args.workers, devices=args.devices, steps=args.steps,
                   batch_size=args.batch_size, port=args.port, out=args.out,

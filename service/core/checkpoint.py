@@ -103,12 +103,18 @@ def latest_step(directory: str) -> Optional[int]:
   """The newest complete checkpoint's step in `directory` (None: none, or no directory)."""
   if not os.path.isdir(directory):
     return None
-  manager = ocp.CheckpointManager(os.path.abspath(directory),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  absl = logging.getLogger('absl')  # Orbax notes that a read-only manager is read only
+  level = absl.level
+  absl.setLevel(logging.ERROR)
   try:
-    return manager.latest_step()
+    manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+      return manager.latest_step()
+    finally:
+      manager.close()
   finally:
-    manager.close()
+    absl.setLevel(level)
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:

@@ -575,7 +575,9 @@ def _main(state: _Run, port: int, resume: bool, t0: float) -> int:
   if batch_size % workers:
     raise DemoError(f'--batch-size {batch_size} is not a multiple of --workers {workers}')
   checkpoint_dir = os.path.join(out, 'checkpoints')
-  if resume and _latest_checkpoint(checkpoint_dir) is None:
+  # Without Orbax (and JAX) in this process yet: the server's preexec_fn forks it. The
+  # server's restore says whether a checkpoint is readable (below).
+  if resume and not (os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir)):
     raise DemoError(f'--resume: no checkpoint to resume from in {checkpoint_dir}')
   os.makedirs(state.logs, exist_ok=True)
   if not resume:  # else the server would restore the previous run's newest checkpoint

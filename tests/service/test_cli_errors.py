@@ -37,7 +37,7 @@ def _closed_port() -> int:
 def _files(tmp):
   """The files the rows name, written into `tmp`."""
   files = {
-      'bad_yaml': 'port: [1\n', 'unknown_key': 'nope: 1\n', 'wrong_type': 'port: abc\n',
+      'bad_yaml': 'port: [1\n', 'unknown_key': 'nope: 1\n', 'wrong_type': '# settings\nnum-workers: two\n',
       'a_list': '- port\n', 'empty_tokens': '# no tokens here\n', 'not_npz': 'not a zip',
       'wrong_token': 'not-the-token\n',
       'huge_duration': 'max_stream_seconds: 1e10\n',
@@ -82,12 +82,13 @@ CASES = {
     'config unknown key': (['serve', '--config', '{unknown_key}'], 2,
                            r"--config .*unknown_key: unknown setting 'nope'"),
     'config wrong type': (['serve', '--config', '{wrong_type}'], 2,
-                          r"--port: expected int, got 'abc' \(a flag, or a key of --config"),
+                          r"--config .*wrong_type, line 2: num-workers: expected int, got 'two'"),
     'duration beyond a year': (['serve', '--max-stream-seconds', '1e10'], 2,
                                r'--max-stream-seconds: must be at most 31536000 seconds \(a '
                                r'year\), got 10000000000.0'),
     'YAML number without a dot': (['serve', '--config', '{huge_duration}'], 2,
-                                  r'--max-stream-seconds: must be at most 31536000 seconds'),
+                                  r'--config .*huge_duration, line 1: max_stream_seconds: must be '
+                                  r'at most 31536000 seconds'),
     'config not a mapping': (['serve', '--config', '{a_list}'], 2,
                              r'--config .*a_list: expected a mapping of settings, got list'),
     'tls cert without key': (['serve', '--tls-cert', '{bad_yaml}'], 2,
@@ -170,6 +171,15 @@ CASES = {
     'status: no answer': (['status', '--server', '{silent}', '--timeout', '1'], 1,
                           r'the server at 127.0.0.1:\d+ did not answer within --timeout 1s '
                           r'\(DEADLINE_EXCEEDED'),
+    'status: a key as --tls-ca': (['status', '--server', 'h:1', '--tls-ca', '{tls_key}'], 2,
+                                  r'--tls-ca: .* holds a PEM key, not a PEM certificate$'),
+    'serve: a certificate as --tls-key': (['serve', '--tls-cert', '{tls_cert}', '--tls-key',
+                                           '{tls_cert}'], 2,
+                                          r'--tls-key: .* holds a PEM certificate, not a PEM '
+                                          r'key$'),
+    'demo: no workers': (['demo', '--workers', '0'], 2, r'--workers: must be >= 1, got 0$'),
+    'demo: batch not a multiple': (['demo', '--workers', '3', '--batch-size', '256'], 2,
+                                   r'--batch-size: 256 is not a multiple of --workers 3$'),
     'status: metrics not host:port': (['status', '--server', 'h:1', '--metrics', '9090'], 2,
                                       r"--metrics: expected host:port, got '9090'"),
 }
@@ -235,14 +245,15 @@ def servers(tmp_path_factory):
     silent.listen()
     yield {'auth': f'127.0.0.1:{auth.port}', 'tls': f'127.0.0.1:{tls.port}',
            'silent': f'127.0.0.1:{silent.getsockname()[1]}', 'tls_cert': cert,
-           'other_cert': other}
+           'tls_key': key, 'other_cert': other}
 
 
 @pytest.mark.parametrize('name', list(CASES))
 def test_a_user_mistake_is_one_line_naming_it(tmp_path, request, name):
   argv, code, pattern = CASES[name]
   files = {'tmp': str(tmp_path), **_files(str(tmp_path))}
-  if any(f'{{{k}}}' in a for a in argv for k in ('auth', 'tls', 'silent')):
+  if any(f'{{{k}}}' in a for a in argv for k in ('auth', 'tls', 'silent', 'tls_cert',
+                                                   'tls_key')):
     files.update(request.getfixturevalue('servers'))
   argv = [a.format(**files) for a in argv]
   cmd = argv[0] if argv and argv[0] != 'bogus' else None

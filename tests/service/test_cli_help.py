@@ -1,5 +1,6 @@
 """`lamb-sharded --version` and `serve --help` by topic (the parser only: nothing starts)."""
 
+import argparse
 import dataclasses
 import importlib.metadata
 import subprocess
@@ -29,3 +30,17 @@ def test_version():
   out = subprocess.run([sys.executable, '-m', 'service.cli', '--version'], cwd=ROOT,
                        capture_output=True, text=True, timeout=60, check=True).stdout
   assert out.strip() == f'lamb-sharded {importlib.metadata.version("lamb-sharded")}'
+
+
+def test_every_flag_with_a_default_says_it():
+  """`worker --help` (and every command's) shows each default, once."""
+  parser = cli.build_parser()
+  for name, command in parser.commands.items():
+    text = command.format_help()
+    for action in command._actions:  # pylint: disable=protected-access
+      if action.option_strings and not any(action.default is v for v in (
+          None, False, True, argparse.SUPPRESS)):
+        assert action.help.count('default') == 1, (name, action.option_strings, action.help)
+    if name == 'worker':
+      assert '(default 600.0)' in ' '.join(text.split()), text  # --connect-timeout
+      assert '--seed SEED seed of the model and data (default 0)' in ' '.join(text.split())

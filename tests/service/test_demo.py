@@ -73,7 +73,11 @@ def test_short_demo_trains_and_leaves_nothing_behind(tmp_path):
     proc = _demo(out, '--workers', '2', '--steps', '40', '--batch-size', '256', '--resume',
                  stderr=err)
     stdout, _ = proc.communicate(timeout=240)
-  assert proc.returncode == 0, stdout + (tmp_path / 'stderr2.txt').read_text()
+  stderr = (tmp_path / 'stderr2.txt').read_text()
+  assert proc.returncode == 0, stdout + stderr
+  # Nothing a user has to read past: no fork warning, no library's notes.
+  for noise in ('RuntimeWarning', 'os.fork()', 'WARNING:absl', 'read only'):
+    assert noise not in stderr, stderr
   resumed = json.loads((out / 'summary.json').read_text())
   assert resumed['resumed'] and resumed['start_step'] == 30 and resumed['steps'] == 40
   _, server_pid, worker_pids = _started(stdout.splitlines()[0])
@@ -137,6 +141,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
       proc.kill()
   assert proc.returncode == 130, stderr
   assert 'Traceback' not in stderr, stderr
+  assert 'WARNING:absl' not in stderr and 'read only' not in stderr, stderr
   m = re.search(r'stopped at step (\d+) \(checkpointed\); to resume:\n  (.*)\n', stderr)
   assert m, stderr
   assert m.group(2) == (f'lamb-sharded demo --out {out} --workers 2 --devices 8 --steps 1000 '
