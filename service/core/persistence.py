@@ -109,9 +109,11 @@ def load_params(path: str, like=None):
     The pytree of NumPy arrays.
 
   Example:
-    >>> params = load_params('params.npz')                  # doctest: +SKIP
-    >>> params['enc']['w'].shape                             # doctest: +SKIP
-    (64, 128)
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), 'params.npz')
+    >>> np.savez(path, **{"['enc']['w']": np.ones((4, 2), np.float32)})  # as export writes
+    >>> load_params(path)['enc']['w'].shape
+    (4, 2)
   """
   with np.load(path) as data:
     by_path = {k: data[k] for k in data.files}
