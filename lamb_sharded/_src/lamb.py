@@ -189,7 +189,7 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
             caller's `apply_updates`, so it writes p directly.
 
   XLA:CPU has no multi-output loop fusion, so there m and v are written by
-  separate loops that each read g (see the README for the traffic count).
+  separate loops that each read g (docs/library.md counts the traffic).
   """
   acc = _acc_dtype(ps)
 

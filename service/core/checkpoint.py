@@ -10,7 +10,7 @@ writes a step into a temporary directory and renames it when complete, so a
 crash at any moment -- in the middle of an asynchronous save too -- never
 leaves a directory that is then restored as if it were complete.
 
-What a directory may hold, and what becomes of it (README, "Checkpoint faults"):
+What a directory may hold, and what becomes of it (docs/checkpoints.md, "Checkpoint faults"):
 a checkpoint that cannot be read is skipped for an older one; if none of them
 can be read, `restore_latest` raises UnreadableCheckpoints (the server does not
 start a new run over them, unless told to discard them); a checkpoint of a

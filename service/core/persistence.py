@@ -4,12 +4,15 @@ A checkpoint (service/core/checkpoint.py) holds the state and a JSON `meta`:
 the model's leaves and the optimizer's hyperparameters. A restore reads the
 meta first, builds the model's plan on this server's mesh from it, and
 restores the arrays straight into the plan's shardings. A .npz of initial
-parameters (`--init-params`, `lamb-sharded export`) is the portable form.
+parameters (`--init-params`, `lamb-sharded export`) is the portable form;
+`load_params` reads one back into a pytree.
 """
 
 from __future__ import annotations
 
+import ast
 import logging
+import re
 from typing import Optional, Sequence
 
 import jax
@@ -87,3 +90,57 @@ def load_npz(path: str) -> tuple[list[LeafSpec], list[np.ndarray]]:
     names = list(data.files)
     arrays = [np.asarray(data[k], np.float32) for k in names]
   return [LeafSpec(k, a.shape, a.dtype) for k, a in zip(names, arrays)], arrays
+
+
+# One key of a `jax.tree_util.keystr` path: ['name'] or ["it's"], [3], or .attr.
+_PATH_KEY = re.compile(r"""\[('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\d+)\]|\.([A-Za-z_]\w*)""")
+
+
+def load_params(path: str, like=None):
+  """The parameters of a .npz that `lamb-sharded export` wrote, as a pytree.
+
+  Args:
+    path: the .npz file; its keys are leaf paths (`jax.tree_util.keystr`, e.g. "['enc']['w']").
+    like: a pytree with the same leaf paths (its leaves are not read): the arrays are put into
+      its structure (lists, tuples, NamedTuples...). Without it: nested dicts keyed by the
+      paths' keys, a level keyed 0..n-1 a list.
+
+  Returns:
+    The pytree of NumPy arrays.
+
+  Example:
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), 'params.npz')
+    >>> np.savez(path, **{"['enc']['w']": np.ones((4, 2), np.float32)})  # as export writes
+    >>> load_params(path)['enc']['w'].shape
+    (4, 2)
+  """
+  with np.load(path) as data:
+    by_path = {k: data[k] for k in data.files}
+  if like is not None:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    paths = [jax.tree_util.keystr(p) for p, _ in flat]
+    if sorted(paths) != sorted(by_path):
+      raise ValueError(f'{path}: its leaves {sorted(by_path)} are not those of `like` '
+                       f'{sorted(paths)}')
+    return jax.tree_util.tree_unflatten(treedef, [by_path[p] for p in paths])
+  tree: dict = {}
+  for key, array in by_path.items():
+    keys, pos = [], 0
+    while pos < len(key) and (m := _PATH_KEY.match(key, pos)):
+      keys.append(ast.literal_eval(m.group(1)) if m.group(1) else m.group(2))
+      pos = m.end()
+    if not keys or pos != len(key):
+      raise ValueError(f'{path}: key {key!r} is not a leaf path (such as "[\'enc\'][\'w\']"); '
+                       'pass like= a pytree of the model')
+    node = tree
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = array
+
+  def lists(node):
+    if not isinstance(node, dict):
+      return node
+    node = {k: lists(v) for k, v in node.items()}
+    return [node[i] for i in range(len(node))] if set(node) == set(range(len(node))) else node
+  return lists(tree)

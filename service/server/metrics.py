@@ -13,7 +13,7 @@ The metrics (`lamb_sharded_` omitted; counters end in `_total` on the wire):
   step                                  the current step (gauge)
   pushes_accepted                       pushes counted into a step
   pushes_duplicate                      retries of an accepted push, answered again
-  pushes_rejected{reason}               pushes refused, by cause (see README)
+  pushes_rejected{reason}               pushes refused, by cause (docs/operations.md)
   pushes_in_flight, inflight_bytes      pushes being received now, and their bytes
   waiting_for_step                      WaitForStep long polls waiting now
   received_bytes{rpc}, sent_bytes{rpc}  tensor bytes in pushes/initialisation and pulls

@@ -39,7 +39,7 @@ shown as a fraction of the copy bandwidth. Note that numpy's copy is
 single-threaded while XLA may use every core, so the fraction can exceed 100%.
 
 The script also prints the number of all-reduce ops (and of fusions) in the
-compiled HLO of each step, and a Markdown table for the README.
+compiled HLO of each step, and a Markdown table for docs/benchmarks.md.
 
 How to run
 ----------

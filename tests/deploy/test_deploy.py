@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import tomllib
 
 import kubernetes_validate
@@ -45,7 +46,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / 'deploy'
 DOCKERFILE = DEPLOY / 'Dockerfile'
 TARGETS = ('base', 'overlays/cpu', 'overlays/gpu', 'overlays/tpu', 'overlays/dev',
-           'overlays/mtls', 'overlays/multihost')
+           'overlays/mtls', 'overlays/multihost', 'overlays/own-model')
 # The target whose server is several processes of one JAX job: an indexed Job, not the
 # StatefulSet, with no load-balanced Service (the workers dial process 0's own DNS name).
 MULTIHOST = 'overlays/multihost'
@@ -56,6 +57,10 @@ MULTIHOST_TARGETS = (MULTIHOST,)
 PLAINTEXT_TARGETS = ('base', 'overlays/dev')
 TLS_TARGETS = tuple(t for t in TARGETS if t not in PLAINTEXT_TARGETS)
 MTLS_TARGETS = ('overlays/mtls',)
+# The targets whose workers train a model of the user's own (components/own-model): its module
+# from the ConfigMap lamb-sharded-model, on the workers' PYTHONPATH, named by --model.
+OWN_MODEL_TARGETS = ('overlays/own-model',)
+OWN_MODEL_CONFIGMAP = 'lamb-sharded-model'
 # The oldest Kubernetes the manifests support (native gRPC probes are GA since 1.27,
 # podFailurePolicy is on by default since 1.26), kubectl's own, and the newest schemas known.
 K8S_VERSIONS = ('1.29', '1.32', kubernetes_validate.latest_version())
@@ -252,6 +257,8 @@ def test_renders_with_kubectl_kustomize(target):
                 'PodDisruptionBudget', 'Service']
   if target == DEV_SECRET_TARGET:
     expected = sorted(expected + ['Secret'])
+  if target in OWN_MODEL_TARGETS:  # the model's module
+    expected = sorted(expected + ['ConfigMap'])
   assert kinds == expected, kinds
 
 
@@ -795,7 +802,7 @@ def test_dev_overlay_is_small(tmp_path):
   assert storage.endswith('Gi') and int(storage[:-2]) <= 5
 
 
-@pytest.mark.parametrize('target', ['base', 'overlays/cpu', 'overlays/dev'])
+@pytest.mark.parametrize('target', ['base', 'overlays/cpu', 'overlays/dev', 'overlays/own-model'])
 def test_no_accelerators_where_none_are_wanted(target):
   dep = Deployment(target)
   for c in (dep.server, dep.worker):
@@ -818,6 +825,51 @@ def test_one_image_name_across_overlays():
     for where, image in images.items():
       assert ':' in image.rsplit('/', 1)[-1], f'{where}: {image} has no tag'
       assert not image.endswith(':latest'), where
+
+
+@pytest.mark.parametrize('target', OWN_MODEL_TARGETS)
+def test_own_model_workers_import_it_from_the_configmap_and_train_it(target, tmp_path):
+  """The workers' --model MODULE:FN imports MODULE from the ConfigMap's files, mounted on their
+  PYTHONPATH: written out as the kubelet mounts them, the worker's own loader finds the model,
+  and one gradient of its first batch is finite and shaped like its parameters."""
+  dep = Deployment(target)
+  env = {**container_env(dep.worker), 'JOB_COMPLETION_INDEX': '0'}
+  args = parse(dep.worker, env)
+  module, _, fn = args.model.partition(':')
+  assert module and fn, f'--model {args.model} is not MODULE:FN (a built-in model?)'
+  volumes = {v['name']: v for v in dep.workers['spec']['template']['spec']['volumes']}
+  mounts = [m for m in dep.worker['volumeMounts']
+            if 'configMap' in volumes[m['name']] and volumes[m['name']]['configMap']['name']
+            .startswith(OWN_MODEL_CONFIGMAP)]
+  assert len(mounts) == 1, f'the workers mount no ConfigMap {OWN_MODEL_CONFIGMAP}'
+  mount = mounts[0]
+  assert mount.get('readOnly') is True
+  assert mount['mountPath'] in env.get('PYTHONPATH', '').split(':'), \
+      f'{mount["mountPath"]} is not on the workers\' PYTHONPATH {env.get("PYTHONPATH")}'
+  data = dep.configmap(volumes[mount['name']]['configMap']['name'])['data']
+  assert f'{module.split(".")[0]}.py' in data, f'the ConfigMap holds no module {module}'
+  assert not any(k in args.model for k in ('regression', 'digits'))
+  for name, text in data.items():
+    (tmp_path / name).write_text(text)
+  # The worker's own loader, in a fresh process with only the mount on PYTHONPATH (and the
+  # project, which the image has installed).
+  code = textwrap.dedent(f"""
+      import jax, numpy as np
+      from service.examples.models import load_model
+      model = load_model({args.model!r}, {args.seed})
+      params = model.init({args.seed})
+      x, y = model.batch(0, 0, {args.batch_size})
+      loss, grads = model.grad_fn()(params, x, y)
+      assert np.isfinite(float(loss)), loss
+      assert jax.tree.structure(grads) == jax.tree.structure(params)
+      assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+      print('ok', float(loss))
+  """)
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=120, check=False, env={
+                            'PATH': '/usr/bin:/bin', 'JAX_PLATFORMS': 'cpu',
+                            'PYTHONPATH': f'{tmp_path}:{ROOT}'})
+  assert proc.returncode == 0 and proc.stdout.startswith('ok'), proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------

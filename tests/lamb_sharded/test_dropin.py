@@ -207,7 +207,7 @@ def _compilations():
 
 def _committed_like_the_step(state, replicated):
   """Commits the leaves that optax's wrappers create uncommitted (their counters and
-  hyperparameters) to `replicated`, where a jitted step returns them (the README's recipe)."""
+  hyperparameters) to `replicated`, where a jitted step returns them (docs/library.md's recipe)."""
   return jax.tree.map(lambda x: x if x.committed else jax.device_put(x, replicated), state)
 
 
@@ -256,7 +256,7 @@ def test_no_compilation_on_the_second_call(placement, wrapper):
 
   with ctx():
     state = tx.init(params)
-    if wrapper != 'none' and replicated is not None:  # optax's own counters: see the README
+    if wrapper != 'none' and replicated is not None:  # optax's own counters: see docs/library.md
       state = _committed_like_the_step(state, replicated)
     params, state = step(params, state, params)
     with _compilations() as second:

@@ -553,9 +553,9 @@ class _ByteCounter(_NoServer):
 
 
 def test_the_benchmarks_wire_bytes_are_what_the_client_sends():
-  # bench_codecs.py's table of wire bytes per push (README) is computed from the leaf
+  # bench_codecs.py's table of wire bytes per push (docs/benchmarks.md) is computed from the leaf
   # shapes; a transformer-shaped model pushed by the client sends exactly that, and the
-  # ratios to float32 are the ones the README gives for the 100M model.
+  # ratios to float32 are the ones docs/benchmarks.md gives for the 100M model.
   sys.path.insert(0, os.path.join(ROOT, 'tests', 'benchmarks'))
   import bench_codecs  # pylint: disable=import-outside-toplevel
   shapes = bench_codecs.bs.leaf_shapes(vocab=100, max_len=16, d_model=32, layers=2)

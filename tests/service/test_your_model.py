@@ -1,4 +1,4 @@
-"""Your own model through the service: the README's example script, and `--model MODULE:FN`."""
+"""Your own model through the service: docs/service.md's example script, and `--model MODULE:FN`."""
 
 import os
 import subprocess
