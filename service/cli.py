@@ -211,7 +211,7 @@ def _serve(args) -> int:
   job = config.job()  # a multi-process server's coordinator and index, before JAX loads
   from service.server import supervise  # pylint: disable=import-outside-toplevel
   if job is not None and not supervise.is_child():  # JAX runs in a child this one watches
-    return supervise.run(args.argv, job[1], config.num_processes, job[0])
+    return supervise.run(args.argv, job[1], config.num_processes, job[0], config.log_level)
   if supervise.is_child():
     supervise.die_with_parent()
   args.log_level = config.log_level  # --log-level DEBUG (flag or YAML) shows tracebacks

@@ -255,6 +255,34 @@ def test_kill_9_of_process_0_ends_the_other_with_one_line_naming_the_coordinator
     mp_server.stop(job)
 
 
+def test_kill_9_of_process_0s_server_ends_both_with_one_line_each(tmp_path):
+  """The JAX child of process 0 killed (the OOM killer, say): process 0's `serve` says so in
+  one line, process 1's that the job lost its coordinator -- without JAX's C++ stack trace --
+  and both exit LOST_EXIT, for the group to restart. Neither printed the collectives' chatter
+  at start."""
+  import psutil  # pylint: disable=import-outside-toplevel
+  job = mp_server.start(tmp_path)
+  try:
+    children = psutil.Process(job[0][0].pid).children()
+    assert len(children) == 1, children
+    os.kill(children[0].pid, signal.SIGKILL)
+    codes = [_wait_exit(p[0], 30)[0] for p in job]
+    errs = [p[0].stderr.read() for p in job]
+    assert codes == [supervise.LOST_EXIT] * 2, (codes, [e[-3000:] for e in errs])
+    for i, err in enumerate(errs):
+      assert 'Traceback' not in err and 'stack trace' not in err, err[-3000:]
+      assert '[Gloo]' not in err and 'Terminating process' not in err, err[-3000:]
+      assert not [l for l in err.splitlines() if l.lstrip().startswith('@ ')], err[-3000:]
+    assert errs[0].strip().splitlines()[-1] == (
+        'lamb-sharded serve: error: server process 0 of 2 was killed (SIGKILL); exiting so '
+        'that the job restarts from its last checkpoint'), errs[0][-2000:]
+    assert errs[1].strip().splitlines()[-1].startswith(
+        'lamb-sharded serve: error: server process 1 of 2 was ended by JAX: the job lost its '
+        'coordinator'), errs[1][-2000:]
+  finally:
+    mp_server.stop(job)
+
+
 def test_async_pushes_are_applied_in_one_order_on_every_process(tmp_path):
   # Two workers push at once: process 0 orders them, and process 1 applies them in its order.
   with mp_server.job(tmp_path, extra=['--step-mode', 'async', '--staleness-bound', '2']) as job:
