@@ -110,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
   worker.add_argument('--compression', default='none', choices=COMPRESSIONS,
                       help='how gradients travel: none (float32), bf16, or int8/int4 block-wise '
                       'quantisation with error feedback (default none)')
+  worker.add_argument('--local-steps', type=int, default=1,
+                      help='steps of the inner optimizer between pushes: 1, push each step\'s '
+                      'gradient; H > 1, push the pseudo-gradient of H local steps (DiLoCo; '
+                      'the server\'s --optimizer is then the outer one)')
+  worker.add_argument('--inner-optimizer', default='adamw', choices=('adamw', 'adam', 'sgd'),
+                      help='with --local-steps > 1: the optimizer of the local steps')
+  worker.add_argument('--inner-learning-rate', type=float, default=1e-3,
+                      help='with --local-steps > 1: its learning rate')
+  worker.add_argument('--inner-weight-decay', type=float, default=0.0,
+                      help='with --local-steps > 1 and adamw: its weight decay')
   worker.add_argument('--lifeline', action='store_true',
                       help='exit when stdin closes (stdin is a pipe from a supervisor)')
 
@@ -234,14 +244,18 @@ def _worker(args) -> int:
   if args.server != '-':
     _check_server(args.server)
   for flag, value, low in (('--num-workers', args.num_workers, 1), ('--steps', args.steps, 0),
-                           ('--batch-size', args.batch_size, 1)):
+                           ('--batch-size', args.batch_size, 1),
+                           ('--local-steps', args.local_steps, 1)):
     if value < low:
       raise ConfigError(f'{flag}: must be >= {low}, got {value}')
   if args.worker_index < 0:
     raise ConfigError(f'--worker-index: must be >= 0, got {args.worker_index}')
-  for flag, value in (('--timeout', args.timeout), ('--connect-timeout', args.connect_timeout)):
+  for flag, value in (('--timeout', args.timeout), ('--connect-timeout', args.connect_timeout),
+                      ('--inner-learning-rate', args.inner_learning_rate)):
     if not value > 0:
       raise ConfigError(f'{flag}: must be > 0, got {value}')
+  if not args.inner_weight_decay >= 0:
+    raise ConfigError(f'--inner-weight-decay: must be >= 0, got {args.inner_weight_decay}')
   client_options = _client_security(args)
   from service import logs  # pylint: disable=import-outside-toplevel
   logs.setup(args.log_level, args.log_format)
@@ -257,7 +271,10 @@ def _worker(args) -> int:
                       args.batch_size, model=model, seed=args.seed, init=args.init,
                       timeout=args.timeout, connect_timeout=args.connect_timeout,
                       progress=args.progress, lifeline=args.lifeline,
-                      client_options=client_options, compression=args.compression)
+                      client_options=client_options, compression=args.compression,
+                      local_steps=args.local_steps, inner_optimizer=args.inner_optimizer,
+                      inner_learning_rate=args.inner_learning_rate,
+                      inner_weight_decay=args.inner_weight_decay)
   except KeyboardInterrupt:
     return 128 + signal.SIGTERM
 

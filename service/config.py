@@ -19,6 +19,7 @@ from service.errors import ConfigError
 from service.logs import FORMATS as LOG_FORMATS
 
 STEP_MODES = ('sync', 'async')
+OPTIMIZERS = ('lamb', 'nesterov', 'sgd')
 # Settings that are lists of regular expressions on leaf paths.
 PATTERNS = ('exclude_from_weight_decay', 'exclude_from_layer_adaptation')
 # Settings that are durations in seconds, and the longest any may be.
@@ -156,6 +157,12 @@ class ServerConfig:
   admission_timeout_s: float = setting(
       30.0, 'how long a push waits for a slot before RESOURCE_EXHAUSTED')
   nonfinite: str = setting('reject', 'NaN/Inf in a push: reject the push, or skip the step')
+  # The optimizer the server applies to what workers push: gradients, or (workers taking
+  # local steps, DiLoCo) pseudo-gradients, for which it is the outer optimizer.
+  optimizer: str = setting(
+      'lamb', 'lamb; nesterov (SGD with Nesterov momentum: DiLoCo\'s outer optimizer); sgd '
+      '(with --learning-rate 1 and pseudo-gradients: federated averaging)')
+  momentum: float = setting(0.9, 'nesterov: the momentum')
   # LAMB.
   learning_rate: float = setting(1e-3, 'learning rate (the peak, with warmup_cosine)')
   schedule: str = setting('constant', 'learning-rate schedule')
@@ -229,6 +236,9 @@ class ServerConfig:
     need(self.nonfinite in NONFINITE_POLICIES, 'nonfinite',
          f'must be one of {NONFINITE_POLICIES}')
     need(self.schedule in SCHEDULES, 'schedule', f'must be one of {SCHEDULES}')
+    need(self.optimizer in OPTIMIZERS, 'optimizer', f'must be one of {OPTIMIZERS}')
+    need(math.isfinite(self.momentum) and 0 <= self.momentum < 1, 'momentum',
+         f'must be in [0, 1), got {self.momentum}')
     need(self.devices >= 0, 'devices', 'must be >= 0')
     need(self.num_processes >= 1, 'num_processes', f'must be >= 1, got {self.num_processes}')
     need(-1 <= self.process_id < self.num_processes, 'process_id',
@@ -419,7 +429,8 @@ GROUPS = {
               'nonfinite'),
     'mesh and processes': ('devices', 'num_processes', 'process_id', 'coordinator_address',
                            'advertise_address', 'job_secret_file', 'job_secret_env'),
-    'optimizer (LAMB)': ('learning_rate', 'schedule', 'warmup_steps', 'decay_steps',
+    'optimizer (LAMB)': ('optimizer', 'momentum', 'learning_rate', 'schedule', 'warmup_steps',
+                         'decay_steps',
                          'end_learning_rate', 'b1', 'b2', 'eps', 'eps_root', 'weight_decay',
                          'max_grad_norm', 'exclude_from_weight_decay',
                          'exclude_from_layer_adaptation'),
@@ -446,7 +457,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     elif 'float' in kind:
       kwargs['type'] = float
     choices = {'step_mode': STEP_MODES, 'schedule': SCHEDULES, 'nonfinite': NONFINITE_POLICIES,
-               'log_format': LOG_FORMATS}
+               'log_format': LOG_FORMATS, 'optimizer': OPTIMIZERS}
     if f.name in choices:
       kwargs['choices'] = choices[f.name]
     groups[group_of[f.name]].add_argument(_flag(f.name), **kwargs)

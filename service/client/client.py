@@ -359,7 +359,7 @@ class OptimizerClient:
   def push(self, step: int, grads, num_examples: int, worker_id: str, *,
            model_id: str = '', push_id: Optional[str] = None,
            wire_dtype=None, compression: Optional[str] = None,
-           error_feedback: bool | ErrorFeedback = True) -> PushResult:
+           error_feedback: bool | ErrorFeedback = True, local_steps: int = 1) -> PushResult:
     """Pushes the gradients computed at `step`; retried safely on UNAVAILABLE.
 
     Args:
@@ -377,6 +377,9 @@ class OptimizerClient:
         the last push to this push's gradient before quantising (True: the client's own
         `ErrorFeedback` of `worker_id`, see `error_feedback_of`; or one given; False: none).
         The residuals are updated once the push is answered, not per retry.
+      local_steps: the local steps `grads` cover: 1, a gradient; H > 1, a pseudo-gradient
+        (the pulled parameters minus the worker's after H local steps: `service.client.local`),
+        with `num_examples` the examples of all H steps.
     """
     push_id = push_id or uuid.uuid4().hex
     encoding = _encoding_of(compression)
@@ -395,7 +398,8 @@ class OptimizerClient:
         results = list(pool.map(lambda i: clients[i].push(
             step, placements.part(leaves, i), num_examples, worker_id, model_id=model_id,
             push_id=push_id, wire_dtype=wire_dtype, compression=compression,
-            error_feedback=bool(error_feedback)), range(len(clients))))
+            error_feedback=bool(error_feedback), local_steps=local_steps),
+            range(len(clients))))
       except grpc.RpcError as e:
         self._forget_processes(e)
         raise
@@ -427,7 +431,7 @@ class OptimizerClient:
       specs.append(LeafSpec(p, x.shape, x.dtype))
     header = pb.PushGradientsHeader(
         worker_id=worker_id, step=step, num_examples=num_examples, push_id=push_id,
-        model_id=model_id, leaves=[s.to_proto() for s in specs])
+        model_id=model_id, leaves=[s.to_proto() for s in specs], local_steps=local_steps)
 
     def requests():
       yield pb.PushGradientsRequest(header=header)

@@ -89,6 +89,7 @@ log = logging.getLogger(__name__)
 
 PARAM_DTYPES = (np.dtype(np.float32),)
 MAX_EXAMPLES = 2**31 - 1  # of one push: far beyond any batch, and safe to scale by in float32
+MAX_LOCAL_STEPS = 1_000_000  # of one push (a DiLoCo round); what the metrics count
 MAX_WORKERS_SEEN = 1024  # the workers `workers_seen` remembers: the most recently seen ones
 
 
@@ -762,6 +763,9 @@ class Engine:
                             'of a push by it')
     if h.step < 0:
       raise InvalidArgument(f'header.step must be >= 0, got {h.step}')
+    if not 0 < h.local_steps <= MAX_LOCAL_STEPS:
+      raise InvalidArgument(f'header.local_steps must be in [0, {MAX_LOCAL_STEPS}], got '
+                            f'{h.local_steps}')
     if not 0 < h.num_examples <= MAX_EXAMPLES:  # the sum scales each push by it, in float32
       raise InvalidArgument(f'header.num_examples must be in [1, {MAX_EXAMPLES}], got '
                             f'{h.num_examples}')

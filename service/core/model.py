@@ -82,7 +82,8 @@ class ModelPlan:
       updates, opt_state = self.tx.update(grads, opt_state, params)
       # The trust ratios once more, as an output of their own: opt_state is donated to
       # the next step, this copy stays readable (metrics) and marks the step computed.
-      ratios = opt_state[0].trust_ratio
+      ratios = (opt_state[0].trust_ratio if config.optimizer == 'lamb'
+                else jnp.zeros((0,), jnp.float32))  # no trust ratio: nothing to show
       return optax.apply_updates(params, updates), opt_state, ratios
     # The new params and moments take the old ones' memory (donated), so a step needs
     # no second copy of them. Params can be donated only while no pull reads them;

@@ -12,8 +12,8 @@ from service.config import PATTERNS, ServerConfig
 from service.errors import FailedPrecondition
 
 # The hyperparameters that define the optimizer: a checkpoint records them.
-HYPERPARAMETERS = ('learning_rate', 'schedule', 'warmup_steps', 'decay_steps',
-                   'end_learning_rate', 'b1', 'b2', 'eps', 'eps_root', 'weight_decay',
+HYPERPARAMETERS = ('optimizer', 'momentum', 'learning_rate', 'schedule', 'warmup_steps',
+                   'decay_steps', 'end_learning_rate', 'b1', 'b2', 'eps', 'eps_root', 'weight_decay',
                    'max_grad_norm', *PATTERNS)
 
 
@@ -59,7 +59,9 @@ def check_patterns(config: ServerConfig, paths: Sequence[str]) -> None:
 
 def make_optimizer(config: ServerConfig, mesh, specs,
                    paths: Optional[Sequence[str]] = None) -> optax.GradientTransformation:
-  """`lamb_sharded.lamb` with the config's hyperparameters, sharded as `specs` on `mesh`.
+  """The server's optimizer (`--optimizer`): `lamb_sharded.lamb` with the config's
+  hyperparameters, sharded as `specs` on `mesh`; or optax's SGD, with Nesterov momentum
+  (`nesterov`) or none (`sgd`), after the same clipping and decoupled weight decay.
 
   `mesh` and `specs` None: plain JAX on one device (what the tests replay
   locally). `paths`: the leaves' paths, in the order of the params list, which
@@ -74,6 +76,15 @@ def make_optimizer(config: ServerConfig, mesh, specs,
       raise ValueError('make_optimizer: the leaves\' paths are needed to select leaves')
     mask = [not e for e in excluded(config, 'exclude_from_weight_decay', paths)]
     adaptation = excluded(config, 'exclude_from_layer_adaptation', paths)
+  if config.optimizer != 'lamb':  # optax's own: its state sharded like the params
+    nesterov = config.optimizer == 'nesterov'
+    return optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm
+        else optax.identity(),
+        optax.add_decayed_weights(config.weight_decay, mask) if config.weight_decay
+        else optax.identity(),
+        optax.sgd(schedule, momentum=config.momentum if nesterov else None,
+                  nesterov=nesterov))
   return lamb_sharded.lamb(
       schedule, b1=config.b1, b2=config.b2, eps=config.eps, eps_root=config.eps_root,
       weight_decay=config.weight_decay, mask=mask,

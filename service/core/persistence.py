@@ -58,6 +58,7 @@ def restore_latest(checkpointer: Checkpointer, config: ServerConfig, mesh: jax.s
   plans = {}
 
   def target_for(m: dict):
+    check_same_state(m.get('hyperparameters') or {}, config)
     plans['plan'] = plan = ModelPlan(config, mesh, specs_from_meta(m['leaves']))
     return plan.abstract_state()
 
@@ -68,6 +69,24 @@ def restore_latest(checkpointer: Checkpointer, config: ServerConfig, mesh: jax.s
   step, tree, _ = found
   plan = plans['plan']
   return step, plan, plan.restored(tree)
+
+
+# Settings that shape the optimizer's state: a checkpoint restores only under the same.
+STATE_SETTINGS = ('optimizer',)
+DEFAULTS = {'optimizer': 'lamb'}  # what checkpoints that do not record them were written with
+
+
+def check_same_state(hyperparameters: dict, config: ServerConfig) -> None:
+  """IncompatibleCheckpoint naming the setting if the checkpoint's optimizer state has
+  another form than this server's (another --optimizer)."""
+  for name in STATE_SETTINGS:
+    theirs = hyperparameters.get(name, DEFAULTS[name])
+    if theirs != getattr(config, name):
+      flag = '--' + name.replace('_', '-')
+      raise IncompatibleCheckpoint(
+          f'its checkpoints were written with {flag} {theirs}, and this server has {flag} '
+          f'{getattr(config, name)}: its optimizer state has another form (start with {flag} '
+          f'{theirs}, or another --checkpoint-dir)')
 
 
 def check_same_model(have: Sequence[LeafSpec], specs: Sequence[LeafSpec]) -> None:

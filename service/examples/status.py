@@ -94,6 +94,8 @@ def gather(server: str, metrics: Optional[str] = None, *, timeout: float = 10.0,
         'staleness_bound': info.staleness_bound,
         'learning_rate': info.hyperparameters.learning_rate,
         'weight_decay': info.hyperparameters.weight_decay,
+        'optimizer': info.hyperparameters.optimizer or 'lamb',
+        'momentum': info.hyperparameters.momentum,
         'exclusions': {
             'weight_decay': {
                 'patterns': list(info.hyperparameters.exclude_from_weight_decay),
@@ -160,6 +162,10 @@ def as_text(report: dict[str, Any]) -> str:
            if r['step_mode'] == 'sync' else
            f'asynchronous, staleness bound {r["staleness_bound"]}')
   lines.append(('steps', rules))
+  optimizer = r.get('optimizer', 'lamb')
+  if optimizer != 'lamb':
+    lines.append(('optimizer', f'{optimizer}' + (f', momentum {r["momentum"]:g}'
+                                                 if optimizer == 'nesterov' else '')))
   if len(r.get('processes', ())) > 1:
     lines.append(('processes', f'{len(r["processes"])}: ' + ', '.join(
         f'{p["index"]} {p["endpoint"]}' for p in r['processes'])))

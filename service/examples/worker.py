@@ -33,7 +33,7 @@ import grpc
 import jax
 import numpy as np
 
-from service.client import ModelMismatch, OptimizerClient, hints, model_difference
+from service.client import ModelMismatch, OptimizerClient, hints, local, model_difference
 from service.errors import ConfigError, NoServer
 from service.examples.models import load_model
 from service.examples.progress import Progress
@@ -48,13 +48,17 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
         model: Union[str, Any] = 'regression', seed: int = 0, init: bool = False,
         timeout: float = 60.0, connect_timeout: float = 60.0, progress: bool = False,
         lifeline: bool = False, client_options: Optional[dict] = None,
-        compression: str = 'none') -> int:
+        compression: str = 'none', local_steps: int = 1, inner_optimizer: str = 'adamw',
+        inner_learning_rate: float = 1e-3, inner_weight_decay: float = 0.0) -> int:
   """Trains until the server's step reaches `steps`; returns an exit code.
 
   `model`: a model (see `service.examples.models.Model`), or what `load_model` takes
   (a built-in model's name, or MODULE:FN). `client_options`: more OptimizerClient
   arguments (token, root_certificates, ...). `compression`: how gradients travel
-  (OptimizerClient.push; int8/int4 with error feedback).
+  (OptimizerClient.push; int8/int4 with error feedback). `local_steps` > 1: each push is
+  the pseudo-gradient of that many steps of the inner optimizer (`service.client.local`,
+  DiLoCo): inner step k of the round from server step t trains on the batch of index
+  t * local_steps + k.
   """
   m = load_model(model, seed) if isinstance(model, str) else model
   worker_id = f'worker-{worker_index}'
@@ -105,6 +109,13 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
 
   checked = False
   with OptimizerClient(server, timeout=timeout, **options) as client:
+    trainer = None
+    if local_steps > 1:
+      trainer = local.LocalSteps(
+          client, grad_fn, local.inner_optimizer(inner_optimizer, inner_learning_rate,
+                                                 inner_weight_decay),
+          local_steps, worker_id, like=template,
+          compression=None if compression == 'none' else compression)
     while True:
       step = None
       try:
@@ -118,21 +129,29 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
                         'train', worker_id, info.step, steps, extra=fields(worker=worker_id))
             step = info.step
             break
-        pulled = client.pull(like=template)
-        step = pulled.step
-        if pulled.step >= steps:
-          break
-        x, y = batch(pulled.step)
-        loss, grads = grad_fn(pulled.params, x, y)
-        r = client.push(pulled.step, jax_to_numpy(grads), batch_size, worker_id,
-                        model_id=pulled.model_id, compression=compression)
-        log.info('%s step %d loss %.5f', worker_id, pulled.step, float(loss),
-                 extra=fields(step=pulled.step, worker=worker_id))
-        report('push', step=pulled.step, loss=float(loss), examples=batch_size,
-               applied=r.applied)
+        if trainer is not None:  # a round of local steps, then its pseudo-gradient
+          round_ = trainer.round(lambda t, k: batch(t * local_steps + k), until=steps)
+          step, r, loss, examples = round_.step, round_.result, round_.loss, round_.examples
+          if r is None:
+            break
+        else:
+          pulled = client.pull(like=template)
+          step = pulled.step
+          if pulled.step >= steps:
+            break
+          x, y = batch(pulled.step)
+          loss, grads = grad_fn(pulled.params, x, y)
+          examples = batch_size
+          r = client.push(pulled.step, jax_to_numpy(grads), batch_size, worker_id,
+                          model_id=pulled.model_id, compression=compression)
+        log.info('%s step %d loss %.5f', worker_id, step, float(loss),
+                 extra=fields(step=step, worker=worker_id))
+        report('push', step=step, loss=float(loss), examples=examples, applied=r.applied)
         if not r.applied:
           client.wait_for_step(r.accepted_step + 1, timeout=timeout)
       except grpc.RpcError as e:
+        if step is None and trainer is not None:  # the round it was pushing
+          step = trainer.last_pulled_step
         _recover(client, e, worker_id, step, connect_timeout, wait_for_server)
   report('done', step=step)
   return 0

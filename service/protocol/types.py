@@ -18,6 +18,8 @@ class PushHeader:
     num_examples: the examples averaged into the gradients (the push's weight).
     model_id: the model the parameters came from ('' skips the check).
     leaves: the gradients' leaves, in the parameters' order, in their wire dtypes.
+    local_steps: the worker's local steps these values cover (1: a gradient; H > 1: a
+      pseudo-gradient of H local steps, DiLoCo).
   """
   worker_id: str
   push_id: str
@@ -25,6 +27,7 @@ class PushHeader:
   num_examples: int
   model_id: str
   leaves: tuple[LeafSpec, ...]
+  local_steps: int = 1
 
   @property
   def nbytes(self) -> int:

@@ -301,7 +301,7 @@ def start(config: ServerConfig) -> RunningServer:
           f'--checkpoint-dir {config.checkpoint_dir}: {e}; not starting a new run over them '
           f'(its saves would delete them): repair or move them, or pass '
           f'--discard-unreadable-checkpoints true to delete them and start afresh') from None
-    except checkpoint.NewerFormat as e:
+    except (checkpoint.NewerFormat, checkpoint.IncompatibleCheckpoint) as e:
       raise StartupError(f'--checkpoint-dir {config.checkpoint_dir}: {e}') from None
     except FailedPrecondition as e:  # a setting that does not fit the restored model
       raise ConfigError(f'{e} (the model of the checkpoint in {config.checkpoint_dir})') from None

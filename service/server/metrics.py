@@ -13,6 +13,8 @@ The metrics (`lamb_sharded_` omitted; counters end in `_total` on the wire):
   step                                  the current step (gauge)
   pushes_accepted                       pushes counted into a step
   pushes_duplicate                      retries of an accepted push, answered again
+  local_steps                           workers' local steps the accepted pushes cover
+                                        (a gradient 1; a DiLoCo pseudo-gradient H)
   pushes_rejected{reason}               pushes refused, by cause (docs/operations.md)
   pushes_in_flight, inflight_bytes      pushes being received now, and their bytes
   waiting_for_step                      WaitForStep long polls waiting now
@@ -98,6 +100,8 @@ class Metrics:
                                    ['reason'], registry=r)
     self.pushes_duplicate = Counter(PREFIX + 'pushes_duplicate',
                                     'retries of an accepted push, answered again', registry=r)
+    self.local_steps = Counter(PREFIX + 'local_steps', 'workers\' local steps that the '
+                               'accepted pushes cover (a gradient: 1)', registry=r)
     self.received_bytes = Counter(PREFIX + 'received_bytes', 'tensor bytes received',
                                   ['rpc'], registry=r)
     self.sent_bytes = Counter(PREFIX + 'sent_bytes', 'tensor bytes sent', ['rpc'], registry=r)

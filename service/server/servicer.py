@@ -200,7 +200,9 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
             exclude_from_layer_adaptation=cfg.exclude_from_layer_adaptation or (),
             leaves_without_weight_decay=_selected(cfg, 'exclude_from_weight_decay', d.leaves),
             leaves_without_layer_adaptation=_selected(cfg, 'exclude_from_layer_adaptation',
-                                                      d.leaves)),
+                                                      d.leaves),
+            optimizer=cfg.optimizer, momentum=cfg.momentum if cfg.optimizer == 'nesterov'
+            else 0.0),
         processes=[pb.ServerProcess(index=i, endpoint=e) for i, e in enumerate(self._endpoints)],
         placements=[_placement(s.path, p) for s, p in zip(d.leaves, d.placements)],
         workers=[pb.WorkerSeen(worker_id=w, last_step=step, seconds_ago=ago)
@@ -277,6 +279,8 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       result = session.result
       if result.duplicate:  # a retry of an answered push: answered again, not counted
         self._metrics.pushes_duplicate.inc()
+      else:
+        self._metrics.local_steps.inc(header.local_steps)
       log.debug('push accepted (step %s)', 'applied' if result.applied else 'pending',
                 extra=fields(step=header.step, worker=header.worker_id,
                              push_id=header.push_id or None))
@@ -440,7 +444,8 @@ def _push_header(message: pb.PushGradientsHeader) -> PushHeader:
   """The domain header of a push's first message."""
   return PushHeader(message.worker_id, message.push_id, message.step, message.num_examples,
                     message.model_id,
-                    tuple(specs_from_proto(message.leaves, 'header.leaves', encoded_ok=True)))
+                    tuple(specs_from_proto(message.leaves, 'header.leaves', encoded_ok=True)),
+                    local_steps=message.local_steps or 1)
 
 
 def _push_response(r: PushResult) -> pb.PushGradientsResponse:

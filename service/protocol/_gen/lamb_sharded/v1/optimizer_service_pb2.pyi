@@ -22,7 +22,7 @@ STEP_MODE_SYNCHRONOUS: StepMode
 STEP_MODE_ASYNCHRONOUS: StepMode
 
 class LambHyperparameters(_message.Message):
-    __slots__ = ("learning_rate_schedule", "learning_rate", "b1", "b2", "eps", "eps_root", "weight_decay", "exclude_from_weight_decay", "exclude_from_layer_adaptation", "leaves_without_weight_decay", "leaves_without_layer_adaptation")
+    __slots__ = ("learning_rate_schedule", "learning_rate", "b1", "b2", "eps", "eps_root", "weight_decay", "exclude_from_weight_decay", "exclude_from_layer_adaptation", "leaves_without_weight_decay", "leaves_without_layer_adaptation", "optimizer", "momentum")
     LEARNING_RATE_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     B1_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,8 @@ class LambHyperparameters(_message.Message):
     EXCLUDE_FROM_LAYER_ADAPTATION_FIELD_NUMBER: _ClassVar[int]
     LEAVES_WITHOUT_WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     LEAVES_WITHOUT_LAYER_ADAPTATION_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     learning_rate_schedule: str
     learning_rate: float
     b1: float
@@ -45,7 +47,9 @@ class LambHyperparameters(_message.Message):
     exclude_from_layer_adaptation: _containers.RepeatedScalarFieldContainer[str]
     leaves_without_weight_decay: _containers.RepeatedScalarFieldContainer[str]
     leaves_without_layer_adaptation: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, learning_rate_schedule: _Optional[str] = ..., learning_rate: _Optional[float] = ..., b1: _Optional[float] = ..., b2: _Optional[float] = ..., eps: _Optional[float] = ..., eps_root: _Optional[float] = ..., weight_decay: _Optional[float] = ..., exclude_from_weight_decay: _Optional[_Iterable[str]] = ..., exclude_from_layer_adaptation: _Optional[_Iterable[str]] = ..., leaves_without_weight_decay: _Optional[_Iterable[str]] = ..., leaves_without_layer_adaptation: _Optional[_Iterable[str]] = ...) -> None: ...
+    optimizer: str
+    momentum: float
+    def __init__(self, learning_rate_schedule: _Optional[str] = ..., learning_rate: _Optional[float] = ..., b1: _Optional[float] = ..., b2: _Optional[float] = ..., eps: _Optional[float] = ..., eps_root: _Optional[float] = ..., weight_decay: _Optional[float] = ..., exclude_from_weight_decay: _Optional[_Iterable[str]] = ..., exclude_from_layer_adaptation: _Optional[_Iterable[str]] = ..., leaves_without_weight_decay: _Optional[_Iterable[str]] = ..., leaves_without_layer_adaptation: _Optional[_Iterable[str]] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ...) -> None: ...
 
 class DescribeModelRequest(_message.Message):
     __slots__ = ()
@@ -144,20 +148,22 @@ class PushGradientsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushGradientsHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[_tensor_pb2.StreamCommit, _Mapping]] = ...) -> None: ...
 
 class PushGradientsHeader(_message.Message):
-    __slots__ = ("worker_id", "step", "num_examples", "push_id", "model_id", "leaves")
+    __slots__ = ("worker_id", "step", "num_examples", "push_id", "model_id", "leaves", "local_steps")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     PUSH_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LEAVES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step: int
     num_examples: int
     push_id: str
     model_id: str
     leaves: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
-    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., num_examples: _Optional[int] = ..., push_id: _Optional[str] = ..., model_id: _Optional[str] = ..., leaves: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ...) -> None: ...
+    local_steps: int
+    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., num_examples: _Optional[int] = ..., push_id: _Optional[str] = ..., model_id: _Optional[str] = ..., leaves: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., local_steps: _Optional[int] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
     __slots__ = ("accepted_step", "applied", "current_step", "duplicate")
