@@ -648,3 +648,79 @@ def lamb(
     return lamb_state, lr_state
 
   return optax.GradientTransformationExtraArgs(init_fn, chained.update)
+
+
+def _moment_pairs(state: ScaleByLambState):
+  return (('mu', state.mu, lowbit.dequantize_signed, lowbit.quantize_signed),
+          ('nu', state.nu, lowbit.dequantize_sqrt, lowbit.quantize_sqrt))
+
+
+def dequantize_moments(state: ScaleByLambState) -> ScaleByLambState:
+  """`state` with every 8-bit moment leaf decoded to float32 (float leaves unchanged).
+
+  Args:
+    state: a `ScaleByLambState` (e.g. `opt_state[0]` of `lamb`).
+
+  Returns:
+    A `ScaleByLambState` whose `mu` and `nu` have the params' tree structure.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tx = scale_by_lamb(mu_dtype='int8', nu_dtype='int8', min_quantized_size=1)
+    >>> params = {'w': jnp.ones((2, 4))}
+    >>> _, state = tx.update({'w': jnp.full((2, 4), 0.5)}, tx.init(params), params)
+    >>> print(dequantize_moments(state).mu['w'][0])
+    [0.05 0.05 0.05 0.05]
+  """
+  out = {}
+  for name, tree, decode, _ in _moment_pairs(state):
+    out[name] = jax.tree.map(lambda x, d=decode: d(x) if lowbit.is_quantized(x) else x, tree,
+                             is_leaf=lowbit.is_quantized)
+  return state._replace(**out)
+
+
+def requantize_moments(state: ScaleByLambState, like: ScaleByLambState) -> ScaleByLambState:
+  """`state`'s moments re-encoded in the layout of `like` (block sizes, float or 8-bit).
+
+  For restoring a checkpoint onto a mesh where a leaf's block size differs (its
+  sharded last axis has another local extent): restore the arrays as saved,
+  then call this with `like = jax.eval_shape(tx.init, params)` (or `tx.init`'s
+  state) of the new layout. Leaves whose layout is the same are returned as
+  they are (bit for bit); the others are decoded and encoded again, which
+  changes each entry by at most one more rounding to E4M3 (2^-4 of the entry,
+  relative, for m and sqrt(v): about 2^-3 for v), for entries above 2^-6 of their
+  block's maximum (E4M3's normal range). Outputs are placed where `like`'s are.
+
+  Args:
+    state: a `ScaleByLambState` whose moments may be in another layout.
+    like: a `ScaleByLambState` (arrays or `jax.ShapeDtypeStruct`s) in the wanted layout.
+
+  Returns:
+    `state` with `mu` and `nu` in `like`'s layout.
+  """
+  out = {}
+  for (name, tree, decode, encode), (_, target, _, _) in zip(_moment_pairs(state),
+                                                             _moment_pairs(like)):
+    def convert(x, t, decode=decode, encode=encode):
+      if lowbit.is_quantized(t):
+        if lowbit.is_quantized(x) and x.scales.shape == t.scales.shape:
+          y = x
+        else:
+          y = encode(decode(x) if lowbit.is_quantized(x) else x, lowbit.block_size_of(t))
+        return lowbit.QuantizedMoment(*(sharding_lib.place(a, getattr(b, 'sharding', None))
+                                        for a, b in zip(y, t)))
+      y = decode(x) if lowbit.is_quantized(x) else x
+      return sharding_lib.place(y.astype(t.dtype), getattr(t, 'sharding', None))
+    flat_t, treedef = jax.tree_util.tree_flatten(target, is_leaf=lowbit.is_quantized)
+    flat_x = treedef.flatten_up_to(tree)
+    out[name] = treedef.unflatten([convert(x, t) for x, t in zip(flat_x, flat_t)])
+  return state._replace(**out)
+
+
+def state_nbytes(state: PyTree) -> int:
+  """Bytes of every array in an optimizer state (8-bit codes and their scales included).
+
+  Works on arrays and `jax.ShapeDtypeStruct`s: `state_nbytes(jax.eval_shape(tx.init,
+  params))` is the state's size before any of it is allocated.
+  """
+  return lowbit.moment_nbytes(state)

@@ -230,7 +230,7 @@ def quantize_sqrt(v: jax.Array, b: int) -> QuantizedMoment:
     >>> import jax.numpy as jnp
     >>> q = quantize_sqrt(jnp.array([4.0, 1e-30, 1.0, 0.0]), 4)
     >>> print(dequantize_sqrt(q))
-    [4.0000000e+00 1.5258789e-05 1.0000000e+00 1.5258789e-05]
+    [4.000000e+00 7.602634e-11 1.000000e+00 7.602634e-11]
   """
   return _encode(jnp.sqrt(v.astype(jnp.float32)), b, floor_tiny=True)
 
