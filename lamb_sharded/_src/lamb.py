@@ -438,10 +438,14 @@ def scale_by_lamb(
   clip_trust_ratio = min_trust_ratio is not None or max_trust_ratio is not None
   lowbit.check_moment_dtype(mu_dtype, 'mu_dtype')
   lowbit.check_moment_dtype(nu_dtype, 'nu_dtype')
-  lowbit.check_block_size(quantized_block_size)
-  if (not isinstance(min_quantized_size, int) or isinstance(min_quantized_size, bool)
-      or min_quantized_size < 1):
-    raise ValueError(f'min_quantized_size={min_quantized_size!r}: expected an int >= 1')
+  if lowbit.is_int8(mu_dtype) or lowbit.is_int8(nu_dtype):
+    # optax.inject_hyperparams hands numbers in as arrays: concrete ones are fine;
+    # traced ones must be made static (static_args=('quantized_block_size', ...)).
+    quantized_block_size = lowbit.static_int(quantized_block_size, 'quantized_block_size')
+    min_quantized_size = lowbit.static_int(min_quantized_size, 'min_quantized_size')
+    lowbit.check_block_size(quantized_block_size)
+    if min_quantized_size < 1:
+      raise ValueError(f'min_quantized_size={min_quantized_size!r}: expected an int >= 1')
 
   def init_fn(params):
     leaves, treedef = jax.tree_util.tree_flatten(params)

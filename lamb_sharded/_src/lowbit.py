@@ -101,6 +101,21 @@ def check_moment_dtype(dtype: Any, name: str) -> None:
                      f'(8-bit blockwise moments)')
 
 
+def static_int(value: Any, name: str) -> int:
+  """`value` as a Python int (a concrete integer array is accepted), else a ValueError."""
+  if isinstance(value, bool):
+    raise ValueError(f'{name}={value!r}: expected an int')
+  if isinstance(value, int):
+    return value
+  try:
+    if jnp.issubdtype(jnp.asarray(value).dtype, jnp.integer) and jnp.ndim(value) == 0:
+      return int(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    pass
+  raise ValueError(f'{name}={value!r}: expected a Python int (with optax.inject_hyperparams, '
+                   f'list it in static_args)')
+
+
 def check_block_size(block_size: Any) -> None:
   if (not isinstance(block_size, int) or isinstance(block_size, bool)
       or block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1)):

@@ -49,11 +49,10 @@ lamb_sharded step's (target <= 1.15x) and the state's bytes per parameter
 their scales and the float32 small leaves; target <= 2.1, params + state <= 6.1).
 `--no-int8` leaves it out.
 
-With several simulated CPU devices XLA:CPU runs every device's part of a step
-on one shared thread pool (as many threads as cores); on a 2-core machine,
-back-to-back steps of 8 devices have been seen to stall unless the pool has at
-least 2x as many threads as devices: run such a machine with fewer simulated
-devices' worth of work in flight, or more cores.
+Thread pool: with several simulated CPU devices, XLA:CPU runs every device's
+part of a step on one shared thread pool. Back-to-back steps can deadlock unless
+the pool has at least 2x as many threads as there are devices (reported on
+2-core machines; not seen in the runs recorded in docs/low-bit-state.md).
 
 How to run
 ----------
