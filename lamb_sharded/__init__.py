@@ -5,15 +5,23 @@ A drop-in for `optax.lamb`: same arguments, same numerics, plus a `mesh` and
 """
 
 from lamb_sharded._src.lamb import ScaleByLambState
+from lamb_sharded._src.lamb import dequantize_moments
 from lamb_sharded._src.lamb import lamb
+from lamb_sharded._src.lamb import requantize_moments
 from lamb_sharded._src.lamb import scale_by_lamb
+from lamb_sharded._src.lamb import state_nbytes
+from lamb_sharded._src.lowbit import QuantizedMoment
 from lamb_sharded._src.sharding import named_shardings
 
 __version__ = '0.1.0'
 
 __all__ = (
+    'QuantizedMoment',
     'ScaleByLambState',
+    'dequantize_moments',
     'lamb',
     'named_shardings',
+    'requantize_moments',
     'scale_by_lamb',
+    'state_nbytes',
 )

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from lamb_sharded._src import lowbit
 from lamb_sharded._src import sharding as sharding_lib
 
 PyTree = Any
@@ -38,8 +39,10 @@ class ScaleByLambState(NamedTuple):
 
   Attributes:
     count: number of updates applied so far (int32 scalar, replicated).
-    mu: first moments, a pytree like the params, sharded like them.
-    nu: second moments, a pytree like the params, sharded like them.
+    mu: first moments, a pytree like the params, sharded like them. With
+      `mu_dtype='int8'` a quantized leaf is a `QuantizedMoment(codes, scales)`
+      node (both arrays sharded like the leaf); `dequantize_moments` gives floats.
+    nu: second moments, likewise (`nu_dtype`).
     trust_ratio: with `record_trust_ratio=True`, the trust ratio each leaf got
       in the last update (float32, one entry per leaf in the params' flattening
       order, 1 where layer adaptation is off; replicated); else None (no leaf).
@@ -48,6 +51,47 @@ class ScaleByLambState(NamedTuple):
   mu: PyTree
   nu: PyTree
   trust_ratio: Optional[jax.Array] = None
+
+
+def _full_zeros(shape, dtype, *, where, traced):
+  return sharding_lib.full(shape, 0, dtype, where, traced)
+
+
+def _moment_leaves(params: PyTree, moments: PyTree, name: str, layout) -> list[Any]:
+  """One entry per params leaf: a float array or a `QuantizedMoment`, checked.
+
+  Raises:
+    ValueError: naming the leaf where `moments` does not match `params`, or where
+      an 8-bit moment's blocks would cross the boundary of the leaf's shards.
+  """
+  treedef = jax.tree_util.tree_structure(params)
+  try:
+    out = treedef.flatten_up_to(moments)
+  except (ValueError, TypeError):
+    sharding_lib.check_same_structure(params, moments, 'params', name)
+    raise
+  paths = sharding_lib.leaf_paths(params)
+  for path, p, m, sp in zip(paths, jax.tree_util.tree_leaves(params), out, layout.specs):
+    if not lowbit.is_quantized(m):
+      if not hasattr(m, 'shape'):
+        sharding_lib.check_same_structure(params, moments, 'params', name)
+      if m.shape != p.shape:
+        raise ValueError(f'leaf {path}: {name} has shape {m.shape} but params has shape '
+                         f'{p.shape}')
+      continue
+    if m.codes.shape != p.shape or m.scales.shape[:-1] != p.shape[:-1] or not p.shape:
+      raise ValueError(f'leaf {path}: {name} holds 8-bit codes of shape {m.codes.shape} and '
+                       f'scales of shape {m.scales.shape}, which do not fit params of shape '
+                       f'{p.shape}')
+    k = sharding_lib.dim_shards(sp, layout.mesh, p.ndim - 1)
+    b = lowbit.block_size_of(m)
+    if k > 1 and (m.scales.shape[-1] % k or (p.shape[-1] // k) % b):
+      raise ValueError(
+          f'leaf {path}: {name} has 8-bit blocks of {b} along the last axis, which the '
+          f'spec {sp} splits into {k} shards of {p.shape[-1] // k}: blocks would cross '
+          f'shard boundaries; re-quantize the state for this layout '
+          f'(lamb_sharded.requantize_moments)')
+  return out
 
 
 def _is_python_zero(x: Any) -> bool:
@@ -242,11 +286,17 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
     if static.clip_grad_norm:
       g = g * grad_scale.astype(real)
     b1, b2 = hp('b1', real), hp('b2', real)
-    m_new = b1 * m.astype(cdt) + (1 - b1) * g
+    m_old = lowbit.dequantize_signed(m) if lowbit.is_quantized(m) else m.astype(cdt)
+    v_old = lowbit.dequantize_sqrt(v) if lowbit.is_quantized(v) else v.real.astype(real)
+    m_new = b1 * m_old + (1 - b1) * g
     g_abs_sq = (g.conj() * g).real if jnp.iscomplexobj(g) else g * g
-    v_new = b2 * v.real.astype(real) + (1 - b2) * g_abs_sq
-    new_ms.append(m_new.astype(m.dtype))
-    new_vs.append(v_new.astype(v.dtype))
+    v_new = b2 * v_old + (1 - b2) * g_abs_sq
+    # 8-bit moments store the new moments' codes; the direction and the trust
+    # ratio below use the float m_new, v_new, as float moments do.
+    new_ms.append(lowbit.quantize_signed(m_new, lowbit.block_size_of(m))
+                  if lowbit.is_quantized(m) else m_new.astype(m.dtype))
+    new_vs.append(lowbit.quantize_sqrt(v_new, lowbit.block_size_of(v))
+                  if lowbit.is_quantized(v) else v_new.astype(v.dtype))
     fresh.append((m_new, v_new))
     if static.adapt[i]:
       sumsq = _sumsq_pair if static.xla_partitioned[i] else _sumsq_rows
@@ -305,9 +355,11 @@ def scale_by_lamb(
     max_trust_ratio: Optional[float] = None,
     max_grad_norm: Optional[float] = None,
     bias_correction: bool = True,
-    mu_dtype: Optional[jnp.dtype] = None,
-    nu_dtype: Optional[jnp.dtype] = None,
+    mu_dtype: Optional[Union[jnp.dtype, str]] = None,
+    nu_dtype: Optional[Union[jnp.dtype, str]] = None,
     record_trust_ratio: bool = False,
+    quantized_block_size: int = lowbit.DEFAULT_BLOCK_SIZE,
+    min_quantized_size: int = lowbit.DEFAULT_MIN_QUANTIZED_SIZE,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by the LAMB direction, with state sharded on a mesh.
 
@@ -349,11 +401,23 @@ def scale_by_lamb(
     max_grad_norm: if set, scale all gradients by min(1, max_grad_norm /
       ||g||_global) before the moments (apex FusedLAMB's `max_grad_norm`).
     bias_correction: if False, m^ = m and v^ = v (apex `bias_correction=False`).
-    mu_dtype: dtype to store the first moment in (default: the params' dtype).
-    nu_dtype: dtype to store the second moment in (default: the params' dtype).
+    mu_dtype: dtype to store the first moment in (default: the params' dtype),
+      or 'int8': 8-bit blockwise codes (FP8 E4M3 with one float32 scale per
+      block along the last axis, `QuantizedMoment` leaves; see
+      `lamb_sharded/_src/lowbit.py` and docs/low-bit-state.md). Leaves smaller
+      than `min_quantized_size`, complex leaves, and leaves whose sharded last
+      axis has a local extent that is not a multiple of 32 stay float32.
+    nu_dtype: the same for the second moment ('int8' stores sqrt(v), its zero
+      code excluded, so that no small entry of v decodes to 0).
     record_trust_ratio: keep each leaf's trust ratio of the last update in
       `ScaleByLambState.trust_ratio` (for monitoring; it costs a vector of one
       float per leaf and no extra pass over memory).
+    quantized_block_size: largest block of 8-bit moments (a power of two >= 32;
+      default 128: 2.06 bytes per parameter for both moments). A leaf whose last
+      axis is split over devices gets the largest power of two <= this that
+      divides its local extent, so that no block crosses a shard boundary.
+    min_quantized_size: leaves with fewer elements keep float32 moments
+      (default 4096, bitsandbytes' `min_8bit_size`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with state `ScaleByLambState`.
@@ -372,6 +436,16 @@ def scale_by_lamb(
     minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
   clip_trust_ratio = min_trust_ratio is not None or max_trust_ratio is not None
+  lowbit.check_moment_dtype(mu_dtype, 'mu_dtype')
+  lowbit.check_moment_dtype(nu_dtype, 'nu_dtype')
+  if lowbit.is_int8(mu_dtype) or lowbit.is_int8(nu_dtype):
+    # optax.inject_hyperparams hands numbers in as arrays: concrete ones are fine;
+    # traced ones must be made static (static_args=('quantized_block_size', ...)).
+    quantized_block_size = lowbit.static_int(quantized_block_size, 'quantized_block_size')
+    min_quantized_size = lowbit.static_int(min_quantized_size, 'min_quantized_size')
+    lowbit.check_block_size(quantized_block_size)
+    if min_quantized_size < 1:
+      raise ValueError(f'min_quantized_size={min_quantized_size!r}: expected an int >= 1')
 
   def init_fn(params):
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -391,9 +465,21 @@ def scale_by_lamb(
     any_traced = any(traced)
 
     def zeros(dtype):
-      return jax.tree_util.tree_unflatten(treedef, [
-          sharding_lib.full(x.shape, 0, x.dtype if dtype is None else dtype, where, t)
-          for x, where, t in zip(leaves, places, traced)])
+      out = []
+      for x, sp, where, t in zip(leaves, specs, places, traced):
+        make = functools.partial(_full_zeros, where=where, traced=t)
+        if not lowbit.is_int8(dtype):
+          out.append(make(x.shape, x.dtype if dtype is None else dtype))
+          continue
+        block = lowbit.leaf_block_size(
+            tuple(x.shape), sharding_lib.dim_shards(sp, lmesh, len(x.shape) - 1),
+            quantized_block_size, min_quantized_size, x.dtype)
+        if block is None:  # small, complex or not blockable: float
+          real = jnp.issubdtype(jnp.dtype(x.dtype), jnp.floating)
+          out.append(make(x.shape, jnp.float32 if real else x.dtype))
+        else:
+          out.append(lowbit.zeros(tuple(x.shape), block, make))
+      return jax.tree_util.tree_unflatten(treedef, out)
 
     ratio = (sharding_lib.full((len(leaves),), 1, jnp.float32, scalar_place, any_traced)
              if record_trust_ratio else None)
@@ -406,9 +492,10 @@ def scale_by_lamb(
     if params is None:
       raise ValueError(_NO_PARAMS_MSG)
     sharding_lib.check_same_structure(params, updates, 'params', 'updates')
-    sharding_lib.check_same_structure(params, state.mu, 'params', 'state.mu')
-    sharding_lib.check_same_structure(params, state.nu, 'params', 'state.nu')
     layout = sharding_lib.resolve_layout(params, mesh, param_specs)
+    treedef = jax.tree_util.tree_structure(params)
+    mus = _moment_leaves(params, state.mu, 'state.mu', layout)
+    nus = _moment_leaves(params, state.nu, 'state.nu', layout)
 
     count_inc = optax.safe_increment(state.count)
     s = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
@@ -443,22 +530,25 @@ def scale_by_lamb(
         clip_trust_ratio=clip_trust_ratio,
         record_trust_ratio=record_trust_ratio,
     )
-    treedef = jax.tree_util.tree_structure(params)
-    flat = [jax.tree_util.tree_leaves(t) for t in (updates, state.mu, state.nu, params)]
+    flat = [jax.tree_util.tree_leaves(updates), mus, nus, jax.tree_util.tree_leaves(params)]
     def local(arrays, *leaves):
       return _local_update(static, {**consts, **arrays}, *leaves)
     if layout.mesh is not None:
       specs = list(layout.specs)
-      flat = [[_as_spec(x, layout.mesh, sp) for x, sp in zip(leaves, specs)] for leaves in flat]
+      # A QuantizedMoment's codes and scales are both split like its leaf.
+      m_specs, v_specs = ([lowbit.QuantizedMoment(sp, sp) if lowbit.is_quantized(x) else sp
+                           for x, sp in zip(moments, specs)] for moments in (mus, nus))
+      flat = [[jax.tree.map(lambda a, sp=sp: _as_spec(a, layout.mesh, sp), x)
+               for x, sp in zip(leaves, specs)] for leaves in flat]
       local = jax.shard_map(
           local, mesh=layout.mesh,
-          in_specs=(P(), specs, specs, specs, specs),
-          out_specs=(specs, specs, specs, P() if record_trust_ratio else None),
+          in_specs=(P(), specs, m_specs, v_specs, specs),
+          out_specs=(specs, m_specs, v_specs, P() if record_trust_ratio else None),
           check_vma=False)
-    outs, mus, nus, ratio = local(arrays, *flat)
     unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
-    return unflat(outs), ScaleByLambState(count=count_inc, mu=unflat(mus), nu=unflat(nus),
-                                          trust_ratio=ratio)
+    outs, new_mus, new_nus, ratio = local(arrays, *flat)
+    return unflat(outs), ScaleByLambState(count=count_inc, mu=unflat(new_mus),
+                                          nu=unflat(new_nus), trust_ratio=ratio)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -479,9 +569,11 @@ def lamb(
     max_trust_ratio: Optional[float] = None,
     max_grad_norm: Optional[float] = None,
     bias_correction: bool = True,
-    mu_dtype: Optional[jnp.dtype] = None,
-    nu_dtype: Optional[jnp.dtype] = None,
+    mu_dtype: Optional[Union[jnp.dtype, str]] = None,
+    nu_dtype: Optional[Union[jnp.dtype, str]] = None,
     record_trust_ratio: bool = False,
+    quantized_block_size: int = lowbit.DEFAULT_BLOCK_SIZE,
+    min_quantized_size: int = lowbit.DEFAULT_MIN_QUANTIZED_SIZE,
 ) -> optax.GradientTransformationExtraArgs:
   """The LAMB optimizer, sharded: a drop-in for `optax.lamb`.
 
@@ -504,10 +596,12 @@ def lamb(
     max_trust_ratio: upper clamp of the trust ratio.
     max_grad_norm: global gradient-norm clipping before the moments.
     bias_correction: Adam's bias correction on (default) or off.
-    mu_dtype: storage dtype of the first moment.
-    nu_dtype: storage dtype of the second moment.
+    mu_dtype: storage dtype of the first moment, or 'int8' (8-bit blockwise).
+    nu_dtype: storage dtype of the second moment, or 'int8' (8-bit blockwise).
     record_trust_ratio: keep the last update's per-leaf trust ratios in the
       state (`ScaleByLambState.trust_ratio`).
+    quantized_block_size: largest block of 8-bit moments (see `scale_by_lamb`).
+    min_quantized_size: leaves smaller than this keep float32 moments.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; its state is
@@ -542,7 +636,8 @@ def lamb(
           exclude_from_layer_adaptation=exclude_from_layer_adaptation,
           min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio,
           max_grad_norm=max_grad_norm, bias_correction=bias_correction,
-          mu_dtype=mu_dtype, nu_dtype=nu_dtype, record_trust_ratio=record_trust_ratio),
+          mu_dtype=mu_dtype, nu_dtype=nu_dtype, record_trust_ratio=record_trust_ratio,
+          quantized_block_size=quantized_block_size, min_quantized_size=min_quantized_size),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -557,3 +652,79 @@ def lamb(
     return lamb_state, lr_state
 
   return optax.GradientTransformationExtraArgs(init_fn, chained.update)
+
+
+def _moment_pairs(state: ScaleByLambState):
+  return (('mu', state.mu, lowbit.dequantize_signed, lowbit.quantize_signed),
+          ('nu', state.nu, lowbit.dequantize_sqrt, lowbit.quantize_sqrt))
+
+
+def dequantize_moments(state: ScaleByLambState) -> ScaleByLambState:
+  """`state` with every 8-bit moment leaf decoded to float32 (float leaves unchanged).
+
+  Args:
+    state: a `ScaleByLambState` (e.g. `opt_state[0]` of `lamb`).
+
+  Returns:
+    A `ScaleByLambState` whose `mu` and `nu` have the params' tree structure.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tx = scale_by_lamb(mu_dtype='int8', nu_dtype='int8', min_quantized_size=1)
+    >>> params = {'w': jnp.ones((2, 4))}
+    >>> _, state = tx.update({'w': jnp.full((2, 4), 0.5)}, tx.init(params), params)
+    >>> print(dequantize_moments(state).mu['w'][0])
+    [0.05 0.05 0.05 0.05]
+  """
+  out = {}
+  for name, tree, decode, _ in _moment_pairs(state):
+    out[name] = jax.tree.map(lambda x, d=decode: d(x) if lowbit.is_quantized(x) else x, tree,
+                             is_leaf=lowbit.is_quantized)
+  return state._replace(**out)
+
+
+def requantize_moments(state: ScaleByLambState, like: ScaleByLambState) -> ScaleByLambState:
+  """`state`'s moments re-encoded in the layout of `like` (block sizes, float or 8-bit).
+
+  For restoring a checkpoint onto a mesh where a leaf's block size differs (its
+  sharded last axis has another local extent): restore the arrays as saved,
+  then call this with `like = jax.eval_shape(tx.init, params)` (or `tx.init`'s
+  state) of the new layout. Leaves whose layout is the same are returned as
+  they are (bit for bit); the others are decoded and encoded again, which
+  changes each entry by at most one more rounding to E4M3 (2^-4 of the entry,
+  relative, for m and sqrt(v): about 2^-3 for v), for entries above 2^-6 of their
+  block's maximum (E4M3's normal range). Outputs are placed where `like`'s are.
+
+  Args:
+    state: a `ScaleByLambState` whose moments may be in another layout.
+    like: a `ScaleByLambState` (arrays or `jax.ShapeDtypeStruct`s) in the wanted layout.
+
+  Returns:
+    `state` with `mu` and `nu` in `like`'s layout.
+  """
+  out = {}
+  for (name, tree, decode, encode), (_, target, _, _) in zip(_moment_pairs(state),
+                                                             _moment_pairs(like)):
+    def convert(x, t, decode=decode, encode=encode):
+      if lowbit.is_quantized(t):
+        if lowbit.is_quantized(x) and x.scales.shape == t.scales.shape:
+          y = x
+        else:
+          y = encode(decode(x) if lowbit.is_quantized(x) else x, lowbit.block_size_of(t))
+        return lowbit.QuantizedMoment(*(sharding_lib.place(a, getattr(b, 'sharding', None))
+                                        for a, b in zip(y, t)))
+      y = decode(x) if lowbit.is_quantized(x) else x
+      return sharding_lib.place(y.astype(t.dtype), getattr(t, 'sharding', None))
+    flat_t, treedef = jax.tree_util.tree_flatten(target, is_leaf=lowbit.is_quantized)
+    flat_x = treedef.flatten_up_to(tree)
+    out[name] = treedef.unflatten([convert(x, t) for x, t in zip(flat_x, flat_t)])
+  return state._replace(**out)
+
+
+def state_nbytes(state: PyTree) -> int:
+  """Bytes of every array in an optimizer state (8-bit codes and their scales included).
+
+  Works on arrays and `jax.ShapeDtypeStruct`s: `state_nbytes(jax.eval_shape(tx.init,
+  params))` is the state's size before any of it is allocated.
+  """
+  return lowbit.moment_nbytes(state)

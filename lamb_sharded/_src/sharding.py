@@ -135,6 +135,18 @@ def _spec_axes(spec: P) -> list[str]:
   return axes
 
 
+def dim_shards(spec: P, mesh: Optional[AnyMesh], dim: int) -> int:
+  """Into how many blocks `spec` splits dimension `dim` on `mesh` (1 without a mesh)."""
+  if mesh is None or dim < 0 or dim >= len(spec) or spec[dim] is None:
+    return 1
+  entry = spec[dim]
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  n = 1
+  for name in (entry if isinstance(entry, tuple) else (entry,)):
+    n *= sizes[name]
+  return n
+
+
 def validate_spec(path: str, shape: Sequence[int], spec: P, mesh: AnyMesh) -> P:
   """Checks that `spec` fits a leaf of `shape` on `mesh`; returns it normalised.
 

@@ -41,6 +41,19 @@ single-threaded while XLA may use every core, so the fraction can exceed 100%.
 The script also prints the number of all-reduce ops (and of fusions) in the
 compiled HLO of each step, and a Markdown table for docs/benchmarks.md.
 
+int8 moments: a third runner, lamb_sharded with `mu_dtype='int8',
+nu_dtype='int8'` (8-bit blockwise moments, docs/low-bit-state.md), is timed in
+the same interleaved run; its row gives its step time over the float32-moment
+lamb_sharded step's (target <= 1.15x) and the state's bytes per parameter
+(`lamb_sharded.state_nbytes` of `jax.eval_shape(tx.init, params)`: m + v with
+their scales and the float32 small leaves; target <= 2.1, params + state <= 6.1).
+`--no-int8` leaves it out.
+
+Thread pool: with several simulated CPU devices, XLA:CPU runs every device's
+part of a step on one shared thread pool. Back-to-back steps can deadlock unless
+the pool has at least 2x as many threads as there are devices (reported on
+2-core machines; not seen in the runs recorded in docs/low-bit-state.md).
+
 How to run
 ----------
     python tests/benchmarks/bench_lamb.py                  # 100M params
@@ -96,7 +109,10 @@ BYTES_PER_PARAM = 28  # read g, m, v, p; write m, v, p (float32)
 WEIGHT_DECAY = 0.01
 WARMUP_STEPS, DECAY_STEPS = 1_000, 100_000
 STREAM_BYTES = 400 * 2**20
-TARGETS = {'ratio_1_device': 1.0, 'ratio_mesh': 0.6, 'copy_bw_fraction': 0.5}
+TARGETS = {'ratio_1_device': 1.0, 'ratio_mesh': 0.6, 'copy_bw_fraction': 0.5,
+           'int8_ratio': 1.15, 'int8_state_bytes_per_param': 2.1,
+           'int8_total_bytes_per_param': 6.1}
+INT8 = dict(mu_dtype='int8', nu_dtype='int8')
 
 
 # ----------------------------------------------------------------------------- model
@@ -261,11 +277,13 @@ class Runner:
     self.grads = grads
     self.params = random_tree(shapes, 0, param_shardings)
     self.state = tx.init(self.params)  # as a user gets it: no placing by hand
+    if name.endswith('int8'):  # 8-bit moments are not params-shaped: where init put them
+      state_out = jax.tree.map(lambda x: x.sharding, self.state)
+    else:
+      state_out = state_shardings(self.state, param_shardings, other_sharding)
     self.step = jax.jit(
         make_step(tx, name), donate_argnums=(0, 1),
-        out_shardings=((param_shardings, state_shardings(self.state, param_shardings,
-                                                         other_sharding))
-                       if mesh_out else None))
+        out_shardings=(param_shardings, state_out) if mesh_out else None)
     self.times: list[float] = []
     self.all_reduces = self.fusions = None
 
@@ -300,7 +318,7 @@ class Case(NamedTuple):
   specs: Any  # pytree of PartitionSpec, or None
 
 
-def measure_case(case: Case, shapes: dict, steps: int, reps: int) -> dict:
+def measure_case(case: Case, shapes: dict, steps: int, reps: int, int8: bool = True) -> dict:
   """Times lamb_sharded.lamb and optax.lamb on one case, interleaved."""
   if case.mesh is None:  # uncommitted, as a jitted model init returns them from a key
     param_sh = other_sh = None
@@ -311,9 +329,14 @@ def measure_case(case: Case, shapes: dict, steps: int, reps: int) -> dict:
   sharded_tx = lamb_sharded.lamb(learning_rate(), weight_decay=WEIGHT_DECAY,
                                  mesh=case.mesh, param_specs=case.specs)
   optax_tx = optax.lamb(learning_rate(), weight_decay=WEIGHT_DECAY)
+  txs = [('lamb_sharded', sharded_tx), ('optax', optax_tx)]
+  if int8:
+    txs.append(('lamb_sharded_int8', lamb_sharded.lamb(
+        learning_rate(), weight_decay=WEIGHT_DECAY, mesh=case.mesh, param_specs=case.specs,
+        **INT8)))
   runners = []
   try:
-    for name, tx in (('lamb_sharded', sharded_tx), ('optax', optax_tx)):
+    for name, tx in txs:
       runners.append(Runner(name, tx, shapes, grads, param_sh, other_sh, case.mesh is not None))
     with logged_compilations() as compiles:  # from the first call to the last
       for r in runners:  # warm-up (the first call compiles)
@@ -351,12 +374,21 @@ def make_mesh(kind: str, axis_type: AxisType) -> jax.sharding.Mesh:
 # ----------------------------------------------------------------------------- report
 
 
+def state_bytes_per_param(shapes: dict, n_params: int, case: Case, **kw) -> float:
+  """Bytes of lamb_sharded's m and v per parameter (8-bit codes' scales included)."""
+  tx = lamb_sharded.lamb(1e-3, mesh=case.mesh, param_specs=case.specs, **kw)
+  state = jax.eval_shape(tx.init, shapes_as_structs(shapes))
+  return lamb_sharded.state_nbytes((state[0].mu, state[0].nu)) / n_params
+
+
 def summarize(results: dict, n_params: int, copy_bw: float) -> dict:
   """Adds ratio and bandwidth figures to each case's results."""
   out = {}
   for case, r in results.items():
     row = {'ratio': r['lamb_sharded']['median_s'] / r['optax']['median_s']}
-    for name in ('lamb_sharded', 'optax'):
+    if 'lamb_sharded_int8' in r:
+      row['int8_ratio'] = r['lamb_sharded_int8']['median_s'] / r['lamb_sharded']['median_s']
+    for name in [n for n in ('lamb_sharded', 'optax', 'lamb_sharded_int8') if n in r]:
       bw = BYTES_PER_PARAM * n_params / r[name]['median_s']
       r[name]['bytes_per_s'] = bw
       r[name]['copy_bw_fraction'] = bw / copy_bw
@@ -378,10 +410,25 @@ def markdown_table(summary: dict) -> str:
   return '\n'.join(lines)
 
 
+def int8_table(summary: dict, state_bytes: dict) -> str:
+  """The int8-moments rows: step time vs float32 moments, state bytes per parameter."""
+  lines = ['| case | lamb_sharded f32 moments ms/step | int8 moments ms/step | ratio int8/f32 '
+           '| m+v bytes/param f32 / int8 | params+m+v bytes/param f32 / int8 | compilations int8 |',
+           '|---|---:|---:|---:|---:|---:|---:|']
+  for case, r in summary.items():
+    if 'lamb_sharded_int8' not in r:
+      continue
+    f, q, b = r['lamb_sharded'], r['lamb_sharded_int8'], state_bytes[case]
+    lines.append(f"| {case} | {1e3 * f['median_s']:.1f} | {1e3 * q['median_s']:.1f} | "
+                 f"{r['int8_ratio']:.2f} | {b['float32']:.2f} / {b['int8']:.3f} | "
+                 f"{4 + b['float32']:.2f} / {4 + b['int8']:.3f} | {q['compiles']} |")
+  return '\n'.join(lines)
+
+
 def print_details(summary: dict) -> None:
   for case, r in summary.items():
     print(f'{case}:')
-    for name in ('lamb_sharded', 'optax'):
+    for name in [n for n in ('lamb_sharded', 'optax', 'lamb_sharded_int8') if n in r]:
       x = r[name]
       reps = ' '.join(f'{1e3 * t:.1f}' for t in x['times_s'])
       print(f"  {name:>12}: median {1e3 * x['median_s']:.1f} ms/step (reps: {reps}), "
@@ -405,6 +452,11 @@ def print_targets(summary: dict, one: str, mesh: str) -> None:
   for case in (one, mesh):
     n = summary[case]['lamb_sharded']['compiles']
     checks.append((f'lamb_sharded ({case}) compiles once', n, n == 1))
+  for case in (one, mesh):
+    if 'int8_ratio' in summary[case]:
+      ratio = summary[case]['int8_ratio']
+      checks.append((f'int8 moments / float32 moments ({case}) <= {TARGETS["int8_ratio"]}',
+                     ratio, ratio <= TARGETS['int8_ratio']))
   for text, value, ok in checks:
     print(f"  {'met ' if ok else 'MISS'}  {text}: {value:.2f}")
 
@@ -421,6 +473,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--axis-type', choices=('explicit', 'auto'), default='explicit',
                  help='mesh axis type (jax.make_mesh defaults to explicit)')
   p.add_argument('--json', metavar='PATH', help='also write all figures here')
+  p.add_argument('--no-int8', dest='int8', action='store_false',
+                 help='leave out the int8-moments runner')
   return p.parse_args(argv)
 
 
@@ -451,7 +505,10 @@ def main(argv=None) -> int:
   results = {}
   for case in (Case(one, None, None), Case(on_mesh, mesh, specs)):
     print(f'{case.name}:')
-    results[case.name] = measure_case(case, shapes, args.steps, args.reps)
+    results[case.name] = measure_case(case, shapes, args.steps, args.reps, args.int8)
+  state_bytes = {case.name: {kind: state_bytes_per_param(shapes, n_params, case, **kw)
+                             for kind, kw in (('float32', {}), ('int8', INT8))}
+                 for case in (Case(one, None, None), Case(on_mesh, mesh, specs))}
 
   summary = summarize(results, n_params, bw['copy'])
   print()
@@ -461,8 +518,18 @@ def main(argv=None) -> int:
   print(markdown_table(summary))
   print('\nall-reduce ops in the compiled step: ' + ', '.join(
       f"{case} {name} {summary[case][name]['all_reduces']}"
-      for case in summary for name in ('lamb_sharded', 'optax')))
+      for case in summary for name in ('lamb_sharded', 'optax', 'lamb_sharded_int8')
+      if name in summary[case]))
+  if args.int8:
+    print('\nint8 moments (mu_dtype=nu_dtype=\'int8\') vs float32 moments, same run:\n')
+    print(int8_table(summary, state_bytes))
   print_targets(summary, one, on_mesh)
+  for case, b in state_bytes.items():
+    ok = b['int8'] <= TARGETS['int8_state_bytes_per_param'] and \
+        4 + b['int8'] <= TARGETS['int8_total_bytes_per_param']
+    print(f"  {'met ' if ok else 'MISS'}  int8 m+v bytes/param ({case}) <= "
+          f"{TARGETS['int8_state_bytes_per_param']} and params+m+v <= "
+          f"{TARGETS['int8_total_bytes_per_param']}: {b['int8']:.3f} / {4 + b['int8']:.3f}")
   wall = time.perf_counter() - t_start
   print(f'\nwall time {wall:.0f}s')
 
@@ -472,6 +539,7 @@ def main(argv=None) -> int:
                  'leaves': n_leaves, 'mesh': args.mesh, 'axis_type': args.axis_type,
                  'reps': args.reps, 'steps': args.steps, 'bandwidth': bw,
                  'bytes_per_param': BYTES_PER_PARAM, 'cases': summary,
+                 'state_bytes_per_param': state_bytes,
                  'targets': TARGETS, 'wall_s': wall}, f, indent=2)
     print(f'wrote {args.json}')
   return 0

@@ -60,10 +60,18 @@ def sharded(mesh):
   return params, specs, jax.device_put(params, lamb_sharded.named_shardings(mesh, specs, params))
 
 
-def test_one_all_reduce_for_a_40_leaf_transformer(mesh, sharded):
+@pytest.mark.parametrize('moments', ['float32', 'int8'])
+def test_one_all_reduce_for_a_40_leaf_transformer(mesh, sharded, moments):
   params, specs, on_mesh = sharded
   assert len(jax.tree.leaves(params)) == 40
-  tx = lamb_sharded.lamb(1e-3, weight_decay=0.01, mesh=mesh, param_specs=specs)
+  kw = dict(mu_dtype='int8', nu_dtype='int8') if moments == 'int8' else {}
+  tx = lamb_sharded.lamb(1e-3, weight_decay=0.01, mesh=mesh, param_specs=specs, **kw)
+  if moments == 'int8':  # embed, qkv and mlp_in hold 8-bit codes (out and mlp_out
+    # have 64 / 4 = 16 columns a device, too few for a block of 32: float32)
+    mu = tx.init(on_mesh)[0].mu
+    assert sum(isinstance(x, lamb_sharded.QuantizedMoment)
+               for x in jax.tree.leaves(mu, is_leaf=lambda x: isinstance(
+                   x, lamb_sharded.QuantizedMoment))) == 9
   hlo = _compiled_update_hlo(tx, on_mesh)
   assert count_all_reduces(hlo) == 1
   assert 'all-gather' not in hlo and 'all-to-all' not in hlo and 'collective-permute' not in hlo
