@@ -20,6 +20,7 @@ from service.logs import FORMATS as LOG_FORMATS
 
 STEP_MODES = ('sync', 'async')
 OPTIMIZERS = ('lamb', 'nesterov', 'sgd')
+MOMENTS = ('float32', 'int8')
 # Settings that are lists of regular expressions on leaf paths.
 PATTERNS = ('exclude_from_weight_decay', 'exclude_from_layer_adaptation')
 # Settings that are durations in seconds, and the longest any may be.
@@ -163,6 +164,10 @@ class ServerConfig:
       'lamb', 'lamb; nesterov (SGD with Nesterov momentum: DiLoCo\'s outer optimizer); sgd '
       '(with --learning-rate 1 and pseudo-gradients: federated averaging)')
   momentum: float = setting(0.9, 'nesterov: the momentum')
+  # LAMB's moments in memory (and checkpoints): float32, or 8-bit codes with a float32
+  # scale per block of 128 (lamb_sharded's mu_dtype/nu_dtype='int8'; docs/low-bit-state.md).
+  moments: str = setting('float32', 'LAMB\'s moments: float32 (8 bytes a parameter for both), '
+                         'or int8 (about 2.07)')
   # LAMB.
   learning_rate: float = setting(1e-3, 'learning rate (the peak, with warmup_cosine)')
   schedule: str = setting('constant', 'learning-rate schedule')
@@ -237,6 +242,9 @@ class ServerConfig:
          f'must be one of {NONFINITE_POLICIES}')
     need(self.schedule in SCHEDULES, 'schedule', f'must be one of {SCHEDULES}')
     need(self.optimizer in OPTIMIZERS, 'optimizer', f'must be one of {OPTIMIZERS}')
+    need(self.moments in MOMENTS, 'moments', f'must be one of {MOMENTS}')
+    need(self.moments == 'float32' or self.optimizer == 'lamb', 'moments',
+         f'int8 moments are LAMB\'s (--optimizer lamb), not {self.optimizer}\'s')
     need(math.isfinite(self.momentum) and 0 <= self.momentum < 1, 'momentum',
          f'must be in [0, 1), got {self.momentum}')
     need(self.devices >= 0, 'devices', 'must be >= 0')
@@ -429,7 +437,8 @@ GROUPS = {
               'nonfinite'),
     'mesh and processes': ('devices', 'num_processes', 'process_id', 'coordinator_address',
                            'advertise_address', 'job_secret_file', 'job_secret_env'),
-    'optimizer (LAMB)': ('optimizer', 'momentum', 'learning_rate', 'schedule', 'warmup_steps',
+    'optimizer (LAMB)': ('optimizer', 'momentum', 'moments', 'learning_rate', 'schedule',
+                         'warmup_steps',
                          'decay_steps',
                          'end_learning_rate', 'b1', 'b2', 'eps', 'eps_root', 'weight_decay',
                          'max_grad_norm', 'exclude_from_weight_decay',
@@ -457,7 +466,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     elif 'float' in kind:
       kwargs['type'] = float
     choices = {'step_mode': STEP_MODES, 'schedule': SCHEDULES, 'nonfinite': NONFINITE_POLICIES,
-               'log_format': LOG_FORMATS, 'optimizer': OPTIMIZERS}
+               'log_format': LOG_FORMATS, 'optimizer': OPTIMIZERS, 'moments': MOMENTS}
     if f.name in choices:
       kwargs['choices'] = choices[f.name]
     groups[group_of[f.name]].add_argument(_flag(f.name), **kwargs)

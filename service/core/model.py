@@ -18,10 +18,24 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import lamb_sharded
+
 from service.config import ServerConfig
 from service.core import placement
 from service.core.optimizer import check_patterns, make_optimizer
 from service.protocol.specs import LeafSpec
+
+
+def _is_moment(x: Any) -> bool:
+  return isinstance(x, lamb_sharded.QuantizedMoment)
+
+
+def _layout(lamb_state: Any) -> Optional[list]:
+  """The scales' shapes of a LAMB state's 8-bit moments (None for the others)."""
+  mu = getattr(lamb_state, 'mu', None)
+  if mu is None:
+    return None
+  return [tuple(m.scales.shape) if _is_moment(m) else None for m in mu]
 
 
 @dataclasses.dataclass
@@ -76,6 +90,7 @@ class ModelPlan:
                        if jax.process_count() > 1 else ())
     check_patterns(config, [s.path for s in self.specs])  # FailedPrecondition
     self.tx = make_optimizer(config, mesh, self.pspecs, [s.path for s in self.specs])
+    self._abstract = None  # abstract_state(), once made
 
     def apply(params, opt_state, acc, inv_weight):
       grads = [(a * inv_weight).astype(p.dtype) for a, p in zip(acc, params)]
@@ -99,16 +114,35 @@ class ModelPlan:
     self._apply_keeping_state = jax.jit(apply, out_shardings=out_shardings)
 
   def abstract_state(self) -> dict:
-    """The checkpointed state as ShapeDtypeStructs with this mesh's shardings."""
+    """The checkpointed state as ShapeDtypeStructs with this mesh's shardings (an 8-bit
+    moment's codes and per-block scales both with its leaf's partition spec)."""
+    if self._abstract is None:
+      self._abstract = self._make_abstract_state()
+    return self._abstract
+
+  def _make_abstract_state(self) -> dict:
     params = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
               for s, sh in zip(self.specs, self.shardings)]
     shapes = jax.eval_shape(self.tx.init, params)
+
+    def like_param(x, sh):
+      if isinstance(x, lamb_sharded.QuantizedMoment):
+        return lamb_sharded.QuantizedMoment(
+            *(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh) for a in x))
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
     opt_state = optax.tree.map_params(
-        self.tx, lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes,
-        self.shardings,
+        self.tx, like_param, shapes, self.shardings, is_leaf=_is_moment,
         transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                             sharding=self.replicated))
     return {'params': params, 'opt_state': opt_state}
+
+  def moment_layout(self) -> Optional[list]:
+    """Per leaf, the shape of its 8-bit first moment's scales (None: a float moment); None
+    with float moments. A checkpoint records it: its block sizes follow from the mesh."""
+    state = self.abstract_state()['opt_state'][0]
+    if not any(_is_moment(m) for m in state.mu):
+      return None
+    return [list(m.scales.shape) if _is_moment(m) else None for m in state.mu]
 
   def place(self, host_params: Sequence[np.ndarray]) -> ModelState:
     """The initial state on the mesh from host params: row-major, one per leaf, each the
@@ -125,13 +159,40 @@ class ModelPlan:
       params.append(jax.device_put(array, sh, may_alias=False))
     # Step counters on the mesh too (replicated), so every step sees the same shardings.
     opt_state = optax.tree.map_params(
-        self.tx, lambda x: x, jax.jit(self.tx.init)(params),
+        self.tx, lambda x: x, jax.jit(self.tx.init)(params), is_leaf=_is_moment,
         transform_non_params=lambda x: jax.device_put(x, self.replicated))
     return ModelState(params, opt_state)
 
+  def saved_target(self, layout: Optional[list]) -> dict:
+    """`abstract_state()`, but with the 8-bit moments' scales as a checkpoint of moment
+    layout `layout` holds them (another mesh may cut a leaf's blocks otherwise): those
+    restore replicated, and `restored` re-encodes them."""
+    state = self.abstract_state()
+    if layout is None or layout == self.moment_layout():
+      return state
+    lamb_state = state['opt_state'][0]
+
+    def as_saved(moments):
+      out = []
+      for m, shape, spec, sh in zip(moments, layout, self.specs, self.shardings):
+        if shape is None:  # saved as float32 (its blocks did not fit that mesh's shards)
+          out.append(jax.ShapeDtypeStruct(spec.shape, np.float32, sharding=sh))
+        else:  # saved in 8-bit blocks, maybe not this mesh's
+          out.append(lamb_sharded.QuantizedMoment(
+              jax.ShapeDtypeStruct(spec.shape, np.int8, sharding=sh),
+              jax.ShapeDtypeStruct(tuple(shape), np.float32, sharding=self.replicated)))
+      return out
+    lamb_state = lamb_state._replace(mu=as_saved(lamb_state.mu), nu=as_saved(lamb_state.nu))
+    return {**state, 'opt_state': (lamb_state, *state['opt_state'][1:])}
+
   def restored(self, tree: dict) -> ModelState:
-    """The state of a checkpoint restored into `abstract_state()`."""
-    return ModelState(list(tree['params']), tree['opt_state'])
+    """The state of a checkpoint restored into `abstract_state()` (or `saved_target`: its
+    8-bit moments re-encoded in this mesh's blocks, one more rounding)."""
+    opt_state = tree['opt_state']
+    like = self.abstract_state()['opt_state']
+    if _layout(opt_state[0]) != _layout(like[0]):
+      opt_state = (lamb_sharded.requantize_moments(opt_state[0], like[0]), *opt_state[1:])
+    return ModelState(list(tree['params']), opt_state)
 
   def compile(self) -> None:
     """Compiles the step now, before any push: the first step does not wait for it.

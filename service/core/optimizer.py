@@ -12,9 +12,9 @@ from service.config import PATTERNS, ServerConfig
 from service.errors import FailedPrecondition
 
 # The hyperparameters that define the optimizer: a checkpoint records them.
-HYPERPARAMETERS = ('optimizer', 'momentum', 'learning_rate', 'schedule', 'warmup_steps',
-                   'decay_steps', 'end_learning_rate', 'b1', 'b2', 'eps', 'eps_root', 'weight_decay',
-                   'max_grad_norm', *PATTERNS)
+HYPERPARAMETERS = ('optimizer', 'momentum', 'moments', 'learning_rate', 'schedule',
+                   'warmup_steps', 'decay_steps', 'end_learning_rate', 'b1', 'b2', 'eps',
+                   'eps_root', 'weight_decay', 'max_grad_norm', *PATTERNS)
 
 
 def make_schedule(config: ServerConfig) -> tuple[optax.Schedule, str]:
@@ -89,4 +89,5 @@ def make_optimizer(config: ServerConfig, mesh, specs,
       schedule, b1=config.b1, b2=config.b2, eps=config.eps, eps_root=config.eps_root,
       weight_decay=config.weight_decay, mask=mask,
       exclude_from_layer_adaptation=adaptation, mesh=mesh, param_specs=specs,
-      max_grad_norm=config.max_grad_norm or None, record_trust_ratio=True)
+      max_grad_norm=config.max_grad_norm or None, record_trust_ratio=True,
+      **({'mu_dtype': 'int8', 'nu_dtype': 'int8'} if config.moments == 'int8' else {}))

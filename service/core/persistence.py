@@ -35,16 +35,21 @@ def specs_from_meta(leaves: list[dict]) -> list[LeafSpec]:
   return [LeafSpec(x['path'], tuple(x['shape']), np.dtype(x['dtype'])) for x in leaves]
 
 
-def meta(config: ServerConfig, specs: Sequence[LeafSpec]) -> dict:
-  """The JSON metadata a checkpoint of this model carries beside its arrays."""
-  return {'leaves': specs_to_meta(specs),
-          'hyperparameters': {k: getattr(config, k) for k in HYPERPARAMETERS}}
+def meta(config: ServerConfig, specs: Sequence[LeafSpec], moment_layout=None) -> dict:
+  """The JSON metadata a checkpoint of this model carries beside its arrays (with 8-bit
+  moments, the shapes of their scales: `ModelPlan.moment_layout`)."""
+  out = {'leaves': specs_to_meta(specs),
+         'hyperparameters': {k: getattr(config, k) for k in HYPERPARAMETERS}}
+  if moment_layout is not None:
+    out['moment_layout'] = moment_layout
+  return out
 
 
 def save(checkpointer: Checkpointer, config: ServerConfig, step: int, plan: ModelPlan,
          state: ModelState, *, force: bool) -> bool:
   """Saves `step` if the checkpointer's policy says so (always with `force`, unless it exists)."""
-  return checkpointer.save(step, state.checkpointed(), meta(config, plan.specs), force=force)
+  return checkpointer.save(step, state.checkpointed(),
+                           meta(config, plan.specs, plan.moment_layout()), force=force)
 
 
 def restore_latest(checkpointer: Checkpointer, config: ServerConfig, mesh: jax.sharding.Mesh
@@ -60,7 +65,7 @@ def restore_latest(checkpointer: Checkpointer, config: ServerConfig, mesh: jax.s
   def target_for(m: dict):
     check_same_state(m.get('hyperparameters') or {}, config)
     plans['plan'] = plan = ModelPlan(config, mesh, specs_from_meta(m['leaves']))
-    return plan.abstract_state()
+    return plan.saved_target(m.get('moment_layout'))
 
   found = checkpointer.restore_latest(
       target_for, discard_unreadable=config.discard_unreadable_checkpoints)
@@ -72,8 +77,9 @@ def restore_latest(checkpointer: Checkpointer, config: ServerConfig, mesh: jax.s
 
 
 # Settings that shape the optimizer's state: a checkpoint restores only under the same.
-STATE_SETTINGS = ('optimizer',)
-DEFAULTS = {'optimizer': 'lamb'}  # what checkpoints that do not record them were written with
+STATE_SETTINGS = ('optimizer', 'moments')
+# What checkpoints that do not record them were written with.
+DEFAULTS = {'optimizer': 'lamb', 'moments': 'float32'}
 
 
 def check_same_state(hyperparameters: dict, config: ServerConfig) -> None:

@@ -96,6 +96,7 @@ def gather(server: str, metrics: Optional[str] = None, *, timeout: float = 10.0,
         'weight_decay': info.hyperparameters.weight_decay,
         'optimizer': info.hyperparameters.optimizer or 'lamb',
         'momentum': info.hyperparameters.momentum,
+        'moments': info.hyperparameters.moments or 'float32',
         'exclusions': {
             'weight_decay': {
                 'patterns': list(info.hyperparameters.exclude_from_weight_decay),
@@ -166,6 +167,8 @@ def as_text(report: dict[str, Any]) -> str:
   if optimizer != 'lamb':
     lines.append(('optimizer', f'{optimizer}' + (f', momentum {r["momentum"]:g}'
                                                  if optimizer == 'nesterov' else '')))
+  elif r.get('moments', 'float32') != 'float32':
+    lines.append(('optimizer', f'lamb, {r["moments"]} moments'))
   if len(r.get('processes', ())) > 1:
     lines.append(('processes', f'{len(r["processes"])}: ' + ', '.join(
         f'{p["index"]} {p["endpoint"]}' for p in r['processes'])))

@@ -202,7 +202,7 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
             leaves_without_layer_adaptation=_selected(cfg, 'exclude_from_layer_adaptation',
                                                       d.leaves),
             optimizer=cfg.optimizer, momentum=cfg.momentum if cfg.optimizer == 'nesterov'
-            else 0.0),
+            else 0.0, moments=cfg.moments),
         processes=[pb.ServerProcess(index=i, endpoint=e) for i, e in enumerate(self._endpoints)],
         placements=[_placement(s.path, p) for s, p in zip(d.leaves, d.placements)],
         workers=[pb.WorkerSeen(worker_id=w, last_step=step, seconds_ago=ago)

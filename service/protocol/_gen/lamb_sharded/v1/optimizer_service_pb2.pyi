@@ -22,7 +22,7 @@ STEP_MODE_SYNCHRONOUS: StepMode
 STEP_MODE_ASYNCHRONOUS: StepMode
 
 class LambHyperparameters(_message.Message):
-    __slots__ = ("learning_rate_schedule", "learning_rate", "b1", "b2", "eps", "eps_root", "weight_decay", "exclude_from_weight_decay", "exclude_from_layer_adaptation", "leaves_without_weight_decay", "leaves_without_layer_adaptation", "optimizer", "momentum")
+    __slots__ = ("learning_rate_schedule", "learning_rate", "b1", "b2", "eps", "eps_root", "weight_decay", "exclude_from_weight_decay", "exclude_from_layer_adaptation", "leaves_without_weight_decay", "leaves_without_layer_adaptation", "optimizer", "momentum", "moments")
     LEARNING_RATE_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     B1_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class LambHyperparameters(_message.Message):
     LEAVES_WITHOUT_LAYER_ADAPTATION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    MOMENTS_FIELD_NUMBER: _ClassVar[int]
     learning_rate_schedule: str
     learning_rate: float
     b1: float
@@ -49,7 +50,8 @@ class LambHyperparameters(_message.Message):
     leaves_without_layer_adaptation: _containers.RepeatedScalarFieldContainer[str]
     optimizer: str
     momentum: float
-    def __init__(self, learning_rate_schedule: _Optional[str] = ..., learning_rate: _Optional[float] = ..., b1: _Optional[float] = ..., b2: _Optional[float] = ..., eps: _Optional[float] = ..., eps_root: _Optional[float] = ..., weight_decay: _Optional[float] = ..., exclude_from_weight_decay: _Optional[_Iterable[str]] = ..., exclude_from_layer_adaptation: _Optional[_Iterable[str]] = ..., leaves_without_weight_decay: _Optional[_Iterable[str]] = ..., leaves_without_layer_adaptation: _Optional[_Iterable[str]] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ...) -> None: ...
+    moments: str
+    def __init__(self, learning_rate_schedule: _Optional[str] = ..., learning_rate: _Optional[float] = ..., b1: _Optional[float] = ..., b2: _Optional[float] = ..., eps: _Optional[float] = ..., eps_root: _Optional[float] = ..., weight_decay: _Optional[float] = ..., exclude_from_weight_decay: _Optional[_Iterable[str]] = ..., exclude_from_layer_adaptation: _Optional[_Iterable[str]] = ..., leaves_without_weight_decay: _Optional[_Iterable[str]] = ..., leaves_without_layer_adaptation: _Optional[_Iterable[str]] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., moments: _Optional[str] = ...) -> None: ...
 
 class DescribeModelRequest(_message.Message):
     __slots__ = ()
