@@ -103,6 +103,16 @@ def _start_session(secret: bytes, count: int, index: int, timeout_s: float) -> N
   _store = coordination.SignedStore(base, secret, coordination.session_of(nonces))
 
 
+def coordination():
+  """This process's `coordination.Coordination`: its job's (a `Job` over the job's signed
+  store), or a lone process's."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from service.core import coordination as coordination_lib  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return coordination_lib.Coordination()
+  return coordination_lib.Job(job_store(), jax.process_index(), jax.process_count())
+
+
 def job_store():
   """The job's signed store (a `coordination.SignedStore`); RuntimeError if the job was joined
   without a secret."""

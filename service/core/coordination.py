@@ -426,15 +426,6 @@ class Job(Coordination):
     self._decided: list[tuple[int, str]] = []  # (step, push key) decided, to clean up
     self._litter: collections.deque = collections.deque()  # (when, keys) to delete then
 
-  @classmethod
-  def current(cls) -> Optional['Job']:
-    """This process's job (None: JAX runs a single process), over its signed store."""
-    import jax  # pylint: disable=import-outside-toplevel
-    if jax.process_count() == 1:
-      return None
-    from service import runtime  # pylint: disable=import-outside-toplevel
-    return cls(runtime.job_store(), jax.process_index(), jax.process_count())
-
   # ---------------------------------------------------------------- cleaning up
 
   def _drop_later(self, *keys: str) -> None:
@@ -728,8 +719,3 @@ class Job(Coordination):
       log.warning('ignoring a malformed shutdown request in the job\'s store: %s',
                   _quoted(value))
       return None
-
-
-def current() -> Coordination:
-  """This process's coordination: its job's, or a lone process's."""
-  return Job.current() or Coordination()

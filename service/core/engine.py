@@ -257,9 +257,9 @@ class Engine:
     checkpointer: where checkpoints go (None: none). The engine uses it and
       waits for its saves, but does not close it: its creator does.
     observer: told of applied steps and checkpoints (the server's metrics).
-    coordination: what the processes agree on (default: this process's job
-      if JAX runs several, else a lone process's); tests pass a
-      `coordination.Job` over a `coordination.MemoryStore`.
+    coordination: what the processes agree on: `service.runtime.coordination()`
+      (its job's, if JAX runs several processes: then it is needed); default a
+      lone process's. Tests pass a `coordination.Job` over a `MemoryStore`.
   """
 
   def __init__(self, config: ServerConfig, devices: Optional[Sequence[jax.Device]] = None,
@@ -275,7 +275,10 @@ class Engine:
     # The leader's decisions with the I/O that publishes them, one at a time, in step order;
     # taken before `_cond`, never while holding it.
     self._order = threading.Lock()
-    self._co = coordination if coordination is not None else coordination_lib.current()
+    if coordination is None and jax.process_count() > 1:
+      raise ValueError('a multi-process engine needs its job\'s coordination '
+                       '(service.runtime.coordination())')
+    self._co = coordination if coordination is not None else coordination_lib.Coordination()
     self._told: list[Callable[[], None]] = []  # I/O owed after a decision (`_tell`)
     self._listeners: list[Callable[[Position], None]] = []  # told of changes (`add_listener`)
     self._waiting_lock = threading.Lock()  # guards `_waiting`

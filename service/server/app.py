@@ -291,7 +291,8 @@ def start(config: ServerConfig) -> RunningServer:
     checkpointer = _checkpointer(config)
     if checkpointer is not None:
       undo.callback(checkpointer.close)
-    engine = Engine(config, checkpointer=checkpointer, observer=metrics)
+    engine = Engine(config, checkpointer=checkpointer, observer=metrics,
+                    coordination=runtime.coordination())
     undo.callback(engine.close)
     metrics.watch(engine)
     try:

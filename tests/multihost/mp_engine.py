@@ -45,7 +45,7 @@ def main(port: str, process_id: str, out: str) -> int:
   from service.protocol.chunks import ChunkReceiver, chunk_parser
   from service.protocol.specs import LeafSpec
   from service.protocol.types import PushHeader
-  engine = Engine(ServerConfig(**CONFIG))
+  engine = Engine(ServerConfig(**CONFIG), coordination=runtime.coordination())
   assert engine.mesh.devices.size == 8 and jax.process_count() == 2
   specs = [LeafSpec(k, s, np.dtype(np.float32)) for k, s in SHAPES.items()]
   p0 = params()
