@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument('--compression', default='none', choices=COMPRESSIONS,
                     help='the workers\' --compression (default none)')
   _log_flag(demo)
+
+  study = sub.add_parser(
+      'study', help='a study of the optimizer on a real task: large-batch (LAMB against '
+      'AdamW as the global batch grows; docs/studies.md)')
+  study.add_argument('name', choices=('large-batch',), help='which study')
+  from studies import large_batch  # pylint: disable=import-outside-toplevel  # no JAX yet
+  large_batch.add_flags(study)
   for name, command in sub.choices.items():
     if name != 'serve':  # serve's flags say their defaults (service.config.add_flags)
       _show_defaults(command)
@@ -350,8 +357,14 @@ def _demo(args) -> int:  # the server process simulates the devices, not this on
                   resume=args.resume, seed=args.seed, compression=args.compression)
 
 
+def _study(args) -> int:  # one study so far: large-batch
+  from studies import large_batch  # pylint: disable=import-outside-toplevel
+  large_batch.run(large_batch.config_from_args(args))
+  return 0
+
+
 COMMANDS = {'serve': _serve, 'worker': _worker, 'export': _export, 'checkpoint': _checkpoint,
-            'status': _status, 'demo': _demo}
+            'status': _status, 'demo': _demo, 'study': _study}
 
 
 def _explain(error: Exception, args) -> tuple[int, str]:

@@ -205,10 +205,13 @@ class _Run:
   """The server and worker processes of one demo run, and what they report."""
 
   def __init__(self, out: str, workers: int, devices: int, steps: int, batch_size: int,
-               seed: int, compression: str = 'none'):
+               seed: int, compression: str = 'none', model: str = MODEL,
+               quorum: Optional[int] = None):
     self.out, self.num_workers, self.devices = out, workers, devices
     self.steps, self.batch_size, self.seed = steps, batch_size, seed
     self.compression = compression
+    self.model = model  # the workers' --model
+    self.quorum = max(1, workers - 1) if quorum is None else quorum  # the server's --quorum
     self.logs = os.path.join(out, 'logs')
     self.server: Optional[subprocess.Popen] = None
     self.server_log = os.path.join(self.logs, 'server.log')
@@ -231,7 +234,7 @@ class _Run:
   # ------------------------------------------------------------------ processes
 
   def start_server(self, config_path: str, port: int, checkpoint_dir: str) -> None:
-    quorum = max(1, self.num_workers - 1)
+    quorum = self.quorum
     with open(self.server_log, 'ab') as log:
       self.server = subprocess.Popen(
           [sys.executable, '-m', 'service.cli', 'serve', '--config', config_path,
@@ -275,7 +278,7 @@ class _Run:
           [sys.executable, '-m', 'service.cli', 'worker', '--server', self.address or '-',
            '--worker-index', str(index), '--num-workers', str(self.num_workers),
            '--steps', str(self.steps), '--batch-size', str(self.batch_size // self.num_workers),
-           '--model', MODEL, '--seed', str(self.seed), '--progress', '--lifeline',
+           '--model', self.model, '--seed', str(self.seed), '--progress', '--lifeline',
            '--log-level', 'WARNING', '--compression', self.compression],
           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
           env=_child_env(simulated_devices=False), start_new_session=True)

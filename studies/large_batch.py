@@ -1,0 +1,333 @@
+"""`lamb-sharded study large-batch`: does LAMB keep its quality as the global batch grows?
+
+The same character-level language model (`studies.charlm`) is trained at global
+batches B, 4B, 16B (and 64B where it still gets enough steps) for the same number
+of training characters (`--epochs`, a fraction of an epoch by default), with
+`lamb_sharded.lamb` and with `optax.adamw`, each with the same recipe:
+
+* a linear warm-up over the first 10% of the steps, then cosine decay to 0;
+* a learning rate that starts from square-root scaling with the batch
+  (lr(B) = lr0 * sqrt(B / B0), lr0 per optimizer, centred where each optimizer's
+  best lay on a wider probe) and is swept over x0.5, x1, x2 of it; where the best
+  of the sweep lies on an edge of the grid, the grid is extended by one more
+  point in that direction (`--extend` times); the best of the sweep (seed 0) is
+  kept, so neither optimizer is handicapped by a badly placed grid;
+* the best learning rate of each (optimizer, batch) run again with more seeds
+  (`--seeds`): the table reports the mean and standard deviation over them.
+
+A batch with fewer than `--min-steps` steps at that budget is dropped (said so).
+
+The fixed-steps view: with the same number of steps for every batch (the
+steps of the largest batch kept), larger batches see more data; each
+(optimizer, batch) cell gets its own 3-point sweep around the fixed-epochs best
+(one seed). It shows what the large-batch regime is for: fewer steps.
+
+Every run happens in this one process: one compiled step per optimizer and batch
+size, the learning rate an argument. `optax.lamb` is trained at LAMB's best
+learning rates as a sanity row (`--no-sanity` skips it): it should match.
+With `--through-service`, the LAMB runs go through a real local optimizer server
+and `--workers` worker processes (`studies.service_runs`) instead.
+
+Writes OUT/results.json (every run), OUT/table.md and the plots (`studies.report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+from service import runtime
+from service.errors import ConfigError
+
+# lr0 at the smallest batch, per optimizer: the centre of each grid (a wider probe of
+# both, 7 learning rates at batch 32, put each optimizer's best near these).
+BASE_LR = {'lamb': 0.02, 'adamw': 0.004, 'optax_lamb': 0.02}
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """Everything that defines a study run (the defaults are the documented run)."""
+  quick: bool = False
+  batches: tuple[int, ...] = (8, 32, 128, 512)
+  epochs: float = 0.15
+  min_steps: int = 50
+  optimizers: tuple[str, ...] = ('lamb', 'adamw')
+  sanity: bool = True
+  base_lr: tuple[tuple[str, float], ...] = tuple(BASE_LR.items())
+  grid: tuple[float, ...] = (0.5, 1.0, 2.0)
+  extend: int = 1
+  seeds: int = 3
+  fixed_steps: bool = True
+  devices: Optional[int] = None
+  out: str = 'runs/study-large-batch'
+  through_service: bool = False
+  workers: int = 2
+  progress: bool = True
+
+  def lr0(self, optimizer: str) -> float:
+    return dict(self.base_lr)[optimizer]
+
+
+QUICK = dict(quick=True, epochs=0.25, seeds=2, extend=0, sanity=False)
+
+
+def make_task(config: StudyConfig):
+  from studies import charlm  # pylint: disable=import-outside-toplevel
+  return charlm.small() if config.quick else charlm.model()
+
+
+def task_spec(config: StudyConfig) -> str:
+  """The task as `--model` names it for a worker."""
+  return 'studies.charlm:small' if config.quick else 'studies.charlm:model'
+
+
+@dataclasses.dataclass
+class Plan:
+  """The batches kept and dropped, and the steps of each."""
+  steps: dict[int, int]
+  dropped: dict[int, int]
+  fixed_steps: int
+
+
+def plan(config: StudyConfig, num_windows: int) -> Plan:
+  """Steps per batch at the data budget; batches under `min_steps` dropped.
+
+  Example:
+    >>> plan(StudyConfig(batches=(8, 32, 128), epochs=0.5, min_steps=50), 16_000)
+    Plan(steps={8: 1000, 32: 250, 128: 62}, dropped={}, fixed_steps=62)
+    >>> plan(StudyConfig(batches=(8, 512), epochs=0.5, min_steps=50), 16_000).dropped
+    {512: 15}
+  """
+  steps, dropped = {}, {}
+  for b in config.batches:
+    n = int(config.epochs * num_windows) // b
+    (steps if n >= config.min_steps else dropped)[b] = n
+  return Plan(steps, dropped, min(steps.values()) if steps else 0)
+
+
+class Study:
+  """Runs the study's sweeps with a trainer per path; collects every `Run`."""
+
+  def __init__(self, config: StudyConfig, trainer, service_trainer=None, bar=None):
+    self.config, self.trainer, self.service_trainer, self.bar = config, trainer, service_trainer, bar
+    self.runs = []
+    self.plan = plan(config, trainer.task.num_windows)
+
+  def _train(self, run):
+    same = [done for done in self.runs  # the same configuration already trained: reuse it
+            if done.key()[1:] == run.key()[1:] and done.steps == run.steps]
+    if same:
+      done = next((d for d in same if d.view == run.view), None)
+      if done is None:  # the largest batch's runs are in both views
+        done = dataclasses.replace(same[0], view=run.view)
+        self.runs.append(done)
+      if self.bar is not None:
+        self.bar.update(run.steps)
+      return done
+    trainer = (self.service_trainer if self.service_trainer is not None
+               and run.optimizer == 'lamb' else self.trainer)
+    if self.bar is not None:
+      self.bar.set_postfix_str(f'{run.optimizer} batch {run.batch} lr {run.lr:.3g} '
+                               f'seed {run.seed} ({run.view})', refresh=False)
+    trainer.train(run, on_step=self.bar.update if self.bar is not None else lambda n: None)
+    self.runs.append(run)
+    return run
+
+  def _expect(self, steps: int) -> None:
+    if self.bar is not None:
+      self.bar.total += steps
+      self.bar.refresh()
+
+  def sweep(self, optimizer: str, batch: int, steps: int, centre: float, view: str,
+            extend: int) -> list:
+    """Seed-0 runs over centre x grid, extended past an edge best up to `extend` times."""
+    from studies.train import Run  # pylint: disable=import-outside-toplevel
+    lrs = sorted(centre * f for f in self.config.grid)
+    self._expect(steps * len(lrs))
+    runs = {lr: self._train(Run(optimizer, batch, lr, 0, steps, view)) for lr in lrs}
+    for _ in range(extend):
+      best = min(runs, key=lambda lr: _score(runs[lr]))
+      ordered = sorted(runs)
+      if best == ordered[0]:
+        lr = ordered[0] / 2
+      elif best == ordered[-1]:
+        lr = ordered[-1] * 2
+      else:
+        break
+      self._expect(steps)
+      runs[lr] = self._train(Run(optimizer, batch, lr, 0, steps, view))
+    return [runs[lr] for lr in sorted(runs)]
+
+  def run_all(self) -> None:
+    from studies.train import Run  # pylint: disable=import-outside-toplevel
+    c, p = self.config, self.plan
+    best = {}
+    for batch, steps in p.steps.items():
+      for opt in c.optimizers:
+        centre = c.lr0(opt) * math.sqrt(batch / c.batches[0])
+        runs = self.sweep(opt, batch, steps, centre, 'epochs', c.extend)
+        best[opt, batch] = min(runs, key=_score).lr
+        self._expect(steps * (c.seeds - 1))
+        for seed in range(1, c.seeds):
+          self._train(Run(opt, batch, best[opt, batch], seed, steps, 'epochs'))
+      if c.sanity and 'lamb' in c.optimizers:
+        self._expect(steps)
+        self._train(Run('optax_lamb', batch, best['lamb', batch], 0, steps, 'epochs'))
+    if c.fixed_steps and len(p.steps) > 1:
+      for batch in p.steps:
+        for opt in c.optimizers:
+          self.sweep(opt, batch, p.fixed_steps, best[opt, batch], 'steps', c.extend)
+
+
+def _score(run) -> float:
+  return math.inf if run.diverged or not math.isfinite(run.heldout_loss) else run.heldout_loss
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+  try:
+    values = tuple(int(v) for v in text.split(','))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}') from None
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f'expected integers >= 1, got {text!r}')
+  return values
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  """The study's flags (shared by `lamb-sharded study large-batch` and `python -m`)."""
+  d = StudyConfig()
+  parser.add_argument('--quick', action='store_true',
+                      help='a smaller model and data budget, 2 seeds, no grid extension and '
+                      'no optax.lamb row: about a minute')
+  parser.add_argument('--out', default=d.out, help=f'output directory (default {d.out})')
+  parser.add_argument('--batches', type=_int_list, default=None,
+                      help='global batches in sequences, comma-separated (default '
+                      f'{",".join(map(str, d.batches))}; those under --min-steps are dropped)')
+  parser.add_argument('--epochs', type=float, default=None,
+                      help=f'training data per run, in epochs of the training text (default '
+                      f'{d.epochs:g}; --quick {QUICK["epochs"]:g})')
+  parser.add_argument('--min-steps', type=int, default=d.min_steps,
+                      help=f'drop a batch with fewer steps than this (default {d.min_steps})')
+  parser.add_argument('--seeds', type=int, default=None,
+                      help=f'seeds of each best learning rate (default {d.seeds}; --quick '
+                      f'{QUICK["seeds"]})')
+  parser.add_argument('--extend', type=int, default=None,
+                      help='extra learning rates past a grid edge that holds the best '
+                      f'(default {d.extend}; --quick {QUICK["extend"]})')
+  parser.add_argument('--no-sanity', dest='sanity', action='store_false', default=None,
+                      help='skip the optax.lamb rows')
+  parser.add_argument('--no-fixed-steps', dest='fixed_steps', action='store_false',
+                      help='skip the fixed-steps view')
+  parser.add_argument('--devices', type=int, default=None,
+                      help='devices of the mesh (default: all of this machine\'s; on a CPU-only '
+                      'machine, N simulated CPU devices)')
+  parser.add_argument('--through-service', action='store_true',
+                      help='train the LAMB runs through a local optimizer server and '
+                      '--workers worker processes')
+  parser.add_argument('--workers', type=int, default=d.workers,
+                      help=f'worker processes with --through-service (default {d.workers})')
+  parser.add_argument('--no-progress', dest='progress', action='store_false',
+                      help='no progress bar')
+
+
+def config_from_args(args) -> StudyConfig:
+  """The StudyConfig of parsed flags; ConfigError naming the flag if one is out of range."""
+  values = dict(QUICK) if args.quick else {}
+  for name in ('batches', 'epochs', 'seeds', 'extend', 'sanity'):
+    if getattr(args, name) is not None:
+      values[name] = getattr(args, name)
+  values.update(out=args.out, min_steps=args.min_steps, fixed_steps=args.fixed_steps,
+                devices=args.devices, through_service=args.through_service,
+                workers=args.workers, progress=args.progress)
+  config = StudyConfig(**values)
+  for flag, ok, what in (
+      ('--epochs', config.epochs > 0, f'must be > 0, got {config.epochs:g}'),
+      ('--seeds', config.seeds >= 1, f'must be >= 1, got {config.seeds}'),
+      ('--extend', config.extend >= 0, f'must be >= 0, got {config.extend}'),
+      ('--min-steps', config.min_steps >= 1, f'must be >= 1, got {config.min_steps}'),
+      ('--devices', config.devices is None or config.devices >= 1,
+       f'must be >= 1, got {config.devices}'),
+      ('--workers', config.workers >= 1, f'must be >= 1, got {config.workers}'),
+      ('--batches', list(config.batches) == sorted(set(config.batches)),
+       f'must be increasing, got {",".join(map(str, config.batches))}')):
+    if not ok:
+      raise ConfigError(f'{flag}: {what}')
+  if config.through_service:
+    bad = [b for b in config.batches if b % config.workers]
+    if bad:
+      raise ConfigError(f'--workers: {config.workers} does not divide the batches '
+                        f'{",".join(map(str, bad))}')
+  return config
+
+
+def run(config: StudyConfig, say: Callable[[str], None] = print) -> dict:
+  """Runs the study and writes its outputs; returns the JSON summary."""
+  t0 = time.monotonic()
+  runtime.simulate_cpu_devices(config.devices)  # before JAX loads (None: drop an inherited ask)
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from studies import report, train  # pylint: disable=import-outside-toplevel
+  task = make_task(config)
+  try:
+    mesh = train.make_mesh(config.devices)
+  except ValueError as e:
+    raise ConfigError(f'--devices: {e}') from None
+  bad = [b for b in config.batches if b % mesh.size]
+  if bad:
+    raise ConfigError(f'--batches: {",".join(map(str, bad))} not divisible by the '
+                      f'{mesh.size} devices')
+  trainer = train.Trainer(task, mesh)
+  service_trainer = None
+  os.makedirs(config.out, exist_ok=True)
+  study = Study(config, trainer)
+  say(f'lamb-sharded study large-batch: {task.num_params():,}-parameter char-LM, '
+      f'{len(task.corpus().train):,} training / {len(task.corpus().heldout):,} held-out '
+      f'characters, mesh of {mesh.size} {mesh.devices.flat[0].platform} device(s); batches '
+      f'{", ".join(f"{b} ({s} steps)" for b, s in study.plan.steps.items())}'
+      + ''.join(f'; batch {b} dropped ({s} steps < {config.min_steps})'
+                for b, s in study.plan.dropped.items()))
+  if not study.plan.steps:
+    raise ConfigError(f'--batches: every batch has fewer than --min-steps {config.min_steps} '
+                      f'steps at --epochs {config.epochs:g}')
+  if config.through_service:
+    from studies import service_runs  # pylint: disable=import-outside-toplevel
+    service_trainer = service_runs.ServiceTrainer(
+        task, task_spec(config), config.workers, os.path.join(config.out, 'service'),
+        devices=mesh.size, recipe=trainer.recipe)
+  bar = tqdm(total=0, unit='step', desc='study', dynamic_ncols=True, file=sys.stderr,
+             disable=not config.progress, smoothing=0.05)
+  study.service_trainer, study.bar = service_trainer, bar
+  try:
+    study.run_all()
+  finally:
+    bar.close()
+  summary = report.write(config, task, mesh, study.plan, study.runs, config.out,
+                         wall_s=time.monotonic() - t0)
+  say(report.table_text(summary))
+  say(f'wrote {", ".join(summary["files"])} ({summary["wall_s"]:.0f} s)')
+  return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`python -m studies.large_batch [flags]`."""
+  parser = argparse.ArgumentParser(prog='python -m studies.large_batch',
+                                   description=__doc__.splitlines()[0])
+  add_flags(parser)
+  args = parser.parse_args(argv)
+  try:
+    run(config_from_args(args))
+  except ConfigError as e:
+    print(f'{parser.prog}: error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

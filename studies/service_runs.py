@@ -1,0 +1,109 @@
+"""LAMB runs through the optimizer service: a real local server and worker processes.
+
+Each run starts, as `lamb-sharded demo` does (its `_Run`: the same processes,
+logs and clean-up), one `lamb-sharded serve` on `devices` simulated CPU devices
+with the run's learning rate and schedule, and `workers` `lamb-sharded worker
+--model studies.charlm:...` processes, each computing the gradient of 1/W of
+every step's global batch. The server waits for every worker's push (quorum W,
+no straggler timeout), averages them and applies one `lamb_sharded.lamb` step:
+the same update as `studies.train.Trainer` makes in one process, up to the
+order of floating-point sums.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from service.examples import demo
+from studies.train import CURVE_POINTS, Recipe, Run
+
+
+class ServiceTrainer:
+  """Trains LAMB runs of `task` through a server and `workers` worker processes."""
+
+  def __init__(self, task, model_spec: str, workers: int, out: str, devices: int = 1,
+               recipe: Recipe = Recipe()):
+    self.task, self.model_spec, self.workers = task, model_spec, workers
+    self.out, self.devices, self.recipe = out, devices, recipe
+    self.count = 0
+
+  def server_config(self, run: Run) -> dict:
+    """The server's settings for `run`: the study's recipe, synchronous, every push awaited."""
+    config = demo.server_config(run.steps)
+    config.update(learning_rate=run.lr, schedule='warmup_cosine',
+                  warmup_steps=self.recipe.warmup_steps(run.steps), decay_steps=run.steps,
+                  end_learning_rate=0.0, weight_decay=self.recipe.weight_decay,
+                  b1=self.recipe.b1, b2=self.recipe.b2, eps=1e-6, straggler_timeout_s=0.0,
+                  checkpoint_every_steps=0)
+    return config
+
+  def train(self, run: Run, on_step: Callable[[int], None] = lambda n: None):
+    """Trains `run` through the service (fills in its results); returns the final params."""
+    if run.optimizer != 'lamb':
+      raise ValueError(f'the optimizer server applies LAMB, not {run.optimizer}')
+    if run.batch % self.workers:
+      raise ValueError(f'batch {run.batch} is not a multiple of {self.workers} workers')
+    t0 = time.perf_counter()
+    self.count += 1
+    out = os.path.join(self.out, f'run-{self.count}')
+    state = demo._Run(out, self.workers, self.devices, run.steps, run.batch,  # pylint: disable=protected-access
+                      run.seed, model=self.model_spec, quorum=self.workers)
+    try:
+      params = self._train(state, run, on_step)
+    finally:
+      state.stop_all()
+    losses = np.array([state.step_loss(s) for s in sorted(state.losses)], np.float64)
+    run.path = 'service'
+    run.diverged = not np.all(np.isfinite(losses))
+    run.tokens = len(losses) * run.batch * self.task.context
+    every = max(1, len(losses) // CURVE_POINTS)
+    run.curve = [[i, round(float(np.mean(losses[i:i + every])), 5)]
+                 for i in range(0, len(losses), every)]
+    run.final_train_loss = float(np.mean(losses[-max(1, len(losses) // 20):]))
+    run.heldout_loss = math.inf if run.diverged else self.task.evaluate(params)
+    run.wall_s = time.perf_counter() - t0
+    return params
+
+  def _train(self, state, run: Run, on_step):
+    from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
+    os.makedirs(state.logs, exist_ok=True)
+    config_path = os.path.join(state.out, 'server.yaml')
+    with open(config_path, 'w', encoding='utf-8') as fh:
+      yaml.safe_dump(self.server_config(run), fh, sort_keys=False)
+    state.start_server(config_path, 0, os.path.join(state.out, 'checkpoints'))
+    for w in range(self.workers):
+      state.start_worker(w)
+    state.wait_for_server()
+    state.tell_workers_the_address()
+    init = self.task.init(run.seed)
+    with OptimizerClient(state.address, timeout=60) as client:
+      client.describe(wait_for_ready=True, timeout=60)
+      state.wait_until_ready()
+      client.initialize(init)
+      step, last = 0, time.monotonic()
+      while step < run.steps:
+        reached, _ = client.wait_for_step(step + 1, timeout=1.0)
+        state.handle_events()
+        if reached > step:
+          on_step(reached - step)
+          step, last = reached, time.monotonic()
+          state.server_step = step
+        elif time.monotonic() - last > demo.STALL_TIMEOUT_S:
+          raise demo.DemoError(f'no step applied for {demo.STALL_TIMEOUT_S:g} s (at step '
+                               f'{step}); see {state.logs}')
+      pulled = client.pull(like=init)
+    deadline = time.monotonic() + 60  # every worker pulls the last step and exits
+    while any(w.proc.poll() is None for w in state.workers.values()):
+      if time.monotonic() > deadline:
+        raise demo.DemoError(f'workers still running 60 s after the last step; see {state.logs}')
+      state.handle_events(timeout=0.5)
+    for w in state.workers.values():
+      w.reader.join(timeout=10)
+    state.handle_events()
+    return pulled.params
