@@ -83,15 +83,20 @@ class CharLM:
             ) -> tuple[np.ndarray, np.ndarray]:
     """Worker `worker`'s `size` windows of step `step`'s global batch (size * num_workers):
     (inputs, targets), int32 arrays of shape (size, context)."""
+    idx = self.window_indices(step, worker, size, num_workers)
+    windows = self.corpus().train[idx[:, None] * self.context + np.arange(self.context + 1)]
+    windows = windows.astype(np.int32)
+    return windows[:, :-1], windows[:, 1:]
+
+  def window_indices(self, step: int, worker: int, size: int, num_workers: int = 1
+                     ) -> np.ndarray:
+    """Which training windows `batch` returns (window i starts at character i * context)."""
     if not 0 <= worker < num_workers:
       raise ValueError(f'worker index {worker} is not in [0, {num_workers})')
     global_batch = size * num_workers
     epoch, i = divmod(step, self.steps_per_epoch(global_batch))
     perm = _permutation(self.seed, epoch, self.num_windows)
-    idx = perm[i * global_batch:(i + 1) * global_batch][worker * size:(worker + 1) * size]
-    windows = self.corpus().train[idx[:, None] * self.context + np.arange(self.context + 1)]
-    windows = windows.astype(np.int32)
-    return windows[:, :-1], windows[:, 1:]
+    return perm[i * global_batch:(i + 1) * global_batch][worker * size:(worker + 1) * size]
 
   def heldout_windows(self) -> np.ndarray:
     """The evaluation windows (eval_windows, context + 1), int32, evenly spaced."""

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from service.examples import demo
-from studies.train import CURVE_POINTS, Recipe, Run
+from studies.train import Recipe, Run, record_losses
 
 
 class ServiceTrainer:
@@ -61,11 +61,7 @@ class ServiceTrainer:
     losses = np.array([state.step_loss(s) for s in sorted(state.losses)], np.float64)
     run.path = 'service'
     run.diverged = not np.all(np.isfinite(losses))
-    run.tokens = len(losses) * run.batch * self.task.context
-    every = max(1, len(losses) // CURVE_POINTS)
-    run.curve = [[i, round(float(np.mean(losses[i:i + every])), 5)]
-                 for i in range(0, len(losses), every)]
-    run.final_train_loss = float(np.mean(losses[-max(1, len(losses) // 20):]))
+    record_losses(run, losses, self.task.context)
     run.heldout_loss = math.inf if run.diverged else self.task.evaluate(params)
     run.wall_s = time.perf_counter() - t0
     return params

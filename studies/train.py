@@ -101,6 +101,16 @@ def _optimizer(name: str, lr, mask, recipe: Recipe, mesh, specs):
   raise ValueError(f'unknown optimizer {name!r}; known: {", ".join(OPTIMIZERS)}')
 
 
+def record_losses(run: Run, losses: np.ndarray, context: int) -> None:
+  """The run's tokens, its curve (at most CURVE_POINTS means of consecutive steps, each at
+  its first step) and its final training loss (the mean of the last 5% of the steps)."""
+  run.tokens = len(losses) * run.batch * context
+  every = max(1, math.ceil(len(losses) / CURVE_POINTS))
+  run.curve = [[i, round(float(np.mean(losses[i:i + every])), 5)]
+               for i in range(0, len(losses), every)]
+  run.final_train_loss = float(np.mean(losses[-max(1, len(losses) // 20):]))
+
+
 class Trainer:
   """Trains `task` (a `studies.charlm.CharLM`-like object) on `mesh` with any optimizer."""
 
@@ -156,11 +166,7 @@ class Trainer:
         break
     losses = np.asarray(jax.device_get(losses), np.float64)
     run.diverged = run.diverged or not np.all(np.isfinite(losses))
-    run.tokens = len(losses) * run.batch * self.task.context
-    every = max(1, len(losses) // CURVE_POINTS)
-    run.curve = [[i, round(float(np.mean(losses[i:i + every])), 5)]
-                 for i in range(0, len(losses), every)]
-    run.final_train_loss = float(np.mean(losses[-max(1, len(losses) // 20):]))
+    record_losses(run, losses, self.task.context)
     run.heldout_loss = math.inf if run.diverged else self.task.evaluate(params)
     run.wall_s = time.perf_counter() - t0
     return params
