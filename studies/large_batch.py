@@ -149,7 +149,6 @@ class Study:
     """Seed-0 runs over centre x grid, extended past an edge best up to `extend` times."""
     from studies.train import Run  # pylint: disable=import-outside-toplevel
     lrs = sorted(centre * f for f in self.config.grid)
-    self._expect(steps * len(lrs))
     runs = {lr: self._train(Run(optimizer, batch, lr, 0, steps, view)) for lr in lrs}
     for _ in range(extend):
       best = min(runs, key=lambda lr: _score(runs[lr]))
@@ -164,20 +163,29 @@ class Study:
       runs[lr] = self._train(Run(optimizer, batch, lr, 0, steps, view))
     return [runs[lr] for lr in sorted(runs)]
 
+  def planned_steps(self) -> int:
+    """The steps of every run planned before any grid extension (the progress bar's total)."""
+    c, p = self.config, self.plan
+    per_cell = len(c.grid) + c.seeds - 1
+    total = sum(s * (per_cell * len(c.optimizers) + (c.sanity and 'lamb' in c.optimizers))
+                for s in p.steps.values())
+    if c.fixed_steps and len(p.steps) > 1:
+      total += p.fixed_steps * len(c.grid) * len(c.optimizers) * len(p.steps)
+    return total
+
   def run_all(self) -> None:
     from studies.train import Run  # pylint: disable=import-outside-toplevel
     c, p = self.config, self.plan
+    self._expect(self.planned_steps())
     best = {}
     for batch, steps in p.steps.items():
       for opt in c.optimizers:
         centre = c.lr0(opt) * math.sqrt(batch / c.batches[0])
         runs = self.sweep(opt, batch, steps, centre, 'epochs', c.extend)
         best[opt, batch] = min(runs, key=_score).lr
-        self._expect(steps * (c.seeds - 1))
         for seed in range(1, c.seeds):
           self._train(Run(opt, batch, best[opt, batch], seed, steps, 'epochs'))
       if c.sanity and 'lamb' in c.optimizers:
-        self._expect(steps)
         self._train(Run('optax_lamb', batch, best['lamb', batch], 0, steps, 'epochs'))
     if c.fixed_steps and len(p.steps) > 1:
       for batch in p.steps:

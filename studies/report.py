@@ -56,6 +56,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         'wall_s': statistics.fmean(r['wall_s'] for r in finals),
         'lrs': {f'{lr:.4g}': _score(sweep[lr]) for lr in lrs},
         'edge': len(lrs) > 1 and best_lr in (lrs[0], lrs[-1]),
+        'path': finals[0].get('path', 'in-process'),
     })
   return rows
 
@@ -74,7 +75,8 @@ def table_text(summary: dict) -> str:
   for row in summary['rows']:
     tried = ', '.join(f'{lr}: {"div" if not math.isfinite(v) else f"{v:.3f}"}'
                       for lr, v in row['lrs'].items())
-    lines.append(f'| {VIEWS[row["view"]]} | {row["batch"]} | {LABELS[row["optimizer"]]} | '
+    via = ' (service)' if row['path'] == 'service' else ''
+    lines.append(f'| {VIEWS[row["view"]]} | {row["batch"]} | {LABELS[row["optimizer"]]}{via} | '
                  f'{row["best_lr"]:.4g}{" (edge)" if row["edge"] else ""} | {_fmt_loss(row)} | '
                  f'{row["seeds"]} | {row["steps"]} | {row["wall_s"]:.1f} | {tried} |')
   lines += ['', '| view | batch | LAMB − AdamW (held-out, nats/char; < 0: LAMB better) |',

@@ -66,3 +66,64 @@ def test_quick_study_writes_the_table_and_both_optimizers_learn(tmp_path):
   assert table.splitlines()[0] in done.stdout
   for name in ('heldout_vs_batch.png', 'loss_curves.png'):
     assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+class _FakeTrainer:
+  """Held-out loss = (log2(lr / optimum))^2: the sweep's logic without training."""
+
+  def __init__(self, optimum):
+    self.task = type('Task', (), {'num_windows': 16_000})()
+    self.optimum, self.trained = optimum, []
+
+  def train(self, run, on_step):
+    run.heldout_loss = 1.0 + math.log2(run.lr / self.optimum[run.optimizer]) ** 2
+    self.trained.append(run)
+    on_step(run.steps)
+
+
+class _Bar:
+  def __init__(self):
+    self.total, self.n = 0, 0
+
+  def update(self, n):
+    self.n += n
+
+  def refresh(self):
+    pass
+
+  def set_postfix_str(self, *args, **kwargs):
+    pass
+
+
+def _study(optimum, **overrides):
+  config = large_batch.StudyConfig(batches=(8, 32, 128), epochs=0.5, **overrides)
+  trainer, bar = _FakeTrainer(optimum), _Bar()
+  study = large_batch.Study(config, trainer, bar=bar)
+  study.run_all()
+  return study, trainer, bar
+
+
+def test_a_best_on_the_grid_edge_extends_the_grid_and_the_bar_counts_every_step():
+  # AdamW's optimum lies 4x below its grid's centre at every batch: one extension reaches it.
+  study, trainer, bar = _study({'lamb': 0.01, 'adamw': 0.001, 'optax_lamb': 0.01}, extend=1,
+                               base_lr=(('lamb', 0.01), ('adamw', 0.004), ('optax_lamb', 0.01)),
+                               fixed_steps=False)
+  lrs = lambda opt, b: sorted(r.lr for r in study.runs if (r.optimizer, r.batch, r.seed)
+                              == (opt, b, 0))
+  assert lrs('lamb', 8) == pytest.approx([0.005, 0.01, 0.02])  # best inside: no extension
+  assert lrs('adamw', 8) == pytest.approx([0.001, 0.002, 0.004, 0.008])
+  assert bar.n == bar.total == sum(r.steps for r in trainer.trained)
+  seeds = [r for r in study.runs if r.seed > 0 and r.optimizer == 'adamw' and r.batch == 8]
+  assert [r.lr for r in seeds] == pytest.approx([0.001, 0.001])  # the best, seeds 1 and 2
+
+
+def test_the_fixed_steps_view_reuses_the_largest_batch_runs():
+  study, trainer, bar = _study({'lamb': 0.01, 'adamw': 0.004, 'optax_lamb': 0.01}, extend=0)
+  fixed = [r for r in study.runs if r.view == 'steps']
+  assert {r.steps for r in fixed} == {study.plan.fixed_steps} == {62}
+  assert len(fixed) == 3 * 2 * 3  # batches x optimizers x grid
+  distinct = {(r.optimizer, r.batch, r.lr, r.seed, r.steps) for r in study.runs}
+  assert len(trainer.trained) == len(distinct) <= len(study.runs) - 2  # none trained twice
+  largest = [r for r in fixed if r.batch == 128]
+  assert len(largest) == 6 and all(r.steps == 62 for r in largest)
+  assert bar.n == bar.total == study.planned_steps()
