@@ -215,7 +215,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   d = StudyConfig()
   parser.add_argument('--quick', action='store_true',
                       help='a smaller model and data budget, 2 seeds, no grid extension and '
-                      'no optax.lamb row: about a minute')
+                      'no optax.lamb row: about a minute (default: the documented run)')
   parser.add_argument('--out', default=d.out, help=f'output directory (default {d.out})')
   parser.add_argument('--batches', type=_int_list, default=None,
                       help='global batches in sequences, comma-separated (default '
@@ -232,19 +232,20 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                       help='extra learning rates past a grid edge that holds the best '
                       f'(default {d.extend}; --quick {QUICK["extend"]})')
   parser.add_argument('--no-sanity', dest='sanity', action='store_false', default=None,
-                      help='skip the optax.lamb rows')
+                      help='skip the optax.lamb rows (default: run them; --quick skips them)')
   parser.add_argument('--no-fixed-steps', dest='fixed_steps', action='store_false',
-                      help='skip the fixed-steps view')
+                      help='skip the fixed-steps view (default: run it)')
   parser.add_argument('--devices', type=int, default=None,
-                      help='devices of the mesh (default: all of this machine\'s; on a CPU-only '
-                      'machine, N simulated CPU devices)')
+                      help='devices of the mesh: the first N of this machine\'s accelerators, '
+                      'or N simulated CPU devices on a CPU-only machine (default: all of this '
+                      'machine\'s devices, one on a CPU)')
   parser.add_argument('--through-service', action='store_true',
                       help='train the LAMB runs through a local optimizer server and '
-                      '--workers worker processes')
+                      '--workers worker processes (default: all in this process)')
   parser.add_argument('--workers', type=int, default=d.workers,
                       help=f'worker processes with --through-service (default {d.workers})')
   parser.add_argument('--no-progress', dest='progress', action='store_false',
-                      help='no progress bar')
+                      help='no progress bar (default: one on stderr)')
 
 
 def config_from_args(args) -> StudyConfig:
