@@ -7,11 +7,13 @@ of training characters (`--epochs`, a fraction of an epoch by default), with
 
 * a linear warm-up over the first 10% of the steps, then cosine decay to 0;
 * a learning rate that starts from square-root scaling with the batch
-  (lr(B) = lr0 * sqrt(B / B0), lr0 per optimizer, centred where each optimizer's
-  best lay on a wider probe) and is swept over x0.5, x1, x2 of it; where the best
-  of the sweep lies on an edge of the grid, the grid is extended by one more
-  point in that direction (`--extend` times); the best of the sweep (seed 0) is
-  kept, so neither optimizer is handicapped by a badly placed grid;
+  (lr(B) = lr0 * sqrt(B / B0), lr0 per optimizer, where each optimizer's best lay
+  on a probe at B0) and is swept over x1/4, x1/2, x1, x2 of it -- at 16 B0 that
+  spans from no scaling at all (lr0) to twice the square-root rule; where the
+  best of the sweep lies on an edge of the grid, the grid is extended by one
+  more point in that direction (`--extend` times); the best of the sweep (seed 0)
+  is kept, so neither optimizer is handicapped by a badly placed grid
+  (`--quick`: x1/2, x1, x2, no extension);
 * the best learning rate of each (optimizer, batch) run again with more seeds
   (`--seeds`): the table reports the mean and standard deviation over them.
 
@@ -19,7 +21,7 @@ A batch with fewer than `--min-steps` steps at that budget is dropped (said so).
 
 The fixed-steps view: with the same number of steps for every batch (the
 steps of the largest batch kept), larger batches see more data; each
-(optimizer, batch) cell gets its own 3-point sweep around the fixed-epochs best
+(optimizer, batch) cell gets its own sweep (the same factors) around the fixed-epochs best
 (one seed). It shows what the large-batch regime is for: fewer steps.
 
 Every run happens in this one process: one compiled step per optimizer and batch
@@ -60,7 +62,7 @@ class StudyConfig:
   optimizers: tuple[str, ...] = ('lamb', 'adamw')
   sanity: bool = True
   base_lr: tuple[tuple[str, float], ...] = tuple(BASE_LR.items())
-  grid: tuple[float, ...] = (0.5, 1.0, 2.0)
+  grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
   extend: int = 1
   seeds: int = 3
   fixed_steps: bool = True
@@ -74,7 +76,7 @@ class StudyConfig:
     return dict(self.base_lr)[optimizer]
 
 
-QUICK = dict(quick=True, epochs=0.25, seeds=2, extend=0, sanity=False)
+QUICK = dict(quick=True, epochs=0.25, seeds=2, extend=0, sanity=False, grid=(0.5, 1.0, 2.0))
 
 
 def make_task(config: StudyConfig):

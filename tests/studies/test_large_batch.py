@@ -96,7 +96,8 @@ class _Bar:
 
 
 def _study(optimum, **overrides):
-  config = large_batch.StudyConfig(batches=(8, 32, 128), epochs=0.5, **overrides)
+  config = large_batch.StudyConfig(batches=(8, 32, 128), epochs=0.5, grid=(0.5, 1.0, 2.0),
+                                   **overrides)
   trainer, bar = _FakeTrainer(optimum), _Bar()
   study = large_batch.Study(config, trainer, bar=bar)
   study.run_all()
