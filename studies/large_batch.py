@@ -117,7 +117,8 @@ class Study:
   """Runs the study's sweeps with a trainer per path; collects every `Run`."""
 
   def __init__(self, config: StudyConfig, trainer, service_trainer=None, bar=None):
-    self.config, self.trainer, self.service_trainer, self.bar = config, trainer, service_trainer, bar
+    self.config, self.trainer, self.service_trainer = config, trainer, service_trainer
+    self.bar = bar
     self.runs = []
     self.plan = plan(config, trainer.task.num_windows)
 

@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from service.examples import demo
+from service.examples.demo import _Run as _Processes  # pylint: disable=protected-access
 from studies.train import Recipe, Run, record_losses
 
 
@@ -52,8 +53,8 @@ class ServiceTrainer:
     t0 = time.perf_counter()
     self.count += 1
     out = os.path.join(self.out, f'run-{self.count}')
-    state = demo._Run(out, self.workers, self.devices, run.steps, run.batch,  # pylint: disable=protected-access
-                      run.seed, model=self.model_spec, quorum=self.workers)
+    state = _Processes(out, self.workers, self.devices, run.steps, run.batch, run.seed,
+                       model=self.model_spec, quorum=self.workers)
     try:
       params = self._train(state, run, on_step)
     finally:
