@@ -82,19 +82,22 @@ def table_text(summary: dict) -> str:
   lines += ['', '| view | batch | LAMB − AdamW (held-out, nats/char; < 0: LAMB better) |',
             '|---|---:|---|']
   for view, batch, delta, spread in summary['differences']:
-    lines.append(f'| {VIEWS[view]} | {batch} | {delta:+.3f} ± {spread:.3f} |')
+    lines.append(f'| {VIEWS[view]} | {batch} | {delta:+.3f}'
+                 + (f' ± {spread:.3f} |' if spread is not None else ' (one seed) |'))
   return '\n'.join(lines)
 
 
 def differences(rows: list[dict]) -> list[tuple]:
-  """(view, batch, LAMB mean - AdamW mean, sqrt(std_L^2 + std_A^2)) where both exist."""
+  """(view, batch, LAMB mean - AdamW mean, sqrt(std_L^2 + std_A^2)) where both exist; the
+  spread is None unless both rows have several seeds."""
   by = {(r['view'], r['batch'], r['optimizer']): r for r in rows}
   out = []
   for (view, batch, opt), row in by.items():
     other = by.get((view, batch, 'adamw'))
     if opt == 'lamb' and other is not None:
+      several = row['seeds'] > 1 and other['seeds'] > 1
       out.append((view, batch, row['mean'] - other['mean'],
-                  math.hypot(row['std'], other['std'])))
+                  math.hypot(row['std'], other['std']) if several else None))
   return out
 
 
