@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -73,9 +74,13 @@ class ServiceTrainer:
     config_path = os.path.join(state.out, 'server.yaml')
     with open(config_path, 'w', encoding='utf-8') as fh:
       yaml.safe_dump(self.server_config(run), fh, sort_keys=False)
-    state.start_server(config_path, 0, os.path.join(state.out, 'checkpoints'))
-    for w in range(self.workers):
-      state.start_worker(w)
+    with warnings.catch_warnings():
+      # JAX warns at every fork of a process where it runs; the children here exec at once
+      # (the server's preexec_fn only calls prctl, looked up before the fork).
+      warnings.filterwarnings('ignore', r'os\.fork\(\) was called', RuntimeWarning)
+      state.start_server(config_path, 0, os.path.join(state.out, 'checkpoints'))
+      for w in range(self.workers):
+        state.start_worker(w)
     state.wait_for_server()
     state.tell_workers_the_address()
     init = self.task.init(run.seed)

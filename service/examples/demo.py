@@ -145,9 +145,13 @@ def _die_with_parent(sig: int):
   if not sys.platform.startswith('linux'):
     return None
 
+  import ctypes  # pylint: disable=import-outside-toplevel
+  # Looked up here, before the fork: the child only calls it (no import, no dlopen), which
+  # stays safe where the parent runs other threads (a study's JAX, studies.service_runs).
+  prctl = ctypes.CDLL(None, use_errno=True).prctl
+
   def preexec():
-    import ctypes  # pylint: disable=import-outside-toplevel
-    ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+    prctl(1, sig)  # PR_SET_PDEATHSIG
   return preexec
 
 

@@ -128,3 +128,14 @@ def test_the_fixed_steps_view_reuses_the_largest_batch_runs():
   largest = [r for r in fixed if r.batch == 128]
   assert len(largest) == 6 and all(r.steps == 62 for r in largest)
   assert bar.n == bar.total == study.planned_steps()
+
+
+def test_through_the_service_only_the_lamb_runs_go_to_the_service():
+  optimum = {'lamb': 0.01, 'adamw': 0.004, 'optax_lamb': 0.01}
+  config = large_batch.StudyConfig(batches=(8, 32), epochs=0.5, extend=0, seeds=1,
+                                   through_service=True)
+  local, remote = _FakeTrainer(optimum), _FakeTrainer(optimum)
+  study = large_batch.Study(config, local, service_trainer=remote)
+  study.run_all()
+  assert remote.trained and {r.optimizer for r in remote.trained} == {'lamb'}
+  assert {r.optimizer for r in local.trained} == {'adamw', 'optax_lamb'}
