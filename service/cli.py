@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help='with --local-steps > 1: its learning rate')
   worker.add_argument('--inner-weight-decay', type=float, default=0.0,
                       help='with --local-steps > 1 and adamw: its weight decay')
+  worker.add_argument('--pull-dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='how the parameters travel to the worker (bfloat16: half the '
+                      'bytes; it trains in float32 from them)')
   worker.add_argument('--lifeline', action='store_true',
                       help='exit when stdin closes (stdin is a pipe from a supervisor)')
 
@@ -281,7 +284,7 @@ def _worker(args) -> int:
                       client_options=client_options, compression=args.compression,
                       local_steps=args.local_steps, inner_optimizer=args.inner_optimizer,
                       inner_learning_rate=args.inner_learning_rate,
-                      inner_weight_decay=args.inner_weight_decay)
+                      inner_weight_decay=args.inner_weight_decay, pull_dtype=args.pull_dtype)
   except KeyboardInterrupt:
     return 128 + signal.SIGTERM
 

@@ -68,15 +68,18 @@ class LocalSteps:
     worker_id: this worker's id (its pushes, its error feedback).
     like: a pytree of the model's structure (what pulls unflatten into).
     compression: how the pseudo-gradients travel (OptimizerClient.push).
+    pull_dtype: how the parameters travel (OptimizerClient.pull's `dtype`, e.g.
+      `ml_dtypes.bfloat16`: half the bytes); the worker trains in float32 from them.
   """
 
   def __init__(self, client: OptimizerClient, grad_fn: Callable, inner: optax.GradientTransformation,
                local_steps: int, worker_id: str, *, like: Any,
-               compression: Optional[str] = None):
+               compression: Optional[str] = None, pull_dtype: Any = None):
     if local_steps < 1:
       raise ValueError(f'local_steps must be >= 1, got {local_steps}')
     self.client, self.inner, self.local_steps = client, inner, local_steps
     self.worker_id, self.like, self.compression = worker_id, like, compression
+    self.pull_dtype = pull_dtype
     self.inner_state = None  # made at the first round, from the pulled parameters
     self.last_pulled_step: Optional[int] = None  # the round being trained or pushed
 
@@ -107,7 +110,10 @@ class LocalSteps:
   def round(self, batch: Callable[[int, int], tuple], until: Optional[int] = None) -> Round:
     """Pulls, trains H steps, pushes Δ; the round. With `until`, a server already at that
     step is not trained from (the Round's result is None)."""
-    pulled = self.client.pull(like=self.like)
+    pulled = self.client.pull(like=self.like, dtype=self.pull_dtype)
+    if self.pull_dtype is not None:
+      pulled = dataclasses.replace(pulled, params=jax.tree.map(
+          lambda x: np.asarray(x, np.float32), pulled.params))
     self.last_pulled_step = pulled.step
     if until is not None and pulled.step >= until:
       return Round(pulled.step, None, float('nan'), 0)

@@ -22,6 +22,7 @@ worker exits as soon as it closes -- when the supervisor dies, even by SIGKILL.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -31,6 +32,7 @@ from typing import Any, Optional, Union
 
 import grpc
 import jax
+import ml_dtypes
 import numpy as np
 
 from service.client import ModelMismatch, OptimizerClient, hints, local, model_difference
@@ -49,7 +51,8 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
         timeout: float = 60.0, connect_timeout: float = 60.0, progress: bool = False,
         lifeline: bool = False, client_options: Optional[dict] = None,
         compression: str = 'none', local_steps: int = 1, inner_optimizer: str = 'adamw',
-        inner_learning_rate: float = 1e-3, inner_weight_decay: float = 0.0) -> int:
+        inner_learning_rate: float = 1e-3, inner_weight_decay: float = 0.0,
+        pull_dtype: str = 'float32') -> int:
   """Trains until the server's step reaches `steps`; returns an exit code.
 
   `model`: a model (see `service.examples.models.Model`), or what `load_model` takes
@@ -58,7 +61,8 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
   (OptimizerClient.push; int8/int4 with error feedback). `local_steps` > 1: each push is
   the pseudo-gradient of that many steps of the inner optimizer (`service.client.local`,
   DiLoCo): inner step k of the round from server step t trains on the batch of index
-  t * local_steps + k.
+  t * local_steps + k. `pull_dtype` 'bfloat16': parameters pulled in bfloat16 (half the
+  bytes), trained from in float32.
   """
   m = load_model(model, seed) if isinstance(model, str) else model
   worker_id = f'worker-{worker_index}'
@@ -115,7 +119,8 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
           client, grad_fn, local.inner_optimizer(inner_optimizer, inner_learning_rate,
                                                  inner_weight_decay),
           local_steps, worker_id, like=template,
-          compression=None if compression == 'none' else compression)
+          compression=None if compression == 'none' else compression,
+          pull_dtype=None if pull_dtype == 'float32' else ml_dtypes.bfloat16)
     while True:
       step = None
       try:
@@ -135,7 +140,11 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
           if r is None:
             break
         else:
-          pulled = client.pull(like=template)
+          pulled = client.pull(like=template,
+                               dtype=None if pull_dtype == 'float32' else ml_dtypes.bfloat16)
+          if pull_dtype != 'float32':  # trained from in float32
+            pulled = dataclasses.replace(pulled, params=jax.tree.map(
+                lambda x: np.asarray(x, np.float32), pulled.params))
           step = pulled.step
           if pulled.step >= steps:
             break

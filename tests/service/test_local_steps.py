@@ -153,7 +153,8 @@ def test_worker_local_steps_train_and_a_restarted_worker_goes_on():
     assert first.returncode == 0, first.stderr
     at_2 = client.pull()
     assert at_2.step == 2
-    second = _worker(running.port, 4, '--compression', 'int8')  # the restart
+    second = _worker(running.port, 4, '--compression', 'int8',  # the restart
+                     '--pull-dtype', 'bfloat16')
     assert second.returncode == 0, second.stderr
     at_4 = client.pull()
     assert at_4.step == 4
