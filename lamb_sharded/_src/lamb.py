@@ -282,21 +282,28 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
   for i, (g, m, v, p) in enumerate(zip(gs, ms, vs, ps)):
     cdt = _compute_dtype(p.dtype)
     real = jnp.finfo(cdt).dtype  # real counterpart of a complex dtype
-    g = g.astype(cdt)
-    if static.clip_grad_norm:
-      g = g * grad_scale.astype(real)
     b1, b2 = hp('b1', real), hp('b2', real)
-    m_old = lowbit.dequantize_signed(m) if lowbit.is_quantized(m) else m.astype(cdt)
-    v_old = lowbit.dequantize_sqrt(v) if lowbit.is_quantized(v) else v.real.astype(real)
-    m_new = b1 * m_old + (1 - b1) * g
+
+    def grad(g, cdt=cdt, real=real):
+      g = g.astype(cdt)
+      return g * grad_scale.astype(real) if static.clip_grad_norm else g
+
+    if lowbit.is_quantized(m) or lowbit.is_quantized(v):
+      recompute, new_m, new_v, sums = _quantized_pass1(
+          static, i, g, m, v, p, grad, b1, b2, lambda *a: direction(*a, s), acc)
+      new_ms.append(new_m)
+      new_vs.append(new_v)
+      fresh.append(recompute)
+      if sums is not None:
+        rows_p.append(sums[0])
+        rows_u.append(sums[1])
+      continue
+    g = grad(g)
+    m_new = b1 * m.astype(cdt) + (1 - b1) * g
     g_abs_sq = (g.conj() * g).real if jnp.iscomplexobj(g) else g * g
-    v_new = b2 * v_old + (1 - b2) * g_abs_sq
-    # 8-bit moments store the new moments' codes; the direction and the trust
-    # ratio below use the float m_new, v_new, as float moments do.
-    new_ms.append(lowbit.quantize_signed(m_new, lowbit.block_size_of(m))
-                  if lowbit.is_quantized(m) else m_new.astype(m.dtype))
-    new_vs.append(lowbit.quantize_sqrt(v_new, lowbit.block_size_of(v))
-                  if lowbit.is_quantized(v) else v_new.astype(v.dtype))
+    v_new = b2 * v.real.astype(real) + (1 - b2) * g_abs_sq
+    new_ms.append(m_new.astype(m.dtype))
+    new_vs.append(v_new.astype(v.dtype))
     fresh.append((m_new, v_new))
     if static.adapt[i]:
       sumsq = _sumsq_pair if static.xla_partitioned[i] else _sumsq_rows
@@ -331,13 +338,111 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
   arrays = {k: v for k, v in s.items() if not isinstance(v, (int, float))}
   s2.update(jax.lax.optimization_barrier(arrays))
   outs, k = [], 0
-  for i, (g, p, (m_new, v_new)) in enumerate(zip(gs, ps, fresh)):
+  for i, (g, p, moments) in enumerate(zip(gs, ps, fresh)):
+    m_new, v_new = moments() if callable(moments) else moments
     u = direction(i, m_new, v_new, p, s2)
     if static.adapt[i]:
       u = u * ratios[k].astype(jnp.finfo(u.dtype).dtype)
       k += 1
     outs.append(u.astype(g.dtype))
   return outs, new_ms, new_vs, recorded
+
+
+def _quantized_pass1(static: _Static, i: int, g, m, v, p, grad, b1, b2, direction, acc):
+  """Pass 1 of a leaf with an 8-bit moment, in the block view (..., k, b).
+
+  Loops over the leaf (XLA:CPU has no multi-output loop fusion, so one per array
+  written):
+    * one reduction reads g, the codes and scales, and p, and gives per block
+      max |m_new|, max v_new (the new scales) and the partial sum of |u|^2;
+    * ||p||^2 on its own (a reduction of an input alone, which XLA:CPU runs
+      vectorised);
+    * one loop per moment writes its new codes;
+    * pass 2 (the caller) reads g, the old codes and p once more.
+  m_new, v_new and u are never written to memory: each loop recomputes them
+  from g and the old codes, which costs less than a float32 round trip and
+  keeps the step's temporaries at the codes' size. XLA would rather compute
+  them once and materialise them for their several consumers, so each consumer
+  gets its own copy of the inputs through an `optimization_barrier` (free: the
+  inputs are buffers already).
+
+  Returns:
+    (recompute, new_m, new_v, sums): `recompute()` gives (m_new, v_new) as
+    float arrays of the leaf's shape for pass 2; the new stored moments; the
+    two `_ROWS`-vectors of partial sums (None where layer adaptation is off).
+  """
+  qm, qv = lowbit.is_quantized(m), lowbit.is_quantized(v)
+  b = lowbit.block_size_of(m if qm else v)
+  if qm and qv and lowbit.block_size_of(v) != b:  # not from `init`: v decoded apart
+    v = lowbit.from_blocks(lowbit.decode_blocks(v, lowbit.block_size_of(v)), p.shape[-1]) ** 2
+    qv = False
+  n = p.shape[-1]
+  blocks = functools.partial(lowbit.to_blocks, b=b)
+
+  def moments(g, m, v, table=False):
+    """m_new and v_new in the block view, from the stored state."""
+    gb = blocks(grad(g))
+    m_old = lowbit.decode_blocks(m, b, table) if qm else blocks(m.astype(gb.dtype))
+    if qv:
+      s_old = lowbit.decode_blocks(v, b, table)
+      v_old = s_old * s_old
+    else:
+      v_old = blocks(v.astype(gb.dtype))
+    return b1 * m_old + (1 - b1) * gb, b2 * v_old + (1 - b2) * gb * gb
+
+  def apart(*xs):
+    return jax.lax.optimization_barrier(xs)
+
+  def recompute():
+    return tuple(lowbit.from_blocks(x, n) for x in moments(*apart(g, m, v)))
+
+  # The reduction's loop is scalar code on XLA:CPU, where a table lookup decodes
+  # faster than `decode_e4m3`'s integer operations; the other loops vectorise.
+  m_new, v_new = moments(g, m, v, table=True)
+  ops, kinds = [], []
+  if qm:
+    ops.append(jnp.abs(m_new))
+    kinds.append('max')
+  if qv:  # max sqrt(v) is sqrt(max v) exactly (sqrt is monotonic): one sqrt a block
+    ops.append(v_new)
+    kinds.append('max')
+  blockwise_sum = static.adapt[i] and not static.xla_partitioned[i]
+  if blockwise_sum:
+    u = direction(i, m_new, v_new, blocks(p))
+    if n % b:  # padded entries (0 / (0 + eps) may be NaN with eps = 0) count nothing
+      u = jnp.where(jnp.arange(u.shape[-2] * b).reshape(u.shape[-2:]) < n, u, 0)
+    ops.append(jnp.square(u.astype(acc)))
+    kinds.append('add')
+
+  def combine(x, y):
+    return tuple(jnp.maximum(a, c) if k == 'max' else a + c for a, c, k in zip(x, y, kinds))
+
+  inits = tuple(jnp.zeros((), x.dtype) for x in ops)
+  reduced = list(jax.lax.reduce(tuple(ops), inits, combine, (m_new.ndim - 1,)))
+
+  new_m = new_v = None
+  if qm:
+    amax = reduced.pop(0)
+    g1, m1, v1, amax1 = apart(g, m, v, amax)
+    codes = lowbit.encode_blocks(moments(g1, m1, v1)[0], amax1, floor_tiny=False)
+    new_m = lowbit.QuantizedMoment(lowbit.from_blocks(codes, n), lowbit.scales_of(amax))
+  if qv:
+    amax = jnp.sqrt(reduced.pop(0))
+    g1, m1, v1, amax1 = apart(g, m, v, amax)
+    codes = lowbit.encode_blocks(jnp.sqrt(moments(g1, m1, v1)[1]), amax1, floor_tiny=True)
+    new_v = lowbit.QuantizedMoment(lowbit.from_blocks(codes, n), lowbit.scales_of(amax))
+  if new_m is None or new_v is None:
+    m_full, v_full = recompute()
+    new_m = m_full.astype(m.dtype) if new_m is None else new_m
+    new_v = v_full.astype(v.dtype) if new_v is None else new_v
+
+  sums = None
+  if blockwise_sum:
+    p_sq = jnp.sum(jnp.square(p.astype(acc)))
+    sums = tuple(jnp.pad(x[None], (0, _ROWS - 1)) for x in (p_sq, jnp.sum(reduced.pop(0))))
+  elif static.adapt[i]:  # XLA partitions this leaf: plain sums (see `_sumsq_pair`)
+    sums = _sumsq_pair(p, direction(i, *recompute(), p), acc)
+  return recompute, new_m, new_v, sums
 
 
 def scale_by_lamb(

@@ -39,6 +39,31 @@ def _grads(params, steps, seed=1, scale=1.0):
 # ----------------------------------------------------------------------------- the code maps
 
 
+def test_integer_e4m3_codec_is_bit_exact_against_xla_converts():
+  """`encode_e4m3`/`decode_e4m3` (integer operations, which XLA:CPU vectorises) and the
+  table decoder give exactly XLA's f32 <-> float8_e4m3fn converts (ties to even)."""
+  codes = np.arange(256, dtype=np.uint8)
+  codes = codes[(codes & 0x7F) != 0x7F]  # 0x7f and 0xff are NaN: never written (|y| <= 448)
+  as_int8 = jnp.asarray(codes.view(np.int8))
+  want = jax.lax.bitcast_convert_type(as_int8, jnp.float8_e4m3fn).astype(jnp.float32)
+  bits = lambda x: np.asarray(x).view(np.uint32)
+  np.testing.assert_array_equal(bits(jax.jit(lowbit.decode_e4m3)(as_int8)), bits(want))
+  np.testing.assert_array_equal(bits(jax.jit(lowbit.decode_e4m3_table)(as_int8)), bits(want))
+  # Encoding: random values over the whole range, every code, every midpoint between
+  # codes (the ties) and the floats next to them, signed zeros, both ends.
+  rng = np.random.default_rng(0)
+  pos = np.sort(np.asarray(want)[np.asarray(want) >= 0]).astype(np.float32)
+  mids = ((pos[1:].astype(np.float64) + pos[:-1]) / 2).astype(np.float32)
+  x = np.concatenate([
+      rng.uniform(-448, 448, 200_000),
+      np.exp(rng.uniform(np.log(1e-12), np.log(448), 200_000)) * rng.choice([-1, 1], 200_000),
+      pos, -pos, mids, -mids, np.nextafter(mids, np.float32(0)), np.nextafter(mids, np.float32(448)),
+      [0.0, -0.0, 448.0, -448.0]]).astype(np.float32)
+  x = jnp.asarray(x)
+  want = jax.lax.bitcast_convert_type(x.astype(jnp.float8_e4m3fn), jnp.int8)
+  np.testing.assert_array_equal(np.asarray(jax.jit(lowbit.encode_e4m3)(x)), np.asarray(want))
+
+
 def test_signed_map_keeps_2_to_the_minus_4_relative_precision_within_a_block():
   rng = np.random.default_rng(0)
   # Each row a block of 128 spanning 6 orders of magnitude, with both signs.
@@ -112,7 +137,9 @@ def test_a_step_is_float_lamb_from_the_decoded_state(on_mesh):
   uf, sf = jax.jit(txf.update)(grads[3], decoded, params)
   for k in params:
     np.testing.assert_allclose(u8[k], uf[k], rtol=2e-5, atol=1e-9, err_msg=k)
-  np.testing.assert_allclose(s8[0].trust_ratio, sf[0].trust_ratio, rtol=2e-6)
+  # The 8-bit step sums ||p||^2 and ||u||^2 block by block (float steps: in 8 rows),
+  # so the two float32 sums differ in the order of their additions only.
+  np.testing.assert_allclose(s8[0].trust_ratio, sf[0].trust_ratio, rtol=1e-5)
   # ... and its new codes are the float step's new moments, encoded.
   d8 = lamb_sharded.dequantize_moments(s8[0])
   np.testing.assert_allclose(d8.mu['w'], lowbit.dequantize_signed(
@@ -248,13 +275,16 @@ def test_orbax_restore_onto_another_block_layout_requantizes_within_one_rounding
 # to the 8-bit one's decoded state after every step): here float32 LAMB steps from the
 # decoded 8-bit state, and at every step
 #   * the update is float LAMB's to UPDATE_RTOL (it is computed from float moments:
-#     only the storage is 8-bit, so the trust ratio is exact);
+#     only the storage is 8-bit, so the trust ratio is LAMB's; the two steps differ
+#     only in the order of the float32 additions of ||p||^2 and ||u||^2: the 8-bit
+#     step sums block by block, the float step in 8 long rows, which on 1024x4097 is
+#     3.5e-4 off a float64 reference where the blockwise sums are 7e-6 off);
 #   * the new 8-bit moments decode to the float step's new moments within one E4M3
 #     rounding: max |m8 - m32| <= 2^-4 max |m32| (same for sqrt v), mean relative
 #     error <= MEAN_REL (bitsandbytes: mean relative param error < 6e-4, at most 20
 #     state entries outside atol 3e-3 / rtol 1e-3).
 SYNC_STEPS = 50
-UPDATE_RTOL = 1e-5
+UPDATE_RTOL = 5e-4
 MEAN_REL = 0.03
 
 
