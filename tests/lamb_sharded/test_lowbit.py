@@ -373,3 +373,26 @@ def test_state_bytes_per_parameter_for_a_bert_base_model():
   assert per_param['float32'] == 8
   assert per_param['int8'] <= 2.1  # m + v, scales and the float32 small leaves included
   assert 4 + per_param['int8'] <= 6.1  # params + state
+
+
+@pytest.mark.parametrize('kw', [dict(mu_dtype='int8'), dict(nu_dtype='int8'),
+                                dict(mu_dtype='int8', nu_dtype=jnp.bfloat16),
+                                dict(**INT8, eps=0.0, max_grad_norm=0.5)],
+                         ids=['mu only', 'nu only', 'mu int8 nu bf16', 'eps 0 and clipping'])
+def test_either_moment_alone_and_a_padded_tail_step_like_float_lamb(kw):
+  """One 8-bit moment beside a float one, and a row of 300 (its last block padded) with
+  eps = 0: the update is float LAMB's from the decoded state, and finite."""
+  params = {'w': jax.random.normal(jax.random.key(0), (64, 300)), 'b': jnp.ones((5,))}
+  float_kw = {k: v for k, v in kw.items() if k in ('eps', 'max_grad_norm')}
+  tx8 = lamb_sharded.lamb(1e-2, weight_decay=0.01, min_quantized_size=1, **kw)
+  txf = lamb_sharded.lamb(1e-2, weight_decay=0.01, **float_kw)
+  state = tx8.init(params)
+  for g in _grads(params, 3):
+    decoded = lamb_sharded.dequantize_moments(state[0])
+    decoded = decoded._replace(mu=jax.tree.map(lambda x: x.astype(jnp.float32), decoded.mu),
+                               nu=jax.tree.map(lambda x: x.astype(jnp.float32), decoded.nu))
+    u8, state = jax.jit(tx8.update)(g, state, params)
+    uf, _ = jax.jit(txf.update)(g, (decoded, state[1]), params)
+    for k in params:
+      assert bool(jnp.all(jnp.isfinite(u8[k])))
+      np.testing.assert_allclose(u8[k], uf[k], rtol=2e-5, atol=1e-7, err_msg=k)
