@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service import runtime
 from service.core import coordination, persistence
 from svc import running_server
 
@@ -113,7 +114,7 @@ class _SlowLeader(coordination.MemoryStore):
 def test_a_slow_checkpoint_vote_holds_no_other_call_on_a_follower(tmp_path, monkeypatch):
   store = _SlowLeader()
   follower = coordination.Job(store, 1, 2, part_timeout_s=0.5, poll_s=0.01)
-  monkeypatch.setattr(coordination, 'current', lambda: follower)
+  monkeypatch.setattr(runtime, 'coordination', lambda: follower)  # what the server takes
   with running_server(devices=1, checkpoint_dir=str(tmp_path), checkpoint_every_steps=1,
                       async_checkpoints=False) as (running, client):
     assert client.initialize(P0) == 'a1b2c3'  # the leader's id
