@@ -139,10 +139,10 @@ class ModelPlan:
   def moment_layout(self) -> Optional[list]:
     """Per leaf, the shape of its 8-bit first moment's scales (None: a float moment); None
     with float moments. A checkpoint records it: its block sizes follow from the mesh."""
-    state = self.abstract_state()['opt_state'][0]
-    if not any(_is_moment(m) for m in state.mu):
+    layout = _layout(self.abstract_state()['opt_state'][0])  # None: not LAMB's state
+    if layout is None or not any(shape is not None for shape in layout):
       return None
-    return [list(m.scales.shape) if _is_moment(m) else None for m in state.mu]
+    return [list(shape) if shape is not None else None for shape in layout]
 
   def place(self, host_params: Sequence[np.ndarray]) -> ModelState:
     """The initial state on the mesh from host params: row-major, one per leaf, each the

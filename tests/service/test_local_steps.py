@@ -179,3 +179,17 @@ def test_a_checkpoint_of_another_optimizer_is_refused_in_one_line(tmp_path):
   lines = [l for l in proc.stderr.splitlines() if 'error:' in l]
   assert len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
   assert 'written with --optimizer lamb, and this server has --optimizer nesterov' in lines[0]
+
+
+@pytest.mark.parametrize('outer', ['nesterov', 'sgd'])
+def test_a_server_with_an_outer_optimizer_saves_and_restores_its_checkpoint(tmp_path, outer):
+  """A checkpoint of nesterov's or sgd's state is written and restored (not only LAMB's)."""
+  ckpt = str(tmp_path / 'ckpt')
+  params = {'w': np.arange(4, dtype=np.float32)}
+  with running_server(devices=1, checkpoint_dir=ckpt, **OUTER[outer]) as (_, client):
+    client.initialize(params)
+    assert client.save_checkpoint(wait=True)[0] == 0
+  with running_server(devices=1, checkpoint_dir=ckpt, **OUTER[outer]) as (_, client):
+    restored = client.pull(like=params)
+    assert restored.step == 0
+    np.testing.assert_array_equal(restored.params['w'], params['w'])
