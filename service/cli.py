@@ -172,13 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
 
   study = sub.add_parser(
       'study', help='a study of the optimizer on a real task: large-batch (LAMB against '
-      'AdamW as the global batch grows; docs/studies.md)')
-  study.add_argument('name', choices=('large-batch',), help='which study')
-  from studies import large_batch  # pylint: disable=import-outside-toplevel  # no JAX yet
-  large_batch.add_flags(study)
+      'AdamW as the global batch grows; docs/studies.md), diloco (local steps and outer '
+      'optimizers through the service; docs/study-diloco.md)')
+  studies = study.add_subparsers(dest='name', required=True, parser_class=_Parser,
+                                 metavar='{large-batch,diloco}')
+  from studies import diloco, large_batch  # pylint: disable=import-outside-toplevel  # no JAX
+  large_batch.add_flags(studies.add_parser(
+      'large-batch', help='LAMB against AdamW as the global batch grows'))
+  diloco.add_flags(studies.add_parser(
+      'diloco', help='K workers taking local steps (DiLoCo): communication against loss'))
+  study.studies = studies.choices
   for name, command in sub.choices.items():
     if name != 'serve':  # serve's flags say their defaults (service.config.add_flags)
       _show_defaults(command)
+  for command in studies.choices.values():
+    _show_defaults(command)
   return parser
 
 
@@ -360,9 +368,10 @@ def _demo(args) -> int:  # the server process simulates the devices, not this on
                   resume=args.resume, seed=args.seed, compression=args.compression)
 
 
-def _study(args) -> int:  # one study so far: large-batch
-  from studies import large_batch  # pylint: disable=import-outside-toplevel
-  large_batch.run(large_batch.config_from_args(args))
+def _study(args) -> int:
+  from studies import diloco, large_batch  # pylint: disable=import-outside-toplevel
+  study = {'large-batch': large_batch, 'diloco': diloco}[args.name]
+  study.run(study.config_from_args(args))
   return 0
 
 

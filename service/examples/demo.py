@@ -210,16 +210,18 @@ class _Run:
 
   def __init__(self, out: str, workers: int, devices: int, steps: int, batch_size: int,
                seed: int, compression: str = 'none', model: str = MODEL,
-               quorum: Optional[int] = None):
+               quorum: Optional[int] = None, worker_args: tuple[str, ...] = ()):
     self.out, self.num_workers, self.devices = out, workers, devices
     self.steps, self.batch_size, self.seed = steps, batch_size, seed
     self.compression = compression
     self.model = model  # the workers' --model
+    self.worker_args = tuple(worker_args)  # more flags of every worker (e.g. --local-steps)
     self.quorum = max(1, workers - 1) if quorum is None else quorum  # the server's --quorum
     self.logs = os.path.join(out, 'logs')
     self.server: Optional[subprocess.Popen] = None
     self.server_log = os.path.join(self.logs, 'server.log')
     self.address = ''
+    self.metrics_port: Optional[int] = None  # the server's Prometheus port, if it serves one
     self.workers: dict[int, _Worker] = {}
     self.pids: dict[str, Any] = {'server': None, 'workers': []}
     self.events: queue.Queue = queue.Queue()
@@ -273,6 +275,8 @@ class _Run:
       raise DemoError(f'the server did not start ({_exit_status(self.server.returncode)}); '
                       f'the end of {self.server_log}:\n{_tail(self.server_log)}')
     self.address = f'127.0.0.1:{m.group(2)}'
+    metrics = re.search(r'metrics: port (\d+)', first)
+    self.metrics_port = int(metrics.group(1)) if metrics else None
 
   def start_worker(self, index: int) -> _Worker:
     """Starts worker `index`; before the server's address is known, with `--server -`."""
@@ -283,7 +287,7 @@ class _Run:
            '--worker-index', str(index), '--num-workers', str(self.num_workers),
            '--steps', str(self.steps), '--batch-size', str(self.batch_size // self.num_workers),
            '--model', self.model, '--seed', str(self.seed), '--progress', '--lifeline',
-           '--log-level', 'WARNING', '--compression', self.compression],
+           '--log-level', 'WARNING', '--compression', self.compression, *self.worker_args],
           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
           env=_child_env(simulated_devices=False), start_new_session=True)
     reader = threading.Thread(target=self._read_worker, args=(index, proc, log_path),
