@@ -15,10 +15,11 @@ of examples:
 2. DiLoCo at H in `--local-steps` (10, 50): each worker takes H steps of AdamW (a
    constant `--inner-lr`, its state kept across rounds) and pushes Δ = θ_pulled −
    θ_worker; the server's outer optimizer is nesterov (lr 0.7, momentum 0.9: DiLoCo's),
-   sgd (lr 1: averaging) or lamb -- at `--lamb-lrs` (LAMB's step is lr × ‖w‖ per leaf
-   whatever the size of Δ, so its lr is not DiLoCo's), and at the best of them with
-   LAMB's trust ratio fixed at 1 for the biases and LayerNorm vectors
-   (`--exclude-from-layer-adaptation`), the leaves that start at 0 or 1;
+   sgd (lr 1: averaging) or lamb -- at `--lamb-lrs` × H / 10 (LAMB's step is lr × ‖w‖
+   per leaf whatever the size of Δ, so its lr is not DiLoCo's, and a round of H steps
+   needs an lr ∝ H), one more 3x past an edge of that grid that holds the best, and at
+   the best of them with LAMB's trust ratio fixed at 1 for the biases and LayerNorm
+   vectors (`--exclude-from-layer-adaptation`), the leaves that start at 0 or 1;
 3. the best of (2) at each H with int8 and int4 pseudo-gradients (error feedback, the
    client's default), both with bfloat16 pulls.
 
@@ -62,7 +63,8 @@ class DilocoConfig:
   local_steps: tuple[int, ...] = (10, 50)
   inner_lr: float = 1e-3
   nesterov: tuple[float, float] = (0.7, 0.9)
-  lamb_lrs: tuple[float, ...] = (0.003, 0.01)
+  lamb_lrs: tuple[float, ...] = (0.003, 0.01, 0.03)  # at H = 10; x H / 10 at another H
+  extend: int = 1  # more lamb lrs (x3) past a grid edge that holds the best
   outers: tuple[str, ...] = ('nesterov', 'sgd', 'lamb')  # the outer optimizers of (2)
   codecs: tuple[str, ...] = ('int8', 'int4')  # the pushes of (3), with bfloat16 pulls
   seeds: int = 2
@@ -116,8 +118,13 @@ class Study:
     from studies.diloco_runs import Method  # pylint: disable=import-outside-toplevel
     lr, momentum = self.config.nesterov
     methods = {'nesterov': [Method(h, 'nesterov', lr, momentum)], 'sgd': [Method(h, 'sgd', 1.0)],
-               'lamb': [Method(h, 'lamb', lr) for lr in self.config.lamb_lrs]}
+               'lamb': [Method(h, 'lamb', lr) for lr in self.lamb_lrs(h)]}
     return [m for outer in self.config.outers for m in methods[outer]]
+
+  def lamb_lrs(self, h: int) -> list[float]:
+    """Outer LAMB's grid at H = h: `lamb_lrs` x h / 10. LAMB moves each leaf by lr x its
+    norm a round, whatever the size of Δ: the same rate per inner step needs lr ∝ H."""
+    return [float(f'{lr * h / LAMB_LR_AT_H:.3g}') for lr in self.config.lamb_lrs]
 
   def planned_steps(self) -> int:
     """Inner steps of every planned run (the progress bar's total)."""
@@ -137,7 +144,8 @@ class Study:
     best = {}
     for h in c.local_steps:
       runs = [self._train(m, 0, 'outer') for m in self.outer_methods(h)]
-      if 'lamb' in c.outers:  # LAMB's other form, at its best lr
+      if 'lamb' in c.outers:  # past an edge of the grid if the best is there; the other form
+        runs += self._extend_lamb(h, [r for r in runs if r.method.outer == 'lamb'])
         lamb = min((r for r in runs if r.method.outer == 'lamb'), key=_score)
         runs.append(self._train(dataclasses.replace(lamb.method, exclude_biases=True), 0,
                                 'outer'))
@@ -157,6 +165,24 @@ class Study:
                         and r.method.local_steps == h and r.method.outer == outer
                         and r.method.codec == 'none'), key=_score)
           self._train(chosen.method, 0, 'outer', 'longer')
+
+
+  def _extend_lamb(self, h: int, runs: list) -> list:
+    """LAMB runs at 3x past the edge of the grid, while the best lies on it (`extend` times)."""
+    from studies.diloco_runs import Method  # pylint: disable=import-outside-toplevel
+    more = []
+    for _ in range(self.config.extend):
+      tried = sorted(runs + more, key=lambda r: r.method.lr)
+      best = min(tried, key=_score)
+      if len(tried) < 2 or best not in (tried[0], tried[-1]):
+        break
+      lr = tried[0].method.lr / 3 if best is tried[0] else tried[-1].method.lr * 3
+      self._expect(self.config.steps)
+      more.append(self._train(Method(h, 'lamb', float(f'{lr:.3g}')), 0, 'outer'))
+    return more
+
+
+LAMB_LR_AT_H = 10  # the H at which `lamb_lrs` are given
 
 
 def _score(run) -> float:
@@ -226,8 +252,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                       f'{",".join(map(str, d.local_steps))}; --quick 10); each must divide '
                       '--steps')
   parser.add_argument('--lamb-lrs', type=_float_list, default=None,
-                      help='outer LAMB learning rates (default '
-                      f'{",".join(map(str, d.lamb_lrs))})')
+                      help='outer LAMB learning rates at H=10, times H/10 at another H (default '
+                      f'{",".join(map(str, d.lamb_lrs))}; one more past an edge that holds the '
+                      'best)')
   parser.add_argument('--inner-lr', type=float, default=d.inner_lr,
                       help=f'the workers\' AdamW learning rate (default {d.inner_lr:g})')
   parser.add_argument('--sync-lr', type=float, default=d.sync_lr,

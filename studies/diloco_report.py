@@ -87,6 +87,8 @@ def findings(rows: list[dict]) -> dict:
   out: dict[str, Any] = {'within': {}, 'lamb_vs_nesterov': [], 'gap': []}
   for tol in TOLERANCES:
     ok = [r for r in rows if r['horizon'] == 'default' and r['vs_baseline'] <= tol]
+    if not ok:  # the baseline diverged
+      continue
     best = max(ok, key=lambda r: (r['ratio'], -r['mean']))
     out['within'][f'{tol:.0%}'] = {'ratio': best['ratio'], 'label': label(best),
                                    'vs_baseline': best['vs_baseline']}
@@ -229,8 +231,8 @@ def plot_loss_vs_bytes(summary: dict, path: str) -> None:
         ax.annotate(tag, (r['bytes'], r['mean']), textcoords='offset points', xytext=(5, 4),
                     fontsize=7)
     ax.set_xscale('log')
-    ax.set_xlabel('bytes pushed + pulled per worker (squares H=1, circles H=10, '
-                  'triangles H=50; hollow: int8/int4 + bf16 pulls)', fontsize=8)
+    ax.set_xlabel('bytes pushed + pulled per worker (log)\n'
+                  '■ H=1, ● H=10, ▲ H=50; hollow: int8/int4 pushes + bf16 pulls', fontsize=8)
     ax.set_ylabel('held-out loss (nats/char)')
     top = min(max(r['mean'] for r in rows), (base['mean'] * 1.25) if base else math.inf)
     ax.set_ylim(top=top + 0.02)

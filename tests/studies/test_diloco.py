@@ -50,18 +50,25 @@ def test_a_usage_error_is_one_line_naming_the_flag(flags, flag):
 
 
 class _FakeTrainer:
-  """Held-out loss from a table of (outer, lr): the study's choices without training."""
+  """Held-out loss by method: the study's choices without training. Outer LAMB's best lr is
+  0.01 at H = 10 (the grid's centre) and 0.3 at H = 50 (past the grid's upper edge, 0.15)."""
 
-  LOSS = {('lamb', 0.02): 2.0, ('nesterov', 0.7): 2.03, ('sgd', 1.0): 2.1,
-          ('lamb', 0.003): 2.2, ('lamb', 0.01): 2.15}
+  LOSS = {'nesterov': 2.03, 'sgd': 2.1}
 
   def __init__(self):
     self.trained = []
 
+  def loss(self, m):
+    if m.local_steps == 1:
+      return 2.0
+    if m.outer == 'lamb':
+      best = 0.01 if m.local_steps == 10 else 0.3
+      return 2.15 + 0.1 * math.log(m.lr / best, 3) ** 2 - 0.2 * m.exclude_biases
+    return self.LOSS[m.outer] + 0.001 * m.local_steps / 10
+
   def train(self, run, init_params, on_step):
     m = run.method
-    run.heldout_loss = (self.LOSS[m.outer, m.lr] + 0.001 * m.local_steps / 10
-                        - 0.2 * m.exclude_biases + 0.01 * (m.codec != 'none'))
+    run.heldout_loss = self.loss(m) + 0.01 * (m.codec != 'none')
     run.rounds = run.steps // m.local_steps
     run.pushed_bytes, run.pulled_bytes = diloco_runs.expected_bytes([100], m, run.rounds)
     self.trained.append((run, init_params))
@@ -93,16 +100,20 @@ def test_the_study_runs_each_method_from_its_seeds_warm_start_and_the_bar_counts
   assert seed0[0] == Method(1, 'lamb', 0.02)  # (1)
   at_10 = [m for m in seed0 if m.local_steps == 10]
   # (2): nesterov, sgd, lamb at each lr, lamb's best lr without trust ratio on the biases
-  assert [(m.outer, m.lr, m.exclude_biases) for m in at_10[:5]] == [
+  assert [(m.outer, m.lr, m.exclude_biases) for m in at_10[:6]] == [
       ('nesterov', 0.7, False), ('sgd', 1.0, False), ('lamb', 0.003, False),
-      ('lamb', 0.01, False), ('lamb', 0.01, True)]
+      ('lamb', 0.01, False), ('lamb', 0.03, False), ('lamb', 0.01, True)]
   # (3): the best of (2) -- here lamb without trust ratio on the biases -- with the codecs
-  assert [(m.codec, m.pull_dtype) for m in at_10[5:]] == [('int8', 'bfloat16'),
+  assert [(m.codec, m.pull_dtype) for m in at_10[6:]] == [('int8', 'bfloat16'),
                                                           ('int4', 'bfloat16')]
-  assert all(m.outer == 'lamb' and m.exclude_biases for m in at_10[5:])
+  assert all(m.outer == 'lamb' and m.exclude_biases for m in at_10[6:])
+  # At H = 50 the grid is x5 (lr ∝ H), and its best on the upper edge extends it once, x3.
+  lamb_50 = [m.lr for m in seed0 if m.local_steps == 50 and m.outer == 'lamb'
+             and not m.exclude_biases and m.codec == 'none']
+  assert lamb_50 == [0.015, 0.05, 0.15, 0.45]
   seed1 = [r.method for r in study.runs if r.seed == 1]
-  assert seed1 == [Method(1, 'lamb', 0.02), at_10[4], dataclasses.replace(at_10[4],
-                                                                          local_steps=50)]
+  assert seed1 == [Method(1, 'lamb', 0.02), at_10[5],
+                   Method(50, 'lamb', 0.45, exclude_biases=True)]
   longer = [r for r in study.runs if r.horizon == 'longer']
   assert [r.steps for r in longer] == [400] * 5  # (1), and nesterov and lamb at each H
 
