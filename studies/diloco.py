@@ -27,8 +27,9 @@ Inner step k of the round from server step t trains on the batch of index t * H 
 so every method sees the same examples in the same order. The best of (1)'s and
 (2)'s rows are chosen on seed 0; the baseline and the best of (2) at each H are run
 again with more seeds (`--seeds`; the other rows: one seed, said so in the table). `--longer` adds the
-baseline and, at each H, the best nesterov and the best lamb at 4x the steps (one
-seed): does the gap shrink with the horizon?
+baseline and, at each H, the best nesterov, the best lamb and the codec rows of (3) at
+4x the steps (one seed, the learning rates chosen at the default horizon): does the
+gap shrink with the horizon?
 
 Bytes are the tensors' (no gRPC framing) per worker, computed exactly and checked
 against the server's Prometheus counters after every run.
@@ -131,8 +132,8 @@ class Study:
     c = self.config
     per_h = len(self.outer_methods(1)) + ('lamb' in c.outers) + len(c.codecs)  # (2), (3)
     runs = c.seeds + len(c.local_steps) * (per_h + c.seeds - 1)
-    longer = ((1 + len(c.local_steps) * len({'nesterov', 'lamb'} & set(c.outers))) * LONGER
-              if c.longer else 0)
+    longer = ((1 + len(c.local_steps) * (len({'nesterov', 'lamb'} & set(c.outers))
+                                         + len(c.codecs))) * LONGER if c.longer else 0)
     return (runs + longer) * c.steps
 
   def run_all(self) -> None:
@@ -165,6 +166,9 @@ class Study:
                         and r.method.local_steps == h and r.method.outer == outer
                         and r.method.codec == 'none'), key=_score)
           self._train(chosen.method, 0, 'outer', 'longer')
+        for codec in c.codecs:
+          self._train(dataclasses.replace(best[h], codec=codec, pull_dtype='bfloat16'), 0,
+                      'codec', 'longer')
 
 
   def _extend_lamb(self, h: int, runs: list) -> list:
@@ -263,8 +267,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                       help=f'seeds of the baseline and the best rows (default {d.seeds}; '
                       f'--quick {QUICK["seeds"]})')
   parser.add_argument('--longer', action='store_true',
-                      help=f'also train the baseline and the best nesterov and lamb of each H '
-                      f'at {LONGER}x the steps (default: not)')
+                      help=f'also train the baseline, and the best nesterov, the best lamb and '
+                      f'the codec rows of each H, at {LONGER}x the steps (default: not)')
   parser.add_argument('--no-progress', dest='progress', action='store_false',
                       help='no progress bar (default: one on stderr)')
 

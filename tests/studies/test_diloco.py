@@ -115,7 +115,9 @@ def test_the_study_runs_each_method_from_its_seeds_warm_start_and_the_bar_counts
   assert seed1 == [Method(1, 'lamb', 0.02), at_10[5],
                    Method(50, 'lamb', 0.45, exclude_biases=True)]
   longer = [r for r in study.runs if r.horizon == 'longer']
-  assert [r.steps for r in longer] == [400] * 5  # (1), and nesterov and lamb at each H
+  assert [r.steps for r in longer] == [400] * 9  # (1); nesterov, lamb and (3) at each H
+  assert [r.method.codec for r in longer if r.method.local_steps == 50] == [
+      'none', 'none', 'int8', 'int4']
 
 
 def test_the_bytes_the_study_computes_are_the_servers_counters(tmp_path):
