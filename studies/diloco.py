@@ -24,11 +24,11 @@ of examples:
    client's default), both with bfloat16 pulls.
 
 Inner step k of the round from server step t trains on the batch of index t * H + k,
-so every method sees the same examples in the same order. The best of (1)'s and
-(2)'s rows are chosen on seed 0; the baseline and the best of (2) at each H are run
-again with more seeds (`--seeds`; the other rows: one seed, said so in the table). `--longer` adds the
-baseline and, at each H, the best nesterov, the best lamb and the codec rows of (3) at
-4x the steps (one seed, the learning rates chosen at the default horizon): does the
+so every method sees the same examples in the same order. The best of (2)'s sweeps
+is chosen on seed 0; the baseline and the best of (2) at each H are run again with
+more seeds (`--seeds`; the other rows: one seed, said so in the table). `--longer`
+adds the baseline and, at each H, the best nesterov, the best lamb and the codec rows
+of (3) at 4x the steps (one seed, the learning rates chosen at the default horizon): does the
 gap shrink with the horizon?
 
 Bytes are the tensors' (no gRPC framing) per worker, computed exactly and checked

@@ -142,8 +142,8 @@ def table_text(summary: dict) -> str:
         f'{row["seeds"]} | {row["rounds"]} | {_fmt_bytes(row["pushed_bytes"])} + '
         f'{_fmt_bytes(row["pulled_bytes"])} | {row["ratio"]:.1f}x | {row["wall_s"]:.0f} |')
   f = summary['findings']
-  lines += ['', f'Bytes: tensor bytes per worker, computed; the server\'s counters '
-            f'{"agree for every run" if summary["bytes_match"] else "DISAGREE (see results.json)"}.',
+  agree = 'agree for every run' if summary['bytes_match'] else 'DISAGREE (see results.json)'
+  lines += ['', f'Bytes: tensor bytes per worker, computed; the server\'s counters {agree}.',
             f'Warm-up: {summary["warmup"]["steps"]} synchronous LAMB steps in-process, held-out '
             f'loss {summary["warmup"]["heldout_loss"]:.3f} (mean over seeds).', '']
   for best in f['within']:
