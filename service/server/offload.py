@@ -84,6 +84,22 @@ class Lane:
     """`fn(*args)` on the pool, after the lane's earlier calls; its result."""
     return await asyncio.shield(self.then(fn, *args))
 
+  async def open(self, fn: Callable[..., Any], *args,
+                 close: Callable[[Any], Any] = lambda opened: opened.close()) -> Any:
+    """`run(fn, *args)` for a call that opens something (a push's session, an
+    initialisation's claim): if the RPC is cancelled while the call runs, what it opens
+    is closed on the lane once it exists -- else nobody would, and its slot would stay
+    taken for good."""
+    future = self.then(fn, *args)
+    try:
+      return await asyncio.shield(future)
+    except asyncio.CancelledError:
+      def orphan(done: asyncio.Future) -> None:
+        if not done.cancelled() and done.exception() is None:
+          self.then(close, done.result())
+      future.add_done_callback(orphan)
+      raise
+
   def then(self, fn: Callable[..., Any], *args) -> asyncio.Future:
     """Schedules `fn(*args)` on the pool once the lane's last call has ended (whether
     or not anyone still awaits it); the future of its result."""

@@ -222,7 +222,7 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       if not specs:
         raise InvalidArgument('header.leaves is empty')
       limits.expect(sum(s.nbytes for s in specs), self._engine.config.min_push_bytes_per_second)
-      session = await lane.run(self._engine.open_init, specs, header.init_id)
+      session = await lane.open(self._engine.open_init, specs, header.init_id)
       try:
         receiver = ChunkReceiver(specs, 'InitializeModel', session.sink)
         try:
@@ -313,7 +313,7 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       while True:
         changed = self._watch.changed()
         try:
-          return await lane.run(self._engine.open_push, header, 0)
+          return await lane.open(self._engine.open_push, header, 0)
         except ResourceExhausted as e:
           left = deadline - time.monotonic()
           if e.reason != 'busy' or left <= 0:

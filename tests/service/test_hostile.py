@@ -623,3 +623,45 @@ def test_one_initialisation_at_a_time_the_others_already_exists_at_once():
   assert step == 0
   for k, v in params.items():
     np.testing.assert_array_equal(got[k], v)
+
+
+def _slowly(fn, opened: threading.Event, delay_s: float):
+  """`fn`, whose result comes `delay_s` after it is made (`opened` set then): a window in
+  which the client's cancel reaches the RPC while the pool still holds what it opened."""
+  def slow(*args):
+    result = fn(*args)
+    opened.set()
+    threading.Event().wait(delay_s)
+    return result
+  return slow
+
+
+def test_a_push_cancelled_while_it_is_admitted_frees_its_slot(monkeypatch):
+  with running_server(devices=1, num_workers=2) as (running, client):
+    client.initialize({'w': np.zeros(64, np.float32)})
+    opened = threading.Event()
+    monkeypatch.setattr(running.engine, 'open_push',
+                        _slowly(running.engine.open_push, opened, 1.0))
+    msgs = push_messages(leaves=[("['w']", np.ones(64, np.float32))], worker_id='w0',
+                         chunk_bytes=8)
+    call = stub(running.port).PushGradients.future(iter(msgs), timeout=30)
+    assert opened.wait(10) and running.engine.pushes_in_flight == 1
+    call.cancel()  # while the session is still on its way to the RPC
+    until(lambda: running.engine.pushes_in_flight == 0, timeout=10)
+    assert running.engine.inflight_bytes == 0
+
+
+def test_an_initialisation_cancelled_while_it_is_admitted_lets_another_one_in(monkeypatch):
+  with running_server(devices=1) as (running, client):
+    opened = threading.Event()
+    open_init = running.engine.open_init
+    monkeypatch.setattr(running.engine, 'open_init', _slowly(open_init, opened, 1.0))
+    msgs = [pb.InitializeModelRequest(header=pb.InitializeModelHeader(
+        leaves=[spec("['w']", (64,))], init_id='first'))]
+    call = stub(running.port).InitializeModel.future(iter(msgs), timeout=30)
+    assert opened.wait(10)
+    call.cancel()
+    monkeypatch.setattr(running.engine, 'open_init', open_init)
+    until(lambda: running.engine._init_claim is None, timeout=10)  # pylint: disable=protected-access
+    client.initialize({'w': np.zeros(64, np.float32)})  # not "another is being received"
+    assert client.describe().initialized
