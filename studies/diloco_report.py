@@ -15,6 +15,8 @@ import os
 import statistics
 from typing import Any
 
+from studies import report
+
 COLORS = {'sync': 'black', 'nesterov': 'tab:blue', 'lamb': 'tab:red', 'sgd': 'tab:green'}
 MARKERS = {1: 's', 10: 'o', 50: '^'}
 TOLERANCES = (0.02, 0.05)  # the issue's goal, and its fallback
@@ -185,7 +187,7 @@ def write(config, task, warm_runs, runs, out: str, wall_s: float) -> dict:
       'files': files,
   }
   with open(files[0], 'w', encoding='utf-8') as fh:
-    json.dump(summary, fh, indent=1, default=_jsonable)
+    json.dump(summary, fh, indent=1, default=report.jsonable)
     fh.write('\n')
   with open(files[1], 'w', encoding='utf-8') as fh:
     fh.write(table_text(summary) + '\n')
@@ -194,20 +196,9 @@ def write(config, task, warm_runs, runs, out: str, wall_s: float) -> dict:
   return summary
 
 
-def _jsonable(x):
-  return float(x) if hasattr(x, '__float__') else str(x)
-
-
-def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
-
-
 def plot_loss_vs_bytes(summary: dict, path: str) -> None:
   """Held-out loss against the bytes each worker communicated; one panel per horizon."""
-  plt = _pyplot()
+  plt = report.pyplot()
   horizons = [h for h in ('default', 'longer') if any(r['horizon'] == h for r in summary['rows'])]
   fig, axes = plt.subplots(1, len(horizons), figsize=(6.4 * len(horizons), 4.4), dpi=100,
                            squeeze=False)
@@ -251,7 +242,7 @@ def plot_loss_vs_bytes(summary: dict, path: str) -> None:
 
 def plot_curves(summary: dict, path: str) -> None:
   """Training loss (the workers' mean) against inner steps: (1) and the best of each H."""
-  plt = _pyplot()
+  plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
   rows = [r for r in summary['rows'] if r['horizon'] == 'default']
   chosen = [r for r in rows if r['local_steps'] == 1]

@@ -31,14 +31,13 @@ import math
 import os
 import time
 import urllib.request
-import warnings
 from typing import Callable
 
 import numpy as np
-import yaml
 
 from service.examples import demo
 from service.examples.demo import _Run as _Processes  # pylint: disable=protected-access
+from studies import service_runs
 from studies.train import Recipe, record_losses
 
 OUTER = ('lamb', 'nesterov', 'sgd')
@@ -233,45 +232,16 @@ class LocalStepsTrainer:
 
   def _train(self, state, run: DilocoRun, init_params: str, on_step):
     from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
-    os.makedirs(state.logs, exist_ok=True)
-    config_path = os.path.join(state.out, 'server.yaml')
-    with open(config_path, 'w', encoding='utf-8') as fh:
-      yaml.safe_dump(self.server_config(run, init_params), fh, sort_keys=False)
-    with warnings.catch_warnings():
-      # JAX warns at every fork of a process where it runs; the children exec at once.
-      warnings.filterwarnings('ignore', r'os\.fork\(\) was called', RuntimeWarning)
-      state.start_server(config_path, 0, os.path.join(state.out, 'checkpoints'))
-      for w in range(self.workers):
-        state.start_worker(w)
-    state.wait_for_server()
-    state.tell_workers_the_address()
+    service_runs.start_processes(state, self.server_config(run, init_params), self.workers)
     like = self.task.init(0)
     h = run.method.local_steps
     with OptimizerClient(state.address, timeout=60) as client:
       client.describe(wait_for_ready=True, timeout=60)
       state.wait_until_ready()
-      step, last = 0, time.monotonic()
-      while step < state.steps:
-        reached, _ = client.wait_for_step(step + 1, timeout=1.0)
-        state.handle_events()
-        if reached > step:
-          on_step((reached - step) * h)
-          step, last = reached, time.monotonic()
-          state.server_step = step
-        elif time.monotonic() - last > demo.STALL_TIMEOUT_S:
-          raise demo.DemoError(f'no step applied for {demo.STALL_TIMEOUT_S:g} s (at step '
-                               f'{step}); see {state.logs}')
+      service_runs.follow_steps(state, client, state.steps, lambda n: on_step(n * h))
       pulled = client.pull(like=like)
-      deadline = time.monotonic() + 60  # every worker pulls the last step and exits
-      while any(w.proc.poll() is None for w in state.workers.values()):
-        if time.monotonic() > deadline:
-          raise demo.DemoError(f'workers still running 60 s after the last step; see '
-                               f'{state.logs}')
-        state.handle_events(timeout=0.5)
+      service_runs.await_workers(state)  # their last pulls counted before the metrics are read
       measured = read_metrics(state.metrics_port) if state.metrics_port else {}
-    for w in state.workers.values():
-      w.reader.join(timeout=10)
-    state.handle_events()
     if measured:  # per worker, less this process's own final pull (float32)
       measured['pulled_per_worker'] = (measured['sent_pull_bytes']
                                        - 4 * sum(self.sizes)) / self.workers

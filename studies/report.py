@@ -125,7 +125,7 @@ def write(config, task, mesh, plan, runs, out: str, wall_s: float) -> dict:
       'files': files,
   }
   with open(files[0], 'w', encoding='utf-8') as fh:
-    json.dump(summary, fh, indent=1, default=_jsonable)
+    json.dump(summary, fh, indent=1, default=jsonable)
     fh.write('\n')
   with open(files[1], 'w', encoding='utf-8') as fh:
     fh.write(table_text(summary) + '\n')
@@ -134,11 +134,13 @@ def write(config, task, mesh, plan, runs, out: str, wall_s: float) -> dict:
   return summary
 
 
-def _jsonable(x):
+def jsonable(x):
+  """A value JSON cannot write (a NumPy number, ...), as one it can."""
   return float(x) if hasattr(x, '__float__') else str(x)
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib's pyplot, drawing to files (no display)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -147,7 +149,7 @@ def _pyplot():
 
 def plot_heldout(summary: dict, path: str) -> None:
   """Held-out loss against the batch, one line per optimizer; one panel per view."""
-  plt = _pyplot()
+  plt = pyplot()
   views = [v for v in VIEWS if any(r['view'] == v for r in summary['rows'])]
   fig, axes = plt.subplots(1, len(views), figsize=(5.2 * len(views), 3.8), dpi=100,
                            squeeze=False)
@@ -180,7 +182,7 @@ def plot_heldout(summary: dict, path: str) -> None:
 
 def plot_curves(summary: dict, path: str) -> None:
   """Training loss against characters seen, best lr and seed 0 of each (optimizer, batch)."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
   rows = [r for r in summary['rows'] if r['view'] == 'epochs' and r['optimizer'] != 'optax_lamb']
   batches = sorted({r['batch'] for r in rows})

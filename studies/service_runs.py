@@ -70,42 +70,61 @@ class ServiceTrainer:
 
   def _train(self, state, run: Run, on_step):
     from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
-    os.makedirs(state.logs, exist_ok=True)
-    config_path = os.path.join(state.out, 'server.yaml')
-    with open(config_path, 'w', encoding='utf-8') as fh:
-      yaml.safe_dump(self.server_config(run), fh, sort_keys=False)
-    with warnings.catch_warnings():
-      # JAX warns at every fork of a process where it runs; the children here exec at once
-      # (the server's preexec_fn only calls prctl, looked up before the fork).
-      warnings.filterwarnings('ignore', r'os\.fork\(\) was called', RuntimeWarning)
-      state.start_server(config_path, 0, os.path.join(state.out, 'checkpoints'))
-      for w in range(self.workers):
-        state.start_worker(w)
-    state.wait_for_server()
-    state.tell_workers_the_address()
+    start_processes(state, self.server_config(run), self.workers)
     init = self.task.init(run.seed)
     with OptimizerClient(state.address, timeout=60) as client:
       client.describe(wait_for_ready=True, timeout=60)
       state.wait_until_ready()
       client.initialize(init)
-      step, last = 0, time.monotonic()
-      while step < run.steps:
-        reached, _ = client.wait_for_step(step + 1, timeout=1.0)
-        state.handle_events()
-        if reached > step:
-          on_step(reached - step)
-          step, last = reached, time.monotonic()
-          state.server_step = step
-        elif time.monotonic() - last > demo.STALL_TIMEOUT_S:
-          raise demo.DemoError(f'no step applied for {demo.STALL_TIMEOUT_S:g} s (at step '
-                               f'{step}); see {state.logs}')
+      follow_steps(state, client, run.steps, on_step)
       pulled = client.pull(like=init)
-    deadline = time.monotonic() + 60  # every worker pulls the last step and exits
-    while any(w.proc.poll() is None for w in state.workers.values()):
-      if time.monotonic() > deadline:
-        raise demo.DemoError(f'workers still running 60 s after the last step; see {state.logs}')
-      state.handle_events(timeout=0.5)
-    for w in state.workers.values():
-      w.reader.join(timeout=10)
-    state.handle_events()
+    await_workers(state)
     return pulled.params
+
+
+def start_processes(state, config: dict, workers: int) -> None:
+  """Writes the server's settings `config` and starts the server and `workers` workers of
+  `state` (a `demo._Run`), and tells the workers the server's address."""
+  os.makedirs(state.logs, exist_ok=True)
+  config_path = os.path.join(state.out, 'server.yaml')
+  with open(config_path, 'w', encoding='utf-8') as fh:
+    yaml.safe_dump(config, fh, sort_keys=False)
+  with warnings.catch_warnings():
+    # JAX warns at every fork of a process where it runs; the children here exec at once
+    # (the server's preexec_fn only calls prctl, looked up before the fork).
+    warnings.filterwarnings('ignore', r'os\.fork\(\) was called', RuntimeWarning)
+    state.start_server(config_path, 0, os.path.join(state.out, 'checkpoints'))
+    for w in range(workers):
+      state.start_worker(w)
+  state.wait_for_server()
+  state.tell_workers_the_address()
+
+
+def follow_steps(state, client, steps: int, on_step: Callable[[int], None]) -> None:
+  """Waits until the server of `state` reaches step `steps`, calling `on_step(n)` as n more
+  steps are applied; DemoError if none is for demo.STALL_TIMEOUT_S."""
+  step, last = 0, time.monotonic()
+  while step < steps:
+    reached, _ = client.wait_for_step(step + 1, timeout=1.0)
+    state.handle_events()
+    if reached > step:
+      on_step(reached - step)
+      step, last = reached, time.monotonic()
+      state.server_step = step
+    elif time.monotonic() - last > demo.STALL_TIMEOUT_S:
+      raise demo.DemoError(f'no step applied for {demo.STALL_TIMEOUT_S:g} s (at step '
+                           f'{step}); see {state.logs}')
+
+
+def await_workers(state, timeout_s: float = 60.0) -> None:
+  """Waits for every worker of `state` to pull the last step and exit, and for their
+  reports; DemoError after `timeout_s`."""
+  deadline = time.monotonic() + timeout_s
+  while any(w.proc.poll() is None for w in state.workers.values()):
+    if time.monotonic() > deadline:
+      raise demo.DemoError(f'workers still running {timeout_s:g} s after the last step; see '
+                           f'{state.logs}')
+    state.handle_events(timeout=0.5)
+  for w in state.workers.values():
+    w.reader.join(timeout=10)
+  state.handle_events()
