@@ -80,11 +80,8 @@ import json
 import math
 import os
 import queue
-import random
 import select
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,7 +90,8 @@ import time
 from typing import Iterator, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-for _path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
+for _path in (ROOT, os.path.dirname(os.path.abspath(__file__)),
+              os.path.join(ROOT, 'tests', 'multihost')):
   if _path not in sys.path:  # run from a checkout without PYTHONPATH
     sys.path.insert(0, _path)
 
@@ -102,6 +100,7 @@ import grpc
 import numpy as np
 
 from bench_service import at_least, machine_facts, proc_cpu_seconds
+from mp_server import job_port, stop
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SHAPES = {"['dense']['w']": (16, 8), "['dense']['b']": (8,)}  # 136 parameters
@@ -129,47 +128,13 @@ def server_flags(workers: int) -> list[str]:
           '--shutdown-grace-s', '5']
 
 
-def _job_port() -> int:
-  """A free port below the kernel's ephemeral range, for the job's coordinator."""
-  while True:
-    port = random.randrange(20000, 32000)
-    with socket.socket() as s:
-      try:
-        s.bind(('127.0.0.1', port))
-      except OSError:
-        continue
-    return port
-
-
-def stop(procs: Sequence[subprocess.Popen], timeout: float = 20.0) -> None:
-  """SIGTERM to each of `procs` still running, SIGKILL after `timeout`; then SIGKILL to any
-  of their descendants still alive (a multi-process server's JAX child)."""
-  import psutil  # pylint: disable=import-outside-toplevel
-  children = []
-  for p in procs:
-    with contextlib.suppress(psutil.NoSuchProcess):
-      children += psutil.Process(p.pid).children(recursive=True)
-    if p.poll() is None:
-      p.terminate()
-  deadline = time.monotonic() + timeout
-  for p in procs:
-    try:
-      p.wait(max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-      p.kill()
-      p.wait()
-  for c in children:
-    with contextlib.suppress(psutil.NoSuchProcess):
-      c.kill()
-
-
 @contextlib.contextmanager
 def servers(workers: int, processes: int, init: str) -> Iterator[list[tuple]]:
   """`processes` server processes of one job (one: a lone server); yields [(proc, port)]."""
   job = []
   if processes > 1:
     job = ['--num-processes', str(processes), '--coordinator-address',
-           f'127.0.0.1:{_job_port()}', '--job-secret-env', JOB_SECRET_ENV]
+           f'127.0.0.1:{job_port()}', '--job-secret-env', JOB_SECRET_ENV]
   procs, errs = [], []
   try:
     for i in range(processes):

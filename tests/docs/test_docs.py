@@ -17,7 +17,6 @@ import pathlib
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tomllib
@@ -27,6 +26,9 @@ import pytest
 
 from service import cli
 from service.core.persistence import load_params
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'multihost'))
+import mp_server  # noqa: E402  pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PAGES = sorted([ROOT / 'README.md', ROOT / 'deploy' / 'README.md', *(ROOT / 'docs').glob('*.md')])
@@ -210,29 +212,12 @@ def test_every_python_command_names_a_file_or_module_of_the_repository():
 # ------------------------------------------------------------------------------------------
 # The two-process example, as printed.
 
-def _free_ports(n: int) -> list[int]:
-  """Free ports below the kernel's ephemeral range (another test's server may bind an
-  ephemeral one meanwhile; the coordinator's port must stay free until JAX binds it)."""
-  import random  # pylint: disable=import-outside-toplevel
-  ports = []
-  while len(ports) < n:
-    port = random.randrange(20000, 32000)
-    with socket.socket() as s:
-      try:
-        s.bind(('127.0.0.1', port))
-      except OSError:
-        continue
-    if port not in ports:
-      ports.append(port)
-  return ports
-
-
 def test_the_two_process_example_runs_as_printed(tmp_path):
   page = ROOT / 'docs' / 'multiprocess.md'
   text = page.read_text()
   section = text[text.index('## Two processes on one machine'):]
   script = next(t for lang, t, _ in blocks(page) if lang == 'sh' and t in section)
-  for old, new in zip((8476, 50051, 50052, 9090, 9091), _free_ports(5)):
+  for old, new in zip((8476, 50051, 50052, 9090, 9091), mp_server.free_ports(5)):
     script = script.replace(str(old), str(new))
   env = {**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu',
          'PATH': f'{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}'}

@@ -36,8 +36,9 @@ SECRET_ENV = 'LAMB_SHARDED_TEST_JOB_SECRET'
 SECRET = 'a test job secret, not a secret'
 
 
-def job_port() -> int:
-  """A free port below the kernel's ephemeral range (ip_local_port_range: 32768 and up).
+def free_ports(n: int) -> list[int]:
+  """`n` distinct free ports below the kernel's ephemeral range (ip_local_port_range:
+  32768 and up).
 
   A port from `bind(0)` is free only until someone else binds an ephemeral one,
   and the other tests' servers do that all the time: a coordinator port taken
@@ -45,14 +46,22 @@ def job_port() -> int:
   """
   import random  # pylint: disable=import-outside-toplevel
   import socket  # pylint: disable=import-outside-toplevel
-  while True:
+  ports = []
+  while len(ports) < n:
     port = random.randrange(20000, 32000)
     with socket.socket() as s:
       try:
         s.bind(('127.0.0.1', port))
       except OSError:
         continue
-    return port
+    if port not in ports:
+      ports.append(port)
+  return ports
+
+
+def job_port() -> int:
+  """A free port for a job's coordinator (`free_ports`)."""
+  return free_ports(1)[0]
 
 
 def init_file(tmp_path, params=None):
@@ -169,9 +178,14 @@ def _next_line(proc, procs) -> str:
 
 
 def stop(procs, timeout=30.0):
-  """SIGTERM to those still running, then SIGKILL after `timeout`; the exit codes."""
+  """SIGTERM to those still running, then SIGKILL after `timeout`; then SIGKILL to any of
+  their descendants still alive (a multi-process server's JAX child). The exit codes."""
+  import psutil  # pylint: disable=import-outside-toplevel
   procs = [p[0] if isinstance(p, tuple) else p for p in procs]
+  children = []
   for p in procs:
+    with contextlib.suppress(psutil.NoSuchProcess):
+      children += psutil.Process(p.pid).children(recursive=True)
     if p.poll() is None:
       p.terminate()
   deadline = time.monotonic() + timeout
@@ -181,6 +195,9 @@ def stop(procs, timeout=30.0):
     except subprocess.TimeoutExpired:
       p.kill()
       p.wait()
+  for c in children:
+    with contextlib.suppress(psutil.NoSuchProcess):
+      c.kill()
   return [p.returncode for p in procs]
 
 
