@@ -1,8 +1,8 @@
 """A character-level transformer language model of the Python standard library's source.
 
 The task, independent of any optimizer study: data (`studies.data`), model and
-held-out evaluation. `CharLM` fits `service.examples.models.Model`, so a worker
-can train it through the optimizer server:
+held-out evaluation. `CharLM` fits `studies.tasks.Task` (what a study trains) and
+`service.examples.models.Model`, so a worker can train it through the optimizer server:
 
     lamb-sharded worker --model studies.charlm:model ...   # the default size
     lamb-sharded worker --model studies.charlm:small ...   # the --quick size
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from studies import data as data_lib
+from studies import tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,10 @@ class CharLM:
   eval_windows: int = 512
   seed: int = 0
   vocab: int = data_lib.VOCAB_SIZE
+  name = 'charlm'  # studies.tasks.Task
+  metric = tasks.HELDOUT_LOSS
+  example_unit = 'characters'
+  loss_unit = 'nats/char'
   shards_global_batch = True  # batch() takes num_workers (service.examples.models.Model)
 
   # ------------------------------------------------------------------ data
@@ -71,6 +76,15 @@ class CharLM:
   def num_windows(self) -> int:
     """Training windows (of context + 1 characters, stride `context`)."""
     return (len(self.corpus().train) - 1) // self.context
+
+  @property
+  def num_examples(self) -> int:
+    return self.num_windows
+
+  @property
+  def example_size(self) -> int:
+    """Characters predicted per window."""
+    return self.context
 
   def steps_per_epoch(self, global_batch: int) -> int:
     n = self.num_windows
@@ -175,6 +189,26 @@ class CharLM:
       w = windows[i:i + chunk]
       total += float(self._eval_loss(params, w[:, :-1], w[:, 1:])) * len(w)
     return total / (len(windows) // chunk * chunk)
+
+  def measure(self, params) -> dict[str, float]:
+    """The held-out figures (`studies.tasks.Task`): the loss only."""
+    return {'heldout_loss': self.evaluate(params)}
+
+  def describe(self) -> dict[str, Any]:
+    corpus, params = self.corpus(), self.num_params()
+    return {
+        'name': self.name, 'parameters': params, 'context': self.context,
+        'width': self.width, 'depth': self.depth, 'train_chars': len(corpus.train),
+        'heldout_chars': len(corpus.heldout), 'train_files': len(corpus.train_files),
+        'heldout_files': len(corpus.heldout_files),
+        'eval_chars': self.eval_windows * self.context,
+        'batch_unit': 'sequences', 'example_size': self.example_size,
+        'example_unit': self.example_unit, 'loss_unit': self.loss_unit,
+        'metric': dataclasses.asdict(self.metric),
+        'title': f'char-LM ({params:,} params) on the Python stdlib',
+        'summary': f'{params:,}-parameter char-LM, {len(corpus.train):,} training / '
+                   f'{len(corpus.heldout):,} held-out characters',
+    }
 
 
 def _layer_norm(p, x, eps: float = 1e-5):

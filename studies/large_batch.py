@@ -1,9 +1,11 @@
 """`lamb-sharded study large-batch`: does LAMB keep its quality as the global batch grows?
 
-The same character-level language model (`studies.charlm`) is trained at global
+The same task (`--task`, a `studies.tasks.Task`: the character-level language model
+`studies.charlm` by default, or MNIST-1D, `studies.mnist1d`) is trained at global
 batches B, 4B, 16B (and 64B where it still gets enough steps) for the same number
-of training characters (`--epochs`, a fraction of an epoch by default), with
-`lamb_sharded.lamb` and with `optax.adamw`, each with the same recipe:
+of training examples (`--epochs`: a fraction of an epoch for the char-LM, 30 epochs
+for MNIST-1D), with `lamb_sharded.lamb` and with `optax.adamw`, each with the same
+recipe:
 
 * a linear warm-up over the first 10% of the steps, then cosine decay to 0;
 * a learning rate that starts from square-root scaling with the batch
@@ -11,9 +13,10 @@ of training characters (`--epochs`, a fraction of an epoch by default), with
   on a probe at B0) and is swept over x1/4, x1/2, x1, x2 of it -- at 16 B0 that
   spans from no scaling at all (lr0) to twice the square-root rule; where the
   best of the sweep lies on an edge of the grid, the grid is extended by one
-  more point in that direction (`--extend` times); the best of the sweep (seed 0)
-  is kept, so neither optimizer is handicapped by a badly placed grid
-  (`--quick`: x1/2, x1, x2, no extension);
+  more point in that direction (`--extend` times); the best of the sweep (seed 0,
+  by the task's metric: held-out loss, or MNIST-1D's test accuracy) is kept, so
+  neither optimizer is handicapped by a badly placed grid (`--quick`: x1/2, x1,
+  x2, no extension);
 * the best learning rate of each (optimizer, batch) run again with more seeds
   (`--seeds`): the table reports the mean and standard deviation over them.
 
@@ -45,16 +48,19 @@ from typing import Callable, Optional, Sequence
 
 from service import runtime
 from service.errors import ConfigError
+from studies import tasks
 
 # lr0 at the smallest batch (8), per optimizer: the centre of each grid. A probe of the
-# default task at batch 8 (LAMB 0.005-0.04, AdamW 0.002-0.008, one seed) found each
+# char-LM at batch 8 (LAMB 0.005-0.04, AdamW 0.002-0.008, one seed) found each
 # optimizer's best here, inside its grid: held-out 1.936 (LAMB) and 1.909 (AdamW).
 BASE_LR = {'lamb': 0.01, 'adamw': 0.004, 'optax_lamb': 0.01}
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
-  """Everything that defines a study run (the defaults are the documented run)."""
+  """Everything that defines a study run (the defaults are the char-LM's documented run;
+  `default_config` gives another task's)."""
+  task: str = 'charlm'
   quick: bool = False
   batches: tuple[int, ...] = (8, 32, 128, 512)
   epochs: float = 0.15
@@ -76,17 +82,47 @@ class StudyConfig:
     return dict(self.base_lr)[optimizer]
 
 
-QUICK = dict(quick=True, epochs=0.25, seeds=2, extend=0, sanity=False, grid=(0.5, 1.0, 2.0))
+# Per task, the documented run's settings where they differ from StudyConfig's (the char-LM's).
+TASK_DEFAULTS = {
+    'charlm': {},
+    # MNIST-1D: 30 epochs, so that batch 2048 still gets 58 steps. lr0 at batch 32: a probe
+    # (30 epochs, mean test accuracy of seeds 0 and 1) found LAMB's best at 0.01 (0.9630,
+    # 0.9745, 0.9705 at 0.007, 0.01, 0.014; stuck at chance from 0.02 up) and AdamW's at 0.016
+    # (0.9715, 0.9785, 0.9735 at 0.008, 0.016, 0.032; 0.6755 at 0.064). The batches span 64x,
+    # so the grid starts at x1/8: at batch 2048 it spans from no scaling at all (lr0) to twice
+    # the square-root rule, as the char-LM's four points do at its 16x.
+    'mnist1d': dict(batches=(32, 128, 512, 2048), epochs=30.0,
+                    base_lr=(('lamb', 0.01), ('adamw', 0.016), ('optax_lamb', 0.01)),
+                    grid=(0.125, 0.25, 0.5, 1.0, 2.0), out='runs/study-large-batch-mnist1d'),
+}
+# Per task, what --quick changes.
+QUICK = {
+    'charlm': dict(quick=True, epochs=0.25, seeds=2, extend=0, sanity=False,
+                   grid=(0.5, 1.0, 2.0)),
+    'mnist1d': dict(quick=True, batches=(32, 128, 512), epochs=8.0, seeds=2, extend=0,
+                    sanity=False, grid=(0.5, 1.0, 2.0)),
+}
+
+
+def default_config(task: str = 'charlm', quick: bool = False) -> StudyConfig:
+  """The documented run of `task` (a key of `studies.tasks.TASKS`), or its --quick run.
+
+  Example:
+    >>> default_config('mnist1d', quick=True).batches
+    (32, 128, 512)
+    >>> default_config() == StudyConfig()
+    True
+  """
+  return StudyConfig(task=task, **{**TASK_DEFAULTS[task], **(QUICK[task] if quick else {})})
 
 
 def make_task(config: StudyConfig):
-  from studies import charlm  # pylint: disable=import-outside-toplevel
-  return charlm.small() if config.quick else charlm.model()
+  return tasks.make(config.task, config.quick)
 
 
 def task_spec(config: StudyConfig) -> str:
   """The task as `--model` names it for a worker."""
-  return 'studies.charlm:small' if config.quick else 'studies.charlm:model'
+  return tasks.spec(config.task, config.quick)
 
 
 @dataclasses.dataclass
@@ -97,8 +133,9 @@ class Plan:
   fixed_steps: int
 
 
-def plan(config: StudyConfig, num_windows: int) -> Plan:
-  """Steps per batch at the data budget; batches under `min_steps` dropped.
+def plan(config: StudyConfig, num_examples: int) -> Plan:
+  """Steps per batch at the data budget (`num_examples` training examples an epoch); batches
+  under `min_steps` dropped.
 
   Example:
     >>> plan(StudyConfig(batches=(8, 32, 128), epochs=0.5, min_steps=50), 16_000)
@@ -108,7 +145,7 @@ def plan(config: StudyConfig, num_windows: int) -> Plan:
   """
   steps, dropped = {}, {}
   for b in config.batches:
-    n = int(config.epochs * num_windows) // b
+    n = int(config.epochs * num_examples) // b
     (steps if n >= config.min_steps else dropped)[b] = n
   return Plan(steps, dropped, min(steps.values()) if steps else 0)
 
@@ -120,7 +157,8 @@ class Study:
     self.config, self.trainer, self.service_trainer = config, trainer, service_trainer
     self.bar = bar
     self.runs = []
-    self.plan = plan(config, trainer.task.num_windows)
+    self.metric = trainer.task.metric
+    self.plan = plan(config, trainer.task.num_examples)
 
   def _train(self, run):
     same = [done for done in self.runs  # the same configuration already trained: reuse it
@@ -154,7 +192,7 @@ class Study:
     lrs = sorted(centre * f for f in self.config.grid)
     runs = {lr: self._train(Run(optimizer, batch, lr, 0, steps, view)) for lr in lrs}
     for _ in range(extend):
-      best = min(runs, key=lambda lr: _score(runs[lr]))
+      best = min(runs, key=lambda lr: self.score(runs[lr]))
       ordered = sorted(runs)
       if best == ordered[0]:
         lr = ordered[0] / 2
@@ -185,7 +223,7 @@ class Study:
       for opt in c.optimizers:
         centre = c.lr0(opt) * math.sqrt(batch / c.batches[0])
         runs = self.sweep(opt, batch, steps, centre, 'epochs', c.extend)
-        best[opt, batch] = min(runs, key=_score).lr
+        best[opt, batch] = min(runs, key=self.score).lr
         for seed in range(1, c.seeds):
           self._train(Run(opt, batch, best[opt, batch], seed, steps, 'epochs'))
       if c.sanity and 'lamb' in c.optimizers:
@@ -195,9 +233,9 @@ class Study:
         for opt in c.optimizers:
           self.sweep(opt, batch, p.fixed_steps, best[opt, batch], 'steps', c.extend)
 
-
-def _score(run) -> float:
-  return math.inf if run.diverged or not math.isfinite(run.heldout_loss) else run.heldout_loss
+  def score(self, run) -> float:
+    """The run's rank by the task's metric (lower is better; inf if it diverged)."""
+    return self.metric.score(getattr(run, self.metric.key), run.diverged)
 
 
 # ---------------------------------------------------------------------- command line
@@ -213,27 +251,44 @@ def _int_list(text: str) -> tuple[int, ...]:
   return values
 
 
+def _per_task(name: str, show=str) -> str:
+  """A setting's default for each task, and with --quick: '0.15, --quick 0.25 (charlm); ...'."""
+  out = []
+  for task in tasks.TASKS:
+    full, quick = (getattr(default_config(task, q), name) for q in (False, True))
+    out.append(f'{show(full)}' + (f', --quick {show(quick)}' if quick != full else '')
+               + f' ({task})')
+  return '; '.join(out)
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
   """The study's flags (shared by `lamb-sharded study large-batch` and `python -m`)."""
   d = StudyConfig()
+  batches = lambda b: ','.join(map(str, b))  # pylint: disable=unnecessary-lambda-assignment
+  parser.add_argument('--task', choices=tuple(tasks.TASKS), default=d.task,
+                      help='what to train: charlm, a character-level language model of the '
+                      'Python stdlib\'s source (held-out loss); mnist1d, a 1-D CNN on MNIST-1D '
+                      '(generated locally; test accuracy) (default charlm)')
   parser.add_argument('--quick', action='store_true',
                       help='a smaller model and data budget, 2 seeds, no grid extension and '
                       'no optax.lamb row: about a minute (default: the documented run)')
-  parser.add_argument('--out', default=d.out, help=f'output directory (default {d.out})')
+  parser.add_argument('--out', default=None,
+                      help=f'output directory (default {_per_task("out")})')
   parser.add_argument('--batches', type=_int_list, default=None,
-                      help='global batches in sequences, comma-separated (default '
-                      f'{",".join(map(str, d.batches))}; those under --min-steps are dropped)')
+                      help='global batches in examples (sequences, signals), comma-separated '
+                      f'(default {_per_task("batches", batches)}; those under --min-steps are '
+                      'dropped)')
   parser.add_argument('--epochs', type=float, default=None,
-                      help=f'training data per run, in epochs of the training text (default '
-                      f'{d.epochs:g}; --quick {QUICK["epochs"]:g})')
+                      help='training data per run, in epochs of the training set (default '
+                      f'{_per_task("epochs", "{:g}".format)})')
   parser.add_argument('--min-steps', type=int, default=d.min_steps,
                       help=f'drop a batch with fewer steps than this (default {d.min_steps})')
   parser.add_argument('--seeds', type=int, default=None,
                       help=f'seeds of each best learning rate (default {d.seeds}; --quick '
-                      f'{QUICK["seeds"]})')
+                      f'{QUICK["charlm"]["seeds"]})')
   parser.add_argument('--extend', type=int, default=None,
                       help='extra learning rates past a grid edge that holds the best '
-                      f'(default {d.extend}; --quick {QUICK["extend"]})')
+                      f'(default {d.extend}; --quick {QUICK["charlm"]["extend"]})')
   parser.add_argument('--no-sanity', dest='sanity', action='store_false', default=None,
                       help='skip the optax.lamb rows (default: run them; --quick skips them)')
   parser.add_argument('--no-fixed-steps', dest='fixed_steps', action='store_false',
@@ -253,14 +308,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args) -> StudyConfig:
   """The StudyConfig of parsed flags; ConfigError naming the flag if one is out of range."""
-  values = dict(QUICK) if args.quick else {}
-  for name in ('batches', 'epochs', 'seeds', 'extend', 'sanity'):
+  values = {}
+  for name in ('out', 'batches', 'epochs', 'seeds', 'extend', 'sanity'):
     if getattr(args, name) is not None:
       values[name] = getattr(args, name)
-  values.update(out=args.out, min_steps=args.min_steps, fixed_steps=args.fixed_steps,
+  values.update(min_steps=args.min_steps, fixed_steps=args.fixed_steps,
                 devices=args.devices, through_service=args.through_service,
                 workers=args.workers, progress=args.progress)
-  config = StudyConfig(**values)
+  config = dataclasses.replace(default_config(args.task, args.quick), **values)
   for flag, ok, what in (
       ('--epochs', config.epochs > 0, f'must be > 0, got {config.epochs:g}'),
       ('--seeds', config.seeds >= 1, f'must be >= 1, got {config.seeds}'),
@@ -300,9 +355,8 @@ def run(config: StudyConfig, say: Callable[[str], None] = print) -> dict:
   service_trainer = None
   os.makedirs(config.out, exist_ok=True)
   study = Study(config, trainer)
-  say(f'lamb-sharded study large-batch: {task.num_params():,}-parameter char-LM, '
-      f'{len(task.corpus().train):,} training / {len(task.corpus().heldout):,} held-out '
-      f'characters, mesh of {mesh.size} {mesh.devices.flat[0].platform} device(s); batches '
+  say(f'lamb-sharded study large-batch: {task.describe()["summary"]}, '
+      f'mesh of {mesh.size} {mesh.devices.flat[0].platform} device(s); batches '
       f'{", ".join(f"{b} ({s} steps)" for b, s in study.plan.steps.items())}'
       + ''.join(f'; batch {b} dropped ({s} steps < {config.min_steps})'
                 for b, s in study.plan.dropped.items()))

@@ -3,8 +3,8 @@
 Each run starts, as `lamb-sharded demo` does (its `_Run`: the same processes,
 logs and clean-up), one `lamb-sharded serve` on `devices` simulated CPU devices
 with the run's learning rate and schedule, and `workers` `lamb-sharded worker
---model studies.charlm:...` processes, each computing the gradient of 1/W of
-every step's global batch. The server waits for every worker's push (quorum W,
+--model MODULE:FN` processes (the task's: `studies.tasks.spec`), each computing the
+gradient of 1/W of every step's global batch. The server waits for every worker's push (quorum W,
 no straggler timeout), averages them and applies one `lamb_sharded.lamb` step:
 the same update as `studies.train.Trainer` makes in one process, up to the
 order of floating-point sums.
@@ -12,7 +12,6 @@ order of floating-point sums.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -23,7 +22,7 @@ import yaml
 
 from service.examples import demo
 from service.examples.demo import _Run as _Processes  # pylint: disable=protected-access
-from studies.train import Recipe, Run, record_losses
+from studies.train import Recipe, Run, record_heldout, record_losses
 
 
 class ServiceTrainer:
@@ -63,8 +62,8 @@ class ServiceTrainer:
     losses = np.array([state.step_loss(s) for s in sorted(state.losses)], np.float64)
     run.path = 'service'
     run.diverged = not np.all(np.isfinite(losses))
-    record_losses(run, losses, self.task.context)
-    run.heldout_loss = math.inf if run.diverged else self.task.evaluate(params)
+    record_losses(run, losses, self.task.example_size)
+    record_heldout(run, self.task, params)
     run.wall_s = time.perf_counter() - t0
     return params
 

@@ -1,5 +1,6 @@
-"""Training runs of one task in one process: one compiled step per optimizer, reused by
-every batch size, learning rate and seed (the learning rate is an argument of the step).
+"""Training runs of one task (a `studies.tasks.Task`) in one process: one compiled step per
+optimizer, reused by every batch size, learning rate and seed (the learning rate is an
+argument of the step).
 
 Optimizers (each with optax's defaults but for the learning rate and weight decay):
 
@@ -61,10 +62,11 @@ class Run:
   steps: int
   view: str = 'epochs'  # 'epochs': the study's fixed data budget; 'steps': fixed steps
   heldout_loss: float = math.nan
+  heldout_accuracy: Optional[float] = None  # where the task measures one (MNIST-1D)
   final_train_loss: float = math.nan
   diverged: bool = False
   wall_s: float = 0.0
-  tokens: int = 0
+  tokens: int = 0  # examples trained on x the task's example_size (characters, signals)
   curve: list = dataclasses.field(default_factory=list)  # [[step, train loss], ...]
   path: str = 'in-process'  # or 'service'
 
@@ -101,18 +103,28 @@ def _optimizer(name: str, lr, mask, recipe: Recipe, mesh, specs):
   raise ValueError(f'unknown optimizer {name!r}; known: {", ".join(OPTIMIZERS)}')
 
 
-def record_losses(run: Run, losses: np.ndarray, context: int) -> None:
+def record_losses(run: Run, losses: np.ndarray, example_size: int) -> None:
   """The run's tokens, its curve (at most CURVE_POINTS means of consecutive steps, each at
   its first step) and its final training loss (the mean of the last 5% of the steps)."""
-  run.tokens = len(losses) * run.batch * context
+  run.tokens = len(losses) * run.batch * example_size
   every = max(1, math.ceil(len(losses) / CURVE_POINTS))
   run.curve = [[i, round(float(np.mean(losses[i:i + every])), 5)]
                for i in range(0, len(losses), every)]
   run.final_train_loss = float(np.mean(losses[-max(1, len(losses) // 20):]))
 
 
+def record_heldout(run: Run, task, params) -> None:
+  """The run's held-out figures (`task.measure`); a diverged run's loss is inf."""
+  if run.diverged:
+    run.heldout_loss = math.inf
+    return
+  figures = task.measure(params)
+  run.heldout_loss = figures['heldout_loss']
+  run.heldout_accuracy = figures.get('heldout_accuracy')
+
+
 class Trainer:
-  """Trains `task` (a `studies.charlm.CharLM`-like object) on `mesh` with any optimizer."""
+  """Trains `task` (a `studies.tasks.Task`) on `mesh` with any optimizer."""
 
   def __init__(self, task, mesh: jax.sharding.Mesh, recipe: Recipe = Recipe()):
     self.task, self.mesh, self.recipe = task, mesh, recipe
@@ -166,7 +178,7 @@ class Trainer:
         break
     losses = np.asarray(jax.device_get(losses), np.float64)
     run.diverged = run.diverged or not np.all(np.isfinite(losses))
-    record_losses(run, losses, self.task.context)
-    run.heldout_loss = math.inf if run.diverged else self.task.evaluate(params)
+    record_losses(run, losses, self.task.example_size)
+    record_heldout(run, self.task, params)
     run.wall_s = time.perf_counter() - t0
     return params

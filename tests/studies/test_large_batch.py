@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from studies import large_batch
+from studies import large_batch, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -22,7 +22,7 @@ def _cli(*args, timeout=60):
 
 def test_batches_with_too_few_steps_are_dropped():
   config = large_batch.StudyConfig(batches=(8, 32, 128, 512), epochs=0.15, min_steps=50)
-  p = large_batch.plan(config, num_windows=62_842)  # the default task's
+  p = large_batch.plan(config, num_examples=62_842)  # the default task's
   assert p.steps == {8: 1178, 32: 294, 128: 73} and p.dropped == {512: 18}
   assert p.fixed_steps == 73
 
@@ -68,11 +68,41 @@ def test_quick_study_writes_the_table_and_both_optimizers_learn(tmp_path):
     assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
 
+def test_quick_mnist1d_study_writes_the_table_and_both_optimizers_learn(tmp_path):
+  out = tmp_path / 'study'
+  done = _cli('large-batch', '--task', 'mnist1d', '--quick', '--out', str(out), timeout=600)
+  assert done.returncode == 0, done.stdout + done.stderr
+  summary = json.loads((out / 'results.json').read_text())
+  assert summary['task']['name'] == 'mnist1d' and summary['config']['task'] == 'mnist1d'
+  assert summary['plan'] == {'steps': {'32': 1000, '128': 250, '512': 62}, 'dropped': {},
+                             'fixed_steps': 62}
+  rows = summary['rows']
+  assert [(r['view'], r['batch'], r['optimizer']) for r in rows] == [
+      (view, b, opt) for view in ('epochs', 'steps') for b in (32, 128, 512)
+      for opt in ('lamb', 'adamw')]
+  for row in rows[:6]:  # same data: learnt, with both optimizers, far above chance (0.1)
+    assert row['mean'] > 0.4 and row['seeds'] == 2 and len(row['lrs']) == 3, row
+    assert 0 < row['loss_mean'] < math.log(10) - 0.5, row
+  for row in rows[6:]:  # 62 steps for every batch: above chance still
+    assert row['mean'] > 0.2 and row['steps'] == 62, row
+  runs = summary['runs']
+  assert all(0 <= r['heldout_accuracy'] <= 1 for r in runs)
+  assert {r['tokens'] for r in runs if r['view'] == 'epochs'} == {32_000, 31_744}  # signals
+  table = (out / 'table.md').read_text().splitlines()
+  assert table[0].startswith('| view | batch | optimizer | best lr | test accuracy | '
+                             'held-out loss (nats) |')
+  assert table[0] in done.stdout
+  assert sum(line.startswith('| same data (epochs) |') for line in table) == 6 + 3
+  assert 'LAMB − AdamW (test accuracy; > 0: LAMB better)' in '\n'.join(table)
+  for name in ('heldout_vs_batch.png', 'loss_curves.png'):
+    assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
 class _FakeTrainer:
   """Held-out loss = (log2(lr / optimum))^2: the sweep's logic without training."""
 
   def __init__(self, optimum):
-    self.task = type('Task', (), {'num_windows': 16_000})()
+    self.task = type('Task', (), {'num_examples': 16_000, 'metric': tasks.HELDOUT_LOSS})()
     self.optimum, self.trained = optimum, []
 
   def train(self, run, on_step):
