@@ -8,7 +8,9 @@ them under one lock:
   ledger.Ledger          the answered pushes (a retry is answered, never counted twice)
   model.ModelPlan        the model's shardings, layouts, optimizer and jitted step
   model.ModelState       params and LAMB state on the mesh
-  accumulator            the step's gradient sum on the host, recycled buffers
+  accumulator            the step's gradient sum on the host (or, with --ordered-sum, its
+                         pushes held until it is applied, then added by worker), recycled
+                         buffers
   persistence            checkpoints: meta, save, restore, compatibility
   push.PushSession       one push being received (`open_push`)
   pull.SharedStream      one step's pull, encoded once for every puller (`pull`)
