@@ -6,8 +6,9 @@ no pass -- while later ones are added to it in place. With `ordered` (the
 server's --ordered-sum), a step's pushes are held instead, and added when the
 step is applied, in a fixed order (`rules.push_order`): float32 addition is
 not associative, and the same pushes then give the same sum bit for bit,
-whatever order they arrived in. Only the sum goes onto the mesh, once per step; on a CPU mesh the devices wrap its blocks without a
-copy (service/core/layout.py). Every model-sized gradient buffer, the pushes'
+whatever order they arrived in. Only the sum goes onto the mesh, once per
+step; on a CPU mesh the devices wrap its blocks without a copy
+(service/core/layout.py). Every model-sized gradient buffer, the pushes'
 and the sum's, comes from one `placement.BufferPool`. A block-encoded push
 (int8, int4) is decoded straight into the sum when it counts, on several
 threads.

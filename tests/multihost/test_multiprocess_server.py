@@ -179,8 +179,8 @@ def test_an_ordered_sum_is_the_same_on_two_processes_whatever_the_arrival_order(
     with mp_server.job(tmp_path, extra=['--ordered-sum', 'true', '--max-inflight-pushes',
                                         str(mp_engine.WORKERS)]) as job:
       with OptimizerClient(f'127.0.0.1:{job[1][1]}', timeout=60) as client:
-        d = client._stub.DescribeModel(pb.DescribeModelRequest(), timeout=30)  # pylint: disable=protected-access
-        assert d.ordered_sum
+        stub_ = pb_grpc.OptimizerServiceStub(grpc.insecure_channel(f'127.0.0.1:{job[0][1]}'))
+        assert stub_.DescribeModel(pb.DescribeModelRequest(), timeout=30).ordered_sum
         for step in range(2):
           for i, w in enumerate(order):
             r = client.push(step, _mixed_grads(step, w), 1 + w, f'worker-{w}')
