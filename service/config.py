@@ -143,15 +143,24 @@ class ServerConfig:
   straggler_timeout_s: float = setting(
       0.0, "sync: seconds after a step's first push to apply with a quorum (0: never)")
   staleness_bound: int = setting(0, 'async: accept gradients computed at most this many steps ago')
+  # Sync: float32 addition is not associative, so a step's sum depends on the order its
+  # pushes arrive in. With ordered_sum, a step holds its pushes (one gradient buffer each:
+  # max_inflight_pushes >= num_workers) and adds them when it is applied, by worker
+  # (worker-0, worker-1, ..., then other ids), so the same pushes give the same params.
+  ordered_sum: bool = setting(
+      False, 'sync: hold a step\'s pushes and add them in worker order once the step is '
+      'complete, so the same pushes give bit-identical params whatever order they arrive in '
+      '(a gradient buffer per worker: needs max_inflight_pushes >= num_workers) (true/false)')
   # Model-sized gradient buffers on the host: each push being received holds one (the
   # model's size in the wire dtype), and so does the step's sum from its first push until
-  # the step is applied. The bound on the server's memory beyond params and moments;
+  # the step is applied (with ordered_sum, each push the step holds until it is applied
+  # instead). The bound on the server's memory beyond params and moments;
   # further pushes wait up to admission_timeout_s for a buffer. With 2 and several
   # workers, pushes are received one at a time beside the sum.
   max_inflight_pushes: int = setting(
       2,
       ("model-sized gradient buffers: one per push being received, one for the step's sum "
-       'until it is applied'))
+       'until it is applied (with --ordered-sum: one per push the step holds)'))
   max_inflight_bytes: int = setting(
       0,
       'bytes of pushes received at once (0: bounded by count only)')
@@ -217,6 +226,13 @@ class ServerConfig:
     need(self.max_inflight_pushes >= 2 or self.step_mode == 'async' or self.num_workers == 1,
          'max_inflight_pushes', 'max_inflight_pushes must be >= 2 with several workers in sync '
          'mode (the step\'s sum holds one buffer until the step is applied)')
+    need(not self.ordered_sum or self.step_mode == 'sync', 'ordered_sum',
+         'only a synchronous step sums several pushes (--step-mode async applies each push as '
+         'a step of its own, in arrival order): drop --ordered-sum or use --step-mode sync')
+    need(not self.ordered_sum or self.max_inflight_pushes >= self.num_workers, 'ordered_sum',
+         f'a step holds each of its pushes until it is applied, a gradient buffer each: '
+         f'--max-inflight-pushes ({self.max_inflight_pushes}) must be >= --num-workers '
+         f'({self.num_workers})')
     need(self.max_inflight_bytes >= 0, 'max_inflight_bytes', 'must be >= 0')
     need(self.admission_timeout_s >= 0, 'admission_timeout_s', 'must be >= 0')
     need(self.shutdown_grace_s >= 0, 'shutdown_grace_s', 'must be >= 0')
@@ -434,7 +450,7 @@ GROUPS = {
                     'keep_checkpoints', 'async_checkpoints', 'discard_unreadable_checkpoints',
                     'shutdown_grace_s', 'init_params'),
     'steps': ('num_workers', 'step_mode', 'quorum', 'straggler_timeout_s', 'staleness_bound',
-              'nonfinite'),
+              'ordered_sum', 'nonfinite'),
     'mesh and processes': ('devices', 'num_processes', 'process_id', 'coordinator_address',
                            'advertise_address', 'job_secret_file', 'job_secret_env'),
     'optimizer (LAMB)': ('optimizer', 'momentum', 'moments', 'learning_rate', 'schedule',

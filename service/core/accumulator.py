@@ -2,9 +2,13 @@
 
 Why on the host: a push arrives in host memory anyway, and the first push of
 a step (the only one, with one worker) becomes the sum as it is -- no copy,
-no pass -- while later ones are added to it in place. Only the sum goes onto
-the mesh, once per step; on a CPU mesh the devices wrap its blocks without a
-copy (service/core/layout.py). Every model-sized gradient buffer, the pushes'
+no pass -- while later ones are added to it in place. With `ordered` (the
+server's --ordered-sum), a step's pushes are held instead, and added when the
+step is applied, in a fixed order (`rules.push_order`): float32 addition is
+not associative, and the same pushes then give the same sum bit for bit,
+whatever order they arrived in. Only the sum goes onto the mesh, once per
+step; on a CPU mesh the devices wrap its blocks without a copy
+(service/core/layout.py). Every model-sized gradient buffer, the pushes'
 and the sum's, comes from one `placement.BufferPool`. A block-encoded push
 (int8, int4) is decoded straight into the sum when it counts, on several
 threads.
@@ -16,7 +20,7 @@ import concurrent.futures
 import functools
 import os
 import threading
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
@@ -98,20 +102,42 @@ def _decode_run(leaf: codecs.EncodedLeaf, run, view: np.ndarray, weight: np.floa
     layout.write(view, e0, values, add)
 
 
-class Accumulator:
-  """The example-weighted gradient sum of the current step, and the pool of buffers."""
+class _Held(NamedTuple):
+  """A push held for an ordered sum: its place in the order, buffers, weight, encoded leaves."""
+  order: tuple
+  buffers: list[np.ndarray]
+  num_examples: int
+  encoded: dict[int, codecs.EncodedLeaf]
 
-  def __init__(self, plan: ModelPlan, max_buffers: int):
+
+class Accumulator:
+  """The example-weighted gradient sum of the current step, and the pool of buffers.
+
+  `ordered`: hold the step's pushes and add them when the step is applied, in
+  the order of their `order` keys (see `add`), instead of as they come.
+  """
+
+  def __init__(self, plan: ModelPlan, max_buffers: int, ordered: bool = False):
     self._plan = plan
     self.pool = placement.BufferPool(plan.layouts, max_buffers)
+    self.ordered = ordered
     self._sum: Optional[list[np.ndarray]] = None  # float32, one array per leaf
+    self._held: list[_Held] = []  # with `ordered`: the step's pushes, as they came
     self.weight = 0  # examples accumulated
     self._retiring: list[np.ndarray] = []  # the sum of the step being applied
 
   @property
-  def held(self) -> bool:
-    """Whether the sum holds a buffer (from the step's first push until it is applied)."""
-    return self._sum is not None
+  def held(self) -> int:
+    """Model-sized buffers the step holds: its sum's (from its first push until it is
+    applied) or, with `ordered`, one per push held."""
+    return (self._sum is not None) + len(self._held)
+
+  def holding(self) -> str:
+    """What the step holds, in words ('' for nothing): for a busy push's error."""
+    if self._held:
+      n = len(self._held)
+      return f"the step's {n} held push{'es' if n > 1 else ''} (ordered sum)"
+    return "the step's sum" if self._sum is not None else ''
 
   def take_buffers(self, dtypes: Sequence[np.dtype]) -> list[np.ndarray]:
     """Host buffers for a push in its wire dtypes, in the mesh's block layout, recycled."""
@@ -121,10 +147,29 @@ class Accumulator:
     """What `take_buffers(dtypes)` would wait for on the devices (None: nothing)."""
     return self.pool.fence_to_wait(dtypes)
 
-  def fence_to_add(self, buffers: Sequence[np.ndarray]) -> Optional[tuple]:
-    """What `add(buffers, ...)` would wait for on the devices (None: nothing): a push
-    that is not float32 and starts the sum takes a float32 buffer for it."""
-    if self._sum is not None or all(b.dtype == np.float32 for b in buffers):
+  def fence_to_add(self, buffers: Sequence[np.ndarray], order: tuple = ()) -> Optional[tuple]:
+    """What `add(buffers, ..., order=order)` (and, with `ordered`, applying the step
+    after it) would wait for on the devices (None: nothing): a push that is not float32
+    and starts the sum takes a float32 buffer for it."""
+    if self.ordered:
+      first = min([(h.order, h.buffers) for h in self._held] + [(order, buffers)],
+                  key=lambda h: h[0])
+      return self._fence_to_start(first[1])
+    if self._sum is not None:
+      return None
+    return self._fence_to_start(buffers)
+
+  def fence_to_apply(self) -> Optional[tuple]:
+    """What `to_mesh()` would wait for on the devices (None: nothing): with `ordered`, a
+    float32 buffer for the sum if the first push in the order is not float32."""
+    if not self._held:
+      return None
+    return self._fence_to_start(min(self._held, key=lambda h: h.order).buffers)
+
+  def _fence_to_start(self, buffers: Sequence[np.ndarray]) -> Optional[tuple]:
+    """What starting the sum with `buffers` would wait for: a float32 buffer's fence,
+    unless `buffers` are float32 and become the sum."""
+    if all(b.dtype == np.float32 for b in buffers):
       return None
     return self.pool.fence_to_wait()
 
@@ -137,12 +182,18 @@ class Accumulator:
     self.pool.give(buffers)
 
   def add(self, buffers: list[np.ndarray], num_examples: int,
-          encoded: Optional[Mapping[int, codecs.EncodedLeaf]] = None) -> None:
+          encoded: Optional[Mapping[int, codecs.EncodedLeaf]] = None,
+          order: tuple = ()) -> None:
     """sum += num_examples * push, consuming `buffers` (the list is emptied).
 
     The push: `buffers`, one per leaf in the wire dtypes, and `encoded`, the
     checked bytes of its block-encoded leaves (whose buffers are then unused),
     decoded here straight into the sum: no float32 copy of them is made.
+
+    With `ordered`, the push is only held (its buffers and encoded leaves,
+    one of the step's buffers: `held`); `to_mesh` adds the held pushes in the
+    order of their `order` keys, each as below, so the sum is the same
+    whatever order they came in.
 
     The first push of a step becomes the sum itself when its buffers are
     float32 (scaled in place unless its weight is 1; its encoded leaves
@@ -151,7 +202,16 @@ class Accumulator:
     into independent pieces (leaf ranges, encoded runs) that the process's
     adding threads share (`run_jobs`; NumPy lets go of the GIL in its loops).
     """
-    encoded = encoded or {}
+    if self.ordered:
+      self._held.append(_Held(order, buffers[:], num_examples, dict(encoded or {})))
+      buffers.clear()
+    else:
+      self._add(buffers, num_examples, encoded or {})
+    self.weight += num_examples
+
+  def _add(self, buffers: list[np.ndarray], num_examples: int,
+           encoded: Mapping[int, codecs.EncodedLeaf]) -> None:
+    """sum += num_examples * push, now (`add`'s work)."""
     n = np.float32(num_examples)
     layouts = self._plan.layouts
     jobs = []  # (elements, work)
@@ -174,13 +234,22 @@ class Accumulator:
     if not adopted:  # the push was added into the sum
       self.pool.give(buffers)
     buffers.clear()
-    self.weight += num_examples
+
+  def _add_held(self) -> None:
+    """With `ordered`: adds the held pushes into the sum, in the order of their keys (the
+    first one in it becomes the sum if it is float32, as a first push does)."""
+    held, self._held = sorted(self._held, key=lambda h: h.order), []
+    for h in held:
+      self._add(h.buffers, h.num_examples, h.encoded)
 
   def discard(self) -> None:
-    """Drops the step's sum (a skipped step); its buffer goes back to the pool."""
+    """Drops the step's sum (a skipped step) and the pushes it holds; their buffers go back
+    to the pool."""
     if self._sum is not None:
       self.pool.give(self._sum)
-    self._sum, self.weight = None, 0
+    for h in self._held:
+      self.pool.give(h.buffers)
+    self._sum, self._held, self.weight = None, [], 0
 
   def to_mesh(self) -> list[jax.Array]:
     """The sum as global arrays on the mesh; the host sum starts over empty.
@@ -188,8 +257,10 @@ class Accumulator:
     Each device gets its block of the host buffer (on CPU the mesh wraps the
     host memory without a copy). The host buffer goes back to the pool when
     `retire` is called with the step's outputs: until those are computed, the
-    update may still read it.
+    update may still read it. With `ordered`, the held pushes are added first.
     """
+    if self._held:
+      self._add_held()
     self._retiring, self._sum = self._sum, None
     self.weight = 0
     plan = self._plan

@@ -2,7 +2,8 @@
 
 Every push being received holds one of `max_inflight_pushes` model-sized host
 buffers, and so does the step's sum from its first push until the step is
-applied; `max_inflight_bytes` (0: unbounded) bounds the pushes' wire bytes too.
+applied (with --ordered-sum, each push the step holds until it is applied);
+`max_inflight_bytes` (0: unbounded) bounds the pushes' wire bytes too.
 Once draining (shutdown), nothing more is admitted. The engine holds its lock
 around every call and waits on its condition for `has_room`.
 """
@@ -26,9 +27,9 @@ class Admission:
 
   Example:
     >>> a = Admission(max_pushes=2, max_bytes=0)
-    >>> a.has_room(100, sum_held=True)
+    >>> a.has_room(100, held=1)
     True
-    >>> slot = a.admit(100); a.has_room(100, sum_held=True)
+    >>> slot = a.admit(100); a.has_room(100, held=1)
     False
     >>> a.release(slot), a.release(slot)  # freed once, whoever asks again
     (True, False)
@@ -49,14 +50,16 @@ class Admission:
       raise ResourceExhausted(f'the push has {nbytes} bytes, over max_inflight_bytes '
                               f'{self.max_bytes}', reason='too_large')
 
-  def has_room(self, nbytes: int, sum_held: bool) -> bool:
-    """Whether a push of `nbytes` fits now (`sum_held`: the step's sum holds a buffer)."""
-    return (self.pushes + sum_held < self.max_pushes
+  def has_room(self, nbytes: int, held: int) -> bool:
+    """Whether a push of `nbytes` fits now (`held`: the model-sized buffers the step
+    holds besides the pushes in flight: its sum's, or its held pushes')."""
+    return (self.pushes + held < self.max_pushes
             and (not self.max_bytes or self.bytes + nbytes <= self.max_bytes))
 
-  def busy(self, sum_held: bool) -> ResourceExhausted:
-    """The error of a push that found no room within its admission timeout."""
-    beside = " beside the step's sum" if sum_held else ''
+  def busy(self, beside: str = '') -> ResourceExhausted:
+    """The error of a push that found no room within its admission timeout (`beside`:
+    what the step holds, e.g. "the step's sum")."""
+    beside = f' beside {beside}' if beside else ''
     return ResourceExhausted(
         f'{self.pushes} pushes ({self.bytes} bytes) are already in flight{beside} '
         f'(max_inflight_pushes {self.max_pushes}, max_inflight_bytes '

@@ -8,7 +8,9 @@ them under one lock:
   ledger.Ledger          the answered pushes (a retry is answered, never counted twice)
   model.ModelPlan        the model's shardings, layouts, optimizer and jitted step
   model.ModelState       params and LAMB state on the mesh
-  accumulator            the step's gradient sum on the host, recycled buffers
+  accumulator            the step's gradient sum on the host (or, with --ordered-sum, its
+                         pushes held until it is applied, then added by worker), recycled
+                         buffers
   persistence            checkpoints: meta, save, restore, compatibility
   push.PushSession       one push being received (`open_push`)
   pull.SharedStream      one step's pull, encoded once for every puller (`pull`)
@@ -76,7 +78,7 @@ from service.core.ledger import Ledger
 from service.core.model import ModelPlan, ModelState
 from service.core.optimizer import make_schedule
 from service.core.push import PushSession
-from service.core.rules import StepRules, Steps
+from service.core.rules import StepRules, Steps, push_order
 from service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, ServiceError,
                             PermissionDenied, Unavailable)
 from service.logs import fields
@@ -643,7 +645,8 @@ class Engine:
       if initial:
         self._check_no_model_locked()
       self._plan, self._state = plan, state
-      self._sum = Accumulator(plan, self.config.max_inflight_pushes)
+      self._sum = Accumulator(plan, self.config.max_inflight_pushes,
+                              ordered=self.config.ordered_sum)
       self._steps = Steps(self._steps.rules, step)
       self._model_id = model_id
       self._params_replaced_locked()
@@ -798,7 +801,7 @@ class Engine:
     if not self._cond.wait_for(
         lambda: adm.draining or (adm.has_room(nbytes, self._sum.held) and
                                  self._sum.fence_to_take(dtypes) is None), timeout):
-      raise adm.busy(self._sum.held)
+      raise adm.busy(self._sum.holding())
     adm.check_size(nbytes)  # draining meanwhile
     return adm.admit(nbytes)
 
@@ -876,7 +879,7 @@ class Engine:
     with self._cond:
       self._cond.wait_for(lambda: self._closed or (
           self._steps.step >= decision.step and self._may_step_locked() and
-          self._sum.fence_to_add(session.buffers) is None))
+          self._sum.fence_to_add(session.buffers, push_order(h.worker_id, h.push_id)) is None))
       answered = self._ledger.answer(h.worker_id, h.push_id, self._steps.step)
       if answered is not None:  # a retry of it was counted meanwhile
         return answered
@@ -890,8 +893,11 @@ class Engine:
   def _may_step_locked(self) -> bool:
     """Whether a step may be applied now. In a job, not while a checkpoint is being written:
     a multi-process save runs collectives of its own (Orbax's), which must meet the steps'
-    in the same order on every process."""
-    return self._co.alone or self._unwritten == 0
+    in the same order on every process. With --ordered-sum, not while the float32 buffer
+    the held pushes' sum needs (if the first in order is not float32) is still read by the
+    last update: the wait is on the condition, not on the devices under the lock."""
+    return ((self._co.alone or self._unwritten == 0) and
+            (self._sum is None or self._sum.fence_to_apply() is None))
 
   def _tell(self) -> None:
     """Does the I/O the decisions taken under the lock owe (the leader's votes, cleanups), in
@@ -907,8 +913,9 @@ class Engine:
   def _count_locked(self, session: PushSession) -> PushResult:
     """Counts a push its rules (and the job) accepted into the current step."""
     h = session.header
-    self._sum.add(session.buffers, h.num_examples, session.encoded)
-    self._release_locked(session)  # its buffers are the sum's now, or back in the pool
+    self._sum.add(session.buffers, h.num_examples, session.encoded,
+                  order=push_order(h.worker_id, h.push_id))
+    self._release_locked(session)  # its buffers are the sum's (or held) now, or in the pool
     self.stats['pushes_accepted'] += 1
     accepted = self._steps.step
     self._seen[h.worker_id] = (accepted, time.monotonic())

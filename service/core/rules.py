@@ -5,7 +5,8 @@ computed at step t; with a straggler timeout, a quorum of them is enough once
 the timeout has passed since the step's first push. Asynchronous (`async`):
 every push makes a step, if it was computed at most `staleness_bound` steps ago.
 `Steps` keeps the current step's bookkeeping and raises the service's errors
-for pushes the rules refuse; the engine calls it under its lock.
+for pushes the rules refuse; the engine calls it under its lock. With
+--ordered-sum, a step's pushes are added in `push_order`, not as they came.
 """
 
 from __future__ import annotations
@@ -15,6 +16,19 @@ from typing import Optional
 
 from service.config import ServerConfig
 from service.errors import Aborted, AlreadyExists, FailedPrecondition
+from service.protocol import ids
+
+
+def push_order(worker_id: str, push_id: str) -> tuple:
+  """Where a push goes in an ordered sum (--ordered-sum): the workers `worker-N` by N, then
+  any other worker ids as strings; a worker's pushes by push id. The same everywhere: every
+  process of a multi-process server adds its part of the same pushes in the same order.
+
+  >>> sorted(['worker-10', 'trainer-a', 'worker-2'], key=lambda w: push_order(w, ''))
+  ['worker-2', 'worker-10', 'trainer-a']
+  """
+  index = ids.worker_index(worker_id)
+  return (0, index, '', push_id) if index is not None else (1, 0, worker_id, push_id)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,7 +91,7 @@ def gather(server: str, metrics: Optional[str] = None, *, timeout: float = 10.0,
         'parameters': sum(math.prod(s.shape) for s in info.leaves),
         'step_mode': 'sync' if info.step_mode == pb.STEP_MODE_SYNCHRONOUS else 'async',
         'num_workers': info.num_workers, 'quorum': info.quorum,
-        'staleness_bound': info.staleness_bound,
+        'staleness_bound': info.staleness_bound, 'ordered_sum': info.ordered_sum,
         'learning_rate': info.hyperparameters.learning_rate,
         'weight_decay': info.hyperparameters.weight_decay,
         'optimizer': info.hyperparameters.optimizer or 'lamb',
@@ -160,6 +160,7 @@ def as_text(report: dict[str, Any]) -> str:
   else:
     lines += [('model', 'none yet (InitializeModel, or serve --init-params)')]
   rules = (f'synchronous, {r["num_workers"]} workers, quorum {r["quorum"]}'
+           + (', ordered sum (pushes added by worker)' if r.get('ordered_sum') else '')
            if r['step_mode'] == 'sync' else
            f'asynchronous, staleness bound {r["staleness_bound"]}')
   lines.append(('steps', rules))

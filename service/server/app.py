@@ -341,6 +341,10 @@ def start(config: ServerConfig) -> RunningServer:
   log.info('serving %s on %s:%d (%s%s), mesh of %d devices', SERVICE_NAME, config.host, port,
            ('mutual TLS' if config.tls_client_ca else 'TLS') if tls else 'plaintext',
            ', bearer tokens' if tokens else '', engine.mesh.devices.size)
+  if config.ordered_sum:
+    log.info('ordered sum: a step holds its pushes (up to %d, a gradient buffer each) and adds '
+             'them by worker once it is complete; the same pushes give bit-identical '
+             'parameters whatever order they arrive in', config.num_workers)
   progress = ProgressLog(metrics, config.progress_every_seconds)  # its first line: later
   return RunningServer(loop, server, engine, port, health_servicer, metrics, metrics_port,
                        health_server, health_port, checkpointer, pool, progress, watch,

@@ -191,7 +191,7 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
         step_mode=(pb.STEP_MODE_SYNCHRONOUS if cfg.step_mode == 'sync'
                    else pb.STEP_MODE_ASYNCHRONOUS),
         num_workers=cfg.num_workers, quorum=cfg.effective_quorum,
-        staleness_bound=cfg.staleness_bound,
+        staleness_bound=cfg.staleness_bound, ordered_sum=cfg.ordered_sum,
         hyperparameters=pb.LambHyperparameters(
             learning_rate_schedule=self._engine.schedule_description,
             learning_rate=d.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,

@@ -91,6 +91,17 @@ Columns:
 Targets (for orientation): ingestion / raw >= 0.8; pull / raw >= 0.8;
 RSS / (state + overhead) <= 1.3.
 
+Ordered sum (`--ordered-sum`, instead of the rows above): each worker count W
+is run on two servers at once, one with `--ordered-sum true` (a step holds its
+pushes and adds them by worker once the W-th arrives), one without (each push
+added as it arrives), both with --max-inflight-pushes max(2, W) (what
+--ordered-sum needs; unless --server-arg sets it). Their timed steps
+alternate (off, on, on, off, off, on, ...), so that both meet the same load
+on a shared machine. A table gives, per W, both servers' medians of push s,
+apply s, step s (push s + apply s, per step: the ordered sum moves the adding
+from beside the receiving into the completing push's commit) and server CPU
+s/step, their peak RSS, and the ratios on / off.
+
 The workers stay threads of one process: what had made four pulling threads
 slow was the kernel faulting in fresh memory for every pull (they queue on
 the process's memory map), which the client now avoids by reusing the memory
@@ -116,6 +127,7 @@ How to run
     python tests/benchmarks/bench_service.py --json /tmp/bench_service.json
     python tests/benchmarks/bench_service.py --server-arg=--max-inflight-pushes=4
     python tests/benchmarks/bench_service.py --workers --processes 1 2  # the processes axis only
+    python tests/benchmarks/bench_service.py --size 10m --ordered-sum  # the ordered sum's cost
 
 `--raw-server` runs only the baseline's sink (used by the script itself).
 Every process the script starts is stopped (SIGTERM, then SIGKILL) when the
@@ -553,6 +565,77 @@ def run_server(workers: int, params: dict, grads: dict, reps: int, extra_flags: 
             'raw_pull_copy_s': raw_pull_copy_s}
 
 
+def ordered_flags(workers: int, server_args: Sequence[str], ordered: bool) -> list[str]:
+  """The flags of a server of the ordered sum's comparison: `server_args`, --max-inflight-pushes
+  max(2, W) unless given, and --ordered-sum true if `ordered`."""
+  given = any(a.startswith('--max-inflight-pushes') for a in server_args)
+  return (list(server_args) + ([] if given else ['--max-inflight-pushes', str(max(2, workers))])
+          + (['--ordered-sum', 'true'] if ordered else []))
+
+
+def run_ordered_pair(workers: int, params: dict, grads: dict, reps: int,
+                     server_args: Sequence[str], log: Callable[[str], None] = print) -> dict:
+  """Two fresh servers of `workers` workers, without and with --ordered-sum, at once: each
+  initialised and warmed up, then `reps` timed steps each, alternating."""
+  with contextlib.ExitStack() as stack:
+    servers = {}
+    for name, ordered in (('off', False), ('on', True)):
+      flags = ordered_flags(workers, server_args, ordered)
+      log(f'  --ordered-sum {name}: ' + ' '.join(flags))
+      proc, port = stack.enter_context(child_process(
+          service_argv(workers, flags), f'server (W={workers}, ordered sum {name})'))
+      clients = make_clients(port, workers)
+      for c in clients:
+        stack.callback(c.close)
+      servers[name] = (proc, clients, clients[0].initialize(params))
+    pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(workers))
+    steps = {name: [] for name in servers}
+    for step in range(WARMUP_STEPS + reps):
+      turns = list(servers.items())
+      for name, (proc, clients, model_id) in turns[::-1] if step % 2 else turns:  # who first
+        timing = sync_step(clients, pool, step, model_id, grads, proc.pid)
+        if step >= WARMUP_STEPS:
+          steps[name].append(timing)
+      if step >= WARMUP_STEPS:
+        log(f'    rep {step - WARMUP_STEPS}: ' + ', '.join(
+            f'{name} push {s[-1].push_s:.3f}s apply {s[-1].apply_s:.3f}s'
+            for name, s in steps.items()))
+    return {'workers': workers, **{
+        name: {'flags': ordered_flags(workers, server_args, name == 'on'),
+               'vmhwm': proc_status_bytes(proc.pid, 'VmHWM'),
+               'steps': [dataclasses.asdict(s) for s in steps[name]]}
+        for name, (proc, _, _) in servers.items()}}
+
+
+def summarize_ordered(pair: dict) -> dict:
+  """One worker count's servers without and with --ordered-sum: medians, ratios on / off."""
+  row = {'workers': pair['workers']}
+  for name in ('off', 'on'):
+    steps = pair[name]['steps']
+    med = lambda key, steps=steps: statistics.median(s[key] for s in steps)  # noqa: E731
+    row[name] = {'push_s': med('push_s'), 'apply_s': med('apply_s'),
+                 'step_s': statistics.median(s['push_s'] + s['apply_s'] for s in steps),
+                 'server_cpu_s': med('server_cpu_s'), 'peak_rss': pair[name]['vmhwm']}
+  row['ratio'] = {k: row['on'][k] / row['off'][k] if row['off'][k] else float('nan')
+                  for k in row['off']}
+  return row
+
+
+def ordered_table(rows: list[dict]) -> str:
+  lines = ['| workers | step s off | step s on | on / off | push s off / on | apply s off / on | '
+           'server CPU s/step off / on | on / off | peak RSS GB off / on | on / off |',
+           '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    off, on, ratio = r['off'], r['on'], r['ratio']
+    lines.append(f"| {r['workers']} | {off['step_s']:.3f} | {on['step_s']:.3f} | "
+                 f"{ratio['step_s']:.2f} | {off['push_s']:.3f} / {on['push_s']:.3f} | "
+                 f"{off['apply_s']:.3f} / {on['apply_s']:.3f} | "
+                 f"{off['server_cpu_s']:.2f} / {on['server_cpu_s']:.2f} | "
+                 f"{ratio['server_cpu_s']:.2f} | {off['peak_rss'] / 1e9:.2f} / "
+                 f"{on['peak_rss'] / 1e9:.2f} | {ratio['peak_rss']:.2f} |")
+  return '\n'.join(lines)
+
+
 # ----------------------------------------------------------------------------- processes axis
 
 
@@ -799,9 +882,37 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='server process counts of the processes axis (default 1 2; none: skip)')
   p.add_argument('--server-arg', action='append', default=[], metavar='FLAG',
                  help='extra flag for the server, e.g. --server-arg=--max-inflight-pushes=4')
+  p.add_argument('--ordered-sum', action='store_true',
+                 help='instead: each worker count on two servers, without and with '
+                      '--ordered-sum, steps alternating, compared')
   p.add_argument('--json', metavar='PATH', help='also write all figures here')
   p.add_argument('--raw-server', action='store_true', help=argparse.SUPPRESS)
   return p.parse_args(argv)
+
+
+def ordered_sum_main(args: argparse.Namespace, params: dict, grads: dict,
+                     t_start: float) -> int:
+  """`--ordered-sum`: per worker count, two servers without and with it, steps alternating."""
+  runs = []
+  for w in args.workers:
+    print(f'W={w}:')
+    runs.append(run_ordered_pair(w, params, grads, args.reps, args.server_arg))
+  rows = [summarize_ordered(r) for r in runs]
+  print(f'\nordered sum, {args.size} ({tree_params(params) / 1e6:.1f}M float32 params, '
+        f'{tree_bytes(grads) / 1e6:.0f} MB per push), {os.cpu_count()} CPU cores: per W, two '
+        f'servers without and with --ordered-sum (both --max-inflight-pushes max(2, W) unless '
+        f'given), their steps alternating; step s = push s + apply s; median of {args.reps}:\n')
+  print(ordered_table(rows))
+  wall = time.perf_counter() - t_start
+  print(f'\nwall time {wall:.0f}s')
+  if args.json:
+    with open(args.json, 'w', encoding='utf-8') as f:
+      json.dump({'size': args.size, 'model': SIZES[args.size], 'params': tree_params(params),
+                 'grad_bytes': tree_bytes(grads), 'reps': args.reps,
+                 'server_args': args.server_arg, 'ordered_runs': runs, 'ordered_rows': rows,
+                 'wall_s': wall}, f, indent=2)
+    print(f'wrote {args.json}')
+  return 0
 
 
 def _exit_on_signal(signum, frame) -> None:
@@ -830,6 +941,8 @@ def main(argv=None) -> int:
       '--num-workers 0', '--num-workers W'))
   print(f'workers are threads of this process; {args.reps} timed steps after {WARMUP_STEPS} '
         f'warm-up step(s); chunks of {CHUNK_BYTES} B')
+  if args.ordered_sum:
+    return ordered_sum_main(args, params, grads, t_start)
 
   tiny = random_tree(tiny_shapes(SIZES[args.size]['layers']), 2, 0.02)
   print(f'fixed overhead: tiny model, {tree_params(tiny):,} params, W=1')

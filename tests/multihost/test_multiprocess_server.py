@@ -159,3 +159,34 @@ def test_initialize_model_on_a_multi_process_server_gives_each_process_its_part(
                       {'rpc': 'InitializeModel'}) for _, _, m in job]
   whole = sum(4 * np.prod(s) for s in mp_engine.SHAPES.values())
   assert metrics == [2 * whole] * 2  # every process read both streams whole, kept its part
+
+
+def _mixed_grads(step, worker):
+  """mp_engine's leaves, magnitudes from 1 to 1e8 mixed: their float32 sum depends on the
+  order the pushes are added in."""
+  rng = np.random.default_rng([step, worker, 7])
+  return {k: (rng.normal(size=s) * 10.0 ** rng.integers(0, 9, size=s)).astype(np.float32)
+          for k, s in mp_engine.SHAPES.items()}
+
+
+def test_an_ordered_sum_is_the_same_on_two_processes_whatever_the_arrival_order(tmp_path):
+  # --ordered-sum: each process holds its part of every push of a step and adds them by
+  # worker once it is complete. The same pushes arriving otherwise give the same bits, and
+  # the two processes' parts are of one sum (each process adds its parts in that order).
+  from service.client import OptimizerClient  # pylint: disable=import-outside-toplevel
+  runs = []
+  for order in ((2, 0, 1), (1, 2, 0)):
+    with mp_server.job(tmp_path, extra=['--ordered-sum', 'true', '--max-inflight-pushes',
+                                        str(mp_engine.WORKERS)]) as job:
+      with OptimizerClient(f'127.0.0.1:{job[1][1]}', timeout=60) as client:
+        stub_ = pb_grpc.OptimizerServiceStub(grpc.insecure_channel(f'127.0.0.1:{job[0][1]}'))
+        assert stub_.DescribeModel(pb.DescribeModelRequest(), timeout=30).ordered_sum
+        for step in range(2):
+          for i, w in enumerate(order):
+            r = client.push(step, _mixed_grads(step, w), 1 + w, f'worker-{w}')
+            assert r.applied == (i == len(order) - 1)
+        pulled = client.pull()
+      assert pulled.step == 2
+      runs.append(pulled.params)
+  for k in mp_engine.SHAPES:
+    assert runs[0][k].tobytes() == runs[1][k].tobytes(), k

@@ -84,11 +84,11 @@ def test_the_ledger_answers_retries_as_the_first_push_was_answered():
 
 def test_admission_counts_the_sum_as_one_of_the_buffers():
   a = Admission(max_pushes=2)
-  assert a.has_room(10, sum_held=False) and a.has_room(10, sum_held=True)
+  assert a.has_room(10, held=0) and a.has_room(10, held=1)
   slot = a.admit(10)
-  assert a.has_room(10, sum_held=False) and not a.has_room(10, sum_held=True)
-  assert str(a.busy(sum_held=True)).startswith("1 pushes (10 bytes) are already in flight "
-                                               "beside the step's sum")
+  assert a.has_room(10, held=0) and not a.has_room(10, held=1)
+  assert str(a.busy("the step's sum")).startswith("1 pushes (10 bytes) are already in flight "
+                                                  "beside the step's sum")
   assert a.release(slot) and not a.release(slot)  # freed once, however often asked
   assert (a.pushes, a.bytes) == (0, 0)
 
@@ -99,7 +99,7 @@ def test_admission_bounds_bytes_and_refuses_when_draining():
     a.check_size(101)
   assert e.value.reason == 'too_large'
   a.admit(60)
-  assert a.has_room(40, sum_held=False) and not a.has_room(41, sum_held=False)
+  assert a.has_room(40, held=0) and not a.has_room(41, held=0)
   a.draining = True
   with pytest.raises(Unavailable, match='shutting down') as e:
     a.check_size(1)

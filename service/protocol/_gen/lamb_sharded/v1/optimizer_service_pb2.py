@@ -26,59 +26,59 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from service.protocol._gen.lamb_sharded.v1 import tensor_pb2 as lamb__sharded_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'lamb_sharded/v1/optimizer_service.proto\x12\x0flamb_sharded.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1clamb_sharded/v1/tensor.proto\"\xe7\x02\n\x13LambHyperparameters\x12\x1e\n\x16learning_rate_schedule\x18\x01 \x01(\t\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\n\n\x02\x62\x31\x18\x03 \x01(\x01\x12\n\n\x02\x62\x32\x18\x04 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x05 \x01(\x01\x12\x10\n\x08\x65ps_root\x18\x06 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x07 \x01(\x01\x12!\n\x19\x65xclude_from_weight_decay\x18\x08 \x03(\t\x12%\n\x1d\x65xclude_from_layer_adaptation\x18\t \x03(\t\x12#\n\x1bleaves_without_weight_decay\x18\n \x03(\t\x12\'\n\x1fleaves_without_layer_adaptation\x18\x0b \x03(\t\x12\x11\n\toptimizer\x18\x0c \x01(\t\x12\x10\n\x08momentum\x18\r \x01(\x01\x12\x0f\n\x07moments\x18\x0e \x01(\t\"\x16\n\x14\x44\x65scribeModelRequest\"\xb9\x03\n\x15\x44\x65scribeModelResponse\x12\x13\n\x0binitialized\x18\x01 \x01(\x08\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12+\n\x06leaves\x18\x03 \x03(\x0b\x32\x1b.lamb_sharded.v1.TensorSpec\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12,\n\tstep_mode\x18\x05 \x01(\x0e\x32\x19.lamb_sharded.v1.StepMode\x12\x13\n\x0bnum_workers\x18\x06 \x01(\x05\x12\x0e\n\x06quorum\x18\x07 \x01(\x05\x12\x17\n\x0fstaleness_bound\x18\x08 \x01(\x03\x12=\n\x0fhyperparameters\x18\t \x01(\x0b\x32$.lamb_sharded.v1.LambHyperparameters\x12\x31\n\tprocesses\x18\n \x03(\x0b\x32\x1e.lamb_sharded.v1.ServerProcess\x12\x32\n\nplacements\x18\x0b \x03(\x0b\x32\x1e.lamb_sharded.v1.LeafPlacement\x12,\n\x07workers\x18\x0c \x03(\x0b\x32\x1b.lamb_sharded.v1.WorkerSeen\"G\n\nWorkerSeen\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tlast_step\x18\x02 \x01(\x03\x12\x13\n\x0bseconds_ago\x18\x03 \x01(\x01\"0\n\rServerProcess\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\"S\n\rLeafPlacement\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x16\n\tsplit_dim\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06starts\x18\x03 \x03(\x03\x42\x0c\n\n_split_dim\"\xba\x01\n\x16InitializeModelRequest\x12\x38\n\x06header\x18\x01 \x01(\x0b\x32&.lamb_sharded.v1.InitializeModelHeaderH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.lamb_sharded.v1.TensorChunkH\x00\x12/\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1d.lamb_sharded.v1.StreamCommitH\x00\x42\x06\n\x04kind\"U\n\x15InitializeModelHeader\x12+\n\x06leaves\x18\x01 \x03(\x0b\x32\x1b.lamb_sharded.v1.TensorSpec\x12\x0f\n\x07init_id\x18\x02 \x01(\t\"9\n\x17InitializeModelResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\xb6\x01\n\x14PushGradientsRequest\x12\x36\n\x06header\x18\x01 \x01(\x0b\x32$.lamb_sharded.v1.PushGradientsHeaderH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.lamb_sharded.v1.TensorChunkH\x00\x12/\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1d.lamb_sharded.v1.StreamCommitH\x00\x42\x06\n\x04kind\"\xb1\x01\n\x13PushGradientsHeader\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0f\n\x07push_id\x18\x04 \x01(\t\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12+\n\x06leaves\x18\x06 \x03(\x0b\x32\x1b.lamb_sharded.v1.TensorSpec\x12\x13\n\x0blocal_steps\x18\x07 \x01(\x03\"h\n\x15PushGradientsResponse\x12\x15\n\raccepted_step\x18\x01 \x01(\x03\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x14\n\x0c\x63urrent_step\x18\x03 \x01(\x03\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"\xa4\x01\n\x15PullParametersRequest\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.lamb_sharded.v1.Dtype\x12\x1f\n\x12if_newer_than_step\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0bif_model_id\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\x03\x42\x15\n\x13_if_newer_than_step\"\xb9\x01\n\x16PullParametersResponse\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.lamb_sharded.v1.PullParametersHeaderH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.lamb_sharded.v1.TensorChunkH\x00\x12/\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1d.lamb_sharded.v1.StreamCommitH\x00\x42\x06\n\x04kind\"y\n\x14PullParametersHeader\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x14\n\x0cnot_modified\x18\x03 \x01(\x08\x12+\n\x06leaves\x18\x04 \x03(\x0b\x32\x1b.lamb_sharded.v1.TensorSpec\"N\n\x12WaitForStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"N\n\x13WaitForStepResponse\x12\x14\n\x0c\x63urrent_step\x18\x01 \x01(\x03\x12\x0f\n\x07reached\x18\x02 \x01(\x08\x12\x10\n\x08model_id\x18\x03 \x01(\t\"%\n\x15SaveCheckpointRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"4\n\x16SaveCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x18\n\x16ListCheckpointsRequest\"O\n\x17ListCheckpointsResponse\x12\x34\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1f.lamb_sharded.v1.CheckpointInfo\"R\n\x0e\x43heckpointInfo\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03*\\\n\x08StepMode\x12\x19\n\x15STEP_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15STEP_MODE_SYNCHRONOUS\x10\x01\x12\x1a\n\x16STEP_MODE_ASYNCHRONOUS\x10\x02\x32\xc4\x05\n\x10OptimizerService\x12^\n\rDescribeModel\x12%.lamb_sharded.v1.DescribeModelRequest\x1a&.lamb_sharded.v1.DescribeModelResponse\x12\x66\n\x0fInitializeModel\x12\'.lamb_sharded.v1.InitializeModelRequest\x1a(.lamb_sharded.v1.InitializeModelResponse(\x01\x12`\n\rPushGradients\x12%.lamb_sharded.v1.PushGradientsRequest\x1a&.lamb_sharded.v1.PushGradientsResponse(\x01\x12\x63\n\x0ePullParameters\x12&.lamb_sharded.v1.PullParametersRequest\x1a\'.lamb_sharded.v1.PullParametersResponse0\x01\x12X\n\x0bWaitForStep\x12#.lamb_sharded.v1.WaitForStepRequest\x1a$.lamb_sharded.v1.WaitForStepResponse\x12\x61\n\x0eSaveCheckpoint\x12&.lamb_sharded.v1.SaveCheckpointRequest\x1a\'.lamb_sharded.v1.SaveCheckpointResponse\x12\x64\n\x0fListCheckpoints\x12\'.lamb_sharded.v1.ListCheckpointsRequest\x1a(.lamb_sharded.v1.ListCheckpointsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'lamb_sharded/v1/optimizer_service.proto\x12\x0flamb_sharded.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1clamb_sharded/v1/tensor.proto\"\xe7\x02\n\x13LambHyperparameters\x12\x1e\n\x16learning_rate_schedule\x18\x01 \x01(\t\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\n\n\x02\x62\x31\x18\x03 \x01(\x01\x12\n\n\x02\x62\x32\x18\x04 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x05 \x01(\x01\x12\x10\n\x08\x65ps_root\x18\x06 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x07 \x01(\x01\x12!\n\x19\x65xclude_from_weight_decay\x18\x08 \x03(\t\x12%\n\x1d\x65xclude_from_layer_adaptation\x18\t \x03(\t\x12#\n\x1bleaves_without_weight_decay\x18\n \x03(\t\x12\'\n\x1fleaves_without_layer_adaptation\x18\x0b \x03(\t\x12\x11\n\toptimizer\x18\x0c \x01(\t\x12\x10\n\x08momentum\x18\r \x01(\x01\x12\x0f\n\x07moments\x18\x0e \x01(\t\"\x16\n\x14\x44\x65scribeModelRequest\"\xce\x03\n\x15\x44\x65scribeModelResponse\x12\x13\n\x0binitialized\x18\x01 \x01(\x08\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12+\n\x06leaves\x18\x03 \x03(\x0b\x32\x1b.lamb_sharded.v1.TensorSpec\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12,\n\tstep_mode\x18\x05 \x01(\x0e\x32\x19.lamb_sharded.v1.StepMode\x12\x13\n\x0bnum_workers\x18\x06 \x01(\x05\x12\x0e\n\x06quorum\x18\x07 \x01(\x05\x12\x17\n\x0fstaleness_bound\x18\x08 \x01(\x03\x12=\n\x0fhyperparameters\x18\t \x01(\x0b\x32$.lamb_sharded.v1.LambHyperparameters\x12\x31\n\tprocesses\x18\n \x03(\x0b\x32\x1e.lamb_sharded.v1.ServerProcess\x12\x32\n\nplacements\x18\x0b \x03(\x0b\x32\x1e.lamb_sharded.v1.LeafPlacement\x12,\n\x07workers\x18\x0c \x03(\x0b\x32\x1b.lamb_sharded.v1.WorkerSeen\x12\x13\n\x0bordered_sum\x18\r \x01(\x08\"G\n\nWorkerSeen\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tlast_step\x18\x02 \x01(\x03\x12\x13\n\x0bseconds_ago\x18\x03 \x01(\x01\"0\n\rServerProcess\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\"S\n\rLeafPlacement\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x16\n\tsplit_dim\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06starts\x18\x03 \x03(\x03\x42\x0c\n\n_split_dim\"\xba\x01\n\x16InitializeModelRequest\x12\x38\n\x06header\x18\x01 \x01(\x0b\x32&.lamb_sharded.v1.InitializeModelHeaderH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.lamb_sharded.v1.TensorChunkH\x00\x12/\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1d.lamb_sharded.v1.StreamCommitH\x00\x42\x06\n\x04kind\"U\n\x15InitializeModelHeader\x12+\n\x06leaves\x18\x01 \x03(\x0b\x32\x1b.lamb_sharded.v1.TensorSpec\x12\x0f\n\x07init_id\x18\x02 \x01(\t\"9\n\x17InitializeModelResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\xb6\x01\n\x14PushGradientsRequest\x12\x36\n\x06header\x18\x01 \x01(\x0b\x32$.lamb_sharded.v1.PushGradientsHeaderH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.lamb_sharded.v1.TensorChunkH\x00\x12/\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1d.lamb_sharded.v1.StreamCommitH\x00\x42\x06\n\x04kind\"\xb1\x01\n\x13PushGradientsHeader\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0f\n\x07push_id\x18\x04 \x01(\t\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12+\n\x06leaves\x18\x06 \x03(\x0b\x32\x1b.lamb_sharded.v1.TensorSpec\x12\x13\n\x0blocal_steps\x18\x07 \x01(\x03\"h\n\x15PushGradientsResponse\x12\x15\n\raccepted_step\x18\x01 \x01(\x03\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x14\n\x0c\x63urrent_step\x18\x03 \x01(\x03\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"\xa4\x01\n\x15PullParametersRequest\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.lamb_sharded.v1.Dtype\x12\x1f\n\x12if_newer_than_step\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0bif_model_id\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\x03\x42\x15\n\x13_if_newer_than_step\"\xb9\x01\n\x16PullParametersResponse\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.lamb_sharded.v1.PullParametersHeaderH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.lamb_sharded.v1.TensorChunkH\x00\x12/\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1d.lamb_sharded.v1.StreamCommitH\x00\x42\x06\n\x04kind\"y\n\x14PullParametersHeader\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x14\n\x0cnot_modified\x18\x03 \x01(\x08\x12+\n\x06leaves\x18\x04 \x03(\x0b\x32\x1b.lamb_sharded.v1.TensorSpec\"N\n\x12WaitForStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"N\n\x13WaitForStepResponse\x12\x14\n\x0c\x63urrent_step\x18\x01 \x01(\x03\x12\x0f\n\x07reached\x18\x02 \x01(\x08\x12\x10\n\x08model_id\x18\x03 \x01(\t\"%\n\x15SaveCheckpointRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"4\n\x16SaveCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x18\n\x16ListCheckpointsRequest\"O\n\x17ListCheckpointsResponse\x12\x34\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1f.lamb_sharded.v1.CheckpointInfo\"R\n\x0e\x43heckpointInfo\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03*\\\n\x08StepMode\x12\x19\n\x15STEP_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15STEP_MODE_SYNCHRONOUS\x10\x01\x12\x1a\n\x16STEP_MODE_ASYNCHRONOUS\x10\x02\x32\xc4\x05\n\x10OptimizerService\x12^\n\rDescribeModel\x12%.lamb_sharded.v1.DescribeModelRequest\x1a&.lamb_sharded.v1.DescribeModelResponse\x12\x66\n\x0fInitializeModel\x12\'.lamb_sharded.v1.InitializeModelRequest\x1a(.lamb_sharded.v1.InitializeModelResponse(\x01\x12`\n\rPushGradients\x12%.lamb_sharded.v1.PushGradientsRequest\x1a&.lamb_sharded.v1.PushGradientsResponse(\x01\x12\x63\n\x0ePullParameters\x12&.lamb_sharded.v1.PullParametersRequest\x1a\'.lamb_sharded.v1.PullParametersResponse0\x01\x12X\n\x0bWaitForStep\x12#.lamb_sharded.v1.WaitForStepRequest\x1a$.lamb_sharded.v1.WaitForStepResponse\x12\x61\n\x0eSaveCheckpoint\x12&.lamb_sharded.v1.SaveCheckpointRequest\x1a\'.lamb_sharded.v1.SaveCheckpointResponse\x12\x64\n\x0fListCheckpoints\x12\'.lamb_sharded.v1.ListCheckpointsRequest\x1a(.lamb_sharded.v1.ListCheckpointsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'service.protocol._gen.lamb_sharded.v1.optimizer_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STEPMODE']._serialized_start=2888
-  _globals['_STEPMODE']._serialized_end=2980
+  _globals['_STEPMODE']._serialized_start=2909
+  _globals['_STEPMODE']._serialized_end=3001
   _globals['_LAMBHYPERPARAMETERS']._serialized_start=123
   _globals['_LAMBHYPERPARAMETERS']._serialized_end=482
   _globals['_DESCRIBEMODELREQUEST']._serialized_start=484
   _globals['_DESCRIBEMODELREQUEST']._serialized_end=506
   _globals['_DESCRIBEMODELRESPONSE']._serialized_start=509
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=950
-  _globals['_WORKERSEEN']._serialized_start=952
-  _globals['_WORKERSEEN']._serialized_end=1023
-  _globals['_SERVERPROCESS']._serialized_start=1025
-  _globals['_SERVERPROCESS']._serialized_end=1073
-  _globals['_LEAFPLACEMENT']._serialized_start=1075
-  _globals['_LEAFPLACEMENT']._serialized_end=1158
-  _globals['_INITIALIZEMODELREQUEST']._serialized_start=1161
-  _globals['_INITIALIZEMODELREQUEST']._serialized_end=1347
-  _globals['_INITIALIZEMODELHEADER']._serialized_start=1349
-  _globals['_INITIALIZEMODELHEADER']._serialized_end=1434
-  _globals['_INITIALIZEMODELRESPONSE']._serialized_start=1436
-  _globals['_INITIALIZEMODELRESPONSE']._serialized_end=1493
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=1496
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=1678
-  _globals['_PUSHGRADIENTSHEADER']._serialized_start=1681
-  _globals['_PUSHGRADIENTSHEADER']._serialized_end=1858
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=1860
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=1964
-  _globals['_PULLPARAMETERSREQUEST']._serialized_start=1967
-  _globals['_PULLPARAMETERSREQUEST']._serialized_end=2131
-  _globals['_PULLPARAMETERSRESPONSE']._serialized_start=2134
-  _globals['_PULLPARAMETERSRESPONSE']._serialized_end=2319
-  _globals['_PULLPARAMETERSHEADER']._serialized_start=2321
-  _globals['_PULLPARAMETERSHEADER']._serialized_end=2442
-  _globals['_WAITFORSTEPREQUEST']._serialized_start=2444
-  _globals['_WAITFORSTEPREQUEST']._serialized_end=2522
-  _globals['_WAITFORSTEPRESPONSE']._serialized_start=2524
-  _globals['_WAITFORSTEPRESPONSE']._serialized_end=2602
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=2604
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=2641
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=2643
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=2695
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=2697
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=2721
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=2723
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=2802
-  _globals['_CHECKPOINTINFO']._serialized_start=2804
-  _globals['_CHECKPOINTINFO']._serialized_end=2886
-  _globals['_OPTIMIZERSERVICE']._serialized_start=2983
-  _globals['_OPTIMIZERSERVICE']._serialized_end=3691
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=971
+  _globals['_WORKERSEEN']._serialized_start=973
+  _globals['_WORKERSEEN']._serialized_end=1044
+  _globals['_SERVERPROCESS']._serialized_start=1046
+  _globals['_SERVERPROCESS']._serialized_end=1094
+  _globals['_LEAFPLACEMENT']._serialized_start=1096
+  _globals['_LEAFPLACEMENT']._serialized_end=1179
+  _globals['_INITIALIZEMODELREQUEST']._serialized_start=1182
+  _globals['_INITIALIZEMODELREQUEST']._serialized_end=1368
+  _globals['_INITIALIZEMODELHEADER']._serialized_start=1370
+  _globals['_INITIALIZEMODELHEADER']._serialized_end=1455
+  _globals['_INITIALIZEMODELRESPONSE']._serialized_start=1457
+  _globals['_INITIALIZEMODELRESPONSE']._serialized_end=1514
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=1517
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=1699
+  _globals['_PUSHGRADIENTSHEADER']._serialized_start=1702
+  _globals['_PUSHGRADIENTSHEADER']._serialized_end=1879
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=1881
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=1985
+  _globals['_PULLPARAMETERSREQUEST']._serialized_start=1988
+  _globals['_PULLPARAMETERSREQUEST']._serialized_end=2152
+  _globals['_PULLPARAMETERSRESPONSE']._serialized_start=2155
+  _globals['_PULLPARAMETERSRESPONSE']._serialized_end=2340
+  _globals['_PULLPARAMETERSHEADER']._serialized_start=2342
+  _globals['_PULLPARAMETERSHEADER']._serialized_end=2463
+  _globals['_WAITFORSTEPREQUEST']._serialized_start=2465
+  _globals['_WAITFORSTEPREQUEST']._serialized_end=2543
+  _globals['_WAITFORSTEPRESPONSE']._serialized_start=2545
+  _globals['_WAITFORSTEPRESPONSE']._serialized_end=2623
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=2625
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=2662
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=2664
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=2716
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=2718
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=2742
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=2744
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=2823
+  _globals['_CHECKPOINTINFO']._serialized_start=2825
+  _globals['_CHECKPOINTINFO']._serialized_end=2907
+  _globals['_OPTIMIZERSERVICE']._serialized_start=3004
+  _globals['_OPTIMIZERSERVICE']._serialized_end=3712
 # @@protoc_insertion_point(module_scope)

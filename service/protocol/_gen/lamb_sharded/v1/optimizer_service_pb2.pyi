@@ -58,7 +58,7 @@ class DescribeModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("initialized", "model_id", "leaves", "step", "step_mode", "num_workers", "quorum", "staleness_bound", "hyperparameters", "processes", "placements", "workers")
+    __slots__ = ("initialized", "model_id", "leaves", "step", "step_mode", "num_workers", "quorum", "staleness_bound", "hyperparameters", "processes", "placements", "workers", "ordered_sum")
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LEAVES_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class DescribeModelResponse(_message.Message):
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ORDERED_SUM_FIELD_NUMBER: _ClassVar[int]
     initialized: bool
     model_id: str
     leaves: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
@@ -83,7 +84,8 @@ class DescribeModelResponse(_message.Message):
     processes: _containers.RepeatedCompositeFieldContainer[ServerProcess]
     placements: _containers.RepeatedCompositeFieldContainer[LeafPlacement]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerSeen]
-    def __init__(self, initialized: _Optional[bool] = ..., model_id: _Optional[str] = ..., leaves: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., step: _Optional[int] = ..., step_mode: _Optional[_Union[StepMode, str]] = ..., num_workers: _Optional[int] = ..., quorum: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., hyperparameters: _Optional[_Union[LambHyperparameters, _Mapping]] = ..., processes: _Optional[_Iterable[_Union[ServerProcess, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[LeafPlacement, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerSeen, _Mapping]]] = ...) -> None: ...
+    ordered_sum: bool
+    def __init__(self, initialized: _Optional[bool] = ..., model_id: _Optional[str] = ..., leaves: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., step: _Optional[int] = ..., step_mode: _Optional[_Union[StepMode, str]] = ..., num_workers: _Optional[int] = ..., quorum: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., hyperparameters: _Optional[_Union[LambHyperparameters, _Mapping]] = ..., processes: _Optional[_Iterable[_Union[ServerProcess, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[LeafPlacement, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerSeen, _Mapping]]] = ..., ordered_sum: _Optional[bool] = ...) -> None: ...
 
 class WorkerSeen(_message.Message):
     __slots__ = ("worker_id", "last_step", "seconds_ago")
