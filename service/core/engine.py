@@ -12,6 +12,7 @@ them under one lock:
                          pushes held until it is applied, then added by worker), recycled
                          buffers
   persistence            checkpoints: meta, save, restore, compatibility
+  saving.Saver           the checkpoint writer and reporter threads
   push.PushSession       one push being received (`open_push`)
   pull.SharedStream      one step's pull, encoded once for every puller (`pull`)
 
@@ -41,7 +42,7 @@ I/O, and re-take it to re-check and apply what was decided:
   - the leader's decisions and the I/O that publishes them are serialized by
     a lock of their own (`_order`), so that their order is the order of the
     steps, while describes, pulls and long polls go on;
-  - checkpoints are written by a thread of their own (`_write_checkpoints`),
+  - checkpoints are written by a thread of their own (core/saving.py),
     one at a time and in step order, from a state that is held meanwhile (no
     step donates its arrays until the save is written);
   - a wait for a recycled buffer's update to be computed is a wait on the
@@ -68,7 +69,7 @@ import numpy as np
 
 from service.config import WORKER_ID, WORKER_ID_RULE, ServerConfig
 from service.core import coordination as coordination_lib
-from service.core import optimizer, persistence, placement
+from service.core import optimizer, persistence, placement, saving
 from service.core import pull as pull_lib
 from service.core.accumulator import Accumulator
 from service.core.admission import Admission
@@ -145,36 +146,6 @@ class Snapshot:
   arrays: tuple[jax.Array, ...]
 
 
-@dataclasses.dataclass(eq=False)
-class _Save:
-  """A checkpoint for the writer thread: `state` of `step`, held (not donated) until written.
-
-  `ask`: whether the leader's vote decides it (a follower's); else it is due.
-  `done` is set once it is written (started, for an asynchronous checkpointer)
-  or skipped; `error`, what failed.
-  """
-  model_id: str
-  step: int
-  plan: ModelPlan
-  state: ModelState
-  version: int
-  ask: bool
-  done: threading.Event = dataclasses.field(default_factory=threading.Event)
-  error: Optional[BaseException] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class PullHeader:
-  """What a pull yields first: the step it serves, and its leaves in the pull's dtypes.
-
-  `not_modified`: the caller already has this step (nothing else follows).
-  """
-  model_id: str
-  step: int
-  leaves: tuple[LeafSpec, ...]
-  not_modified: bool = False
-
-
 class InitSession:
   """One InitializeModel being received (`Engine.open_init`): its stream goes into `sink`;
   `commit()` creates the model. Closing it (also after a commit) lets another
@@ -197,55 +168,6 @@ class InitSession:
     return self
 
   def __exit__(self, *exc) -> None:
-    self.close()
-
-
-class PullStream:
-  """One pull: an iterator of its `PullHeader`, then its encoded messages; close it when done.
-
-  `poll()` takes the next message only if it needs no wait for another thread
-  (a lone puller encodes it itself), so that an event loop can take it.
-  """
-
-  def __init__(self, header: PullHeader, reader):
-    self._header, self._reader, self._step = header, reader, header.step
-
-  def __iter__(self) -> 'PullStream':
-    return self
-
-  def __next__(self):
-    if self._header is not None:
-      header, self._header = self._header, None
-      return header
-    return self._read(next, self._reader)
-
-  def poll(self):
-    """The next message, or `pull.NOT_READY` if it would have to be waited for."""
-    if self._header is not None:
-      return next(self)
-    poll = getattr(self._reader, 'poll', None)
-    return self._read(poll) if poll is not None else next(self)
-
-  def _read(self, take, *args):
-    try:
-      return take(*args)
-    except jax.errors.JaxRuntimeError as e:  # the step's computation failed (a lost peer)
-      self.close()
-      raise Unavailable(f'the parameters of step {self._step} could not be read ({e}); retry '
-                        f'(the server restarts from its last checkpoint)',
-                        reason='step_failed') from e
-    except BaseException:
-      self.close()
-      raise
-
-  def close(self) -> None:
-    """Ends the pull: the step's params are no longer held for it."""
-    self._header = None
-    close = getattr(self._reader, 'close', None)
-    if close is not None:
-      close()
-
-  def __del__(self):  # a pull dropped unfinished (as a generator's end closes it)
     self.close()
 
 
@@ -307,20 +229,19 @@ class Engine:
     # worker_id -> (step its last counted push went into, time.monotonic() then).
     self._seen: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
     # Off the step loop: the straggler timeout; timing each update from its dispatch
-    # until it is computed; reporting each checkpoint once it is on disk.
+    # until it is computed; writing and reporting checkpoints (`saving.Saver`).
     self._applied: queue.SimpleQueue = queue.SimpleQueue()
-    self._saves: queue.SimpleQueue = queue.SimpleQueue()
-    self._to_write: queue.SimpleQueue = queue.SimpleQueue()  # `_Save`s, in step order
-    self._save_failures = 0  # failed saves since the last one written (a streak)
-    self._save_failures_lock = threading.Lock()
+    self._saver = (saving.Saver(checkpointer, config, self._co, self.observer, self.stats,
+                                self._save_finished) if checkpointer is not None else None)
     self._threads = [threading.Thread(target=fn, name=name, daemon=True) for fn, name in (
         (self._straggler_loop, 'straggler') if self._co.leader else
         (self._follow_loop, 'follower'),
-        (self._time_applies, 'apply-timer'),
-        (self._write_checkpoints, 'checkpoint-writer'),
-        (self._report_saves, 'checkpoint-reporter'))]
+        (self._time_applies, 'apply-timer'))]
     for t in self._threads:
       t.start()
+    if self._saver is not None:
+      self._saver.start()
+      self._threads += self._saver.threads
 
   # ------------------------------------------------------------------ queries
 
@@ -475,7 +396,7 @@ class Engine:
           self._readers -= 1
 
   def pull(self, dtype: Optional[np.dtype] = None, *, newer_than: Optional[int] = None,
-           model_id: str = '', chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> 'PullStream':
+           model_id: str = '', chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> pull_lib.PullStream:
     """The current params as a stream: a `PullHeader`, then the encoded messages.
 
     Args:
@@ -495,16 +416,16 @@ class Engine:
       self._require_model()
       mid, step, specs = self._model_id, self._steps.step, self._plan.local_specs
       if newer_than is not None and model_id == mid and step <= newer_than:
-        header, reader = PullHeader(mid, step, (), not_modified=True), (x for x in ())
+        header, reader = pull_lib.PullHeader(mid, step, (), not_modified=True), (x for x in ())
       else:
         specs = pull_lib.pulled_dtypes(specs, dtype)
-        header = PullHeader(mid, step, specs)
+        header = pull_lib.PullHeader(mid, step, specs)
         key = (mid, step, specs, chunk_bytes)
         shared = self._shared_pull
         reader = shared[1].join() if shared is not None and shared[0] == key else None
         if reader is None:
           reader = self._start_pull(key, specs, chunk_bytes).join()
-    return PullStream(header, reader)
+    return pull_lib.PullStream(header, reader)
 
   def _start_pull(self, key, specs, chunk_bytes) -> pull_lib.SharedStream:
     """A shared encoding of the current params (under the lock); they are held meanwhile."""
@@ -1040,87 +961,25 @@ class Engine:
     else:
       self._queue_save_locked(ask=True)
 
-  def _queue_save_locked(self, ask: bool) -> Optional[_Save]:
+  def _queue_save_locked(self, ask: bool) -> Optional[saving.Save]:
     """Queues a checkpoint of the current state for the writer thread (None: there is
     nothing to save); the state is held (never donated) until it is written."""
-    if self._checkpointer is None or self._plan is None:
+    if self._saver is None or self._plan is None:
       return None
-    save = _Save(self._model_id, self._steps.step, self._plan, self._state,
-                 self._params_version, ask)
+    save = saving.Save(self._model_id, self._steps.step, self._plan, self._state,
+                       self._params_version, ask)
     self._saving += 1
     self._unwritten += 1
-    self._to_write.put(save)
+    self._saver.queue(save)
     return save
 
-  def _write_checkpoints(self) -> None:
-    """Writes the queued checkpoints, one at a time, in step order, without the lock."""
-    last = None  # (model_id, step) of the last save started
-    while (save := self._to_write.get()) is not None:
-      try:
-        if save.ask and not self._co.save_due(save.model_id, save.step):
-          continue
-        if last == (save.model_id, save.step):
-          continue
-        t0 = time.monotonic()
-        if persistence.save(self._checkpointer, self.config, save.step, save.plan, save.state,
-                            force=True):
-          last = (save.model_id, save.step)
-          took = time.monotonic() - t0
-          self.stats['checkpoint_blocking_s'] = took
-          log.info('checkpoint of step %d started (%.3fs to write or start it, beside the '
-                   'step loop)', save.step, took, extra=fields(step=save.step,
-                                                                seconds=round(took, 4)))
-          self.observer.checkpoint_started(save.step, took)
-          self._saves.put((save.step, t0))
-      except Exception as e:  # pylint: disable=broad-except
-        save.error = e
-        self._save_failed(save.step, e)
-      finally:
-        with self._cond:
-          if save.version == self._params_version:
-            self._saving -= 1
-          self._unwritten -= 1
-          self._changed_locked()
-        save.state = None  # its arrays may go
-        save.done.set()
-
-  def _report_saves(self) -> None:
-    """Reports each save once it is on disk (an asynchronous one finishes later)."""
-    while (item := self._saves.get()) is not None:
-      step, t0 = item
-      try:
-        self._checkpointer.wait()
-        # Its error may have gone to another waiter (SaveCheckpoint's); the leader's view
-        # of the directory is the one that finalises it.
-        if self._co.leader and not self._checkpointer.written(step):
-          raise OSError(f'the save of step {step} ended without a checkpoint on disk')
-      except Exception as e:  # pylint: disable=broad-except
-        self._save_failed(step, e)
-        continue
-      with self._save_failures_lock:
-        failed, self._save_failures = self._save_failures, 0
-      if failed:
-        log.warning('checkpoints are written again (step %d), after %d failed saves', step,
-                    failed, extra=fields(step=step, reason='checkpoint_recovered'))
-      self.observer.checkpoint_saved(step, time.monotonic() - t0)
-
-  def _save_failed(self, step: int, e: BaseException) -> None:
-    """A save that failed: logged once per streak of failures (the first), counted in the
-    metrics; the next save point (or the final save) tries again. Pushes never see it."""
-    with self._save_failures_lock:
-      self._save_failures += 1
-      in_a_row = self._save_failures
-    text = str(e).strip().splitlines()
-    why = f'{type(e).__name__}: {text[0][:300] if text else ""}'
-    if in_a_row == 1:
-      log.error('checkpoint of step %d failed: %s; the server goes on, and tries again at the '
-                'next save point (further failures are counted in '
-                'lamb_sharded_checkpoint_failures_total, not logged, until one succeeds)',
-                step, why, extra=fields(step=step, reason='checkpoint_failed'))
-    else:
-      log.debug('checkpoint of step %d failed (%d in a row): %s', step, in_a_row, why,
-                extra=fields(step=step, reason='checkpoint_failed'))
-    self.observer.checkpoint_failed(step, e, in_a_row)
+  def _save_finished(self, save: saving.Save) -> None:
+    """The writer thread is done with `save`: its state is no longer held for it."""
+    with self._cond:
+      if save.version == self._params_version:
+        self._saving -= 1
+      self._unwritten -= 1
+      self._changed_locked()
 
   def restore(self) -> bool:
     """Restores the newest readable checkpoint onto this mesh; False if there is none."""
@@ -1221,10 +1080,7 @@ class Engine:
       self._closed = True
       self._changed_locked()
     self._applied.put(None)
-    self._to_write.put(None)
-    for t in self._threads:
-      if t.name == 'checkpoint-writer':
-        t.join(timeout=30)
-    self._saves.put(None)
+    if self._saver is not None:
+      self._saver.close()
     for t in self._threads:
       t.join(timeout=30)

@@ -12,6 +12,7 @@ message was dropped starts a stream of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from typing import Callable, Iterator, Optional, Sequence
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 
 from service.core import placement
+from service.errors import Unavailable
 from service.protocol import pb
 from service.protocol.chunks import encoded_chunk_messages
 from service.protocol.specs import LeafSpec
@@ -251,3 +253,64 @@ class _Reader:
 def pulled_dtypes(specs: Sequence[LeafSpec], dtype: Optional[np.dtype]) -> tuple[LeafSpec, ...]:
   """The leaves as a pull in `dtype` sends them (None: each in its own)."""
   return tuple(LeafSpec(s.path, s.shape, dtype or s.dtype) for s in specs)
+
+
+@dataclasses.dataclass(frozen=True)
+class PullHeader:
+  """What a pull yields first: the step it serves, and its leaves in the pull's dtypes.
+
+  `not_modified`: the caller already has this step (nothing else follows).
+  """
+  model_id: str
+  step: int
+  leaves: tuple[LeafSpec, ...]
+  not_modified: bool = False
+
+
+class PullStream:
+  """One pull: an iterator of its `PullHeader`, then its encoded messages; close it when done.
+
+  `poll()` takes the next message only if it needs no wait for another thread
+  (a lone puller encodes it itself), so that an event loop can take it.
+  """
+
+  def __init__(self, header: PullHeader, reader):
+    self._header, self._reader, self._step = header, reader, header.step
+
+  def __iter__(self) -> 'PullStream':
+    return self
+
+  def __next__(self):
+    if self._header is not None:
+      header, self._header = self._header, None
+      return header
+    return self._read(next, self._reader)
+
+  def poll(self):
+    """The next message, or `NOT_READY` if it would have to be waited for."""
+    if self._header is not None:
+      return next(self)
+    poll = getattr(self._reader, 'poll', None)
+    return self._read(poll) if poll is not None else next(self)
+
+  def _read(self, take, *args):
+    try:
+      return take(*args)
+    except jax.errors.JaxRuntimeError as e:  # the step's computation failed (a lost peer)
+      self.close()
+      raise Unavailable(f'the parameters of step {self._step} could not be read ({e}); retry '
+                        f'(the server restarts from its last checkpoint)',
+                        reason='step_failed') from e
+    except BaseException:
+      self.close()
+      raise
+
+  def close(self) -> None:
+    """Ends the pull: the step's params are no longer held for it."""
+    self._header = None
+    close = getattr(self._reader, 'close', None)
+    if close is not None:
+      close()
+
+  def __del__(self):  # a pull dropped unfinished (as a generator's end closes it)
+    self.close()

@@ -26,8 +26,8 @@ from typing import Mapping, Optional, Sequence
 import grpc
 
 from service.core import optimizer
-from service.core.engine import Engine, PullHeader
-from service.core.pull import NOT_READY
+from service.core.engine import Engine
+from service.core.pull import NOT_READY, PullHeader
 from service.core.push import PushSession
 from service.errors import (AlreadyExists, InvalidArgument, PermissionDenied, ResourceExhausted,
                             ServiceError)

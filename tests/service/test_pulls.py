@@ -14,7 +14,8 @@ import pytest
 
 from service.config import ServerConfig
 from service.core import pull as pull_lib
-from service.core.engine import Engine, PullHeader
+from service.core.engine import Engine
+from service.core.pull import PullHeader
 from service.protocol import pb
 from service.protocol.chunks import ChunkReceiver, chunk_parser
 from service.protocol.specs import LeafSpec
