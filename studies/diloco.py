@@ -49,6 +49,7 @@ from typing import Callable, Optional, Sequence
 
 from service import runtime
 from service.errors import ConfigError
+from studies import command
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,7 +303,6 @@ def run(config: DilocoConfig, say: Callable[[str], None] = print) -> dict:
   """Runs the study and writes its outputs; returns the JSON summary."""
   t0 = time.monotonic()
   runtime.simulate_cpu_devices(None)  # one CPU device here (drop an inherited ask)
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   from studies import diloco_report, diloco_runs  # pylint: disable=import-outside-toplevel
   task = make_task(config)
   os.makedirs(config.out, exist_ok=True)
@@ -313,13 +313,12 @@ def run(config: DilocoConfig, say: Callable[[str], None] = print) -> dict:
   warm, warm_runs = warm_start(config, task, config.out, range(config.seeds), say)
   trainer = diloco_runs.LocalStepsTrainer(task, TASK_SPEC, config.workers,
                                           os.path.join(config.out, 'service'), config.inner_lr)
-  bar = tqdm(total=0, unit='step', desc='study', dynamic_ncols=True, file=sys.stderr,
-             disable=not config.progress, smoothing=0.05)
-  study = Study(config, trainer, warm, bar)
-  try:
+  study = Study(config, trainer, warm)
+
+  def run_all(bar):
+    study.bar = bar
     study.run_all()
-  finally:
-    bar.close()
+  command.run_with_progress(run_all, config.progress)
   summary = diloco_report.write(config, task, warm_runs, study.runs, config.out,
                                 wall_s=time.monotonic() - t0)
   say(diloco_report.table_text(summary))
@@ -329,16 +328,7 @@ def run(config: DilocoConfig, say: Callable[[str], None] = print) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`python -m studies.diloco [flags]`."""
-  parser = argparse.ArgumentParser(prog='python -m studies.diloco',
-                                   description=__doc__.splitlines()[0])
-  add_flags(parser)
-  args = parser.parse_args(argv)
-  try:
-    run(config_from_args(args))
-  except ConfigError as e:
-    print(f'{parser.prog}: error: {e}', file=sys.stderr)
-    return 2
-  return 0
+  return command.main('studies.diloco', __doc__, add_flags, config_from_args, run, argv)
 
 
 if __name__ == '__main__':

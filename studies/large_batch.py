@@ -48,6 +48,7 @@ from typing import Callable, Optional, Sequence
 
 from service import runtime
 from service.errors import ConfigError
+from studies import command
 from studies import tasks
 
 # lr0 at the smallest batch (8), per optimizer: the centre of each grid. A probe of the
@@ -340,7 +341,6 @@ def run(config: StudyConfig, say: Callable[[str], None] = print) -> dict:
   """Runs the study and writes its outputs; returns the JSON summary."""
   t0 = time.monotonic()
   runtime.simulate_cpu_devices(config.devices)  # before JAX loads (None: drop an inherited ask)
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   from studies import report, train  # pylint: disable=import-outside-toplevel
   task = make_task(config)
   try:
@@ -368,13 +368,12 @@ def run(config: StudyConfig, say: Callable[[str], None] = print) -> dict:
     service_trainer = service_runs.ServiceTrainer(
         task, task_spec(config), config.workers, os.path.join(config.out, 'service'),
         devices=mesh.size, recipe=trainer.recipe)
-  bar = tqdm(total=0, unit='step', desc='study', dynamic_ncols=True, file=sys.stderr,
-             disable=not config.progress, smoothing=0.05)
-  study.service_trainer, study.bar = service_trainer, bar
-  try:
+  study.service_trainer = service_trainer
+
+  def run_all(bar):
+    study.bar = bar
     study.run_all()
-  finally:
-    bar.close()
+  command.run_with_progress(run_all, config.progress)
   summary = report.write(config, task, mesh, study.plan, study.runs, config.out,
                          wall_s=time.monotonic() - t0)
   say(report.table_text(summary))
@@ -384,16 +383,7 @@ def run(config: StudyConfig, say: Callable[[str], None] = print) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`python -m studies.large_batch [flags]`."""
-  parser = argparse.ArgumentParser(prog='python -m studies.large_batch',
-                                   description=__doc__.splitlines()[0])
-  add_flags(parser)
-  args = parser.parse_args(argv)
-  try:
-    run(config_from_args(args))
-  except ConfigError as e:
-    print(f'{parser.prog}: error: {e}', file=sys.stderr)
-    return 2
-  return 0
+  return command.main('studies.large_batch', __doc__, add_flags, config_from_args, run, argv)
 
 
 if __name__ == '__main__':

@@ -2,6 +2,7 @@
 and a --quick run end to end."""
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import tqdm
 
 from studies import charlm, diloco, diloco_runs
 from studies.diloco_runs import Method
@@ -75,23 +77,9 @@ class _FakeTrainer:
     on_step(run.steps)
 
 
-class _Bar:
-  def __init__(self):
-    self.total, self.n = 0, 0
-
-  def update(self, n):
-    self.n += n
-
-  def refresh(self):
-    pass
-
-  def set_postfix_str(self, *args, **kwargs):
-    pass
-
-
 def test_the_study_runs_each_method_from_its_seeds_warm_start_and_the_bar_counts_every_step():
   config = diloco.DilocoConfig(steps=100, seeds=2, longer=True)
-  trainer, bar = _FakeTrainer(), _Bar()
+  trainer, bar = _FakeTrainer(), tqdm.tqdm(total=0, file=io.StringIO())
   study = diloco.Study(config, trainer, {0: 'warm-0.npz', 1: 'warm-1.npz'}, bar)
   study.run_all()
   assert bar.n == bar.total == sum(r.steps for r, _ in trainer.trained)

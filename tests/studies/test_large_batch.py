@@ -1,5 +1,6 @@
 """`lamb-sharded study large-batch`: the plan, the flags, and a --quick run end to end."""
 
+import io
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import tqdm
 
 from studies import large_batch, tasks
 
@@ -111,24 +113,10 @@ class _FakeTrainer:
     on_step(run.steps)
 
 
-class _Bar:
-  def __init__(self):
-    self.total, self.n = 0, 0
-
-  def update(self, n):
-    self.n += n
-
-  def refresh(self):
-    pass
-
-  def set_postfix_str(self, *args, **kwargs):
-    pass
-
-
 def _study(optimum, **overrides):
   config = large_batch.StudyConfig(batches=(8, 32, 128), epochs=0.5, grid=(0.5, 1.0, 2.0),
                                    **overrides)
-  trainer, bar = _FakeTrainer(optimum), _Bar()
+  trainer, bar = _FakeTrainer(optimum), tqdm.tqdm(total=0, file=io.StringIO())
   study = large_batch.Study(config, trainer, bar=bar)
   study.run_all()
   return study, trainer, bar
