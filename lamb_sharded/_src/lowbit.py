@@ -324,12 +324,13 @@ def table_map(name: str, values: Any) -> CodeMap:
   k-th smallest value.
 
   Encoding counts the midpoints between consecutive values that y exceeds (15 compares
-  and adds a value, vectorised; round to nearest, a tie to the smaller). Decoding selects
-  among the values, never gathers: a gather's index array may carry an explicit
-  sharding that jnp's indexing refuses outside `shard_map` (`dequantize_moments` on
-  explicitly sharded state). In vectorised loops a tree of selects on the code's 4 bits
-  (2.9 ms a 4096x1024 leaf; a gather 2.3 ms), in scalar ones (a reduction) a chain of
-  15 selects (4.8 ms in a sum over the leaf; the gather 6.5 ms).
+  and adds a value, vectorised; round to nearest, a tie to the smaller). In vectorised
+  loops decoding is a tree of 15 selects on the code's 4 bits, not a gather: a gather's
+  index array may carry an explicit sharding that jnp's indexing refuses outside
+  `shard_map` (`dequantize_moments` on explicitly sharded state), and the tree costs
+  about the same (2.9 against 2.3 ms for a 4096x1024 leaf). In the step's reduction,
+  which XLA:CPU runs as scalar code, a gather (`decode_scalar`): the int4 step on that
+  leaf took 44 ms with it, 55 ms with a chain of 15 selects.
   """
   values = np.sort(np.asarray(values, np.float32))
   if values.shape != (16,):
@@ -350,17 +351,10 @@ def table_map(name: str, values: Any) -> CodeMap:
       level = [jnp.where(on, hi, lo) for lo, hi in zip(level[0::2], level[1::2])]
     return level[0]
 
-  def decode_scalar(codes):
-    bits = code_bits(codes)
-    out = jnp.full(bits.shape, values[0], jnp.float32)
-    for k in range(1, 16):
-      out = jnp.where(bits == _U32(k), values[k], out)
-    return out
-
   positive = values[values > 0]
   return CodeMap(name, np.dtype(jnp.int4), float(np.abs(values).max()),
                  float(positive.min()) if positive.size else 0.0, encode, decode,
-                 decode_scalar, values)
+                 _lookup(values), values)
 
 
 DYNAMIC4 = table_map('dynamic4', dynamic_map(signed=True))
