@@ -1,11 +1,15 @@
-"""8-bit optimizer moments: FP8 (E4M3) codes in blocks along the last axis, one float32 scale each.
+"""8- and 4-bit optimizer moments: codes in blocks along the last axis, one float32 scale each.
 
 A moment leaf of shape (..., n) is cut into blocks of `b` consecutive elements
 along its last axis (each row on its own, the last block of a row padded when
-`b` does not divide n). Every block stores `b` one-byte codes and one float32
-scale; a moment is then about 1 + 4/b bytes per parameter instead of 4.
+`b` does not divide n). Every block stores `b` codes -- int8, or int4, which
+XLA keeps two to a byte -- and one float32 scale; a moment is then about 1 +
+4/b (int8) or 0.5 + 4/b (int4) bytes per parameter instead of 4. The codes'
+dtype is the bit width; each width has its code map per moment (a `CodeMap`:
+`signed_map`, `sqrt_map`), and everything else -- blocks, scales, the step --
+is the same for both.
 
-The code maps (why FP8 E4M3 and not a linear map):
+The 8-bit code maps (why FP8 E4M3 and not a linear map):
 
 * First moment m (signed, roughly symmetric): ``m ~= scale * e4m3(code)`` with
   ``scale = max|m| / 448`` over the block (448 is E4M3's largest finite value).
@@ -30,13 +34,31 @@ The code maps (why FP8 E4M3 and not a linear map):
   step) moves with its scale exactly, though each step's change (0.1% of v for
   b2 = 0.999) is far below one code step.
 
+The 4-bit code maps (chosen by measurement: docs/low-bit-state.md, "4-bit
+moments", from `tests/benchmarks/bench_lowbit_fidelity.py --compare-maps`):
+
+* m: the 4-bit dynamic map of Li et al. (2023), built as torchao's 4-bit AdamW
+  builds it (`dynamic_map`, `DYNAMIC4`): 0, +-{0.0055, 0.0325, 0.0775, 0.2125,
+  0.4375, 0.6625, 0.8875} and +1, scale = max|m|. Its decimal exponent keeps
+  entries down to 0.0055 of the block's max nonzero, where FP4 E2M1 (range
+  12) rounds everything below 1/24 of it to 0; on the demo's task E2M1, a
+  linear map, powers of two and a symmetric map without zero all trained
+  2.9-8.5% worse at 800 steps, the dynamic map as float32. Its price: coarse
+  middle steps (an error of up to 0.1125 of the max) and no -1 (a negative
+  maximum is stored as -0.8875 of itself), as in torchao.
+* v: sqrt(v) to the nearest k/16 of the block's max sqrt(v), k = 1..16
+  (`LINEAR16`): the linear map without a zero code of Li et al. and torchao,
+  applied to sqrt(v) as the 8-bit map is, so every entry decodes to at least
+  1/256 of the block's max v (the zero-point problem, as above). It drifted
+  least and trained best of the three maps of v tried.
+
 Block size: 128 by default (torchao uses 256 for 8-bit Adam and 128 for 4-bit;
 bitsandbytes 256 for its blockwise kernels): 4/128 = 0.03 bytes per parameter
-per moment of scales, so m + v take 2.06 bytes per parameter. Where a leaf's
-last axis is split over devices, a block must not cross a shard boundary, so
-the block of that leaf is the largest power of two <= 128 dividing the local
-extent of the last axis (32 for a 768-wide axis split 8 ways); below 32 the
-leaf stays float32.
+per moment of scales, so m + v take 2.06 (int8) or 1.06 (int4) bytes per
+parameter. Where a leaf's last axis is split over devices, a block must not
+cross a shard boundary, so the block of that leaf is the largest power of two
+<= 128 dividing the local extent of the last axis (32 for a 768-wide axis split
+8 ways); below 32 the leaf stays float32.
 
 The block size is not stored: it is recomputed from the shapes of the codes
 (the leaf's) and the scales (..., number of blocks), see `block_size_of`.

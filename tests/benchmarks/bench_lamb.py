@@ -290,7 +290,7 @@ class Runner:
     self.grads = grads
     self.params = random_tree(shapes, 0, param_shardings)
     self.state = tx.init(self.params)  # as a user gets it: no placing by hand
-    if name.endswith(tuple(QUANTIZED)):  # quantized moments are not params-shaped: where init put them
+    if name.endswith(tuple(QUANTIZED)):  # quantized moments: not params-shaped, where init put them
       state_out = jax.tree.map(lambda x: x.sharding, self.state)
     else:
       state_out = state_shardings(self.state, param_shardings, other_sharding)
