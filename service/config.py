@@ -20,7 +20,7 @@ from service.logs import FORMATS as LOG_FORMATS
 
 STEP_MODES = ('sync', 'async')
 OPTIMIZERS = ('lamb', 'nesterov', 'sgd')
-MOMENTS = ('float32', 'int8')
+MOMENTS = ('float32', 'int8', 'int4')
 # Settings that are lists of regular expressions on leaf paths.
 PATTERNS = ('exclude_from_weight_decay', 'exclude_from_layer_adaptation')
 # Settings that are durations in seconds, and the longest any may be.
@@ -173,10 +173,11 @@ class ServerConfig:
       'lamb', 'lamb; nesterov (SGD with Nesterov momentum: DiLoCo\'s outer optimizer); sgd '
       '(with --learning-rate 1 and pseudo-gradients: federated averaging)')
   momentum: float = setting(0.9, 'nesterov: the momentum')
-  # LAMB's moments in memory (and checkpoints): float32, or 8-bit codes with a float32
-  # scale per block of 128 (lamb_sharded's mu_dtype/nu_dtype='int8'; docs/low-bit-state.md).
+  # LAMB's moments in memory (and checkpoints): float32, or 8- or 4-bit codes with a
+  # float32 scale per block of 128 (lamb_sharded's mu_dtype/nu_dtype='int8' or 'int4';
+  # docs/low-bit-state.md).
   moments: str = setting('float32', 'LAMB\'s moments: float32 (8 bytes a parameter for both), '
-                         'or int8 (about 2.07)')
+                         'int8 (about 2.07) or int4 (about 1.07)')
   # LAMB.
   learning_rate: float = setting(1e-3, 'learning rate (the peak, with warmup_cosine)')
   schedule: str = setting('constant', 'learning-rate schedule')
@@ -260,7 +261,7 @@ class ServerConfig:
     need(self.optimizer in OPTIMIZERS, 'optimizer', f'must be one of {OPTIMIZERS}')
     need(self.moments in MOMENTS, 'moments', f'must be one of {MOMENTS}')
     need(self.moments == 'float32' or self.optimizer == 'lamb', 'moments',
-         f'int8 moments are LAMB\'s (--optimizer lamb), not {self.optimizer}\'s')
+         f'{self.moments} moments are LAMB\'s (--optimizer lamb), not {self.optimizer}\'s')
     need(math.isfinite(self.momentum) and 0 <= self.momentum < 1, 'momentum',
          f'must be in [0, 1), got {self.momentum}')
     need(self.devices >= 0, 'devices', 'must be >= 0')

@@ -40,8 +40,9 @@ class ScaleByLambState(NamedTuple):
   Attributes:
     count: number of updates applied so far (int32 scalar, replicated).
     mu: first moments, a pytree like the params, sharded like them. With
-      `mu_dtype='int8'` a quantized leaf is a `QuantizedMoment(codes, scales)`
-      node (both arrays sharded like the leaf); `dequantize_moments` gives floats.
+      `mu_dtype='int8'` or `'int4'` a quantized leaf is a `QuantizedMoment(codes,
+      scales)` node (both arrays sharded like the leaf, the codes int8 or int4);
+      `dequantize_moments` gives floats.
     nu: second moments, likewise (`nu_dtype`).
     trust_ratio: with `record_trust_ratio=True`, the trust ratio each leaf got
       in the last update (float32, one entry per leaf in the params' flattening
@@ -62,7 +63,7 @@ def _moment_leaves(params: PyTree, moments: PyTree, name: str, layout) -> list[A
 
   Raises:
     ValueError: naming the leaf where `moments` does not match `params`, or where
-      an 8-bit moment's blocks would cross the boundary of the leaf's shards.
+      a quantized moment's blocks would cross the boundary of the leaf's shards.
   """
   treedef = jax.tree_util.tree_structure(params)
   try:
@@ -79,15 +80,19 @@ def _moment_leaves(params: PyTree, moments: PyTree, name: str, layout) -> list[A
         raise ValueError(f'leaf {path}: {name} has shape {m.shape} but params has shape '
                          f'{p.shape}')
       continue
+    bits = lowbit.dtype_bits(m.codes.dtype)
     if m.codes.shape != p.shape or m.scales.shape[:-1] != p.shape[:-1] or not p.shape:
-      raise ValueError(f'leaf {path}: {name} holds 8-bit codes of shape {m.codes.shape} and '
-                       f'scales of shape {m.scales.shape}, which do not fit params of shape '
-                       f'{p.shape}')
+      raise ValueError(f'leaf {path}: {name} holds {bits}-bit codes of shape {m.codes.shape} '
+                       f'and scales of shape {m.scales.shape}, which do not fit params of '
+                       f'shape {p.shape}')
+    if lowbit.code_dtype(m.codes.dtype) is None:
+      raise ValueError(f'leaf {path}: {name} holds codes of dtype {m.codes.dtype}; expected '
+                       f'int8 or int4')
     k = sharding_lib.dim_shards(sp, layout.mesh, p.ndim - 1)
     b = lowbit.block_size_of(m)
     if k > 1 and (m.scales.shape[-1] % k or (p.shape[-1] // k) % b):
       raise ValueError(
-          f'leaf {path}: {name} has 8-bit blocks of {b} along the last axis, which the '
+          f'leaf {path}: {name} has {bits}-bit blocks of {b} along the last axis, which the '
           f'spec {sp} splits into {k} shards of {p.shape[-1] // k}: blocks would cross '
           f'shard boundaries; re-quantize the state for this layout '
           f'(lamb_sharded.requantize_moments)')
@@ -349,7 +354,10 @@ def _local_update(static: _Static, s: dict, gs, ms, vs, ps):
 
 
 def _quantized_pass1(static: _Static, i: int, g, m, v, p, grad, b1, b2, direction, acc):
-  """Pass 1 of a leaf with an 8-bit moment, in the block view (..., k, b).
+  """Pass 1 of a leaf with an 8- or 4-bit moment, in the block view (..., k, b).
+
+  The same loops whatever the codes: each moment's `lowbit.CodeMap` (from its
+  codes' dtype) encodes and decodes it.
 
   Loops over the leaf (XLA:CPU has no multi-output loop fusion, so one per array
   written):
@@ -372,9 +380,11 @@ def _quantized_pass1(static: _Static, i: int, g, m, v, p, grad, b1, b2, directio
     two `_ROWS`-vectors of partial sums (None where layer adaptation is off).
   """
   qm, qv = lowbit.is_quantized(m), lowbit.is_quantized(v)
+  m_map = lowbit.signed_map(m.codes.dtype) if qm else None
+  v_map = lowbit.sqrt_map(v.codes.dtype) if qv else None
   b = lowbit.block_size_of(m if qm else v)
   if qm and qv and lowbit.block_size_of(v) != b:  # not from `init`: v decoded apart
-    v = lowbit.from_blocks(lowbit.decode_blocks(v, lowbit.block_size_of(v)), p.shape[-1]) ** 2
+    v = lowbit.dequantize_sqrt(v)
     qv = False
   n = p.shape[-1]
   blocks = functools.partial(lowbit.to_blocks, b=b)
@@ -382,9 +392,9 @@ def _quantized_pass1(static: _Static, i: int, g, m, v, p, grad, b1, b2, directio
   def moments(g, m, v, table=False):
     """m_new and v_new in the block view, from the stored state."""
     gb = blocks(grad(g))
-    m_old = lowbit.decode_blocks(m, b, table) if qm else blocks(m.astype(gb.dtype))
+    m_old = lowbit.decode_blocks(m, b, m_map, table) if qm else blocks(m.astype(gb.dtype))
     if qv:
-      s_old = lowbit.decode_blocks(v, b, table)
+      s_old = lowbit.decode_blocks(v, b, v_map, table)
       v_old = s_old * s_old
     else:
       v_old = blocks(v.astype(gb.dtype))
@@ -397,7 +407,7 @@ def _quantized_pass1(static: _Static, i: int, g, m, v, p, grad, b1, b2, directio
     return tuple(lowbit.from_blocks(x, n) for x in moments(*apart(g, m, v)))
 
   # The reduction's loop is scalar code on XLA:CPU, where a table lookup decodes
-  # faster than `decode_e4m3`'s integer operations; the other loops vectorise.
+  # faster than the maps' integer operations; the other loops vectorise.
   m_new, v_new = moments(g, m, v, table=True)
   ops, kinds = [], []
   if qm:
@@ -424,13 +434,14 @@ def _quantized_pass1(static: _Static, i: int, g, m, v, p, grad, b1, b2, directio
   if qm:
     amax = reduced.pop(0)
     g1, m1, v1, amax1 = apart(g, m, v, amax)
-    codes = lowbit.encode_blocks(moments(g1, m1, v1)[0], amax1, floor_tiny=False)
-    new_m = lowbit.QuantizedMoment(lowbit.from_blocks(codes, n), lowbit.scales_of(amax))
+    codes = lowbit.encode_blocks(moments(g1, m1, v1)[0], amax1, m_map, floor_tiny=False)
+    new_m = lowbit.QuantizedMoment(lowbit.from_blocks(codes, n), lowbit.scales_of(amax, m_map))
   if qv:
     amax = jnp.sqrt(reduced.pop(0))
     g1, m1, v1, amax1 = apart(g, m, v, amax)
-    codes = lowbit.encode_blocks(jnp.sqrt(moments(g1, m1, v1)[1]), amax1, floor_tiny=True)
-    new_v = lowbit.QuantizedMoment(lowbit.from_blocks(codes, n), lowbit.scales_of(amax))
+    codes = lowbit.encode_blocks(jnp.sqrt(moments(g1, m1, v1)[1]), amax1, v_map,
+                                 floor_tiny=True)
+    new_v = lowbit.QuantizedMoment(lowbit.from_blocks(codes, n), lowbit.scales_of(amax, v_map))
   if new_m is None or new_v is None:
     m_full, v_full = recompute()
     new_m = m_full.astype(m.dtype) if new_m is None else new_m
@@ -507,18 +518,22 @@ def scale_by_lamb(
       ||g||_global) before the moments (apex FusedLAMB's `max_grad_norm`).
     bias_correction: if False, m^ = m and v^ = v (apex `bias_correction=False`).
     mu_dtype: dtype to store the first moment in (default: the params' dtype),
-      or 'int8': 8-bit blockwise codes (FP8 E4M3 with one float32 scale per
-      block along the last axis, `QuantizedMoment` leaves; see
-      `lamb_sharded/_src/lowbit.py` and docs/low-bit-state.md). Leaves smaller
+      or 'int8' (or `jnp.int8`): 8-bit blockwise codes (FP8 E4M3 with one
+      float32 scale per block along the last axis, `QuantizedMoment` leaves),
+      or 'int4' (or `jnp.int4`): 4-bit codes (Li et al.'s dynamic map), likewise; see
+      `lamb_sharded/_src/lowbit.py` and docs/low-bit-state.md. Leaves smaller
       than `min_quantized_size`, complex leaves, and leaves whose sharded last
       axis has a local extent that is not a multiple of 32 stay float32.
-    nu_dtype: the same for the second moment ('int8' stores sqrt(v), its zero
-      code excluded, so that no small entry of v decodes to 0).
+    nu_dtype: the same for the second moment ('int8' stores E4M3 codes of
+      sqrt(v), 'int4' sqrt(v) to the nearest k/16 of its block's max, k = 1..16:
+      the zero code excluded, so that no small entry of v decodes to 0). Any mix
+      with `mu_dtype` is allowed.
     record_trust_ratio: keep each leaf's trust ratio of the last update in
       `ScaleByLambState.trust_ratio` (for monitoring; it costs a vector of one
       float per leaf and no extra pass over memory).
-    quantized_block_size: largest block of 8-bit moments (a power of two >= 32;
-      default 128: 2.06 bytes per parameter for both moments). A leaf whose last
+    quantized_block_size: largest block of quantized moments (a power of two >=
+      32; default 128: 2.06 bytes per parameter for both moments with int8, 1.06
+      with int4). A leaf whose last
       axis is split over devices gets the largest power of two <= this that
       divides its local extent, so that no block crosses a shard boundary.
     min_quantized_size: leaves with fewer elements keep float32 moments
@@ -543,7 +558,7 @@ def scale_by_lamb(
   clip_trust_ratio = min_trust_ratio is not None or max_trust_ratio is not None
   lowbit.check_moment_dtype(mu_dtype, 'mu_dtype')
   lowbit.check_moment_dtype(nu_dtype, 'nu_dtype')
-  if lowbit.is_int8(mu_dtype) or lowbit.is_int8(nu_dtype):
+  if lowbit.code_dtype(mu_dtype) is not None or lowbit.code_dtype(nu_dtype) is not None:
     # optax.inject_hyperparams hands numbers in as arrays: concrete ones are fine;
     # traced ones must be made static (static_args=('quantized_block_size', ...)).
     quantized_block_size = lowbit.static_int(quantized_block_size, 'quantized_block_size')
@@ -573,7 +588,8 @@ def scale_by_lamb(
       out = []
       for x, sp, where, t in zip(leaves, specs, places, traced):
         make = functools.partial(_full_zeros, where=where, traced=t)
-        if not lowbit.is_int8(dtype):
+        codes = lowbit.code_dtype(dtype)
+        if codes is None:
           out.append(make(x.shape, x.dtype if dtype is None else dtype))
           continue
         block = lowbit.leaf_block_size(
@@ -583,7 +599,7 @@ def scale_by_lamb(
           real = jnp.issubdtype(jnp.dtype(x.dtype), jnp.floating)
           out.append(make(x.shape, jnp.float32 if real else x.dtype))
         else:
-          out.append(lowbit.zeros(tuple(x.shape), block, make))
+          out.append(lowbit.zeros(tuple(x.shape), block, make, codes))
       return jax.tree_util.tree_unflatten(treedef, out)
 
     ratio = (sharding_lib.full((len(leaves),), 1, jnp.float32, scalar_place, any_traced)
@@ -701,11 +717,12 @@ def lamb(
     max_trust_ratio: upper clamp of the trust ratio.
     max_grad_norm: global gradient-norm clipping before the moments.
     bias_correction: Adam's bias correction on (default) or off.
-    mu_dtype: storage dtype of the first moment, or 'int8' (8-bit blockwise).
-    nu_dtype: storage dtype of the second moment, or 'int8' (8-bit blockwise).
+    mu_dtype: storage dtype of the first moment, or 'int8' / 'int4' (8- or 4-bit
+      blockwise).
+    nu_dtype: storage dtype of the second moment, or 'int8' / 'int4'.
     record_trust_ratio: keep the last update's per-leaf trust ratios in the
       state (`ScaleByLambState.trust_ratio`).
-    quantized_block_size: largest block of 8-bit moments (see `scale_by_lamb`).
+    quantized_block_size: largest block of quantized moments (see `scale_by_lamb`).
     min_quantized_size: leaves smaller than this keep float32 moments.
 
   Returns:
@@ -765,7 +782,7 @@ def _moment_pairs(state: ScaleByLambState):
 
 
 def dequantize_moments(state: ScaleByLambState) -> ScaleByLambState:
-  """`state` with every 8-bit moment leaf decoded to float32 (float leaves unchanged).
+  """`state` with every 8- or 4-bit moment leaf decoded to float32 (float leaves unchanged).
 
   Args:
     state: a `ScaleByLambState` (e.g. `opt_state[0]` of `lamb`).
@@ -789,16 +806,22 @@ def dequantize_moments(state: ScaleByLambState) -> ScaleByLambState:
 
 
 def requantize_moments(state: ScaleByLambState, like: ScaleByLambState) -> ScaleByLambState:
-  """`state`'s moments re-encoded in the layout of `like` (block sizes, float or 8-bit).
+  """`state`'s moments re-encoded in the layout of `like` (block sizes, float, 8- or 4-bit).
 
   For restoring a checkpoint onto a mesh where a leaf's block size differs (its
-  sharded last axis has another local extent): restore the arrays as saved,
-  then call this with `like = jax.eval_shape(tx.init, params)` (or `tx.init`'s
-  state) of the new layout. Leaves whose layout is the same are returned as
+  sharded last axis has another local extent), or into an optimizer of another
+  `mu_dtype`/`nu_dtype`: restore the arrays as saved (into the abstract state of
+  the optimizer that saved them: Orbax casts to the target's dtypes without a
+  word, so int4 codes restored into an int8 target are garbage), then call this
+  with `like = jax.eval_shape(tx.init, params)` (or `tx.init`'s state) of the
+  new layout. Leaves whose layout and codes' dtype are the same are returned as
   they are (bit for bit); the others are decoded and encoded again, which
-  changes each entry by at most one more rounding to E4M3 (2^-4 of the entry,
-  relative, for m and sqrt(v): about 2^-3 for v), for entries above 2^-6 of their
-  block's maximum (E4M3's normal range). Outputs are placed where `like`'s are.
+  changes each entry by at most one more rounding to `like`'s codes: for int8,
+  2^-4 of the entry, relative, for m and sqrt(v) (about 2^-3 for v), for entries
+  above 2^-6 of their block's maximum (E4M3's normal range); for int4, 0.1125 of
+  the block's max |m| for m (half the dynamic map's widest gap), and 1/32 of the
+  block's max sqrt(v) for sqrt(v) (1/16 below the first level). Outputs are
+  placed where `like`'s are.
 
   Args:
     state: a `ScaleByLambState` whose moments may be in another layout.
@@ -812,10 +835,12 @@ def requantize_moments(state: ScaleByLambState, like: ScaleByLambState) -> Scale
                                                              _moment_pairs(like)):
     def convert(x, t, decode=decode, encode=encode):
       if lowbit.is_quantized(t):
-        if lowbit.is_quantized(x) and x.scales.shape == t.scales.shape:
+        if (lowbit.is_quantized(x) and x.scales.shape == t.scales.shape
+            and x.codes.dtype == t.codes.dtype):
           y = x
         else:
-          y = encode(decode(x) if lowbit.is_quantized(x) else x, lowbit.block_size_of(t))
+          y = encode(decode(x) if lowbit.is_quantized(x) else x, lowbit.block_size_of(t),
+                     t.codes.dtype)
         return lowbit.QuantizedMoment(*(sharding_lib.place(a, getattr(b, 'sharding', None))
                                         for a, b in zip(y, t)))
       y = decode(x) if lowbit.is_quantized(x) else x
@@ -827,9 +852,10 @@ def requantize_moments(state: ScaleByLambState, like: ScaleByLambState) -> Scale
 
 
 def state_nbytes(state: PyTree) -> int:
-  """Bytes of every array in an optimizer state (8-bit codes and their scales included).
+  """Bytes of every array in an optimizer state (quantized codes and their scales included).
 
   Works on arrays and `jax.ShapeDtypeStruct`s: `state_nbytes(jax.eval_shape(tx.init,
-  params))` is the state's size before any of it is allocated.
+  params))` is the state's size before any of it is allocated. int4 codes count half a
+  byte each, as XLA stores them (`jax.Array.nbytes` counts a byte).
   """
   return lowbit.moment_nbytes(state)

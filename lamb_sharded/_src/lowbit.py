@@ -1,11 +1,15 @@
-"""8-bit optimizer moments: FP8 (E4M3) codes in blocks along the last axis, one float32 scale each.
+"""8- and 4-bit optimizer moments: codes in blocks along the last axis, one float32 scale each.
 
 A moment leaf of shape (..., n) is cut into blocks of `b` consecutive elements
 along its last axis (each row on its own, the last block of a row padded when
-`b` does not divide n). Every block stores `b` one-byte codes and one float32
-scale; a moment is then about 1 + 4/b bytes per parameter instead of 4.
+`b` does not divide n). Every block stores `b` codes -- int8, or int4, which
+XLA keeps two to a byte -- and one float32 scale; a moment is then about 1 +
+4/b (int8) or 0.5 + 4/b (int4) bytes per parameter instead of 4. The codes'
+dtype is the bit width; each width has its code map per moment (a `CodeMap`:
+`signed_map`, `sqrt_map`), and everything else -- blocks, scales, the step --
+is the same for both.
 
-The code maps (why FP8 E4M3 and not a linear map):
+The 8-bit code maps (why FP8 E4M3 and not a linear map):
 
 * First moment m (signed, roughly symmetric): ``m ~= scale * e4m3(code)`` with
   ``scale = max|m| / 448`` over the block (448 is E4M3's largest finite value).
@@ -30,13 +34,31 @@ The code maps (why FP8 E4M3 and not a linear map):
   step) moves with its scale exactly, though each step's change (0.1% of v for
   b2 = 0.999) is far below one code step.
 
+The 4-bit code maps (chosen by measurement: docs/low-bit-state.md, "4-bit
+moments", from `tests/benchmarks/bench_lowbit_fidelity.py --compare-maps`):
+
+* m: the 4-bit dynamic map of Li et al. (2023), built as torchao's 4-bit AdamW
+  builds it (`dynamic_map`, `DYNAMIC4`): 0, +-{0.0055, 0.0325, 0.0775, 0.2125,
+  0.4375, 0.6625, 0.8875} and +1, scale = max|m|. Its decimal exponent keeps
+  entries down to 0.0055 of the block's max nonzero, where FP4 E2M1 (range
+  12) rounds everything below 1/24 of it to 0; on the demo's task E2M1, a
+  linear map, powers of two and a symmetric map without zero all trained
+  2.9-8.5% worse at 800 steps, the dynamic map as float32. Its price: coarse
+  middle steps (an error of up to 0.1125 of the max) and no -1 (a negative
+  maximum is stored as -0.8875 of itself), as in torchao.
+* v: sqrt(v) to the nearest k/16 of the block's max sqrt(v), k = 1..16
+  (`LINEAR16`): the linear map without a zero code of Li et al. and torchao,
+  applied to sqrt(v) as the 8-bit map is, so every entry decodes to at least
+  1/256 of the block's max v (the zero-point problem, as above). It drifted
+  least and trained best of the three maps of v tried.
+
 Block size: 128 by default (torchao uses 256 for 8-bit Adam and 128 for 4-bit;
 bitsandbytes 256 for its blockwise kernels): 4/128 = 0.03 bytes per parameter
-per moment of scales, so m + v take 2.06 bytes per parameter. Where a leaf's
-last axis is split over devices, a block must not cross a shard boundary, so
-the block of that leaf is the largest power of two <= 128 dividing the local
-extent of the last axis (32 for a 768-wide axis split 8 ways); below 32 the
-leaf stays float32.
+per moment of scales, so m + v take 2.06 (int8) or 1.06 (int4) bytes per
+parameter. Where a leaf's last axis is split over devices, a block must not
+cross a shard boundary, so the block of that leaf is the largest power of two
+<= 128 dividing the local extent of the last axis (32 for a 768-wide axis split
+8 ways); below 32 the leaf stays float32.
 
 The block size is not stored: it is recomputed from the shapes of the codes
 (the leaf's) and the scales (..., number of blocks), see `block_size_of`.
@@ -44,7 +66,7 @@ The block size is not stored: it is recomputed from the shapes of the codes
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -53,21 +75,20 @@ import numpy as np
 
 PyTree = Any
 
-INT8 = 'int8'
+INT8, INT4 = 'int8', 'int4'
 DEFAULT_BLOCK_SIZE = 128
 MIN_BLOCK_SIZE = 32
 DEFAULT_MIN_QUANTIZED_SIZE = 4096  # bitsandbytes' min_8bit_size
 
-_CODE_MAX = 448.0  # largest finite E4M3 value
-_CODE_TINY = 2.0 ** -9  # smallest positive E4M3 value (subnormal)
-
-
 class QuantizedMoment(NamedTuple):
-  """One moment leaf stored as 8-bit codes with one float32 scale per block.
+  """One moment leaf stored as 8- or 4-bit codes with one float32 scale per block.
 
   Attributes:
-    codes: int8 array of the leaf's shape: the bits of FP8 E4M3 values (the
-      square root of the moment for the second moment); sharded like the leaf.
+    codes: int8 or int4 array of the leaf's shape (the bit width is its dtype):
+      int8, the bits of FP8 E4M3 values; int4, the index of a value of the
+      dynamic map (`DYNAMIC4`) for the first moment and a level k - 1 of k/16
+      for the second; for the second moment, codes of its square root (see
+      `signed_map`, `sqrt_map`). Sharded like the leaf.
     scales: float32 array of shape ``leaf.shape[:-1] + (number of blocks,)``,
       sharded like the leaf (the blocks of a device's shard are its own).
   """
@@ -79,27 +100,33 @@ def is_quantized(x: Any) -> bool:
   return isinstance(x, QuantizedMoment)
 
 
-def is_int8(dtype: Any) -> bool:
-  """Whether a `mu_dtype`/`nu_dtype` asks for 8-bit blockwise moments."""
+_CODE_DTYPES = {INT8: np.dtype(jnp.int8), INT4: np.dtype(jnp.int4)}
+_EXPECTED = "expected None, a floating dtype, 'int8' or 'int4'"
+
+
+def code_dtype(dtype: Any) -> Optional[np.dtype]:
+  """The codes' dtype (int8 or int4) a `mu_dtype`/`nu_dtype` asks for; None for a float
+  (or None) moment."""
   if isinstance(dtype, str):
-    return dtype == INT8
+    return _CODE_DTYPES.get(dtype)
   try:
-    return dtype is not None and jnp.dtype(dtype) == jnp.int8
+    d = None if dtype is None else np.dtype(dtype)
   except TypeError:
-    return False
+    return None
+  return d if d in _CODE_DTYPES.values() else None
 
 
 def check_moment_dtype(dtype: Any, name: str) -> None:
-  """Raises a ValueError naming `name` unless `dtype` is None, 'int8' or a float dtype."""
-  if dtype is None or is_int8(dtype):
+  """Raises a ValueError naming `name` unless `dtype` is None, 'int8', 'int4' (or
+  `jnp.int8`, `jnp.int4`) or a float dtype."""
+  if dtype is None or code_dtype(dtype) is not None:
     return
   try:
     d = jnp.dtype(dtype)
   except TypeError:
-    raise ValueError(f"{name}={dtype!r}: expected None, a floating dtype or 'int8'") from None
+    raise ValueError(f'{name}={dtype!r}: {_EXPECTED}') from None
   if not jnp.issubdtype(d, jnp.inexact):
-    raise ValueError(f"{name}={dtype!r}: expected None, a floating dtype or 'int8' "
-                     f'(8-bit blockwise moments)')
+    raise ValueError(f'{name}={dtype!r}: {_EXPECTED} (8- or 4-bit blockwise moments)')
 
 
 def static_int(value: Any, name: str) -> int:
@@ -168,10 +195,11 @@ def block_size_of(q: QuantizedMoment) -> int:
   return 1 << max(need - 1, 0).bit_length()
 
 
-def zeros(shape: tuple[int, ...], b: int, make) -> QuantizedMoment:
-  """A zero moment (code 0 is 0.0) made by `make(shape, dtype)`."""
+def zeros(shape: tuple[int, ...], b: int, make, dtype: Any = jnp.int8) -> QuantizedMoment:
+  """A zero moment (a zero scale decodes every code to 0.0) made by `make(shape, dtype)`,
+  its codes of `dtype` (int8 or int4)."""
   scale_shape = tuple(shape[:-1]) + (num_blocks(shape[-1], b),)
-  return QuantizedMoment(make(tuple(shape), jnp.int8), make(scale_shape, jnp.float32))
+  return QuantizedMoment(make(tuple(shape), dtype), make(scale_shape, jnp.float32))
 
 
 def to_blocks(x: jax.Array, b: int) -> jax.Array:
@@ -189,14 +217,66 @@ def from_blocks(x: jax.Array, n: int) -> jax.Array:
   return x if x.shape[-1] == n else x[..., :n]
 
 
-# E4M3 (OCP FP8 "e4m3fn": bias 7, no infinities, 0x7f/0xff NaN) encoded and
-# decoded with integer operations on the float32 bits. XLA:CPU lowers its own
-# f32 <-> f8e4m3fn converts to scalar code (measured: 2.25 ms to encode a
-# 4096x1024 leaf against 0.69 ms here, 0.97 against 0.59 ms to decode); these
-# are plain shifts, adds and selects that vectorise and fuse. Both are bit-exact
-# against XLA's converts (round to nearest, ties to even) on |y| <= 448
-# (tests/lamb_sharded/test_lowbit.py).
+# ----------------------------------------------------------------------------- code maps
+#
+# Every map is encoded and decoded with operations on whole arrays that XLA:CPU
+# vectorises and fuses with the arithmetic around them, never its own f32 <->
+# f8e4m3fn converts (scalar code there: 2.25 ms to encode a 4096x1024 leaf
+# against 0.69 ms with integer operations, 0.97 against 0.59 ms to decode) or a
+# search in a table. The E4M3 codec is bit-exact against XLA's converts (round
+# to nearest, ties to even) on |y| <= 448 (tests/lamb_sharded/test_lowbit.py).
+
 _U32 = jnp.uint32
+
+
+class CodeMap(NamedTuple):
+  """How the values of a block, divided by its scale, become codes and back.
+
+  Attributes:
+    name: what the codes are ('e4m3', 'dynamic4', 'linear16').
+    dtype: the codes' dtype (int8 or int4: the bit width).
+    max: the largest value: a block's scale is max |entry| / `max`.
+    tiny: the smallest positive value: where the zero code is excluded (the
+      second moment's maps), every entry rounds at least to it.
+    encode: float32 y with |y| <= `max` -> the codes of their nearest values.
+    decode: codes -> float32 values (exact), for loops XLA:CPU vectorises.
+    decode_scalar: the same, for the loops it runs as scalar code (a reduction
+      over the decoded values), where other operations are faster.
+    table: the value of every code, indexed by its bits as an unsigned integer
+      (NumPy float32, 2^bits entries).
+  """
+  name: str
+  dtype: np.dtype
+  max: float
+  tiny: float
+  encode: Callable[[jax.Array], jax.Array]
+  decode: Callable[[jax.Array], jax.Array]
+  decode_scalar: Callable[[jax.Array], jax.Array]
+  table: np.ndarray
+
+
+def code_bits(codes: jax.Array) -> jax.Array:
+  """The bits of int8 / int4 codes as uint32 values in [0, 2^bits)."""
+  if codes.dtype == jnp.int8:
+    return jax.lax.bitcast_convert_type(codes, jnp.uint8).astype(_U32)
+  return codes.astype(jnp.int32).astype(_U32) & _U32(0xF)
+
+
+def as_codes(bits: jax.Array, dtype: Any) -> jax.Array:
+  """uint32 `bits` in [0, 2^bits) as codes of `dtype` (int8 / int4: two's complement)."""
+  if np.dtype(dtype) == jnp.int8:
+    return jax.lax.bitcast_convert_type(bits.astype(jnp.uint8), jnp.int8)
+  return bits.astype(jnp.int32).astype(jnp.int4)  # keeps the low 4 bits
+
+
+def _lookup(table: np.ndarray) -> Callable[[jax.Array], jax.Array]:
+  """Decoding by a gather from `table` (one load an entry)."""
+  def decode(codes):
+    return jnp.asarray(table)[code_bits(codes).astype(jnp.int32)]
+  return decode
+
+
+# E4M3 (OCP FP8 "e4m3fn": bias 7, no infinities, 0x7f/0xff NaN).
 _REBIAS = (127 - 7) << 23  # float32 exponent bias minus E4M3's, in place
 _MIN_NORMAL_BITS = 0x3C800000  # float32 bits of 2^-6, E4M3's smallest normal
 _SUBNORMAL_MAGIC = 2.0 ** 14  # a float32 whose ulp is 2^-9, E4M3's subnormal step
@@ -218,13 +298,12 @@ def encode_e4m3(y: jax.Array) -> jax.Array:
   af = jax.lax.bitcast_convert_type(a, jnp.float32)
   sub = (jax.lax.bitcast_convert_type(af + jnp.float32(_SUBNORMAL_MAGIC), _U32)
          - _U32(_SUBNORMAL_MAGIC_BITS))
-  code = jnp.where(a < _U32(_MIN_NORMAL_BITS), sub, normal) | sign
-  return jax.lax.bitcast_convert_type(code.astype(jnp.uint8), jnp.int8)
+  return as_codes(jnp.where(a < _U32(_MIN_NORMAL_BITS), sub, normal) | sign, jnp.int8)
 
 
 def decode_e4m3(codes: jax.Array) -> jax.Array:
   """int8 bits of E4M3 values to float32 (exact)."""
-  c = jax.lax.bitcast_convert_type(codes, jnp.uint8).astype(_U32)
+  c = code_bits(codes)
   mag = c & _U32(0x7F)
   sign = (c & _U32(0x80)) << 24
   normal = jax.lax.bitcast_convert_type(((mag << 20) + _U32(_REBIAS)) | sign, jnp.float32)
@@ -234,60 +313,152 @@ def decode_e4m3(codes: jax.Array) -> jax.Array:
   return jnp.where(mag < _U32(8), sub, normal)
 
 
-# Every code's value (NumPy, through ml_dtypes: nothing runs on a JAX backend at import).
-_E4M3_TABLE = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+_E4M3_TABLE = (np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
+               .astype(np.float32))  # NumPy: nothing runs on a JAX backend at import
+E4M3 = CodeMap('e4m3', np.dtype(jnp.int8), 448.0, 2.0 ** -9, encode_e4m3, decode_e4m3,
+               _lookup(_E4M3_TABLE), _E4M3_TABLE)
 
 
-def decode_e4m3_table(codes: jax.Array) -> jax.Array:
-  """`decode_e4m3` by a 256-entry table lookup.
+def dynamic_map(signed: bool = True) -> np.ndarray:
+  """The 16 values of the 4-bit dynamic-exponent map of Li et al. (2023), as torchao builds
+  it (`create_dynamic_map(signed, 3, 4)`, torchao/optim/quant_utils.py, after bitsandbytes'
+  dynamic map of Dettmers et al.): a decimal exponent (10^-2, 10^-1, 10^0) with a linear
+  fraction, and 0 and 1. Signed: 0, +-{0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625,
+  0.8875} and +1 (no -1: the last code is 1). Sorted ascending, float32.
 
-  One load an entry where `decode_e4m3` does about a dozen integer operations:
-  faster in loops XLA:CPU does not vectorise (a reduction over the decoded
-  values), slower in those it does (a gather does not vectorise).
+  Example:
+    >>> print(dynamic_map()[8:])
+    [0.0055 0.0325 0.0775 0.2125 0.4375 0.6625 0.8875 1.    ]
   """
-  index = jax.lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.int32)
-  return jnp.asarray(_E4M3_TABLE)[index]
+  data, exponents = [], 3
+  for i in range(exponents):
+    n = 2 ** i + 1 if signed else 2 ** (i + 1) + 1  # fraction values of this exponent, + 1
+    bounds = np.linspace(0.1, 1, n)
+    means = (bounds[:-1] + bounds[1:]) / 2
+    data += list(10.0 ** (i - exponents + 1) * means)
+    if signed:
+      data += list(-(10.0 ** (i - exponents + 1)) * means)
+  return np.sort(np.asarray(data + [0.0, 1.0], np.float32))
 
 
-def decode_blocks(q: QuantizedMoment, b: int, table: bool = False) -> jax.Array:
-  """The stored values of `q` (m, or sqrt(v)) in the block view (..., k, b), float32."""
-  decode = decode_e4m3_table if table else decode_e4m3
+def table_map(name: str, values: Any) -> CodeMap:
+  """A 4-bit map from its 16 values: code k (its int4 bits read as 0..15) stands for the
+  k-th smallest value.
+
+  Encoding counts the midpoints between consecutive values that y exceeds (15 compares
+  and adds a value, vectorised; round to nearest, a tie to the smaller). In vectorised
+  loops decoding is a tree of 15 selects on the code's 4 bits, not a gather: a gather's
+  index array may carry an explicit sharding that jnp's indexing refuses outside
+  `shard_map` (`dequantize_moments` on explicitly sharded state), and the tree costs
+  about the same (2.9 against 2.3 ms for a 4096x1024 leaf). In the step's reduction,
+  which XLA:CPU runs as scalar code, a gather (`decode_scalar`): the int4 step on that
+  leaf took 44 ms with it, 55 ms with a chain of 15 selects.
+  """
+  values = np.sort(np.asarray(values, np.float32))
+  if values.shape != (16,):
+    raise ValueError(f'{name}: a 4-bit map has 16 values, got {values.shape}')
+  mids = ((values[1:].astype(np.float64) + values[:-1]) / 2).astype(np.float32)
+
+  def encode(y):
+    index = jnp.zeros(y.shape, _U32)
+    for mid in mids:
+      index = index + (y > mid).astype(_U32)
+    return as_codes(index, jnp.int4)
+
+  def decode(codes):
+    bits = code_bits(codes)
+    level = [jnp.float32(v) for v in values]
+    for bit in range(4):  # pairs that differ in this bit, from the lowest
+      on = (bits & _U32(1 << bit)) != 0
+      level = [jnp.where(on, hi, lo) for lo, hi in zip(level[0::2], level[1::2])]
+    return level[0]
+
+  positive = values[values > 0]
+  return CodeMap(name, np.dtype(jnp.int4), float(np.abs(values).max()),
+                 float(positive.min()) if positive.size else 0.0, encode, decode,
+                 _lookup(values), values)
+
+
+DYNAMIC4 = table_map('dynamic4', dynamic_map(signed=True))
+
+
+def encode_linear16(y: jax.Array) -> jax.Array:
+  """float32 `y` in [1, 16] to its nearest level k in 1..16 (ties to even), as the int4
+  bits of k - 1."""
+  k = jnp.round(jnp.clip(y, 1.0, 16.0))
+  return as_codes(k.astype(_U32) - _U32(1), jnp.int4)
+
+
+def decode_linear16(codes: jax.Array) -> jax.Array:
+  """int4 bits of k - 1 to the level k in 1..16, float32."""
+  return (code_bits(codes) + _U32(1)).astype(jnp.float32)
+
+
+LINEAR16 = CodeMap('linear16', np.dtype(jnp.int4), 16.0, 1.0, encode_linear16,
+                   decode_linear16, decode_linear16, np.arange(1, 17, dtype=np.float32))
+
+# By the codes' dtype: the first moment's maps (signed) and the second moment's
+# (of its square root, the zero code excluded).
+SIGNED_MAPS = {np.dtype(jnp.int8): E4M3, np.dtype(jnp.int4): DYNAMIC4}
+SQRT_MAPS = {np.dtype(jnp.int8): E4M3, np.dtype(jnp.int4): LINEAR16}
+
+
+def signed_map(dtype: Any) -> CodeMap:
+  """The first moment's map for codes of `dtype` (int8: E4M3, int4: `DYNAMIC4`)."""
+  return SIGNED_MAPS[np.dtype(dtype)]
+
+
+def sqrt_map(dtype: Any) -> CodeMap:
+  """The second moment's map (of sqrt(v)) for codes of `dtype` (int8: E4M3, int4: k/16)."""
+  return SQRT_MAPS[np.dtype(dtype)]
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def decode_blocks(q: QuantizedMoment, b: int, code_map: CodeMap,
+                  table: bool = False) -> jax.Array:
+  """The stored values of `q` (m, or sqrt(v)) in the block view (..., k, b), float32
+  (`table`: decoded by `code_map.decode_scalar`, for a loop XLA:CPU runs as scalar code)."""
+  decode = code_map.decode_scalar if table else code_map.decode
   return decode(to_blocks(q.codes, b)) * q.scales[..., None]
 
 
-def encode_blocks(blocks: jax.Array, absmax: jax.Array, floor_tiny: bool) -> jax.Array:
+def encode_blocks(blocks: jax.Array, absmax: jax.Array, code_map: CodeMap,
+                  floor_tiny: bool) -> jax.Array:
   """Codes (..., k, b) of float32 `blocks` given each block's max |entry| (..., k)."""
   absmax = absmax[..., None]
-  inv = jnp.where(absmax > 0, _CODE_MAX / absmax, 0.0)
-  y = jnp.clip(blocks * inv, -_CODE_MAX, _CODE_MAX)
+  inv = jnp.where(absmax > 0, code_map.max / absmax, 0.0)
+  y = jnp.clip(blocks * inv, -code_map.max, code_map.max)
   if floor_tiny:  # no entry of the block rounds to the zero code
-    y = jnp.maximum(y, _CODE_TINY)
-  return encode_e4m3(y)
+    y = jnp.maximum(y, code_map.tiny)
+  return code_map.encode(y)
 
 
-def scales_of(absmax: jax.Array) -> jax.Array:
+def scales_of(absmax: jax.Array, code_map: CodeMap) -> jax.Array:
   """The float32 scale of each block from its max |entry|."""
-  return absmax / _CODE_MAX
+  return absmax / code_map.max
 
 
-def _encode(x: jax.Array, b: int, floor_tiny: bool) -> QuantizedMoment:
-  """Blocks of `x` (float32, >= 0 if `floor_tiny`) to E4M3 codes and absmax scales."""
+def _encode(x: jax.Array, b: int, code_map: CodeMap, floor_tiny: bool) -> QuantizedMoment:
+  """Blocks of `x` (float32, >= 0 if `floor_tiny`) to codes and absmax scales."""
   blocks = to_blocks(x, b)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
-  return QuantizedMoment(from_blocks(encode_blocks(blocks, absmax, floor_tiny), x.shape[-1]),
-                         scales_of(absmax))
+  codes = encode_blocks(blocks, absmax, code_map, floor_tiny)
+  return QuantizedMoment(from_blocks(codes, x.shape[-1]), scales_of(absmax, code_map))
 
 
-def _decode(q: QuantizedMoment) -> jax.Array:
-  return from_blocks(decode_blocks(q, block_size_of(q)), q.codes.shape[-1])
+def _decode(q: QuantizedMoment, code_map: CodeMap) -> jax.Array:
+  return from_blocks(decode_blocks(q, block_size_of(q), code_map), q.codes.shape[-1])
 
 
-def quantize_signed(x: jax.Array, b: int) -> QuantizedMoment:
-  """The first moment's map: E4M3 codes of x / (max|x| / 448) per block of `b`.
+def quantize_signed(x: jax.Array, b: int, dtype: Any = jnp.int8) -> QuantizedMoment:
+  """The first moment's map: codes of x / scale per block of `b`, scale = max|x| / max.
 
   Args:
     x: a real array (computed in float32).
     b: the block size along the last axis.
+    dtype: the codes' dtype: int8 (E4M3, max 448) or int4 (`DYNAMIC4`, max 1).
 
   Returns:
     A `QuantizedMoment` of x's shape.
@@ -297,45 +468,66 @@ def quantize_signed(x: jax.Array, b: int) -> QuantizedMoment:
     >>> q = quantize_signed(jnp.array([1.0, -0.5, 0.01, 0.0]), 4)
     >>> print(dequantize_signed(q))
     [ 1.         -0.5         0.01004464  0.        ]
+    >>> print(dequantize_signed(quantize_signed(jnp.array([1.0, -0.5, 0.3, 0.01]), 4,
+    ...                                         jnp.int4)))  # the dynamic map's values
+    [ 1.     -0.4375  0.2125  0.0055]
   """
-  return _encode(x.astype(jnp.float32), b, floor_tiny=False)
+  return _encode(x.astype(jnp.float32), b, signed_map(dtype), floor_tiny=False)
 
 
 def dequantize_signed(q: QuantizedMoment) -> jax.Array:
   """Float32 values of a first moment stored by `quantize_signed`."""
-  return _decode(q)
+  return _decode(q, signed_map(q.codes.dtype))
 
 
-def quantize_sqrt(v: jax.Array, b: int) -> QuantizedMoment:
-  """The second moment's map: E4M3 codes of sqrt(v) per block, the zero code excluded.
+def quantize_sqrt(v: jax.Array, b: int, dtype: Any = jnp.int8) -> QuantizedMoment:
+  """The second moment's map: codes of sqrt(v) per block, the zero code excluded.
 
   Args:
     v: a non-negative real array (computed in float32).
     b: the block size along the last axis.
+    dtype: the codes' dtype: int8 (E4M3 of sqrt(v)) or int4 (sqrt(v) to the nearest
+      k/16 of the block's max sqrt(v), k = 1..16).
 
   Returns:
     A `QuantizedMoment` of v's shape; every entry of a block with a nonzero
-    entry decodes to at least (2^-9 max sqrt(v))^2 (an all-zero block stays 0).
+    entry decodes to at least (tiny * max sqrt(v))^2, tiny = 2^-9 / 448 (int8)
+    or 1/16 (int4); an all-zero block stays 0.
 
   Example:
     >>> import jax.numpy as jnp
     >>> q = quantize_sqrt(jnp.array([4.0, 1e-30, 1.0, 0.0]), 4)
     >>> print(dequantize_sqrt(q))
     [4.000000e+00 7.602634e-11 1.000000e+00 7.602634e-11]
+    >>> print(dequantize_sqrt(quantize_sqrt(jnp.array([4.0, 1e-30, 1.0, 0.0]), 4, jnp.int4)))
+    [4.       0.015625 1.       0.015625]
   """
-  return _encode(jnp.sqrt(v.astype(jnp.float32)), b, floor_tiny=True)
+  return _encode(jnp.sqrt(v.astype(jnp.float32)), b, sqrt_map(dtype), floor_tiny=True)
 
 
 def dequantize_sqrt(q: QuantizedMoment) -> jax.Array:
   """Float32 values of a second moment stored by `quantize_sqrt`."""
-  s = _decode(q)
+  s = _decode(q, sqrt_map(q.codes.dtype))
   return s * s
+
+
+def dtype_bits(dtype: Any) -> int:
+  """Bits of one element of `dtype` (4 for int4, which XLA stores two to a byte, though
+  NumPy's and JAX's `itemsize` and `nbytes` count it as a byte)."""
+  dtype = np.dtype(dtype)
+  for info in (jnp.iinfo, jnp.finfo):
+    try:
+      return int(info(dtype).bits)
+    except ValueError:
+      pass
+  return dtype.itemsize * 8
 
 
 def moment_nbytes(tree: PyTree) -> int:
   """Bytes a moment pytree (float leaves or `QuantizedMoment`s) occupies, scales included.
 
-  Works on arrays and on `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape(tx.init, ...)`).
+  Works on arrays and on `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape(tx.init, ...)`);
+  int4 codes count half a byte each (as XLA stores them, packed), not `nbytes`' one.
   """
-  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+  return sum(-(-int(np.prod(x.shape)) * dtype_bits(x.dtype) // 8)
              for x in jax.tree_util.tree_leaves(tree))

@@ -31,7 +31,7 @@ def _is_moment(x: Any) -> bool:
 
 
 def _layout(lamb_state: Any) -> Optional[list]:
-  """The scales' shapes of a LAMB state's 8-bit moments (None for the others)."""
+  """The scales' shapes of a LAMB state's quantized moments (None for the others)."""
   mu = getattr(lamb_state, 'mu', None)
   if mu is None:
     return None
@@ -90,6 +90,9 @@ class ModelPlan:
                        if jax.process_count() > 1 else ())
     check_patterns(config, [s.path for s in self.specs])  # FailedPrecondition
     self.tx = make_optimizer(config, mesh, self.pspecs, [s.path for s in self.specs])
+    # The codes' dtype of quantized moments (--moments int8 / int4; None: float32).
+    self.codes_dtype = {'int8': np.dtype(np.int8), 'int4': np.dtype(jnp.int4)}.get(
+        config.moments)
     self._abstract = None  # abstract_state(), once made
 
     def apply(params, opt_state, acc, inv_weight):
@@ -114,7 +117,7 @@ class ModelPlan:
     self._apply_keeping_state = jax.jit(apply, out_shardings=out_shardings)
 
   def abstract_state(self) -> dict:
-    """The checkpointed state as ShapeDtypeStructs with this mesh's shardings (an 8-bit
+    """The checkpointed state as ShapeDtypeStructs with this mesh's shardings (a quantized
     moment's codes and per-block scales both with its leaf's partition spec)."""
     if self._abstract is None:
       self._abstract = self._make_abstract_state()
@@ -137,7 +140,7 @@ class ModelPlan:
     return {'params': params, 'opt_state': opt_state}
 
   def moment_layout(self) -> Optional[list]:
-    """Per leaf, the shape of its 8-bit first moment's scales (None: a float moment); None
+    """Per leaf, the shape of its quantized first moment's scales (None: a float moment); None
     with float moments. A checkpoint records it: its block sizes follow from the mesh."""
     layout = _layout(self.abstract_state()['opt_state'][0])  # None: not LAMB's state
     if layout is None or not any(shape is not None for shape in layout):
@@ -164,7 +167,7 @@ class ModelPlan:
     return ModelState(params, opt_state)
 
   def saved_target(self, layout: Optional[list]) -> dict:
-    """`abstract_state()`, but with the 8-bit moments' scales as a checkpoint of moment
+    """`abstract_state()`, but with the quantized moments' scales as a checkpoint of moment
     layout `layout` holds them (another mesh may cut a leaf's blocks otherwise): those
     restore replicated, and `restored` re-encodes them."""
     state = self.abstract_state()
@@ -177,9 +180,9 @@ class ModelPlan:
       for m, shape, spec, sh in zip(moments, layout, self.specs, self.shardings):
         if shape is None:  # saved as float32 (its blocks did not fit that mesh's shards)
           out.append(jax.ShapeDtypeStruct(spec.shape, np.float32, sharding=sh))
-        else:  # saved in 8-bit blocks, maybe not this mesh's
+        else:  # saved in 8- or 4-bit blocks (this server's --moments), maybe not this mesh's
           out.append(lamb_sharded.QuantizedMoment(
-              jax.ShapeDtypeStruct(spec.shape, np.int8, sharding=sh),
+              jax.ShapeDtypeStruct(spec.shape, self.codes_dtype, sharding=sh),
               jax.ShapeDtypeStruct(tuple(shape), np.float32, sharding=self.replicated)))
       return out
     lamb_state = lamb_state._replace(mu=as_saved(lamb_state.mu), nu=as_saved(lamb_state.nu))
@@ -187,7 +190,7 @@ class ModelPlan:
 
   def restored(self, tree: dict) -> ModelState:
     """The state of a checkpoint restored into `abstract_state()` (or `saved_target`: its
-    8-bit moments re-encoded in this mesh's blocks, one more rounding)."""
+    quantized moments re-encoded in this mesh's blocks, one more rounding)."""
     opt_state = tree['opt_state']
     like = self.abstract_state()['opt_state']
     if _layout(opt_state[0]) != _layout(like[0]):

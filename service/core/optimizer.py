@@ -90,4 +90,5 @@ def make_optimizer(config: ServerConfig, mesh, specs,
       weight_decay=config.weight_decay, mask=mask,
       exclude_from_layer_adaptation=adaptation, mesh=mesh, param_specs=specs,
       max_grad_norm=config.max_grad_norm or None, record_trust_ratio=True,
-      **({'mu_dtype': 'int8', 'nu_dtype': 'int8'} if config.moments == 'int8' else {}))
+      **({'mu_dtype': config.moments, 'nu_dtype': config.moments}
+         if config.moments != 'float32' else {}))

@@ -36,7 +36,7 @@ def specs_from_meta(leaves: list[dict]) -> list[LeafSpec]:
 
 
 def meta(config: ServerConfig, specs: Sequence[LeafSpec], moment_layout=None) -> dict:
-  """The JSON metadata a checkpoint of this model carries beside its arrays (with 8-bit
+  """The JSON metadata a checkpoint of this model carries beside its arrays (with quantized
   moments, the shapes of their scales: `ModelPlan.moment_layout`)."""
   out = {'leaves': specs_to_meta(specs),
          'hyperparameters': {k: getattr(config, k) for k in HYPERPARAMETERS}}

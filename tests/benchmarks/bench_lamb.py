@@ -41,13 +41,20 @@ single-threaded while XLA may use every core, so the fraction can exceed 100%.
 The script also prints the number of all-reduce ops (and of fusions) in the
 compiled HLO of each step, and a Markdown table for docs/benchmarks.md.
 
-int8 moments: a third runner, lamb_sharded with `mu_dtype='int8',
-nu_dtype='int8'` (8-bit blockwise moments, docs/low-bit-state.md), is timed in
-the same interleaved run; its row gives its step time over the float32-moment
-lamb_sharded step's (target <= 1.15x) and the state's bytes per parameter
-(`lamb_sharded.state_nbytes` of `jax.eval_shape(tx.init, params)`: m + v with
-their scales and the float32 small leaves; target <= 2.1, params + state <= 6.1).
-`--no-int8` leaves it out.
+int8 and int4 moments: two more runners, lamb_sharded with `mu_dtype=nu_dtype=
+'int8'` and `'int4'` (8- and 4-bit blockwise moments, docs/low-bit-state.md),
+are timed in the same interleaved run; their rows give their step time over the
+float32-moment lamb_sharded step's (target for int8 <= 1.15x) and the state's
+bytes per parameter (`lamb_sharded.state_nbytes` of `jax.eval_shape(tx.init,
+params)`: m + v with their scales and the float32 small leaves, int4 codes at
+half a byte; targets int8 <= 2.1, params + state <= 6.1; int4 about 1.06).
+`--no-int8` and `--no-int4` leave them out.
+
+`--compiler-option KEY=VALUE` (repeatable) compiles every runner's step with
+these XLA options (`jax.jit(..., compiler_options=...)`), e.g.
+`xla_cpu_use_fusion_emitters=false`: XLA:CPU's default fusion emitters write
+each element of an int4 array with an atomic compare-and-swap (two share a
+byte), its older emitters with plain stores (docs/low-bit-state.md).
 
 Thread pool: with several simulated CPU devices, XLA:CPU runs every device's
 part of a step on one shared thread pool. Back-to-back steps can deadlock unless
@@ -59,6 +66,7 @@ How to run
     python tests/benchmarks/bench_lamb.py                  # 100M params
     python tests/benchmarks/bench_lamb.py --size 25m --reps 3
     python tests/benchmarks/bench_lamb.py --mesh 8 --json /tmp/bench.json
+    python tests/benchmarks/bench_lamb.py --size 25m --compiler-option xla_cpu_use_fusion_emitters=false
 
 XLA_FLAGS is extended with --xla_force_host_platform_device_count=8
 (`service.runtime`) before jax is imported, so the mesh exists on a CPU-only
@@ -87,7 +95,7 @@ import platform
 import re
 import statistics
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -111,8 +119,12 @@ WARMUP_STEPS, DECAY_STEPS = 1_000, 100_000
 STREAM_BYTES = 400 * 2**20
 TARGETS = {'ratio_1_device': 1.0, 'ratio_mesh': 0.6, 'copy_bw_fraction': 0.5,
            'int8_ratio': 1.15, 'int8_state_bytes_per_param': 2.1,
-           'int8_total_bytes_per_param': 6.1}
+           'int8_total_bytes_per_param': 6.1, 'int4_state_bytes_per_param': 1.1}
 INT8 = dict(mu_dtype='int8', nu_dtype='int8')
+QUANTIZED = {'int8': INT8, 'int4': dict(mu_dtype='int4', nu_dtype='int4')}
+
+
+RUNNERS = ('lamb_sharded', 'optax', *(f'lamb_sharded_{k}' for k in QUANTIZED))
 
 
 # ----------------------------------------------------------------------------- model
@@ -272,18 +284,20 @@ def delete_tree(tree: Any) -> None:
 class Runner:
   """One optimizer's compiled step and its live (donated) params and state."""
 
-  def __init__(self, name, tx, shapes, grads, param_shardings, other_sharding, mesh_out):
+  def __init__(self, name, tx, shapes, grads, param_shardings, other_sharding, mesh_out,
+               compiler_options=None):
     self.name = name
     self.grads = grads
     self.params = random_tree(shapes, 0, param_shardings)
     self.state = tx.init(self.params)  # as a user gets it: no placing by hand
-    if name.endswith('int8'):  # 8-bit moments are not params-shaped: where init put them
+    if name.endswith(tuple(QUANTIZED)):  # quantized moments: not params-shaped, where init put them
       state_out = jax.tree.map(lambda x: x.sharding, self.state)
     else:
       state_out = state_shardings(self.state, param_shardings, other_sharding)
     self.step = jax.jit(
         make_step(tx, name), donate_argnums=(0, 1),
-        out_shardings=(param_shardings, state_out) if mesh_out else None)
+        out_shardings=(param_shardings, state_out) if mesh_out else None,
+        compiler_options=compiler_options or None)
     self.times: list[float] = []
     self.all_reduces = self.fusions = None
 
@@ -318,8 +332,11 @@ class Case(NamedTuple):
   specs: Any  # pytree of PartitionSpec, or None
 
 
-def measure_case(case: Case, shapes: dict, steps: int, reps: int, int8: bool = True) -> dict:
-  """Times lamb_sharded.lamb and optax.lamb on one case, interleaved."""
+def measure_case(case: Case, shapes: dict, steps: int, reps: int,
+                 quantized: tuple[str, ...] = tuple(QUANTIZED),
+                 compiler_options: Optional[dict] = None) -> dict:
+  """Times lamb_sharded.lamb (float32 and `quantized` moments) and optax.lamb on one
+  case, interleaved."""
   if case.mesh is None:  # uncommitted, as a jitted model init returns them from a key
     param_sh = other_sh = None
   else:
@@ -330,14 +347,15 @@ def measure_case(case: Case, shapes: dict, steps: int, reps: int, int8: bool = T
                                  mesh=case.mesh, param_specs=case.specs)
   optax_tx = optax.lamb(learning_rate(), weight_decay=WEIGHT_DECAY)
   txs = [('lamb_sharded', sharded_tx), ('optax', optax_tx)]
-  if int8:
-    txs.append(('lamb_sharded_int8', lamb_sharded.lamb(
+  for kind in quantized:
+    txs.append((f'lamb_sharded_{kind}', lamb_sharded.lamb(
         learning_rate(), weight_decay=WEIGHT_DECAY, mesh=case.mesh, param_specs=case.specs,
-        **INT8)))
+        **QUANTIZED[kind])))
   runners = []
   try:
     for name, tx in txs:
-      runners.append(Runner(name, tx, shapes, grads, param_sh, other_sh, case.mesh is not None))
+      runners.append(Runner(name, tx, shapes, grads, param_sh, other_sh, case.mesh is not None,
+                            compiler_options))
     with logged_compilations() as compiles:  # from the first call to the last
       for r in runners:  # warm-up (the first call compiles)
         r.run(2)
@@ -386,9 +404,12 @@ def summarize(results: dict, n_params: int, copy_bw: float) -> dict:
   out = {}
   for case, r in results.items():
     row = {'ratio': r['lamb_sharded']['median_s'] / r['optax']['median_s']}
-    if 'lamb_sharded_int8' in r:
-      row['int8_ratio'] = r['lamb_sharded_int8']['median_s'] / r['lamb_sharded']['median_s']
-    for name in [n for n in ('lamb_sharded', 'optax', 'lamb_sharded_int8') if n in r]:
+    for kind in QUANTIZED:
+      if f'lamb_sharded_{kind}' in r:
+        q, f = r[f'lamb_sharded_{kind}'], r['lamb_sharded']
+        row[f'{kind}_ratio'] = q['median_s'] / f['median_s']
+        row[f'{kind}_ratio_min'] = min(q['times_s']) / min(f['times_s'])
+    for name in [n for n in RUNNERS if n in r]:
       bw = BYTES_PER_PARAM * n_params / r[name]['median_s']
       r[name]['bytes_per_s'] = bw
       r[name]['copy_bw_fraction'] = bw / copy_bw
@@ -410,28 +431,32 @@ def markdown_table(summary: dict) -> str:
   return '\n'.join(lines)
 
 
-def int8_table(summary: dict, state_bytes: dict) -> str:
-  """The int8-moments rows: step time vs float32 moments, state bytes per parameter."""
-  lines = ['| case | lamb_sharded f32 moments ms/step | int8 moments ms/step | ratio int8/f32 '
-           '| m+v bytes/param f32 / int8 | params+m+v bytes/param f32 / int8 | compilations int8 |',
-           '|---|---:|---:|---:|---:|---:|---:|']
+def quantized_table(summary: dict, state_bytes: dict) -> str:
+  """The int8/int4-moments rows: step time vs float32 moments (ratio of the medians and of
+  the fastest repetitions), state bytes per parameter."""
+  lines = ['| case | moments | lamb_sharded f32 moments ms/step | quantized moments ms/step '
+           '| ratio / f32 (median) | ratio / f32 (min) | m+v bytes/param f32 / quantized '
+           '| params+m+v bytes/param f32 / quantized | compilations |',
+           '|---|---|---:|---:|---:|---:|---:|---:|---:|']
   for case, r in summary.items():
-    if 'lamb_sharded_int8' not in r:
-      continue
-    f, q, b = r['lamb_sharded'], r['lamb_sharded_int8'], state_bytes[case]
-    lines.append(f"| {case} | {1e3 * f['median_s']:.1f} | {1e3 * q['median_s']:.1f} | "
-                 f"{r['int8_ratio']:.2f} | {b['float32']:.2f} / {b['int8']:.3f} | "
-                 f"{4 + b['float32']:.2f} / {4 + b['int8']:.3f} | {q['compiles']} |")
+    for kind in QUANTIZED:
+      if f'lamb_sharded_{kind}' not in r:
+        continue
+      f, q, b = r['lamb_sharded'], r[f'lamb_sharded_{kind}'], state_bytes[case]
+      lines.append(f"| {case} | {kind} | {1e3 * f['median_s']:.1f} | {1e3 * q['median_s']:.1f} | "
+                   f"{r[f'{kind}_ratio']:.2f} | {r[f'{kind}_ratio_min']:.2f} | "
+                   f"{b['float32']:.2f} / {b[kind]:.3f} | "
+                   f"{4 + b['float32']:.2f} / {4 + b[kind]:.3f} | {q['compiles']} |")
   return '\n'.join(lines)
 
 
 def print_details(summary: dict) -> None:
   for case, r in summary.items():
     print(f'{case}:')
-    for name in [n for n in ('lamb_sharded', 'optax', 'lamb_sharded_int8') if n in r]:
+    for name in [n for n in RUNNERS if n in r]:
       x = r[name]
       reps = ' '.join(f'{1e3 * t:.1f}' for t in x['times_s'])
-      print(f"  {name:>12}: median {1e3 * x['median_s']:.1f} ms/step (reps: {reps}), "
+      print(f"  {name:>17}: median {1e3 * x['median_s']:.1f} ms/step (reps: {reps}), "
             f"{x['bytes_per_s'] / 1e9:.2f} GB/s = {100 * x['copy_bw_fraction']:.0f}% of copy BW, "
             f"all-reduces {x['all_reduces']}, fusions {x['fusions']}, "
             f"compilations {x['compiles']} ({x['compile_s']:.1f}s)")
@@ -475,7 +500,27 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--json', metavar='PATH', help='also write all figures here')
   p.add_argument('--no-int8', dest='int8', action='store_false',
                  help='leave out the int8-moments runner')
+  p.add_argument('--no-int4', dest='int4', action='store_false',
+                 help='leave out the int4-moments runner')
+  p.add_argument('--compiler-option', action='append', default=[], metavar='KEY=VALUE',
+                 help='an XLA option for every runner\'s step (repeatable), e.g. '
+                      'xla_cpu_use_fusion_emitters=false')
   return p.parse_args(argv)
+
+
+def compiler_options(pairs: list[str]) -> dict:
+  """KEY=VALUE strings as jax.jit's compiler_options (true/false as bools, ints as ints)."""
+  out = {}
+  for pair in pairs:
+    key, _, value = pair.partition('=')
+    if value.lower() in ('true', 'false'):
+      out[key] = value.lower() == 'true'
+    else:
+      try:
+        out[key] = int(value)
+      except ValueError:
+        out[key] = value
+  return out
 
 
 def main(argv=None) -> int:
@@ -501,13 +546,17 @@ def main(argv=None) -> int:
         f"{specs['embed']['token']}, mlp w_in {specs['layers'][0]['mlp']['w_in']}, "
         f"vectors {specs['final_ln']['scale']}")
   print(f'timing {args.reps} reps x {args.steps} steps after 2 warm-up steps')
+  options = compiler_options(args.compiler_option)
+  if options:
+    print(f'compiler options of every step: {options}')
+  quantized = tuple(k for k in QUANTIZED if getattr(args, k))
 
   results = {}
   for case in (Case(one, None, None), Case(on_mesh, mesh, specs)):
     print(f'{case.name}:')
-    results[case.name] = measure_case(case, shapes, args.steps, args.reps, args.int8)
+    results[case.name] = measure_case(case, shapes, args.steps, args.reps, quantized, options)
   state_bytes = {case.name: {kind: state_bytes_per_param(shapes, n_params, case, **kw)
-                             for kind, kw in (('float32', {}), ('int8', INT8))}
+                             for kind, kw in (('float32', {}), *QUANTIZED.items())}
                  for case in (Case(one, None, None), Case(on_mesh, mesh, specs))}
 
   summary = summarize(results, n_params, bw['copy'])
@@ -518,11 +567,11 @@ def main(argv=None) -> int:
   print(markdown_table(summary))
   print('\nall-reduce ops in the compiled step: ' + ', '.join(
       f"{case} {name} {summary[case][name]['all_reduces']}"
-      for case in summary for name in ('lamb_sharded', 'optax', 'lamb_sharded_int8')
-      if name in summary[case]))
-  if args.int8:
-    print('\nint8 moments (mu_dtype=nu_dtype=\'int8\') vs float32 moments, same run:\n')
-    print(int8_table(summary, state_bytes))
+      for case in summary for name in RUNNERS if name in summary[case]))
+  if quantized:
+    print('\nint8/int4 moments (mu_dtype=nu_dtype=\'int8\'/\'int4\') vs float32 moments, '
+          'same run:\n')
+    print(quantized_table(summary, state_bytes))
   print_targets(summary, one, on_mesh)
   for case, b in state_bytes.items():
     ok = b['int8'] <= TARGETS['int8_state_bytes_per_param'] and \
@@ -530,6 +579,9 @@ def main(argv=None) -> int:
     print(f"  {'met ' if ok else 'MISS'}  int8 m+v bytes/param ({case}) <= "
           f"{TARGETS['int8_state_bytes_per_param']} and params+m+v <= "
           f"{TARGETS['int8_total_bytes_per_param']}: {b['int8']:.3f} / {4 + b['int8']:.3f}")
+    ok = b['int4'] <= TARGETS['int4_state_bytes_per_param']
+    print(f"  {'met ' if ok else 'MISS'}  int4 m+v bytes/param ({case}) <= "
+          f"{TARGETS['int4_state_bytes_per_param']}: {b['int4']:.3f} / {4 + b['int4']:.3f}")
   wall = time.perf_counter() - t_start
   print(f'\nwall time {wall:.0f}s')
 
@@ -538,6 +590,7 @@ def main(argv=None) -> int:
       json.dump({'size': args.size, 'model': SIZES[args.size], 'params': n_params,
                  'leaves': n_leaves, 'mesh': args.mesh, 'axis_type': args.axis_type,
                  'reps': args.reps, 'steps': args.steps, 'bandwidth': bw,
+                 'compiler_options': options,
                  'bytes_per_param': BYTES_PER_PARAM, 'cases': summary,
                  'state_bytes_per_param': state_bytes,
                  'targets': TARGETS, 'wall_s': wall}, f, indent=2)

@@ -60,13 +60,13 @@ def sharded(mesh):
   return params, specs, jax.device_put(params, lamb_sharded.named_shardings(mesh, specs, params))
 
 
-@pytest.mark.parametrize('moments', ['float32', 'int8'])
+@pytest.mark.parametrize('moments', ['float32', 'int8', 'int4'])
 def test_one_all_reduce_for_a_40_leaf_transformer(mesh, sharded, moments):
   params, specs, on_mesh = sharded
   assert len(jax.tree.leaves(params)) == 40
-  kw = dict(mu_dtype='int8', nu_dtype='int8') if moments == 'int8' else {}
+  kw = dict(mu_dtype=moments, nu_dtype=moments) if moments != 'float32' else {}
   tx = lamb_sharded.lamb(1e-3, weight_decay=0.01, mesh=mesh, param_specs=specs, **kw)
-  if moments == 'int8':  # embed, qkv and mlp_in hold 8-bit codes (out and mlp_out
+  if moments != 'float32':  # embed, qkv and mlp_in hold 8-/4-bit codes (out and mlp_out
     # have 64 / 4 = 16 columns a device, too few for a block of 32: float32)
     mu = tx.init(on_mesh)[0].mu
     assert sum(isinstance(x, lamb_sharded.QuantizedMoment)
