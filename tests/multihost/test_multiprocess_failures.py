@@ -5,11 +5,13 @@ through real gRPC: a push one process refuses is refused by both; the
 straggler timeout closes the same step on both; `kill -9` of one ends the other
 with one line naming it, and the restarted group resumes from the checkpoint;
 SIGTERM to one stops both with one final checkpoint, which restores into one
-process of 8 devices, and back into two. The parameters are checked against
+process of 8 devices, and back into two; checkpoints that cannot be read are
+discarded by both when told to. The parameters are checked against
 optax's LAMB fed the same gradients.
 """
 
 import concurrent.futures
+import glob
 import os
 import signal
 import subprocess
@@ -186,6 +188,30 @@ def test_kill_9_of_one_process_ends_the_other_with_one_line_and_the_group_resume
         f'127.0.0.1:{job[0][1]}'))]) == [2]
     pulled = _train(job[1][1], [2, 3])
   mp_server.assert_params(pulled.params, mp_server.reference([EVERY] * 4))
+
+
+def test_unreadable_checkpoints_are_discarded_by_every_process_when_told(tmp_path):
+  # Every checkpoint's data truncated (a disk that lost them): with
+  # --discard-unreadable-checkpoints both processes find none readable, Orbax deletes them,
+  # and the job starts afresh from --init-params, together; then it trains and saves again.
+  from service.core.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  ckpt = ['--checkpoint-dir', str(tmp_path / 'ckpt'), '--checkpoint-every-steps', '1',
+          '--async-checkpoints', 'false']
+  with mp_server.job(tmp_path, extra=ckpt) as job:
+    _train(job[0][1], [0, 1])
+  assert Checkpointer(str(tmp_path / 'ckpt')).steps() == [0, 1, 2]
+  data = glob.glob(str(tmp_path / 'ckpt' / '*' / 'state' / '**' / 'd' / '*'), recursive=True)
+  assert data
+  for f in data:
+    with open(f, 'r+b') as fh:
+      fh.truncate(os.path.getsize(f) // 3)
+  with mp_server.job(tmp_path, extra=[*ckpt, '--discard-unreadable-checkpoints', 'true']) as job:
+    assert _steps([pb_grpc.OptimizerServiceStub(grpc.insecure_channel(f'127.0.0.1:{port}'))
+                   for _, port, _ in job]) == [0, 0]  # nothing restored: the init params
+    pulled = _train(job[1][1], [0])
+    assert mp_server.stop(job) == [supervise.STOPPED_EXIT] * 2
+  mp_server.assert_params(pulled.params, mp_server.reference([EVERY]))
+  assert Checkpointer(str(tmp_path / 'ckpt')).steps() == [0, 1]  # the new run's, no old one
 
 
 def test_sigterm_to_one_process_stops_both_with_one_checkpoint_that_restores_in_1_and_2(
