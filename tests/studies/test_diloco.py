@@ -6,8 +6,6 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,15 +13,7 @@ import tqdm
 
 from studies import charlm, diloco, diloco_runs
 from studies.diloco_runs import Method
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
-
-
-def _cli(*args, timeout=60):
-  return subprocess.run([sys.executable, '-m', 'service.cli', 'study', *args], cwd=ROOT,
-                        env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True,
-                        timeout=timeout)
+import study_cli  # tests/studies/study_cli.py
 
 
 def test_push_bytes_per_codec_send_small_leaves_as_float32():
@@ -45,7 +35,7 @@ def test_push_bytes_per_codec_send_small_leaves_as_float32():
     (['--inner-lr', '-1'], '--inner-lr'),
 ])
 def test_a_usage_error_is_one_line_naming_the_flag(flags, flag):
-  done = _cli('diloco', '--quick', '--out', os.devnull + '-never', *flags)
+  done = study_cli.study('diloco', '--quick', '--out', os.devnull + '-never', *flags)
   assert done.returncode == 2, done.stderr
   lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
   assert len(lines) == 1 and flag in lines[0] and 'study' in lines[0], done.stderr
@@ -130,7 +120,7 @@ def test_the_bytes_the_study_computes_are_the_servers_counters(tmp_path):
 
 def test_quick_study_writes_the_table_and_training_learns(tmp_path):
   out = tmp_path / 'study'
-  done = _cli('diloco', '--quick', '--out', str(out), timeout=600)
+  done = study_cli.study('diloco', '--quick', '--out', str(out), timeout=600)
   assert done.returncode == 0, done.stdout + done.stderr
   assert 'study' in done.stderr  # the progress bar
   summary = json.loads((out / 'results.json').read_text())
@@ -149,5 +139,5 @@ def test_quick_study_writes_the_table_and_training_learns(tmp_path):
   assert table.count('\n| default |') == 3 and 'agree for every run' in table
   assert table.splitlines()[0] in done.stdout
   for name in ('loss_vs_bytes.png', 'loss_curves.png'):
-    assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert study_cli.is_png(out / name)
   assert np.isfinite([r['wall_s'] for r in rows]).all()

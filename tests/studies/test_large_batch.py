@@ -4,22 +4,12 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import tqdm
 
 from studies import large_batch, tasks
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
-
-
-def _cli(*args, timeout=60):
-  return subprocess.run([sys.executable, '-m', 'service.cli', 'study', *args], cwd=ROOT,
-                        env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True,
-                        timeout=timeout)
+import study_cli  # tests/studies/study_cli.py
 
 
 def test_batches_with_too_few_steps_are_dropped():
@@ -38,7 +28,7 @@ def test_batches_with_too_few_steps_are_dropped():
     (['--batches', '8', '--epochs', '0.001'], '--batches'),  # every batch under --min-steps
 ])
 def test_a_usage_error_is_one_line_naming_the_flag(flags, flag):
-  done = _cli('large-batch', '--quick', '--out', os.devnull + '-never', *flags)
+  done = study_cli.study('large-batch', '--quick', '--out', os.devnull + '-never', *flags)
   assert done.returncode == 2, done.stderr
   lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
   assert len(lines) == 1 and flag in lines[0] and 'study' in lines[0], done.stderr
@@ -46,7 +36,7 @@ def test_a_usage_error_is_one_line_naming_the_flag(flags, flag):
 
 def test_quick_study_writes_the_table_and_both_optimizers_learn(tmp_path):
   out = tmp_path / 'study'
-  done = _cli('large-batch', '--quick', '--out', str(out), timeout=600)
+  done = study_cli.study('large-batch', '--quick', '--out', str(out), timeout=600)
   assert done.returncode == 0, done.stdout + done.stderr
   assert 'study' in done.stderr  # the progress bar
   summary = json.loads((out / 'results.json').read_text())
@@ -67,12 +57,13 @@ def test_quick_study_writes_the_table_and_both_optimizers_learn(tmp_path):
   assert table.count('\n| same data (epochs) |') == 6 + 3  # rows, and LAMB - AdamW per batch
   assert table.splitlines()[0] in done.stdout
   for name in ('heldout_vs_batch.png', 'loss_curves.png'):
-    assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert study_cli.is_png(out / name)
 
 
 def test_quick_mnist1d_study_writes_the_table_and_both_optimizers_learn(tmp_path):
   out = tmp_path / 'study'
-  done = _cli('large-batch', '--task', 'mnist1d', '--quick', '--out', str(out), timeout=600)
+  done = study_cli.study('large-batch', '--task', 'mnist1d', '--quick', '--out', str(out),
+                         timeout=600)
   assert done.returncode == 0, done.stdout + done.stderr
   summary = json.loads((out / 'results.json').read_text())
   assert summary['task']['name'] == 'mnist1d' and summary['config']['task'] == 'mnist1d'
@@ -97,7 +88,7 @@ def test_quick_mnist1d_study_writes_the_table_and_both_optimizers_learn(tmp_path
   assert sum(line.startswith('| same data (epochs) |') for line in table) == 6 + 3
   assert 'LAMB − AdamW (test accuracy; > 0: LAMB better)' in '\n'.join(table)
   for name in ('heldout_vs_batch.png', 'loss_curves.png'):
-    assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert study_cli.is_png(out / name)
 
 
 class _FakeTrainer:
