@@ -5,7 +5,7 @@
     pulled = client.pull(like=params)              # Pulled(model_id, step, params)
     result = client.push(pulled.step, grads, num_examples=128, worker_id='w0')
     if not result.applied:
-      client.wait_for_step(result.accepted_step + 1)
+      client.wait_for_step(result.accepted_step + 1, model_id=result.model_id)
 
 Every call has a deadline. Unary calls are retried on UNAVAILABLE by gRPC's own
 retry policy (the channel's service config); pushes and pulls stream more than
@@ -405,7 +405,8 @@ class OptimizerClient:
         raise
       # Applied: this push completed the step on every process (else: wait for the step).
       return PushResult(min(r.accepted_step for r in results), all(r.applied for r in results),
-                        min(r.current_step for r in results), all(r.duplicate for r in results))
+                        min(r.current_step for r in results), all(r.duplicate for r in results),
+                        results[0].model_id)  # the processes share one model_id
     if compression == 'bf16':
       if wire_dtype is not None:
         raise ValueError('give compression or wire_dtype, not both')
@@ -440,7 +441,7 @@ class OptimizerClient:
     r = self._retrying(lambda: self._stub.PushGradients(requests(), timeout=self.timeout))
     if feedback is not None:
       feedback.commit(residuals)
-    return PushResult(r.accepted_step, r.applied, r.current_step, r.duplicate)
+    return PushResult(r.accepted_step, r.applied, r.current_step, r.duplicate, r.model_id)
 
   def error_feedback_of(self, worker_id: str) -> ErrorFeedback:
     """The residuals this client keeps for `worker_id`'s compressed pushes (made on first use).
@@ -534,9 +535,17 @@ class OptimizerClient:
     return list(self._stub.ListCheckpoints(pb.ListCheckpointsRequest(),
                                            timeout=self.timeout).checkpoints)
 
-  def wait_for_step(self, step: int, timeout: float = 300.0) -> tuple[int, bool]:
-    """Blocks (server side, no polling) until the server's step is >= `step`."""
-    request = pb.WaitForStepRequest(step=step)
+  def wait_for_step(self, step: int, timeout: float = 300.0,
+                    model_id: str = '') -> tuple[int, bool]:
+    """Blocks (server side, no polling) until the server's step is >= `step`.
+
+    Returns (the server's step, whether it reached `step`) -- not reached after `timeout`
+    seconds. `model_id`: the history `step` is of (a push's `PushResult.model_id`); if
+    the server's model is not that one, or stops being it -- it restarted from a
+    checkpoint, maybe while this call was retried onto it, and the push that would
+    complete `step` is lost -- the call ends at once with FAILED_PRECONDITION: pull again.
+    """
+    request = pb.WaitForStepRequest(step=step, model_id=model_id)
     request.timeout.CopyFrom(duration_pb2.Duration(seconds=int(timeout),
                                                    nanos=int((timeout % 1) * 1e9)))
     r = self._stub.WaitForStep(request, timeout=timeout + 10)

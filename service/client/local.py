@@ -14,7 +14,7 @@ steps: H times less communication than a push per step.
       r = trainer.round(lambda t, k: batch(t * 50 + k))   # batch of inner step k of round t
       if r.step >= steps: break
       if not r.result.applied:
-        client.wait_for_step(r.result.accepted_step + 1)
+        client.wait_for_step(r.result.accepted_step + 1, model_id=r.result.model_id)
 
 A restarted worker starts its inner optimizer afresh (and, with int8/int4 pushes, its
 error feedback from zero): the round it recomputes is the one the server waits for,
@@ -82,6 +82,7 @@ class LocalSteps:
     self.pull_dtype = pull_dtype
     self.inner_state = None  # made at the first round, from the pulled parameters
     self.last_pulled_step: Optional[int] = None  # the round being trained or pushed
+    self.last_model_id = ''  # ... and the model it is of
 
     def step(params, state, x, y):
       loss, grads = grad_fn(params, x, y)
@@ -114,7 +115,7 @@ class LocalSteps:
     if self.pull_dtype is not None:
       pulled = dataclasses.replace(pulled, params=jax.tree.map(
           lambda x: np.asarray(x, np.float32), pulled.params))
-    self.last_pulled_step = pulled.step
+    self.last_pulled_step, self.last_model_id = pulled.step, pulled.model_id
     if until is not None and pulled.step >= until:
       return Round(pulled.step, None, float('nan'), 0)
     delta, loss, examples = self.train(pulled, batch)

@@ -136,6 +136,15 @@ class Position(typing.NamedTuple):
   step: int
   closed: bool
 
+  def require_model(self, model_id: str, field: str = 'model_id') -> None:
+    """FailedPrecondition (reason wrong_model) unless `model_id` ('' for any) names this
+    position's model: the caller's steps are of a history this server no longer has."""
+    if not model_id or (self.initialized and model_id == self.model_id):
+      return
+    now = self.model_id if self.initialized else 'none (no model)'
+    raise FailedPrecondition(f'{field} {model_id} is not the server\'s model {now}: pull '
+                             f'the parameters again', reason='wrong_model')
+
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
@@ -646,10 +655,7 @@ class Engine:
       raise Unavailable('the server is shutting down; retry against its successor',
                         reason='shutting_down')
     plan = self._require_model()
-    if header.model_id and header.model_id != self._model_id:
-      raise FailedPrecondition(f'header.model_id {header.model_id} is not the server\'s model '
-                               f'{self._model_id}: pull the parameters again',
-                               reason='wrong_model')
+    self._position_locked().require_model(header.model_id, 'header.model_id')
     answered = self._ledger.answer(header.worker_id, header.push_id, self._steps.step)
     if answered is not None:
       return answered
@@ -846,7 +852,7 @@ class Engine:
     complete = self._steps.add(h.worker_id, h.push_id, time.monotonic())
     if complete:
       self._apply_locked()
-    result = PushResult(accepted, complete, self._steps.step)
+    result = PushResult(accepted, complete, self._steps.step, model_id=self._model_id)
     self._ledger.record(h.worker_id, h.push_id, accepted, result)
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from service.protocol.types import PushResult
@@ -12,9 +13,9 @@ class Ledger:
 
   Example:
     >>> ledger = Ledger()
-    >>> ledger.record('w0', 'p1', 3, PushResult(3, True, 4))
+    >>> ledger.record('w0', 'p1', 3, PushResult(3, True, 4, model_id='m1'))
     >>> ledger.answer('w0', 'p1', current_step=5)
-    PushResult(accepted_step=3, applied=True, current_step=5, duplicate=True)
+    PushResult(accepted_step=3, applied=True, current_step=5, duplicate=True, model_id='m1')
     >>> ledger.forget_before(4); ledger.answer('w0', 'p1', current_step=5) is None
     True
   """
@@ -29,7 +30,7 @@ class Ledger:
     found = self._answers.get((worker_id, push_id))
     if found is None:
       return None
-    return PushResult(found[1].accepted_step, found[1].applied, current_step, duplicate=True)
+    return dataclasses.replace(found[1], current_step=current_step, duplicate=True)
 
   def record(self, worker_id: str, push_id: str, step: int, result: PushResult) -> None:
     """Remembers the answer to a push counted into `step` (nothing without a push id)."""

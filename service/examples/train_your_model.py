@@ -44,7 +44,7 @@ def train(server, steps, worker_id='me'):
       r = client.push(pulled.step, jax.tree.map(np.asarray, grads), len(x), worker_id,
                       model_id=pulled.model_id)
       if not r.applied:  # other workers' pushes complete the step
-        client.wait_for_step(r.accepted_step + 1)
+        client.wait_for_step(r.accepted_step + 1, model_id=r.model_id)
     return pulled.params
 
 

@@ -122,7 +122,7 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
           compression=None if compression == 'none' else compression,
           pull_dtype=None if pull_dtype == 'float32' else ml_dtypes.bfloat16)
     while True:
-      step = None
+      step, model_id = None, ''  # the step (and model) this pass pulled
       try:
         ensure_model()
         if not checked:  # once: the worker's flags and model against the server's
@@ -137,6 +137,7 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
         if trainer is not None:  # a round of local steps, then its pseudo-gradient
           round_ = trainer.round(lambda t, k: batch(t * local_steps + k), until=steps)
           step, r, loss, examples = round_.step, round_.result, round_.loss, round_.examples
+          model_id = trainer.last_model_id
           if r is None:
             break
         else:
@@ -145,7 +146,7 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
           if pull_dtype != 'float32':  # trained from in float32
             pulled = dataclasses.replace(pulled, params=jax.tree.map(
                 lambda x: np.asarray(x, np.float32), pulled.params))
-          step = pulled.step
+          step, model_id = pulled.step, pulled.model_id
           if pulled.step >= steps:
             break
           x, y = batch(pulled.step)
@@ -157,11 +158,11 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
                  extra=fields(step=step, worker=worker_id))
         report('push', step=step, loss=float(loss), examples=examples, applied=r.applied)
         if not r.applied:
-          client.wait_for_step(r.accepted_step + 1, timeout=timeout)
+          client.wait_for_step(r.accepted_step + 1, timeout=timeout, model_id=r.model_id)
       except grpc.RpcError as e:
         if step is None and trainer is not None:  # the round it was pushing
-          step = trainer.last_pulled_step
-        _recover(client, e, worker_id, step, connect_timeout, wait_for_server)
+          step, model_id = trainer.last_pulled_step, trainer.last_model_id
+        _recover(client, e, worker_id, step, model_id, connect_timeout, wait_for_server)
   report('done', step=step)
   return 0
 
@@ -228,11 +229,13 @@ _RECOVERABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION
 
 
 def _recover(client: OptimizerClient, error: grpc.RpcError, worker_id: str,
-             step: Optional[int], connect_timeout: float, wait_for_server) -> None:
+             step: Optional[int], model_id: str, connect_timeout: float,
+             wait_for_server) -> None:
   """What a worker does about a refused or failed call before it pulls again.
 
   ABORTED: the step moved on without this push (a straggler). ALREADY_EXISTS:
-  this worker's push for the step is already in: wait for the step to complete.
+  this worker's push for the step (of model `model_id`) is already in: wait for the
+  step to complete -- in that model: if the server restarts meanwhile, the wait ends.
   FAILED_PRECONDITION: the server restarted from a checkpoint (another model_id,
   another step) or has no model (the loop then waits for one, or with --init,
   gives it the initial params again: with no checkpoint to restore, the run
@@ -250,9 +253,10 @@ def _recover(client: OptimizerClient, error: grpc.RpcError, worker_id: str,
     if code == grpc.StatusCode.UNAVAILABLE:
       wait_for_server()
     elif code == grpc.StatusCode.ALREADY_EXISTS and step is not None:
-      client.wait_for_step(step + 1, timeout=connect_timeout)
-  except grpc.RpcError as again:  # the server went away again meanwhile: start over
-    if again.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+      client.wait_for_step(step + 1, timeout=connect_timeout, model_id=model_id)
+  except grpc.RpcError as again:  # the server went away (or restarted) meanwhile: start over
+    if again.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.FAILED_PRECONDITION):
       raise
 
 

@@ -50,8 +50,11 @@ class PushResult:
     applied: whether this push completed its step (the update is applied).
     current_step: the server's step after the push.
     duplicate: a retry of a push already answered (not counted again).
+    model_id: the model (history) the push was counted in: wait for the step in it,
+      `OptimizerClient.wait_for_step(accepted_step + 1, model_id=model_id)`.
   """
   accepted_step: int
   applied: bool
   current_step: int
   duplicate: bool = False
+  model_id: str = ''

@@ -46,14 +46,17 @@ class EngineWatch:
     """Set at the engine's next change (take it before checking, then wait on it)."""
     return self._any
 
-  async def wait_for_step(self, step: int, timeout: float) -> Position:
-    """The position once the model exists at step >= `step`, the engine closes, or
-    `timeout` seconds pass (whichever is first)."""
+  async def wait_for_step(self, step: int, timeout: float, model_id: str = '') -> Position:
+    """The position once the model exists at step >= `step`, the engine closes,
+    `timeout` seconds pass, or -- with a `model_id` -- the model is not that one
+    (whichever is first)."""
     deadline = time.monotonic() + timeout
     while True:
       position, moved = self.position, self._moved
       if position.closed or (position.initialized and position.step >= step):
         return position
+      if model_id and not (position.initialized and position.model_id == model_id):
+        return position  # its history is gone: the caller is told (Position.require_model)
       left = deadline - time.monotonic()
       if left <= 0:
         return position

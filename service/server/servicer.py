@@ -410,7 +410,8 @@ class OptimizerServicer(pb_grpc.OptimizerServiceServicer):
       if asked > 0:
         timeout = min(asked, timeout)
       with self._engine.waiter():
-        p = await self._watch.wait_for_step(request.step, timeout)
+        p = await self._watch.wait_for_step(request.step, timeout, request.model_id)
+      p.require_model(request.model_id)
       return pb.WaitForStepResponse(current_step=p.step, model_id=p.model_id,
                                     reached=p.initialized and p.step >= request.step)
     except ServiceError as e:
@@ -450,7 +451,8 @@ def _push_header(message: pb.PushGradientsHeader) -> PushHeader:
 
 def _push_response(r: PushResult) -> pb.PushGradientsResponse:
   return pb.PushGradientsResponse(accepted_step=r.accepted_step, applied=r.applied,
-                                  current_step=r.current_step, duplicate=r.duplicate)
+                                  current_step=r.current_step, duplicate=r.duplicate,
+                                  model_id=r.model_id)
 
 
 def _placement(path: str, placement) -> pb.LeafPlacement:

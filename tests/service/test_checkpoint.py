@@ -1,5 +1,6 @@
 """Checkpoints with Orbax: restore anywhere, survive kill -9 and SIGTERM, refuse what does not fit."""
 
+import concurrent.futures
 import glob
 import os
 import random
@@ -8,8 +9,10 @@ import subprocess
 import sys
 import time
 
+import grpc
 import jax
 import numpy as np
+import pytest
 
 from service.core.checkpoint import Checkpointer
 from service.client import OptimizerClient
@@ -167,6 +170,51 @@ def test_sigterm_writes_the_last_applied_step(tmp_path):
   want = local_reference(last, batch, LAMB)
   for (path, w) in zip(params, jax.tree.leaves(want)):
     np.testing.assert_allclose(params[path], w, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_a_wait_for_a_step_the_killed_server_lost_ends_at_its_successor(tmp_path):
+  """kill -9 while worker a waits for the step its push began: the successor restores
+  the checkpoint without that push, under a new model_id. A wait in a's model -- carried
+  over to the successor by the retry policy, or made anew -- ends at once
+  (FAILED_PRECONDITION): it would wait for a step only the lost push could complete."""
+  ckpt = tmp_path / 'ckpt'
+  port = free_port()
+  args = ('--port', str(port), '--devices', '2', '--num-workers', '2', '--checkpoint-dir',
+          str(ckpt), *flags(LAMB))
+  server, _ = start_server_process(*args)
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  try:
+    with OptimizerClient(f'127.0.0.1:{port}', timeout=60) as client:
+      client.initialize(P0)
+      g = {k: np.ones_like(v) for k, v in P0.items()}
+      assert [client.push(0, g, 1, w).applied for w in 'ab'] == [False, True]
+      client.save_checkpoint(wait=True)  # of step 1
+      r = client.push(1, g, 1, 'a')
+      assert not r.applied and r.model_id == client.describe().model_id
+      assert client.wait_for_step(2, timeout=0.3, model_id=r.model_id) == (1, False)
+      carried = pool.submit(client.wait_for_step, 2, 60, r.model_id)
+      time.sleep(0.3)  # in the server
+      server.send_signal(signal.SIGKILL)
+      server.wait(timeout=30)
+      server, _ = start_server_process(*args)
+      info = client.describe(wait_for_ready=True, timeout=60)
+      assert info.step == 1 and info.model_id != r.model_id
+      # Any model: it waits (for a push of a that a does not know is lost).
+      assert client.wait_for_step(2, timeout=0.5) == (1, False)
+      t0 = time.monotonic()
+      with pytest.raises(grpc.RpcError) as e:
+        client.wait_for_step(2, timeout=60, model_id=r.model_id)
+      assert time.monotonic() - t0 < 10
+      assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+      assert f'model_id {r.model_id} is not the server\'s model {info.model_id}' in \
+          e.value.details()
+      with pytest.raises(grpc.RpcError) as e:  # within seconds, not after its 60 s
+        carried.result(timeout=30)
+      assert e.value.code() in (grpc.StatusCode.UNAVAILABLE,
+                                grpc.StatusCode.FAILED_PRECONDITION), e.value
+  finally:
+    pool.shutdown(wait=False, cancel_futures=True)
+    _kill_tree([server])
 
 
 def test_kill_9_five_times_loses_nothing(tmp_path):

@@ -133,6 +133,30 @@ def test_pull_only_if_newer_and_wait_for_step_long_polls():
     assert client.wait_for_step(5, timeout=0.3) == (1, False)
 
 
+def test_wait_for_step_in_another_model_ends_at_once():
+  """A wait names the model its step is of (a push's model_id): in another model, or
+  with none, FAILED_PRECONDITION at once, naming both; in its model it waits."""
+  with running_server(devices=1, num_workers=2, learning_rate=0.1) as (_, client):
+    with pytest.raises(grpc.RpcError) as e:
+      client.wait_for_step(0, timeout=20, model_id='f' * 32)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"model_id {'f' * 32} is not the server's model none (no model)" in e.value.details()
+    client.initialize(P0)
+    r = client.push(0, _g(1), 1, 'a')
+    assert not r.applied and r.model_id == client.describe().model_id
+    t0 = time.monotonic()
+    assert client.wait_for_step(1, timeout=0.3, model_id=r.model_id) == (0, False)
+    assert time.monotonic() - t0 >= 0.3
+    with pytest.raises(grpc.RpcError) as e:
+      client.wait_for_step(1, timeout=20, model_id='f' * 32)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"model_id {'f' * 32} is not the server's model {r.model_id}" in e.value.details()
+    assert time.monotonic() - t0 < 10
+    done = client.push(0, _g(1), 1, 'b', push_id='p1')
+    again = client.push(0, _g(1), 1, 'b', push_id='p1')  # a retry's answer names it too
+    assert done.applied and again.duplicate and again.model_id == done.model_id == r.model_id
+
+
 def test_describe_health_and_reflection():
   with running_server(devices=2, num_workers=3, quorum=2, learning_rate=0.01,
                       schedule='warmup_cosine', warmup_steps=10) as (running, client):

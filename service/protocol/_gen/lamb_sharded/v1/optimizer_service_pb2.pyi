@@ -170,16 +170,18 @@ class PushGradientsHeader(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., num_examples: _Optional[int] = ..., push_id: _Optional[str] = ..., model_id: _Optional[str] = ..., leaves: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., local_steps: _Optional[int] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
-    __slots__ = ("accepted_step", "applied", "current_step", "duplicate")
+    __slots__ = ("accepted_step", "applied", "current_step", "duplicate", "model_id")
     ACCEPTED_STEP_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     CURRENT_STEP_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     accepted_step: int
     applied: bool
     current_step: int
     duplicate: bool
-    def __init__(self, accepted_step: _Optional[int] = ..., applied: _Optional[bool] = ..., current_step: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    model_id: str
+    def __init__(self, accepted_step: _Optional[int] = ..., applied: _Optional[bool] = ..., current_step: _Optional[int] = ..., duplicate: _Optional[bool] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class PullParametersRequest(_message.Message):
     __slots__ = ("dtype", "if_newer_than_step", "if_model_id", "max_chunk_bytes")
@@ -216,12 +218,14 @@ class PullParametersHeader(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., step: _Optional[int] = ..., not_modified: _Optional[bool] = ..., leaves: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class WaitForStepRequest(_message.Message):
-    __slots__ = ("step", "timeout")
+    __slots__ = ("step", "timeout", "model_id")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     step: int
     timeout: _duration_pb2.Duration
-    def __init__(self, step: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    model_id: str
+    def __init__(self, step: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class WaitForStepResponse(_message.Message):
     __slots__ = ("current_step", "reached", "model_id")

@@ -138,7 +138,11 @@ class OptimizerServiceServicer:
         otherwise at the request's timeout (reached false) or the call's deadline
         (DEADLINE_EXCEEDED), whichever is first. On an uninitialised model it
         also waits for the initialisation (whose step is 0), so WaitForStep(0)
-        waits for another worker's InitializeModel.
+        waits for another worker's InitializeModel. With a model_id (the one a
+        push was counted in), FAILED_PRECONDITION as soon as the server's model
+        is not that one (reason wrong_model: it restarted from a checkpoint, or
+        has no model): the step waited for is of a history that is gone, and
+        would come only from a push that was lost with it -- pull again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
