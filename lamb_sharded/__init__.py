@@ -11,6 +11,7 @@ from lamb_sharded._src.lamb import requantize_moments
 from lamb_sharded._src.lamb import scale_by_lamb
 from lamb_sharded._src.lamb import state_nbytes
 from lamb_sharded._src.lowbit import QuantizedMoment
+from lamb_sharded._src.lowbit import codes_layout
 from lamb_sharded._src.sharding import named_shardings
 
 __version__ = '0.1.0'
@@ -18,6 +19,7 @@ __version__ = '0.1.0'
 __all__ = (
     'QuantizedMoment',
     'ScaleByLambState',
+    'codes_layout',
     'dequantize_moments',
     'lamb',
     'named_shardings',

@@ -80,14 +80,16 @@ def _moment_leaves(params: PyTree, moments: PyTree, name: str, layout) -> list[A
         raise ValueError(f'leaf {path}: {name} has shape {m.shape} but params has shape '
                          f'{p.shape}')
       continue
-    bits = lowbit.dtype_bits(m.codes.dtype)
-    if m.codes.shape != p.shape or m.scales.shape[:-1] != p.shape[:-1] or not p.shape:
-      raise ValueError(f'leaf {path}: {name} holds {bits}-bit codes of shape {m.codes.shape} '
-                       f'and scales of shape {m.scales.shape}, which do not fit params of '
-                       f'shape {p.shape}')
-    if lowbit.code_dtype(m.codes.dtype) is None:
+    bits = lowbit.code_width(m.codes.dtype)
+    if bits is None:
       raise ValueError(f'leaf {path}: {name} holds codes of dtype {m.codes.dtype}; expected '
-                       f'int8 or int4')
+                       f'int8, or 4-bit codes (uint8 two a byte, or int4)')
+    if (not p.shape or m.scales.shape[:-1] != p.shape[:-1]
+        or (m.codes.shape, jnp.dtype(m.codes.dtype)) != lowbit.codes_layout(
+            p.shape, 'int8' if bits == 8 else 'int4')):
+      raise ValueError(f'leaf {path}: {name} holds {bits}-bit codes of shape {m.codes.shape} '
+                       f'({m.codes.dtype}) and scales of shape {m.scales.shape}, which do '
+                       f'not fit params of shape {p.shape}')
     k = sharding_lib.dim_shards(sp, layout.mesh, p.ndim - 1)
     b = lowbit.block_size_of(m)
     if k > 1 and (m.scales.shape[-1] % k or (p.shape[-1] // k) % b):
@@ -392,9 +394,10 @@ def _quantized_pass1(static: _Static, i: int, g, m, v, p, grad, b1, b2, directio
   def moments(g, m, v, table=False):
     """m_new and v_new in the block view, from the stored state."""
     gb = blocks(grad(g))
-    m_old = lowbit.decode_blocks(m, b, m_map, table) if qm else blocks(m.astype(gb.dtype))
+    m_old = (lowbit.decode_blocks(m, b, m_map, table or m_map.step_gathers) if qm
+             else blocks(m.astype(gb.dtype)))
     if qv:
-      s_old = lowbit.decode_blocks(v, b, v_map, table)
+      s_old = lowbit.decode_blocks(v, b, v_map, table or v_map.step_gathers)
       v_old = s_old * s_old
     else:
       v_old = blocks(v.astype(gb.dtype))
@@ -435,13 +438,15 @@ def _quantized_pass1(static: _Static, i: int, g, m, v, p, grad, b1, b2, directio
     amax = reduced.pop(0)
     g1, m1, v1, amax1 = apart(g, m, v, amax)
     codes = lowbit.encode_blocks(moments(g1, m1, v1)[0], amax1, m_map, floor_tiny=False)
-    new_m = lowbit.QuantizedMoment(lowbit.from_blocks(codes, n), lowbit.scales_of(amax, m_map))
+    new_m = lowbit.QuantizedMoment(lowbit.store(lowbit.from_blocks(codes, n), m_map.dtype),
+                                   lowbit.scales_of(amax, m_map))
   if qv:
     amax = jnp.sqrt(reduced.pop(0))
     g1, m1, v1, amax1 = apart(g, m, v, amax)
     codes = lowbit.encode_blocks(jnp.sqrt(moments(g1, m1, v1)[1]), amax1, v_map,
                                  floor_tiny=True)
-    new_v = lowbit.QuantizedMoment(lowbit.from_blocks(codes, n), lowbit.scales_of(amax, v_map))
+    new_v = lowbit.QuantizedMoment(lowbit.store(lowbit.from_blocks(codes, n), v_map.dtype),
+                                   lowbit.scales_of(amax, v_map))
   if new_m is None or new_v is None:
     m_full, v_full = recompute()
     new_m = m_full.astype(m.dtype) if new_m is None else new_m

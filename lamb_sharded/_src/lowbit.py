@@ -2,12 +2,24 @@
 
 A moment leaf of shape (..., n) is cut into blocks of `b` consecutive elements
 along its last axis (each row on its own, the last block of a row padded when
-`b` does not divide n). Every block stores `b` codes -- int8, or int4, which
-XLA keeps two to a byte -- and one float32 scale; a moment is then about 1 +
-4/b (int8) or 0.5 + 4/b (int4) bytes per parameter instead of 4. The codes'
-dtype is the bit width; each width has its code map per moment (a `CodeMap`:
-`signed_map`, `sqrt_map`), and everything else -- blocks, scales, the step --
-is the same for both.
+`b` does not divide n). Every block stores `b` codes -- 8-bit, or 4-bit, two
+to a byte -- and one float32 scale; a moment is then about 1 + 4/b (8-bit) or
+0.5 + 4/b (4-bit) bytes per parameter instead of 4. The codes' dtype is the
+bit width; each width has its code map per moment (a `CodeMap`: `signed_map`,
+`sqrt_map`), and everything else -- blocks, scales, the step -- is the same
+for both.
+
+Storage (`QuantizedMoment.codes`): 8-bit codes are int8, of the leaf's shape.
+4-bit codes are packed by hand, two to a uint8 along the last axis (code 2j in
+byte j's low nibble, 2j + 1 in its high one): shape (..., n / 2). Not
+`jnp.int4`: XLA:CPU writes int4 arrays an element at a time, with an atomic
+compare-and-swap on the word that holds it -- 36 ms to write a 4096x1024 leaf's codes
+against 0.5 ms as packed bytes, a bitcast from packed bytes to int4 included
+(XLA lowers it element-wise too) -- and the step writes its codes every step.
+A leaf whose last axis is odd keeps `jnp.int4` codes of its shape (packing
+would make n ambiguous; such leaves are rare: vocabularies are padded). A
+sharded last axis is always even here: its local extent is a multiple of the
+block (>= 32), so the bytes split like the leaf.
 
 The 8-bit code maps (why FP8 E4M3 and not a linear map):
 
@@ -84,11 +96,12 @@ class QuantizedMoment(NamedTuple):
   """One moment leaf stored as 8- or 4-bit codes with one float32 scale per block.
 
   Attributes:
-    codes: int8 or int4 array of the leaf's shape (the bit width is its dtype):
-      int8, the bits of FP8 E4M3 values; int4, the index of a value of the
-      dynamic map (`DYNAMIC4`) for the first moment and a level k - 1 of k/16
-      for the second; for the second moment, codes of its square root (see
-      `signed_map`, `sqrt_map`). Sharded like the leaf.
+    codes: the codes (their dtype is the bit width): int8 of the leaf's shape,
+      the bits of FP8 E4M3 values; 4-bit, uint8 of shape (..., n / 2), two codes
+      a byte (`jnp.int4` of the leaf's shape where n is odd; `codes_layout`):
+      the index of a value of the dynamic map (`DYNAMIC4`) for the first moment
+      and a level k - 1 of k/16 for the second; for the second moment, codes of
+      its square root (see `signed_map`, `sqrt_map`). Sharded like the leaf.
     scales: float32 array of shape ``leaf.shape[:-1] + (number of blocks,)``,
       sharded like the leaf (the blocks of a device's shard are its own).
   """
@@ -101,6 +114,8 @@ def is_quantized(x: Any) -> bool:
 
 
 _CODE_DTYPES = {INT8: np.dtype(jnp.int8), INT4: np.dtype(jnp.int4)}
+PACKED4 = np.dtype(np.uint8)  # 4-bit codes, two a byte (see the module's docstring)
+_WIDTHS = {np.dtype(jnp.int8): 8, np.dtype(jnp.int4): 4, PACKED4: 4}
 _EXPECTED = "expected None, a floating dtype, 'int8' or 'int4'"
 
 
@@ -114,6 +129,41 @@ def code_dtype(dtype: Any) -> Optional[np.dtype]:
   except TypeError:
     return None
   return d if d in _CODE_DTYPES.values() else None
+
+
+def code_width(codes_dtype: Any) -> Optional[int]:
+  """The bits of one code stored as `codes_dtype` (int8: 8; int4, or uint8 two a byte: 4);
+  None if it is no codes' dtype."""
+  try:
+    return _WIDTHS.get(np.dtype(codes_dtype))
+  except TypeError:
+    return None
+
+
+def is_packed(codes: Any) -> bool:
+  """Whether `codes` (an array or a `ShapeDtypeStruct`) holds 4-bit codes two a byte."""
+  return np.dtype(codes.dtype) == PACKED4
+
+
+def codes_layout(shape: tuple[int, ...], dtype: Any) -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) of the codes of a leaf of `shape` at width `dtype` (int8 or int4).
+
+  Example:
+    >>> codes_layout((3, 8), 'int4'), codes_layout((3, 7), 'int4')[0]
+    (((3, 4), dtype('uint8')), (3, 7))
+  """
+  d = code_dtype(dtype)
+  if d is None:
+    raise ValueError(f"{dtype!r}: expected 'int8' or 'int4'")
+  if d == np.dtype(jnp.int4) and shape and shape[-1] % 2 == 0:
+    return tuple(shape[:-1]) + (shape[-1] // 2,), PACKED4
+  return tuple(shape), d
+
+
+def leaf_length(codes: Any) -> int:
+  """The length n of the last axis of the leaf whose codes are `codes`."""
+  n = codes.shape[-1]
+  return 2 * n if is_packed(codes) else n
 
 
 def check_moment_dtype(dtype: Any, name: str) -> None:
@@ -190,16 +240,17 @@ def block_size_of(q: QuantizedMoment) -> int:
   With b a power of two and k = ceil(n / b) blocks per row, b is the smallest
   power of two >= ceil(n / k) (any b >= n is the same single block per row).
   """
-  n, k = q.codes.shape[-1], q.scales.shape[-1]
+  n, k = leaf_length(q.codes), q.scales.shape[-1]
   need = num_blocks(n, k)
   return 1 << max(need - 1, 0).bit_length()
 
 
 def zeros(shape: tuple[int, ...], b: int, make, dtype: Any = jnp.int8) -> QuantizedMoment:
   """A zero moment (a zero scale decodes every code to 0.0) made by `make(shape, dtype)`,
-  its codes of `dtype` (int8 or int4)."""
+  its codes of width `dtype` (int8 or int4; stored as `codes_layout` says)."""
   scale_shape = tuple(shape[:-1]) + (num_blocks(shape[-1], b),)
-  return QuantizedMoment(make(tuple(shape), dtype), make(scale_shape, jnp.float32))
+  return QuantizedMoment(make(*codes_layout(tuple(shape), dtype)),
+                         make(scale_shape, jnp.float32))
 
 
 def to_blocks(x: jax.Array, b: int) -> jax.Array:
@@ -244,6 +295,9 @@ class CodeMap(NamedTuple):
       over the decoded values), where other operations are faster.
     table: the value of every code, indexed by its bits as an unsigned integer
       (NumPy float32, 2^bits entries).
+    step_gathers: the LAMB step (inside `shard_map`, or on one device) decodes
+      by `decode_scalar` in its vectorised loops too, where that is faster;
+      `decode` stays for decoding anywhere else.
   """
   name: str
   dtype: np.dtype
@@ -253,10 +307,13 @@ class CodeMap(NamedTuple):
   decode: Callable[[jax.Array], jax.Array]
   decode_scalar: Callable[[jax.Array], jax.Array]
   table: np.ndarray
+  step_gathers: bool = False
 
 
 def code_bits(codes: jax.Array) -> jax.Array:
-  """The bits of int8 / int4 codes as uint32 values in [0, 2^bits)."""
+  """The bits of int8 / int4 codes as uint32 values in [0, 2^bits) (uint32: as they are)."""
+  if codes.dtype == _U32:
+    return codes
   if codes.dtype == jnp.int8:
     return jax.lax.bitcast_convert_type(codes, jnp.uint8).astype(_U32)
   return codes.astype(jnp.int32).astype(_U32) & _U32(0xF)
@@ -267,6 +324,34 @@ def as_codes(bits: jax.Array, dtype: Any) -> jax.Array:
   if np.dtype(dtype) == jnp.int8:
     return jax.lax.bitcast_convert_type(bits.astype(jnp.uint8), jnp.int8)
   return bits.astype(jnp.int32).astype(jnp.int4)  # keeps the low 4 bits
+
+
+def pack4(bits: jax.Array) -> jax.Array:
+  """4-bit codes' bits (uint32 in [0, 16), last axis even) two a uint8, (..., n / 2)."""
+  pairs = bits.reshape(bits.shape[:-1] + (bits.shape[-1] // 2, 2)).astype(jnp.uint8)
+  return pairs[..., 0] | (pairs[..., 1] << jnp.uint8(4))
+
+
+def unpack4(packed: jax.Array) -> jax.Array:
+  """The inverse of `pack4`: uint8 (..., p) to the codes' bits, uint32 (..., 2p)."""
+  # A shift by (0, 4) broadcast along a new last axis, not a stack: XLA fuses it into
+  # its consumers where a stack is a concatenation it writes out (as uint32).
+  pairs = (packed.astype(_U32)[..., None] >> jnp.asarray([0, 4], _U32)) & _U32(0xF)
+  return pairs.reshape(packed.shape[:-1] + (-1,))
+
+
+def codes_of(q: QuantizedMoment) -> jax.Array:
+  """`q`'s codes one per element, of the leaf's shape (unpacked bits where packed), for a
+  `CodeMap`'s decode."""
+  return unpack4(q.codes) if is_packed(q.codes) else q.codes
+
+
+def store(codes: jax.Array, dtype: Any) -> jax.Array:
+  """Codes of the leaf's shape (a `CodeMap`'s encode's) as `QuantizedMoment.codes` of
+  width `dtype`: packed two a byte where `codes_layout` says so."""
+  if codes_layout(codes.shape, dtype)[1] == PACKED4:
+    return pack4(code_bits(codes))
+  return codes
 
 
 def _lookup(table: np.ndarray) -> Callable[[jax.Array], jax.Array]:
@@ -346,13 +431,12 @@ def table_map(name: str, values: Any) -> CodeMap:
   k-th smallest value.
 
   Encoding counts the midpoints between consecutive values that y exceeds (15 compares
-  and adds a value, vectorised; round to nearest, a tie to the smaller). In vectorised
-  loops decoding is a tree of 15 selects on the code's 4 bits, not a gather: a gather's
-  index array may carry an explicit sharding that jnp's indexing refuses outside
-  `shard_map` (`dequantize_moments` on explicitly sharded state), and the tree costs
-  about the same (2.9 against 2.3 ms for a 4096x1024 leaf). In the step's reduction,
-  which XLA:CPU runs as scalar code, a gather (`decode_scalar`): the int4 step on that
-  leaf took 44 ms with it, 55 ms with a chain of 15 selects.
+  and adds a value, vectorised; round to nearest, a tie to the smaller). Decoding is a
+  gather from the 16 values (`decode_scalar`) in the LAMB step (`step_gathers`): a step
+  of a 4096x1024 leaf with 4-bit m took 18 ms with it, 38 ms with a tree of 15 selects on
+  the code's 4 bits in the step's vectorised loops (XLA:CPU). Elsewhere (`decode`,
+  `dequantize_moments`) the tree: a gather's index array may carry an explicit sharding
+  that jnp's indexing refuses outside `shard_map`.
   """
   values = np.sort(np.asarray(values, np.float32))
   if values.shape != (16,):
@@ -376,7 +460,7 @@ def table_map(name: str, values: Any) -> CodeMap:
   positive = values[values > 0]
   return CodeMap(name, np.dtype(jnp.int4), float(np.abs(values).max()),
                  float(positive.min()) if positive.size else 0.0, encode, decode,
-                 _lookup(values), values)
+                 _lookup(values), values, step_gathers=True)
 
 
 DYNAMIC4 = table_map('dynamic4', dynamic_map(signed=True))
@@ -399,8 +483,8 @@ LINEAR16 = CodeMap('linear16', np.dtype(jnp.int4), 16.0, 1.0, encode_linear16,
 
 # By the codes' dtype: the first moment's maps (signed) and the second moment's
 # (of its square root, the zero code excluded).
-SIGNED_MAPS = {np.dtype(jnp.int8): E4M3, np.dtype(jnp.int4): DYNAMIC4}
-SQRT_MAPS = {np.dtype(jnp.int8): E4M3, np.dtype(jnp.int4): LINEAR16}
+SIGNED_MAPS = {np.dtype(jnp.int8): E4M3, np.dtype(jnp.int4): DYNAMIC4, PACKED4: DYNAMIC4}
+SQRT_MAPS = {np.dtype(jnp.int8): E4M3, np.dtype(jnp.int4): LINEAR16, PACKED4: LINEAR16}
 
 
 def signed_map(dtype: Any) -> CodeMap:
@@ -421,7 +505,7 @@ def decode_blocks(q: QuantizedMoment, b: int, code_map: CodeMap,
   """The stored values of `q` (m, or sqrt(v)) in the block view (..., k, b), float32
   (`table`: decoded by `code_map.decode_scalar`, for a loop XLA:CPU runs as scalar code)."""
   decode = code_map.decode_scalar if table else code_map.decode
-  return decode(to_blocks(q.codes, b)) * q.scales[..., None]
+  return decode(to_blocks(codes_of(q), b)) * q.scales[..., None]
 
 
 def encode_blocks(blocks: jax.Array, absmax: jax.Array, code_map: CodeMap,
@@ -445,11 +529,12 @@ def _encode(x: jax.Array, b: int, code_map: CodeMap, floor_tiny: bool) -> Quanti
   blocks = to_blocks(x, b)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
   codes = encode_blocks(blocks, absmax, code_map, floor_tiny)
-  return QuantizedMoment(from_blocks(codes, x.shape[-1]), scales_of(absmax, code_map))
+  return QuantizedMoment(store(from_blocks(codes, x.shape[-1]), code_map.dtype),
+                         scales_of(absmax, code_map))
 
 
 def _decode(q: QuantizedMoment, code_map: CodeMap) -> jax.Array:
-  return from_blocks(decode_blocks(q, block_size_of(q), code_map), q.codes.shape[-1])
+  return from_blocks(decode_blocks(q, block_size_of(q), code_map), leaf_length(q.codes))
 
 
 def quantize_signed(x: jax.Array, b: int, dtype: Any = jnp.int8) -> QuantizedMoment:
@@ -513,7 +598,8 @@ def dequantize_sqrt(q: QuantizedMoment) -> jax.Array:
 
 def dtype_bits(dtype: Any) -> int:
   """Bits of one element of `dtype` (4 for int4, which XLA stores two to a byte, though
-  NumPy's and JAX's `itemsize` and `nbytes` count it as a byte)."""
+  NumPy's and JAX's `itemsize` and `nbytes` count it as a byte; 8 for uint8, packed
+  codes' bytes)."""
   dtype = np.dtype(dtype)
   for info in (jnp.iinfo, jnp.finfo):
     try:

@@ -182,7 +182,8 @@ class ModelPlan:
           out.append(jax.ShapeDtypeStruct(spec.shape, np.float32, sharding=sh))
         else:  # saved in 8- or 4-bit blocks (this server's --moments), maybe not this mesh's
           out.append(lamb_sharded.QuantizedMoment(
-              jax.ShapeDtypeStruct(spec.shape, self.codes_dtype, sharding=sh),
+              jax.ShapeDtypeStruct(*lamb_sharded.codes_layout(spec.shape, self.codes_dtype),
+                                   sharding=sh),
               jax.ShapeDtypeStruct(tuple(shape), np.float32, sharding=self.replicated)))
       return out
     lamb_state = lamb_state._replace(mu=as_saved(lamb_state.mu), nu=as_saved(lamb_state.nu))

@@ -52,9 +52,7 @@ half a byte; targets int8 <= 2.1, params + state <= 6.1; int4 about 1.06).
 
 `--compiler-option KEY=VALUE` (repeatable) compiles every runner's step with
 these XLA options (`jax.jit(..., compiler_options=...)`), e.g.
-`xla_cpu_use_fusion_emitters=false`: XLA:CPU's default fusion emitters write
-each element of an int4 array with an atomic compare-and-swap (two share a
-byte), its older emitters with plain stores (docs/low-bit-state.md).
+`xla_cpu_use_fusion_emitters=false` (XLA:CPU's older emitters; docs/low-bit-state.md).
 
 Thread pool: with several simulated CPU devices, XLA:CPU runs every device's
 part of a step on one shared thread pool. Back-to-back steps can deadlock unless

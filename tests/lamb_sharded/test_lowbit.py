@@ -32,8 +32,14 @@ def both(width):
   return dict(mu_dtype=width, nu_dtype=width)
 
 
-def codes_dtype(width):
+def width_dtype(width):
+  """The dtype that asks for codes of `width` (mu_dtype=, quantize_signed's dtype=)."""
   return jnp.dtype(jnp.int8 if width == 'int8' else jnp.int4)
+
+
+def codes_dtype(width):
+  """The codes' dtype of a leaf whose last axis is even: int8, or uint8 (4-bit, two a byte)."""
+  return jnp.dtype(jnp.int8 if width == 'int8' else jnp.uint8)
 
 
 def _run(tx, params, grads, state=None):
@@ -122,6 +128,37 @@ def test_linear_map_rounds_to_the_nearest_of_16_levels_and_has_no_zero():
   assert sorted(np.asarray(lowbit.LINEAR16.decode(all_codes)).tolist()) == list(range(1, 17))
 
 
+def test_4_bit_codes_are_packed_two_a_byte_where_the_last_axis_is_even():
+  """Code 2j in byte j's low nibble, 2j + 1 in its high one: the same codes as int4 (what an
+  odd last axis keeps), the same values decoded, half a byte each."""
+  lo, hi = np.meshgrid(np.arange(16), np.arange(16))
+  bits = jnp.asarray(np.stack([lo.ravel(), hi.ravel()], -1).reshape(1, 512), jnp.uint32)
+  packed = jax.jit(lowbit.pack4)(bits)
+  assert packed.dtype == jnp.uint8 and packed.shape == (1, 256)
+  np.testing.assert_array_equal(packed[0], lo.ravel() | hi.ravel() << 4)
+  np.testing.assert_array_equal(jax.jit(lowbit.unpack4)(packed), bits)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 300)), jnp.float32)
+  for quantize, dequantize, code_map in (
+      (lowbit.quantize_signed, lowbit.dequantize_signed, lowbit.DYNAMIC4),
+      (lowbit.quantize_sqrt, lowbit.dequantize_sqrt, lowbit.LINEAR16)):
+    q = quantize(jnp.abs(x), 128, jnp.int4)
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (4, 150)
+    assert lowbit.block_size_of(q) == 128 and lowbit.leaf_length(q.codes) == 300
+    assert lamb_sharded.state_nbytes(q) == 4 * 150 + 4 * 3 * 4
+    as_int4 = lowbit.QuantizedMoment(lowbit.as_codes(lowbit.unpack4(q.codes), jnp.int4),
+                                     q.scales)
+    np.testing.assert_array_equal(dequantize(q), dequantize(as_int4))
+    odd = quantize(jnp.abs(x[:, :299]), 128, jnp.int4)  # the same codes, one fewer, unpacked
+    assert odd.codes.dtype == jnp.int4 and odd.codes.shape == (4, 299)
+    np.testing.assert_array_equal(lowbit.code_bits(odd.codes)[:, :256],
+                                  lowbit.unpack4(q.codes)[:, :256])
+    assert code_map.dtype == jnp.int4
+  assert lamb_sharded.codes_layout((8, 6), 'int4') == ((8, 3), np.dtype(np.uint8))
+  assert lamb_sharded.codes_layout((8, 5), 'int4') == ((8, 5), np.dtype(jnp.int4))
+  assert lamb_sharded.codes_layout((8, 5), 'int8') == ((8, 5), np.dtype(np.int8))
+
+
 @pytest.mark.parametrize('width', WIDTHS)
 def test_signed_map_keeps_its_precision_within_a_block(width):
   """int8 (E4M3): 2^-4 relative error over 2^-6 of the block's max (its normal range) and
@@ -133,7 +170,7 @@ def test_signed_map_keeps_its_precision_within_a_block(width):
   # Each row a block of 128 spanning 6 orders of magnitude, with both signs.
   x = jnp.asarray(rng.choice([-1, 1], (64, 128)) * 10.0 ** rng.uniform(-6, 0, (64, 128)),
                   jnp.float32)
-  q = lowbit.quantize_signed(x, 128, codes_dtype(width))
+  q = lowbit.quantize_signed(x, 128, width_dtype(width))
   assert q.codes.dtype == codes_dtype(width)
   y = lowbit.dequantize_signed(q)
   absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
@@ -158,7 +195,7 @@ def test_sqrt_map_never_decodes_a_nonzero_block_entry_to_zero(width):
   # of v (or E4M3 of v itself) would decode the small ones to 0 and m / (sqrt(v) + eps)
   # would become m / eps.
   v = jnp.asarray(10.0 ** np.linspace(-30, 0, 128), jnp.float32)[None]
-  got = lowbit.dequantize_sqrt(lowbit.quantize_sqrt(v, 128, codes_dtype(width)))
+  got = lowbit.dequantize_sqrt(lowbit.quantize_sqrt(v, 128, width_dtype(width)))
   assert float(jnp.min(got)) > 0
   err = jnp.abs(jnp.sqrt(got) - jnp.sqrt(v))
   if width == 'int8':
@@ -169,16 +206,19 @@ def test_sqrt_map_never_decodes_a_nonzero_block_entry_to_zero(width):
     assert float(jnp.max(jnp.where(big, err, 0))) <= 1 / 32 * 1.0001
     np.testing.assert_allclose(jnp.where(big, 1 / 256, got), 1 / 256, rtol=1e-6)
   # An all-zero block stays zero.
-  zeros = lowbit.quantize_sqrt(jnp.zeros((2, 128)), 128, codes_dtype(width))
+  zeros = lowbit.quantize_sqrt(jnp.zeros((2, 128)), 128, width_dtype(width))
   assert float(jnp.max(lowbit.dequantize_sqrt(zeros))) == 0
 
 
 @pytest.mark.parametrize('width', WIDTHS)
 def test_blocks_are_rows_of_the_last_axis_and_the_tail_is_its_own_block(width):
-  top = lowbit.signed_map(codes_dtype(width)).max  # 448 (E4M3), 6 (E2M1)
+  top = lowbit.signed_map(width_dtype(width)).max  # 448 (E4M3), 6 (E2M1)
   x = jnp.ones((3, 4097))
-  q = lowbit.quantize_signed(x.at[1, 4096].set(1000.0), 128, codes_dtype(width))
-  assert q.codes.shape == (3, 4097) and q.scales.shape == (3, 33)
+  q = lowbit.quantize_signed(x.at[1, 4096].set(1000.0), 128, width_dtype(width))
+  # An odd last axis: int8, or int4 codes of the leaf's shape (4-bit codes are packed two
+  # a byte only where it is even).
+  assert q.codes.shape == (3, 4097) and q.codes.dtype == width_dtype(width)
+  assert q.scales.shape == (3, 33)
   assert lowbit.block_size_of(q) == 128
   scales = np.asarray(q.scales)
   assert scales[1, 32] == pytest.approx(1000 / top)
@@ -228,7 +268,7 @@ def test_a_step_is_float_lamb_from_the_decoded_state(on_mesh, width):
   # ... and its new codes are the float step's new moments, encoded.
   d8 = lamb_sharded.dequantize_moments(s8[0])
   np.testing.assert_allclose(d8.mu['w'], lowbit.dequantize_signed(
-      lowbit.quantize_signed(sf[0].mu['w'], 128, codes_dtype(width))), rtol=1e-6, atol=1e-12)
+      lowbit.quantize_signed(sf[0].mu['w'], 128, width_dtype(width))), rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize('width', WIDTHS)
@@ -262,7 +302,8 @@ def test_bad_moment_options_name_the_argument():
   params = {'w': jnp.ones((64, 128))}
   state = lamb_sharded.lamb(1e-3, mu_dtype=jnp.int4, nu_dtype=jnp.int8,
                             min_quantized_size=1).init(params)
-  assert (state[0].mu['w'].codes.dtype, state[0].nu['w'].codes.dtype) == (jnp.int4, jnp.int8)
+  assert (state[0].mu['w'].codes.dtype, state[0].nu['w'].codes.dtype) == (jnp.uint8, jnp.int8)
+  assert (state[0].mu['w'].codes.shape, state[0].nu['w'].codes.shape) == ((64, 64), (64, 128))
   with pytest.raises(ValueError, match='quantized_block_size'):
     lamb_sharded.lamb(1e-3, quantized_block_size=48, **INT8)
   with pytest.raises(ValueError, match='min_quantized_size'):
@@ -395,10 +436,11 @@ def test_orbax_restore_onto_another_block_layout_requantizes_within_one_rounding
 
 
 def test_a_checkpoint_of_another_width_converts_through_requantize_moments(tmp_path):
-  """int4 saved, wanted as int8 or float (and back): Orbax does not refuse it -- it casts
-  each array to the target's dtype, so int4 codes restored into an int8 target are the
-  same integers, read as E4M3 (wrong moments, no error). Restore into the abstract state of
-  the optimizer that saved it, then requantize_moments into the wanted one."""
+  """int4 saved, wanted as int8 or float (and back): restore into the abstract state of the
+  optimizer that saved it, then requantize_moments into the wanted one. Orbax refuses the
+  other targets: the packed 4-bit codes have half the leaf's last axis. (It casts each array
+  to its target's dtype without a word: int4 codes of an odd leaf restored into an int8
+  target would be the same integers read as E4M3.)"""
   rng = np.random.default_rng(0)
   params = {'w': jnp.asarray(rng.normal(size=(16, 768)), jnp.float32)}
   tx4 = lamb_sharded.lamb(1e-2, **INT4)
@@ -406,13 +448,13 @@ def test_a_checkpoint_of_another_width_converts_through_requantize_moments(tmp_p
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp_path / 'ckpt', saved)
     ckptr.wait_until_finished()
-    # What the checkpoint holds is in its metadata: int4 codes.
+    # What the checkpoint holds is in its metadata: 4-bit codes, two a byte.
     tree = ckptr.metadata(tmp_path / 'ckpt').item_metadata.tree
-    assert tree[0]['mu']['w']['codes'].dtype == jnp.int4
-    # The hazard: a plain restore into an int8 target casts the codes, no error.
-    cast = ckptr.restore(tmp_path / 'ckpt', jax.eval_shape(lamb_sharded.lamb(1e-2, **INT8).init,
-                                                          params))
-    np.testing.assert_array_equal(cast[0].mu['w'].codes, saved[0].mu['w'].codes.astype(jnp.int8))
+    assert tree[0]['mu']['w']['codes'].dtype == jnp.uint8
+    assert tuple(tree[0]['mu']['w']['codes'].shape) == (16, 384)
+    with pytest.raises(ValueError, match='[Ss]hape'):  # into an int8 target
+      ckptr.restore(tmp_path / 'ckpt', jax.eval_shape(lamb_sharded.lamb(1e-2, **INT8).init,
+                                                      params))
     # A float target has another structure: Orbax refuses it.
     with pytest.raises(ValueError, match='[Ss]tructure'):
       ckptr.restore(tmp_path / 'ckpt', jax.eval_shape(lamb_sharded.lamb(1e-2).init, params))
@@ -435,7 +477,7 @@ def test_a_checkpoint_of_another_width_converts_through_requantize_moments(tmp_p
   f32 = lamb_sharded.requantize_moments(as_saved[0], jax.eval_shape(
       lamb_sharded.lamb(1e-2).init, params)[0])
   back = lamb_sharded.requantize_moments(f32, jax.eval_shape(tx4.init, params)[0])
-  assert back.mu['w'].codes.dtype == jnp.int4
+  assert back.mu['w'].codes.dtype == jnp.uint8
   np.testing.assert_array_equal(back.nu['w'].codes, as_saved[0].nu['w'].codes)
   np.testing.assert_allclose(back.nu['w'].scales, as_saved[0].nu['w'].scales, rtol=2e-7)
   m_back = jax.device_get(lamb_sharded.dequantize_moments(back)).mu['w']

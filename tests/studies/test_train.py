@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from studies import charlm, service_runs, train
+from studies import charlm, mnist1d, service_runs, train
 
 
 def _max_diff(a, b) -> float:
@@ -53,11 +53,14 @@ def test_a_run_records_its_curve_and_a_diverged_one_says_so(task):
   assert blown.diverged and blown.heldout_loss == float('inf')
 
 
-def test_the_service_path_gives_the_in_process_parameters(task, tmp_path):
+@pytest.mark.parametrize('name', ['charlm', 'mnist1d'])
+def test_the_service_path_gives_the_in_process_parameters(name, tmp_path, request):
+  """`--through-service` of each task: a real server and 2 workers that load it by name."""
+  task = request.getfixturevalue('task') if name == 'charlm' else mnist1d.small()
   run = train.Run('lamb', 8, 0.02, 0, 4)
   local = train.Trainer(task, train.make_mesh(1)).train(run)
   via = train.Run('lamb', 8, 0.02, 0, 4)
-  remote = service_runs.ServiceTrainer(task, 'studies.charlm:small', 2, str(tmp_path),
+  remote = service_runs.ServiceTrainer(task, f'studies.{name}:small', 2, str(tmp_path),
                                        devices=1).train(via)
   assert via.path == 'service' and [s for s, _ in via.curve] == [0, 1, 2, 3]
   assert _moved(remote, task) > 1e-3
