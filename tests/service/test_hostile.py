@@ -524,6 +524,9 @@ CASES = {
                                r'does not parse as DescribeModelRequest'),
     'wait: a negative step': (_unary('WaitForStep', pb.WaitForStepRequest(step=-1)),
                               'INVALID_ARGUMENT', r'step must be >= 0'),
+    'wait: in another model': (_unary('WaitForStep', pb.WaitForStepRequest(
+        step=10**6, model_id='f' * 32)), 'FAILED_PRECONDITION',
+        r"model_id f{32} is not the server's model [0-9a-f]{32}: pull the parameters again"),
     'initialise again': (_initialize_again, 'ALREADY_EXISTS', r'already initialised'),
     'an unknown method': (_raw_unary('DropAllTables', b''), 'UNIMPLEMENTED', r''),
     'save without a checkpoint dir': (_unary('SaveCheckpoint', pb.SaveCheckpointRequest()),
