@@ -196,19 +196,14 @@ class CharLM:
 
   def describe(self) -> dict[str, Any]:
     corpus, params = self.corpus(), self.num_params()
-    return {
-        'name': self.name, 'parameters': params, 'context': self.context,
-        'width': self.width, 'depth': self.depth, 'train_chars': len(corpus.train),
-        'heldout_chars': len(corpus.heldout), 'train_files': len(corpus.train_files),
-        'heldout_files': len(corpus.heldout_files),
-        'eval_chars': self.eval_windows * self.context,
-        'batch_unit': 'sequences', 'example_size': self.example_size,
-        'example_unit': self.example_unit, 'loss_unit': self.loss_unit,
-        'metric': dataclasses.asdict(self.metric),
-        'title': f'char-LM ({params:,} params) on the Python stdlib',
-        'summary': f'{params:,}-parameter char-LM, {len(corpus.train):,} training / '
-                   f'{len(corpus.heldout):,} held-out characters',
-    }
+    return tasks.description(
+        self, name=self.name, parameters=params, context=self.context, width=self.width,
+        depth=self.depth, train_chars=len(corpus.train), heldout_chars=len(corpus.heldout),
+        train_files=len(corpus.train_files), heldout_files=len(corpus.heldout_files),
+        eval_chars=self.eval_windows * self.context, batch_unit='sequences',
+        title=f'char-LM ({params:,} params) on the Python stdlib',
+        summary=f'{params:,}-parameter char-LM, {len(corpus.train):,} training / '
+                f'{len(corpus.heldout):,} held-out characters')
 
 
 def _layer_norm(p, x, eps: float = 1e-5):

@@ -217,18 +217,14 @@ class MNIST1D:
   def describe(self) -> dict[str, Any]:
     d = self.data()
     params = self.num_params()
-    return {
-        'name': self.name, 'parameters': params, 'channels': self.channels,
-        'kernel': self.kernel, 'strides': list(self.strides), 'hidden': self.hidden,
-        'num_samples': self.num_samples, 'data_seed': self.data_seed,
-        'train_signals': len(d.y_train), 'test_signals': len(d.y_test),
-        'batch_unit': 'signals', 'example_size': self.example_size,
-        'example_unit': self.example_unit, 'loss_unit': self.loss_unit,
-        'metric': dataclasses.asdict(self.metric),
-        'title': f'MNIST-1D, {len(self.strides)}-conv CNN ({params:,} params)',
-        'summary': f'{params:,}-parameter MNIST-1D CNN, {len(d.y_train):,} training / '
-                   f'{len(d.y_test):,} test signals',
-    }
+    return tasks.description(
+        self, name=self.name, parameters=params, channels=self.channels, kernel=self.kernel,
+        strides=list(self.strides), hidden=self.hidden, num_samples=self.num_samples,
+        data_seed=self.data_seed, train_signals=len(d.y_train), test_signals=len(d.y_test),
+        batch_unit='signals',
+        title=f'MNIST-1D, {len(self.strides)}-conv CNN ({params:,} params)',
+        summary=f'{params:,}-parameter MNIST-1D CNN, {len(d.y_train):,} training / '
+                f'{len(d.y_test):,} test signals')
 
 
 def model(seed: int = 0) -> MNIST1D:

@@ -93,6 +93,13 @@ class Task(Protocol):
     example_unit, loss_unit and metric (`dataclasses.asdict(self.metric)`)."""
 
 
+def description(task: Task, **sizes: Any) -> dict[str, Any]:
+  """`Task.describe`'s dict: the task's own `sizes` (name, title, summary, parameters,
+  batch_unit...) and the fields every task has (its units and metric)."""
+  return {**sizes, 'example_size': task.example_size, 'example_unit': task.example_unit,
+          'loss_unit': task.loss_unit, 'metric': dataclasses.asdict(task.metric)}
+
+
 # --task NAME -> the module whose `model(seed=...)` is the default size and `small(seed=...)`
 # the --quick size.
 TASKS = {'charlm': 'studies.charlm', 'mnist1d': 'studies.mnist1d'}
