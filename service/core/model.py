@@ -90,9 +90,8 @@ class ModelPlan:
                        if jax.process_count() > 1 else ())
     check_patterns(config, [s.path for s in self.specs])  # FailedPrecondition
     self.tx = make_optimizer(config, mesh, self.pspecs, [s.path for s in self.specs])
-    # The codes' dtype of quantized moments (--moments int8 / int4; None: float32).
-    self.codes_dtype = {'int8': np.dtype(np.int8), 'int4': np.dtype(jnp.int4)}.get(
-        config.moments)
+    # The width of quantized moments (--moments int8 / int4; None: float32).
+    self.moments_width = None if config.moments == 'float32' else config.moments
     self._abstract = None  # abstract_state(), once made
 
     def apply(params, opt_state, acc, inv_weight):
@@ -182,7 +181,7 @@ class ModelPlan:
           out.append(jax.ShapeDtypeStruct(spec.shape, np.float32, sharding=sh))
         else:  # saved in 8- or 4-bit blocks (this server's --moments), maybe not this mesh's
           out.append(lamb_sharded.QuantizedMoment(
-              jax.ShapeDtypeStruct(*lamb_sharded.codes_layout(spec.shape, self.codes_dtype),
+              jax.ShapeDtypeStruct(*lamb_sharded.codes_layout(spec.shape, self.moments_width),
                                    sharding=sh),
               jax.ShapeDtypeStruct(tuple(shape), np.float32, sharding=self.replicated)))
       return out
