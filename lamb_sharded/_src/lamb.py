@@ -438,14 +438,14 @@ def _quantized_pass1(static: _Static, i: int, g, m, v, p, grad, b1, b2, directio
     amax = reduced.pop(0)
     g1, m1, v1, amax1 = apart(g, m, v, amax)
     codes = lowbit.encode_blocks(moments(g1, m1, v1)[0], amax1, m_map, floor_tiny=False)
-    new_m = lowbit.QuantizedMoment(lowbit.store(lowbit.from_blocks(codes, n), m_map.dtype),
+    new_m = lowbit.QuantizedMoment(lowbit.store(lowbit.from_blocks(codes, n), m_map.dtype, b),
                                    lowbit.scales_of(amax, m_map))
   if qv:
     amax = jnp.sqrt(reduced.pop(0))
     g1, m1, v1, amax1 = apart(g, m, v, amax)
     codes = lowbit.encode_blocks(jnp.sqrt(moments(g1, m1, v1)[1]), amax1, v_map,
                                  floor_tiny=True)
-    new_v = lowbit.QuantizedMoment(lowbit.store(lowbit.from_blocks(codes, n), v_map.dtype),
+    new_v = lowbit.QuantizedMoment(lowbit.store(lowbit.from_blocks(codes, n), v_map.dtype, b),
                                    lowbit.scales_of(amax, v_map))
   if new_m is None or new_v is None:
     m_full, v_full = recompute()

@@ -34,7 +34,9 @@ from service import logs
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+# 1: the first. 2: 4-bit moments packed as lamb_sharded packs them now (codes j and
+# j + L/2 of a block of L in one byte; format 1 packed codes 2j and 2j + 1).
+FORMAT = 2
 
 
 class IncompatibleCheckpoint(ValueError):

@@ -64,6 +64,7 @@ def restore_latest(checkpointer: Checkpointer, config: ServerConfig, mesh: jax.s
 
   def target_for(m: dict):
     check_same_state(m.get('hyperparameters') or {}, config)
+    check_codes_readable(m)
     plans['plan'] = plan = ModelPlan(config, mesh, specs_from_meta(m['leaves']))
     return plan.saved_target(m.get('moment_layout'))
 
@@ -93,6 +94,23 @@ def check_same_state(hyperparameters: dict, config: ServerConfig) -> None:
           f'its checkpoints were written with {flag} {theirs}, and this server has {flag} '
           f'{getattr(config, name)}: its optimizer state has another form (start with {flag} '
           f'{theirs}, or another --checkpoint-dir)')
+
+
+# The first checkpoint format whose 4-bit moments are packed as this version packs them.
+PACKED4_FORMAT = 2
+
+
+def check_codes_readable(meta: dict) -> None:
+  """IncompatibleCheckpoint if the checkpoint holds 4-bit moments packed in a layout of an
+  older format, which this version would read as other codes (same shapes, other values)."""
+  fmt = meta.get('format', 1)
+  moments = (meta.get('hyperparameters') or {}).get('moments', DEFAULTS['moments'])
+  if (moments == 'int4' and fmt < PACKED4_FORMAT
+      and any(shape is not None for shape in meta.get('moment_layout') or [])):
+    raise IncompatibleCheckpoint(
+        f'its checkpoints are of format {fmt}, whose 4-bit moments (--moments int4) pack their '
+        f'codes in another order than this version (format {PACKED4_FORMAT}): restore them with '
+        f'the version that wrote them, or start a new run in another --checkpoint-dir')
 
 
 def check_same_model(have: Sequence[LeafSpec], specs: Sequence[LeafSpec]) -> None:

@@ -50,6 +50,17 @@ params)`: m + v with their scales and the float32 small leaves, int4 codes at
 half a byte; targets int8 <= 2.1, params + state <= 6.1; int4 about 1.06).
 `--no-int8` and `--no-int4` leave them out.
 
+Page faults: each repetition also counts the process's minor page faults
+(`getrusage`) per step. A step that needs temporary buffers gets them from a
+fresh allocation every step, and the first touch of each page faults; a step
+that writes only into its donated inputs faults about never.
+
+`--profile STEPS` then traces STEPS more steps of every runner with
+`jax.profiler` and prints, per case, the milliseconds a step spends in each kind
+of XLA op -- the op's name in the compiled HLO without its `.N` suffix
+(`multiply_reduce_fusion`, `copy`, ...), summed over threads and devices, so
+the ops of a step that runs on several cores add up to more than its wall time.
+
 `--compiler-option KEY=VALUE` (repeatable) compiles every runner's step with
 these XLA options (`jax.jit(..., compiler_options=...)`), e.g.
 `xla_cpu_use_fusion_emitters=false` (XLA:CPU's older emitters; docs/low-bit-state.md).
@@ -64,6 +75,7 @@ How to run
     python tests/benchmarks/bench_lamb.py                  # 100M params
     python tests/benchmarks/bench_lamb.py --size 25m --reps 3
     python tests/benchmarks/bench_lamb.py --mesh 8 --json /tmp/bench.json
+    python tests/benchmarks/bench_lamb.py --size 25m --reps 5 --steps 3 --profile 3
     python tests/benchmarks/bench_lamb.py --size 25m --compiler-option xla_cpu_use_fusion_emitters=false
 
 XLA_FLAGS is extended with --xla_force_host_platform_device_count=8
@@ -87,11 +99,15 @@ runtime.simulate_cpu_devices(N_DEVICES)  # must run before jax is imported
 import argparse
 import contextlib
 import gc
+import gzip
 import json
 import logging
 import platform
 import re
+import resource
+import shutil
 import statistics
+import tempfile
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -297,7 +313,9 @@ class Runner:
         out_shardings=(param_shardings, state_out) if mesh_out else None,
         compiler_options=compiler_options or None)
     self.times: list[float] = []
+    self.faults: list[float] = []
     self.all_reduces = self.fusions = None
+    self.ops: set[str] = set()
 
   def read_hlo(self) -> None:
     """Counts ops in the compiled HLO (an ahead-of-time compilation: call it after the
@@ -305,14 +323,40 @@ class Runner:
     hlo = self.step.lower(self.params, self.state, self.grads).compile().as_text()
     self.all_reduces = hlo.count('all-reduce(') + hlo.count('all-reduce-start(')
     self.fusions = count_entry_fusions(hlo)
+    self.ops = set(re.findall(r'^\s*(?:ROOT )?%?([\w.-]+) = ', hlo, re.M))
 
   def run(self, steps: int) -> float:
-    """Runs `steps` steps; returns seconds per step."""
+    """Runs `steps` steps; returns seconds per step (and records the process's minor
+    page faults per step in `faults`)."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     for _ in range(steps):
       self.params, self.state = self.step(self.params, self.state, self.grads)
     jax.block_until_ready((self.params, self.state))
-    return (time.perf_counter() - t0) / steps
+    seconds = (time.perf_counter() - t0) / steps
+    self.faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps)
+    return seconds
+
+  def profile(self, steps: int) -> dict[str, float]:
+    """Milliseconds a step spends in each kind of XLA op (its HLO name without the
+    `.N` suffix: `multiply_reduce_fusion`, `copy`, ...), from a `jax.profiler` trace
+    of `steps` steps, summed over threads (and devices). Call `read_hlo` first."""
+    folder = tempfile.mkdtemp(prefix='bench_lamb_trace_')
+    try:
+      with jax.profiler.trace(folder):
+        self.run(steps)
+      path = next(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
+                  if f.endswith('.trace.json.gz'))
+      with gzip.open(path) as f:
+        events = json.load(f)['traceEvents']
+    finally:
+      shutil.rmtree(folder, ignore_errors=True)
+    kinds: dict[str, float] = {}
+    for e in events:
+      if e.get('ph') == 'X' and e.get('name') in self.ops:
+        kind = re.sub(r'\.\d+$', '', e['name'])
+        kinds[kind] = kinds.get(kind, 0.0) + e['dur'] / 1e3 / steps
+    return kinds
 
   def free(self) -> None:
     delete_tree((self.params, self.state))
@@ -332,9 +376,10 @@ class Case(NamedTuple):
 
 def measure_case(case: Case, shapes: dict, steps: int, reps: int,
                  quantized: tuple[str, ...] = tuple(QUANTIZED),
-                 compiler_options: Optional[dict] = None) -> dict:
+                 compiler_options: Optional[dict] = None, profile_steps: int = 0) -> dict:
   """Times lamb_sharded.lamb (float32 and `quantized` moments) and optax.lamb on one
-  case, interleaved."""
+  case, interleaved; with `profile_steps`, then traces that many steps of each
+  (`Runner.profile`)."""
   if case.mesh is None:  # uncommitted, as a jitted model init returns them from a key
     param_sh = other_sh = None
   else:
@@ -360,6 +405,8 @@ def measure_case(case: Case, shapes: dict, steps: int, reps: int,
         seconds = compiles.get(f'step_{r.name}', [])
         print(f'  {r.name:>12}: {len(seconds)} compilation(s) in the first 2 steps, '
               f'{sum(seconds):.1f}s')
+      for r in runners:
+        r.faults.clear()  # the warm-up's (compilation, first allocations) aside
       for _ in range(reps):
         for r in runners:  # A B A B ...
           r.times.append(r.run(steps))
@@ -368,8 +415,11 @@ def measure_case(case: Case, shapes: dict, steps: int, reps: int,
       r.read_hlo()
       seconds = compiles.get(f'step_{r.name}', [])
       out[r.name] = {'median_s': statistics.median(r.times), 'times_s': r.times,
+                     'faults_per_step': statistics.median(r.faults),
                      'compiles': len(seconds), 'compile_s': sum(seconds),
                      'all_reduces': r.all_reduces, 'fusions': r.fusions}
+      if profile_steps:
+        out[r.name]['profile_ms'] = r.profile(profile_steps)
     return out
   finally:
     for r in runners:
@@ -434,8 +484,9 @@ def quantized_table(summary: dict, state_bytes: dict) -> str:
   the fastest repetitions), state bytes per parameter."""
   lines = ['| case | moments | lamb_sharded f32 moments ms/step | quantized moments ms/step '
            '| ratio / f32 (median) | ratio / f32 (min) | m+v bytes/param f32 / quantized '
-           '| params+m+v bytes/param f32 / quantized | compilations |',
-           '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+           '| params+m+v bytes/param f32 / quantized | page faults/step f32 / quantized '
+           '| compilations |',
+           '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
   for case, r in summary.items():
     for kind in QUANTIZED:
       if f'lamb_sharded_{kind}' not in r:
@@ -444,7 +495,36 @@ def quantized_table(summary: dict, state_bytes: dict) -> str:
       lines.append(f"| {case} | {kind} | {1e3 * f['median_s']:.1f} | {1e3 * q['median_s']:.1f} | "
                    f"{r[f'{kind}_ratio']:.2f} | {r[f'{kind}_ratio_min']:.2f} | "
                    f"{b['float32']:.2f} / {b[kind]:.3f} | "
-                   f"{4 + b['float32']:.2f} / {4 + b[kind]:.3f} | {q['compiles']} |")
+                   f"{4 + b['float32']:.2f} / {4 + b[kind]:.3f} | "
+                   f"{f['faults_per_step']:.0f} / {q['faults_per_step']:.0f} | {q['compiles']} |")
+  return '\n'.join(lines)
+
+
+def profile_table(summary: dict, top: int = 8) -> str:
+  """Per case, the milliseconds a step spends in each kind of XLA op, for every runner
+  (the `top` kinds by their largest time, the rest summed), and the page faults."""
+  lines = []
+  for case, r in summary.items():
+    names = [n for n in RUNNERS if n in r and 'profile_ms' in r[n]]
+    if not names:
+      continue
+    kinds = sorted({k for n in names for k in r[n]['profile_ms']},
+                   key=lambda k: -max(r[n]['profile_ms'].get(k, 0.0) for n in names))
+    lines += [f'\n{case}: ms per step in each kind of XLA op (summed over threads'
+              f'{" and devices" if "mesh" in case else ""}):\n',
+              '| op | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+    for kind in kinds[:top]:
+      lines.append(f'| {kind} | ' + ' | '.join(
+          f"{r[n]['profile_ms'].get(kind, 0.0):.1f}" for n in names) + ' |')
+    lines.append('| (other ops) | ' + ' | '.join(
+        f"{sum(v for k, v in r[n]['profile_ms'].items() if k not in kinds[:top]):.1f}"
+        for n in names) + ' |')
+    lines.append('| **all ops** | ' + ' | '.join(
+        f"**{sum(r[n]['profile_ms'].values()):.1f}**" for n in names) + ' |')
+    lines.append('| step (timed, wall) | ' + ' | '.join(
+        f"{1e3 * r[n]['median_s']:.1f}" for n in names) + ' |')
+    lines.append('| minor page faults / step | ' + ' | '.join(
+        f"{r[n]['faults_per_step']:.0f}" for n in names) + ' |')
   return '\n'.join(lines)
 
 
@@ -457,6 +537,7 @@ def print_details(summary: dict) -> None:
       print(f"  {name:>17}: median {1e3 * x['median_s']:.1f} ms/step (reps: {reps}), "
             f"{x['bytes_per_s'] / 1e9:.2f} GB/s = {100 * x['copy_bw_fraction']:.0f}% of copy BW, "
             f"all-reduces {x['all_reduces']}, fusions {x['fusions']}, "
+            f"page faults {x['faults_per_step']:.0f}/step, "
             f"compilations {x['compiles']} ({x['compile_s']:.1f}s)")
 
 
@@ -500,6 +581,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='leave out the int8-moments runner')
   p.add_argument('--no-int4', dest='int4', action='store_false',
                  help='leave out the int4-moments runner')
+  p.add_argument('--profile', type=int, default=0, metavar='STEPS',
+                 help='after timing, trace STEPS steps of every runner with jax.profiler '
+                      'and print the time a step spends in each kind of XLA op')
   p.add_argument('--compiler-option', action='append', default=[], metavar='KEY=VALUE',
                  help='an XLA option for every runner\'s step (repeatable), e.g. '
                       'xla_cpu_use_fusion_emitters=false')
@@ -552,7 +636,8 @@ def main(argv=None) -> int:
   results = {}
   for case in (Case(one, None, None), Case(on_mesh, mesh, specs)):
     print(f'{case.name}:')
-    results[case.name] = measure_case(case, shapes, args.steps, args.reps, quantized, options)
+    results[case.name] = measure_case(case, shapes, args.steps, args.reps, quantized, options,
+                                      args.profile)
   state_bytes = {case.name: {kind: state_bytes_per_param(shapes, n_params, case, **kw)
                              for kind, kw in (('float32', {}), *QUANTIZED.items())}
                  for case in (Case(one, None, None), Case(on_mesh, mesh, specs))}
@@ -570,6 +655,8 @@ def main(argv=None) -> int:
     print('\nint8/int4 moments (mu_dtype=nu_dtype=\'int8\'/\'int4\') vs float32 moments, '
           'same run:\n')
     print(quantized_table(summary, state_bytes))
+  if args.profile:
+    print(profile_table(summary))
   print_targets(summary, one, on_mesh)
   for case, b in state_bytes.items():
     ok = b['int8'] <= TARGETS['int8_state_bytes_per_param'] and \

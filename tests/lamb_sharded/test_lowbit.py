@@ -128,15 +128,29 @@ def test_linear_map_rounds_to_the_nearest_of_16_levels_and_has_no_zero():
   assert sorted(np.asarray(lowbit.LINEAR16.decode(all_codes)).tolist()) == list(range(1, 17))
 
 
-def test_4_bit_codes_are_packed_two_a_byte_where_the_last_axis_is_even():
-  """Code 2j in byte j's low nibble, 2j + 1 in its high one: the same codes as int4 (what an
-  odd last axis keeps), the same values decoded, half a byte each."""
-  lo, hi = np.meshgrid(np.arange(16), np.arange(16))
-  bits = jnp.asarray(np.stack([lo.ravel(), hi.ravel()], -1).reshape(1, 512), jnp.uint32)
-  packed = jax.jit(lowbit.pack4)(bits)
-  assert packed.dtype == jnp.uint8 and packed.shape == (1, 256)
-  np.testing.assert_array_equal(packed[0], lo.ravel() | hi.ravel() << 4)
-  np.testing.assert_array_equal(jax.jit(lowbit.unpack4)(packed), bits)
+def _packed_by_hand(bits, b):
+  """Byte j of a block of L codes: code j in the low nibble, code j + L/2 in the high one."""
+  out = []
+  for start in range(0, bits.shape[-1], b):
+    block = bits[..., start:start + b]
+    half = block.shape[-1] // 2
+    out.append(block[..., :half] | block[..., half:] << 4)
+  return np.concatenate(out, axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize('n, b', [(512, 128), (300, 128), (96, 32), (2, 128)])
+def test_4_bit_codes_are_packed_two_a_byte_where_the_last_axis_is_even(n, b):
+  """Codes j and j + L/2 of a block of L (a row's last block may be shorter) in one byte:
+  the same codes as int4 (what an odd last axis keeps), the same values decoded, half a
+  byte each."""
+  bits = np.random.default_rng(n).integers(0, 16, (3, n)).astype(np.uint32)
+  packed = jax.jit(lowbit.pack4, static_argnums=1)(jnp.asarray(bits), b)
+  assert packed.dtype == jnp.uint8 and packed.shape == (3, n // 2)
+  np.testing.assert_array_equal(packed, _packed_by_hand(bits, b))
+  np.testing.assert_array_equal(jax.jit(lowbit.unpack4, static_argnums=1)(packed, b), bits)
+
+
+def test_4_bit_moments_decode_as_their_unpacked_codes():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(4, 300)), jnp.float32)
   for quantize, dequantize, code_map in (
@@ -146,13 +160,12 @@ def test_4_bit_codes_are_packed_two_a_byte_where_the_last_axis_is_even():
     assert q.codes.dtype == jnp.uint8 and q.codes.shape == (4, 150)
     assert lowbit.block_size_of(q) == 128 and lowbit.leaf_length(q.codes) == 300
     assert lamb_sharded.state_nbytes(q) == 4 * 150 + 4 * 3 * 4
-    as_int4 = lowbit.QuantizedMoment(lowbit.as_codes(lowbit.unpack4(q.codes), jnp.int4),
-                                     q.scales)
+    as_int4 = lowbit.QuantizedMoment(lowbit.as_codes(lowbit.codes_of(q), jnp.int4), q.scales)
     np.testing.assert_array_equal(dequantize(q), dequantize(as_int4))
     odd = quantize(jnp.abs(x[:, :299]), 128, jnp.int4)  # the same codes, one fewer, unpacked
     assert odd.codes.dtype == jnp.int4 and odd.codes.shape == (4, 299)
     np.testing.assert_array_equal(lowbit.code_bits(odd.codes)[:, :256],
-                                  lowbit.unpack4(q.codes)[:, :256])
+                                  lowbit.codes_of(q)[:, :256])
     assert code_map.dtype == jnp.int4
   assert lamb_sharded.codes_layout((8, 6), 'int4') == ((8, 3), np.dtype(np.uint8))
   assert lamb_sharded.codes_layout((8, 5), 'int4') == ((8, 5), np.dtype(jnp.int4))

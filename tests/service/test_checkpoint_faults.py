@@ -107,6 +107,32 @@ def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path, monkeypatch):
   assert 2 in Checkpointer(str(ckpt)).steps()
 
 
+@pytest.mark.parametrize('moments', ['int4', 'int8'])
+def test_4_bit_moments_of_format_1_are_refused_not_misread(tmp_path, monkeypatch, moments):
+  """Format 1 packed 4-bit codes 2j and 2j + 1 in a byte, this version j and j + L/2 of a
+  block: same shapes, other codes. Such a checkpoint is refused, naming the format; one of
+  format 1 with int8 moments (their layout unchanged) restores."""
+  ckpt = tmp_path / 'ckpt'
+  w = {"['w']": np.linspace(-1, 1, 64 * 128, dtype=np.float32).reshape(64, 128)}  # quantized
+  monkeypatch.setattr(checkpoint_lib, 'FORMAT', 1)  # as the version before wrote it
+  with running_server(devices=1, checkpoint_dir=str(ckpt), moments=moments,
+                      async_checkpoints=False) as (_, client):
+    client.initialize(w)
+    client.push(0, {k: np.full_like(v, 0.1) for k, v in w.items()}, 1, 'w')
+  assert Checkpointer(str(ckpt)).read_meta(1)['format'] == 1
+  monkeypatch.undo()
+  if moments == 'int4':
+    code, err = _serve('--checkpoint-dir', str(ckpt), '--moments', moments)
+    assert code == 1, err
+    line = _error_line(err)
+    assert (f'--checkpoint-dir {ckpt}: its checkpoints are of format 1, whose 4-bit moments '
+            f'(--moments int4)' in line and f'(format {checkpoint_lib.FORMAT})' in line), line
+    assert Checkpointer(str(ckpt)).steps() == [0, 1]  # untouched
+  else:
+    with running_server(devices=1, checkpoint_dir=str(ckpt), moments=moments) as (_, client):
+      assert client.describe().step == 1
+
+
 def test_foreign_files_are_left_alone_and_a_foreign_step_directory_is_unreadable(tmp_path):
   ckpt = tmp_path / 'ckpt'
   (ckpt / 'lost+found').mkdir(parents=True)
