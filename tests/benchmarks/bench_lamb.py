@@ -568,6 +568,17 @@ def print_targets(summary: dict, one: str, mesh: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def _steps(text: str) -> int:
+  """A number of steps >= 1 (argparse names the flag in its error)."""
+  try:
+    n = int(text)
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected a number of steps >= 1')
+  return n
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--size', choices=sorted(SIZES), default='100m')
@@ -581,7 +592,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='leave out the int8-moments runner')
   p.add_argument('--no-int4', dest='int4', action='store_false',
                  help='leave out the int4-moments runner')
-  p.add_argument('--profile', type=int, default=0, metavar='STEPS',
+  p.add_argument('--profile', type=_steps, default=0, metavar='STEPS',
                  help='after timing, trace STEPS steps of every runner with jax.profiler '
                       'and print the time a step spends in each kind of XLA op')
   p.add_argument('--compiler-option', action='append', default=[], metavar='KEY=VALUE',
