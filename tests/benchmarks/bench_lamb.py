@@ -61,6 +61,11 @@ of XLA op -- the op's name in the compiled HLO without its `.N` suffix
 (`multiply_reduce_fusion`, `copy`, ...), summed over threads and devices, so
 the ops of a step that runs on several cores add up to more than its wall time.
 
+`--quantized-donation params`: the int8 and int4 runners donate their params
+alone, so their step writes the new codes into fresh buffers and XLA copies no
+old codes (the float32 and optax runners still donate both); it shows what the
+copies cost (docs/low-bit-state.md).
+
 `--compiler-option KEY=VALUE` (repeatable) compiles every runner's step with
 these XLA options (`jax.jit(..., compiler_options=...)`), e.g.
 `xla_cpu_use_fusion_emitters=false` (XLA:CPU's older emitters; docs/low-bit-state.md).
@@ -299,7 +304,7 @@ class Runner:
   """One optimizer's compiled step and its live (donated) params and state."""
 
   def __init__(self, name, tx, shapes, grads, param_shardings, other_sharding, mesh_out,
-               compiler_options=None):
+               compiler_options=None, donate_state=True):
     self.name = name
     self.grads = grads
     self.params = random_tree(shapes, 0, param_shardings)
@@ -309,7 +314,7 @@ class Runner:
     else:
       state_out = state_shardings(self.state, param_shardings, other_sharding)
     self.step = jax.jit(
-        make_step(tx, name), donate_argnums=(0, 1),
+        make_step(tx, name), donate_argnums=(0, 1) if donate_state else 0,
         out_shardings=(param_shardings, state_out) if mesh_out else None,
         compiler_options=compiler_options or None)
     self.times: list[float] = []
@@ -376,10 +381,12 @@ class Case(NamedTuple):
 
 def measure_case(case: Case, shapes: dict, steps: int, reps: int,
                  quantized: tuple[str, ...] = tuple(QUANTIZED),
-                 compiler_options: Optional[dict] = None, profile_steps: int = 0) -> dict:
+                 compiler_options: Optional[dict] = None, profile_steps: int = 0,
+                 donate_quantized_state: bool = True) -> dict:
   """Times lamb_sharded.lamb (float32 and `quantized` moments) and optax.lamb on one
   case, interleaved; with `profile_steps`, then traces that many steps of each
-  (`Runner.profile`)."""
+  (`Runner.profile`). `donate_quantized_state=False`: the quantized runners donate
+  their params alone."""
   if case.mesh is None:  # uncommitted, as a jitted model init returns them from a key
     param_sh = other_sh = None
   else:
@@ -397,8 +404,9 @@ def measure_case(case: Case, shapes: dict, steps: int, reps: int,
   runners = []
   try:
     for name, tx in txs:
+      donate_state = donate_quantized_state or not name.endswith(tuple(QUANTIZED))
       runners.append(Runner(name, tx, shapes, grads, param_sh, other_sh, case.mesh is not None,
-                            compiler_options))
+                            compiler_options, donate_state))
     with logged_compilations() as compiles:  # from the first call to the last
       for r in runners:  # warm-up (the first call compiles)
         r.run(2)
@@ -598,6 +606,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--compiler-option', action='append', default=[], metavar='KEY=VALUE',
                  help='an XLA option for every runner\'s step (repeatable), e.g. '
                       'xla_cpu_use_fusion_emitters=false')
+  p.add_argument('--quantized-donation', choices=('all', 'params'), default='all',
+                 help='what the int8/int4 runners donate to their step: params and state '
+                      '(all, as the others), or their params alone (no copies of old codes)')
   return p.parse_args(argv)
 
 
@@ -642,13 +653,15 @@ def main(argv=None) -> int:
   options = compiler_options(args.compiler_option)
   if options:
     print(f'compiler options of every step: {options}')
+  if args.quantized_donation == 'params':
+    print('the int8/int4 runners donate their params alone, not their state')
   quantized = tuple(k for k in QUANTIZED if getattr(args, k))
 
   results = {}
   for case in (Case(one, None, None), Case(on_mesh, mesh, specs)):
     print(f'{case.name}:')
     results[case.name] = measure_case(case, shapes, args.steps, args.reps, quantized, options,
-                                      args.profile)
+                                      args.profile, args.quantized_donation == 'all')
   state_bytes = {case.name: {kind: state_bytes_per_param(shapes, n_params, case, **kw)
                              for kind, kw in (('float32', {}), *QUANTIZED.items())}
                  for case in (Case(one, None, None), Case(on_mesh, mesh, specs))}
@@ -686,7 +699,7 @@ def main(argv=None) -> int:
       json.dump({'size': args.size, 'model': SIZES[args.size], 'params': n_params,
                  'leaves': n_leaves, 'mesh': args.mesh, 'axis_type': args.axis_type,
                  'reps': args.reps, 'steps': args.steps, 'bandwidth': bw,
-                 'compiler_options': options,
+                 'compiler_options': options, 'quantized_donation': args.quantized_donation,
                  'bytes_per_param': BYTES_PER_PARAM, 'cases': summary,
                  'state_bytes_per_param': state_bytes,
                  'targets': TARGETS, 'wall_s': wall}, f, indent=2)
