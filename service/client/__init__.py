@@ -4,9 +4,9 @@
 """
 
 from service.client.client import (COMPRESSIONS, ModelInfo, ModelMismatch, OptimizerClient,
-                                   Pulled, model_difference)
+                                   Pulled, ServerRestarting, model_difference)
 from service.client.feedback import ErrorFeedback
 from service.protocol.types import PushResult
 
 __all__ = ['COMPRESSIONS', 'ErrorFeedback', 'ModelInfo', 'ModelMismatch', 'OptimizerClient',
-           'Pulled', 'PushResult', 'model_difference']
+           'Pulled', 'PushResult', 'ServerRestarting', 'model_difference']

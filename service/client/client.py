@@ -126,6 +126,26 @@ def _flatten(tree) -> list[tuple[str, np.ndarray]]:
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def _on_each(fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+  """fn(item) for every item at once, a thread each: a call to each process of a server.
+
+  Threads of their own, not a pool shared by the client's calls: one process's part of
+  a push waits for the others' to arrive, so concurrent pushes through one client could
+  leave a part queued behind parts that wait for it (until the server's timeout).
+  """
+  with concurrent.futures.ThreadPoolExecutor(len(items), 'process') as pool:
+    return list(pool.map(fn, items))
+
+
+class ServerRestarting(RuntimeError):
+  """The server restarted again and again during one pull (each time with a new model_id),
+  so no whole step of one model could be pulled."""
+
+
+# How many times a pull describes the server (its processes) before giving up.
+_LAYOUT_TRIES = 3
+
+
 class ModelMismatch(ConfigError):
   """This client's model is not the server's: a leaf it lacks or has in excess, or of
   another shape or dtype. The message names the first leaf that differs (server vs
@@ -256,19 +276,19 @@ class OptimizerClient:
                          root_certificates=root_certificates, client_cert=client_cert,
                          client_key=client_key, server_name_override=server_name_override,
                          tls=tls)
-    self._job: Optional[tuple[Placements, list['OptimizerClient'],
-                              concurrent.futures.ThreadPoolExecutor]] = None
+    self._job: Optional[tuple[Placements, list['OptimizerClient']]] = None
     self._single = False  # the server was found to be a single process
+    # ... serving this model_id (None: told so, as a client of one of a job's processes).
+    self._single_model: Optional[str] = None
 
   def close(self) -> None:
     if self._job is not None:
       for c in self._job[1]:
         c.close()
-      self._job[2].shutdown(wait=False)
     self._channel.close()
 
   def _processes(self):
-    """(placements, a client per process, a pool) of a multi-process server; else None."""
+    """(placements, a client per process) of a multi-process server; else None."""
     if self._single:
       return None
     if self._job is None:
@@ -276,27 +296,32 @@ class OptimizerClient:
       placements = Placements.of(r)
       if placements is None:
         self._single = r.initialized and len(r.processes) <= 1
+        self._single_model = r.model_id
         return None
       clients = [OptimizerClient(e, **self._options) for e in placements.endpoints]
       for c in clients:
         c._single = True  # each talks to its process alone  # pylint: disable=protected-access
-      self._job = (placements, clients,
-                   concurrent.futures.ThreadPoolExecutor(len(clients), 'process'))
+      self._job = (placements, clients)
     return self._job
 
   def _forget_processes(self, error: grpc.RpcError) -> None:
-    """After a multi-process server's process failed a call: describe it afresh next time.
+    """After a server's process failed a call: describe the server afresh next time.
 
     A group that restarted (UNAVAILABLE meanwhile, a new model_id after) may
     serve from other endpoints, and the old channels' connections are of no use.
     """
-    if self._job is None or error.code() not in (grpc.StatusCode.UNAVAILABLE,
-                                                 grpc.StatusCode.FAILED_PRECONDITION):
-      return
+    if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION):
+      self._forget_layout()
+
+  def _forget_layout(self) -> None:
+    """The server may have restarted with another number of processes (a new model_id):
+    describe it afresh at the next call. A client of one of a job's processes stays one."""
+    if self._single_model is not None:
+      self._single, self._single_model = False, None
     job, self._job = self._job, None
-    for c in job[1]:
-      c.close()
-    job[2].shutdown(wait=False)
+    if job is not None:
+      for c in job[1]:
+        c.close()
 
   def __enter__(self):
     return self
@@ -347,9 +372,8 @@ class OptimizerClient:
     if len(r.processes) > 1:
       clients = [OptimizerClient(p.endpoint, **self._options) for p in r.processes]
       try:
-        with concurrent.futures.ThreadPoolExecutor(len(clients), 'initialize') as pool:
-          ids = list(pool.map(lambda c: c._stub.InitializeModel(  # pylint: disable=protected-access
-              requests(), timeout=self.timeout).model_id, clients))
+        ids = _on_each(lambda c: c._stub.InitializeModel(  # pylint: disable=protected-access
+            requests(), timeout=self.timeout).model_id, clients)
       finally:
         for c in clients:
           c.close()
@@ -388,18 +412,18 @@ class OptimizerClient:
       if isinstance(error_feedback, ErrorFeedback):
         raise ValueError('a multi-process server: each process\'s client keeps its own '
                          'residuals (error_feedback=True), not one given')
-      placements, clients, pool = job
+      placements, clients = job
       leaves = _flatten(grads)
       for path, _ in leaves:
         if path not in placements.parts:
           raise ValueError(f'leaf {path} is not a leaf of the server\'s model')
       # Each process's thread cuts its own parts (the copies run in parallel).
       try:
-        results = list(pool.map(lambda i: clients[i].push(
+        results = _on_each(lambda i: clients[i].push(
             step, placements.part(leaves, i), num_examples, worker_id, model_id=model_id,
             push_id=push_id, wire_dtype=wire_dtype, compression=compression,
             error_feedback=bool(error_feedback), local_steps=local_steps),
-            range(len(clients))))
+            range(len(clients)))
       except grpc.RpcError as e:
         self._forget_processes(e)
         raise
@@ -438,7 +462,11 @@ class OptimizerClient:
       yield pb.PushGradientsRequest(header=header)
       yield from encoded_chunk_messages(pb.PushGradientsRequest, leaves, self.chunk_bytes)
 
-    r = self._retrying(lambda: self._stub.PushGradients(requests(), timeout=self.timeout))
+    try:
+      r = self._retrying(lambda: self._stub.PushGradients(requests(), timeout=self.timeout))
+    except grpc.RpcError as e:
+      self._forget_processes(e)  # restarted (perhaps as several processes): describe it again
+      raise
     if feedback is not None:
       feedback.commit(residuals)
     return PushResult(r.accepted_step, r.applied, r.current_step, r.duplicate, r.model_id)
@@ -466,24 +494,47 @@ class OptimizerClient:
         if_model_id=model_id, max_chunk_bytes=self.chunk_bytes)
     if if_newer_than is not None:
       request.if_newer_than_step = if_newer_than
-    job = self._processes()
-    if job is not None:
-      try:
-        return self._pull_parts(job, request, like)
-      except grpc.RpcError as e:
-        self._forget_processes(e)
-        raise
-    return self._retrying(lambda: self._pull_once(request, like))
+    for _ in range(_LAYOUT_TRIES):
+      job = self._processes()
+      if job is None:
+        pulled = self._retrying(lambda: self._pull_once(request))
+        described = self._single_model
+      else:
+        try:
+          pulled = self._pull_parts(job, request)
+        except grpc.RpcError as e:
+          self._forget_processes(e)
+          raise
+        described = job[0].model_id
+      if pulled is None:
+        return None
+      if described is None or pulled.model_id == described:
+        return _as_pulled(pulled.model_id, pulled.step, pulled.params, like)
+      # Another model than the one described: the server restarted, perhaps as another
+      # number of processes, whose parts (or whole leaves) these are not. Describe it again.
+      self._forget_layout()
+      if job is None and self._processes() is None and self._single_model == pulled.model_id:
+        return _as_pulled(pulled.model_id, pulled.step, pulled.params, like)  # still whole
+    raise ServerRestarting(f'the server restarted {_LAYOUT_TRIES} times during one pull '
+                           f'(its model_id was {described}, then {pulled.model_id})')
 
-  def _pull_parts(self, job, request, like) -> Optional[Pulled]:
-    """Every process's parts of one step, joined (a process behind is waited for)."""
-    placements, clients, pool = job
+  def _pull_parts(self, job, request) -> Optional[Pulled]:
+    """Every process's parts of one step, joined (a process behind is waited for): whole
+    leaves by path.
+
+    Parts of another model than the described one are not joined: the returned model_id
+    is then one of theirs, for `pull` to describe the server again.
+    """
+    placements, clients = job
 
     def one(client: 'OptimizerClient', req) -> Optional[Pulled]:
-      return client._retrying(lambda: client._pull_once(req, None))  # pylint: disable=protected-access
-    pulled = list(pool.map(lambda c: one(c, request), clients))
+      return client._retrying(lambda: client._pull_once(req))  # pylint: disable=protected-access
+    pulled = _on_each(lambda c: one(c, request), clients)
     if all(p is None for p in pulled):
       return None  # not newer anywhere
+    for p in pulled:
+      if p is not None and p.model_id != placements.model_id:
+        return p  # a part of a restarted server's model: not to be joined
     whole_request = pb.PullParametersRequest()
     whole_request.CopyFrom(request)
     whole_request.ClearField('if_newer_than_step')
@@ -495,13 +546,16 @@ class OptimizerClient:
       for i in behind:  # it applies the same steps: it is about to have this one
         clients[i].wait_for_step(newest, timeout=self.timeout)
         pulled[i] = one(clients[i], whole_request)
+        if pulled[i].model_id != placements.model_id:
+          return pulled[i]
     else:
       raise RuntimeError(f'the server\'s processes serve different steps: '
                          f'{[p.step for p in pulled if p is not None]}')
-    whole = placements.join([p.params for p in pulled])
-    return _as_pulled(pulled[0].model_id, pulled[0].step, whole, like)
+    return Pulled(pulled[0].model_id, pulled[0].step,
+                  placements.join([p.params for p in pulled]))
 
-  def _pull_once(self, request, like) -> Optional[Pulled]:
+  def _pull_once(self, request) -> Optional[Pulled]:
+    """One PullParameters call: the leaves by path (None: not newer)."""
     stream = self._stub.PullParameters(request, timeout=self.timeout)
     first = next(stream)
     header = first.header
@@ -516,8 +570,8 @@ class OptimizerClient:
       elif msg.WhichOneof('kind') == 'commit':
         commit = msg.commit
     receiver.finish(commit)
-    by_path = {s.path: a for s, a in zip(specs, receiver.sink.arrays)}
-    return _as_pulled(header.model_id, header.step, by_path, like)
+    return Pulled(header.model_id, header.step,
+                  {s.path: a for s, a in zip(specs, receiver.sink.arrays)})
 
   def save_checkpoint(self, wait: bool = False) -> tuple[int, str]:
     """Asks the server to checkpoint its current step now; returns (step, path).

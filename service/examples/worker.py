@@ -35,7 +35,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from service.client import ModelMismatch, OptimizerClient, hints, local, model_difference
+from service.client import (ModelMismatch, OptimizerClient, ServerRestarting, hints, local,
+                            model_difference)
 from service.errors import ConfigError, NoServer
 from service.examples.models import load_model
 from service.examples.progress import Progress
@@ -163,6 +164,9 @@ def run(server: str, worker_index: int, num_workers: int, steps: int, batch_size
         if step is None and trainer is not None:  # the round it was pushing
           step, model_id = trainer.last_pulled_step, trainer.last_model_id
         _recover(client, e, worker_id, step, model_id, connect_timeout, wait_for_server)
+      except ServerRestarting as e:  # again and again during one pull: wait as for UNAVAILABLE
+        log.info('%s: %s; pulling again', worker_id, e, extra=fields(worker=worker_id))
+        wait_for_server()
   report('done', step=step)
   return 0
 

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -380,3 +381,69 @@ def test_real_workers_wait_through_a_group_restart_and_end_as_an_uninterrupted_r
   assert got.step == want.step == steps
   for k, v in want.params.items():
     np.testing.assert_allclose(got.params[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_a_client_follows_a_server_restarted_with_another_number_of_processes(tmp_path):
+  # One process of 8 devices, restarted from its checkpoint as two of 4 on the same ports (a
+  # scaled StatefulSet): a client that knew it as one process pulls whole leaves from both
+  # and pushes each its parts; restarted as two of 3 (other parts), then one, then one
+  # again, the same client pulls the same params each time.
+  ckpt = ['--checkpoint-dir', str(tmp_path / 'ckpt'), '--checkpoint-every-steps', '1',
+          '--checkpoint-every-seconds', '0']
+  ports = mp_server.free_ports(2)
+  client = OptimizerClient(f'127.0.0.1:{ports[0]}', timeout=60)
+  try:
+    with mp_server.job(tmp_path, processes=1, devices=8, extra=ckpt, ports=ports[:1]):
+      _train(ports[0], [0])
+      before = client.pull()
+    mp_server.wait_free(ports[:1])
+    with mp_server.job(tmp_path, extra=ckpt, ports=ports):
+      like = {k[2:-2]: np.zeros_like(v) for k, v in before.params.items()}  # "['rows']"
+      pulled = client.pull(like=like)  # as a worker pulls: into its own tree
+      assert pulled.step == 1 and pulled.model_id != before.model_id
+      for k, v in before.params.items():
+        np.testing.assert_array_equal(pulled.params[k[2:-2]], v, err_msg=k)
+      _pool_map(lambda w: client.push(1, mp_engine.grads(1, w), 1, f'worker-{w}',
+                                      model_id=pulled.model_id), EVERY)
+      client.wait_for_step(2, timeout=60)
+      after = client.pull()
+    mp_server.assert_params(after.params, mp_server.reference([EVERY] * 2))
+    mp_server.wait_free(ports)
+    # Two processes again, of 3 devices: no leaf divides into 6, each process holds them whole.
+    with mp_server.job(tmp_path, devices=3, extra=ckpt, ports=ports):
+      pulled = client.pull()
+      assert pulled.step == 2 and pulled.model_id != after.model_id
+      for k, v in after.params.items():
+        np.testing.assert_array_equal(pulled.params[k], v, err_msg=k)
+    mp_server.wait_free(ports)
+    with mp_server.job(tmp_path, processes=1, devices=8, extra=ckpt, ports=ports[:1]):
+      for _ in range(3):  # the first call may find process 1 gone (UNAVAILABLE)
+        try:
+          again = client.pull()
+          break
+        except grpc.RpcError as e:
+          assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+      assert again.step == 2 and again.model_id != pulled.model_id
+      for k, v in after.params.items():
+        np.testing.assert_array_equal(again.params[k], v, err_msg=k)
+    mp_server.wait_free(ports[:1])
+    with mp_server.job(tmp_path, processes=1, devices=8, extra=ckpt, ports=ports[:1]):
+      last = client.pull()  # one process again, another model_id: its leaves are whole
+      assert last.step == 2 and last.model_id != again.model_id
+      for k, v in after.params.items():
+        np.testing.assert_array_equal(last.params[k], v, err_msg=k)
+  finally:
+    client.close()
+
+
+def test_a_clients_calls_to_a_servers_processes_all_run_at_once_whatever_else_runs():
+  # A push's part on one process waits (on the server) for its parts on the others: each
+  # call's requests to the processes must all be under way at once, also while other
+  # calls of the same client are, or a part queued behind waiting ones waits for the
+  # server's timeout (a pool shared by the calls did that with concurrent pushes).
+  from service.client import client as client_module  # pylint: disable=import-outside-toplevel
+
+  def call(_):
+    barrier = threading.Barrier(4, timeout=20)  # passes only with all 4 waiting at once
+    return client_module._on_each(lambda i: barrier.wait() >= 0, range(4))  # pylint: disable=protected-access
+  assert _pool_map(call, range(3)) == [[True] * 4] * 3
