@@ -385,7 +385,7 @@ def test_real_workers_wait_through_a_group_restart_and_end_as_an_uninterrupted_r
 
 def test_a_client_follows_a_server_restarted_with_another_number_of_processes(tmp_path):
   # One process of 8 devices, restarted from its checkpoint as two of 4 on the same ports (a
-  # scaled StatefulSet): a client that knew it as one process pulls whole leaves from both
+  # resized Job): a client that knew it as one process pulls whole leaves from both
   # and pushes each its parts; restarted as two of 3 (other parts), then one, then one
   # again, the same client pulls the same params each time.
   ckpt = ['--checkpoint-dir', str(tmp_path / 'ckpt'), '--checkpoint-every-steps', '1',
