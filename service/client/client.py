@@ -544,7 +544,8 @@ class OptimizerClient:
       if not behind:
         break
       for i in behind:  # it applies the same steps: it is about to have this one
-        clients[i].wait_for_step(newest, timeout=self.timeout)
+        # (of this model: a process that restarted meanwhile ends the wait at once)
+        clients[i].wait_for_step(newest, timeout=self.timeout, model_id=placements.model_id)
         pulled[i] = one(clients[i], whole_request)
         if pulled[i].model_id != placements.model_id:
           return pulled[i]
